@@ -1,0 +1,79 @@
+"""The ``pilotfish`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sidecar", help="run the sidecar proxy")
+    p.add_argument("--config", help="static bootstrap YAML (listeners, routes, clusters, admin)")
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes (SO_REUSEPORT)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("control-plane", help="run the xDS control plane")
+    p.add_argument("--config", required=True, help="mesh file (YAML)")
+    p.add_argument("--port", type=int, default=15010)
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("validate", help="check a mesh file offline")
+    p.add_argument("file")
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
+    p.add_argument("--rate", type=float, default=50.0, help="calls per second")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pilotfish", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_sidecar(sub)
+    _add_control_plane(sub)
+    _add_validate(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pilotfish.deps import check_dependencies
+
+    problem = check_dependencies()
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 3
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command == "sidecar":
+        from sidecar.main import run_sidecar
+
+        return run_sidecar(args)
+    if args.command == "control-plane":
+        from control_plane.main import run_control_plane
+
+        return run_control_plane(args)
+    if args.command == "validate":
+        from control_plane.main import run_validate
+
+        return run_validate(args)
+    if args.command == "demo":
+        from pilotfish.demo import run_demo
+
+        return run_demo(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

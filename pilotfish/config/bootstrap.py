@@ -1,0 +1,298 @@
+"""Load a sidecar's static bootstrap YAML into the config model.
+
+The schema is documented in ``docs/sidecar-bootstrap.md``. Every error names the field path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pilotfish.config.errors import ConfigError
+from pilotfish.config.fields import Node, parse_address
+from pilotfish.config.model import (
+    AdminConfig,
+    Bootstrap,
+    ClusterConfig,
+    Endpoint,
+    HeaderMatcher,
+    HeaderMutation,
+    ListenerConfig,
+    PathMatch,
+    Protocol,
+    RouteAction,
+    RouteConfig,
+    RouteEntry,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+)
+
+
+def load_bootstrap_file(path: str | Path) -> Bootstrap:
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path}: not valid YAML: {exc}") from None
+    return parse_bootstrap(document)
+
+
+def parse_bootstrap(document: Any) -> Bootstrap:
+    root = Node("", document).mapping(
+        {"node_id", "admin", "listeners", "route_configs", "clusters", "drain_timeout"}
+    )
+    clusters: dict[str, ClusterConfig] = {}
+    for node in root.get("clusters").elements() if root.has("clusters") else ():
+        cluster = parse_cluster(node)
+        if cluster.name in clusters:
+            raise node.get("name").error(f"duplicate cluster name {cluster.name!r}")
+        clusters[cluster.name] = cluster
+
+    route_configs: dict[str, RouteConfig] = {}
+    for node in root.get("route_configs").elements() if root.has("route_configs") else ():
+        rc = parse_route_config(node)
+        if rc.name in route_configs:
+            raise node.get("name").error(f"duplicate route config name {rc.name!r}")
+        route_configs[rc.name] = rc
+
+    listeners = tuple(parse_listener(n) for n in root.require("listeners").elements())
+    _check_references(root, listeners, route_configs, clusters)
+    return Bootstrap(
+        node_id=root.get("node_id").as_str("sidecar"),
+        listeners=listeners,
+        route_configs=route_configs,
+        clusters=clusters,
+        admin=parse_admin(root.get("admin")),
+        drain_timeout=root.get("drain_timeout").as_duration(5.0),
+    )
+
+
+def _check_references(
+    root: Node,
+    listeners: tuple[ListenerConfig, ...],
+    route_configs: dict[str, RouteConfig],
+    clusters: dict[str, ClusterConfig],
+) -> None:
+    for i, listener in enumerate(listeners):
+        path = f"listeners[{i}]"
+        if listener.route_config is not None and listener.route_config not in route_configs:
+            raise ConfigError(f"{path}.route_config", f"no route config named {listener.route_config!r}")
+        passthrough = listener.tcp_passthrough_cluster
+        if passthrough is not None and passthrough not in clusters:
+            raise ConfigError(f"{path}.tcp_passthrough.cluster", f"no cluster named {passthrough!r}")
+    for r, rc in enumerate(route_configs.values()):
+        for v, vhost in enumerate(rc.virtual_hosts):
+            for e, entry in enumerate(vhost.routes):
+                for wc in entry.action.clusters:
+                    if wc.name not in clusters:
+                        raise ConfigError(
+                            f"route_configs[{r}].virtual_hosts[{v}].routes[{e}].route",
+                            f"no cluster named {wc.name!r}",
+                        )
+
+
+def parse_admin(node: Node) -> AdminConfig:
+    if node.value is None:
+        return AdminConfig()
+    node.mapping({"address", "port"})
+    return AdminConfig(
+        host=node.get("address").as_str("127.0.0.1"),
+        port=node.get("port").as_int(15000, maximum=65535),
+    )
+
+
+def parse_listener(node: Node) -> ListenerConfig:
+    node.mapping(
+        {
+            "name", "address", "route_config", "tcp_passthrough", "protocol_detect_timeout",
+            "mode", "per_stream_buffer", "max_request_headers", "http1_idle_timeout",
+        }
+    )
+    host, port = parse_address(node.get("address").path, node.require("address").value)
+    passthrough: str | None = None
+    if node.has("tcp_passthrough"):
+        tp = node.get("tcp_passthrough").mapping({"cluster"})
+        passthrough = tp.require("cluster").as_str()
+    mode = node.get("mode").as_choice(("auto", "tcp"), "auto")
+    if mode == "tcp" and passthrough is None:
+        raise node.get("mode").error("mode tcp needs tcp_passthrough.cluster")
+    route_config = node.get("route_config").as_str() if node.has("route_config") else None
+    if route_config is None and mode == "auto" and passthrough is None:
+        raise node.get("route_config").error("a listener needs route_config or tcp_passthrough")
+    return ListenerConfig(
+        name=node.get("name").as_str(f"{host}:{port}"),
+        host=host,
+        port=port,
+        route_config=route_config,
+        tcp_passthrough_cluster=passthrough,
+        protocol_detect_timeout=node.get("protocol_detect_timeout").as_duration(0.5),
+        mode=mode,
+        per_stream_buffer_bytes=node.get("per_stream_buffer").as_int(256 * 1024, minimum=16384),
+        max_request_headers_bytes=node.get("max_request_headers").as_int(60 * 1024, minimum=1024),
+        http1_idle_timeout=node.get("http1_idle_timeout").as_duration(300.0),
+    )
+
+
+def parse_endpoint(node: Node) -> Endpoint:
+    if isinstance(node.value, str):
+        host, port = parse_address(node.path, node.value)
+        return Endpoint(host, port)
+    node.mapping({"address", "weight"})
+    host, port = parse_address(node.get("address").path, node.require("address").value)
+    return Endpoint(host, port, node.get("weight").as_int(1, minimum=1, maximum=1_000_000))
+
+
+def parse_cluster(node: Node) -> ClusterConfig:
+    node.mapping(
+        {
+            "name", "endpoints", "protocol", "connect_timeout", "idle_timeout",
+            "max_concurrent_streams", "max_connections_per_endpoint",
+        }
+    )
+    protocol = node.get("protocol").as_choice(tuple(p.value for p in Protocol), "http2")
+    return ClusterConfig(
+        name=node.require("name").as_str(),
+        endpoints=tuple(parse_endpoint(e) for e in node.require("endpoints").elements()),
+        protocol=Protocol(protocol),
+        connect_timeout=node.get("connect_timeout").as_duration(5.0),
+        idle_timeout=node.get("idle_timeout").as_duration(60.0),
+        max_concurrent_streams=node.get("max_concurrent_streams").as_int(1024, minimum=1),
+        max_connections_per_endpoint=node.get("max_connections_per_endpoint").as_int(64, minimum=1),
+    )
+
+
+def parse_route_config(node: Node) -> RouteConfig:
+    node.mapping({"name", "virtual_hosts"})
+    return RouteConfig(
+        name=node.require("name").as_str(),
+        virtual_hosts=tuple(parse_virtual_host(v) for v in node.require("virtual_hosts").elements()),
+    )
+
+
+def parse_virtual_host(node: Node) -> VirtualHost:
+    node.mapping(
+        {"name", "domains", "routes", "request_headers_to_add", "request_headers_to_remove",
+         "response_headers_to_add", "response_headers_to_remove"}
+    )
+    domains = tuple(d.as_str().lower() for d in node.require("domains").elements())
+    for i, domain in enumerate(domains):
+        if domain != "*" and "*" in domain.strip("*"):
+            raise ConfigError(f"{node.path}.domains[{i}]", "a wildcard may only lead or trail")
+    return VirtualHost(
+        name=node.get("name").as_str(",".join(domains)),
+        domains=domains,
+        routes=tuple(
+            parse_route(r, f"{i}") for i, r in enumerate(node.require("routes").elements())
+        ),
+        request_headers=parse_mutation(node, "request"),
+        response_headers=parse_mutation(node, "response"),
+    )
+
+
+def parse_mutation(node: Node, direction: str) -> HeaderMutation:
+    add: list[tuple[str, str, bool]] = []
+    if node.has(f"{direction}_headers_to_add"):
+        for h in node.get(f"{direction}_headers_to_add").elements():
+            h.mapping({"name", "value", "append"})
+            name = h.require("name").as_str().lower()
+            if name.startswith(":") or name == "host":
+                raise h.get("name").error("pseudo-headers and host cannot be added")
+            value = h.get("value")
+            if not isinstance(value.value, str):
+                raise value.error("expected a string")
+            add.append((name, value.value, h.get("append").as_bool(False)))
+    remove: set[str] = set()
+    if node.has(f"{direction}_headers_to_remove"):
+        for r in node.get(f"{direction}_headers_to_remove").elements():
+            name = r.as_str().lower()
+            if name.startswith(":"):
+                raise r.error("pseudo-headers cannot be removed")
+            remove.add(name)
+    return HeaderMutation(add=tuple(add), remove=frozenset(remove))
+
+
+def parse_route(node: Node, default_name: str) -> RouteEntry:
+    node.mapping(
+        {"name", "match", "route", "request_headers_to_add", "request_headers_to_remove",
+         "response_headers_to_add", "response_headers_to_remove"}
+    )
+    return RouteEntry(
+        name=node.get("name").as_str(default_name),
+        match=parse_match(node.require("match")),
+        action=parse_action(node.require("route")),
+        request_headers=parse_mutation(node, "request"),
+        response_headers=parse_mutation(node, "response"),
+    )
+
+
+def parse_match(node: Node) -> RouteMatch:
+    node.mapping({"prefix", "path", "regex", "headers", "methods"})
+    kinds = [k for k in ("prefix", "path", "regex") if node.has(k)]
+    if len(kinds) != 1:
+        raise node.error("exactly one of prefix, path, regex is required")
+    kind = kinds[0]
+    if kind == "prefix":
+        path = PathMatch(prefix=node.get("prefix").as_str())
+    elif kind == "path":
+        path = PathMatch(exact=node.get("path").as_str())
+    else:
+        path = PathMatch(regex=node.get("regex").as_regex())
+    headers = (
+        tuple(parse_header_matcher(h) for h in node.get("headers").elements())
+        if node.has("headers") else ()
+    )
+    methods = (
+        frozenset(m.as_str().upper() for m in node.get("methods").elements())
+        if node.has("methods") else frozenset()
+    )
+    return RouteMatch(path=path, headers=headers, methods=methods)
+
+
+def parse_header_matcher(node: Node) -> HeaderMatcher:
+    node.mapping({"name", "exact", "prefix", "regex", "present", "invert"})
+    kinds = [k for k in ("exact", "prefix", "regex", "present") if node.has(k)]
+    if len(kinds) > 1:
+        raise node.error("at most one of exact, prefix, regex, present")
+    name = node.require("name").as_str().lower()
+    invert = node.get("invert").as_bool(False)
+    if not kinds:
+        return HeaderMatcher(name=name, present=True, invert=invert)
+    kind = kinds[0]
+    if kind == "exact":
+        return HeaderMatcher(name=name, exact=str(node.get("exact").value), invert=invert)
+    if kind == "prefix":
+        return HeaderMatcher(name=name, prefix=node.get("prefix").as_str(), invert=invert)
+    if kind == "regex":
+        return HeaderMatcher(name=name, regex=node.get("regex").as_regex(), invert=invert)
+    return HeaderMatcher(name=name, present=node.get("present").as_bool(), invert=invert)
+
+
+def parse_action(node: Node) -> RouteAction:
+    node.mapping({"cluster", "weighted_clusters", "timeout", "prefix_rewrite", "host_rewrite"})
+    if node.has("cluster") == node.has("weighted_clusters"):
+        raise node.error("exactly one of cluster, weighted_clusters is required")
+    if node.has("cluster"):
+        clusters: tuple[WeightedCluster, ...] = (WeightedCluster(node.get("cluster").as_str(), 1),)
+    else:
+        wc_node = node.get("weighted_clusters")
+        clusters = tuple(
+            WeightedCluster(name, weight.as_int(minimum=0, maximum=1_000_000))
+            for name, weight in wc_node.items()
+        )
+        if not clusters or sum(c.weight for c in clusters) == 0:
+            raise wc_node.error("weights must add up to more than 0")
+    timeout_node = node.get("timeout")
+    timeout: float | None
+    if timeout_node.value in (0, "0", "0s"):
+        timeout = None  # disabled, as in Envoy
+    else:
+        timeout = timeout_node.as_duration(15.0)
+    return RouteAction(
+        clusters=clusters,
+        timeout=timeout,
+        prefix_rewrite=node.get("prefix_rewrite").as_str() if node.has("prefix_rewrite") else None,
+        host_rewrite=node.get("host_rewrite").as_str() if node.has("host_rewrite") else None,
+    )

@@ -1,0 +1,184 @@
+"""The sidecar's config model: frozen dataclasses, filled from a static bootstrap or from xDS.
+
+Every stage of the request path reads these values and nothing else, so a config update is
+one atomic swap of a ``Bootstrap`` (or of one of its parts) and never a partial reload.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+
+class Protocol(enum.Enum):
+    """What a cluster's endpoints speak."""
+
+    HTTP2 = "http2"
+    HTTP1 = "http1"
+    TCP = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    protocol: Protocol = Protocol.HTTP2
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    # Upper bound on streams we open on one upstream HTTP/2 connection, whatever the peer allows.
+    max_concurrent_streams: int = 1024
+    max_connections_per_endpoint: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatcher:
+    """Matches one request header. Exactly one of exact/prefix/regex/present is set."""
+
+    name: str
+    exact: str | None = None
+    prefix: str | None = None
+    regex: re.Pattern[str] | None = None
+    present: bool | None = None
+    invert: bool = False
+
+    def matches(self, value: str | None) -> bool:
+        if self.present is not None:
+            result = (value is not None) == self.present
+        elif value is None:
+            result = False
+        elif self.exact is not None:
+            result = value == self.exact
+        elif self.prefix is not None:
+            result = value.startswith(self.prefix)
+        elif self.regex is not None:
+            result = self.regex.fullmatch(value) is not None
+        else:
+            result = True
+        return result != self.invert
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    """How a route matches ``:path`` (without its query string). Exactly one field is set."""
+
+    prefix: str | None = None
+    exact: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, path: str) -> bool:
+        if self.prefix is not None:
+            return path.startswith(self.prefix)
+        if self.exact is not None:
+            return path == self.exact
+        assert self.regex is not None
+        return self.regex.fullmatch(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path: PathMatch
+    headers: tuple[HeaderMatcher, ...] = ()
+    methods: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutation:
+    """Headers to add (``append=False`` replaces existing values) and names to remove."""
+
+    add: tuple[tuple[str, str, bool], ...] = ()
+    remove: frozenset[str] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not self.add and not self.remove
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    """Where a matched request goes: one cluster, or clusters chosen by weight."""
+
+    clusters: tuple[WeightedCluster, ...]
+    timeout: float | None = 15.0
+    prefix_rewrite: str | None = None
+    host_rewrite: str | None = None
+
+    @property
+    def total_weight(self) -> int:
+        return sum(c.weight for c in self.clusters)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    name: str
+    match: RouteMatch
+    action: RouteAction
+    request_headers: HeaderMutation = HeaderMutation()
+    response_headers: HeaderMutation = HeaderMutation()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[RouteEntry, ...]
+    request_headers: HeaderMutation = HeaderMutation()
+    response_headers: HeaderMutation = HeaderMutation()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    route_config: str | None
+    # Connections that are neither HTTP/2 nor HTTP/1.1 go here; without it they are closed.
+    tcp_passthrough_cluster: str | None = None
+    # How long a silent client may wait before it is treated as server-first TCP.
+    protocol_detect_timeout: float = 0.5
+    # "auto" sniffs the preface; "tcp" relays everything to the passthrough cluster at once.
+    mode: str = "auto"
+    per_stream_buffer_bytes: int = 256 * 1024
+    max_request_headers_bytes: int = 60 * 1024
+    http1_idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 15000
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    """The whole static config of one sidecar."""
+
+    listeners: tuple[ListenerConfig, ...]
+    route_configs: dict[str, RouteConfig] = field(default_factory=dict)
+    clusters: dict[str, ClusterConfig] = field(default_factory=dict)
+    admin: AdminConfig = AdminConfig()
+    drain_timeout: float = 5.0
+    node_id: str = "sidecar"
