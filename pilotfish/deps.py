@@ -16,10 +16,7 @@ def fix_command() -> str:
         version = metadata.version("opentelemetry-proto")
     except metadata.PackageNotFoundError:
         return "python -m pip install opentelemetry-proto"
-    return (
-        "python -m pip install --force-reinstall --no-deps "
-        f"opentelemetry-proto=={version}"
-    )
+    return f"python -m pip install --force-reinstall --no-deps opentelemetry-proto=={version}"
 
 
 def check_dependencies() -> str | None:

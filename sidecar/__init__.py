@@ -1,0 +1,1 @@
+"""The Pilotfish sidecar proxy."""

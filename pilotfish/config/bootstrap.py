@@ -79,10 +79,14 @@ def _check_references(
     for i, listener in enumerate(listeners):
         path = f"listeners[{i}]"
         if listener.route_config is not None and listener.route_config not in route_configs:
-            raise ConfigError(f"{path}.route_config", f"no route config named {listener.route_config!r}")
+            raise ConfigError(
+                f"{path}.route_config", f"no route config named {listener.route_config!r}"
+            )
         passthrough = listener.tcp_passthrough_cluster
         if passthrough is not None and passthrough not in clusters:
-            raise ConfigError(f"{path}.tcp_passthrough.cluster", f"no cluster named {passthrough!r}")
+            raise ConfigError(
+                f"{path}.tcp_passthrough.cluster", f"no cluster named {passthrough!r}"
+            )
     for r, rc in enumerate(route_configs.values()):
         for v, vhost in enumerate(rc.virtual_hosts):
             for e, entry in enumerate(vhost.routes):
@@ -107,8 +111,15 @@ def parse_admin(node: Node) -> AdminConfig:
 def parse_listener(node: Node) -> ListenerConfig:
     node.mapping(
         {
-            "name", "address", "route_config", "tcp_passthrough", "protocol_detect_timeout",
-            "mode", "per_stream_buffer", "max_request_headers", "http1_idle_timeout",
+            "name",
+            "address",
+            "route_config",
+            "tcp_passthrough",
+            "protocol_detect_timeout",
+            "mode",
+            "per_stream_buffer",
+            "max_request_headers",
+            "http1_idle_timeout",
         }
     )
     host, port = parse_address(node.get("address").path, node.require("address").value)
@@ -148,8 +159,13 @@ def parse_endpoint(node: Node) -> Endpoint:
 def parse_cluster(node: Node) -> ClusterConfig:
     node.mapping(
         {
-            "name", "endpoints", "protocol", "connect_timeout", "idle_timeout",
-            "max_concurrent_streams", "max_connections_per_endpoint",
+            "name",
+            "endpoints",
+            "protocol",
+            "connect_timeout",
+            "idle_timeout",
+            "max_concurrent_streams",
+            "max_connections_per_endpoint",
         }
     )
     protocol = node.get("protocol").as_choice(tuple(p.value for p in Protocol), "http2")
@@ -168,14 +184,23 @@ def parse_route_config(node: Node) -> RouteConfig:
     node.mapping({"name", "virtual_hosts"})
     return RouteConfig(
         name=node.require("name").as_str(),
-        virtual_hosts=tuple(parse_virtual_host(v) for v in node.require("virtual_hosts").elements()),
+        virtual_hosts=tuple(
+            parse_virtual_host(v) for v in node.require("virtual_hosts").elements()
+        ),
     )
 
 
 def parse_virtual_host(node: Node) -> VirtualHost:
     node.mapping(
-        {"name", "domains", "routes", "request_headers_to_add", "request_headers_to_remove",
-         "response_headers_to_add", "response_headers_to_remove"}
+        {
+            "name",
+            "domains",
+            "routes",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+        }
     )
     domains = tuple(d.as_str().lower() for d in node.require("domains").elements())
     for i, domain in enumerate(domains):
@@ -216,8 +241,15 @@ def parse_mutation(node: Node, direction: str) -> HeaderMutation:
 
 def parse_route(node: Node, default_name: str) -> RouteEntry:
     node.mapping(
-        {"name", "match", "route", "request_headers_to_add", "request_headers_to_remove",
-         "response_headers_to_add", "response_headers_to_remove"}
+        {
+            "name",
+            "match",
+            "route",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+        }
     )
     return RouteEntry(
         name=node.get("name").as_str(default_name),
@@ -242,11 +274,13 @@ def parse_match(node: Node) -> RouteMatch:
         path = PathMatch(regex=node.get("regex").as_regex())
     headers = (
         tuple(parse_header_matcher(h) for h in node.get("headers").elements())
-        if node.has("headers") else ()
+        if node.has("headers")
+        else ()
     )
     methods = (
         frozenset(m.as_str().upper() for m in node.get("methods").elements())
-        if node.has("methods") else frozenset()
+        if node.has("methods")
+        else frozenset()
     )
     return RouteMatch(path=path, headers=headers, methods=methods)
 
@@ -285,11 +319,9 @@ def parse_action(node: Node) -> RouteAction:
         if not clusters or sum(c.weight for c in clusters) == 0:
             raise wc_node.error("weights must add up to more than 0")
     timeout_node = node.get("timeout")
-    timeout: float | None
-    if timeout_node.value in (0, "0", "0s"):
-        timeout = None  # disabled, as in Envoy
-    else:
-        timeout = timeout_node.as_duration(15.0)
+    # 0 disables the timeout, as in Envoy.
+    disabled = timeout_node.value in (0, "0", "0s")
+    timeout = None if disabled else timeout_node.as_duration(15.0)
     return RouteAction(
         clusters=clusters,
         timeout=timeout,

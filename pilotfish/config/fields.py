@@ -93,7 +93,9 @@ class Node:
             raise self.error("expected a non-empty string")
         return self.value
 
-    def as_int(self, default: int | None = None, minimum: int = 0, maximum: int | None = None) -> int:
+    def as_int(
+        self, default: int | None = None, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         if self.value is None and default is not None:
             return default
         if isinstance(self.value, bool) or not isinstance(self.value, int):

@@ -1,0 +1,209 @@
+"""The admin server (default 127.0.0.1:15000), with Envoy's endpoint names.
+
+GET  /ready               200 LIVE once config is applied; 503 before, while draining, or
+                          after /healthcheck/fail
+GET  /stats               counters and gauges, ``name: value``
+GET  /stats/prometheus    the same in Prometheus text format
+GET  /clusters            per host: connections, requests, weight, health
+GET  /config_dump         the config in force, as JSON
+POST /healthcheck/fail    start failing /ready (take this instance out of rotation)
+POST /healthcheck/ok      stop failing it
+POST /quitquitquit        drain and exit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import h11
+
+from sidecar.server import Sidecar
+
+log = logging.getLogger(__name__)
+
+Response = tuple[int, str, bytes]
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, frozenset, set)):
+        items = [_jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, re.Pattern):
+        return value.pattern
+    return value
+
+
+def _prometheus_name(stat: str) -> tuple[str, str]:
+    """``cluster.quotes.upstream_rq_total`` → (``pilotfish_cluster_upstream_rq_total``,
+    ``{cluster="quotes"}``)."""
+    kind, _, rest = stat.partition(".")
+    labels = ""
+    if kind in ("cluster", "http") and "." in rest:
+        name, _, metric = rest.rpartition(".")
+        label = "cluster" if kind == "cluster" else "listener"
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        labels = f'{{{label}="{escaped}"}}'
+        rest = metric
+    metric_name = re.sub(r"[^a-zA-Z0-9_]", "_", f"pilotfish_{kind}_{rest}")
+    return metric_name, labels
+
+
+class AdminServer:
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+        self.routes: dict[tuple[str, str], Callable[[], Response]] = {
+            ("GET", "/ready"): self.ready,
+            ("GET", "/stats"): self.stats,
+            ("GET", "/stats/prometheus"): self.prometheus,
+            ("GET", "/clusters"): self.clusters,
+            ("GET", "/config_dump"): self.config_dump,
+            ("POST", "/healthcheck/fail"): self.healthcheck_fail,
+            ("POST", "/healthcheck/ok"): self.healthcheck_ok,
+            ("POST", "/quitquitquit"): self.quit,
+            ("GET", "/"): self.index,
+        }
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def handle(self, method: str, target: str) -> Response:
+        path = target.split("?", 1)[0]
+        handler = self.routes.get((method, path))
+        if handler is not None:
+            return handler()
+        if any(p == path for _, p in self.routes):
+            return (
+                405,
+                "text/plain",
+                f"{path} needs another method (POST to change state)\n".encode(),
+            )
+        return 404, "text/plain", b"not found; GET / lists the endpoints\n"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    status, ctype, body = self.handle(event.method.decode(), event.target.decode())
+                    headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    writer.write(
+                        conn.send(h11.Response(status_code=status, headers=headers)) or b""
+                    )
+                    writer.write(conn.send(h11.Data(data=body)) or b"")
+                    writer.write(conn.send(h11.EndOfMessage()) or b"")
+                    await writer.drain()
+                elif isinstance(event, h11.EndOfMessage):
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                        conn.start_next_cycle()
+                    else:
+                        break
+                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    break
+        except (h11.ProtocolError, ConnectionError) as exc:
+            log.debug("admin connection error: %s", exc)
+        finally:
+            writer.close()
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    def index(self) -> Response:
+        lines = [f"{m:5} {p}" for m, p in self.routes if p != "/"]
+        return 200, "text/plain", ("\n".join(lines) + "\n").encode()
+
+    def ready(self) -> Response:
+        sc = self.sidecar
+        if sc.ready:
+            return 200, "text/plain", b"LIVE\n"
+        state = (
+            "DRAINING"
+            if sc.draining
+            else "HEALTHCHECK_FAILED"
+            if sc.health_check_failed
+            else "PRE_INITIALIZING"
+        )
+        return 503, "text/plain", f"{state}\n".encode()
+
+    def stats(self) -> Response:
+        rows = self.sidecar.stats.snapshot()
+        body = "".join(f"{name}: {value}\n" for _, name, value in rows)
+        return 200, "text/plain", body.encode()
+
+    def prometheus(self) -> Response:
+        lines: list[str] = []
+        typed: set[str] = set()
+        for kind, name, value in self.sidecar.stats.snapshot():
+            metric, labels = _prometheus_name(name)
+            if metric not in typed:
+                typed.add(metric)
+                lines.append(f"# TYPE {metric} {kind}")
+            lines.append(f"{metric}{labels} {value}")
+        grouped = _group_by_metric(lines)
+        return 200, "text/plain; version=0.0.4", ("\n".join(grouped) + "\n").encode()
+
+    def clusters(self) -> Response:
+        lines: list[str] = []
+        for name, cluster in sorted(self.sidecar.clusters.clusters.items()):
+            for host in cluster.hosts:
+                prefix = f"{name}::{host.endpoint.address}"
+                lines.append(f"{prefix}::cx_active::{len(host.connections)}")
+                lines.append(f"{prefix}::rq_active::{host.active_requests}")
+                lines.append(f"{prefix}::rq_pending::{len(host.pool.waiters)}")
+                lines.append(f"{prefix}::weight::{host.endpoint.weight}")
+                lines.append(f"{prefix}::health_flags::healthy")
+        return 200, "text/plain", ("\n".join(lines) + "\n").encode()
+
+    def config_dump(self) -> Response:
+        sc = self.sidecar
+        dump = {
+            "bootstrap": _jsonable(sc.bootstrap),
+            "last_updated": sc.config_updated_at,
+        }
+        return 200, "application/json", json.dumps(dump, indent=2).encode()
+
+    def healthcheck_fail(self) -> Response:
+        self.sidecar.health_check_failed = True
+        return 200, "text/plain", b"OK\n"
+
+    def healthcheck_ok(self) -> Response:
+        self.sidecar.health_check_failed = False
+        return 200, "text/plain", b"OK\n"
+
+    def quit(self) -> Response:
+        self.sidecar.request_stop()
+        return 200, "text/plain", b"OK\n"
+
+
+def _group_by_metric(lines: list[str]) -> list[str]:
+    """Prometheus wants all samples of a metric together, after its TYPE line."""
+    order: list[str] = []
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        metric = line.split(" ")[2] if line.startswith("# TYPE") else re.split(r"[{ ]", line)[0]
+        if metric not in groups:
+            groups[metric] = []
+            order.append(metric)
+        groups[metric].append(line)
+    return [line for metric in order for line in groups[metric]]

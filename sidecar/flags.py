@@ -1,0 +1,52 @@
+"""Why the proxy answered a request itself: response flags, as Envoy names them.
+
+Each flag knows the HTTP status and the gRPC status of its local reply, so the request path
+never decides those twice.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class GrpcStatus(enum.IntEnum):
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
+class ResponseFlag(enum.Enum):
+    """``(code, http status, grpc status, message)`` for each reason of a local reply."""
+
+    NO_ROUTE = ("NR", 404, GrpcStatus.UNIMPLEMENTED, "no route matched the request")
+    NO_CLUSTER = ("NC", 503, GrpcStatus.UNAVAILABLE, "the route's cluster does not exist")
+    NO_HEALTHY_UPSTREAM = ("UH", 503, GrpcStatus.UNAVAILABLE, "no healthy upstream")
+    UPSTREAM_CONNECT_FAILURE = ("UF", 503, GrpcStatus.UNAVAILABLE, "upstream connect failure")
+    UPSTREAM_CONNECTION_TERMINATION = (
+        "UC",
+        503,
+        GrpcStatus.UNAVAILABLE,
+        "upstream connection terminated",
+    )
+    UPSTREAM_RESET = ("UR", 503, GrpcStatus.UNAVAILABLE, "upstream reset the stream")
+    UPSTREAM_TIMEOUT = ("UT", 504, GrpcStatus.DEADLINE_EXCEEDED, "upstream request timeout")
+    UPSTREAM_OVERFLOW = ("UO", 503, GrpcStatus.UNAVAILABLE, "upstream overflow")
+    UPSTREAM_PROTOCOL_ERROR = ("UPE", 502, GrpcStatus.INTERNAL, "upstream protocol error")
+    DOWNSTREAM_PROTOCOL_ERROR = ("DPE", 400, GrpcStatus.INTERNAL, "downstream protocol error")
+    DRAINING = ("DR", 503, GrpcStatus.UNAVAILABLE, "the proxy is shutting down")
+
+    def __init__(self, code: str, http_status: int, grpc_status: GrpcStatus, message: str) -> None:
+        self.code = code
+        self.http_status = http_status
+        self.grpc_status = grpc_status
+        self.message = message
+
+
+RESPONSE_FLAGS_HEADER = b"x-pilotfish-response-flags"

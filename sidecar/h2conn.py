@@ -1,0 +1,357 @@
+"""HTTP/2 connections on both sides of the proxy, around the sans-IO ``h2`` library.
+
+``h2`` is configured for a proxy: headers already validated on the way in are not validated or
+normalised again on the way out, and no per-frame logging is paid for. Writes are batched: any
+number of frames queued while handling one read leave in one ``transport.write``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from sidecar.streams import (
+    CANCEL,
+    REFUSED_STREAM,
+    Headers,
+    OnSent,
+    ResetReason,
+    StreamHandler,
+)
+
+log = logging.getLogger(__name__)
+
+_TRAILERS = object()  # marks queued trailers in a stream's send queue
+
+
+class H2Stream:
+    """One HTTP/2 stream: a ``StreamSink`` for the other side, feeding a ``StreamHandler``."""
+
+    __slots__ = ("closed", "conn", "handler", "queue", "stream_id", "trailers")
+
+    def __init__(self, conn: H2Connection, stream_id: int, handler: StreamHandler | None) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.handler = handler
+        self.queue: deque[list[Any]] = deque()  # [data, end_stream, on_sent] or [_TRAILERS, hdrs]
+        self.closed = False
+        self.trailers: Headers | None = None
+
+    def send_headers(self, headers: Headers, end_stream: bool) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            log.debug("send_headers on stream %d failed: %s", self.stream_id, exc)
+            self.conn.reset_stream(self, CANCEL)
+            return
+        self.conn.mark_dirty()
+        if end_stream:
+            self.conn.stream_send_ended(self)
+
+    def send_data(self, data: bytes, end_stream: bool, on_sent: OnSent) -> None:
+        if self.closed:
+            if on_sent is not None:
+                on_sent()
+            return
+        self.queue.append([data, end_stream, on_sent])
+        self.conn.flush_stream(self)
+
+    def send_trailers(self, trailers: Headers) -> None:
+        if self.closed:
+            return
+        self.queue.append([_TRAILERS, trailers, None])
+        self.conn.flush_stream(self)
+
+    def reset(self, code: int) -> None:
+        self.conn.reset_stream(self, code)
+
+    def ack(self, flow_len: int) -> None:
+        if flow_len and not self.conn.closed:
+            self.conn.h2.acknowledge_received_data(flow_len, self.stream_id)
+            self.conn.mark_dirty()
+
+    def release_queue(self) -> None:
+        """Hand back flow-control credit for bytes that will now never be sent."""
+        queue, self.queue = self.queue, deque()
+        for item in queue:
+            if item[2] is not None:
+                item[2]()
+
+
+class H2Connection(asyncio.Protocol):
+    """What both sides share: the h2 state machine, flow-controlled writes, batching."""
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        stream_window: int,
+        connection_window: int,
+        max_concurrent_streams: int,
+        max_header_list_size: int = 64 * 1024,
+    ) -> None:
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=True,
+            normalize_inbound_headers=False,
+        )
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.h2.decoder.max_header_list_size = max_header_list_size
+        self._connection_window = connection_window
+        self.streams: dict[int, H2Stream] = {}
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.write_paused = False
+        self.goaway_sent = False
+        self.goaway_received = False
+        self._flush_scheduled = False
+        self._blocked: set[H2Stream] = set()  # streams with queued data waiting for window
+        self._loop = asyncio.get_event_loop()
+        self._dispatch: dict[type, Callable[[Any], None]] = {
+            h2.events.RequestReceived: self._on_request,
+            h2.events.ResponseReceived: self._on_response,
+            h2.events.DataReceived: self._on_data,
+            h2.events.TrailersReceived: self._on_trailers,
+            h2.events.StreamReset: self._on_stream_reset,
+            h2.events.WindowUpdated: self._on_window_updated,
+            h2.events.RemoteSettingsChanged: self._on_settings,
+            h2.events.ConnectionTerminated: self._on_goaway,
+        }
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.h2.initiate_connection()
+        extra = self._connection_window - 65535
+        if extra > 0:
+            self.h2.increment_flow_control_window(extra)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.protocol_error(exc)
+            return
+        dispatch = self._dispatch
+        for event in events:
+            handler = dispatch.get(type(event))
+            if handler is not None:
+                handler(event)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            self._close_stream(stream, ResetReason.CONNECTION_LOST, 0)
+        self.on_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._flush_blocked()
+        self.flush()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def flush_stream(self, stream: H2Stream) -> None:
+        """Move as much of the stream's queue into h2 as flow control and the socket allow."""
+        if self.write_paused:
+            self._blocked.add(stream)
+            return
+        h2conn = self.h2
+        queue = stream.queue
+        sid = stream.stream_id
+        try:
+            while queue:
+                item = queue[0]
+                data = item[0]
+                if data is _TRAILERS:
+                    queue.popleft()
+                    h2conn.send_headers(sid, item[1], end_stream=True)
+                    self.stream_send_ended(stream)
+                    continue
+                size = len(data)
+                window = min(h2conn.local_flow_control_window(sid), h2conn.max_outbound_frame_size)
+                if size > window:
+                    if window <= 0:
+                        self._blocked.add(stream)
+                        break
+                    h2conn.send_data(sid, data[:window])
+                    item[0] = data[window:]
+                    continue
+                queue.popleft()
+                h2conn.send_data(sid, data, end_stream=item[1])
+                if item[2] is not None:
+                    item[2]()
+                if item[1]:
+                    self.stream_send_ended(stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            log.debug("send on stream %d failed: %s", sid, exc)
+            stream.release_queue()
+        self.mark_dirty()
+
+    def _flush_blocked(self) -> None:
+        blocked, self._blocked = self._blocked, set()
+        for stream in blocked:
+            if not stream.closed and stream.queue:
+                self.flush_stream(stream)
+
+    def reset_stream(self, stream: H2Stream, code: int) -> None:
+        if stream.closed:
+            return
+        if not self.closed:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.reset_stream(stream.stream_id, code)
+            self.mark_dirty()
+        self._close_stream(stream, None, code)
+
+    def stream_send_ended(self, stream: H2Stream) -> None:
+        """Our half of the stream is closed; if the peer's is too, forget the stream."""
+        self._maybe_forget(stream)
+
+    def _maybe_forget(self, stream: H2Stream) -> None:
+        try:
+            h2stream = self.h2.streams.get(stream.stream_id)
+        except h2.exceptions.StreamClosedError:
+            h2stream = None
+        if h2stream is None or h2stream.closed:
+            self._close_stream(stream, None, 0)
+
+    def _close_stream(self, stream: H2Stream, reason: ResetReason | None, code: int) -> None:
+        """Forget ``stream``; tell its handler when it ended abnormally (``reason``)."""
+        if stream.closed:
+            return
+        stream.closed = True
+        self.streams.pop(stream.stream_id, None)
+        self._blocked.discard(stream)
+        stream.release_queue()
+        if reason is not None and stream.handler is not None:
+            stream.handler.on_reset(reason, code)
+        self.on_stream_closed(stream)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        raise NotImplementedError  # only servers receive requests; h2 rejects them on clients
+
+    def _on_response(self, event: h2.events.ResponseReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None and stream.handler is not None:
+            stream.handler.on_headers(event.headers, event.stream_ended is not None)
+            if event.stream_ended is not None:
+                self._maybe_forget(stream)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.handler is None:
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        ended = event.stream_ended is not None
+        stream.handler.on_data(event.data, event.flow_controlled_length, ended)
+        if ended:
+            self._maybe_forget(stream)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None and stream.handler is not None:
+            stream.handler.on_trailers(event.headers)
+            self._maybe_forget(stream)
+
+    def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        reason = (
+            ResetReason.REFUSED if event.error_code == REFUSED_STREAM else ResetReason.REMOTE_RESET
+        )
+        self._close_stream(stream, reason, int(event.error_code))
+
+    def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
+        if event.stream_id == 0:
+            self._flush_blocked()
+        else:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.queue:
+                self._blocked.discard(stream)
+                self.flush_stream(stream)
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._flush_blocked()
+        self.on_settings_changed()
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        self.goaway_received = True
+        self.on_goaway(event.last_stream_id, int(event.error_code or 0))
+
+    # -- hooks for the two sides -----------------------------------------------------------
+
+    def protocol_error(self, exc: Exception) -> None:
+        """The peer broke the protocol: h2 queued a GOAWAY; send it and close."""
+        log.info("HTTP/2 protocol error from peer, closing connection: %s", exc)
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def on_stream_closed(self, stream: H2Stream) -> None:
+        pass
+
+    def on_settings_changed(self) -> None:
+        pass
+
+    def on_goaway(self, last_stream_id: int | None, error_code: int) -> None:
+        pass
+
+    def on_closed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.flush()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()

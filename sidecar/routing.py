@@ -1,0 +1,135 @@
+"""Route matching: a pure function of the request's authority, path, method and headers.
+
+A ``RouteTable`` is compiled once per route config and swapped whole when config changes.
+Virtual host selection follows Envoy: an exact domain wins, then the longest ``*.suffix``
+wildcard, then the longest ``prefix*`` wildcard, then ``*``. Routes are tried in order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from pilotfish.config.model import HeaderMutation, RouteConfig, RouteEntry, VirtualHost
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    virtual_host: VirtualHost
+    route: RouteEntry
+    cluster: str
+
+
+def _strip_port(authority: str) -> str:
+    if authority.startswith("["):  # [v6]:port
+        end = authority.find("]")
+        return authority[: end + 1] if end != -1 else authority
+    host, sep, port = authority.rpartition(":")
+    return host if sep and port.isdigit() else authority
+
+
+class RouteTable:
+    def __init__(self, config: RouteConfig) -> None:
+        self.config = config
+        self._exact: dict[str, VirtualHost] = {}
+        self._suffix: list[tuple[str, VirtualHost]] = []
+        self._prefix: list[tuple[str, VirtualHost]] = []
+        self._default: VirtualHost | None = None
+        for vhost in config.virtual_hosts:
+            for domain in vhost.domains:
+                if domain == "*":
+                    self._default = self._default or vhost
+                elif domain.startswith("*"):
+                    self._suffix.append((domain[1:], vhost))
+                elif domain.endswith("*"):
+                    self._prefix.append((domain[:-1], vhost))
+                else:
+                    self._exact.setdefault(domain, vhost)
+        self._suffix.sort(key=lambda item: -len(item[0]))
+        self._prefix.sort(key=lambda item: -len(item[0]))
+
+    def virtual_host(self, authority: str) -> VirtualHost | None:
+        authority = authority.lower()
+        for candidate in (authority, _strip_port(authority)):
+            vhost = self._exact.get(candidate)
+            if vhost is not None:
+                return vhost
+            for suffix, vhost in self._suffix:
+                if candidate.endswith(suffix) and len(candidate) > len(suffix):
+                    return vhost
+            for prefix, vhost in self._prefix:
+                if candidate.startswith(prefix) and len(candidate) > len(prefix):
+                    return vhost
+        return self._default
+
+    def match(
+        self,
+        authority: str,
+        path: str,
+        method: str,
+        headers: Mapping[str, str],
+        rng: Callable[[], float] = random.random,
+    ) -> RouteDecision | None:
+        """Pick the virtual host, the first matching route and, for splits, the cluster."""
+        vhost = self.virtual_host(authority)
+        if vhost is None:
+            return None
+        bare_path = path.split("?", 1)[0]
+        for route in vhost.routes:
+            m = route.match
+            if not m.path.matches(bare_path):
+                continue
+            if m.methods and method not in m.methods:
+                continue
+            if m.headers and not all(h.matches(headers.get(h.name)) for h in m.headers):
+                continue
+            return RouteDecision(vhost, route, pick_weighted_cluster(route, rng))
+        return None
+
+
+def pick_weighted_cluster(route: RouteEntry, rng: Callable[[], float]) -> str:
+    clusters = route.action.clusters
+    if len(clusters) == 1:
+        return clusters[0].name
+    point = rng() * route.action.total_weight
+    for wc in clusters:
+        point -= wc.weight
+        if point < 0:
+            return wc.name
+    return clusters[-1].name
+
+
+def apply_mutation(headers: Headers, mutation: HeaderMutation) -> Headers:
+    """Return ``headers`` with the mutation's removals and additions applied."""
+    if mutation.empty:
+        return headers
+    replaced = {name.encode() for name, _, append in mutation.add if not append}
+    drop = {name.encode() for name in mutation.remove} | replaced
+    out = [(k, v) for k, v in headers if k not in drop] if drop else list(headers)
+    out.extend((name.encode(), value.encode()) for name, value, _ in mutation.add)
+    return out
+
+
+class LazyHeaderMap(Mapping[str, str]):
+    """A str view of a header list, decoded only for the names a matcher asks for."""
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: Headers) -> None:
+        self._headers = headers
+
+    def __getitem__(self, name: str) -> str:
+        key = name.encode()
+        values = [v.decode("latin-1") for k, v in self._headers if k == key]
+        if not values:
+            raise KeyError(name)
+        return ",".join(values)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(dict.fromkeys(k.decode("latin-1") for k, _ in self._headers))
+
+    def __len__(self) -> int:
+        return len({k for k, _ in self._headers})
