@@ -142,14 +142,15 @@ class _H1Base(asyncio.Protocol):
 class H1ServerStream:
     """The response side of one downstream HTTP/1.1 request (a ``StreamSink``)."""
 
-    __slots__ = ("conn", "done", "handler", "head_request", "started")
+    __slots__ = ("conn", "done", "handler", "has_body", "head_request", "started")
 
-    def __init__(self, conn: H1ServerConnection, head_request: bool) -> None:
+    def __init__(self, conn: H1ServerConnection, head_request: bool, has_body: bool) -> None:
         self.conn = conn
         self.handler: StreamHandler | None = None
         self.started = False
         self.done = False
         self.head_request = head_request
+        self.has_body = has_body  # without one, end of stream went with the headers
 
     def send_headers(self, headers: Headers, end_stream: bool) -> None:
         if self.done or self.conn.closed:
@@ -272,11 +273,12 @@ class H1ServerConnection(_H1Base):
                     self.received(len(event.data))
                     self.stream.handler.on_data(bytes(event.data), len(event.data), False)
             elif isinstance(event, h11.EndOfMessage):
-                if self.stream is not None and self.stream.handler is not None:
+                stream = self.stream
+                if stream is not None and stream.handler is not None and stream.has_body:
                     if event.headers:
-                        self.stream.handler.on_trailers(list(event.headers))
+                        stream.handler.on_trailers(list(event.headers))
                     else:
-                        self.stream.handler.on_data(b"", 0, True)
+                        stream.handler.on_data(b"", 0, True)
             elif isinstance(event, h11.ConnectionClosed):
                 self.close()
                 return
@@ -285,12 +287,19 @@ class H1ServerConnection(_H1Base):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        size = sum(len(n) + len(v) for n, v in request.headers) + len(request.target)
+        if size > self.listener.config.max_request_headers_bytes:
+            # h11 bounds only headers that arrive in pieces; a whole one is checked here.
+            self._protocol_error(
+                h11.RemoteProtocolError("request headers too large", error_status_hint=431)
+            )
+            return
         headers = h1_request_to_h2(request)
         has_body = any(
             n == b"transfer-encoding" or (n == b"content-length" and v.strip() != b"0")
             for n, v in request.headers
         )
-        stream = H1ServerStream(self, request.method == b"HEAD")
+        stream = H1ServerStream(self, request.method == b"HEAD", has_body)
         self.stream = stream
         stream.handler = self.listener.new_exchange(stream)
         stream.handler.on_headers(headers, not has_body)

@@ -330,7 +330,7 @@ class H2Connection(asyncio.Protocol):
 
     def protocol_error(self, exc: Exception) -> None:
         """The peer broke the protocol: h2 queued a GOAWAY; send it and close."""
-        log.info("HTTP/2 protocol error from peer, closing connection: %s", exc)
+        log.info("HTTP/2 protocol error from peer, closing connection: %r", exc, exc_info=True)
         self.flush()
         if self.transport is not None:
             self.transport.close()

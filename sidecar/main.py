@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from pilotfish.config.bootstrap import load_bootstrap_file
 from pilotfish.config.errors import ConfigError
@@ -27,16 +28,26 @@ def _install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(bootstrap: Bootstrap, *, admin: bool = True, reuse_port: bool = False) -> int:
+async def serve(
+    bootstrap: Bootstrap,
+    *,
+    admin: bool = True,
+    reuse_port: bool = False,
+    signals: bool = True,
+    started: Callable[[Sidecar], None] | None = None,
+) -> int:
     sidecar = Sidecar(bootstrap, reuse_port=reuse_port)
     loop = asyncio.get_event_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sidecar.request_stop)
+    if signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, sidecar.request_stop)
     admin_server = AdminServer(sidecar)
     if admin:
         await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
         log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
     await sidecar.start()
+    if started is not None:
+        started(sidecar)
     await sidecar.stopped.wait()
     admin_server.close()
     log.info("stopped")

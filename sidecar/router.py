@@ -178,7 +178,7 @@ class Exchange:
         if self.done:
             self.downstream.ack(flow_len)
             return
-        if self.replay is not None:
+        if self.replay is not None and data:
             self.replay_size += len(data)
             if self.replay_size > REPLAY_LIMIT:
                 self.replay = None
@@ -247,14 +247,19 @@ class Exchange:
             return
         stream = attempt.stream
         if self.retries and self.replay is not None:
-            already_acked = len(self.replay) - len(self.pending)
-            for chunk in self.replay[:already_acked]:
+            # Bytes an earlier attempt took (and the downstream was credited for) go again.
+            unsent = sum(1 for data, _, _ in self.pending if data)
+            for chunk in self.replay[: len(self.replay) - unsent]:
                 stream.send_data(chunk, False, None)
+        ended = False
         while self.pending:
             data, end, flow_len = self.pending.popleft()
             stream.send_data(data, end, self._ack_downstream(flow_len))
+            ended = end
         if self.request_trailers is not None:
             stream.send_trailers(self.request_trailers)
+        elif self.request_ended and not ended:
+            stream.send_data(b"", True, None)
 
     def _ack_downstream(self, flow_len: int) -> OnSent:
         if not flow_len:

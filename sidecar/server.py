@@ -74,6 +74,12 @@ class Sidecar:
     def request_stop(self) -> None:
         if self._drain_task is None:
             self._drain_task = asyncio.get_event_loop().create_task(self.drain_and_stop())
+            self._drain_task.add_done_callback(self._drained)
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("draining failed; stopping now", exc_info=task.exception())
+        self.stopped.set()
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, GOAWAY everyone, let streams finish within the drain timeout."""

@@ -49,6 +49,7 @@ class TcpRelay(asyncio.Protocol):
         self.buffered: list[bytes] = []
         self.closed = False
         self.downstream_eof = False
+        self.upstream_eof_seen = False
 
     @property
     def active_streams(self) -> int:
@@ -64,7 +65,7 @@ class TcpRelay(asyncio.Protocol):
     async def _connect(self) -> None:
         choice = self.cluster.choose_host(set())
         if choice is None:
-            self._close()
+            self.close()
             return
         _, host = choice
         loop = asyncio.get_event_loop()
@@ -77,7 +78,7 @@ class TcpRelay(asyncio.Protocol):
         except (OSError, TimeoutError) as exc:
             self.cluster.scope.inc("upstream_cx_connect_fail")
             log.info("tcp passthrough to %s failed: %s", host.endpoint.address, exc)
-            self._close()
+            self.close()
             return
         if self.closed:
             if side.transport is not None:
@@ -103,13 +104,11 @@ class TcpRelay(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.downstream_eof = True
-        upstream = self.upstream
-        if (
-            upstream is not None
-            and upstream.transport is not None
-            and (upstream.transport.can_write_eof())
-        ):
-            upstream.transport.write_eof()
+        upstream = self.upstream.transport if self.upstream is not None else None
+        if upstream is not None and upstream.can_write_eof():
+            upstream.write_eof()
+        if self.upstream_eof_seen:
+            self.close()  # both directions are finished
         return True
 
     def to_downstream(self, data: bytes) -> None:
@@ -117,11 +116,14 @@ class TcpRelay(asyncio.Protocol):
             self.transport.write(data)
 
     def upstream_eof(self) -> None:
+        self.upstream_eof_seen = True
         if self.transport is not None and not self.closed and self.transport.can_write_eof():
             self.transport.write_eof()
+        if self.downstream_eof:
+            self.close()  # both directions are finished
 
     def upstream_lost(self) -> None:
-        self._close()
+        self.close()
 
     def pause_writing(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
@@ -145,9 +147,11 @@ class TcpRelay(asyncio.Protocol):
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
 
     def start_drain(self) -> None:
         """Opaque bytes have no graceful end: let the connection run until the drain ends."""

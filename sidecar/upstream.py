@@ -38,6 +38,10 @@ class H2ClientConnection(H2Connection):
         self.host = host
         self.stream_cap = host.cluster.config.max_concurrent_streams
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Set once the server's first SETTINGS arrive: only then is its stream limit known.
+        self.ready: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+        # Nobody awaits ``ready`` once the connect timed out; don't log its failure then.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     @property
     def max_streams(self) -> int:
@@ -74,6 +78,9 @@ class H2ClientConnection(H2Connection):
         self.host.released(self)
 
     def on_settings_changed(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+            return
         self.host.pool.capacity_changed(self)
 
     def on_goaway(self, last_stream_id: int | None, error_code: int) -> None:
@@ -93,6 +100,9 @@ class H2ClientConnection(H2Connection):
     def on_closed(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed before SETTINGS"))
+            return
         self.host.connection_closed(self)
 
     def protocol_error(self, exc: Exception) -> None:
@@ -134,17 +144,19 @@ class UpstreamHost:
         else:
             conn = H1ClientConnection(self, UPSTREAM_STREAM_WINDOW, config.idle_timeout)
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: conn, self.endpoint.host, self.endpoint.port),
-                timeout=config.connect_timeout,
-            )
+            async with asyncio.timeout(config.connect_timeout):
+                await loop.create_connection(lambda: conn, self.endpoint.host, self.endpoint.port)
+                if isinstance(conn, H2ClientConnection):
+                    await conn.ready
         except TimeoutError:
+            conn.abort()
             self.scope.inc("upstream_cx_connect_timeout")
             self.scope.inc("upstream_cx_connect_fail")
             log.info("connect to %s timed out", self.endpoint.address)
             self.pool.connect_failed(ResponseFlag.UPSTREAM_CONNECT_FAILURE)
             return
-        except OSError as exc:
+        except OSError as exc:  # ConnectionError included
+            conn.abort()
             self.scope.inc("upstream_cx_connect_fail")
             log.info("connect to %s failed: %s", self.endpoint.address, exc)
             self.pool.connect_failed(ResponseFlag.UPSTREAM_CONNECT_FAILURE)

@@ -1,0 +1,117 @@
+"""Bootstrap validation: every error names the path of the bad field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from pilotfish.config.bootstrap import parse_bootstrap
+from pilotfish.config.errors import ConfigError
+from pilotfish.config.model import Protocol
+
+GOOD: dict[str, Any] = {
+    "admin": {"address": "127.0.0.1", "port": 15000},
+    "listeners": [
+        {
+            "name": "in",
+            "address": "127.0.0.1:15001",
+            "route_config": "rc",
+            "tcp_passthrough": {"cluster": "raw"},
+        }
+    ],
+    "route_configs": [
+        {
+            "name": "rc",
+            "virtual_hosts": [
+                {
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "250ms"}},
+                        {"match": {"path": "/x"}, "route": {"cluster": "app", "timeout": "0s"}},
+                    ],
+                }
+            ],
+        }
+    ],
+    "clusters": [
+        {
+            "name": "app",
+            "protocol": "http1",
+            "endpoints": ["127.0.0.1:8080", {"address": "[::1]:8081", "weight": 3}],
+        },
+        {"name": "raw", "protocol": "tcp", "endpoints": ["127.0.0.1:9000"]},
+    ],
+}
+
+
+def test_good_config_parses() -> None:
+    b = parse_bootstrap(GOOD)
+    assert b.listeners[0].tcp_passthrough_cluster == "raw"
+    app = b.clusters["app"]
+    assert app.protocol is Protocol.HTTP1
+    assert [(e.host, e.port, e.weight) for e in app.endpoints] == [
+        ("127.0.0.1", 8080, 1),
+        ("::1", 8081, 3),
+    ]
+    routes = b.route_configs["rc"].virtual_hosts[0].routes
+    assert routes[0].action.timeout == 0.25
+    assert routes[1].action.timeout is None
+
+
+def broken(path: list[str | int], value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(GOOD)
+    target: Any = doc
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            broken(["route_configs", 0, "virtual_hosts", 0, "routes", 1, "route", "timeout"], "2x"),
+            "route_configs[0].virtual_hosts[0].routes[1].route.timeout: "
+            "expected a duration like 250ms",
+        ),
+        (
+            broken(["clusters", 0, "endpoints", 1, "address"], "nowhere"),
+            "clusters[0].endpoints[1].address: expected an address like 127.0.0.1:8080",
+        ),
+        (
+            broken(["clusters", 0, "protocol"], "http3"),
+            "clusters[0].protocol: expected one of: http2, http1, tcp",
+        ),
+        (broken(["listeners"], KeyError), "listeners: required field is missing"),
+        (
+            broken(["listeners", 0, "route_config"], "missing"),
+            "listeners[0].route_config: no route config named 'missing'",
+        ),
+        (
+            broken(["route_configs", 0, "virtual_hosts", 0, "routes", 0, "route", "cluster"], "x"),
+            "route_configs[0].virtual_hosts[0].routes[0].route: no cluster named 'x'",
+        ),
+        (
+            broken(["route_configs", 0, "virtual_hosts", 0, "routes", 0, "match"], {"regex": "("}),
+            "route_configs[0].virtual_hosts[0].routes[0].match.regex: invalid regular expression",
+        ),
+        (
+            broken(["clusters", 0, "colour"], "red"),
+            "clusters[0].colour: unknown field",
+        ),
+        (
+            broken(["route_configs", 0, "virtual_hosts", 0, "domains"], ["a.*.com"]),
+            "route_configs[0].virtual_hosts[0].domains[0]: a wildcard may only lead or trail",
+        ),
+    ],
+)
+def test_errors_name_the_field(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_bootstrap(doc)
+    assert str(info.value).startswith(message)
