@@ -20,6 +20,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from sidecar.streams import (
     CANCEL,
@@ -33,6 +34,32 @@ from sidecar.streams import (
 log = logging.getLogger(__name__)
 
 _TRAILERS = object()  # marks queued trailers in a stream's send queue
+MAX_STREAM_ID = 2**31 - 1
+
+
+class GracefulH2Connection(h2.connection.H2Connection):
+    """h2's connection, with GOAWAY as RFC 9113 section 6.8 means it.
+
+    h2 treats GOAWAY, sent or received, as the end of the connection: its state machine
+    closes and frames for streams still in flight are refused. A proxy must let those streams
+    finish. So a received GOAWAY only becomes an event, and ``send_goaway`` queues the frame
+    without closing; the owner stops opening (or accepting) new streams itself.
+    """
+
+    def _receive_goaway_frame(
+        self, frame: hyperframe.frame.GoAwayFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = error_code
+        self._prepare_for_sending([frame])
 
 
 class H2Stream:
@@ -111,7 +138,7 @@ class H2Connection(asyncio.Protocol):
             validate_inbound_headers=True,
             normalize_inbound_headers=False,
         )
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = GracefulH2Connection(config=config)
         self.h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={

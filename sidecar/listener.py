@@ -18,7 +18,7 @@ import h2.events
 
 from pilotfish.config.model import ListenerConfig
 from sidecar.h1conn import H1ServerConnection
-from sidecar.h2conn import H2Connection, H2Stream
+from sidecar.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
 from sidecar.router import Exchange
 from sidecar.stats import Scope
 from sidecar.streams import REFUSED_STREAM, StreamHandler, StreamSink
@@ -111,6 +111,7 @@ class H2ServerConnection(H2Connection):
         )
         self.listener = listener
         self.draining = False
+        self.last_stream_id = MAX_STREAM_ID
         self._dispatch[h2.events.RequestReceived] = self._on_request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,7 +122,7 @@ class H2ServerConnection(H2Connection):
         stream_id = event.stream_id
         stream = H2Stream(self, stream_id, None)
         self.streams[stream_id] = stream
-        if self.goaway_sent:
+        if self.goaway_sent and stream_id > self.last_stream_id:
             self.reset_stream(stream, REFUSED_STREAM)
             return
         handler = self.listener.new_exchange(stream)
@@ -141,11 +142,26 @@ class H2ServerConnection(H2Connection):
             self.close()
 
     def start_drain(self) -> None:
-        """Send GOAWAY: streams already open finish, new ones are refused."""
+        """GOAWAY in two steps, as RFC 9113 section 6.8 suggests.
+
+        The first names the largest stream id, so requests already on the wire are still
+        served; a second later the real last stream id follows and anything newer is refused.
+        """
         if self.draining or self.closed:
             return
         self.draining = True
-        self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+        self.h2.send_goaway(MAX_STREAM_ID)
+        self.flush()
+        if not self.streams:
+            self.close()
+            return
+        asyncio.get_event_loop().call_later(1.0, self._final_goaway)
+
+    def _final_goaway(self) -> None:
+        if self.closed:
+            return
+        self.last_stream_id = self.h2.highest_inbound_stream_id
+        self.h2.send_goaway(self.last_stream_id)
         self.goaway_sent = True
         self.flush()
         if not self.streams:
