@@ -28,6 +28,12 @@ def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("file")
 
 
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="show the proxies connected to a control plane")
+    p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
@@ -40,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sidecar(sub)
     _add_control_plane(sub)
     _add_validate(sub)
+    _add_status(sub)
     _add_demo(sub)
     return parser
 
@@ -68,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.main import run_validate
 
         return run_validate(args)
+    if args.command == "status":
+        from control_plane.status_cli import run_status
+
+        return run_status(args)
     if args.command == "demo":
         from pilotfish.demo import run_demo
 

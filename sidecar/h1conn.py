@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LINGER_SECONDS = 2.0
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -237,6 +239,7 @@ class H1ServerConnection(_H1Base):
         )
         self.stream: H1ServerStream | None = None
         self.draining = False
+        self.discarding = False
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -249,16 +252,20 @@ class H1ServerConnection(_H1Base):
         self._idle_timer = loop.call_later(self.listener.config.http1_idle_timeout, self.close)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         self.h11.receive_data(data)
         self._process()
 
     def eof_received(self) -> bool | None:
+        if self.discarding:
+            return None
         self.h11.receive_data(b"")
         self._process()
         return None
 
     def _process(self) -> None:
-        while not self.closed:
+        while not self.closed and not self.discarding:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
@@ -327,12 +334,29 @@ class H1ServerConnection(_H1Base):
         if self.stream is not None and self.stream.handler is not None and not self.stream.done:
             self.stream.done = True
             self.stream.handler.on_reset(ResetReason.PROTOCOL_ERROR, 0)
-        self.close()
+        self.linger_close()
+
+    def linger_close(self) -> None:
+        """Close after our response, without losing it to unread request bytes.
+
+        Closing a socket with unread input sends RST, and the peer may drop our response with
+        it. So: end our side, discard what still arrives for a moment, then close.
+        """
+        transport = self.transport
+        if transport is None or self.closed or self.discarding:
+            return
+        self.discarding = True
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_event_loop().call_later(LINGER_SECONDS, self.close)
 
     def response_done(self, stream: H1ServerStream) -> None:
         if self.h11.their_state is h11.SEND_BODY:
             # The response finished before the request body did; stop reading it.
-            self.close()
+            self.linger_close()
             return
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             if self.draining:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _TRAILERS = object()  # marks queued trailers in a stream's send queue
 MAX_STREAM_ID = 2**31 - 1
+LINGER_SECONDS = 2.0
 
 
 class GracefulH2Connection(h2.connection.H2Connection):
@@ -156,6 +157,7 @@ class H2Connection(asyncio.Protocol):
         self.write_paused = False
         self.goaway_sent = False
         self.goaway_received = False
+        self.discarding = False
         self._flush_scheduled = False
         self._blocked: set[H2Stream] = set()  # streams with queued data waiting for window
         self._loop = asyncio.get_event_loop()
@@ -181,6 +183,8 @@ class H2Connection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -356,11 +360,22 @@ class H2Connection(asyncio.Protocol):
     # -- hooks for the two sides -----------------------------------------------------------
 
     def protocol_error(self, exc: Exception) -> None:
-        """The peer broke the protocol: h2 queued a GOAWAY; send it and close."""
-        log.info("HTTP/2 protocol error from peer, closing connection: %r", exc, exc_info=True)
+        """The peer broke the protocol: h2 queued a GOAWAY; send it and close.
+
+        Input still in flight is read and dropped for a moment before the close, so that a
+        close with unread bytes (an RST) does not destroy the GOAWAY on its way.
+        """
+        log.info("HTTP/2 protocol error from peer, closing connection: %s", exc)
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.discarding = True
+        for stream in list(self.streams.values()):
+            self._close_stream(stream, ResetReason.PROTOCOL_ERROR, 0x1)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER_SECONDS, self.abort)
 
     def on_stream_closed(self, stream: H2Stream) -> None:
         pass

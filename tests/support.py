@@ -61,7 +61,12 @@ def simple_config(
                         "name": "all",
                         "domains": ["*"],
                         "routes": routes
-                        or [{"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": timeout}}],
+                        or [
+                            {
+                                "match": {"prefix": "/"},
+                                "route": {"cluster": "app", "timeout": timeout},
+                            }
+                        ],
                     }
                 ],
             }

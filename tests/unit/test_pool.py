@@ -38,7 +38,9 @@ class Waiter:
         self.failure = flag
 
 
-def make_pool(hint: int, max_connections: int = 4, max_pending: int = 100) -> tuple[ConnectionPool, list[int]]:
+def make_pool(
+    hint: int, max_connections: int = 4, max_pending: int = 100
+) -> tuple[ConnectionPool, list[int]]:
     connects: list[int] = []
     pool = ConnectionPool(
         lambda p: connects.append(1),
@@ -89,7 +91,7 @@ def test_http1_opens_one_connection_per_waiter_up_to_the_limit() -> None:
 
 
 def test_released_stream_serves_next_waiter() -> None:
-    pool, connects = make_pool(hint=1, max_connections=1)
+    pool, _ = make_pool(hint=1, max_connections=1)
     conn = Conn(max_streams=1)
     a, b = Waiter(), Waiter()
     pool.acquire(a)

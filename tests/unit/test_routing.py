@@ -11,7 +11,9 @@ from sidecar.routing import RouteTable, apply_mutation, pick_weighted_cluster
 
 
 def table(virtual_hosts: list[dict[str, object]]) -> RouteTable:
-    return RouteTable(parse_route_config(Node("rc", {"name": "rc", "virtual_hosts": virtual_hosts})))
+    return RouteTable(
+        parse_route_config(Node("rc", {"name": "rc", "virtual_hosts": virtual_hosts}))
+    )
 
 
 def vhost(name: str, domains: list[str], cluster: str | None = None) -> dict[str, object]:
@@ -135,7 +137,8 @@ def test_weighted_clusters_follow_weights() -> None:
         ]
     )
     route = rt.config.virtual_hosts[0].routes[0]
-    picks = [pick_weighted_cluster(route, lambda i=i: i / 1000) for i in range(1000)]
+    points = iter(i / 1000 for i in range(1000))
+    picks = [pick_weighted_cluster(route, lambda: next(points)) for _ in range(1000)]
     assert picks.count("stable") == 900
     assert picks.count("canary") == 100
     assert pick_weighted_cluster(route, lambda: 0.8999) == "stable"
