@@ -1,0 +1,225 @@
+"""The mesh file: which services exist, where their endpoints are, and how calls to them route.
+
+The schema is documented in ``docs/mesh-reference.md``. Every error names the path of the bad
+field, e.g. ``services.greeter.routes[1].timeout: expected a duration like 250ms``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pilotfish.config.bootstrap import parse_endpoint, parse_header_matcher
+from pilotfish.config.errors import ConfigError
+from pilotfish.config.fields import Node
+from pilotfish.config.model import Endpoint, PathMatch, RouteMatch, WeightedCluster
+
+PROTOCOLS = ("grpc", "http2", "http1", "tcp")
+DEFAULT_TIMEOUT = 15.0
+# Service names become listener, route and cluster names and the host part of `xds:///<name>`.
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class MeshRoute:
+    name: str
+    match: RouteMatch
+    clusters: tuple[WeightedCluster, ...]
+    # None: no timeout (written ``0s`` in the file).
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MeshService:
+    name: str
+    namespace: str
+    protocol: str
+    port: int | None
+    endpoints: tuple[Endpoint, ...]
+    # None: the file did not say, so the service may call every service in the mesh.
+    depends_on: tuple[str, ...] | None
+    routes: tuple[MeshRoute, ...]
+    connect_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    services: dict[str, MeshService]
+
+
+def load_mesh_file(path: str | Path) -> Mesh:
+    return parse_mesh_text(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+def parse_mesh_text(text: str, source: str = "mesh file") -> Mesh:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{source}: not valid YAML: {exc}") from None
+    return parse_mesh(document)
+
+
+def parse_mesh(document: Any) -> Mesh:
+    root = Node("", document).mapping({"services"})
+    services_node = root.require("services").mapping()
+    services: dict[str, MeshService] = {}
+    for name, node in services_node.items():
+        if not _SERVICE_NAME.match(name):
+            raise node.error(
+                "service names are lower-case letters, digits, '-' and '.', "
+                "starting and ending with a letter or digit"
+            )
+        services[name] = _parse_service(name, node)
+    _check_references(services_node, services)
+    return Mesh(services=services)
+
+
+def _parse_service(name: str, node: Node) -> MeshService:
+    if node.value is None:
+        raise node.error("expected a mapping")
+    node.mapping(
+        {"namespace", "protocol", "port", "endpoints", "depends_on", "routes", "connect_timeout"}
+    )
+    protocol = node.get("protocol").as_choice(PROTOCOLS, "grpc")
+    endpoints = tuple(parse_endpoint(e) for e in node.require("endpoints").elements())
+    seen: set[str] = set()
+    for i, endpoint in enumerate(endpoints):
+        if endpoint.address in seen:
+            raise ConfigError(f"{node.path}.endpoints[{i}]",
+                              f"duplicate endpoint {endpoint.address}")
+        seen.add(endpoint.address)
+    depends_on: tuple[str, ...] | None = None
+    if node.has("depends_on"):
+        depends_on = tuple(d.as_str() for d in node.get("depends_on").elements())
+    if node.has("routes"):
+        if protocol == "tcp":
+            raise node.get("routes").error("a tcp service cannot have routes")
+        routes = tuple(
+            _parse_route(name, r, i) for i, r in enumerate(node.get("routes").elements())
+        )
+    elif protocol == "tcp":
+        routes = ()
+    else:
+        routes = (_default_route(name),)
+    port = node.get("port").as_int(minimum=1, maximum=65535) if node.has("port") else None
+    return MeshService(
+        name=name,
+        namespace=node.get("namespace").as_str("default"),
+        protocol=protocol,
+        port=port,
+        endpoints=endpoints,
+        depends_on=depends_on,
+        routes=routes,
+        connect_timeout=node.get("connect_timeout").as_duration(5.0),
+    )
+
+
+def _default_route(service: str) -> MeshRoute:
+    return MeshRoute(
+        name="default",
+        match=RouteMatch(path=PathMatch(prefix="/")),
+        clusters=(WeightedCluster(service, 1),),
+        timeout=DEFAULT_TIMEOUT,
+    )
+
+
+def _parse_route(service: str, node: Node, index: int) -> MeshRoute:
+    node.mapping({"name", "match", "timeout", "cluster", "split"})
+    if node.has("cluster") and node.has("split"):
+        raise node.error("at most one of cluster, split")
+    clusters: tuple[WeightedCluster, ...]
+    if node.has("split"):
+        split = node.get("split")
+        clusters = tuple(
+            WeightedCluster(target, weight.as_int(minimum=0, maximum=1_000_000))
+            for target, weight in split.items()
+        )
+        if not clusters or sum(c.weight for c in clusters) == 0:
+            raise split.error("weights must add up to more than 0")
+    else:
+        clusters = (WeightedCluster(node.get("cluster").as_str(service), 1),)
+    timeout_node = node.get("timeout")
+    timeout: float | None = timeout_node.as_duration(DEFAULT_TIMEOUT)
+    if timeout == 0:
+        timeout = None
+    return MeshRoute(
+        name=node.get("name").as_str(str(index)),
+        match=_parse_match(node.require("match")),
+        clusters=clusters,
+        timeout=timeout,
+    )
+
+
+def _parse_match(node: Node) -> RouteMatch:
+    node.mapping({"prefix", "path", "regex", "headers"})
+    kinds = [k for k in ("prefix", "path", "regex") if node.has(k)]
+    if len(kinds) != 1:
+        raise node.error("exactly one of prefix, path, regex is required")
+    if kinds[0] == "prefix":
+        path = PathMatch(prefix=_as_path(node.get("prefix"), allow_empty=True))
+    elif kinds[0] == "path":
+        path = PathMatch(exact=_as_path(node.get("path"), allow_empty=False))
+    else:
+        path = PathMatch(regex=node.get("regex").as_regex())
+    headers = (
+        tuple(parse_header_matcher(h) for h in node.get("headers").elements())
+        if node.has("headers")
+        else ()
+    )
+    return RouteMatch(path=path, headers=headers)
+
+
+def _as_path(node: Node, allow_empty: bool) -> str:
+    value = node.value
+    if isinstance(value, str) and (value.startswith("/") or (allow_empty and value == "")):
+        return value
+    raise node.error("expected a path starting with /")
+
+
+def _check_references(services_node: Node, services: dict[str, MeshService]) -> None:
+    for name, service in services.items():
+        node = services_node.get(name)
+        for i, dep in enumerate(service.depends_on or ()):
+            if dep not in services:
+                raise ConfigError(f"{node.path}.depends_on[{i}]", f"no service named {dep!r}")
+        for r, route in enumerate(service.routes):
+            route_node = Node(f"{node.path}.routes[{r}]", _route_value(node, r))
+            for wc in route.clusters:
+                if wc.name in services and services[wc.name].protocol == "tcp":
+                    raise _target_error(route_node, wc.name, "is a tcp service")
+                if wc.name not in services:
+                    raise _target_error(route_node, wc.name, "does not exist")
+
+
+def _route_value(service_node: Node, index: int) -> Any:
+    routes = service_node.value.get("routes") if isinstance(service_node.value, dict) else None
+    return routes[index] if isinstance(routes, list) else {}
+
+
+def _target_error(route_node: Node, target: str, problem: str) -> ConfigError:
+    if route_node.has("split"):
+        return ConfigError(f"{route_node.path}.split.{target}", f"service {target!r} {problem}")
+    return ConfigError(f"{route_node.path}.cluster", f"service {target!r} {problem}")
+
+
+def service_view(mesh: Mesh, service: str | None) -> list[str]:
+    """Names of the services a proxy of ``service`` may call, including split targets.
+
+    A proxy that is not a mesh service (``None`` or unknown) sees every service.
+    """
+    own = mesh.services.get(service) if service is not None else None
+    roots = list(mesh.services if own is None or own.depends_on is None else own.depends_on)
+    seen: list[str] = []
+    pending = list(roots)
+    while pending:
+        name = pending.pop(0)
+        if name in seen or name not in mesh.services:
+            continue
+        seen.append(name)
+        for route in mesh.services[name].routes:
+            pending.extend(wc.name for wc in route.clusters)
+    return sorted(seen)

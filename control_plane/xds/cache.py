@@ -1,0 +1,111 @@
+"""The snapshot cache: the current mesh, and one consistent snapshot per proxy view.
+
+It knows nothing about streams, nonces or ACKs; streams ask it for a snapshot and subscribe
+to be told that the mesh changed. That call is the only seam between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+
+from control_plane.mesh import Mesh
+from control_plane.xds.resources import DEFAULT_INBOUND_ADDRESS, ViewKey, build_view
+from control_plane.xds.snapshot import Snapshot
+from pilotfish.config.errors import ConfigError
+from pilotfish.config.fields import parse_address
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyIdentity:
+    node_id: str
+    service: str
+    namespace: str
+    view: ViewKey
+
+
+def identify(node: base_pb2.Node, mesh: Mesh) -> ProxyIdentity:
+    """Who a proxy says it is (node id and metadata) and therefore which view it gets.
+
+    Metadata fields: ``service``, ``namespace`` and, for a sidecar, ``app_address`` (where its
+    app listens) and ``inbound_address`` (where the sidecar listens for inbound calls). A proxy
+    whose service is not in the mesh, or in another namespace, sees every service.
+    """
+    fields = node.metadata.fields
+
+    def text(key: str) -> str:
+        value = fields.get(key)
+        return value.string_value if value is not None else ""
+
+    service, namespace = text("service"), text("namespace")
+    known = mesh.services.get(service)
+    view_service = service if known and namespace in ("", known.namespace) else None
+    if service and view_service is None:
+        log.warning("node %r: service %r/%r is not in the mesh; it sees every service",
+                    node.id, namespace, service)
+    app = _address(node.id, "app_address", text("app_address"))
+    inbound = _address(node.id, "inbound_address", text("inbound_address"))
+    return ProxyIdentity(
+        node_id=node.id,
+        service=service,
+        namespace=namespace,
+        view=ViewKey(
+            service=view_service,
+            app_address=app if view_service else None,
+            inbound_address=inbound or DEFAULT_INBOUND_ADDRESS,
+        ),
+    )
+
+
+def _address(node_id: str, key: str, value: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    try:
+        return parse_address(f"node.metadata.{key}", value)
+    except ConfigError as exc:
+        log.warning("node %r: ignoring %s", node_id, exc)
+        return None
+
+
+class SnapshotCache:
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self._views = self._build_known_views(mesh)
+        self._listeners: list[Callable[[], None]] = []
+        self.generation = 1
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    @staticmethod
+    def _build_known_views(mesh: Mesh) -> dict[ViewKey, Snapshot]:
+        # Building every service's view up front proves the new mesh yields consistent
+        # snapshots before any proxy sees it; views with an inbound side are built on demand.
+        keys = [ViewKey(), *(ViewKey(service=name) for name in mesh.services)]
+        return {key: Snapshot.build(build_view(mesh, key)) for key in keys}
+
+    def set_mesh(self, mesh: Mesh) -> None:
+        """Serve ``mesh`` from now on; raises (keeping the old mesh) if a view is inconsistent."""
+        views = self._build_known_views(mesh)
+        self._mesh, self._views = mesh, views
+        self.generation += 1
+        for listener in list(self._listeners):
+            listener()
+
+    def snapshot(self, key: ViewKey) -> Snapshot:
+        snapshot = self._views.get(key)
+        if snapshot is None:
+            snapshot = Snapshot.build(build_view(self._mesh, key))
+            self._views[key] = snapshot
+        return snapshot
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after every mesh change; returns the function that stops it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)

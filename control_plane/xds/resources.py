@@ -1,0 +1,285 @@
+"""Build the xDS resources for one proxy's view of the mesh.
+
+Shapes follow what both gRPC's proxyless xDS client and Envoy accept:
+
+* per service an ``api_listener`` Listener named exactly after the service (a gRPC client
+  dialling ``xds:///<service>`` asks for that name), whose HttpConnectionManager fetches the
+  RouteConfiguration of the same name over ADS, with the router filter last;
+* a RouteConfiguration with one virtual host whose domains are ``<service>`` and, when the mesh
+  gives a port, ``<service>:<port>`` (gRPC matches the dial target's authority against them);
+* an EDS Cluster per service, and its ClusterLoadAssignment with one locality that carries a
+  ``load_balancing_weight`` (gRPC drops localities without one) and per-endpoint weights.
+
+A proxy that is itself a mesh service and says where its app listens (node metadata
+``app_address``) also gets its inbound side: a normal Listener ``inbound|<service>`` on
+``inbound_address`` (default ``0.0.0.0:15006``), a RouteConfiguration ``inbound|<service>``
+sending everything to the STATIC cluster ``inbound|<service>`` whose one endpoint is the app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import regex_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
+from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
+from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
+
+INBOUND_PREFIX = "inbound|"
+DEFAULT_INBOUND_ADDRESS = ("0.0.0.0", 15006)
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+ROUTER_FILTER = "envoy.filters.http.router"
+METADATA_KEY = "pilotfish"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True, slots=True)
+class ViewKey:
+    """What decides a proxy's view: its own service (if a known one) and its inbound side."""
+
+    service: str | None = None
+    app_address: tuple[str, int] | None = None
+    inbound_address: tuple[str, int] = DEFAULT_INBOUND_ADDRESS
+
+
+def build_view(mesh: Mesh, key: ViewKey) -> dict[str, dict[str, Resource]]:
+    """All resources of one view, by type URL and then by name."""
+    view: dict[str, dict[str, Resource]] = {t: {} for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
+
+    def add(type_url: str, name: str, message: Message) -> None:
+        view[type_url][name] = Resource.of(name, message)
+
+    for name in service_view(mesh, key.service):
+        service = mesh.services[name]
+        if service.protocol != "tcp":
+            add(LISTENER, name, api_listener(service))
+            add(ROUTE, name, route_configuration(service))
+        add(CLUSTER, name, eds_cluster(service))
+        add(ENDPOINT, name, load_assignment(name, service.endpoints))
+    own = mesh.services.get(key.service) if key.service is not None else None
+    if own is not None and key.app_address is not None and own.protocol != "tcp":
+        inbound = INBOUND_PREFIX + own.name
+        add(LISTENER, inbound, inbound_listener(inbound, key.inbound_address))
+        add(ROUTE, inbound, inbound_route_configuration(inbound))
+        add(CLUSTER, inbound, inbound_cluster(inbound, own, key.app_address))
+    return view
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _pack(message: hcm_pb2.HttpConnectionManager | router_pb2.Router
+          | http_protocol_options_pb2.HttpProtocolOptions) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message, deterministic=True)
+    return packed
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def http_connection_manager(route_config_name: str) -> hcm_pb2.HttpConnectionManager:
+    return hcm_pb2.HttpConnectionManager(
+        stat_prefix=route_config_name,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_config_name),
+        # The router must be the last filter: it is the one that forwards the request.
+        http_filters=[
+            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))
+        ],
+    )
+
+
+def api_listener(service: MeshService) -> listener_pb2.Listener:
+    return listener_pb2.Listener(
+        name=service.name,
+        api_listener=api_listener_pb2.ApiListener(
+            api_listener=_pack(http_connection_manager(service.name))
+        ),
+    )
+
+
+def inbound_listener(name: str, address: tuple[str, int]) -> listener_pb2.Listener:
+    return listener_pb2.Listener(
+        name=name,
+        address=_socket_address(*address),
+        traffic_direction=base_pb2.INBOUND,
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name=HCM_FILTER, typed_config=_pack(http_connection_manager(name))
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def route_configuration(service: MeshService) -> route_pb2.RouteConfiguration:
+    domains = [service.name]
+    if service.port is not None:
+        domains.append(f"{service.name}:{service.port}")
+    return route_pb2.RouteConfiguration(
+        name=service.name,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=service.name,
+                domains=domains,
+                routes=[_route(r) for r in service.routes],
+            )
+        ],
+    )
+
+
+def inbound_route_configuration(name: str) -> route_pb2.RouteConfiguration:
+    route = route_components_pb2.Route(
+        name="to-app",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        # The caller's sidecar already enforces the route timeout; 0 disables it here.
+        route=route_components_pb2.RouteAction(cluster=name, timeout=_duration(0)),
+    )
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[route_components_pb2.VirtualHost(name="app", domains=["*"], routes=[route])],
+    )
+
+
+def _route(route: MeshRoute) -> route_components_pb2.Route:
+    action = route_components_pb2.RouteAction()
+    if len(route.clusters) == 1:
+        action.cluster = route.clusters[0].name
+    else:
+        for wc in route.clusters:
+            action.weighted_clusters.clusters.add(
+                name=wc.name, weight=wrappers_pb2.UInt32Value(value=wc.weight)
+            )
+    # Envoy reads `timeout`; gRPC clients read `max_stream_duration`. 0 means none in both.
+    timeout = _duration(route.timeout or 0)
+    action.timeout.CopyFrom(timeout)
+    action.max_stream_duration.max_stream_duration.CopyFrom(timeout)
+    return route_components_pb2.Route(
+        name=route.name, match=_route_match(route.match.path, route.match.headers), route=action
+    )
+
+
+def _route_match(
+    path: PathMatch, headers: tuple[HeaderMatcher, ...]
+) -> route_components_pb2.RouteMatch:
+    match = route_components_pb2.RouteMatch(headers=[_header_matcher(h) for h in headers])
+    if path.prefix is not None:
+        match.prefix = path.prefix
+    elif path.exact is not None:
+        match.path = path.exact
+    else:
+        assert path.regex is not None
+        match.safe_regex.CopyFrom(_regex(path.regex.pattern))
+    return match
+
+
+def _regex(pattern: str) -> regex_pb2.RegexMatcher:
+    return regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=pattern)
+
+
+def _header_matcher(h: HeaderMatcher) -> route_components_pb2.HeaderMatcher:
+    matcher = route_components_pb2.HeaderMatcher(name=h.name, invert_match=h.invert)
+    if h.exact is not None:
+        matcher.string_match.exact = h.exact
+    elif h.prefix is not None:
+        matcher.string_match.prefix = h.prefix
+    elif h.regex is not None:
+        matcher.string_match.safe_regex.CopyFrom(_regex(h.regex.pattern))
+    elif h.present is not None:
+        matcher.present_match = h.present
+    else:
+        matcher.present_match = True
+    return matcher
+
+
+def _protocol_options(service: MeshService) -> dict[str, any_pb2.Any]:
+    """Envoy needs to be told to speak HTTP/2 upstream; gRPC clients ignore this."""
+    if service.protocol not in ("grpc", "http2"):
+        return {}
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.explicit_http_config.http2_protocol_options.SetInParent()
+    return {HTTP_PROTOCOL_OPTIONS: _pack(options)}
+
+
+def _metadata(service: MeshService) -> base_pb2.Metadata:
+    """``pilotfish.protocol`` tells our sidecar what the endpoints speak, tcp included."""
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata[METADATA_KEY].update({"protocol": service.protocol})
+    return metadata
+
+
+def eds_cluster(service: MeshService) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=service.name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            eds_config=_ads(), service_name=service.name
+        ),
+        connect_timeout=_duration(service.connect_timeout),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        typed_extension_protocol_options=_protocol_options(service),
+        metadata=_metadata(service),
+    )
+
+
+def inbound_cluster(
+    name: str, service: MeshService, app_address: tuple[str, int]
+) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=_duration(service.connect_timeout),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        load_assignment=load_assignment(name, (Endpoint(*app_address),)),
+        typed_extension_protocol_options=_protocol_options(service),
+        metadata=_metadata(service),
+    )
+
+
+def _socket_address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def load_assignment(
+    cluster_name: str, endpoints: tuple[Endpoint, ...]
+) -> endpoint_pb2.ClusterLoadAssignment:
+    lb_endpoints = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.host, e.port)),
+            health_status=health_check_pb2.HEALTHY,
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=e.weight),
+        )
+        for e in endpoints
+    ]
+    locality = endpoint_components_pb2.LocalityLbEndpoints(
+        locality=base_pb2.Locality(region="pilotfish", zone="local"),
+        lb_endpoints=lb_endpoints,
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+    )
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=[locality])

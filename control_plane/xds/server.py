@@ -1,0 +1,209 @@
+"""The ADS gRPC service: the only place where the xDS protocol meets sockets.
+
+Each stream owns a ``SotwStream`` or ``DeltaStream`` and feeds it two kinds of input from one
+queue: requests read from the client, and "the mesh changed" from the snapshot cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from control_plane.xds.cache import ProxyIdentity, SnapshotCache, identify
+from control_plane.xds.callbacks import Callbacks
+from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.stream_state import (
+    DeltaStream,
+    NackReceived,
+    ProtocolError,
+    SotwStream,
+    TypeStatus,
+)
+from control_plane.xds.types import SHORT_NAMES
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
+
+
+_ReqIn = TypeVar("_ReqIn", contravariant=True)
+_RespOut = TypeVar("_RespOut", covariant=True)
+
+
+class _Protocol(Protocol[_ReqIn, _RespOut]):
+    """What ``SotwStream`` and ``DeltaStream`` have in common."""
+
+    def handle_request(
+        self, request: _ReqIn, snapshot: Snapshot
+    ) -> tuple[Sequence[_RespOut], list[NackReceived]]: ...
+
+    def handle_snapshot(self, snapshot: Snapshot) -> Sequence[_RespOut]: ...
+
+    def status(self, snapshot: Snapshot) -> list[TypeStatus]: ...
+
+
+@dataclass(eq=False)
+class ConnectedProxy:
+    """One open ADS stream, as the status service reports it."""
+
+    stream_id: int
+    kind: str
+    connected_since: float
+    protocol: SotwStream | DeltaStream
+    identity: ProxyIdentity | None = None
+    nacks: list[NackReceived] = field(default_factory=list)
+
+
+class ProxyRegistry:
+    def __init__(self) -> None:
+        self._proxies: dict[int, ConnectedProxy] = {}
+
+    def add(self, proxy: ConnectedProxy) -> None:
+        self._proxies[proxy.stream_id] = proxy
+
+    def remove(self, stream_id: int) -> None:
+        self._proxies.pop(stream_id, None)
+
+    def proxies(self) -> list[ConnectedProxy]:
+        return sorted(self._proxies.values(), key=lambda p: p.stream_id)
+
+
+class _MeshChanged:
+    """Queue marker: the snapshot cache has a new mesh."""
+
+
+class _ClientDone:
+    """Queue marker: the client half-closed or the read failed."""
+
+
+_MESH_CHANGED = _MeshChanged()
+_CLIENT_DONE = _ClientDone()
+
+
+@dataclass(eq=False)
+class _Stream(Generic[Req, Resp]):
+    cache: SnapshotCache
+    proxy: ConnectedProxy
+    protocol: _Protocol[Req, Resp]
+    callbacks: Callbacks
+    node: base_pb2.Node | None = None
+
+    def snapshot(self) -> Snapshot:
+        assert self.proxy.identity is not None
+        return self.cache.snapshot(self.proxy.identity.view)
+
+    def on_request(self, request: Req) -> Sequence[Resp]:
+        self.callbacks.on_request(self.proxy.stream_id, request)
+        if self.node is None:
+            if not request.HasField("node"):
+                raise ProtocolError("the first request on a stream must carry the node")
+            self.node = request.node
+            self.proxy.identity = identify(self.node, self.cache.mesh)
+            log.info("stream %d (%s): node %r service %r namespace %r", self.proxy.stream_id,
+                     self.proxy.kind, self.node.id, self.proxy.identity.service,
+                     self.proxy.identity.namespace)
+        responses, nacks = self.protocol.handle_request(request, self.snapshot())
+        for nack in nacks:
+            log.warning("node %r rejected %s version %s: %s", self.node.id,
+                        SHORT_NAMES.get(nack.type_url, nack.type_url), nack.version, nack.message)
+            self.proxy.nacks = [*self.proxy.nacks[-9:], nack]
+            self.callbacks.on_nack(self.proxy.stream_id, self.node.id, nack)
+        return responses
+
+    def on_mesh_changed(self) -> Sequence[Resp]:
+        if self.node is None:
+            return []
+        # The new mesh may add or drop the proxy's service, which changes its view.
+        self.proxy.identity = identify(self.node, self.cache.mesh)
+        return self.protocol.handle_snapshot(self.snapshot())
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self, cache: SnapshotCache, registry: ProxyRegistry, callbacks: Callbacks | None = None
+    ) -> None:
+        self._cache = cache
+        self._registry = registry
+        self._callbacks = callbacks or Callbacks()
+        self._ids = itertools.count(1)
+
+    # grpc.aio recognises a streaming handler only if it is itself an async generator.
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        async for response in self._serve("sotw", SotwStream(), request_iterator, context):
+            yield response
+
+    async def DeltaAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        async for response in self._serve("delta", DeltaStream(), request_iterator, context):
+            yield response
+
+    async def _serve(
+        self,
+        kind: str,
+        protocol: _Protocol[Req, Resp],
+        request_iterator: AsyncIterator[Req],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[Resp]:
+        assert isinstance(protocol, SotwStream | DeltaStream)
+        proxy = ConnectedProxy(next(self._ids), kind, time.time(), protocol)
+        stream: _Stream[Req, Resp] = _Stream(self._cache, proxy, protocol, self._callbacks)
+        queue: asyncio.Queue[Req | _MeshChanged | _ClientDone] = asyncio.Queue()
+        stop_watching = self._cache.on_change(lambda: queue.put_nowait(_MESH_CHANGED))
+        reader = asyncio.create_task(_read_requests(request_iterator, queue.put_nowait))
+        self._registry.add(proxy)
+        self._callbacks.on_stream_open(proxy.stream_id, kind)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _ClientDone):
+                    return
+                try:
+                    if isinstance(item, _MeshChanged):
+                        responses = stream.on_mesh_changed()
+                    else:
+                        responses = stream.on_request(item)
+                except ProtocolError as exc:
+                    log.warning("stream %d: %s", proxy.stream_id, exc)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return
+                for response in responses:
+                    yield response
+        finally:
+            stop_watching()
+            reader.cancel()
+            self._registry.remove(proxy.stream_id)
+            node_id = stream.node.id if stream.node is not None else ""
+            self._callbacks.on_stream_close(proxy.stream_id, node_id)
+            log.info("stream %d (%s) of node %r closed", proxy.stream_id, kind, node_id)
+
+
+async def _read_requests(
+    requests: AsyncIterator[Req], put: Callable[[Req | _ClientDone], None]
+) -> None:
+    try:
+        async for request in requests:
+            put(request)
+    except asyncio.CancelledError:
+        raise
+    except grpc.RpcError as exc:
+        # The client went away mid-read: the stream is over, nothing to report upstream.
+        log.debug("ADS read ended: %s", exc)
+    finally:
+        put(_CLIENT_DONE)
