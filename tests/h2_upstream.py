@@ -62,7 +62,9 @@ class _Conn(asyncio.Protocol):
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
                 self.active += 1
-                self.server.max_seen_concurrency = max(self.server.max_seen_concurrency, self.active)
+                self.server.max_seen_concurrency = max(
+                    self.server.max_seen_concurrency, self.active
+                )
                 self.requests[event.stream_id] = {
                     "headers": dict(event.headers),
                     "body": bytearray(),
