@@ -13,6 +13,17 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--config", help="static bootstrap YAML (listeners, routes, clusters, admin)")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (SO_REUSEPORT)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    xds = p.add_argument_group("live config from a control plane (xDS)")
+    xds.add_argument("--xds", metavar="HOST:PORT", help="control plane address")
+    xds.add_argument("--node-id", help="this proxy's xDS node id (default: the host name)")
+    xds.add_argument("--service", default="", help="the service this sidecar runs beside")
+    xds.add_argument("--namespace", default="default")
+    xds.add_argument("--app-address", default="", help="HOST:PORT of the local app (inbound)")
+    xds.add_argument("--inbound-address", default="", help="HOST:PORT for inbound calls")
+    xds.add_argument(
+        "--outbound-address", default="127.0.0.1:15001", help="HOST:PORT the app calls out through"
+    )
+    xds.add_argument("--admin-address", default="127.0.0.1:15000", help="HOST:PORT")
 
 
 def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -177,10 +177,12 @@ class AdminServer:
 
     def config_dump(self) -> Response:
         sc = self.sidecar
-        dump = {
+        dump: dict[str, Any] = {
             "bootstrap": _jsonable(sc.bootstrap),
             "last_updated": sc.config_updated_at,
         }
+        if sc.config_dump_extra is not None:
+            dump.update(sc.config_dump_extra())
         return 200, "application/json", json.dumps(dump, indent=2).encode()
 
     def healthcheck_fail(self) -> Response:

@@ -8,16 +8,27 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pilotfish.config.bootstrap import load_bootstrap_file
 from pilotfish.config.errors import ConfigError
-from pilotfish.config.model import Bootstrap
+from pilotfish.config.fields import parse_address
+from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
 from sidecar.admin import AdminServer
 from sidecar.server import Sidecar
+from sidecar.xds_client import XdsClient, make_node
 
 log = logging.getLogger("pilotfish.sidecar")
+
+
+@dataclass(frozen=True)
+class XdsOptions:
+    address: str
+    node_id: str
+    metadata: dict[str, str]
 
 
 def _install_event_loop_policy() -> None:
@@ -35,8 +46,9 @@ async def serve(
     reuse_port: bool = False,
     signals: bool = True,
     started: Callable[[Sidecar], None] | None = None,
+    xds: XdsOptions | None = None,
 ) -> int:
-    sidecar = Sidecar(bootstrap, reuse_port=reuse_port)
+    sidecar = Sidecar(bootstrap, reuse_port=reuse_port, dynamic=xds is not None)
     loop = asyncio.get_event_loop()
     if signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -46,35 +58,78 @@ async def serve(
         await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
         log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
     await sidecar.start()
+    xds_task: asyncio.Task[None] | None = None
+    if xds is not None:
+        client = XdsClient(sidecar, bootstrap, xds.address, make_node(xds.node_id, xds.metadata))
+        xds_task = loop.create_task(client.run())
     if started is not None:
         started(sidecar)
     await sidecar.stopped.wait()
+    if xds_task is not None:
+        xds_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await xds_task
     admin_server.close()
     log.info("stopped")
     return 0
 
 
-def _run_worker(bootstrap: Bootstrap, admin: bool, reuse_port: bool) -> int:
+def _run_worker(
+    bootstrap: Bootstrap, admin: bool, reuse_port: bool, xds: XdsOptions | None = None
+) -> int:
     _install_event_loop_policy()
-    return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port))
+    return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds))
+
+
+def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
+    """The static part of an xDS-driven sidecar: admin, and the outbound listener."""
+    admin_host, admin_port = parse_address("--admin-address", args.admin_address)
+    out_host, out_port = parse_address("--outbound-address", args.outbound_address)
+    base = load_bootstrap_file(args.config) if args.config else None
+    outbound = ListenerConfig(
+        name="outbound", host=out_host, port=out_port, route_config="outbound"
+    )
+    if base is None:
+        return Bootstrap(
+            listeners=(outbound,),
+            admin=AdminConfig(admin_host, admin_port),
+            node_id=args.node_id or socket.gethostname(),
+        )
+    return base
 
 
 def run_sidecar(args: argparse.Namespace) -> int:
-    if not args.config:
-        print("pilotfish sidecar: --config FILE is required", file=sys.stderr)
+    if not args.config and not args.xds:
+        print("pilotfish sidecar: give --config FILE, --xds HOST:PORT, or both", file=sys.stderr)
         return 2
     try:
-        bootstrap = load_bootstrap_file(args.config)
+        bootstrap = xds_bootstrap(args) if args.xds else load_bootstrap_file(args.config)
+        if args.app_address:
+            parse_address("--app-address", args.app_address)
+        if args.inbound_address:
+            parse_address("--inbound-address", args.inbound_address)
     except (ConfigError, OSError) as exc:
-        print(f"pilotfish sidecar: invalid config {args.config}: {exc}", file=sys.stderr)
+        print(f"pilotfish sidecar: invalid config: {exc}", file=sys.stderr)
         return 2
+    xds: XdsOptions | None = None
+    if args.xds:
+        xds = XdsOptions(
+            address=args.xds,
+            node_id=args.node_id or bootstrap.node_id or socket.gethostname(),
+            metadata={
+                "service": args.service,
+                "namespace": args.namespace,
+                "app_address": args.app_address,
+                "inbound_address": args.inbound_address,
+            },
+        )
     workers = max(1, int(args.concurrency))
     if workers == 1:
-        return _run_worker(bootstrap, admin=True, reuse_port=False)
-    return _run_workers(bootstrap, workers)
+        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds)
+    return _run_workers(bootstrap, workers, xds)
 
 
-def _run_workers(bootstrap: Bootstrap, workers: int) -> int:
+def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> int:
     """Fork workers that share the listening ports through SO_REUSEPORT; worker 0 runs admin."""
     children: list[int] = []
     for index in range(workers):
@@ -82,7 +137,7 @@ def _run_workers(bootstrap: Bootstrap, workers: int) -> int:
         if pid == 0:
             code = 1
             try:
-                code = _run_worker(bootstrap, admin=index == 0, reuse_port=True)
+                code = _run_worker(bootstrap, admin=index == 0, reuse_port=True, xds=xds)
             finally:
                 os._exit(code)
         children.append(pid)

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from pilotfish.config.model import Bootstrap
+from pilotfish.config.model import Bootstrap, ListenerConfig
 from sidecar.listener import ListenerRuntime, SniffingProtocol
 from sidecar.routing import RouteTable
 from sidecar.stats import StatsStore
@@ -21,10 +22,18 @@ log = logging.getLogger("pilotfish.sidecar")
 access_log = logging.getLogger("pilotfish.access")
 
 
+class ApplyError(Exception):
+    """A config could not be put in force (a listener would not bind); the old one stays."""
+
+
 class Sidecar:
-    def __init__(self, bootstrap: Bootstrap, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, bootstrap: Bootstrap, *, reuse_port: bool = False, dynamic: bool = False
+    ) -> None:
         self.bootstrap = bootstrap
         self.reuse_port = reuse_port
+        # Dynamic (xDS) sidecars are not ready until their first complete config arrives.
+        self.dynamic = dynamic
         self.stats = StatsStore()
         self.clusters = ClusterManager(self.stats)
         self.route_tables: dict[str, RouteTable] = {}
@@ -35,18 +44,88 @@ class Sidecar:
         self.started_at = time.time()
         self.config_updated_at = 0.0
         self.stopped = asyncio.Event()
+        self.config_dump_extra: Callable[[], dict[str, Any]] | None = None
         self._drain_task: asyncio.Task[None] | None = None
-        self.apply(bootstrap)
+        self._started = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- config ----------------------------------------------------------------------------
 
     def apply(self, bootstrap: Bootstrap) -> None:
-        """Swap in new clusters and routes. Streams already routed keep what they hold."""
+        """Put ``bootstrap`` in force at once, or raise ``ApplyError`` and change nothing.
+
+        Streams already routed keep the route, cluster and connection they hold; hosts and
+        listeners that leave are drained, not cut.
+        """
+        bound = self._bind_new_listeners(bootstrap) if self._started else {}
         self.clusters.apply(bootstrap.clusters)
         self.route_tables = {name: RouteTable(rc) for name, rc in bootstrap.route_configs.items()}
         self.bootstrap = bootstrap
         self.config_updated_at = time.time()
         self.stats.scope("server").inc("config_updates")
+        if self._started:
+            self._sync_listeners(bound)
+
+    def _bind_new_listeners(self, bootstrap: Bootstrap) -> dict[str, socket.socket]:
+        bound: dict[str, socket.socket] = {}
+        for config in bootstrap.listeners:
+            current = self.listeners.get(config.name)
+            if current is not None and (current.config.host, current.config.port) == (
+                config.host, config.port,
+            ):
+                continue
+            try:
+                bound[config.name] = self._bind(config)
+            except OSError as exc:
+                for sock in bound.values():
+                    sock.close()
+                raise ApplyError(
+                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: {exc}"
+                ) from exc
+        return bound
+
+    def _bind(self, config: ListenerConfig) -> socket.socket:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((config.host, config.port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _sync_listeners(self, bound: dict[str, socket.socket]) -> None:
+        wanted = {config.name: config for config in self.bootstrap.listeners}
+        for name in list(self.listeners):
+            runtime = self.listeners[name]
+            if name not in wanted or name in bound:
+                del self.listeners[name]
+                log.info("listener %s removed; draining its connections", name)
+                if runtime.server is not None:
+                    runtime.server.close()
+                runtime.start_drain()
+        loop = asyncio.get_event_loop()
+        for name, config in wanted.items():
+            existing = self.listeners.get(name)
+            if existing is not None:
+                existing.config = config
+                continue
+            runtime = ListenerRuntime(self, config)
+            self.listeners[name] = runtime
+            task = loop.create_task(self._serve_listener(runtime, bound[name]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_listener(self, runtime: ListenerRuntime, sock: socket.socket) -> None:
+        loop = asyncio.get_event_loop()
+        runtime.server = await loop.create_server(lambda: SniffingProtocol(runtime), sock=sock)
+        config = runtime.config
+        log.info("listener %s on %s:%d", config.name, config.host, config.port)
 
     @property
     def ready(self) -> bool:
@@ -55,21 +134,16 @@ class Sidecar:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_event_loop()
-        for config in self.bootstrap.listeners:
-            runtime = ListenerRuntime(self, config)
-            runtime.server = await loop.create_server(
-                lambda rt=runtime: SniffingProtocol(rt),
-                config.host,
-                config.port,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-                family=socket.AF_INET6 if ":" in config.host else socket.AF_INET,
-                backlog=1024,
-            )
-            self.listeners[config.name] = runtime
-            log.info("listener %s on %s:%d", config.name, config.host, config.port)
-        self.initialized = True
+        self.clusters.apply(self.bootstrap.clusters)
+        self.route_tables = {
+            name: RouteTable(rc) for name, rc in self.bootstrap.route_configs.items()
+        }
+        bound = {config.name: self._bind(config) for config in self.bootstrap.listeners}
+        self._started = True
+        self._sync_listeners(bound)
+        await asyncio.sleep(0)  # let the listeners start serving
+        if not self.dynamic:
+            self.initialized = True
 
     def request_stop(self) -> None:
         if self._drain_task is None:
