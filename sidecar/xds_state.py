@@ -245,7 +245,7 @@ class AdsClientState:
         listeners: list[ListenerConfig] = []
         outbound: list[VirtualHost] = []
         route_configs: dict[str, RouteConfig] = {}
-        for name, listener in sorted(self._listeners().items()):
+        for _, listener in sorted(self._listeners().items()):
             translated = tr.translate_listener(listener)
             route_name = translated.route_config
             if route_name is not None:
