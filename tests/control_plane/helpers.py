@@ -5,7 +5,7 @@ from __future__ import annotations
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
-from google.rpc import status_pb2  # type: ignore[import-untyped]
+from google.rpc import status_pb2
 
 from control_plane.mesh import Mesh, parse_mesh_text
 from control_plane.xds.resources import ViewKey, build_view
