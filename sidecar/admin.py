@@ -166,13 +166,13 @@ class AdminServer:
     def clusters(self) -> Response:
         lines: list[str] = []
         for name, cluster in sorted(self.sidecar.clusters.clusters.items()):
-            for host in cluster.hosts:
+            for index, host in enumerate(cluster.hosts):
                 prefix = f"{name}::{host.endpoint.address}"
                 lines.append(f"{prefix}::cx_active::{len(host.connections)}")
                 lines.append(f"{prefix}::rq_active::{host.active_requests}")
                 lines.append(f"{prefix}::rq_pending::{len(host.pool.waiters)}")
                 lines.append(f"{prefix}::weight::{host.endpoint.weight}")
-                lines.append(f"{prefix}::health_flags::healthy")
+                lines.append(f"{prefix}::health_flags::{cluster.host_health(index)}")
         return 200, "text/plain", ("\n".join(lines) + "\n").encode()
 
     def config_dump(self) -> Response:

@@ -135,6 +135,7 @@ class Sidecar:
 
     async def start(self) -> None:
         self.clusters.apply(self.bootstrap.clusters)
+        self.clusters.start()
         self.route_tables = {
             name: RouteTable(rc) for name, rc in self.bootstrap.route_configs.items()
         }

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from collections.abc import Collection
 
 from pilotfish.config.model import ClusterConfig, Endpoint, Protocol
-from sidecar.balancer import SmoothWeightedRoundRobin
+from sidecar.cluster_policy.cluster import ClusterBalancer
+from sidecar.cluster_policy.health import HealthChanged, HostBecameHealthy
+from sidecar.cluster_policy.health_probes import HealthCheckRunner, make_probe
+from sidecar.cluster_policy.lb import NO_CONTEXT, LbContext
+from sidecar.cluster_policy.outlier import HostEjected
 from sidecar.flags import ResponseFlag
 from sidecar.h1conn import H1ClientConnection
 from sidecar.h2conn import H2Connection, H2Stream
@@ -182,18 +188,112 @@ class UpstreamHost:
 
 
 class ClusterRuntime:
+    """One cluster: its hosts, and the balancer narrowed by health checks and ejections."""
+
     def __init__(self, config: ClusterConfig, stats: StatsStore) -> None:
         self.config = config
         self.scope: Scope = stats.scope(f"cluster.{config.name}")
         self.hosts: list[UpstreamHost] = [UpstreamHost(self, e) for e in config.endpoints]
-        self.balancer = SmoothWeightedRoundRobin([e.weight for e in config.endpoints])
-        self.scope.gauges["membership_total"] = len(self.hosts)
+        self.balancer = self._new_balancer(config)
+        self._health_runner: HealthCheckRunner | None = None
+        self._outlier_timer: asyncio.TimerHandle | None = None
+        self._set_hosts()
 
-    def choose_host(self, exclude: set[int]) -> tuple[int, UpstreamHost] | None:
-        index = self.balancer.pick(exclude)
+    def _new_balancer(self, config: ClusterConfig) -> ClusterBalancer:
+        loop = asyncio.get_event_loop()
+        return ClusterBalancer(
+            config.lb_policy,
+            health_check=config.health_check,
+            outlier_detection=config.outlier_detection,
+            clock=loop.time,
+            rng=random.Random(),
+        )
+
+    def _set_hosts(self) -> None:
+        self.balancer.set_hosts([(h.endpoint.address, h.endpoint.weight) for h in self.hosts])
+        self.scope.gauges["membership_total"] = len(self.hosts)
+        self._update_health_gauges()
+
+    def start(self) -> None:
+        """Start health checking and outlier sweeps (they need a running loop)."""
+        checker = self.balancer.health_checker
+        if checker is not None and self.config.health_check is not None:
+            if self._health_runner is None:
+                probe = make_probe(self.config.health_check, self.config.name)
+                self._health_runner = HealthCheckRunner(checker, probe, self._health_changed)
+            self._health_runner.set_hosts(
+                {h.endpoint.address: (h.endpoint.host, h.endpoint.port) for h in self.hosts}
+            )
+        self._schedule_outlier_sweep()
+
+    def _health_changed(self, event: HealthChanged) -> None:
+        self.balancer.health_changed(event)
+        healthy = isinstance(event, HostBecameHealthy)
+        self.scope.inc("health_check.success" if healthy else "health_check.failure")
+        self._update_health_gauges()
+
+    def _update_health_gauges(self) -> None:
+        states = self.balancer.states()
+        self.scope.gauges["membership_healthy"] = sum(
+            1 for s in states if s.health_check_ok and not s.ejected
+        )
+        self.scope.gauges["outlier_detection.ejections_active"] = sum(
+            1 for s in states if s.ejected
+        )
+
+    def _schedule_outlier_sweep(self) -> None:
+        when = self.balancer.next_outlier_evaluation_at
+        if when is None or self._outlier_timer is not None:
+            return
+        loop = asyncio.get_event_loop()
+        self._outlier_timer = loop.call_at(when, self._sweep_outliers)
+
+    def _sweep_outliers(self) -> None:
+        self._outlier_timer = None
+        for event in self.balancer.evaluate_outliers():
+            ejected = isinstance(event, HostEjected)
+            self.scope.inc(
+                "outlier_detection.ejections_enforced_total"
+                if ejected
+                else "outlier_detection.unejections_total"
+            )
+            log.info("outlier detection: %s %s", event.key, "ejected" if ejected else "back")
+        self._update_health_gauges()
+        self._schedule_outlier_sweep()
+
+    def choose_host(
+        self, exclude: Collection[int], ctx: LbContext = NO_CONTEXT
+    ) -> tuple[int, UpstreamHost] | None:
+        index = self.balancer.choose(ctx, exclude)
         if index is None:
             return None
         return index, self.hosts[index]
+
+    def request_started(self, index: int) -> None:
+        self.balancer.request_started(index)
+
+    def request_finished(
+        self, index: int, host: UpstreamHost, latency: float, status: int | None
+    ) -> None:
+        """``status`` is what the upstream answered, None for a connect failure or reset."""
+        before = self.scope.gauges["outlier_detection.ejections_active"]
+        self.balancer.request_finished(index, host.endpoint.address, latency, status)
+        if self.balancer.outlier_detector is not None:
+            self._update_health_gauges()
+            if self.scope.gauges["outlier_detection.ejections_active"] > before:
+                self.scope.inc("outlier_detection.ejections_enforced_total")
+                log.info("outlier detection: %s ejected", host.endpoint.address)
+            self._schedule_outlier_sweep()
+
+    def host_health(self, index: int) -> str:
+        """Envoy's ``health_flags`` for /clusters."""
+        state = self.balancer.states()[index]
+        flags = []
+        if not state.health_check_ok:
+            flags.append("/failed_active_hc")
+        if state.ejected:
+            flags.append("/failed_outlier_check")
+        return "".join(flags) or "healthy"
 
     def updated(self, config: ClusterConfig, stats: StatsStore) -> ClusterRuntime:
         """A new runtime for ``config`` that keeps the hosts (and connections) that stay."""
@@ -219,19 +319,47 @@ class ClusterRuntime:
             if id(host) not in kept:
                 host.drain()
         new.hosts = hosts
-        new.balancer = SmoothWeightedRoundRobin([e.weight for e in config.endpoints])
-        new.scope.gauges["membership_total"] = len(hosts)
+        same_policy = (config.lb_policy, config.health_check, config.outlier_detection) == (
+            self.config.lb_policy,
+            self.config.health_check,
+            self.config.outlier_detection,
+        )
+        # Health and ejection state carry over when the policies did not change.
+        new.balancer = self.balancer if same_policy else new._new_balancer(config)
+        new._health_runner = self._health_runner if same_policy else None
+        new._outlier_timer = None
+        if not same_policy:
+            self._stop_background()
+        elif self._outlier_timer is not None:
+            self._outlier_timer.cancel()
+            self._outlier_timer = None
+        new._set_hosts()
         return new
 
+    def _stop_background(self) -> None:
+        if self._outlier_timer is not None:
+            self._outlier_timer.cancel()
+            self._outlier_timer = None
+        runner, self._health_runner = self._health_runner, None
+        if runner is not None:
+            task = asyncio.get_event_loop().create_task(runner.close())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
     def drain(self) -> None:
+        self._stop_background()
         for host in self.hosts:
             host.drain()
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 class ClusterManager:
     def __init__(self, stats: StatsStore) -> None:
         self.stats = stats
         self.clusters: dict[str, ClusterRuntime] = {}
+        self.running = False
 
     def apply(self, configs: dict[str, ClusterConfig]) -> None:
         clusters: dict[str, ClusterRuntime] = {}
@@ -247,12 +375,22 @@ class ClusterManager:
             if name not in clusters:
                 old.drain()
         self.clusters = clusters
+        if self.running:
+            for cluster in clusters.values():
+                cluster.start()
+
+    def start(self) -> None:
+        self.running = True
+        for cluster in self.clusters.values():
+            cluster.start()
 
     def get(self, name: str) -> ClusterRuntime | None:
         return self.clusters.get(name)
 
     def close_all(self) -> None:
+        self.running = False
         for cluster in self.clusters.values():
+            cluster.drain()
             for host in cluster.hosts:
                 for conn in list(host.connections):
                     conn.close()

@@ -10,6 +10,11 @@ from typing import Any
 
 import yaml
 
+from pilotfish.config.cluster_policy import (
+    parse_health_check,
+    parse_lb_policy,
+    parse_outlier_detection,
+)
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import Node, parse_address
 from pilotfish.config.model import (
@@ -124,14 +129,28 @@ def parse_listener(node: Node) -> ListenerConfig:
     )
     host, port = parse_address(node.get("address").path, node.require("address").value)
     passthrough: str | None = None
+    original_destination = False
+    original_destination_timeout = 5.0
     if node.has("tcp_passthrough"):
-        tp = node.get("tcp_passthrough").mapping({"cluster"})
-        passthrough = tp.require("cluster").as_str()
+        tp = node.get("tcp_passthrough").mapping(
+            {"cluster", "original_destination", "connect_timeout"}
+        )
+        original_destination = tp.get("original_destination").as_bool(False)
+        if tp.has("cluster") == original_destination:
+            raise tp.error("exactly one of cluster, original_destination: true is required")
+        if tp.has("cluster"):
+            passthrough = tp.get("cluster").as_str()
+            if tp.has("connect_timeout"):
+                raise tp.get("connect_timeout").error(
+                    "only with original_destination; a cluster has its own connect_timeout"
+                )
+        original_destination_timeout = tp.get("connect_timeout").as_duration(5.0)
+    has_passthrough = passthrough is not None or original_destination
     mode = node.get("mode").as_choice(("auto", "tcp"), "auto")
-    if mode == "tcp" and passthrough is None:
-        raise node.get("mode").error("mode tcp needs tcp_passthrough.cluster")
+    if mode == "tcp" and not has_passthrough:
+        raise node.get("mode").error("mode tcp needs tcp_passthrough")
     route_config = node.get("route_config").as_str() if node.has("route_config") else None
-    if route_config is None and mode == "auto" and passthrough is None:
+    if route_config is None and mode == "auto" and not has_passthrough:
         raise node.get("route_config").error("a listener needs route_config or tcp_passthrough")
     return ListenerConfig(
         name=node.get("name").as_str(f"{host}:{port}"),
@@ -139,6 +158,8 @@ def parse_listener(node: Node) -> ListenerConfig:
         port=port,
         route_config=route_config,
         tcp_passthrough_cluster=passthrough,
+        tcp_passthrough_original_destination=original_destination,
+        original_destination_connect_timeout=original_destination_timeout,
         protocol_detect_timeout=node.get("protocol_detect_timeout").as_duration(0.5),
         mode=mode,
         per_stream_buffer_bytes=node.get("per_stream_buffer").as_int(256 * 1024, minimum=16384),
@@ -166,9 +187,17 @@ def parse_cluster(node: Node) -> ClusterConfig:
             "idle_timeout",
             "max_concurrent_streams",
             "max_connections_per_endpoint",
+            "load_balancing",
+            "health_check",
+            "outlier_detection",
         }
     )
     protocol = node.get("protocol").as_choice(tuple(p.value for p in Protocol), "http2")
+    health_check = (
+        parse_health_check(node.get("health_check")) if node.has("health_check") else None
+    )
+    outlier = node.get("outlier_detection")
+    outlier_detection = parse_outlier_detection(outlier) if outlier.value is not None else None
     return ClusterConfig(
         name=node.require("name").as_str(),
         endpoints=tuple(parse_endpoint(e) for e in node.require("endpoints").elements()),
@@ -177,6 +206,9 @@ def parse_cluster(node: Node) -> ClusterConfig:
         idle_timeout=node.get("idle_timeout").as_duration(60.0),
         max_concurrent_streams=node.get("max_concurrent_streams").as_int(1024, minimum=1),
         max_connections_per_endpoint=node.get("max_connections_per_endpoint").as_int(64, minimum=1),
+        lb_policy=parse_lb_policy(node.get("load_balancing")),
+        health_check=health_check,
+        outlier_detection=outlier_detection,
     )
 
 

@@ -10,6 +10,8 @@ import enum
 import re
 from dataclasses import dataclass, field
 
+from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
+
 
 class Protocol(enum.Enum):
     """What a cluster's endpoints speak."""
@@ -40,6 +42,9 @@ class ClusterConfig:
     # Upper bound on streams we open on one upstream HTTP/2 connection, whatever the peer allows.
     max_concurrent_streams: int = 1024
     max_connections_per_endpoint: int = 64
+    lb_policy: LbPolicy = LbPolicy()
+    health_check: HealthCheckConfig | None = None
+    outlier_detection: OutlierDetectionConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +162,13 @@ class ListenerConfig:
     route_config: str | None
     # Connections that are neither HTTP/2 nor HTTP/1.1 go here; without it they are closed.
     tcp_passthrough_cluster: str | None = None
+    # Instead of a cluster: relay to where the client meant to go before iptables redirected
+    # it here (SO_ORIGINAL_DST). The outbound listener of an intercepting sidecar uses this.
+    tcp_passthrough_original_destination: bool = False
+    original_destination_connect_timeout: float = 5.0
     # How long a silent client may wait before it is treated as server-first TCP.
     protocol_detect_timeout: float = 0.5
-    # "auto" sniffs the preface; "tcp" relays everything to the passthrough cluster at once.
+    # "auto" sniffs the preface; "tcp" relays everything to the passthrough target at once.
     mode: str = "auto"
     per_stream_buffer_bytes: int = 256 * 1024
     max_request_headers_bytes: int = 60 * 1024
