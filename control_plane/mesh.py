@@ -13,9 +13,10 @@ from typing import Any
 
 import yaml
 
-from pilotfish.config.bootstrap import parse_endpoint, parse_header_matcher
+from pilotfish.config.bootstrap import parse_endpoint
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import Node
+from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import Endpoint, PathMatch, RouteMatch, WeightedCluster
 
 PROTOCOLS = ("grpc", "http2", "http1", "tcp")

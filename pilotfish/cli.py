@@ -23,6 +23,13 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     xds.add_argument(
         "--outbound-address", default="127.0.0.1:15001", help="HOST:PORT the app calls out through"
     )
+    xds.add_argument(
+        "--outbound-passthrough",
+        default="none",
+        choices=("none", "original-destination"),
+        help="where the outbound listener relays what is not HTTP (behind `pilotfish iptables`: "
+        "original-destination)",
+    )
     xds.add_argument("--admin-address", default="127.0.0.1:15000", help="HOST:PORT")
 
 
@@ -51,6 +58,30 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="calls per second")
 
 
+def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "iptables",
+        help="send a pod's TCP through its sidecar (nat rules; needs NET_ADMIN)",
+        description="Install (apply), remove (clean) or print (show) the interception rules. "
+        "Port and CIDR lists are comma-separated; '*' means all, '' none.",
+    )
+    p.add_argument("action", nargs="?", default="apply", choices=("apply", "clean", "show"))
+    p.add_argument("--inbound-port", type=int, default=15006, help="the sidecar's inbound port")
+    p.add_argument("--outbound-port", type=int, default=15001, help="the sidecar's outbound port")
+    p.add_argument("--proxy-uid", default="1337", help="the sidecar's UID, never redirected")
+    p.add_argument("--proxy-gid", default="", help="a GID never redirected (default: none)")
+    p.add_argument("--inbound-ports", default="*", help="inbound ports to redirect")
+    p.add_argument("--exclude-inbound-ports", default="15000,15090", help="never redirected")
+    p.add_argument("--outbound-cidrs", default="*", help="outbound destinations to redirect")
+    p.add_argument("--exclude-outbound-cidrs", default="", help="never redirected")
+    p.add_argument("--outbound-ports", default="*", help="outbound ports to redirect")
+    p.add_argument("--exclude-outbound-ports", default="", help="never redirected")
+    p.add_argument("--iptables-save", default="iptables-save", help="e.g. iptables-legacy-save")
+    p.add_argument(
+        "--iptables-restore", default="iptables-restore", help="e.g. iptables-legacy-restore"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pilotfish", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     _add_status(sub)
     _add_demo(sub)
+    _add_iptables(sub)
     return parser
 
 
@@ -90,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.status_cli import run_status
 
         return run_status(args)
+    if args.command == "iptables":
+        from sidecar.iptables import run_iptables
+
+        return run_iptables(args)
     if args.command == "demo":
         from pilotfish.demo import run_demo
 

@@ -41,6 +41,10 @@ class ResponseFlag(enum.Enum):
     UPSTREAM_PROTOCOL_ERROR = ("UPE", 502, GrpcStatus.INTERNAL, "upstream protocol error")
     DOWNSTREAM_PROTOCOL_ERROR = ("DPE", 400, GrpcStatus.INTERNAL, "downstream protocol error")
     DRAINING = ("DR", 503, GrpcStatus.UNAVAILABLE, "the proxy is shutting down")
+    OVERLOAD_SHED = ("OM", 503, GrpcStatus.UNAVAILABLE, "overloaded: request shed")
+    ADAPTIVE_THROTTLE = (
+        "AT", 503, GrpcStatus.UNAVAILABLE, "upstream struggling: request throttled locally",
+    )
 
     def __init__(self, code: str, http_status: int, grpc_status: GrpcStatus, message: str) -> None:
         self.code = code

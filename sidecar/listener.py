@@ -3,7 +3,9 @@
 HTTP/2 with prior knowledge starts with the fixed connection preface; HTTP/1.1 starts with a
 method token and a space. Anything else goes to the listener's TCP passthrough cluster when it
 has one, and is closed with a logged reason when it has not. A client that says nothing (a
-server-first protocol) is relayed as TCP after ``protocol_detect_timeout``.
+server-first protocol) is relayed as TCP after ``protocol_detect_timeout``. A listener with
+``tcp_passthrough_original_destination`` relays such connections to where the client meant to
+go before iptables redirected it here.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import h2.events
 from pilotfish.config.model import ListenerConfig
 from sidecar.h1conn import H1ServerConnection
 from sidecar.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
+from sidecar.original_dst import OriginalDestinationError, original_destination
+from sidecar.route_policy.shedding import LoadShedder
 from sidecar.router import Exchange
 from sidecar.stats import Scope
 from sidecar.streams import REFUSED_STREAM, StreamHandler, StreamSink
-from sidecar.tcp import TcpRelay
+from sidecar.tcp import ClusterTarget, OriginalDestination, RelayTarget, TcpRelay
 
 if TYPE_CHECKING:
     from sidecar.routing import RouteTable
@@ -62,6 +66,18 @@ class ListenerRuntime:
         self.draining = False
         self.random: Callable[[], float] = random.random
         self.server: asyncio.AbstractServer | None = None
+        self.shedder: LoadShedder | None = None
+        self.update(config)
+
+    def update(self, config: ListenerConfig) -> None:
+        """Take a new config; the load shedder keeps its windows if its config is the same."""
+        old = self.config.load_shedding if self.shedder is not None else None
+        self.config = config
+        shedding = config.load_shedding
+        if not shedding.enabled:
+            self.shedder = None
+        elif shedding != old:
+            self.shedder = LoadShedder(shedding, asyncio.get_event_loop().time)
 
     @property
     def clusters(self) -> ClusterManager:
@@ -223,23 +239,43 @@ class SniffingProtocol(asyncio.Protocol):
         elif protocol == "h1":
             new = H1ServerConnection(listener)
         else:
-            cluster_name = listener.config.tcp_passthrough_cluster
-            cluster = listener.clusters.get(cluster_name) if cluster_name else None
-            if cluster is None:
-                peer = transport.get_extra_info("peername")
-                reason = "client sent nothing" if not self.head else "not HTTP/1.1 or HTTP/2"
-                log.info(
-                    "listener %s: closing connection from %s: %s and no tcp_passthrough cluster",
-                    listener.config.name,
-                    peer,
-                    reason,
-                )
-                listener.scope.inc("downstream_cx_protocol_unknown")
+            target = self._passthrough_target(transport)
+            if target is None:
                 transport.close()
                 return
-            new = TcpRelay(listener, cluster)
+            new = TcpRelay(listener, target)
         transport.set_protocol(new)
         new.connection_made(transport)
         if self.head:
             new.data_received(self.head)
             self.head = b""
+
+    def _passthrough_target(self, transport: asyncio.Transport) -> RelayTarget | None:
+        """Where a connection that is not HTTP goes; None (logged and counted) to close it."""
+        listener = self.listener
+        config = listener.config
+        peer = transport.get_extra_info("peername")
+        if config.tcp_passthrough_original_destination:
+            try:
+                host, port = original_destination(transport.get_extra_info("socket"))
+            except OriginalDestinationError as exc:
+                log.info("listener %s: closing connection from %s: %s", config.name, peer, exc)
+                listener.scope.inc("downstream_cx_original_dst_unknown")
+                return None
+            scope = listener.sidecar.stats.scope("cluster.original_dst")
+            return OriginalDestination(
+                host, port, config.original_destination_connect_timeout, scope
+            )
+        cluster_name = config.tcp_passthrough_cluster
+        cluster = listener.clusters.get(cluster_name) if cluster_name else None
+        if cluster is None:
+            reason = "client sent nothing" if not self.head else "not HTTP/1.1 or HTTP/2"
+            log.info(
+                "listener %s: closing connection from %s: %s and no tcp_passthrough cluster",
+                config.name,
+                peer,
+                reason,
+            )
+            listener.scope.inc("downstream_cx_protocol_unknown")
+            return None
+        return ClusterTarget(cluster)

@@ -87,7 +87,14 @@ def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
     out_host, out_port = parse_address("--outbound-address", args.outbound_address)
     base = load_bootstrap_file(args.config) if args.config else None
     outbound = ListenerConfig(
-        name="outbound", host=out_host, port=out_port, route_config="outbound"
+        name="outbound",
+        host=out_host,
+        port=out_port,
+        route_config="outbound",
+        # Behind iptables interception, what is not HTTP goes where the app sent it.
+        tcp_passthrough_original_destination=(
+            args.outbound_passthrough == "original-destination"
+        ),
     )
     if base is None:
         return Bootstrap(

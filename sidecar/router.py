@@ -1,10 +1,15 @@
 """The router: one ``Exchange`` per downstream request, from route match to the last byte.
 
-An exchange matches the route, picks the cluster and host, takes a stream from the host's
-pool, and relays both directions with flow control tied across the proxy. Each try upstream is
-an ``Attempt``; events from an attempt that is no longer current are ignored. A request that
-provably never reached the upstream (refused stream, beyond a GOAWAY's last stream id) is sent
-again on another connection while its body is still held for replay.
+An exchange passes the listener's load shedder, matches the route, applies the route's rate
+limit and faults, takes a request permit from the cluster's circuit breakers, and then makes
+tries upstream, each an ``Attempt``: host choice, a stream from the host's pool, flow control
+tied across the proxy. The request's deadline (route timeout, or the caller's ``grpc-timeout``
+when smaller) bounds everything; its remainder travels upstream in ``grpc-timeout``.
+
+A try that fails before any of its response went downstream may be retried: the retry state
+decides (retry_on, attempts, idempotency, replayable body, backoff, budget). Responses that a
+retry could replace (5xx, a gRPC trailers-only error) are held back until that decision. When
+the exchange must answer itself, the route's fallback may answer instead.
 """
 
 from __future__ import annotations
@@ -15,20 +20,27 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
+from sidecar.cluster_policy.lb import NO_CONTEXT, LbContext
+from sidecar.flags import ResponseFlag
+from sidecar.route_policy.breaker import Permit
+from sidecar.route_policy.deadline import RequestDeadline
+from sidecar.route_policy.fallback import FallbackCluster, trigger_for
+from sidecar.route_policy.reply import LocalReply
+from sidecar.route_policy.retry import Failure, Outcome, RetryState, response_outcome
 from sidecar.routing import LazyHeaderMap, apply_mutation
 from sidecar.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 
 if TYPE_CHECKING:
     from sidecar.listener import ListenerRuntime
     from sidecar.pool import PooledConnection
+    from sidecar.route_policy.shedding import InFlight
     from sidecar.routing import RouteDecision
     from sidecar.upstream import ClusterRuntime, Upstream, UpstreamHost
 
 log = logging.getLogger("pilotfish.router")
 
 REPLAY_LIMIT = 64 * 1024
-MAX_UNPROCESSED_RETRIES = 3
+_STRIPPED_UPSTREAM = frozenset({b"grpc-timeout", b"x-pilotfish-attempt-count"})
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:
@@ -38,10 +50,22 @@ def _header(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
+def flag_reply(flag: ResponseFlag, message: str | None = None) -> LocalReply:
+    return LocalReply(
+        http_status=flag.http_status,
+        grpc_status=int(flag.grpc_status),
+        message=message or flag.message,
+        flag_code=flag.code,
+    )
+
+
 class Attempt:
     """One try of an exchange against one upstream host."""
 
-    __slots__ = ("cancelled", "exchange", "host", "index", "stream")
+    __slots__ = (
+        "cancelled", "exchange", "held", "host", "index", "pending_permit", "retry_permit",
+        "started", "status", "stream", "timer",
+    )  # fmt: skip
 
     def __init__(self, exchange: Exchange, host: UpstreamHost, index: int) -> None:
         self.exchange = exchange
@@ -49,18 +73,31 @@ class Attempt:
         self.index = index
         self.stream: StreamSink | None = None
         self.cancelled = False
+        self.started = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        self.pending_permit: Permit | None = None
+        self.retry_permit: Permit | None = None
+        self.held: tuple[Headers, bool] | None = None  # response headers awaiting a decision
+        self.status: int | None = None  # what the upstream said, for outlier detection
 
     # Waiter (pool) side
     def on_connection(self, conn: PooledConnection) -> None:
+        self._pending_done()
         self.exchange.attempt_connected(self, conn)  # type: ignore[arg-type]
 
     def on_pool_failure(self, flag: ResponseFlag) -> None:
+        self._pending_done()
         self.exchange.attempt_failed(self, flag)
+
+    def _pending_done(self) -> None:
+        if self.pending_permit is not None:
+            self.pending_permit.release()
+            self.pending_permit = None
 
     # StreamHandler side: the upstream's response
     def on_headers(self, headers: Headers, end_stream: bool) -> None:
         if not self.cancelled:
-            self.exchange.response_headers(headers, end_stream)
+            self.exchange.response_headers(self, headers, end_stream)
 
     def on_data(self, data: bytes, flow_len: int, end_stream: bool) -> None:
         if self.cancelled:
@@ -71,11 +108,29 @@ class Attempt:
 
     def on_trailers(self, trailers: Headers) -> None:
         if not self.cancelled:
-            self.exchange.response_trailers(trailers)
+            self.exchange.response_trailers(self, trailers)
 
     def on_reset(self, reason: ResetReason, code: int) -> None:
         if not self.cancelled:
             self.exchange.attempt_reset(self, reason, code)
+
+    def end(self) -> None:
+        """This try is over: release what it holds and tell the cluster how it went."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self._pending_done()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.retry_permit is not None:
+            self.retry_permit.release()
+            self.retry_permit = None
+        if self.stream is not None:
+            self.host.active_requests -= 1
+        self.host.cluster.request_finished(
+            self.index, self.host, time.monotonic() - self.started, self.status
+        )
 
 
 class Exchange:
@@ -85,6 +140,7 @@ class Exchange:
         self.listener = listener
         self.downstream = downstream
         self.start = time.monotonic()
+        self.loop = asyncio.get_event_loop()
         self.request_headers: Headers = []
         self.method = ""
         self.path = ""
@@ -94,7 +150,13 @@ class Exchange:
         self.cluster: ClusterRuntime | None = None
         self.attempt: Attempt | None = None
         self.tried: set[int] = set()
-        self.retries = 0
+        self.attempts = 0
+        self.retry: RetryState | None = None
+        self.deadline: RequestDeadline | None = None
+        self.request_permit: Permit | None = None
+        self.retry_permit: Permit | None = None  # for the try a retry will start
+        self.inflight: InFlight | None = None
+        self.in_fallback = False
         # Request body: chunks not yet handed upstream, and everything kept for a replay.
         self.pending: deque[tuple[bytes, bool, int]] = deque()
         self.replay: list[bytes] | None = []
@@ -104,18 +166,22 @@ class Exchange:
         self.response_started = False
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
+        self.retry_timer: asyncio.TimerHandle | None = None
         self.status = 0
-        self.flag: ResponseFlag | None = None
+        self.flags: list[str] = []
         self.upstream_host = ""
 
     # -- downstream events -----------------------------------------------------------------
 
     def on_headers(self, headers: Headers, end_stream: bool) -> None:
         method = path = authority = b""
+        grpc_timeout: bytes | None = None
         for name, value in headers:
             if name[:1] != b":":
                 if name == b"content-type":
                     self.grpc = value.startswith(b"application/grpc")
+                elif name == b"grpc-timeout":
+                    grpc_timeout = value
                 elif name == b"host" and not authority:
                     authority = value
                 continue
@@ -135,31 +201,91 @@ class Exchange:
         if listener.draining:
             self.local_reply(ResponseFlag.DRAINING)
             return
+        shedder = listener.shedder
+        if shedder is not None:
+            self.inflight = shedder.try_admit()
+            if self.inflight is None:
+                listener.scope.inc("downstream_rq_overload_shed")
+                self.local_reply(ResponseFlag.OVERLOAD_SHED)
+                return
         table = listener.route_table()
+        lazy_headers = LazyHeaderMap(headers)
         decision = None
         if table is not None:
             decision = table.match(
-                self.authority, self.path, self.method, LazyHeaderMap(headers), listener.random
+                self.authority, self.path, self.method, lazy_headers, listener.random
             )
         if decision is None:
             self.local_reply(ResponseFlag.NO_ROUTE)
             return
         self.decision = decision
-        cluster = listener.clusters.get(decision.cluster)
-        if cluster is None:
-            self.local_reply(ResponseFlag.NO_CLUSTER)
-            return
-        self.cluster = cluster
-        cluster.scope.inc("upstream_rq_total")
-        cluster.scope.gauge_add("upstream_rq_active", 1)
+        policy = listener.sidecar.route_policy(decision)
+        if policy.rate_limiter is not None:
+            caller = policy.rate_limiter.caller_key(lazy_headers, self._peer_ip())
+            verdict = policy.rate_limiter.check(caller)
+            if not verdict.allowed:
+                listener.scope.inc("downstream_rq_rate_limited")
+                self.send_reply(verdict.local_reply(self.grpc))
+                return
+        now = self.loop.time()
+        self.deadline = RequestDeadline(now, decision.route.action.timeout, grpc_timeout)
+        if end_stream:
+            self.deadline.request_ended(now)
+        headers = [(k, v) for k, v in headers if k not in _STRIPPED_UPSTREAM]
         headers = apply_mutation(headers, decision.virtual_host.request_headers)
         headers = apply_mutation(headers, decision.route.request_headers)
         action = decision.route.action
         if action.prefix_rewrite is not None or action.host_rewrite is not None:
             headers = self._rewrite(headers, action.prefix_rewrite, action.host_rewrite)
         self.request_headers = headers
-        if end_stream:
-            self._arm_timeout()
+        self.retry = RetryState(
+            decision.route.policy.retry,
+            method=self.method,
+            grpc=self.grpc,
+            random=listener.random,
+        )
+        self._arm_deadline()
+        faults = policy.faults
+        if faults is not None:
+            fault = faults.decide(lazy_headers, listener.random)
+            if fault.delay is not None:
+                self.flags.append("DI")
+                abort = fault.abort
+                self.retry_timer = self.loop.call_later(
+                    fault.delay, lambda: self._after_fault_delay(abort)
+                )
+                return
+            if fault.abort is not None:
+                self.send_reply(fault.abort)
+                return
+        self._route_to(decision.cluster)
+
+    def _after_fault_delay(self, abort: LocalReply | None) -> None:
+        self.retry_timer = None
+        if self.done:
+            return
+        if abort is not None:
+            self.send_reply(abort)
+        else:
+            assert self.decision is not None
+            self._route_to(self.decision.cluster)
+
+    def _route_to(self, cluster_name: str) -> None:
+        cluster = self.listener.clusters.get(cluster_name)
+        if cluster is None:
+            self.local_reply(ResponseFlag.NO_CLUSTER)
+            return
+        if self.request_permit is not None:
+            self.request_permit.release()
+        self.cluster = cluster
+        self.tried = set()
+        cluster.scope.inc("upstream_rq_total")
+        self.request_permit = cluster.resilience.breakers.try_acquire_request()
+        if self.request_permit is None:
+            cluster.scope.inc("upstream_rq_overflow")
+            self.local_reply(ResponseFlag.UPSTREAM_OVERFLOW)
+            return
+        cluster.scope.gauge_add("upstream_rq_active", 1)
         self._start_attempt()
 
     def _rewrite(self, headers: Headers, prefix: str | None, host: str | None) -> Headers:
@@ -174,6 +300,28 @@ class Exchange:
             out.append((name, value))
         return out
 
+    def _peer(self) -> tuple[str, int] | None:
+        conn = getattr(self.downstream, "conn", None)
+        transport = getattr(conn, "transport", None)
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return (str(peer[0]), int(peer[1])) if peer else None
+
+    def _peer_ip(self) -> str | None:
+        peer = self._peer()
+        return peer[0] if peer else None
+
+    def _lb_context(self, cluster: ClusterRuntime) -> LbContext:
+        if not cluster.needs_context:
+            return NO_CONTEXT
+        peer = self._peer() or ("", 0)
+        lazy = LazyHeaderMap(self.request_headers)
+        return LbContext(
+            source_ip=peer[0],
+            source_port=peer[1],
+            header=lazy.get,
+            cookie=lambda name: _cookie(lazy.get("cookie"), name),
+        )
+
     def on_data(self, data: bytes, flow_len: int, end_stream: bool) -> None:
         if self.done:
             self.downstream.ack(flow_len)
@@ -185,8 +333,7 @@ class Exchange:
             else:
                 self.replay.append(data)
         if end_stream:
-            self.request_ended = True
-            self._arm_timeout()
+            self._request_complete()
         attempt = self.attempt
         if attempt is not None and attempt.stream is not None and not self.pending:
             attempt.stream.send_data(data, end_stream, self._ack_downstream(flow_len))
@@ -197,11 +344,16 @@ class Exchange:
         if self.done:
             return
         self.request_trailers = trailers
-        self.request_ended = True
-        self._arm_timeout()
+        self._request_complete()
         attempt = self.attempt
         if attempt is not None and attempt.stream is not None and not self.pending:
             attempt.stream.send_trailers(trailers)
+
+    def _request_complete(self) -> None:
+        self.request_ended = True
+        if self.deadline is not None:
+            self.deadline.request_ended(self.loop.time())
+            self._arm_deadline()
 
     def on_reset(self, reason: ResetReason, code: int) -> None:
         """The downstream went away: cancel upstream work."""
@@ -213,22 +365,61 @@ class Exchange:
             else "downstream_cx_destroy_active_rq"
         )
         self._cancel_attempt(CANCEL)
-        self._finish(0, None)
+        self._finish(0)
+
+    def _ack_downstream(self, flow_len: int) -> OnSent:
+        if not flow_len:
+            return None
+        downstream = self.downstream
+        return lambda: downstream.ack(flow_len)
 
     # -- attempts ---------------------------------------------------------------------------
 
     def _start_attempt(self) -> None:
-        assert self.cluster is not None
-        choice = self.cluster.choose_host(self.tried)
+        self.retry_timer = None
+        if self.done:
+            return
+        cluster = self.cluster
+        assert cluster is not None and self.retry is not None and self.deadline is not None
+        throttle = cluster.resilience.throttle
+        if throttle is not None and not throttle.try_admit():
+            cluster.scope.inc("upstream_rq_throttled")
+            self.local_reply(ResponseFlag.ADAPTIVE_THROTTLE)
+            return
+        choice = cluster.choose_host(self.tried, self._lb_context(cluster))
         if choice is None:
             self.local_reply(ResponseFlag.NO_HEALTHY_UPSTREAM)
             return
         index, host = choice
         self.tried.add(index)
+        self.attempts += 1
         self.upstream_host = host.endpoint.address
         attempt = Attempt(self, host, index)
+        attempt.retry_permit, self.retry_permit = self.retry_permit, None
         self.attempt = attempt
+        cluster.request_started(index)
+        per_try = self.retry.per_try_timeout
+        if per_try:
+            attempt.timer = self.loop.call_later(per_try, self._per_try_timeout, attempt)
+        attempt.pending_permit = cluster.resilience.breakers.try_acquire_pending()
+        if attempt.pending_permit is None:
+            attempt.end()
+            self.attempt = None
+            cluster.scope.inc("upstream_rq_pending_overflow")
+            self._fail(ResponseFlag.UPSTREAM_OVERFLOW, None)
+            return
         host.pool.acquire(attempt)
+
+    def _attempt_headers(self) -> Headers:
+        assert self.retry is not None and self.deadline is not None
+        headers = list(self.request_headers)
+        headers.append(self.retry.attempt_header())
+        budget = self.deadline.upstream_header(
+            self.loop.time(), self.retry.per_try_timeout, self.grpc
+        )
+        if budget is not None:
+            headers.append(budget)
+        return headers
 
     def attempt_connected(self, attempt: Attempt, conn: Upstream) -> None:
         if attempt is not self.attempt or self.done:
@@ -240,14 +431,13 @@ class Exchange:
             and not self.replay_size
             and (self.request_trailers is None)
         )
-        host = attempt.host
-        host.active_requests += 1
-        attempt.stream = conn.open_stream(self.request_headers, headers_only, attempt)
+        attempt.host.active_requests += 1
+        attempt.stream = conn.open_stream(self._attempt_headers(), headers_only, attempt)
         if headers_only:
             return
         stream = attempt.stream
-        if self.retries and self.replay is not None:
-            # Bytes an earlier attempt took (and the downstream was credited for) go again.
+        if self.attempts > 1 and self.replay is not None:
+            # Bytes an earlier try took (and the downstream was credited for) go again.
             unsent = sum(1 for data, _, _ in self.pending if data)
             for chunk in self.replay[: len(self.replay) - unsent]:
                 stream.send_data(chunk, False, None)
@@ -261,70 +451,133 @@ class Exchange:
         elif self.request_ended and not ended:
             stream.send_data(b"", True, None)
 
-    def _ack_downstream(self, flow_len: int) -> OnSent:
-        if not flow_len:
-            return None
-        downstream = self.downstream
-        return lambda: downstream.ack(flow_len)
-
     def attempt_failed(self, attempt: Attempt, flag: ResponseFlag) -> None:
+        """The pool could not give this try a stream."""
         if attempt is not self.attempt or self.done:
             return
-        self.attempt = None
         if flag is ResponseFlag.UPSTREAM_OVERFLOW:
             assert self.cluster is not None
             self.cluster.scope.inc("upstream_rq_pending_overflow")
-        self.local_reply(flag)
+            attempt.end()
+            self.attempt = None
+            self._fail(flag, None)
+            return
+        self._try_failed(
+            attempt, Outcome(failure=Failure.CONNECT_FAILURE, request_sent=False), flag
+        )
 
     def attempt_reset(self, attempt: Attempt, reason: ResetReason, code: int) -> None:
         if attempt is not self.attempt or self.done:
             return
-        attempt.host.active_requests -= 1
-        self.attempt = None
         assert self.cluster is not None
         if self.response_started:
             # Part of the response is already downstream: all we can do is pass the reset on.
             self.cluster.scope.inc("upstream_rq_rx_reset")
+            attempt.end()
+            self.attempt = None
             self.downstream.reset(code or CANCEL)
-            self._finish(0, ResponseFlag.UPSTREAM_RESET)
+            self.flags.append(ResponseFlag.UPSTREAM_RESET.code)
+            self._finish(0)
             return
-        if (
-            reason is ResetReason.REFUSED
-            and self.replay is not None
-            and self.retries < MAX_UNPROCESSED_RETRIES
-        ):
-            # Never processed upstream: safe to send again, preferably to another host.
-            self.retries += 1
-            self.cluster.scope.inc("upstream_rq_retry")
-            self._start_attempt()
-            return
-        if reason is ResetReason.CONNECTION_LOST:
-            self.local_reply(ResponseFlag.UPSTREAM_CONNECTION_TERMINATION)
+        if reason is ResetReason.REFUSED:
+            failure, flag = Failure.REFUSED_STREAM, ResponseFlag.UPSTREAM_RESET
+        elif reason is ResetReason.CONNECTION_LOST:
+            failure, flag = Failure.RESET, ResponseFlag.UPSTREAM_CONNECTION_TERMINATION
         elif reason is ResetReason.PROTOCOL_ERROR:
-            self.local_reply(ResponseFlag.UPSTREAM_PROTOCOL_ERROR)
+            failure, flag = Failure.RESET, ResponseFlag.UPSTREAM_PROTOCOL_ERROR
         else:
-            self.local_reply(ResponseFlag.UPSTREAM_RESET)
+            failure, flag = Failure.RESET, ResponseFlag.UPSTREAM_RESET
+        self._try_failed(attempt, Outcome(failure=failure), flag)
+
+    def _per_try_timeout(self, attempt: Attempt) -> None:
+        attempt.timer = None
+        if attempt is not self.attempt or self.done or self.response_started:
+            return
+        assert self.cluster is not None
+        self.cluster.scope.inc("upstream_rq_per_try_timeout")
+        self._try_failed(
+            attempt, Outcome(failure=Failure.PER_TRY_TIMEOUT), ResponseFlag.UPSTREAM_TIMEOUT
+        )
+
+    def _try_failed(self, attempt: Attempt, outcome: Outcome, flag: ResponseFlag) -> None:
+        """A try ended without a response to pass on: retry it, or answer ``flag``."""
+        assert self.cluster is not None and self.retry is not None
+        self._cancel_attempt(CANCEL)
+        if self._maybe_retry(outcome):
+            return
+        self._fail(flag, outcome)
+
+    def _maybe_retry(self, outcome: Outcome) -> bool:
+        assert self.cluster is not None and self.retry is not None and self.deadline is not None
+        outcome = _with_replay(outcome, self.replay is not None)
+        cluster = self.cluster
+        decision = self.retry.should_retry(
+            outcome,
+            remaining=self.deadline.remaining(self.loop.time()),
+            admit=cluster.resilience.breakers.try_acquire_retry,
+        )
+        throttle = cluster.resilience.throttle
+        if throttle is not None:
+            throttle.record(outcome)
+        if not decision.retry:
+            if decision.verdict.value == "overflow":
+                cluster.scope.inc("upstream_rq_retry_overflow")
+            return False
+        cluster.scope.inc("upstream_rq_retry")
+        self.retry_permit = decision.permit
+        self.retry_timer = self.loop.call_later(decision.backoff, self._start_attempt)
+        return True
 
     def _cancel_attempt(self, code: int) -> None:
         attempt, self.attempt = self.attempt, None
         if attempt is None:
             return
-        attempt.cancelled = True
-        if attempt.stream is not None:
-            attempt.host.active_requests -= 1
-            attempt.stream.reset(code)
+        stream = attempt.stream
+        attempt.end()
+        if stream is not None:
+            stream.reset(code)
 
     # -- response ---------------------------------------------------------------------------
 
-    def response_headers(self, headers: Headers, end_stream: bool) -> None:
+    def response_headers(self, attempt: Attempt, headers: Headers, end_stream: bool) -> None:
         if self.done:
             return
+        status_text = _header(headers, b":status")
+        status = int(status_text) if status_text is not None and status_text.isdigit() else 0
+        if status < 200:
+            return  # 1xx: interim
+        grpc_status = _header(headers, b"grpc-status") if end_stream else None
+        attempt.status = status
+        if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
+            attempt.status = _grpc_as_http(int(grpc_status))
+        if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
+            outcome = response_outcome(
+                status,
+                grpc=self.grpc,
+                grpc_status=grpc_status,
+                pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
+                body_replayable=self.replay is not None,
+            )
+            if self._retry_response(attempt, outcome):
+                return
+        self._forward_headers(headers, end_stream, status)
+
+    def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
+        """Drop this response for another try when the retry policy says so."""
+        if not self._maybe_retry(outcome):
+            return False
+        self._cancel_attempt(CANCEL)
+        return True
+
+    def _forward_headers(self, headers: Headers, end_stream: bool, status: int) -> None:
         self.response_started = True
-        status = _header(headers, b":status")
-        self.status = int(status) if status is not None and status.isdigit() else 0
+        self.status = status
         if self.decision is not None:
             headers = apply_mutation(headers, self.decision.route.response_headers)
             headers = apply_mutation(headers, self.decision.virtual_host.response_headers)
+        if self.in_fallback:
+            headers.append((b"x-pilotfish-response-flags", b"FB"))
+            self.flags.append("FB")
         self.downstream.send_headers(headers, end_stream)
         if end_stream:
             self._complete()
@@ -340,81 +593,98 @@ class Exchange:
         if end:
             self._complete()
 
-    def response_trailers(self, trailers: Headers) -> None:
+    def response_trailers(self, attempt: Attempt, trailers: Headers) -> None:
         if self.done:
             return
+        grpc_status = _header(trailers, b"grpc-status")
+        if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
+            attempt.status = _grpc_as_http(int(grpc_status))
+            if self.cluster is not None and self.cluster.resilience.throttle is not None:
+                self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)))
         self.downstream.send_trailers(trailers)
         self._complete()
 
     def _complete(self) -> None:
         attempt = self.attempt
-        if attempt is not None and attempt.stream is not None:
-            attempt.host.active_requests -= 1
-            if not self.request_ended:
+        if attempt is not None:
+            stream = attempt.stream
+            attempt.end()
+            if stream is not None and not self.request_ended:
                 # The upstream answered before the request finished (allowed for gRPC):
                 # stop sending, as Envoy does, with a reset that carries no error.
-                attempt.stream.reset(0x0)
-            attempt.cancelled = True
+                stream.reset(0x0)
         self.attempt = None
-        self._finish(self.status, None)
+        self._finish(self.status)
 
     # -- local replies and the end ----------------------------------------------------------
 
+    def _fail(self, flag: ResponseFlag, outcome: Outcome | None) -> None:
+        """No try will answer: the route's fallback may, else a local reply with ``flag``."""
+        policy = (
+            self.listener.sidecar.route_policy(self.decision) if self.decision is not None else None
+        )
+        fallback = policy.fallback if policy is not None else None
+        if fallback is not None:
+            choice = fallback.decide(
+                trigger_for(flag),
+                grpc=self.grpc,
+                response_started=self.response_started,
+                in_fallback=self.in_fallback,
+            )
+            if isinstance(choice, FallbackCluster):
+                self.in_fallback = True
+                self.listener.scope.inc("downstream_rq_fallback")
+                if self.cluster is not None:
+                    self.cluster.scope.gauge_add("upstream_rq_active", -1)
+                self._route_to(choice.name)
+                return
+            if choice is not None:
+                self.listener.scope.inc("downstream_rq_fallback")
+                self.flags.append(flag.code)
+                self.send_reply(choice)
+                return
+        self.local_reply(flag)
+
     def local_reply(self, flag: ResponseFlag, message: str | None = None) -> None:
+        self.send_reply(flag_reply(flag, message))
+
+    def send_reply(self, reply: LocalReply) -> None:
         if self.done:
             return
         self._cancel_attempt(CANCEL)
-        text = message or flag.message
-        flag_value = flag.code.encode()
         if self.response_started:
             self.downstream.reset(CANCEL)
-        elif self.grpc:
-            headers: Headers = [
-                (b":status", b"200"),
-                (b"content-type", b"application/grpc"),
-                (b"grpc-status", str(int(flag.grpc_status)).encode()),
-                (b"grpc-message", _grpc_message(text)),
-                (RESPONSE_FLAGS_HEADER, flag_value),
-            ]
-            self.downstream.send_headers(headers, True)
         else:
-            body = f"{text}\n".encode()
-            headers = [
-                (b":status", str(flag.http_status).encode()),
-                (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
-                (RESPONSE_FLAGS_HEADER, flag_value),
-            ]
-            if self.method == "HEAD":
-                self.downstream.send_headers(headers, True)
-            else:
-                self.downstream.send_headers(headers, False)
+            body = reply.http_body(self.grpc, self.method)
+            self.downstream.send_headers(reply.headers(self.grpc), not body)
+            if body:
                 self.downstream.send_data(body, True, None)
         self.response_started = True
+        self.flags.append(reply.flag_code)
+        status = reply.http_status
         log.info(
             "local reply %s %s %s%s -> %d flag=%s: %s",
-            self.listener.config.name,
-            self.method,
-            self.authority,
-            self.path,
-            flag.http_status,
-            flag.code,
-            text,
-        )
-        self._finish(flag.http_status, flag)
+            self.listener.config.name, self.method, self.authority, self.path,
+            status, reply.flag_code, reply.message,
+        )  # fmt: skip
+        self._finish(status)
         if not self.request_ended:
             # Nobody will read the rest of the request body: tell the client to stop sending.
             self.downstream.reset(0x0)
 
-    def _arm_timeout(self) -> None:
-        if self.timer is not None or self.done or self.decision is None:
+    def _arm_deadline(self) -> None:
+        if self.done or self.deadline is None:
             return
-        timeout = self.decision.route.action.timeout
-        if timeout:
-            loop = asyncio.get_event_loop()
-            self.timer = loop.call_later(timeout, self._on_timeout)
+        expires = self.deadline.expires_at
+        if expires is None:
+            return
+        if self.timer is not None:
+            if self.timer.when() <= expires:
+                return
+            self.timer.cancel()
+        self.timer = self.loop.call_at(expires, self._on_deadline)
 
-    def _on_timeout(self) -> None:
+    def _on_deadline(self) -> None:
         self.timer = None
         if self.done:
             return
@@ -422,35 +692,59 @@ class Exchange:
             self.cluster.scope.inc("upstream_rq_timeout")
         self.local_reply(ResponseFlag.UPSTREAM_TIMEOUT)
 
-    def _finish(self, status: int, flag: ResponseFlag | None) -> None:
+    def _finish(self, status: int) -> None:
         if self.done:
             return
         self.done = True
-        if flag is not None:
-            self.flag = flag
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.retry_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.retry_timer = None
         self.pending.clear()
         self.replay = None
+        for permit in (self.request_permit, self.retry_permit):
+            if permit is not None:
+                permit.release()
+        self.request_permit = self.retry_permit = None
+        if self.inflight is not None:
+            self.inflight.done()
+            self.inflight = None
+        self.status = status
         listener = self.listener
         listener.scope.gauge_add("downstream_rq_active", -1)
         if self.cluster is not None:
             scope = self.cluster.scope
             scope.gauge_add("upstream_rq_active", -1)
-            if status and self.flag is None:
+            if status and not self.flags:
                 scope.inc(f"upstream_rq_{status // 100}xx")
         if status:
             listener.scope.inc(f"downstream_rq_{status // 100}xx")
         listener.exchange_done(self)
 
 
-def _grpc_message(text: str) -> bytes:
-    """Percent-encode as the gRPC spec asks for grpc-message."""
-    out = bytearray()
-    for byte in text.encode():
-        if 0x20 <= byte <= 0x7E and byte != 0x25:
-            out.append(byte)
-        else:
-            out.extend(f"%{byte:02X}".encode())
-    return bytes(out)
+def _with_replay(outcome: Outcome, replayable: bool) -> Outcome:
+    if outcome.body_replayable == replayable:
+        return outcome
+    return Outcome(
+        http_status=outcome.http_status,
+        grpc_status=outcome.grpc_status,
+        failure=outcome.failure,
+        request_sent=outcome.request_sent,
+        body_replayable=replayable,
+        pushback=outcome.pushback,
+    )
+
+
+def _grpc_as_http(grpc_status: int) -> int:
+    """How a gRPC error counts for outlier detection: as the HTTP status it maps to."""
+    return {14: 503, 4: 504, 8: 429, 12: 501, 13: 500, 2: 500}.get(grpc_status, 200)
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -11,15 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.model import Bootstrap, ListenerConfig
 from sidecar.listener import ListenerRuntime, SniffingProtocol
+from sidecar.route_policy.runtime import RoutePolicyRuntime
 from sidecar.routing import RouteTable
 from sidecar.stats import StatsStore
 from sidecar.upstream import ClusterManager
 
 if TYPE_CHECKING:
     from sidecar.router import Exchange
+    from sidecar.routing import RouteDecision
 
 log = logging.getLogger("pilotfish.sidecar")
 access_log = logging.getLogger("pilotfish.access")
+
+CPU_SAMPLE_INTERVAL = 0.25
 
 
 class ApplyError(Exception):
@@ -48,6 +53,9 @@ class Sidecar:
         self._drain_task: asyncio.Task[None] | None = None
         self._started = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._route_policies_by_key: dict[tuple[str, str, str], RoutePolicyRuntime] = {}
+        self._route_policies: dict[int, RoutePolicyRuntime] = {}
+        self._cpu_task: asyncio.Task[None] | None = None
 
     # -- config ----------------------------------------------------------------------------
 
@@ -60,18 +68,37 @@ class Sidecar:
         bound = self._bind_new_listeners(bootstrap) if self._started else {}
         self.clusters.apply(bootstrap.clusters)
         self.route_tables = {name: RouteTable(rc) for name, rc in bootstrap.route_configs.items()}
+        self._update_route_policies(bootstrap)
         self.bootstrap = bootstrap
         self.config_updated_at = time.time()
         self.stats.scope("server").inc("config_updates")
         if self._started:
             self._sync_listeners(bound)
 
+    def check_listeners(self, listeners: list[ListenerConfig]) -> str | None:
+        """Whether these listeners could listen now; the reason if one could not."""
+        for config in listeners:
+            current = self.listeners.get(config.name)
+            if current is not None and (current.config.host, current.config.port) == (
+                config.host,
+                config.port,
+            ):
+                continue
+            try:
+                self._bind(config).close()
+            except OSError as exc:
+                return (
+                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: {exc}"
+                )
+        return None
+
     def _bind_new_listeners(self, bootstrap: Bootstrap) -> dict[str, socket.socket]:
         bound: dict[str, socket.socket] = {}
         for config in bootstrap.listeners:
             current = self.listeners.get(config.name)
             if current is not None and (current.config.host, current.config.port) == (
-                config.host, config.port,
+                config.host,
+                config.port,
             ):
                 continue
             try:
@@ -113,7 +140,7 @@ class Sidecar:
         for name, config in wanted.items():
             existing = self.listeners.get(name)
             if existing is not None:
-                existing.config = config
+                existing.update(config)
                 continue
             runtime = ListenerRuntime(self, config)
             self.listeners[name] = runtime
@@ -127,6 +154,45 @@ class Sidecar:
         config = runtime.config
         log.info("listener %s on %s:%d", config.name, config.host, config.port)
 
+    def _update_route_policies(self, bootstrap: Bootstrap) -> None:
+        """One policy runtime per route; rate-limit buckets survive unchanged routes."""
+        clock = asyncio.get_event_loop().time
+        by_key: dict[tuple[str, str, str], RoutePolicyRuntime] = {}
+        by_id: dict[int, RoutePolicyRuntime] = {}
+        for rc in bootstrap.route_configs.values():
+            for vhost in rc.virtual_hosts:
+                for route in vhost.routes:
+                    key = (rc.name, vhost.name, route.name)
+                    old = self._route_policies_by_key.get(key)
+                    runtime = (
+                        old.updated(route.policy)
+                        if old is not None
+                        else RoutePolicyRuntime(route.policy, clock)
+                    )
+                    by_key[key] = runtime
+                    by_id[id(route)] = runtime
+        self._route_policies_by_key = by_key
+        self._route_policies = by_id
+
+    def route_policy(self, decision: RouteDecision) -> RoutePolicyRuntime:
+        runtime = self._route_policies.get(id(decision.route))
+        if runtime is None:  # routed under a config that has since been replaced
+            runtime = RoutePolicyRuntime(decision.route.policy, asyncio.get_event_loop().time)
+        return runtime
+
+    async def _sample_cpu(self) -> None:
+        """Feed the load shedders this process's CPU use, four times a second."""
+        loop = asyncio.get_event_loop()
+        last_cpu, last_wall = sum(os.times()[:2]), loop.time()
+        while True:
+            await asyncio.sleep(CPU_SAMPLE_INTERVAL)
+            cpu, wall = sum(os.times()[:2]), loop.time()
+            usage = (cpu - last_cpu) / max(wall - last_wall, 1e-6)
+            last_cpu, last_wall = cpu, wall
+            for runtime in self.listeners.values():
+                if runtime.shedder is not None:
+                    runtime.shedder.record_cpu(min(usage, 1.0))
+
     @property
     def ready(self) -> bool:
         return self.initialized and not self.draining and not self.health_check_failed
@@ -139,6 +205,8 @@ class Sidecar:
         self.route_tables = {
             name: RouteTable(rc) for name, rc in self.bootstrap.route_configs.items()
         }
+        self._update_route_policies(self.bootstrap)
+        self._cpu_task = asyncio.get_event_loop().create_task(self._sample_cpu())
         bound = {config.name: self._bind(config) for config in self.bootstrap.listeners}
         self._started = True
         self._sync_listeners(bound)
@@ -176,6 +244,8 @@ class Sidecar:
             for conn in list(runtime.connections):
                 conn.close()
         self.clusters.close_all()
+        if self._cpu_task is not None:
+            self._cpu_task.cancel()
         await asyncio.sleep(0)
         self.stopped.set()
 
@@ -190,7 +260,7 @@ class Sidecar:
                 exchange.authority,
                 exchange.path,
                 exchange.status,
-                exchange.flag.code if exchange.flag else "-",
+                ",".join(exchange.flags) or "-",
                 (time.monotonic() - exchange.start) * 1000,
                 exchange.upstream_host or "-",
             )

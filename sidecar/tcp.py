@@ -1,16 +1,70 @@
-"""TCP passthrough: relay bytes both ways to a cluster host, with backpressure both ways."""
+"""TCP passthrough: relay bytes both ways to a target, with backpressure both ways.
+
+The target is a cluster host, or the connection's original destination (where the client
+meant to go before iptables redirected it to the sidecar).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
     from sidecar.listener import ListenerRuntime
+    from sidecar.stats import Scope
     from sidecar.upstream import ClusterRuntime
 
 log = logging.getLogger(__name__)
+
+
+class RelayTarget(Protocol):
+    """Where a passthrough connection goes, and where its upstream stats are counted."""
+
+    @property
+    def scope(self) -> Scope: ...
+
+    @property
+    def connect_timeout(self) -> float: ...
+
+    def choose(self) -> tuple[str, int] | None:
+        """``(host, port)`` to connect to, or None when there is nowhere to go."""
+        ...
+
+
+class ClusterTarget:
+    """A host of a cluster, picked by the cluster's balancer."""
+
+    def __init__(self, cluster: ClusterRuntime) -> None:
+        self.cluster = cluster
+
+    @property
+    def scope(self) -> Scope:
+        return self.cluster.scope
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.cluster.config.connect_timeout
+
+    def choose(self) -> tuple[str, int] | None:
+        choice = self.cluster.choose_host(set())
+        if choice is None:
+            return None
+        endpoint = choice[1].endpoint
+        return endpoint.host, endpoint.port
+
+
+class OriginalDestination:
+    """The one address the client dialled; stats go to ``cluster.original_dst``."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, scope: Scope) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.scope = scope
+
+    def choose(self) -> tuple[str, int] | None:
+        return self.host, self.port
 
 
 class _UpstreamSide(asyncio.Protocol):
@@ -41,9 +95,9 @@ class _UpstreamSide(asyncio.Protocol):
 class TcpRelay(asyncio.Protocol):
     """The downstream side of a passthrough connection."""
 
-    def __init__(self, listener: ListenerRuntime, cluster: ClusterRuntime) -> None:
+    def __init__(self, listener: ListenerRuntime, target: RelayTarget) -> None:
         self.listener = listener
-        self.cluster = cluster
+        self.target = target
         self.transport: asyncio.Transport | None = None
         self.upstream: _UpstreamSide | None = None
         self.buffered: list[bytes] = []
@@ -63,21 +117,22 @@ class TcpRelay(asyncio.Protocol):
         asyncio.get_event_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        choice = self.cluster.choose_host(set())
-        if choice is None:
+        target = self.target
+        address = target.choose()
+        if address is None:
             self.close()
             return
-        _, host = choice
+        host, port = address
         loop = asyncio.get_event_loop()
         side = _UpstreamSide(self)
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: side, host.endpoint.host, host.endpoint.port),
-                timeout=self.cluster.config.connect_timeout,
+                loop.create_connection(lambda: side, host, port),
+                timeout=target.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
-            self.cluster.scope.inc("upstream_cx_connect_fail")
-            log.info("tcp passthrough to %s failed: %s", host.endpoint.address, exc)
+            target.scope.inc("upstream_cx_connect_fail")
+            log.info("tcp passthrough to %s:%d failed: %r", host, port, exc)
             self.close()
             return
         if self.closed:
@@ -85,7 +140,7 @@ class TcpRelay(asyncio.Protocol):
                 side.transport.close()
             return
         self.upstream = side
-        self.cluster.scope.inc("upstream_cx_total")
+        target.scope.inc("upstream_cx_total")
         assert side.transport is not None
         for chunk in self.buffered:
             side.transport.write(chunk)

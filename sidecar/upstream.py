@@ -12,6 +12,7 @@ import logging
 import random
 from collections.abc import Collection
 
+from pilotfish.config.cluster_policy import LbKind
 from pilotfish.config.model import ClusterConfig, Endpoint, Protocol
 from sidecar.cluster_policy.cluster import ClusterBalancer
 from sidecar.cluster_policy.health import HealthChanged, HostBecameHealthy
@@ -22,6 +23,8 @@ from sidecar.flags import ResponseFlag
 from sidecar.h1conn import H1ClientConnection
 from sidecar.h2conn import H2Connection, H2Stream
 from sidecar.pool import ConnectionPool, PooledConnection
+from sidecar.route_policy.breaker import Permit
+from sidecar.route_policy.runtime import ClusterResilienceRuntime
 from sidecar.stats import Scope, StatsStore
 from sidecar.streams import Headers, ResetReason, StreamHandler
 
@@ -136,11 +139,19 @@ class UpstreamHost:
         )
         self.active_requests = 0
         self.connections: set[Upstream] = set()
+        self.connection_permits: dict[Upstream, Permit] = {}
 
     def _connect(self, pool: ConnectionPool) -> None:
-        asyncio.get_event_loop().create_task(self._open_connection())
+        permit = self.cluster.resilience.breakers.try_acquire_connection()
+        if permit is None:
+            self.scope.inc("upstream_cx_overflow")
+            pool.connect_failed(ResponseFlag.UPSTREAM_OVERFLOW)
+            return
+        task = asyncio.get_event_loop().create_task(self._open_connection(permit))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
-    async def _open_connection(self) -> None:
+    async def _open_connection(self, permit: Permit) -> None:
         loop = asyncio.get_event_loop()
         config = self.cluster.config
         self.scope.inc("upstream_cx_total")
@@ -159,14 +170,17 @@ class UpstreamHost:
             self.scope.inc("upstream_cx_connect_timeout")
             self.scope.inc("upstream_cx_connect_fail")
             log.info("connect to %s timed out", self.endpoint.address)
+            permit.release()
             self.pool.connect_failed(ResponseFlag.UPSTREAM_CONNECT_FAILURE)
             return
         except OSError as exc:  # ConnectionError included
             conn.abort()
             self.scope.inc("upstream_cx_connect_fail")
             log.info("connect to %s failed: %s", self.endpoint.address, exc)
+            permit.release()
             self.pool.connect_failed(ResponseFlag.UPSTREAM_CONNECT_FAILURE)
             return
+        self.connection_permits[conn] = permit
         self.connections.add(conn)
         self.scope.gauge_add("upstream_cx_active", 1)
         self.pool.connected(conn)
@@ -177,6 +191,9 @@ class UpstreamHost:
             conn.close()
 
     def connection_closed(self, conn: Upstream) -> None:
+        permit = self.connection_permits.pop(conn, None)
+        if permit is not None:
+            permit.release()
         if conn in self.connections:
             self.connections.discard(conn)
             self.scope.gauge_add("upstream_cx_active", -1)
@@ -195,6 +212,10 @@ class ClusterRuntime:
         self.scope: Scope = stats.scope(f"cluster.{config.name}")
         self.hosts: list[UpstreamHost] = [UpstreamHost(self, e) for e in config.endpoints]
         self.balancer = self._new_balancer(config)
+        loop = asyncio.get_event_loop()
+        self.resilience = ClusterResilienceRuntime(
+            config.resilience, loop.time, random.random, self.scope.counters
+        )
         self._health_runner: HealthCheckRunner | None = None
         self._outlier_timer: asyncio.TimerHandle | None = None
         self._set_hosts()
@@ -261,6 +282,11 @@ class ClusterRuntime:
         self._update_health_gauges()
         self._schedule_outlier_sweep()
 
+    @property
+    def needs_context(self) -> bool:
+        """Whether the balancer hashes on something of the request."""
+        return self.config.lb_policy.kind in (LbKind.RING_HASH, LbKind.MAGLEV)
+
     def choose_host(
         self, exclude: Collection[int], ctx: LbContext = NO_CONTEXT
     ) -> tuple[int, UpstreamHost] | None:
@@ -300,6 +326,8 @@ class ClusterRuntime:
         new = ClusterRuntime.__new__(ClusterRuntime)
         new.config = config
         new.scope = self.scope
+        new.resilience = self.resilience
+        new.resilience.update(config.resilience)
         same_shape = (config.protocol, config.max_concurrent_streams) == (
             self.config.protocol,
             self.config.max_concurrent_streams,

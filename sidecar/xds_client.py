@@ -67,7 +67,7 @@ class XdsClient:
         self.sidecar = sidecar
         self.static = static
         self.address = address
-        self.state = AdsClientState(node)
+        self.state = AdsClientState(node, check_listeners=sidecar.check_listeners)
         self.max_backoff = max_backoff
         self.connected = False
         self.accepted = 0

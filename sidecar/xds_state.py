@@ -76,9 +76,18 @@ class Actions:
 
 
 class AdsClientState:
-    def __init__(self, node: Any, outbound_route_config: str = "outbound") -> None:
+    def __init__(
+        self,
+        node: Any,
+        outbound_route_config: str = "outbound",
+        check_listeners: Callable[[list[ListenerConfig]], str | None] = lambda _: None,
+    ) -> None:
+        """``check_listeners`` says whether listeners could be put in force (e.g. bound),
+        or why not; it runs when they arrive, before they warm, so a listener that cannot
+        bind is NACKed in its own LDS response rather than blocking a later one."""
         self.node = node
         self.outbound_route_config = outbound_route_config
+        self.check_listeners = check_listeners
         self.received: dict[str, Received] = {t: Received() for t in TYPES}
         self.subscriptions: dict[str, frozenset[str]] = {ROUTE: frozenset(), ENDPOINT: frozenset()}
         self.applied: XdsSnapshot | None = None
@@ -96,9 +105,7 @@ class AdsClientState:
         if type_url not in WILDCARD:
             request.resource_names.extend(sorted(self.subscriptions[type_url]))
         if error is not None:
-            request.error_detail.CopyFrom(
-                status_pb2.Status(code=INVALID_ARGUMENT, message=error)
-            )
+            request.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
         return request
 
     def initial_requests(self) -> list[discovery_pb2.DiscoveryRequest]:
@@ -131,6 +138,13 @@ class AdsClientState:
             return actions  # a type we never asked for; nothing to acknowledge
         try:
             decoded = self._decode(type_url, response)
+            if type_url == LISTENER:
+                listeners = [tr.translate_listener(m) for m in decoded.values()]
+                error = self.check_listeners(
+                    [x for x in listeners if isinstance(x, ListenerConfig)]
+                )
+                if error is not None:
+                    raise ConfigError("", error)
         except ConfigError as exc:
             return self._reject(type_url, response.nonce, str(exc))
         if type_url in WILDCARD:

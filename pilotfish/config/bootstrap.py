@@ -17,12 +17,12 @@ from pilotfish.config.cluster_policy import (
 )
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import Node, parse_address
+from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import (
     AdminConfig,
     Bootstrap,
     ClusterConfig,
     Endpoint,
-    HeaderMatcher,
     HeaderMutation,
     ListenerConfig,
     PathMatch,
@@ -33,6 +33,14 @@ from pilotfish.config.model import (
     RouteMatch,
     VirtualHost,
     WeightedCluster,
+)
+from pilotfish.config.route_policy_yaml import (
+    CLUSTER_RESILIENCE_KEYS,
+    LISTENER_POLICY_KEYS,
+    ROUTE_POLICY_KEYS,
+    parse_cluster_resilience,
+    parse_load_shedding,
+    parse_route_policy,
 )
 
 
@@ -125,6 +133,7 @@ def parse_listener(node: Node) -> ListenerConfig:
             "per_stream_buffer",
             "max_request_headers",
             "http1_idle_timeout",
+            *LISTENER_POLICY_KEYS,
         }
     )
     host, port = parse_address(node.get("address").path, node.require("address").value)
@@ -165,6 +174,7 @@ def parse_listener(node: Node) -> ListenerConfig:
         per_stream_buffer_bytes=node.get("per_stream_buffer").as_int(256 * 1024, minimum=16384),
         max_request_headers_bytes=node.get("max_request_headers").as_int(60 * 1024, minimum=1024),
         http1_idle_timeout=node.get("http1_idle_timeout").as_duration(300.0),
+        load_shedding=parse_load_shedding(node.get("load_shedding")),
     )
 
 
@@ -190,6 +200,7 @@ def parse_cluster(node: Node) -> ClusterConfig:
             "load_balancing",
             "health_check",
             "outlier_detection",
+            *CLUSTER_RESILIENCE_KEYS,
         }
     )
     protocol = node.get("protocol").as_choice(tuple(p.value for p in Protocol), "http2")
@@ -209,6 +220,7 @@ def parse_cluster(node: Node) -> ClusterConfig:
         lb_policy=parse_lb_policy(node.get("load_balancing")),
         health_check=health_check,
         outlier_detection=outlier_detection,
+        resilience=parse_cluster_resilience(node),
     )
 
 
@@ -281,6 +293,7 @@ def parse_route(node: Node, default_name: str) -> RouteEntry:
             "request_headers_to_remove",
             "response_headers_to_add",
             "response_headers_to_remove",
+            *ROUTE_POLICY_KEYS,
         }
     )
     return RouteEntry(
@@ -289,6 +302,7 @@ def parse_route(node: Node, default_name: str) -> RouteEntry:
         action=parse_action(node.require("route")),
         request_headers=parse_mutation(node, "request"),
         response_headers=parse_mutation(node, "response"),
+        policy=parse_route_policy(node),
     )
 
 
@@ -315,25 +329,6 @@ def parse_match(node: Node) -> RouteMatch:
         else frozenset()
     )
     return RouteMatch(path=path, headers=headers, methods=methods)
-
-
-def parse_header_matcher(node: Node) -> HeaderMatcher:
-    node.mapping({"name", "exact", "prefix", "regex", "present", "invert"})
-    kinds = [k for k in ("exact", "prefix", "regex", "present") if node.has(k)]
-    if len(kinds) > 1:
-        raise node.error("at most one of exact, prefix, regex, present")
-    name = node.require("name").as_str().lower()
-    invert = node.get("invert").as_bool(False)
-    if not kinds:
-        return HeaderMatcher(name=name, present=True, invert=invert)
-    kind = kinds[0]
-    if kind == "exact":
-        return HeaderMatcher(name=name, exact=str(node.get("exact").value), invert=invert)
-    if kind == "prefix":
-        return HeaderMatcher(name=name, prefix=node.get("prefix").as_str(), invert=invert)
-    if kind == "regex":
-        return HeaderMatcher(name=name, regex=node.get("regex").as_regex(), invert=invert)
-    return HeaderMatcher(name=name, present=node.get("present").as_bool(), invert=invert)
 
 
 def parse_action(node: Node) -> RouteAction:

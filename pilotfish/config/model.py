@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
+from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
+from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
 
 
 class Protocol(enum.Enum):
@@ -45,33 +47,7 @@ class ClusterConfig:
     lb_policy: LbPolicy = LbPolicy()
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderMatcher:
-    """Matches one request header. Exactly one of exact/prefix/regex/present is set."""
-
-    name: str
-    exact: str | None = None
-    prefix: str | None = None
-    regex: re.Pattern[str] | None = None
-    present: bool | None = None
-    invert: bool = False
-
-    def matches(self, value: str | None) -> bool:
-        if self.present is not None:
-            result = (value is not None) == self.present
-        elif value is None:
-            result = False
-        elif self.exact is not None:
-            result = value == self.exact
-        elif self.prefix is not None:
-            result = value.startswith(self.prefix)
-        elif self.regex is not None:
-            result = self.regex.fullmatch(value) is not None
-        else:
-            result = True
-        return result != self.invert
+    resilience: ClusterResilience = ClusterResilience()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +113,7 @@ class RouteEntry:
     action: RouteAction
     request_headers: HeaderMutation = HeaderMutation()
     response_headers: HeaderMutation = HeaderMutation()
+    policy: RoutePolicy = RoutePolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +148,7 @@ class ListenerConfig:
     # "auto" sniffs the preface; "tcp" relays everything to the passthrough target at once.
     mode: str = "auto"
     per_stream_buffer_bytes: int = 256 * 1024
+    load_shedding: LoadSheddingConfig = LoadSheddingConfig()
     max_request_headers_bytes: int = 60 * 1024
     http1_idle_timeout: float = 300.0
 

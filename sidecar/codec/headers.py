@@ -1,0 +1,214 @@
+"""HPACK through the ``hpack`` library, paid for once per distinct header block.
+
+Proxied traffic repeats itself: the same request headers from a load balancer's health
+checks, the same response headers from a backend. Both coders keep a cache that is valid only
+while their dynamic table is unchanged, which is what makes it correct:
+
+* HPACK decoding is a function of the block's bytes and the decoder's state, and that state
+  is the dynamic table (its entries and its size limit; ``max_header_list_size`` is fixed).
+  Every change to the table goes through ``HeaderTable.add`` or the ``maxsize`` setter, and
+  ``_VersionedTable`` counts those calls. A block whose decoding did not change the version
+  left the table as it found it, so decoding the same bytes again against the same version
+  gives the same header list and changes nothing: it may be answered from the cache. Any
+  change of version empties the cache. Blocks that did change the table (literals with
+  incremental indexing, size updates) are never cached, so they are always replayed.
+* Encoding is the mirror image: a header list whose encoding did not change the encoder's
+  table (no insertion, no pending size update) encodes to the same bytes again for as long
+  as the table stays at that version. The key compares names and values, not the
+  ``NeverIndexedHeaderTuple`` hint: a hit can only reuse a block whose fields were all
+  already indexed or sent as literals, and the peer decodes the same list either way.
+
+Decoded header lists are validated once per cached block (``Decoded.problems``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+
+import hpack
+from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack.table import HeaderTable
+
+from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
+from sidecar.streams import Headers
+
+# Bounds on what a cache holds, per connection and direction: a peer chooses the contents.
+CACHE_ENTRIES = 32
+MAX_CACHED_BLOCK = 512  # bytes of encoded block
+MAX_CACHED_FIELDS = 8192  # bytes of names and values
+MAX_ENCODER_TABLE = 4096  # what we use of a larger table the peer offers
+
+
+class _VersionedTable(HeaderTable):
+    """A header table that counts its changes."""
+
+    version = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.version += 1
+        cast(Any, HeaderTable.maxsize).fset(self, newmax)
+
+
+class Decoded:
+    """One decoded header block and what validation found, per kind of block."""
+
+    __slots__ = ("headers", "problems")
+
+    def __init__(self, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        self.headers = headers
+        self.problems: dict[int, str | None] = {}
+
+
+class CachingDecoder:
+    def __init__(self, max_header_list_size: int) -> None:
+        self.decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
+        self._table = _VersionedTable()
+        self.decoder.header_table = self._table
+        self._cache: dict[bytes, Decoded] = {}
+        self._version = 0
+
+    @property
+    def max_header_list_size(self) -> int:
+        return self.decoder.max_header_list_size
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, value: int) -> None:
+        self.decoder.max_header_list_size = value
+        self._cache.clear()
+
+    def decode(self, block: bytes) -> Decoded:
+        table = self._table
+        cache = self._cache
+        version = table.version
+        if version != self._version:
+            cache.clear()
+            self._version = version
+        else:
+            hit = cache.get(block)
+            if hit is not None:
+                return hit
+        try:
+            headers = self.decoder.decode(block, raw=True)
+        except OversizedHeaderListError as exc:
+            raise CodecProtocolError(f"header list too large: {exc}", ENHANCE_YOUR_CALM) from exc
+        except HPACKError as exc:
+            raise CodecProtocolError(f"HPACK: {exc}", COMPRESSION_ERROR) from exc
+        decoded = Decoded(tuple(headers))
+        if table.version == version and _cacheable(block, decoded.headers):
+            if len(cache) >= CACHE_ENTRIES:
+                cache.clear()
+            cache[block] = decoded
+        return decoded
+
+
+class CachingEncoder:
+    def __init__(self) -> None:
+        self.encoder = hpack.Encoder()
+        self._table = _VersionedTable()
+        self.encoder.header_table = self._table
+        self._cache: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+        self._version = 0
+
+    def set_table_size(self, peer_max: int) -> None:
+        size = min(peer_max, MAX_ENCODER_TABLE)
+        if size != self._table.maxsize:
+            self.encoder.header_table_size = size
+
+    def encode(self, headers: Headers) -> bytes:
+        table = self._table
+        cache = self._cache
+        key = tuple(headers)
+        version = table.version
+        if version != self._version:
+            cache.clear()
+            self._version = version
+        else:
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
+        pending_resize = table.resized
+        block = self.encoder.encode(headers, huffman=False)
+        if table.version == version and not pending_resize and _cacheable(block, key):
+            if len(cache) >= CACHE_ENTRIES:
+                cache.clear()
+            cache[key] = block
+        return block
+
+
+def _cacheable(block: bytes, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+    if len(block) > MAX_CACHED_BLOCK:
+        return False
+    return sum(len(name) + len(value) for name, value in headers) <= MAX_CACHED_FIELDS
+
+
+# -- validation (RFC 9113 section 8.2 and 8.3) ----------------------------------------------
+
+REQUEST, RESPONSE, TRAILERS = 0, 1, 2
+
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_RESPONSE_PSEUDO = frozenset({b":status"})
+
+
+def problem(kind: int, headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
+    """Why ``headers`` are malformed as a block of ``kind``, or None when they are fine."""
+    allowed = _REQUEST_PSEUDO if kind == REQUEST else _RESPONSE_PSEUDO if kind == RESPONSE else None
+    pseudo: dict[bytes, bytes] = {}
+    regular = False
+    name_ok = _NAME.fullmatch
+    bad_value = _BAD_VALUE.search
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular:
+                return f"pseudo-header {name!r} after a regular header"
+            if allowed is None or name not in allowed:
+                return f"pseudo-header {name!r} not allowed here"
+            if name in pseudo:
+                return f"duplicate pseudo-header {name!r}"
+            pseudo[name] = value
+        else:
+            regular = True
+            if name_ok(name) is None:
+                return f"invalid header name {name!r}"
+            if name in _CONNECTION_SPECIFIC:
+                return f"connection-specific header {name!r}"
+            if name == b"te" and value != b"trailers":
+                return "te header other than trailers"
+        if bad_value(value) is not None:
+            return f"invalid value for header {name!r}"
+    if kind == REQUEST:
+        method = pseudo.get(b":method")
+        if not method:
+            return "request without :method"
+        if method == b"CONNECT":
+            if b":authority" not in pseudo or b":scheme" in pseudo or b":path" in pseudo:
+                return "malformed CONNECT request"
+        elif not pseudo.get(b":scheme") or not pseudo.get(b":path"):
+            return "request without :scheme or :path"
+    elif kind == RESPONSE:
+        status = pseudo.get(b":status")
+        if status is None or len(status) != 3 or not status.isdigit():
+            return "response without a valid :status"
+    return None
+
+
+def validated(decoded: Decoded, kind: int) -> str | None:
+    problems = decoded.problems
+    if kind in problems:
+        return problems[kind]
+    found = problems[kind] = problem(kind, decoded.headers)
+    return found

@@ -1,0 +1,213 @@
+"""The receive loop: split the input into frames and check each frame's shape.
+
+Frames are read in place with ``struct`` (no frame objects). The checks here are the ones that
+need no stream state (RFC 9113 sections 4 and 6: sizes, stream 0 or not, padding, header
+block continuity); ``H2Codec`` supplies the ``_on_*`` handlers that apply a frame.
+"""
+
+from __future__ import annotations
+
+from sidecar.codec import frames as f
+from sidecar.codec.errors import (
+    ENHANCE_YOUR_CALM,
+    FRAME_SIZE_ERROR,
+    PROTOCOL_ERROR,
+    CodecProtocolError,
+    StreamError,
+)
+from sidecar.codec.events import Event
+
+MAX_INBOUND_FRAME = f.DEFAULT_MAX_FRAME  # we never announce a larger SETTINGS_MAX_FRAME_SIZE
+MAX_CONTINUATIONS = 64
+STREAM_MASK = 0x7FFFFFFF
+
+
+class FrameReceiver:
+    _out: list[bytes]
+    _buf: bytes
+    _preface_pending: bool
+    _settings_seen: bool
+    _block_sid: int
+    _block_parts: list[bytes]
+    _block_size: int
+    _block_end_stream: bool
+    _block_bad_priority: bool
+    _max_block: int
+
+    def _receive(self, data: bytes, events: list[Event]) -> None:
+        buf = self._buf + data if self._buf else data
+        end = len(buf)
+        pos = 0
+        if self._preface_pending:
+            head = buf[:24]
+            if head != f.PREFACE[: len(head)]:
+                raise CodecProtocolError("invalid connection preface")
+            if end < 24:
+                self._buf = buf
+                return
+            pos = 24
+            self._preface_pending = False
+        unpack = f.unpack_header
+        while end - pos >= 9:
+            hi, lo, ftype, flags, sid = unpack(buf, pos)
+            length = hi << 16 | lo
+            if length > MAX_INBOUND_FRAME:
+                raise CodecProtocolError("frame larger than MAX_FRAME_SIZE", FRAME_SIZE_ERROR)
+            start = pos + 9
+            stop = start + length
+            if stop > end:
+                break
+            pos = stop
+            sid &= STREAM_MASK
+            payload = buf[start:stop]
+            try:
+                if ftype == f.DATA and not self._block_sid:
+                    self._on_data(sid, flags, payload, events)
+                else:
+                    self._frame(ftype, flags, sid, payload, events)
+            except StreamError as exc:
+                self._stream_error(exc, events)
+        self._buf = buf[pos:] if pos < end else b""
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if self._block_sid:
+            if ftype != f.CONTINUATION or sid != self._block_sid:
+                raise CodecProtocolError("header block interrupted")
+            self._continuation(flags, payload, events)
+            return
+        if not self._settings_seen:
+            if ftype != f.SETTINGS or flags & f.ACK:
+                raise CodecProtocolError("the peer's first frame is not SETTINGS")
+            self._settings_seen = True
+        length = len(payload)
+        if ftype == f.HEADERS:
+            self._headers(sid, flags, payload, events)
+        elif ftype == f.WINDOW_UPDATE:
+            if length != 4:
+                raise CodecProtocolError("WINDOW_UPDATE of wrong size", FRAME_SIZE_ERROR)
+            self._on_window_update(sid, f.unpack_u32(payload)[0] & STREAM_MASK, events)
+        elif ftype == f.SETTINGS:
+            if sid:
+                raise CodecProtocolError("SETTINGS on a stream")
+            if flags & f.ACK:
+                if length:
+                    raise CodecProtocolError("SETTINGS ACK with a payload", FRAME_SIZE_ERROR)
+                self._on_settings_ack()
+                return
+            if length % 6:
+                raise CodecProtocolError("SETTINGS of wrong size", FRAME_SIZE_ERROR)
+            unpack = f.unpack_setting
+            self._on_settings([unpack(payload, i) for i in range(0, length, 6)], events)
+        elif ftype == f.RST_STREAM:
+            if not sid:
+                raise CodecProtocolError("RST_STREAM on stream 0")
+            if length != 4:
+                raise CodecProtocolError("RST_STREAM of wrong size", FRAME_SIZE_ERROR)
+            self._on_rst_stream(sid, f.unpack_u32(payload)[0], events)
+        elif ftype == f.PING:
+            if sid:
+                raise CodecProtocolError("PING on a stream")
+            if length != 8:
+                raise CodecProtocolError("PING of wrong size", FRAME_SIZE_ERROR)
+            if not flags & f.ACK:
+                self._out.append(f.ping_ack_frame(payload))
+        elif ftype == f.GOAWAY:
+            if sid:
+                raise CodecProtocolError("GOAWAY on a stream")
+            if length < 8:
+                raise CodecProtocolError("GOAWAY too short", FRAME_SIZE_ERROR)
+            last, code = f.unpack_u32x2(payload)
+            self._on_goaway(last & STREAM_MASK, code, payload[8:], events)
+        elif ftype == f.PRIORITY:
+            if not sid:
+                raise CodecProtocolError("PRIORITY on stream 0")
+            if length != 5:
+                raise CodecProtocolError("PRIORITY of wrong size", FRAME_SIZE_ERROR)
+            if f.unpack_u32(payload)[0] & STREAM_MASK == sid:
+                raise StreamError(sid, PROTOCOL_ERROR, "stream depends on itself")
+        elif ftype == f.DATA:
+            self._on_data(sid, flags, payload, events)
+        elif ftype == f.PUSH_PROMISE:
+            raise CodecProtocolError("PUSH_PROMISE, but push is disabled")
+        elif ftype == f.CONTINUATION:
+            raise CodecProtocolError("CONTINUATION without a header block")
+        # Frames of unknown types are ignored (RFC 9113 section 4.1).
+
+    def _headers(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
+        if not sid:
+            raise CodecProtocolError("HEADERS on stream 0")
+        pos = 0
+        end = len(payload)
+        if flags & f.PADDED:
+            if not end:
+                raise CodecProtocolError("HEADERS too short for its padding", FRAME_SIZE_ERROR)
+            end -= payload[0]
+            pos = 1
+        bad_priority = False
+        if flags & f.PRIORITY_FLAG:
+            if end - pos < 5:
+                raise CodecProtocolError("HEADERS too short for its priority", FRAME_SIZE_ERROR)
+            bad_priority = f.unpack_u32(payload, pos)[0] & STREAM_MASK == sid
+            pos += 5
+        if end < pos:
+            raise CodecProtocolError("HEADERS padding too long")
+        fragment = payload[pos:end] if pos or end != len(payload) else payload
+        end_stream = bool(flags & f.END_STREAM)
+        if flags & f.END_HEADERS:
+            self._check_block_size(len(fragment))
+            self._headers_complete(sid, end_stream, fragment, bad_priority, events)
+            return
+        self._block_sid = sid
+        self._block_parts = [fragment]
+        self._block_size = len(fragment)
+        self._check_block_size(self._block_size)
+        self._block_end_stream = end_stream
+        self._block_bad_priority = bad_priority
+
+    def _continuation(self, flags: int, payload: bytes, events: list[Event]) -> None:
+        parts = self._block_parts
+        parts.append(payload)
+        self._block_size += len(payload)
+        self._check_block_size(self._block_size)
+        if len(parts) > MAX_CONTINUATIONS:
+            raise CodecProtocolError("too many CONTINUATION frames", ENHANCE_YOUR_CALM)
+        if flags & f.END_HEADERS:
+            sid = self._block_sid
+            self._block_sid = 0
+            self._block_parts = []
+            block = b"".join(parts)
+            self._headers_complete(
+                sid, self._block_end_stream, block, self._block_bad_priority, events
+            )
+
+    def _check_block_size(self, size: int) -> None:
+        if size > self._max_block:
+            raise CodecProtocolError("header block too large", ENHANCE_YOUR_CALM)
+
+    # -- supplied by the connection ----------------------------------------------------------
+
+    def _on_data(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _headers_complete(
+        self, sid: int, end_stream: bool, block: bytes, bad_priority: bool, events: list[Event]
+    ) -> None:
+        raise NotImplementedError
+
+    def _on_window_update(self, sid: int, increment: int, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _on_settings(self, settings: list[tuple[int, int]], events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _on_settings_ack(self) -> None:
+        raise NotImplementedError
+
+    def _on_rst_stream(self, sid: int, code: int, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _on_goaway(self, last_stream_id: int, code: int, debug: bytes, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _stream_error(self, exc: StreamError, events: list[Event]) -> None:
+        raise NotImplementedError

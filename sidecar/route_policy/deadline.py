@@ -1,0 +1,138 @@
+"""Deadlines: the route timeout, the caller's ``grpc-timeout``, and what each try may use.
+
+The effective deadline of a request is the earlier of the route timeout (armed when the
+downstream request has ended, as Envoy does, so a long upload is not cut) and the caller's
+``grpc-timeout`` (counted from the request headers: the caller's clock started when it sent
+them). Each try gets ``min(per-try timeout, time left)`` and is told so upstream through its own
+``grpc-timeout``. When the whole deadline passes the request ends with 504 / DEADLINE_EXCEEDED
+(flag UT) and is never retried; a per-try timeout is an ordinary, retriable failure.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+
+from sidecar.flags import ResponseFlag
+
+GRPC_TIMEOUT_HEADER = b"grpc-timeout"
+EXPECTED_TIMEOUT_HEADER = b"x-pilotfish-expected-rq-timeout-ms"
+"""Sent upstream on plain HTTP requests, like Envoy's x-envoy-expected-rq-timeout-ms."""
+DEADLINE_FLAG = ResponseFlag.UPSTREAM_TIMEOUT
+"""504 / DEADLINE_EXCEEDED: never UNAVAILABLE, so the caller does not retry a spent deadline."""
+
+_NANOS = {b"H": 3600 * 10**9, b"M": 60 * 10**9, b"S": 10**9, b"m": 10**6, b"u": 10**3, b"n": 1}
+_FINEST_FIRST = (b"n", b"u", b"m", b"S", b"M", b"H")
+_MAX_DIGITS_VALUE = 99_999_999
+_GRPC_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
+
+
+class GrpcTimeoutError(ValueError):
+    """A ``grpc-timeout`` value that is not 1-8 digits followed by one of H M S m u n."""
+
+
+def parse_grpc_timeout(value: bytes | str) -> float:
+    """``b"100m"`` → 0.1 (seconds). Raises ``GrpcTimeoutError`` for anything malformed."""
+    raw = value.encode("latin-1") if isinstance(value, str) else value
+    m = _GRPC_TIMEOUT.fullmatch(raw)
+    if m is None:
+        raise GrpcTimeoutError(f"invalid grpc-timeout {raw!r}")
+    return int(m.group(1)) * _NANOS[m.group(2)] / 1e9
+
+
+def format_grpc_timeout(seconds: float) -> bytes:
+    """Seconds → the most precise ``grpc-timeout`` that fits 8 digits, rounded up to the unit.
+
+    Rounding up (by under 1e-5 relative: a coarser unit is only used once the finer one needs
+    more than 8 digits) keeps a tiny budget from becoming ``0n``, which is already expired.
+    """
+    nanos = max(0, round(seconds * 1e9))
+    for unit in _FINEST_FIRST:
+        count = -(-nanos // _NANOS[unit])
+        if count <= _MAX_DIGITS_VALUE:
+            return b"%d%s" % (count, unit)
+    return b"%dH" % _MAX_DIGITS_VALUE
+
+
+class TimerKind(enum.Enum):
+    PER_TRY = "per_try"  # the try failed (retriable under `reset`, `5xx`, `gateway-error`)
+    DEADLINE = "deadline"  # the request is over: local reply with DEADLINE_FLAG
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptTimer:
+    delay: float
+    kind: TimerKind
+
+
+class RequestDeadline:
+    """The deadline of one downstream request; every time is a reading of the same clock."""
+
+    __slots__ = ("_grpc_expires_at", "_route_expires_at", "_route_timeout", "grpc_timeout_invalid")
+
+    def __init__(
+        self, now: float, route_timeout: float | None, grpc_timeout: bytes | str | None = None
+    ) -> None:
+        """``route_timeout`` None or 0: none. A malformed ``grpc_timeout`` is ignored (as Envoy
+        does) and flagged in ``grpc_timeout_invalid`` for the access log."""
+        self._route_timeout = route_timeout or None
+        self._route_expires_at: float | None = None
+        self._grpc_expires_at: float | None = None
+        self.grpc_timeout_invalid = False
+        if grpc_timeout is not None:
+            try:
+                self._grpc_expires_at = now + parse_grpc_timeout(grpc_timeout)
+            except GrpcTimeoutError:
+                self.grpc_timeout_invalid = True
+
+    def request_ended(self, now: float) -> None:
+        """The downstream request is complete: the route timeout starts now (once)."""
+        if self._route_timeout is not None and self._route_expires_at is None:
+            self._route_expires_at = now + self._route_timeout
+
+    @property
+    def expires_at(self) -> float | None:
+        """The earliest armed expiry, or None while nothing bounds the request."""
+        times = [t for t in (self._route_expires_at, self._grpc_expires_at) if t is not None]
+        return min(times) if times else None
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds left (0.0 once expired), or None when unbounded."""
+        expires = self.expires_at
+        return None if expires is None else max(0.0, expires - now)
+
+    def expired(self, now: float) -> bool:
+        expires = self.expires_at
+        return expires is not None and now >= expires
+
+    def attempt_timer(self, now: float, per_try_timeout: float | None) -> AttemptTimer | None:
+        """The one timer to arm for a try starting (or a request ending) at ``now``.
+
+        Re-arm it on ``request_ended``, since that may bring the deadline forward."""
+        remaining = self.remaining(now)
+        if per_try_timeout and (remaining is None or per_try_timeout < remaining):
+            return AttemptTimer(per_try_timeout, TimerKind.PER_TRY)
+        if remaining is None:
+            return None
+        return AttemptTimer(remaining, TimerKind.DEADLINE)
+
+    def upstream_budget(self, now: float, per_try_timeout: float | None) -> float | None:
+        """What a try started now may take: min(per-try timeout, time left); None: unbounded."""
+        remaining = self.remaining(now)
+        if per_try_timeout and (remaining is None or per_try_timeout < remaining):
+            return per_try_timeout
+        return remaining
+
+    def upstream_header(
+        self, now: float, per_try_timeout: float | None, grpc: bool
+    ) -> tuple[bytes, bytes] | None:
+        """The header that tells the upstream its budget: ``grpc-timeout`` for gRPC (replacing
+        the caller's), ``x-pilotfish-expected-rq-timeout-ms`` otherwise; None if unbounded."""
+        budget = self.upstream_budget(now, per_try_timeout)
+        if budget is None:
+            return None
+        if grpc:
+            return GRPC_TIMEOUT_HEADER, format_grpc_timeout(budget)
+        return EXPECTED_TIMEOUT_HEADER, str(math.ceil(budget * 1000)).encode()
