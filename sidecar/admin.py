@@ -76,13 +76,26 @@ class AdminServer:
             ("GET", "/"): self.index,
         }
         self.server: asyncio.AbstractServer | None = None
+        self.prometheus_server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
 
+    async def start_prometheus(self, host: str, port: int) -> None:
+        """A port for scrapers that serves only the metrics, as Envoy's 15090 does."""
+        scraper = AdminServer(self.sidecar)
+        scraper.routes = {
+            ("GET", "/stats/prometheus"): self.prometheus,
+            ("GET", "/metrics"): self.prometheus,
+        }
+        self.prometheus_server = await asyncio.start_server(
+            scraper._serve, host, port, reuse_address=True
+        )
+
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in (self.server, self.prometheus_server):
+            if server is not None:
+                server.close()
 
     def handle(self, method: str, target: str) -> Response:
         path = target.split("?", 1)[0]
@@ -161,7 +174,8 @@ class AdminServer:
                 lines.append(f"# TYPE {metric} {kind}")
             lines.append(f"{metric}{labels} {value}")
         grouped = _group_by_metric(lines)
-        return 200, "text/plain; version=0.0.4", ("\n".join(grouped) + "\n").encode()
+        text = self.sidecar.metrics.render() + "\n".join(grouped) + "\n"
+        return 200, "text/plain; version=0.0.4", text.encode()
 
     def clusters(self) -> Response:
         lines: list[str] = []

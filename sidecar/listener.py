@@ -69,6 +69,13 @@ class ListenerRuntime:
         self.shedder: LoadShedder | None = None
         self.update(config)
 
+    @property
+    def direction(self) -> str:
+        """ "inbound" (to the local app) or "outbound", for metrics."""
+        if self.config.direction:
+            return self.config.direction
+        return "inbound" if self.config.name.startswith("inbound") else "outbound"
+
     def update(self, config: ListenerConfig) -> None:
         """Take a new config; the load shedder keeps its windows if its config is the same."""
         old = self.config.load_shedding if self.shedder is not None else None

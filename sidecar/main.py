@@ -57,6 +57,8 @@ async def serve(
     if admin:
         await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
         log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
+        if bootstrap.admin.prometheus is not None:
+            await admin_server.start_prometheus(*bootstrap.admin.prometheus)
     await sidecar.start()
     xds_task: asyncio.Task[None] | None = None
     if xds is not None:

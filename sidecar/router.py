@@ -32,6 +32,7 @@ from sidecar.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 
 if TYPE_CHECKING:
     from sidecar.listener import ListenerRuntime
+    from sidecar.observability.tracing import SpanHandle
     from sidecar.pool import PooledConnection
     from sidecar.route_policy.shedding import InFlight
     from sidecar.routing import RouteDecision
@@ -63,8 +64,8 @@ class Attempt:
     """One try of an exchange against one upstream host."""
 
     __slots__ = (
-        "cancelled", "exchange", "held", "host", "index", "pending_permit", "retry_permit",
-        "started", "status", "stream", "timer",
+        "cancelled", "exchange", "flag", "grpc_status", "host", "http_status", "index",
+        "pending_permit", "retry_permit", "span", "started", "status", "stream", "timer",
     )  # fmt: skip
 
     def __init__(self, exchange: Exchange, host: UpstreamHost, index: int) -> None:
@@ -77,8 +78,11 @@ class Attempt:
         self.timer: asyncio.TimerHandle | None = None
         self.pending_permit: Permit | None = None
         self.retry_permit: Permit | None = None
-        self.held: tuple[Headers, bool] | None = None  # response headers awaiting a decision
         self.status: int | None = None  # what the upstream said, for outlier detection
+        self.http_status = 0
+        self.grpc_status: int | None = None
+        self.flag: str | None = None  # why this try failed, for its span
+        self.span: SpanHandle | None = None
 
     # Waiter (pool) side
     def on_connection(self, conn: PooledConnection) -> None:
@@ -131,6 +135,10 @@ class Attempt:
         self.host.cluster.request_finished(
             self.index, self.host, time.monotonic() - self.started, self.status
         )
+        if self.span is not None:
+            self.exchange.listener.sidecar.tracer.end(
+                self.span, self.http_status, grpc_status=self.grpc_status, flag=self.flag
+            )
 
 
 class Exchange:
@@ -168,8 +176,14 @@ class Exchange:
         self.timer: asyncio.TimerHandle | None = None
         self.retry_timer: asyncio.TimerHandle | None = None
         self.status = 0
+        self.grpc_status: int | None = None
         self.flags: list[str] = []
         self.upstream_host = ""
+        self.start_wall = time.time()
+        self.protocol = "HTTP/2" if getattr(downstream, "stream_id", None) else "HTTP/1.1"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.trace: SpanHandle | None = None
 
     # -- downstream events -----------------------------------------------------------------
 
@@ -215,6 +229,9 @@ class Exchange:
             decision = table.match(
                 self.authority, self.path, self.method, lazy_headers, listener.random
             )
+        self.trace = listener.sidecar.tracer.start_server_span(
+            headers, route=decision.route.name if decision is not None else None
+        )
         if decision is None:
             self.local_reply(ResponseFlag.NO_ROUTE)
             return
@@ -326,6 +343,7 @@ class Exchange:
         if self.done:
             self.downstream.ack(flow_len)
             return
+        self.bytes_in += len(data)
         if self.replay is not None and data:
             self.replay_size += len(data)
             if self.replay_size > REPLAY_LIMIT:
@@ -395,6 +413,13 @@ class Exchange:
         self.attempts += 1
         self.upstream_host = host.endpoint.address
         attempt = Attempt(self, host, index)
+        if self.trace is not None:
+            attempt.span = self.listener.sidecar.tracer.start_client_span(
+                self.trace,
+                self.attempts,
+                upstream=host.endpoint.address,
+                cluster=cluster.config.name,
+            )
         attempt.retry_permit, self.retry_permit = self.retry_permit, None
         self.attempt = attempt
         cluster.request_started(index)
@@ -419,6 +444,9 @@ class Exchange:
         )
         if budget is not None:
             headers.append(budget)
+        span = self.attempt.span if self.attempt is not None else None
+        if span is not None:
+            headers = self.listener.sidecar.tracer.inject(span, headers)
         return headers
 
     def attempt_connected(self, attempt: Attempt, conn: Upstream) -> None:
@@ -502,6 +530,7 @@ class Exchange:
     def _try_failed(self, attempt: Attempt, outcome: Outcome, flag: ResponseFlag) -> None:
         """A try ended without a response to pass on: retry it, or answer ``flag``."""
         assert self.cluster is not None and self.retry is not None
+        attempt.flag = flag.code
         self._cancel_attempt(CANCEL)
         if self._maybe_retry(outcome):
             return
@@ -547,7 +576,9 @@ class Exchange:
         if status < 200:
             return  # 1xx: interim
         grpc_status = _header(headers, b"grpc-status") if end_stream else None
-        attempt.status = status
+        attempt.status = attempt.http_status = status
+        if grpc_status is not None and grpc_status.isdigit():
+            attempt.grpc_status = self.grpc_status = int(grpc_status)
         if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
             attempt.status = _grpc_as_http(int(grpc_status))
         if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
@@ -589,6 +620,7 @@ class Exchange:
             return
         upstream = attempt.stream
         assert upstream is not None
+        self.bytes_out += len(data)
         self.downstream.send_data(data, end, (lambda: upstream.ack(flow_len)) if flow_len else None)
         if end:
             self._complete()
@@ -597,6 +629,8 @@ class Exchange:
         if self.done:
             return
         grpc_status = _header(trailers, b"grpc-status")
+        if grpc_status is not None and grpc_status.isdigit():
+            attempt.grpc_status = self.grpc_status = int(grpc_status)
         if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
             attempt.status = _grpc_as_http(int(grpc_status))
             if self.cluster is not None and self.cluster.resilience.throttle is not None:
@@ -662,6 +696,9 @@ class Exchange:
         self.response_started = True
         self.flags.append(reply.flag_code)
         status = reply.http_status
+        if self.grpc:
+            self.grpc_status = reply.grpc_status
+            status = 200
         log.info(
             "local reply %s %s %s%s -> %d flag=%s: %s",
             self.listener.config.name, self.method, self.authority, self.path,
@@ -719,6 +756,10 @@ class Exchange:
                 scope.inc(f"upstream_rq_{status // 100}xx")
         if status:
             listener.scope.inc(f"downstream_rq_{status // 100}xx")
+        if self.trace is not None:
+            listener.sidecar.tracer.end(
+                self.trace, status, grpc_status=self.grpc_status, flag=",".join(self.flags) or None
+            )
         listener.exchange_done(self)
 
 

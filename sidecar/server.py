@@ -7,11 +7,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pilotfish.config.model import Bootstrap, ListenerConfig
+from pilotfish.config.model import Bootstrap, ListenerConfig, TelemetryConfig
 from sidecar.listener import ListenerRuntime, SniffingProtocol
+from sidecar.observability.access_log import AccessEntry, AccessLog
+from sidecar.observability.metrics import MeshMetrics
+from sidecar.observability.tracing import Tracer
 from sidecar.route_policy.runtime import RoutePolicyRuntime
 from sidecar.routing import RouteTable
 from sidecar.stats import StatsStore
@@ -22,7 +25,6 @@ if TYPE_CHECKING:
     from sidecar.routing import RouteDecision
 
 log = logging.getLogger("pilotfish.sidecar")
-access_log = logging.getLogger("pilotfish.access")
 
 CPU_SAMPLE_INTERVAL = 0.25
 
@@ -50,6 +52,11 @@ class Sidecar:
         self.config_updated_at = 0.0
         self.stopped = asyncio.Event()
         self.config_dump_extra: Callable[[], dict[str, Any]] | None = None
+        self.metrics = MeshMetrics()
+        self.telemetry = bootstrap.telemetry
+        self.tracer = Tracer.create(bootstrap.telemetry.tracing)
+        self.metrics.read_span_drops(lambda: self.tracer.dropped_spans)
+        self.access = AccessLog(bootstrap.telemetry.access_log)
         self._drain_task: asyncio.Task[None] | None = None
         self._started = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -69,6 +76,7 @@ class Sidecar:
         self.clusters.apply(bootstrap.clusters)
         self.route_tables = {name: RouteTable(rc) for name, rc in bootstrap.route_configs.items()}
         self._update_route_policies(bootstrap)
+        self._update_telemetry(bootstrap.telemetry)
         self.bootstrap = bootstrap
         self.config_updated_at = time.time()
         self.stats.scope("server").inc("config_updates")
@@ -174,6 +182,22 @@ class Sidecar:
         self._route_policies_by_key = by_key
         self._route_policies = by_id
 
+    def _update_telemetry(self, telemetry: TelemetryConfig) -> None:
+        if telemetry == self.telemetry:
+            return
+        if telemetry.tracing != self.telemetry.tracing:
+            old_tracer, self.tracer = self.tracer, Tracer.create(telemetry.tracing)
+            self._in_background(asyncio.to_thread(old_tracer.shutdown))
+        if telemetry.access_log != self.telemetry.access_log:
+            self.access.close()
+            self.access = AccessLog(telemetry.access_log)
+        self.telemetry = telemetry
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_event_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def route_policy(self, decision: RouteDecision) -> RoutePolicyRuntime:
         runtime = self._route_policies.get(id(decision.route))
         if runtime is None:  # routed under a config that has since been replaced
@@ -246,21 +270,49 @@ class Sidecar:
         self.clusters.close_all()
         if self._cpu_task is not None:
             self._cpu_task.cancel()
-        await asyncio.sleep(0)
+        self.access.close()
+        # Flushing spans blocks (bounded by the tracer's shutdown timeout): not on the loop.
+        await asyncio.to_thread(self.tracer.shutdown)
         self.stopped.set()
 
     # -- logging ---------------------------------------------------------------------------
 
     def access_log(self, listener: ListenerRuntime, exchange: Exchange) -> None:
-        if access_log.isEnabledFor(logging.DEBUG):
-            access_log.debug(
-                "%s %s %s%s %d %s %.1fms upstream=%s",
-                listener.config.name,
-                exchange.method,
-                exchange.authority,
-                exchange.path,
-                exchange.status,
-                ",".join(exchange.flags) or "-",
-                (time.monotonic() - exchange.start) * 1000,
-                exchange.upstream_host or "-",
+        """The end of a request: metrics, and its access log line."""
+        duration = time.monotonic() - exchange.start
+        flags = ",".join(exchange.flags)
+        decision = exchange.decision
+        route = decision.route.name if decision is not None else ""
+        service = exchange.cluster.config.name if exchange.cluster is not None else ""
+        self.metrics.route(listener.direction, service, route).record(
+            exchange.status,
+            exchange.grpc_status,
+            flags,
+            duration,
+            exchange.bytes_in,
+            exchange.bytes_out,
+        )
+        if self.access.enabled:
+            trace = exchange.trace
+            self.access.log(
+                AccessEntry(
+                    start_time=exchange.start_wall,
+                    method=exchange.method,
+                    authority=exchange.authority,
+                    path=exchange.path,
+                    protocol=exchange.protocol,
+                    status=exchange.status,
+                    duration_ms=duration * 1000,
+                    grpc_status=exchange.grpc_status,
+                    bytes_in=exchange.bytes_in,
+                    bytes_out=exchange.bytes_out,
+                    upstream_host=exchange.upstream_host or None,
+                    attempts=exchange.attempts,
+                    response_flags=flags or None,
+                    trace_id=trace.trace_id_hex or None if trace is not None else None,
+                    request_id=trace.request_id.decode("latin-1") if trace is not None else None,
+                    listener=listener.config.name,
+                    route=route or None,
+                    cluster=service or None,
+                )
             )

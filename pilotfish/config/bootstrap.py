@@ -16,6 +16,8 @@ from pilotfish.config.cluster_policy import (
     parse_outlier_detection,
 )
 from pilotfish.config.errors import ConfigError
+from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
+from sidecar.observability.tracing_config import TracingConfig
 from pilotfish.config.fields import Node, parse_address
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import (
@@ -31,6 +33,7 @@ from pilotfish.config.model import (
     RouteConfig,
     RouteEntry,
     RouteMatch,
+    TelemetryConfig,
     VirtualHost,
     WeightedCluster,
 )
@@ -55,7 +58,16 @@ def load_bootstrap_file(path: str | Path) -> Bootstrap:
 
 def parse_bootstrap(document: Any) -> Bootstrap:
     root = Node("", document).mapping(
-        {"node_id", "admin", "listeners", "route_configs", "clusters", "drain_timeout"}
+        {
+            "node_id",
+            "admin",
+            "listeners",
+            "route_configs",
+            "clusters",
+            "drain_timeout",
+            "tracing",
+            "access_log",
+        }
     )
     clusters: dict[str, ClusterConfig] = {}
     for node in root.get("clusters").elements() if root.has("clusters") else ():
@@ -80,6 +92,10 @@ def parse_bootstrap(document: Any) -> Bootstrap:
         clusters=clusters,
         admin=parse_admin(root.get("admin")),
         drain_timeout=root.get("drain_timeout").as_duration(5.0),
+        telemetry=TelemetryConfig(
+            tracing=parse_tracing(root.get("tracing")),
+            access_log=parse_access_log(root.get("access_log")),
+        ),
     )
 
 
@@ -114,11 +130,59 @@ def _check_references(
 def parse_admin(node: Node) -> AdminConfig:
     if node.value is None:
         return AdminConfig()
-    node.mapping({"address", "port"})
+    node.mapping({"address", "port", "prometheus_address"})
+    prometheus = node.get("prometheus_address")
     return AdminConfig(
         host=node.get("address").as_str("127.0.0.1"),
         port=node.get("port").as_int(15000, maximum=65535),
+        prometheus=parse_address(prometheus.path, prometheus.value)
+        if node.has("prometheus_address")
+        else None,
     )
+
+
+def parse_tracing(node: Node) -> TracingConfig:
+    """``tracing: {endpoint: http://jaeger:4317, sampling: 1%, service_name: ..., ...}``."""
+    if node.value is None:
+        return TracingConfig()
+    node.mapping({"enabled", "endpoint", "sampling", "service_name", "propagators"})
+    default = TracingConfig()
+    sampling = node.get("sampling")
+    ratio = default.sample_ratio
+    if sampling.value is not None:
+        text = str(sampling.value).strip()
+        try:
+            ratio = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise sampling.error("expected a percentage like 1% or a ratio like 0.01") from None
+        if not 0 <= ratio <= 1:
+            raise sampling.error("expected a percentage from 0% to 100%")
+    propagators = default.propagators
+    if node.has("propagators"):
+        allowed = ("tracecontext", "b3", "b3multi")
+        propagators = tuple(p.as_choice(allowed) for p in node.get("propagators").elements())
+    return TracingConfig(
+        enabled=node.get("enabled").as_bool(True),
+        endpoint=node.get("endpoint").as_str(default.endpoint),
+        sample_ratio=ratio,
+        service_name=node.get("service_name").as_str(default.service_name),
+        propagators=propagators,
+    )
+
+
+def parse_access_log(node: Node) -> AccessLogConfig:
+    """``access_log: {sink: stdout|file|off, path: ..., fields: [...]}``."""
+    if node.value is None:
+        return AccessLogConfig()
+    node.mapping({"sink", "path", "fields"})
+    sink = node.get("sink").as_choice(("stdout", "file", "off"), "stdout")
+    path = node.get("path").as_str() if node.has("path") else ""
+    if sink == "file" and not path:
+        raise node.get("path").error("the file sink needs a path")
+    fields = AccessLogConfig().fields
+    if node.has("fields"):
+        fields = tuple(f.as_choice(ALL_FIELDS) for f in node.get("fields").elements())
+    return AccessLogConfig(sink=sink, path=path, fields=fields)  # type: ignore[arg-type]
 
 
 def parse_listener(node: Node) -> ListenerConfig:
@@ -133,6 +197,7 @@ def parse_listener(node: Node) -> ListenerConfig:
             "per_stream_buffer",
             "max_request_headers",
             "http1_idle_timeout",
+            "direction",
             *LISTENER_POLICY_KEYS,
         }
     )
@@ -175,6 +240,9 @@ def parse_listener(node: Node) -> ListenerConfig:
         max_request_headers_bytes=node.get("max_request_headers").as_int(60 * 1024, minimum=1024),
         http1_idle_timeout=node.get("http1_idle_timeout").as_duration(300.0),
         load_shedding=parse_load_shedding(node.get("load_shedding")),
+        direction=node.get("direction").as_choice(("inbound", "outbound"), "")
+        if node.has("direction")
+        else "",
     )
 
 

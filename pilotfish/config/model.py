@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
 from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
+from sidecar.observability.access_log import AccessLogConfig
+from sidecar.observability.tracing_config import TracingConfig
 
 
 class Protocol(enum.Enum):
@@ -149,6 +151,8 @@ class ListenerConfig:
     mode: str = "auto"
     per_stream_buffer_bytes: int = 256 * 1024
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
+    # "inbound" (to the local app) or "outbound" (from it), for metrics; "" guesses by name.
+    direction: str = ""
     max_request_headers_bytes: int = 60 * 1024
     http1_idle_timeout: float = 300.0
 
@@ -157,6 +161,16 @@ class ListenerConfig:
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 15000
+    # A second port that serves only /stats/prometheus, for scrapers (Envoy's 15090).
+    prometheus: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """Where traces and access logs go; the ``OTEL_*`` environment overrides tracing."""
+
+    tracing: TracingConfig = TracingConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,3 +183,4 @@ class Bootstrap:
     admin: AdminConfig = AdminConfig()
     drain_timeout: float = 5.0
     node_id: str = "sidecar"
+    telemetry: TelemetryConfig = TelemetryConfig()
