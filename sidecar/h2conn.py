@@ -298,7 +298,7 @@ class H2Connection(asyncio.Protocol):
         if stream.closed:
             return
         if not self.closed:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.reset_stream(stream.stream_id, code)
             self.mark_dirty()
         self._close_stream(stream, None, code)

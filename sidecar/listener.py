@@ -128,7 +128,7 @@ class H2ServerConnection(H2Connection):
         super().__init__(
             client_side=False,
             stream_window=window,
-            connection_window=max(window * 16, 1 << 20),
+            connection_window=256 * 1024 * 1024,  # streams are bounded by their own windows
             max_concurrent_streams=1000,
             max_header_list_size=listener.config.max_request_headers_bytes,
         )

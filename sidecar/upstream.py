@@ -31,7 +31,9 @@ from sidecar.streams import Headers, ResetReason, StreamHandler
 log = logging.getLogger(__name__)
 
 UPSTREAM_STREAM_WINDOW = 256 * 1024
-UPSTREAM_CONNECTION_WINDOW = 4 * 1024 * 1024
+# Per-stream windows bound what a stream buffers; the connection window must not let a few
+# stalled streams starve the others sharing the connection (Envoy defaults to 256 MiB too).
+UPSTREAM_CONNECTION_WINDOW = 256 * 1024 * 1024
 
 
 class H2ClientConnection(H2Connection):
