@@ -443,14 +443,9 @@ def test_large_stream_to_slow_reader_keeps_sidecar_memory_bounded(
     assert rss.growth < RSS_GROWTH_LIMIT, f"sidecar RSS grew {rss.growth / 2**20:.1f} MiB"
 
 
-# BUG (sidecar/upstream.py:25, UPSTREAM_CONNECTION_WINDOW = 4 MiB): the proxy credits a DATA
-# frame back to the upstream (H2Stream.ack -> acknowledge_received_data, stream and connection
-# together) only once the downstream has taken the bytes. That is right for the stream window,
-# but one upstream connection carries up to min(server limit, 1024) streams of 256 KiB windows
-# in a 4 MiB connection window: sixteen readers that stall use it all up, and every other call
-# multiplexed on that upstream connection hangs until they read. Fix: a connection window of
-# at least stream window x streams per connection (Envoy's default is 256 MiB); the per-stream
-# windows still bound what the proxy buffers.
+# Regression: the proxy credits a DATA frame back to the upstream only once the downstream has
+# taken the bytes. With a small connection window, a few stalled readers used it all up and
+# every other call multiplexed on that upstream connection hung.
 def test_stalled_readers_do_not_block_other_calls_on_the_upstream_connection(
     sidecar: ThreadedSidecar,
 ) -> None:
