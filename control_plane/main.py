@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from control_plane.mesh import load_mesh_file
+from control_plane.metrics import ControlPlaneMetrics
 from control_plane.status_service import StatusServicer
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds.cache import SnapshotCache
@@ -24,7 +25,9 @@ from control_plane.xds.callbacks import Callbacks
 from control_plane.xds.server import AdsServicer, ProxyRegistry
 from control_plane.xds.snapshot import InconsistentSnapshot
 from pilotfish.config.errors import ConfigError
+from pilotfish.config.fields import parse_address
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
+from pilotfish.plainhttp import start_plain_http
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,12 @@ class ControlPlane:
     watcher: MeshFileWatcher
     health: health.aio.HealthServicer
     _watch_task: asyncio.Task[None]
+    metrics: ControlPlaneMetrics
+    metrics_server: asyncio.AbstractServer | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._watch_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch_task
@@ -58,6 +65,7 @@ async def start_control_plane(
     port: int = 0,
     callbacks: Callbacks | None = None,
     poll_interval: float = 0.2,
+    metrics_address: tuple[str, int] | None = None,
 ) -> ControlPlane:
     """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad."""
     data = Path(config).read_bytes()
@@ -69,9 +77,12 @@ async def start_control_plane(
     registry = ProxyRegistry()
     watcher = MeshFileWatcher(config, cache.set_mesh, digest=MeshFileWatcher.digest_of(data))
 
+    metrics = ControlPlaneMetrics(callbacks)
+    metrics.generation = lambda: cache.generation
+    metrics.reload_errors = lambda: watcher.errors
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        AdsServicer(cache, registry, callbacks), server
+        AdsServicer(cache, registry, metrics), server
     )
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
@@ -87,15 +98,33 @@ async def start_control_plane(
     await server.start()
     for name in ("", ADS_SERVICE, STATUS_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_server = None
+    if metrics_address is not None:
+        metrics_server = await start_plain_http(metrics.handle, *metrics_address)
+        log.info("metrics on http://%s:%d/metrics", *metrics_address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
-    log.info("control plane serving %s (%d services) on %s:%d",
-             config, len(mesh.services), address, bound)
-    return ControlPlane(server, bound, cache, registry, watcher, health_servicer, task)
+    log.info(
+        "control plane serving %s (%d services) on %s:%d",
+        config,
+        len(mesh.services),
+        address,
+        bound,
+    )
+    return ControlPlane(
+        server, bound, cache, registry, watcher, health_servicer, task, metrics, metrics_server
+    )
 
 
 async def _serve(args: argparse.Namespace) -> int:
     try:
-        plane = await start_control_plane(args.config, args.address, args.port)
+        metrics_address = (
+            parse_address("--metrics-address", args.metrics_address)
+            if args.metrics_address
+            else None
+        )
+        plane = await start_control_plane(
+            args.config, args.address, args.port, metrics_address=metrics_address
+        )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ class MeshFileWatcher:
         self._stat: tuple[int, int] | None = None
         self._digest = digest
         self.last_error: str | None = None
+        self.errors = 0  # edits rejected, for metrics
 
     @staticmethod
     def digest_of(data: bytes) -> str:
@@ -68,6 +69,7 @@ class MeshFileWatcher:
     def _fail(self, message: str) -> None:
         if message != self.last_error:
             log.error("%s", message)
+            self.errors += 1
         self.last_error = message
 
     async def run(self, interval: float = POLL_INTERVAL) -> None:

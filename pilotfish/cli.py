@@ -38,6 +38,9 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--config", required=True, help="mesh file (YAML)")
     p.add_argument("--port", type=int, default=15010)
     p.add_argument("--address", default="127.0.0.1")
+    p.add_argument(
+        "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 

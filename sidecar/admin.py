@@ -22,13 +22,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import h11
-
+from pilotfish.plainhttp import Response, start_plain_http
 from sidecar.server import Sidecar
 
 log = logging.getLogger(__name__)
 
-Response = tuple[int, str, bytes]
 
 
 def _jsonable(value: Any) -> Any:
@@ -79,7 +77,7 @@ class AdminServer:
         self.prometheus_server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        self.server = await start_plain_http(self.handle, host, port)
 
     async def start_prometheus(self, host: str, port: int) -> None:
         """A port for scrapers that serves only the metrics, as Envoy's 15090 does."""
@@ -88,9 +86,7 @@ class AdminServer:
             ("GET", "/stats/prometheus"): self.prometheus,
             ("GET", "/metrics"): self.prometheus,
         }
-        self.prometheus_server = await asyncio.start_server(
-            scraper._serve, host, port, reuse_address=True
-        )
+        self.prometheus_server = await start_plain_http(scraper.handle, host, port)
 
     def close(self) -> None:
         for server in (self.server, self.prometheus_server):
@@ -109,36 +105,6 @@ class AdminServer:
                 f"{path} needs another method (POST to change state)\n".encode(),
             )
         return 404, "text/plain", b"not found; GET / lists the endpoints\n"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await reader.read(65536)
-                    conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.Request):
-                    status, ctype, body = self.handle(event.method.decode(), event.target.decode())
-                    headers = [("content-type", ctype), ("content-length", str(len(body)))]
-                    writer.write(
-                        conn.send(h11.Response(status_code=status, headers=headers)) or b""
-                    )
-                    writer.write(conn.send(h11.Data(data=body)) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                elif isinstance(event, h11.EndOfMessage):
-                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                        conn.start_next_cycle()
-                    else:
-                        break
-                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                    break
-        except (h11.ProtocolError, ConnectionError) as exc:
-            log.debug("admin connection error: %s", exc)
-        finally:
-            writer.close()
 
     # -- endpoints -------------------------------------------------------------------------
 

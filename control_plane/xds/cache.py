@@ -7,6 +7,7 @@ to be told that the mesh changed. That call is the only seam between the two.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class SnapshotCache:
         self._views = self._build_known_views(mesh)
         self._listeners: list[Callable[[], None]] = []
         self.generation = 1
+        self.changed_at = time.monotonic()
 
     @property
     def mesh(self) -> Mesh:
@@ -95,6 +97,7 @@ class SnapshotCache:
         views = self._build_known_views(mesh)
         self._mesh, self._views = mesh, views
         self.generation += 1
+        self.changed_at = time.monotonic()
         for listener in list(self._listeners):
             listener()
 

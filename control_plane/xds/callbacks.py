@@ -27,3 +27,7 @@ class Callbacks:
 
     def on_nack(self, stream_id: int, node_id: str, nack: NackReceived) -> None:
         """The client rejected a response."""
+
+    def on_response(self, stream_id: int, type_url: str, mesh_changed_at: float | None) -> None:
+        """A response is on its way; ``mesh_changed_at`` (``time.monotonic()``) when it
+        carries a mesh change, None when it answers a request."""

@@ -174,9 +174,11 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 item = await queue.get()
                 if isinstance(item, _ClientDone):
                     return
+                changed_at: float | None = None
                 try:
                     if isinstance(item, _MeshChanged):
                         responses = stream.on_mesh_changed()
+                        changed_at = self._cache.changed_at
                     else:
                         responses = stream.on_request(item)
                 except ProtocolError as exc:
@@ -184,6 +186,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
                 for response in responses:
+                    self._callbacks.on_response(proxy.stream_id, response.type_url, changed_at)
                     yield response
         finally:
             stop_watching()
