@@ -19,7 +19,6 @@ from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
 from sidecar.admin import AdminServer
 from sidecar.server import Sidecar
-from sidecar.xds_client import XdsClient, make_node
 
 log = logging.getLogger("pilotfish.sidecar")
 
@@ -62,6 +61,9 @@ async def serve(
     await sidecar.start()
     xds_task: asyncio.Task[None] | None = None
     if xds is not None:
+        # The xDS messages (and grpc) cost memory: only xDS-driven sidecars load them.
+        from sidecar.xds_client import XdsClient, make_node
+
         client = XdsClient(sidecar, bootstrap, xds.address, make_node(xds.node_id, xds.metadata))
         xds_task = loop.create_task(client.run())
     if started is not None:

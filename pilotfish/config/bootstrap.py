@@ -16,8 +16,6 @@ from pilotfish.config.cluster_policy import (
     parse_outlier_detection,
 )
 from pilotfish.config.errors import ConfigError
-from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
-from sidecar.observability.tracing_config import TracingConfig
 from pilotfish.config.fields import Node, parse_address
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import (
@@ -45,6 +43,8 @@ from pilotfish.config.route_policy_yaml import (
     parse_load_shedding,
     parse_route_policy,
 )
+from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
+from sidecar.observability.tracing_config import TracingConfig
 
 
 def load_bootstrap_file(path: str | Path) -> Bootstrap:

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pilotfish.config.cluster_policy import HealthCheckConfig, HealthCheckType
+from sidecar.cluster_policy.grpc_probe import GrpcProbe
 from sidecar.cluster_policy.health import (
     HealthChanged,
     HealthChecker,
@@ -23,7 +24,6 @@ from sidecar.cluster_policy.health import (
     HostBecameUnhealthy,
 )
 from sidecar.cluster_policy.health_probes import (
-    GrpcProbe,
     HealthCheckRunner,
     HttpProbe,
     ProbeResult,
