@@ -292,18 +292,25 @@ class Exchange:
         if cluster is None:
             self.local_reply(ResponseFlag.NO_CLUSTER)
             return
-        if self.request_permit is not None:
-            self.request_permit.release()
+        self._leave_cluster()
         self.cluster = cluster
         self.tried = set()
         cluster.scope.inc("upstream_rq_total")
         self.request_permit = cluster.resilience.breakers.try_acquire_request()
         if self.request_permit is None:
             cluster.scope.inc("upstream_rq_overflow")
-            self.local_reply(ResponseFlag.UPSTREAM_OVERFLOW)
+            self._fail(ResponseFlag.UPSTREAM_OVERFLOW, None)
             return
         cluster.scope.gauge_add("upstream_rq_active", 1)
         self._start_attempt()
+
+    def _leave_cluster(self) -> None:
+        """Give back what the request holds of its cluster (before a fallback, or at the end)."""
+        if self.request_permit is not None:
+            self.request_permit.release()
+            self.request_permit = None
+            if self.cluster is not None:
+                self.cluster.scope.gauge_add("upstream_rq_active", -1)
 
     def _rewrite(self, headers: Headers, prefix: str | None, host: str | None) -> Headers:
         out: Headers = []
@@ -406,7 +413,7 @@ class Exchange:
             return
         choice = cluster.choose_host(self.tried, self._lb_context(cluster))
         if choice is None:
-            self.local_reply(ResponseFlag.NO_HEALTHY_UPSTREAM)
+            self._fail(ResponseFlag.NO_HEALTHY_UPSTREAM, None)
             return
         index, host = choice
         self.tried.add(index)
@@ -668,8 +675,6 @@ class Exchange:
             if isinstance(choice, FallbackCluster):
                 self.in_fallback = True
                 self.listener.scope.inc("downstream_rq_fallback")
-                if self.cluster is not None:
-                    self.cluster.scope.gauge_add("upstream_rq_active", -1)
                 self._route_to(choice.name)
                 return
             if choice is not None:
@@ -739,21 +744,18 @@ class Exchange:
         self.timer = self.retry_timer = None
         self.pending.clear()
         self.replay = None
-        for permit in (self.request_permit, self.retry_permit):
-            if permit is not None:
-                permit.release()
-        self.request_permit = self.retry_permit = None
+        self._leave_cluster()
+        if self.retry_permit is not None:
+            self.retry_permit.release()
+            self.retry_permit = None
         if self.inflight is not None:
             self.inflight.done()
             self.inflight = None
         self.status = status
         listener = self.listener
         listener.scope.gauge_add("downstream_rq_active", -1)
-        if self.cluster is not None:
-            scope = self.cluster.scope
-            scope.gauge_add("upstream_rq_active", -1)
-            if status and not self.flags:
-                scope.inc(f"upstream_rq_{status // 100}xx")
+        if self.cluster is not None and status and not self.flags:
+            self.cluster.scope.inc(f"upstream_rq_{status // 100}xx")
         if status:
             listener.scope.inc(f"downstream_rq_{status // 100}xx")
         if self.trace is not None:
