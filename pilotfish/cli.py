@@ -59,6 +59,12 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
     p.add_argument("--rate", type=float, default=50.0, help="calls per second")
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="trace every call and export the sidecars' spans over OTLP/gRPC to URL, e.g. "
+        "http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
+    )
 
 
 def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -68,6 +68,9 @@ class ListenerRuntime:
         self.server: asyncio.AbstractServer | None = None
         self.shedder: LoadShedder | None = None
         self.update(config)
+        metrics = sidecar.metrics
+        self.connections_gauge = metrics.active_connections.labels(self.direction)
+        self.streams_gauge = metrics.active_streams.labels(self.direction)
 
     @property
     def direction(self) -> str:
@@ -104,11 +107,13 @@ class ListenerRuntime:
         self.connections.add(conn)
         self.scope.inc("downstream_cx_total")
         self.scope.gauge_add("downstream_cx_active", 1)
+        self.connections_gauge.value += 1
 
     def connection_closed(self, conn: Any) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             self.scope.gauge_add("downstream_cx_active", -1)
+            self.connections_gauge.value -= 1
 
     def start_drain(self) -> None:
         self.draining = True

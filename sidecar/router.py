@@ -212,6 +212,7 @@ class Exchange:
         listener = self.listener
         listener.scope.inc("downstream_rq_total")
         listener.scope.gauge_add("downstream_rq_active", 1)
+        listener.streams_gauge.value += 1
         if listener.draining:
             self.local_reply(ResponseFlag.DRAINING)
             return
@@ -530,6 +531,7 @@ class Exchange:
             return
         assert self.cluster is not None
         self.cluster.scope.inc("upstream_rq_per_try_timeout")
+        self.cluster.metrics.timeouts.value += 1
         self._try_failed(
             attempt, Outcome(failure=Failure.PER_TRY_TIMEOUT), ResponseFlag.UPSTREAM_TIMEOUT
         )
@@ -560,6 +562,7 @@ class Exchange:
                 cluster.scope.inc("upstream_rq_retry_overflow")
             return False
         cluster.scope.inc("upstream_rq_retry")
+        cluster.metrics.retries.value += 1
         self.retry_permit = decision.permit
         self.retry_timer = self.loop.call_later(decision.backoff, self._start_attempt)
         return True
@@ -661,6 +664,8 @@ class Exchange:
 
     def _fail(self, flag: ResponseFlag, outcome: Outcome | None) -> None:
         """No try will answer: the route's fallback may, else a local reply with ``flag``."""
+        if flag is ResponseFlag.UPSTREAM_OVERFLOW and self.cluster is not None:
+            self.cluster.metrics.overflows.value += 1
         policy = (
             self.listener.sidecar.route_policy(self.decision) if self.decision is not None else None
         )
@@ -696,6 +701,7 @@ class Exchange:
         else:
             body = reply.http_body(self.grpc, self.method)
             self.downstream.send_headers(reply.headers(self.grpc), not body)
+            self.bytes_out += len(body)
             if body:
                 self.downstream.send_data(body, True, None)
         self.response_started = True
@@ -732,6 +738,7 @@ class Exchange:
             return
         if self.cluster is not None:
             self.cluster.scope.inc("upstream_rq_timeout")
+            self.cluster.metrics.timeouts.value += 1
         self.local_reply(ResponseFlag.UPSTREAM_TIMEOUT)
 
     def _finish(self, status: int) -> None:
@@ -754,6 +761,7 @@ class Exchange:
         self.status = status
         listener = self.listener
         listener.scope.gauge_add("downstream_rq_active", -1)
+        listener.streams_gauge.value -= 1
         if self.cluster is not None and status and not self.flags:
             self.cluster.scope.inc(f"upstream_rq_{status // 100}xx")
         if status:

@@ -42,7 +42,8 @@ class Sidecar:
         # Dynamic (xDS) sidecars are not ready until their first complete config arrives.
         self.dynamic = dynamic
         self.stats = StatsStore()
-        self.clusters = ClusterManager(self.stats)
+        self.metrics = MeshMetrics()
+        self.clusters = ClusterManager(self.stats, self.metrics)
         self.route_tables: dict[str, RouteTable] = {}
         self.listeners: dict[str, ListenerRuntime] = {}
         self.health_check_failed = False
@@ -52,7 +53,6 @@ class Sidecar:
         self.config_updated_at = 0.0
         self.stopped = asyncio.Event()
         self.config_dump_extra: Callable[[], dict[str, Any]] | None = None
-        self.metrics = MeshMetrics()
         self.telemetry = bootstrap.telemetry
         self.tracer = Tracer.create(bootstrap.telemetry.tracing)
         self.metrics.read_span_drops(lambda: self.tracer.dropped_spans)

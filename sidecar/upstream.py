@@ -22,6 +22,7 @@ from sidecar.cluster_policy.outlier import HostEjected
 from sidecar.flags import ResponseFlag
 from sidecar.h1conn import H1ClientConnection
 from sidecar.h2conn import H2Connection, H2Stream
+from sidecar.observability.metrics import ClusterStats, MeshMetrics
 from sidecar.pool import ConnectionPool, PooledConnection
 from sidecar.route_policy.breaker import Permit
 from sidecar.route_policy.runtime import ClusterResilienceRuntime
@@ -209,9 +210,10 @@ class UpstreamHost:
 class ClusterRuntime:
     """One cluster: its hosts, and the balancer narrowed by health checks and ejections."""
 
-    def __init__(self, config: ClusterConfig, stats: StatsStore) -> None:
+    def __init__(self, config: ClusterConfig, stats: StatsStore, metrics: MeshMetrics) -> None:
         self.config = config
         self.scope: Scope = stats.scope(f"cluster.{config.name}")
+        self.metrics: ClusterStats = metrics.cluster(config.name)
         self.hosts: list[UpstreamHost] = [UpstreamHost(self, e) for e in config.endpoints]
         self.balancer = self._new_balancer(config)
         loop = asyncio.get_event_loop()
@@ -263,6 +265,9 @@ class ClusterRuntime:
         self.scope.gauges["outlier_detection.ejections_active"] = sum(
             1 for s in states if s.ejected
         )
+        healthy = self.scope.gauges["membership_healthy"]
+        self.metrics.healthy_hosts.value = healthy
+        self.metrics.unhealthy_hosts.value = len(states) - healthy
 
     def _schedule_outlier_sweep(self) -> None:
         when = self.balancer.next_outlier_evaluation_at
@@ -310,6 +315,7 @@ class ClusterRuntime:
             self._update_health_gauges()
             if self.scope.gauges["outlier_detection.ejections_active"] > before:
                 self.scope.inc("outlier_detection.ejections_enforced_total")
+                self.metrics.ejections.value += 1
                 log.info("outlier detection: %s ejected", host.endpoint.address)
             self._schedule_outlier_sweep()
 
@@ -328,6 +334,7 @@ class ClusterRuntime:
         new = ClusterRuntime.__new__(ClusterRuntime)
         new.config = config
         new.scope = self.scope
+        new.metrics = self.metrics
         new.resilience = self.resilience
         new.resilience.update(config.resilience)
         same_shape = (config.protocol, config.max_concurrent_streams) == (
@@ -386,8 +393,9 @@ _background: set[asyncio.Task[None]] = set()
 
 
 class ClusterManager:
-    def __init__(self, stats: StatsStore) -> None:
+    def __init__(self, stats: StatsStore, metrics: MeshMetrics) -> None:
         self.stats = stats
+        self.metrics = metrics
         self.clusters: dict[str, ClusterRuntime] = {}
         self.running = False
 
@@ -396,7 +404,7 @@ class ClusterManager:
         for name, config in configs.items():
             old = self.clusters.get(name)
             if old is None:
-                clusters[name] = ClusterRuntime(config, self.stats)
+                clusters[name] = ClusterRuntime(config, self.stats, self.metrics)
             elif old.config == config:
                 clusters[name] = old
             else:

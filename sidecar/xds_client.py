@@ -137,6 +137,7 @@ class XdsClient:
         actions = self.state.on_response(response, self._apply)
         kind = SHORT.get(response.type_url, response.type_url)
         scope = self.sidecar.stats.scope("xds")
+        self.sidecar.metrics.xds_update(kind, actions.rejected is None)
         if actions.rejected is not None:
             self.rejected += 1
             scope.inc("update_rejected")

@@ -20,12 +20,15 @@ except ImportError:  # a dev dependency; without it the orphan checks are skippe
     psutil = None
 
 from pilotfish.config.bootstrap import parse_bootstrap
+from pilotfish.demo import otlp_endpoint
 from pilotfish.demo.api import demo_pb2_grpc
 from pilotfish.demo.processes import free_ports, tcp_accepts
 from pilotfish.demo.summary import (
     CallFinished,
     format_progress,
     format_summary,
+    format_traces,
+    jaeger_ui,
     percentile,
     summarize,
 )
@@ -37,7 +40,9 @@ from pilotfish.demo.topology import (
     ports_needed,
     sidecar_bootstrap,
 )
-from pilotfish.demo.traffic import call_greeter, callers_for
+from pilotfish.demo.traffic import call_greeter, callers_for, new_traceparent
+from sidecar.observability.propagation import parse_traceparent
+from tests.observability.otlp_receiver import OtlpReceiver
 
 # --- percentiles and the summary --------------------------------------------------------------
 
@@ -165,6 +170,48 @@ def test_every_sidecar_bootstrap_loads_and_points_at_the_right_ports() -> None:
         assert all(listener.host == "127.0.0.1" for listener in boots[sidecar.node_id].listeners)
 
 
+def test_sidecars_trace_only_when_an_otlp_endpoint_is_given() -> None:
+    topology = plan_topology(iter(range(20000, 20000 + ports_needed(1, 1))), greeters=1, quotes=1)
+    for sidecar in topology.sidecars:
+        plain = parse_bootstrap(sidecar_bootstrap(topology, sidecar))
+        assert not plain.telemetry.tracing.enabled
+        boot = sidecar_bootstrap(topology, sidecar, otlp_endpoint="http://127.0.0.1:4317")
+        tracing = parse_bootstrap(boot).telemetry.tracing
+        assert tracing.enabled and tracing.endpoint == "http://127.0.0.1:4317"
+        assert (tracing.sample_ratio, tracing.service_name) == (1.0, sidecar.node_id)
+
+
+def test_each_call_starts_a_sampled_w3c_trace() -> None:
+    trace_id, header = new_traceparent()
+    parent = parse_traceparent(header.encode())
+    assert parent is not None and parent.sampled
+    assert f"{parent.trace_id:032x}" == trace_id
+    assert new_traceparent()[0] != trace_id
+
+
+def test_the_otlp_endpoint_comes_from_the_flag_or_the_environment() -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    assert otlp_endpoint("http://flag:4317", env) == "http://flag:4317"
+    assert otlp_endpoint(None, env) == "http://collector:4317"
+    traces_env = {**env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4317"}
+    assert otlp_endpoint(None, traces_env) == "http://traces:4317"
+    assert otlp_endpoint(None, {}) is None
+    assert jaeger_ui("http://127.0.0.1:4317") == "http://127.0.0.1:16686"
+    assert jaeger_ui("jaeger:4317") == "http://jaeger:16686"
+
+
+def test_trace_ids_are_printed_with_a_hint_where_to_look() -> None:
+    calls = [
+        CallFinished(status="UNAVAILABLE", latency=0.1, trace_id="f" * 32),
+        CallFinished(status="OK", latency=0.1, trace_id="a" * 32),
+    ]
+    on = format_traces(calls, "http://127.0.0.1:4317")
+    assert on.index("a" * 32) < on.index("f" * 32)  # successful calls first
+    assert f"http://127.0.0.1:16686/trace/{'a' * 32}" in on
+    off = format_traces(calls, None)
+    assert "a" * 32 in off and "--otlp-endpoint" in off and "16686" not in off
+
+
 # --- the sample services, without any sidecar -------------------------------------------------
 
 
@@ -269,11 +316,17 @@ def _start_demo(*args: str) -> tuple[subprocess.Popen[str], list[str], list[int]
 
 
 def test_demo_runs_the_mesh_and_every_call_succeeds() -> None:
-    demo, head, children = _start_demo("--duration", "3", "--rate", "20")
+    receiver = OtlpReceiver().start()
     try:
-        rest, err = demo.communicate(timeout=60)
+        demo, head, children = _start_demo(
+            "--duration", "3", "--rate", "20", "--otlp-endpoint", receiver.endpoint
+        )
+        try:
+            rest, err = demo.communicate(timeout=60)
+        finally:
+            demo.kill()
     finally:
-        demo.kill()
+        receiver.stop()
     out = "".join(head) + rest
     assert demo.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
     assert children is None or len(children) >= 9  # 4 services and 5 sidecars
@@ -288,6 +341,21 @@ def test_demo_runs_the_mesh_and_every_call_succeeds() -> None:
     # Every sidecar's admin address is printed, for users to poke at while it runs.
     assert len(set(re.findall(r"http://127\.0\.0\.1:\d+", "".join(head)))) == 5
     assert "/config_dump" in out
+
+    # Each printed trace id is one trace through every hop: 4 sidecar listeners, a SERVER and a
+    # CLIENT span each, nested, because the greeter forwards the trace headers to quotes.
+    shown = re.findall(r"^  ([0-9a-f]{32})$", out, re.M)
+    assert len(shown) == 3, out
+    assert f"http://127.0.0.1:16686/trace/{shown[0]}" in out
+    for trace_id in shown:
+        spans = [s for s in receiver.spans if f"{s.trace_id:032x}" == trace_id]
+        assert len(spans) == 8, spans
+        services = sorted(str(s.resource["service.name"]).rstrip("12") for s in spans)
+        assert services == ["demo-client"] * 2 + ["greeter-"] * 4 + ["quotes-"] * 2
+        ids = {s.span_id for s in spans}
+        roots = [s for s in spans if s.parent_span_id not in ids]
+        assert len(roots) == 1  # under the load driver's span, which is not exported
+        assert roots[0].resource["service.name"] == "demo-client"
 
 
 def test_ctrl_c_prints_the_summary_so_far_and_stops_every_process() -> None:

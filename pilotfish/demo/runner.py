@@ -30,7 +30,14 @@ from pilotfish.demo.processes import (
     tcp_accepts,
     wait_ready,
 )
-from pilotfish.demo.summary import OK, CallLog, format_progress, format_summary, summarize
+from pilotfish.demo.summary import (
+    OK,
+    CallLog,
+    format_progress,
+    format_summary,
+    format_traces,
+    summarize,
+)
 from pilotfish.demo.topology import (
     LOOPBACK,
     Topology,
@@ -65,6 +72,7 @@ class DemoOptions:
     greeters: int = 2
     quotes: int = 2
     ready_timeout: float = 10.0
+    otlp_endpoint: str | None = None  # where the sidecars export spans; None: no tracing
     sidecar_argv: tuple[str, ...] = (sys.executable, "-m", "pilotfish", "sidecar")
 
     @property
@@ -123,7 +131,7 @@ def start_mesh(options: DemoOptions, workdir: Path, children: Children) -> Topol
         probes.append((child, _app_probe(app.port)))
     for sidecar in topology.sidecars:
         config = workdir / f"{sidecar.node_id}.yaml"
-        bootstrap = sidecar_bootstrap(topology, sidecar)
+        bootstrap = sidecar_bootstrap(topology, sidecar, otlp_endpoint=options.otlp_endpoint)
         config.write_text(yaml.safe_dump(bootstrap, sort_keys=False), encoding="utf-8")
         argv = [*options.sidecar_argv, "--config", str(config)]
         child = children.start(f"{sidecar.node_id}-sidecar", argv)
@@ -197,12 +205,15 @@ def drive(topology: Topology, options: DemoOptions, children: Children) -> int:
             # A second Ctrl-C skips the wait, not the summary.
             with contextlib.suppress(KeyboardInterrupt):
                 driver.join(CALL_TIMEOUT + 1.0)
-        summary = summarize(log.snapshot(), time.monotonic() - started)
+        calls = log.snapshot()
+        summary = summarize(calls, time.monotonic() - started)
     finally:
         channel.close()
     print()
     print("summary" + (" (interrupted)" if interrupted else "") + ":")
     print(format_summary(summary))
+    print()
+    print(format_traces(calls, options.otlp_endpoint))
     achieved = summary.calls / summary.elapsed if summary.elapsed > 0 else 0.0
     if not interrupted and achieved < 0.9 * options.rate:
         print(

@@ -7,7 +7,10 @@ Each instance runs in its own process, started by ``pilotfish demo``:
         --quotes-target 127.0.0.1:7100
 
 The greeter knows nothing of the quotes instances: it dials one address (its own sidecar's
-outbound listener) with the authority ``quotes`` and lets the mesh pick the instance.
+outbound listener) with the authority ``quotes`` and lets the mesh pick the instance. It copies
+the trace headers of each incoming call onto its call to quotes (``forwarded_metadata``): the
+sidecars record the spans, but only the app knows which outgoing call belongs to which incoming
+one, so this copy is what makes the two hops one trace.
 """
 
 from __future__ import annotations
@@ -27,6 +30,21 @@ import grpc
 from pilotfish.demo.api import demo_pb2, demo_pb2_grpc
 
 QUOTES_AUTHORITY = "quotes"
+# The trace context (W3C, B3 single and multi) and the request id: what a service in the mesh
+# must pass from the call it serves to the calls it makes.
+FORWARDED_HEADERS = frozenset(
+    {
+        "traceparent",
+        "tracestate",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "x-request-id",
+    }
+)
 # The greeter's budget for its own upstream call, kept under the caller's usual deadline.
 QUOTES_CALL_TIMEOUT = 2.0
 STOP_GRACE = 1.0
@@ -38,6 +56,15 @@ _QUOTES = (
     "Retries are a loan against the upstream's patience.",
     "Measure the tail; the mean is a polite fiction.",
 )
+
+
+def forwarded_metadata(context: grpc.ServicerContext) -> list[tuple[str, str]]:
+    """The incoming call's trace headers, to send along with an outgoing call."""
+    return [
+        (key, value)
+        for key, value in context.invocation_metadata()
+        if key in FORWARDED_HEADERS and isinstance(value, str)
+    ]
 
 
 def client_channel_options(authority: str | None = None) -> list[tuple[str, Any]]:
@@ -72,7 +99,11 @@ class GreeterService:
         remaining = context.time_remaining()
         timeout = QUOTES_CALL_TIMEOUT if remaining is None else min(remaining, QUOTES_CALL_TIMEOUT)
         try:
-            quote = self._quotes.GetQuote(demo_pb2.QuoteRequest(topic="greeting"), timeout=timeout)
+            quote = self._quotes.GetQuote(
+                demo_pb2.QuoteRequest(topic="greeting"),
+                timeout=timeout,
+                metadata=forwarded_metadata(context),
+            )
         except grpc.RpcError as exc:
             # Pass the upstream's status through, so the demo's summary shows what really failed.
             context.abort(exc.code(), f"quotes call failed: {exc.details()}")

@@ -7,9 +7,14 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from pilotfish.demo.topology import CLIENT_NODE_ID
 
 OK = "OK"
 PERCENTILES = (50.0, 90.0, 99.0)
+TRACES_SHOWN = 3
+JAEGER_UI_PORT = 16686
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +27,7 @@ class CallFinished:
     quotes: str | None = None  # HelloReply.quote_served_by
     sidecar: str | None = None  # x-served-by-sidecar, added by the greeter's inbound sidecar
     detail: str = ""  # the status details of a failed call
+    trace_id: str | None = None  # 32 hex digits: the trace the load driver started for it
 
 
 class CallLog:
@@ -177,3 +183,38 @@ def _served_table(summary: Summary) -> list[str]:
     totals = [sum(summary.served.get((g, q), 0) for g in greeters) for q in quotes]
     lines.append(row("total", [*totals, sum(totals)]))
     return lines
+
+
+def traces_to_show(calls: Iterable[CallFinished], count: int = TRACES_SHOWN) -> list[str]:
+    """Trace ids of the first few calls: successful ones first, then failed ones."""
+    calls = [c for c in calls if c.trace_id]
+    ordered = [c for c in calls if c.status == OK] + [c for c in calls if c.status != OK]
+    return [c.trace_id for c in ordered[:count] if c.trace_id]
+
+
+def jaeger_ui(otlp_endpoint: str) -> str:
+    """Where Jaeger all-in-one's UI would be, next to this OTLP/gRPC endpoint."""
+    host = urlsplit(otlp_endpoint if "//" in otlp_endpoint else f"//{otlp_endpoint}").hostname
+    if not host or host in ("0.0.0.0", "::"):
+        host = "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{JAEGER_UI_PORT}"
+
+
+def format_traces(calls: Sequence[CallFinished], otlp_endpoint: str | None) -> str:
+    """The trace ids of a few calls, and where to look them up."""
+    ids = traces_to_show(calls)
+    if not ids:
+        return "traces: no calls were made"
+    lines = ["trace ids of a few calls (the load driver starts a trace for each call):"]
+    lines += [f"  {trace_id}" for trace_id in ids]
+    if otlp_endpoint is None:
+        lines.append("tracing is off: to see these traces, run with --otlp-endpoint URL (or set")
+        lines.append("OTEL_EXPORTER_OTLP_ENDPOINT), e.g. to Jaeger: see docs/tracing.md")
+        return "\n".join(lines)
+    ui = jaeger_ui(otlp_endpoint)
+    lines.append(f"the sidecars export their spans to {otlp_endpoint}; if that is Jaeger, open")
+    lines.append(f"  {ui}/trace/{ids[0]}")
+    lines.append(f"  or search {ui}/search for service {CLIENT_NODE_ID}")
+    return "\n".join(lines)

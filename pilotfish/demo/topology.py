@@ -153,8 +153,13 @@ def _cluster(name: str, ports: list[int]) -> dict[str, Any]:
     return {"name": name, "protocol": "http2", "endpoints": [_address(p) for p in ports]}
 
 
-def sidecar_bootstrap(topology: Topology, sidecar: SidecarPlan) -> dict[str, Any]:
-    """The static bootstrap of one sidecar, in the format of ``pilotfish.config.bootstrap``."""
+def sidecar_bootstrap(
+    topology: Topology, sidecar: SidecarPlan, *, otlp_endpoint: str | None = None
+) -> dict[str, Any]:
+    """The static bootstrap of one sidecar, in the format of ``pilotfish.config.bootstrap``.
+
+    With ``otlp_endpoint`` the sidecar traces every request (the load driver marks each call
+    sampled) and exports its spans there under its node id as the service name."""
     listeners: list[dict[str, Any]] = []
     route_configs: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
@@ -178,10 +183,17 @@ def sidecar_bootstrap(topology: Topology, sidecar: SidecarPlan) -> dict[str, Any
         route_configs.append(_inbound_route_config(sidecar.node_id))
         clusters.append(_cluster("local_app", [app.port]))
 
-    return {
+    bootstrap: dict[str, Any] = {
         "node_id": sidecar.node_id,
         "admin": {"address": LOOPBACK, "port": sidecar.admin_port},
         "listeners": listeners,
         "route_configs": route_configs,
         "clusters": clusters,
     }
+    if otlp_endpoint is not None:
+        bootstrap["tracing"] = {
+            "endpoint": otlp_endpoint,
+            "sampling": "100%",
+            "service_name": sidecar.node_id,
+        }
+    return bootstrap

@@ -3,11 +3,17 @@
 Call ``i`` is due at ``start + i / rate``. A caller takes the next due call, waits for its time
 and sends it, so the callers together keep the rate as long as they are not all busy waiting
 for replies; then the rate drops rather than calls piling up without bound.
+
+Each call starts its own trace: the driver sends a W3C ``traceparent`` with a new trace id and
+the sampled flag, so every sidecar on the path records its spans under that id, and the demo can
+print ids a user can look up in a tracing UI. The driver's own span (the parent id it sends) is
+not exported; a UI shows the client sidecar's span as the trace's top span.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from typing import Any
@@ -30,13 +36,29 @@ def callers_for(rate: float) -> int:
     return max(MIN_CALLERS, min(MAX_CALLERS, math.ceil(rate * CALLER_BUDGET)))
 
 
+def new_traceparent() -> tuple[str, str]:
+    """A new sampled W3C trace context: (trace id, ``traceparent`` value)."""
+    trace_id = f"{random.getrandbits(128) or 1:032x}"
+    span_id = f"{random.getrandbits(64) or 1:016x}"
+    return trace_id, f"00-{trace_id}-{span_id}-01"
+
+
 def call_greeter(stub: Any, name: str, timeout: float = CALL_TIMEOUT) -> CallFinished:
+    trace_id, traceparent = new_traceparent()
+    metadata = (("traceparent", traceparent),)
     started = time.perf_counter()
     try:
-        reply, call = stub.SayHello.with_call(demo_pb2.HelloRequest(name=name), timeout=timeout)
+        reply, call = stub.SayHello.with_call(
+            demo_pb2.HelloRequest(name=name), timeout=timeout, metadata=metadata
+        )
     except grpc.RpcError as exc:
         latency = time.perf_counter() - started
-        return CallFinished(status=exc.code().name, latency=latency, detail=exc.details() or "")
+        return CallFinished(
+            status=exc.code().name,
+            latency=latency,
+            detail=exc.details() or "",
+            trace_id=trace_id,
+        )
     latency = time.perf_counter() - started
     sidecar = dict(call.initial_metadata() or ()).get(SERVED_BY_HEADER)
     return CallFinished(
@@ -45,6 +67,7 @@ def call_greeter(stub: Any, name: str, timeout: float = CALL_TIMEOUT) -> CallFin
         greeter=reply.served_by,
         quotes=reply.quote_served_by,
         sidecar=sidecar if isinstance(sidecar, str) else None,
+        trace_id=trace_id,
     )
 
 

@@ -9,6 +9,7 @@ variable                               effect
 =====================================  ==============================================
 OTEL_SDK_DISABLED=true                 tracing off
 OTEL_TRACES_EXPORTER=none              tracing off
+(an OTLP endpoint variable below)      tracing on, unless one of the two above says off
 OTEL_SERVICE_NAME                      ``service_name``
 OTEL_RESOURCE_ATTRIBUTES               extra resource attributes (``k=v,k2=v2``)
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT     ``endpoint`` (before OTEL_EXPORTER_OTLP_ENDPOINT)
@@ -86,6 +87,14 @@ class TracingConfig:
             except ValueError:
                 log.warning("ignoring %s=%r: not a valid value", name, raw)
 
+        # Naming an OTLP endpoint turns tracing on (the spec's default exporter is OTLP);
+        # the two variables below turn it off again.
+        endpoint_set = any(
+            env.get(name, "").strip()
+            for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        )
+        if endpoint_set and not self.enabled:
+            changes["enabled"] = True
         if _true(env.get("OTEL_SDK_DISABLED", "")):
             changes["enabled"] = False
         if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
