@@ -30,6 +30,8 @@ from google.rpc import status_pb2
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import ClusterConfig, ListenerConfig, RouteConfig, VirtualHost
 from sidecar import xds_translate as tr
+from sidecar.observability.access_log import AccessLogConfig
+from sidecar.observability.tracing_config import TracingConfig
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -55,6 +57,10 @@ class XdsSnapshot:
     route_configs: dict[str, RouteConfig]
     clusters: dict[str, ClusterConfig]
     versions: dict[str, str]  # type URL -> version accepted
+    # From the listeners' HttpConnectionManagers (tr.translate_telemetry); None: the sidecar
+    # keeps its own settings. Not filled by _assemble yet.
+    tracing: TracingConfig | None = None
+    access_log: AccessLogConfig | None = None
 
 
 @dataclass(slots=True)
@@ -91,6 +97,9 @@ class AdsClientState:
         self.received: dict[str, Received] = {t: Received() for t in TYPES}
         self.subscriptions: dict[str, frozenset[str]] = {ROUTE: frozenset(), ENDPOINT: frozenset()}
         self.applied: XdsSnapshot | None = None
+        # An LDS response NACKed only because a listener could not bind: the control plane holds
+        # it back, so it is offered to check_listeners again with every later response.
+        self.unbindable: discovery_pb2.DiscoveryResponse | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -136,6 +145,12 @@ class AdsClientState:
         state = self.received.get(type_url)
         if state is None:
             return actions  # a type we never asked for; nothing to acknowledge
+        if type_url == LISTENER:
+            self.unbindable = None  # superseded
+        elif self.unbindable is not None:
+            retried = self.on_response(self.unbindable, apply)
+            if retried.rejected is None:
+                actions = retried  # its late ACK goes first
         try:
             decoded = self._decode(type_url, response)
             if type_url == LISTENER:
@@ -144,7 +159,8 @@ class AdsClientState:
                     [x for x in listeners if isinstance(x, ListenerConfig)]
                 )
                 if error is not None:
-                    raise ConfigError("", error)
+                    self.unbindable = response
+                    return self._reject(type_url, response.nonce, error)
         except ConfigError as exc:
             return self._reject(type_url, response.nonce, str(exc))
         if type_url in WILDCARD:
