@@ -7,21 +7,44 @@ field, e.g. ``services.greeter.routes[1].timeout: expected a duration like 250ms
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from control_plane.mesh_telemetry import MeshTelemetry, parse_telemetry
 from pilotfish.config.bootstrap import parse_endpoint
+from pilotfish.config.cluster_policy import (
+    HealthCheckConfig,
+    LbPolicy,
+    OutlierDetectionConfig,
+    parse_health_check,
+    parse_lb_policy,
+    parse_outlier_detection,
+)
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import Node
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import Endpoint, PathMatch, RouteMatch, WeightedCluster
+from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
+from pilotfish.config.route_policy_yaml import (
+    CLUSTER_RESILIENCE_KEYS,
+    LISTENER_POLICY_KEYS,
+    ROUTE_POLICY_KEYS,
+    parse_cluster_resilience,
+    parse_load_shedding,
+    parse_route_policy,
+)
 
 PROTOCOLS = ("grpc", "http2", "http1", "tcp")
 DEFAULT_TIMEOUT = 15.0
 # Service names become listener, route and cluster names and the host part of `xds:///<name>`.
+SERVICE_POLICY_KEYS = frozenset(
+    {"load_balancing", "health_check", "outlier_detection"}
+    | CLUSTER_RESILIENCE_KEYS
+    | LISTENER_POLICY_KEYS
+)
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -32,6 +55,7 @@ class MeshRoute:
     clusters: tuple[WeightedCluster, ...]
     # None: no timeout (written ``0s`` in the file).
     timeout: float | None
+    policy: RoutePolicy = RoutePolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +69,18 @@ class MeshService:
     depends_on: tuple[str, ...] | None
     routes: tuple[MeshRoute, ...]
     connect_timeout: float
+    lb_policy: LbPolicy = LbPolicy()
+    health_check: HealthCheckConfig | None = None
+    outlier_detection: OutlierDetectionConfig | None = None
+    resilience: ClusterResilience = ClusterResilience()
+    # Inbound: applies on the service's own sidecar (its inbound listener).
+    load_shedding: LoadSheddingConfig = LoadSheddingConfig()
 
 
 @dataclass(frozen=True, slots=True)
 class Mesh:
     services: dict[str, MeshService]
+    telemetry: MeshTelemetry = field(default_factory=MeshTelemetry)
 
 
 def load_mesh_file(path: str | Path) -> Mesh:
@@ -65,7 +96,7 @@ def parse_mesh_text(text: str, source: str = "mesh file") -> Mesh:
 
 
 def parse_mesh(document: Any) -> Mesh:
-    root = Node("", document).mapping({"services"})
+    root = Node("", document).mapping({"services", "telemetry"})
     services_node = root.require("services").mapping()
     services: dict[str, MeshService] = {}
     for name, node in services_node.items():
@@ -76,14 +107,15 @@ def parse_mesh(document: Any) -> Mesh:
             )
         services[name] = _parse_service(name, node)
     _check_references(services_node, services)
-    return Mesh(services=services)
+    return Mesh(services=services, telemetry=parse_telemetry(root.get("telemetry")))
 
 
 def _parse_service(name: str, node: Node) -> MeshService:
     if node.value is None:
         raise node.error("expected a mapping")
     node.mapping(
-        {"namespace", "protocol", "port", "endpoints", "depends_on", "routes", "connect_timeout"}
+        {"namespace", "protocol", "port", "endpoints", "depends_on", "routes", "connect_timeout",
+         *SERVICE_POLICY_KEYS}
     )
     protocol = node.get("protocol").as_choice(PROTOCOLS, "grpc")
     endpoints = tuple(parse_endpoint(e) for e in node.require("endpoints").elements())
@@ -107,6 +139,11 @@ def _parse_service(name: str, node: Node) -> MeshService:
     else:
         routes = (_default_route(name),)
     port = node.get("port").as_int(minimum=1, maximum=65535) if node.has("port") else None
+    if protocol == "tcp":
+        for key in ("load_shedding", "adaptive_throttling"):
+            if node.has(key):
+                raise node.get(key).error("not for a tcp service (it has no HTTP requests)")
+    outlier = node.get("outlier_detection")
     return MeshService(
         name=name,
         namespace=node.get("namespace").as_str("default"),
@@ -116,6 +153,13 @@ def _parse_service(name: str, node: Node) -> MeshService:
         depends_on=depends_on,
         routes=routes,
         connect_timeout=node.get("connect_timeout").as_duration(5.0),
+        lb_policy=parse_lb_policy(node.get("load_balancing")),
+        health_check=(
+            parse_health_check(node.get("health_check")) if node.has("health_check") else None
+        ),
+        outlier_detection=parse_outlier_detection(outlier) if outlier.value is not None else None,
+        resilience=parse_cluster_resilience(node),
+        load_shedding=parse_load_shedding(node.get("load_shedding")),
     )
 
 
@@ -129,7 +173,7 @@ def _default_route(service: str) -> MeshRoute:
 
 
 def _parse_route(service: str, node: Node, index: int) -> MeshRoute:
-    node.mapping({"name", "match", "timeout", "cluster", "split"})
+    node.mapping({"name", "match", "timeout", "cluster", "split", *ROUTE_POLICY_KEYS})
     if node.has("cluster") and node.has("split"):
         raise node.error("at most one of cluster, split")
     clusters: tuple[WeightedCluster, ...]
@@ -152,6 +196,7 @@ def _parse_route(service: str, node: Node, index: int) -> MeshRoute:
         match=_parse_match(node.require("match")),
         clusters=clusters,
         timeout=timeout,
+        policy=parse_route_policy(node),
     )
 
 
@@ -194,6 +239,14 @@ def _check_references(services_node: Node, services: dict[str, MeshService]) -> 
                     raise _target_error(route_node, wc.name, "is a tcp service")
                 if wc.name not in services:
                     raise _target_error(route_node, wc.name, "does not exist")
+            fallback = route.policy.fallback
+            if fallback is not None and fallback.cluster is not None:
+                target = services.get(fallback.cluster)
+                problem = ("does not exist" if target is None
+                           else "is a tcp service" if target.protocol == "tcp" else None)
+                if problem is not None:
+                    raise ConfigError(f"{route_node.path}.fallback.cluster",
+                                      f"service {fallback.cluster!r} {problem}")
 
 
 def _route_value(service_node: Node, index: int) -> Any:
@@ -208,7 +261,7 @@ def _target_error(route_node: Node, target: str, problem: str) -> ConfigError:
 
 
 def service_view(mesh: Mesh, service: str | None) -> list[str]:
-    """Names of the services a proxy of ``service`` may call, including split targets.
+    """Names of the services a proxy of ``service`` may call, with split and fallback targets.
 
     A proxy that is not a mesh service (``None`` or unknown) sees every service.
     """
@@ -222,5 +275,14 @@ def service_view(mesh: Mesh, service: str | None) -> list[str]:
             continue
         seen.append(name)
         for route in mesh.services[name].routes:
-            pending.extend(wc.name for wc in route.clusters)
+            pending.extend(route_targets(route))
     return sorted(seen)
+
+
+def route_targets(route: MeshRoute) -> list[str]:
+    """The services a route may send to: its clusters and its fallback cluster."""
+    targets = [wc.name for wc in route.clusters]
+    fallback = route.policy.fallback
+    if fallback is not None and fallback.cluster is not None:
+        targets.append(fallback.cluster)
+    return targets

@@ -436,9 +436,8 @@ class Exchange:
             attempt.timer = self.loop.call_later(per_try, self._per_try_timeout, attempt)
         attempt.pending_permit = cluster.resilience.breakers.try_acquire_pending()
         if attempt.pending_permit is None:
-            attempt.end()
+            attempt.end()  # the breaker counted the overflow
             self.attempt = None
-            cluster.scope.inc("upstream_rq_pending_overflow")
             self._fail(ResponseFlag.UPSTREAM_OVERFLOW, None)
             return
         host.pool.acquire(attempt)
@@ -558,9 +557,7 @@ class Exchange:
         if throttle is not None:
             throttle.record(outcome)
         if not decision.retry:
-            if decision.verdict.value == "overflow":
-                cluster.scope.inc("upstream_rq_retry_overflow")
-            return False
+            return False  # a retry the breaker refused was counted there
         cluster.scope.inc("upstream_rq_retry")
         cluster.metrics.retries.value += 1
         self.retry_permit = decision.permit
@@ -591,6 +588,7 @@ class Exchange:
             attempt.grpc_status = self.grpc_status = int(grpc_status)
         if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
             attempt.status = _grpc_as_http(int(grpc_status))
+        outcome = None
         if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
             outcome = response_outcome(
                 status,
@@ -601,6 +599,14 @@ class Exchange:
             )
             if self._retry_response(attempt, outcome):
                 return
+        throttle = self.cluster.resilience.throttle if self.cluster is not None else None
+        if throttle is not None and (not self.grpc or end_stream):
+            # A gRPC answer is judged by its trailers; anything else by its status here.
+            throttle.record(
+                outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
+            )
+        if self.cluster is not None:
+            self.cluster.scope.inc(f"upstream_rq_{status // 100}xx")
         self._forward_headers(headers, end_stream, status)
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
@@ -641,8 +647,9 @@ class Exchange:
         grpc_status = _header(trailers, b"grpc-status")
         if grpc_status is not None and grpc_status.isdigit():
             attempt.grpc_status = self.grpc_status = int(grpc_status)
-        if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
-            attempt.status = _grpc_as_http(int(grpc_status))
+        if grpc_status is not None and grpc_status.isdigit():
+            if grpc_status != b"0":
+                attempt.status = _grpc_as_http(int(grpc_status))
             if self.cluster is not None and self.cluster.resilience.throttle is not None:
                 self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)))
         self.downstream.send_trailers(trailers)
@@ -762,8 +769,6 @@ class Exchange:
         listener = self.listener
         listener.scope.gauge_add("downstream_rq_active", -1)
         listener.streams_gauge.value -= 1
-        if self.cluster is not None and status and not self.flags:
-            self.cluster.scope.inc(f"upstream_rq_{status // 100}xx")
         if status:
             listener.scope.inc(f"downstream_rq_{status // 100}xx")
         if self.trace is not None:

@@ -146,8 +146,7 @@ class UpstreamHost:
 
     def _connect(self, pool: ConnectionPool) -> None:
         permit = self.cluster.resilience.breakers.try_acquire_connection()
-        if permit is None:
-            self.scope.inc("upstream_cx_overflow")
+        if permit is None:  # counted as upstream_cx_overflow by the breaker
             pool.connect_failed(ResponseFlag.UPSTREAM_OVERFLOW)
             return
         task = asyncio.get_event_loop().create_task(self._open_connection(permit))

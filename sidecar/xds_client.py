@@ -35,14 +35,21 @@ def make_node(node_id: str, metadata: dict[str, str]) -> base_pb2.Node:
 
 
 def merge(static: Bootstrap, snapshot: XdsSnapshot) -> Bootstrap:
-    """The static bootstrap plus what the control plane sent; static names win."""
+    """The static bootstrap plus what the control plane sent; static names win, and telemetry
+    the control plane sets replaces the bootstrap's."""
     listeners = {listener.name: listener for listener in snapshot.listeners}
     listeners.update({listener.name: listener for listener in static.listeners})
+    telemetry = static.telemetry
+    if snapshot.tracing is not None:
+        telemetry = replace(telemetry, tracing=snapshot.tracing)
+    if snapshot.access_log is not None:
+        telemetry = replace(telemetry, access_log=snapshot.access_log)
     return replace(
         static,
         listeners=tuple(listeners.values()),
         route_configs={**snapshot.route_configs, **static.route_configs},
         clusters={**snapshot.clusters, **static.clusters},
+        telemetry=telemetry,
     )
 
 

@@ -57,8 +57,8 @@ class XdsSnapshot:
     route_configs: dict[str, RouteConfig]
     clusters: dict[str, ClusterConfig]
     versions: dict[str, str]  # type URL -> version accepted
-    # From the listeners' HttpConnectionManagers (tr.translate_telemetry); None: the sidecar
-    # keeps its own settings. Not filled by _assemble yet.
+    # From the listeners' HttpConnectionManagers (the first that sets them); None: the
+    # sidecar keeps its own settings.
     tracing: TracingConfig | None = None
     access_log: AccessLogConfig | None = None
 
@@ -275,8 +275,13 @@ class AdsClientState:
         listeners: list[ListenerConfig] = []
         outbound: list[VirtualHost] = []
         route_configs: dict[str, RouteConfig] = {}
+        tracing: TracingConfig | None = None
+        access_log: AccessLogConfig | None = None
         for _, listener in sorted(self._listeners().items()):
             translated = tr.translate_listener(listener)
+            listener_tracing, listener_access_log = tr.translate_telemetry(listener)
+            tracing = tracing or listener_tracing
+            access_log = access_log or listener_access_log
             route_name = translated.route_config
             if route_name is not None:
                 if route_name not in routes_received:
@@ -303,7 +308,9 @@ class AdsClientState:
         if not listeners and not outbound and not clusters:
             return None
         versions = {SHORT[t]: self.received[t].version_info for t in TYPES}
-        return XdsSnapshot(tuple(listeners), route_configs, clusters, versions)
+        return XdsSnapshot(
+            tuple(listeners), route_configs, clusters, versions, tracing, access_log
+        )
 
     def dump(self) -> list[dict[str, str]]:
         """Every resource held, with its type and version, for /config_dump."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -27,20 +27,15 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import Message
 
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import (
     ClusterConfig,
-    Endpoint,
     HeaderMatcher,
     HeaderMutation,
     ListenerConfig,
     PathMatch,
-    Protocol,
     RouteAction,
     RouteConfig,
     RouteEntry,
@@ -48,15 +43,34 @@ from pilotfish.config.model import (
     VirtualHost,
     WeightedCluster,
 )
+from sidecar.observability.access_log import AccessLogConfig
+from sidecar.observability.tracing_config import TracingConfig
+from sidecar.xds_clusters import (
+    eds_service_name as eds_service_name,
+)
+from sidecar.xds_clusters import (
+    translate_cluster as translate_cluster,
+)
+from sidecar.xds_clusters import (
+    translate_endpoints as translate_endpoints,
+)
+from sidecar.xds_common import METADATA_KEY as METADATA_KEY
+from sidecar.xds_common import seconds as _seconds
+from sidecar.xds_common import type_name as _type_name
+from sidecar.xds_common import unpack as _unpack
+from sidecar.xds_common import unsupported as _unsupported
+from sidecar.xds_route_policy import (
+    check_http_filters,
+    translate_load_shedding,
+    translate_route_policy,
+)
+from sidecar.xds_telemetry import hcm_telemetry
+from sidecar.xds_telemetry import translate_telemetry as translate_telemetry
 
 HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 TCP_PROXY_TYPE = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
-HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-METADATA_KEY = "pilotfish"
 DEFAULT_ROUTE_TIMEOUT = 15.0  # Envoy's default when a route sets none
-_SERVING = frozenset({health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY,
-                      health_check_pb2.DEGRADED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,28 +79,6 @@ class ApiListener:
 
     name: str
     route_config: str
-
-
-def _type_name(packed: any_pb2.Any) -> str:
-    type_url: str = packed.type_url
-    return type_url.rpartition("/")[2]
-
-
-def _unpack(path: str, packed: any_pb2.Any, message: Message) -> None:
-    expected = message.DESCRIPTOR.full_name
-    if _type_name(packed) != expected or not packed.Unpack(message):
-        raise ConfigError(path, f"expected {expected}, got {_type_name(packed) or 'nothing'}")
-
-
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return float(duration.seconds + duration.nanos / 1e9)
-
-
-def _unsupported(message: Message, path: str, supported: set[str]) -> None:
-    """Reject any set field that is not understood, naming it."""
-    for field, _ in message.ListFields():
-        if field.name not in supported:
-            raise ConfigError(f"{path}.{field.name}", "not supported")
 
 
 # ---------------------------------------------------------------- listeners
@@ -105,6 +97,9 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     socket = listener.address.socket_address
     if not socket.address or not 0 < socket.port_value < 65536:
         raise ConfigError(f"{path}.address.socket_address", "needs an address and a port")
+    _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
+                                  "metadata"})
+    load_shedding = translate_load_shedding(listener, path)
     if len(listener.filter_chains) != 1:
         raise ConfigError(f"{path}.filter_chains", "exactly one filter chain is supported")
     chain_path = f"{path}.filter_chains[0]"
@@ -136,6 +131,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         route_config=route_config,
         tcp_passthrough_cluster=passthrough,
         mode="tcp" if passthrough is not None else "auto",
+        load_shedding=load_shedding,
     )
 
 
@@ -146,17 +142,11 @@ def _hcm_route_config(hcm: hcm_pb2.HttpConnectionManager, path: str) -> str:
         raise ConfigError(f"{path}.rds.config_source", "only ads is supported")
     if not hcm.rds.route_config_name:
         raise ConfigError(f"{path}.rds.route_config_name", "required")
-    filters = list(hcm.http_filters)
-    if not filters or _type_name(filters[-1].typed_config) != ROUTER_TYPE:
-        raise ConfigError(f"{path}.http_filters", "the last filter must be the router")
-    for i, http_filter in enumerate(filters):
-        name = _type_name(http_filter.typed_config)
-        if name == ROUTER_TYPE:
+    check_http_filters(hcm, path)
+    for i, http_filter in enumerate(hcm.http_filters):
+        if _type_name(http_filter.typed_config) == ROUTER_TYPE:
             _unpack(f"{path}.http_filters[{i}]", http_filter.typed_config, router_pb2.Router())
-            if i != len(filters) - 1:
-                raise ConfigError(f"{path}.http_filters[{i}]", "the router must be last")
-        elif not http_filter.is_optional:
-            raise ConfigError(f"{path}.http_filters[{i}]", f"unsupported filter {name!r}")
+    hcm_telemetry(hcm, path)  # checked here, so a bad one is rejected on arrival
     return str(hcm.rds.route_config_name)
 
 
@@ -200,6 +190,7 @@ def _route(route: route_components_pb2.Route, path: str, index: int) -> RouteEnt
     _unsupported(route, path, {
         "name", "match", "route", "request_headers_to_add", "request_headers_to_remove",
         "response_headers_to_add", "response_headers_to_remove", "decorator",
+        "typed_per_filter_config", "metadata",
     })
     if not route.HasField("route"):
         raise ConfigError(f"{path}.action", "only route actions are supported")
@@ -211,6 +202,7 @@ def _route(route: route_components_pb2.Route, path: str, index: int) -> RouteEnt
                                   route.request_headers_to_remove, f"{path}.request_headers"),
         response_headers=_mutation(route.response_headers_to_add,
                                    route.response_headers_to_remove, f"{path}.response_headers"),
+        policy=translate_route_policy(route, route.route, path),
     )
 
 
@@ -284,7 +276,7 @@ def _string_match(
 def _route_action(action: route_components_pb2.RouteAction, path: str) -> RouteAction:
     _unsupported(action, path, {
         "cluster", "weighted_clusters", "timeout", "max_stream_duration", "prefix_rewrite",
-        "host_rewrite_literal",
+        "host_rewrite_literal", "retry_policy", "hash_policy",
     })
     kind = action.WhichOneof("cluster_specifier")
     if kind == "cluster":
@@ -340,105 +332,6 @@ def _mutation(add: Iterable[Any], remove: Iterable[str], path: str) -> HeaderMut
     return HeaderMutation(add=tuple(added), remove=removed)
 
 
-# ---------------------------------------------------------------- clusters
-
-
-def eds_service_name(cluster: cluster_pb2.Cluster) -> str | None:
-    """The ClusterLoadAssignment an EDS cluster needs, or None if it needs none."""
-    if cluster.type != cluster_pb2.Cluster.EDS:
-        return None
-    return str(cluster.eds_cluster_config.service_name or cluster.name)
-
-
-def translate_cluster(
-    cluster: cluster_pb2.Cluster, assignment: endpoint_pb2.ClusterLoadAssignment | None = None
-) -> ClusterConfig:
-    """An EDS cluster takes its endpoints from ``assignment`` (none yet: no endpoints)."""
-    path = f"cluster[{cluster.name}]"
-    kinds = {cluster_pb2.Cluster.EDS, cluster_pb2.Cluster.STATIC, cluster_pb2.Cluster.STRICT_DNS}
-    if cluster.WhichOneof("cluster_discovery_type") != "type" or cluster.type not in kinds:
-        raise ConfigError(f"{path}.type", "only EDS, STATIC and STRICT_DNS are supported")
-    if cluster.lb_policy not in (cluster_pb2.Cluster.ROUND_ROBIN,
-                                 cluster_pb2.Cluster.LEAST_REQUEST, cluster_pb2.Cluster.RANDOM):
-        raise ConfigError(f"{path}.lb_policy", "only ROUND_ROBIN, LEAST_REQUEST, RANDOM")
-    if cluster.type == cluster_pb2.Cluster.EDS:
-        if not cluster.eds_cluster_config.eds_config.HasField("ads"):
-            raise ConfigError(f"{path}.eds_cluster_config.eds_config", "only ads is supported")
-        endpoints = translate_endpoints(assignment) if assignment is not None else ()
-    else:
-        endpoints = translate_endpoints(cluster.load_assignment, f"{path}.load_assignment")
-    protocol, max_streams = _protocol(cluster, path)
-    connect_timeout = (_seconds(cluster.connect_timeout)
-                       if cluster.HasField("connect_timeout") else 5.0)
-    if connect_timeout <= 0:
-        raise ConfigError(f"{path}.connect_timeout", "must be more than 0")
-    return ClusterConfig(
-        name=cluster.name,
-        endpoints=endpoints,
-        protocol=protocol,
-        connect_timeout=connect_timeout,
-        max_concurrent_streams=max_streams,
-    )
-
-
-def _protocol(cluster: cluster_pb2.Cluster, path: str) -> tuple[Protocol, int]:
-    max_streams = ClusterConfig.__dataclass_fields__["max_concurrent_streams"].default
-    assert isinstance(max_streams, int)
-    protocol = Protocol.HTTP1  # Envoy's default upstream protocol
-    packed = cluster.typed_extension_protocol_options.get(HTTP_OPTIONS_KEY)
-    if packed is not None:
-        options = http_protocol_options_pb2.HttpProtocolOptions()
-        _unpack(f"{path}.typed_extension_protocol_options", packed, options)
-        if options.explicit_http_config.HasField("http2_protocol_options"):
-            protocol = Protocol.HTTP2
-            h2 = options.explicit_http_config.http2_protocol_options
-            if h2.HasField("max_concurrent_streams"):
-                max_streams = h2.max_concurrent_streams.value
-    elif cluster.HasField("http2_protocol_options"):
-        protocol = Protocol.HTTP2
-    declared = cluster.metadata.filter_metadata.get(METADATA_KEY)
-    if declared is not None and "protocol" in declared.fields:
-        name = declared.fields["protocol"].string_value
-        by_name = {"grpc": Protocol.HTTP2, "http2": Protocol.HTTP2, "http1": Protocol.HTTP1,
-                   "tcp": Protocol.TCP}
-        if name not in by_name:
-            raise ConfigError(f"{path}.metadata.filter_metadata.{METADATA_KEY}.protocol",
-                              f"expected one of: {', '.join(by_name)}")
-        protocol = by_name[name]
-    return protocol, max(1, max_streams)
-
-
-def translate_endpoints(
-    cla: endpoint_pb2.ClusterLoadAssignment, path: str | None = None
-) -> tuple[Endpoint, ...]:
-    """Serving endpoints of priority 0; weights are endpoint weight times locality weight."""
-    path = path or f"endpoints[{cla.cluster_name}]"
-    endpoints: list[Endpoint] = []
-    for i, locality in enumerate(cla.endpoints):
-        loc_path = f"{path}.endpoints[{i}]"
-        if locality.priority != 0:
-            raise ConfigError(f"{loc_path}.priority", "only priority 0 is supported")
-        locality_weight = (locality.load_balancing_weight.value
-                           if locality.HasField("load_balancing_weight") else 1)
-        for j, lb in enumerate(locality.lb_endpoints):
-            ep_path = f"{loc_path}.lb_endpoints[{j}]"
-            if lb.health_status not in _SERVING:
-                continue
-            address = lb.endpoint.address
-            if not address.HasField("socket_address"):
-                raise ConfigError(f"{ep_path}.endpoint.address", "a socket_address is required")
-            socket = address.socket_address
-            if not socket.address or not 0 < socket.port_value < 65536:
-                raise ConfigError(f"{ep_path}.endpoint.address.socket_address",
-                                  "needs an address and a port_value")
-            weight = lb.load_balancing_weight.value if lb.HasField("load_balancing_weight") else 1
-            if weight * locality_weight == 0:
-                continue
-            endpoints.append(Endpoint(socket.address, socket.port_value,
-                                      weight * locality_weight))
-    return tuple(endpoints)
-
-
 # ---------------------------------------------------------------- a whole set
 
 
@@ -449,6 +342,10 @@ class XdsConfig:
     listeners: tuple[ListenerConfig, ...]
     route_configs: dict[str, RouteConfig]
     clusters: dict[str, ClusterConfig]
+    # From the first listener (by name) whose HttpConnectionManager sets them; None: keep
+    # the sidecar's own settings.
+    tracing: TracingConfig | None = None
+    access_log: AccessLogConfig | None = None
 
 
 def translate_all(
@@ -476,8 +373,13 @@ def translate_all(
         translated_clusters[cluster.name] = translate_cluster(cluster, assignment)
     socket_listeners: list[ListenerConfig] = []
     outbound: list[VirtualHost] = []
+    tracing: TracingConfig | None = None
+    access_log: AccessLogConfig | None = None
     for listener in sorted(listeners, key=lambda item: str(item.name)):
         translated = translate_listener(listener)
+        listener_tracing, listener_log = translate_telemetry(listener)
+        tracing = tracing or listener_tracing
+        access_log = access_log or listener_log
         route_name = translated.route_config
         if route_name is not None and route_name not in routes:
             raise ConfigError(f"listener[{listener.name}]", f"no route config {route_name!r}")
@@ -494,4 +396,4 @@ def translate_all(
                                           f"no cluster {wc.name!r} received")
     if outbound:
         routes[outbound_route_config] = RouteConfig(outbound_route_config, tuple(outbound))
-    return XdsConfig(tuple(socket_listeners), routes, translated_clusters)
+    return XdsConfig(tuple(socket_listeners), routes, translated_clusters, tracing, access_log)

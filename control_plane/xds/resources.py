@@ -25,24 +25,31 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, healt
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
+from control_plane.mesh_telemetry import MeshTelemetry
+from control_plane.xds import cluster_policy_xds as cluster_policy
+from control_plane.xds import route_policy_xds as route_policy
+from control_plane.xds.policy_blocks import load_shedding_block
+from control_plane.xds.proto_util import METADATA_KEY, duration, pack
+from control_plane.xds.telemetry_xds import apply_telemetry
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
+from pilotfish.config.route_policy import LoadSheddingConfig
 
 INBOUND_PREFIX = "inbound|"
 DEFAULT_INBOUND_ADDRESS = ("0.0.0.0", 15006)
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
-METADATA_KEY = "pilotfish"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -62,17 +69,19 @@ def build_view(mesh: Mesh, key: ViewKey) -> dict[str, dict[str, Resource]]:
     def add(type_url: str, name: str, message: Message) -> None:
         view[type_url][name] = Resource.of(name, message)
 
+    own = mesh.services.get(key.service) if key.service is not None else None
+    own_name = own.name if own is not None else None
     for name in service_view(mesh, key.service):
         service = mesh.services[name]
         if service.protocol != "tcp":
-            add(LISTENER, name, api_listener(service))
-            add(ROUTE, name, route_configuration(service))
+            add(LISTENER, name, api_listener(service, mesh.telemetry, own_name))
+            add(ROUTE, name, route_configuration(service, mesh))
         add(CLUSTER, name, eds_cluster(service))
         add(ENDPOINT, name, load_assignment(name, service.endpoints))
-    own = mesh.services.get(key.service) if key.service is not None else None
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
-        add(LISTENER, inbound, inbound_listener(inbound, key.inbound_address))
+        add(LISTENER, inbound, inbound_listener(inbound, key.inbound_address,
+                                                own.load_shedding, mesh.telemetry, own.name))
         add(ROUTE, inbound, inbound_route_configuration(inbound))
         add(CLUSTER, inbound, inbound_cluster(inbound, own, key.app_address))
     return view
@@ -85,58 +94,76 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
-def _pack(message: hcm_pb2.HttpConnectionManager | router_pb2.Router
-          | http_protocol_options_pb2.HttpProtocolOptions) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message, deterministic=True)
-    return packed
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
-
-
-def http_connection_manager(route_config_name: str) -> hcm_pb2.HttpConnectionManager:
-    return hcm_pb2.HttpConnectionManager(
+def http_connection_manager(
+    route_config_name: str,
+    fault: bool = False,
+    rate_limit: bool = False,
+    telemetry: MeshTelemetry | None = None,
+    own_service: str | None = None,
+) -> hcm_pb2.HttpConnectionManager:
+    """``fault`` and ``rate_limit`` add those filters (no-ops until a route configures them)."""
+    filters: list[hcm_pb2.HttpFilter] = []
+    if fault:
+        filters.append(hcm_pb2.HttpFilter(name=route_policy.FAULT_FILTER,
+                                          typed_config=pack(fault_pb2.HTTPFault())))
+    if rate_limit:
+        # gRPC clients have no local rate limit filter: optional, so they skip it.
+        filters.append(hcm_pb2.HttpFilter(
+            name=route_policy.RATE_LIMIT_FILTER,
+            typed_config=pack(route_policy.local_rate_limit(None)), is_optional=True,
+        ))
+    # The router must be the last filter: it is the one that forwards the request.
+    filters.append(hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router())))
+    hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=route_config_name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_config_name),
-        # The router must be the last filter: it is the one that forwards the request.
-        http_filters=[
-            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))
-        ],
+        http_filters=filters,
     )
+    if telemetry is not None:
+        apply_telemetry(hcm, telemetry, own_service)
+    return hcm
 
 
-def api_listener(service: MeshService) -> listener_pb2.Listener:
+def api_listener(
+    service: MeshService, telemetry: MeshTelemetry | None = None, own_service: str | None = None
+) -> listener_pb2.Listener:
+    fault, rate_limit = route_policy.uses_filters([r.policy for r in service.routes])
+    hcm = http_connection_manager(service.name, fault, rate_limit, telemetry, own_service)
     return listener_pb2.Listener(
         name=service.name,
-        api_listener=api_listener_pb2.ApiListener(
-            api_listener=_pack(http_connection_manager(service.name))
-        ),
+        api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm)),
     )
 
 
-def inbound_listener(name: str, address: tuple[str, int]) -> listener_pb2.Listener:
-    return listener_pb2.Listener(
+def inbound_listener(
+    name: str,
+    address: tuple[str, int],
+    load_shedding: LoadSheddingConfig = LoadSheddingConfig(),
+    telemetry: MeshTelemetry | None = None,
+    own_service: str | None = None,
+) -> listener_pb2.Listener:
+    hcm = http_connection_manager(name, telemetry=telemetry, own_service=own_service)
+    listener = listener_pb2.Listener(
         name=name,
         address=_socket_address(*address),
         traffic_direction=base_pb2.INBOUND,
         filter_chains=[
             listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(
-                        name=HCM_FILTER, typed_config=_pack(http_connection_manager(name))
-                    )
-                ]
+                filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))]
             )
         ],
     )
+    if load_shedding != LoadSheddingConfig():
+        # Envoy's overload manager is process-wide; per-listener shedding is ours alone.
+        listener.metadata.filter_metadata[METADATA_KEY].update(
+            {"load_shedding": load_shedding_block(load_shedding)}
+        )
+    return listener
 
 
-def route_configuration(service: MeshService) -> route_pb2.RouteConfiguration:
+def route_configuration(service: MeshService, mesh: Mesh | None = None
+                        ) -> route_pb2.RouteConfiguration:
     domains = [service.name]
     if service.port is not None:
         domains.append(f"{service.name}:{service.port}")
@@ -146,7 +173,7 @@ def route_configuration(service: MeshService) -> route_pb2.RouteConfiguration:
             route_components_pb2.VirtualHost(
                 name=service.name,
                 domains=domains,
-                routes=[_route(r) for r in service.routes],
+                routes=[_route(r, mesh) for r in service.routes],
             )
         ],
     )
@@ -157,7 +184,7 @@ def inbound_route_configuration(name: str) -> route_pb2.RouteConfiguration:
         name="to-app",
         match=route_components_pb2.RouteMatch(prefix="/"),
         # The caller's sidecar already enforces the route timeout; 0 disables it here.
-        route=route_components_pb2.RouteAction(cluster=name, timeout=_duration(0)),
+        route=route_components_pb2.RouteAction(cluster=name, timeout=duration(0)),
     )
     return route_pb2.RouteConfiguration(
         name=name,
@@ -165,7 +192,7 @@ def inbound_route_configuration(name: str) -> route_pb2.RouteConfiguration:
     )
 
 
-def _route(route: MeshRoute) -> route_components_pb2.Route:
+def _route(route: MeshRoute, mesh: Mesh | None = None) -> route_components_pb2.Route:
     action = route_components_pb2.RouteAction()
     if len(route.clusters) == 1:
         action.cluster = route.clusters[0].name
@@ -175,12 +202,29 @@ def _route(route: MeshRoute) -> route_components_pb2.Route:
                 name=wc.name, weight=wrappers_pb2.UInt32Value(value=wc.weight)
             )
     # Envoy reads `timeout`; gRPC clients read `max_stream_duration`. 0 means none in both.
-    timeout = _duration(route.timeout or 0)
+    timeout = duration(route.timeout or 0)
     action.timeout.CopyFrom(timeout)
     action.max_stream_duration.max_stream_duration.CopyFrom(timeout)
-    return route_components_pb2.Route(
-        name=route.name, match=_route_match(route.match.path, route.match.headers), route=action
+    policy = route.policy
+    retry = route_policy.retry_policy(policy.retry)
+    if retry is not None:
+        action.retry_policy.CopyFrom(retry)
+        action.retry_policy.SetInParent()
+    for wc in route.clusters:
+        target = mesh.services.get(wc.name) if mesh is not None else None
+        if target is not None and target.lb_policy.kind.hashing:
+            action.hash_policy.extend(cluster_policy.hash_policies(target.lb_policy))
+            break
+    message = route_components_pb2.Route(
+        name=route.name,
+        match=_route_match(route.match.path, route.match.headers),
+        route=action,
+        typed_per_filter_config=route_policy.per_filter_config(policy),
     )
+    metadata = route_policy.route_metadata(policy)
+    if metadata:
+        message.metadata.filter_metadata[METADATA_KEY].update(metadata)
+    return message
 
 
 def _route_match(
@@ -222,7 +266,7 @@ def _protocol_options(service: MeshService) -> dict[str, any_pb2.Any]:
         return {}
     options = http_protocol_options_pb2.HttpProtocolOptions()
     options.explicit_http_config.http2_protocol_options.SetInParent()
-    return {HTTP_PROTOCOL_OPTIONS: _pack(options)}
+    return {HTTP_PROTOCOL_OPTIONS: pack(options)}
 
 
 def _metadata(service: MeshService) -> base_pb2.Metadata:
@@ -233,17 +277,35 @@ def _metadata(service: MeshService) -> base_pb2.Metadata:
 
 
 def eds_cluster(service: MeshService) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=service.name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
             eds_config=_ads(), service_name=service.name
         ),
-        connect_timeout=_duration(service.connect_timeout),
-        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        connect_timeout=duration(service.connect_timeout),
         typed_extension_protocol_options=_protocol_options(service),
-        metadata=_metadata(service),
     )
+    extra: dict[str, object] = {}
+    cluster_policy.apply_lb_policy(cluster, service.lb_policy, extra)
+    if service.health_check is not None:
+        cluster.health_checks.append(cluster_policy.health_check(service.health_check))
+        if service.health_check.initially_healthy:
+            extra["health_check"] = {"initially_healthy": True}
+    if service.outlier_detection is not None:
+        cluster.outlier_detection.CopyFrom(
+            cluster_policy.outlier_detection(service.outlier_detection)
+        )
+    cluster.circuit_breakers.CopyFrom(cluster_policy.circuit_breakers(service.resilience))
+    throttling = cluster_policy.adaptive_throttling_metadata(
+        service.resilience.adaptive_throttling
+    )
+    if throttling is not None:
+        extra["adaptive_throttling"] = throttling
+    metadata = _metadata(service)
+    metadata.filter_metadata[METADATA_KEY].update(extra)
+    cluster.metadata.CopyFrom(metadata)
+    return cluster
 
 
 def inbound_cluster(
@@ -252,7 +314,7 @@ def inbound_cluster(
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=_duration(service.connect_timeout),
+        connect_timeout=duration(service.connect_timeout),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
         load_assignment=load_assignment(name, (Endpoint(*app_address),)),
         typed_extension_protocol_options=_protocol_options(service),

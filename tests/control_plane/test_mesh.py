@@ -75,8 +75,10 @@ services:
         ("services: {a: {endpoints: [127.0.0.1:1], routes: [{match: {path: x}}]}}",
          "services.a.routes[0].match.path: expected a path starting with /"),
         ("services: {a: {endpoints: [127.0.0.1:1], color: red}}",
-         "services.a.color: unknown field (expected one of: connect_timeout, depends_on, "
-         "endpoints, namespace, port, protocol, routes)"),
+         "services.a.color: unknown field (expected one of: adaptive_throttling, "
+         "circuit_breakers, connect_timeout, depends_on, endpoints, health_check, "
+         "load_balancing, load_shedding, namespace, outlier_detection, port, protocol, "
+         "retry_budget, routes)"),
         ("services: {a: {}}", "services.a.endpoints: required field is missing"),
         ("services: {A_b: {endpoints: []}}",
          "services.A_b: service names are lower-case letters, digits, '-' and '.', "
@@ -88,7 +90,7 @@ services:
         ("services: {a: {endpoints: [127.0.0.1:1], routes: [{match: {headers: [{name: x, "
          "exact: y, prefix: z}], prefix: /}}]}}",
          "services.a.routes[0].match.headers[0]: at most one of exact, prefix, regex, present"),
-        ("servces: {}", "servces: unknown field (expected one of: services)"),
+        ("servces: {}", "servces: unknown field (expected one of: services, telemetry)"),
         ("[1, 2]", "expected a mapping"),
     ],
 )

@@ -166,8 +166,9 @@ def test_route_rejections_name_the_field() -> None:
         translate_route_config(rc)
 
     rc = _greeter_route_config()
-    rc.virtual_hosts[0].routes[0].route.retry_policy.num_retries.value = 2
-    with pytest.raises(ConfigError, match=r"routes\[0\]\.route\.retry_policy: not supported"):
+    rc.virtual_hosts[0].routes[0].route.retry_policy.retriable_headers.add(name="x")
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.route\.retry_policy\.retriable_headers: "
+                                          "not supported"):
         translate_route_config(rc)
 
 
@@ -193,10 +194,12 @@ def test_listener_rejections_name_the_field() -> None:
 def test_cluster_rejections_name_the_field() -> None:
     cluster = _view(ViewKey())[CLUSTER]["quotes"]
     assert isinstance(cluster, cluster_pb2.Cluster)
-    cluster.lb_policy = cluster_pb2.Cluster.RING_HASH
+    cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
     with pytest.raises(ConfigError) as info:
         translate_cluster(cluster)
-    assert str(info.value) == "cluster[quotes].lb_policy: only ROUND_ROBIN, LEAST_REQUEST, RANDOM"
+    assert str(info.value) == (
+        "cluster[quotes].lb_policy: only ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV"
+    )
     cluster.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
     cluster.type = cluster_pb2.Cluster.LOGICAL_DNS
     with pytest.raises(ConfigError, match=r"cluster\[quotes\]\.type: only EDS"):

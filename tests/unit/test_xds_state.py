@@ -148,3 +148,29 @@ def test_removed_cluster_drops_its_endpoint_subscription() -> None:
     actions = state.on_response(response(CLUSTER, [], "v2", "n8"))
     assert [r.type_url for r in actions.requests] == [CLUSTER, ENDPOINT]
     assert list(actions.requests[1].resource_names) == []
+
+
+def test_policies_from_the_mesh_reach_the_applied_config() -> None:
+    from pilotfish.config.cluster_policy import LbKind
+    from pilotfish.config.route_policy import RetryOn
+
+    policies = MESH.replace(
+        "    endpoints: [127.0.0.1:50071, {address: 127.0.0.1:50072, weight: 3}]",
+        "    endpoints: [127.0.0.1:50071, {address: 127.0.0.1:50072, weight: 3}]\n"
+        "    load_balancing: {policy: peak_ewma}\n"
+        "    outlier_detection: {}\n"
+        "    routes:\n"
+        "      - match: {prefix: /}\n"
+        "        retry: {attempts: 3, retry_on: [unavailable]}\n"
+        "        fallback: {response: {status: 503}}",
+    )
+    state = new_state()
+    complete(state, policies)
+    assert state.applied is not None
+    quotes = state.applied.clusters["quotes"]
+    assert quotes.lb_policy.kind is LbKind.PEAK_EWMA
+    assert quotes.outlier_detection is not None
+    [route] = state.applied.route_configs["outbound"].virtual_hosts[0].routes
+    assert route.policy.retry.attempts == 3
+    assert route.policy.retry.retry_on == frozenset({RetryOn.UNAVAILABLE})
+    assert route.policy.fallback is not None
