@@ -78,8 +78,13 @@ class Stream:
 
 
 class RemoteSettings:
-    __slots__ = ("header_table_size", "initial_window_size", "max_concurrent_streams",
-                 "max_frame_size", "max_header_list_size")  # fmt: skip
+    __slots__ = (
+        "header_table_size",
+        "initial_window_size",
+        "max_concurrent_streams",
+        "max_frame_size",
+        "max_header_list_size",
+    )
 
     def __init__(self) -> None:
         self.header_table_size = 4096
@@ -236,6 +241,8 @@ class H2Codec(FrameReceiver):
             raise ValueError("cannot acknowledge a negative size")
         if self._dead:
             return
+        if not acknowledged_size:
+            return
         processed = self._recv_processed + acknowledged_size
         if processed >= self._recv_max >> 1:
             self._recv_processed = 0
@@ -323,8 +330,9 @@ class H2Codec(FrameReceiver):
             raise StreamError(sid, REFUSED_STREAM, "MAX_CONCURRENT_STREAMS reached")
         if trouble is not None:
             raise StreamError(sid, PROTOCOL_ERROR, trouble)
-        stream = Stream(sid, self.remote_settings.initial_window_size, self._stream_recv_window,
-                        inbound=True)  # fmt: skip
+        stream = Stream(
+            sid, self.remote_settings.initial_window_size, self._stream_recv_window, inbound=True
+        )
         self.streams[sid] = stream
         self._inbound_open += 1
         if end_stream:

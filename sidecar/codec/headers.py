@@ -1,4 +1,4 @@
-"""HPACK through the ``hpack`` library, paid for once per distinct header block.
+"""HPACK, paid for once per distinct header block: ``hpack`` decodes, ``LeanEncoder`` encodes.
 
 Proxied traffic repeats itself: the same request headers from a load balancer's health
 checks, the same response headers from a backend. Both coders keep a cache that is valid only
@@ -12,11 +12,12 @@ while their dynamic table is unchanged, which is what makes it correct:
   gives the same header list and changes nothing: it may be answered from the cache. Any
   change of version empties the cache. Blocks that did change the table (literals with
   incremental indexing, size updates) are never cached, so they are always replayed.
-* Encoding is the mirror image: a header list whose encoding did not change the encoder's
-  table (no insertion, no pending size update) encodes to the same bytes again for as long
-  as the table stays at that version. The key compares names and values, not the
-  ``NeverIndexedHeaderTuple`` hint: a hit can only reuse a block whose fields were all
-  already indexed or sent as literals, and the peer decodes the same list either way.
+* Encoding (``hpack_encoder.LeanEncoder``, ours) is the mirror image: a header list whose
+  encoding did not change the encoder's table (no insertion, no pending size update)
+  encodes to the same bytes again for as long as the table stays at that version. The key
+  compares names and values, not the ``NeverIndexedHeaderTuple`` hint: a hit can only
+  reuse a block whose fields were all already indexed or sent as literals, and the peer
+  decodes the same list either way.
 
 Decoded header lists are validated once per cached block (``Decoded.problems``).
 """
@@ -31,6 +32,7 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.table import HeaderTable
 
 from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
+from sidecar.codec.hpack_encoder import LeanEncoder
 from sidecar.streams import Headers
 
 # Bounds on what a cache holds, per connection and direction: a peer chooses the contents.
@@ -113,22 +115,18 @@ class CachingDecoder:
 
 class CachingEncoder:
     def __init__(self) -> None:
-        self.encoder = hpack.Encoder()
-        self._table = _VersionedTable()
-        self.encoder.header_table = self._table
+        self.encoder = LeanEncoder()
         self._cache: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
         self._version = 0
 
     def set_table_size(self, peer_max: int) -> None:
-        size = min(peer_max, MAX_ENCODER_TABLE)
-        if size != self._table.maxsize:
-            self.encoder.header_table_size = size
+        self.encoder.set_max_size(min(peer_max, MAX_ENCODER_TABLE))
 
     def encode(self, headers: Headers) -> bytes:
-        table = self._table
+        encoder = self.encoder
         cache = self._cache
         key = tuple(headers)
-        version = table.version
+        version = encoder.version
         if version != self._version:
             cache.clear()
             self._version = version
@@ -136,9 +134,14 @@ class CachingEncoder:
             hit = cache.get(key)
             if hit is not None:
                 return hit
-        pending_resize = table.resized
-        block = self.encoder.encode(headers, huffman=False)
-        if table.version == version and not pending_resize and _cacheable(block, key):
+        pending_resize = encoder.size_update_pending
+        block = encoder.encode(headers)
+        if (
+            encoder.version == version
+            and not pending_resize
+            and not encoder.volatile
+            and _cacheable(block, key)
+        ):
             if len(cache) >= CACHE_ENTRIES:
                 cache.clear()
             cache[key] = block

@@ -61,7 +61,7 @@ class FrameReceiver:
             sid &= STREAM_MASK
             payload = buf[start:stop]
             try:
-                if ftype == f.DATA and not self._block_sid:
+                if ftype == f.DATA and self._settings_seen and not self._block_sid:
                     self._on_data(sid, flags, payload, events)
                 else:
                     self._frame(ftype, flags, sid, payload, events)
