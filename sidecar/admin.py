@@ -28,7 +28,6 @@ from sidecar.server import Sidecar
 log = logging.getLogger(__name__)
 
 
-
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -44,17 +43,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _prometheus_name(stat: str) -> tuple[str, str]:
-    """``cluster.quotes.upstream_rq_total`` → (``pilotfish_cluster_upstream_rq_total``,
-    ``{cluster="quotes"}``)."""
-    kind, _, rest = stat.partition(".")
+def _prometheus_name(prefix: str, stat: str) -> tuple[str, str]:
+    """(``cluster.quotes``, ``upstream_rq_total``) → (``pilotfish_cluster_upstream_rq_total``,
+    ``{cluster="quotes"}``). The scope and the stat come apart, as both may contain dots."""
+    kind, _, name = prefix.partition(".")
     labels = ""
-    if kind in ("cluster", "http") and "." in rest:
-        name, _, metric = rest.rpartition(".")
+    if kind in ("cluster", "http") and name:
         label = "cluster" if kind == "cluster" else "listener"
         escaped = name.replace("\\", "\\\\").replace('"', '\\"')
         labels = f'{{{label}="{escaped}"}}'
-        rest = metric
+        rest = stat
+    else:
+        rest = f"{name}.{stat}" if name else stat
     metric_name = re.sub(r"[^a-zA-Z0-9_]", "_", f"pilotfish_{kind}_{rest}")
     return metric_name, labels
 
@@ -133,12 +133,14 @@ class AdminServer:
     def prometheus(self) -> Response:
         lines: list[str] = []
         typed: set[str] = set()
-        for kind, name, value in self.sidecar.stats.snapshot():
-            metric, labels = _prometheus_name(name)
-            if metric not in typed:
-                typed.add(metric)
-                lines.append(f"# TYPE {metric} {kind}")
-            lines.append(f"{metric}{labels} {value}")
+        for prefix, scope in sorted(self.sidecar.stats.scopes.items()):
+            for kind, values in (("counter", scope.counters), ("gauge", scope.gauges)):
+                for stat, value in sorted(values.items()):
+                    metric, labels = _prometheus_name(prefix, stat)
+                    if metric not in typed:
+                        typed.add(metric)
+                        lines.append(f"# TYPE {metric} {kind}")
+                    lines.append(f"{metric}{labels} {value}")
         grouped = _group_by_metric(lines)
         text = self.sidecar.metrics.render() + "\n".join(grouped) + "\n"
         return 200, "text/plain; version=0.0.4", text.encode()

@@ -144,7 +144,7 @@ class _H1Base(asyncio.Protocol):
 class H1ServerStream:
     """The response side of one downstream HTTP/1.1 request (a ``StreamSink``)."""
 
-    __slots__ = ("conn", "done", "handler", "has_body", "head_request", "started")
+    __slots__ = ("chunked", "conn", "done", "handler", "has_body", "head_request", "started")
 
     def __init__(self, conn: H1ServerConnection, head_request: bool, has_body: bool) -> None:
         self.conn = conn
@@ -153,6 +153,7 @@ class H1ServerStream:
         self.done = False
         self.head_request = head_request
         self.has_body = has_body  # without one, end of stream went with the headers
+        self.chunked = False  # only chunked framing can carry trailers
 
     def send_headers(self, headers: Headers, end_stream: bool) -> None:
         if self.done or self.conn.closed:
@@ -165,6 +166,13 @@ class H1ServerStream:
             fields.append((b"content-length", b"0"))
         if self.conn.draining:
             fields.append((b"connection", b"close"))
+        # h11 frames a body without a content-length as chunked for HTTP/1.1 clients.
+        self.chunked = (
+            not _has_framing(fields)
+            and not self.head_request
+            and status not in (204, 304)
+            and self.conn.h11.their_http_version == b"1.1"
+        )
         self.started = True
         try:
             data = self.conn.h11.send(h11.Response(status_code=status, headers=fields))
@@ -202,18 +210,14 @@ class H1ServerStream:
 
     def _finish(self, trailers: Headers | None) -> None:
         self.done = True
-        h11conn = self.conn.h11
-        fields = [(n, v) for n, v in trailers or () if n[:1] != b":"]
+        # Trailers need chunked framing; with a content-length they are dropped.
+        fields = [(n, v) for n, v in trailers or () if n[:1] != b":"] if self.chunked else []
         try:
-            data = h11conn.send(h11.EndOfMessage(headers=fields))
-        except h11.LocalProtocolError:
-            # Trailers need chunked framing; with a content-length they are dropped.
-            try:
-                data = h11conn.send(h11.EndOfMessage())
-            except h11.LocalProtocolError as exc:
-                log.info("response ended early over HTTP/1.1 (%s); closing", exc)
-                self.conn.close()
-                return
+            data = self.conn.h11.send(h11.EndOfMessage(headers=fields))
+        except h11.LocalProtocolError as exc:
+            log.info("response ended early over HTTP/1.1 (%s); closing", exc)
+            self.conn.close()
+            return
         self.conn.write(data or b"", None)
         self.conn.response_done(self)
 
@@ -225,7 +229,8 @@ class H1ServerStream:
                 self.conn.transport.abort()
 
     def ack(self, flow_len: int) -> None:
-        self.conn.ack(flow_len)
+        if self.conn.stream is self:  # else the connection's budget is a later request's
+            self.conn.ack(flow_len)
 
 
 class H1ServerConnection(_H1Base):
@@ -364,6 +369,9 @@ class H1ServerConnection(_H1Base):
                 return
             self.stream = None
             self.unacked = 0
+            if self.read_paused and self.transport is not None:
+                self.read_paused = False
+                self.transport.resume_reading()
             self.h11.start_next_cycle()
             self._arm_idle_timer()
             asyncio.get_event_loop().call_soon(self._process)
@@ -393,7 +401,7 @@ class H1ServerConnection(_H1Base):
 class H1ClientStream:
     """The request side of one upstream HTTP/1.1 exchange (a ``StreamSink``)."""
 
-    __slots__ = ("conn", "handler", "head_request", "request_done", "response_done")
+    __slots__ = ("chunked", "conn", "handler", "head_request", "request_done", "response_done")
 
     def __init__(self, conn: H1ClientConnection, handler: StreamHandler) -> None:
         self.conn = conn
@@ -401,6 +409,7 @@ class H1ClientStream:
         self.request_done = False
         self.response_done = False
         self.head_request = False
+        self.chunked = False  # only chunked framing can carry trailers
 
     def send_headers(self, headers: Headers, end_stream: bool) -> None:
         pseudo, fields = h2_to_h1_fields(headers)
@@ -409,19 +418,23 @@ class H1ClientStream:
         fields.insert(0, (b"host", pseudo.get(b":authority", b"")))
         if not end_stream and not _has_framing(fields):
             fields.append((b"transfer-encoding", b"chunked"))
+            self.chunked = True
         elif end_stream and method in (b"POST", b"PUT", b"PATCH") and not _has_framing(fields):
             fields.append((b"content-length", b"0"))
         request = h11.Request(method=method, target=pseudo.get(b":path", b"/"), headers=fields)
-        self._send(request, None)
-        if end_stream:
+        if self._send(request, None) and end_stream:
             self._end(None)
 
     def _send(self, event: Any, on_sent: OnSent) -> bool:
         try:
             data = self.conn.h11.send(event)
         except h11.LocalProtocolError as exc:
+            # E.g. a body that disagrees with its content-length. h11 is now in ERROR: the
+            # connection cannot be used again, and the exchange must hear of it (as a reset,
+            # when the connection is gone) instead of waiting for a response.
             log.info("cannot relay request over HTTP/1.1: %s", exc)
-            self.reset(0)
+            self.request_done = True
+            self.conn.fail_locally()
             if on_sent is not None:
                 on_sent()
             return False
@@ -447,21 +460,19 @@ class H1ClientStream:
     def _end(self, trailers: Headers | None) -> None:
         if self.request_done:
             return
-        self.request_done = True
-        fields = [(n, v) for n, v in trailers or () if n[:1] != b":"]
-        try:
-            data = self.conn.h11.send(h11.EndOfMessage(headers=fields))
-        except h11.LocalProtocolError:
-            data = self.conn.h11.send(h11.EndOfMessage())
-        self.conn.write(data or b"", None)
-        self.conn.maybe_recycle()
+        # With a content-length the trailers are dropped: HTTP/1.1 has no way to send them.
+        fields = [(n, v) for n, v in trailers or () if n[:1] != b":"] if self.chunked else []
+        if self._send(h11.EndOfMessage(headers=fields), None):
+            self.request_done = True
+            self.conn.maybe_recycle()
 
     def reset(self, code: int) -> None:
         self.handler = None
         self.conn.abort()
 
     def ack(self, flow_len: int) -> None:
-        self.conn.ack(flow_len)
+        if self.conn.stream is self:  # else the connection's budget is a later request's
+            self.conn.ack(flow_len)
 
 
 class H1ClientConnection(_H1Base):
@@ -474,6 +485,17 @@ class H1ClientConnection(_H1Base):
         self.stream: H1ClientStream | None = None
         self.idle_timeout = idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._failed_locally = False
+
+    def arm_idle_timer(self) -> None:
+        if self._idle_timer is None and not self.closed:
+            loop = asyncio.get_event_loop()
+            self._idle_timer = loop.call_later(self.idle_timeout, self.close)
+
+    def fail_locally(self) -> None:
+        """We could not frame the request: close, and report the stream reset once closed."""
+        self._failed_locally = True
+        self.abort()
 
     def is_available(self) -> bool:
         return not self.closed and self.stream is None and self.h11.our_state is h11.IDLE
@@ -560,8 +582,7 @@ class H1ClientConnection(_H1Base):
             if self.read_paused and self.transport is not None:
                 self.read_paused = False
                 self.transport.resume_reading()
-            loop = asyncio.get_event_loop()
-            self._idle_timer = loop.call_later(self.idle_timeout, self.close)
+            self.arm_idle_timer()
             self.owner.released(self)
         else:
             self.stream = None
@@ -586,5 +607,8 @@ class H1ClientConnection(_H1Base):
         stream, self.stream = self.stream, None
         if stream is not None and stream.handler is not None:
             handler, stream.handler = stream.handler, None
-            handler.on_reset(ResetReason.CONNECTION_LOST, 0)
+            reason = (
+                ResetReason.PROTOCOL_ERROR if self._failed_locally else ResetReason.CONNECTION_LOST
+            )
+            handler.on_reset(reason, 0)
         self.owner.connection_closed(self)

@@ -756,7 +756,11 @@ class Exchange:
             if timer is not None:
                 timer.cancel()
         self.timer = self.retry_timer = None
-        self.pending.clear()
+        # Body the upstream never took: the client was not credited for it yet.
+        while self.pending:
+            flow_len = self.pending.popleft()[2]
+            if flow_len:
+                self.downstream.ack(flow_len)
         self.replay = None
         self._leave_cluster()
         if self.retry_permit is not None:

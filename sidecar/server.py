@@ -73,10 +73,17 @@ class Sidecar:
         listeners that leave are drained, not cut.
         """
         bound = self._bind_new_listeners(bootstrap) if self._started else {}
+        try:
+            access = self._new_access_log(bootstrap.telemetry)
+        except ApplyError:
+            for sock in bound.values():
+                sock.close()
+            raise
+        # From here on the new config goes in force.
         self.clusters.apply(bootstrap.clusters)
         self.route_tables = {name: RouteTable(rc) for name, rc in bootstrap.route_configs.items()}
         self._update_route_policies(bootstrap)
-        self._update_telemetry(bootstrap.telemetry)
+        self._update_telemetry(bootstrap.telemetry, access)
         self.bootstrap = bootstrap
         self.config_updated_at = time.time()
         self.stats.scope("server").inc("config_updates")
@@ -182,15 +189,25 @@ class Sidecar:
         self._route_policies_by_key = by_key
         self._route_policies = by_id
 
-    def _update_telemetry(self, telemetry: TelemetryConfig) -> None:
+    def _new_access_log(self, telemetry: TelemetryConfig) -> AccessLog | None:
+        """The access log ``telemetry`` asks for if it changed; ApplyError if it cannot open."""
+        config = telemetry.access_log
+        if config == self.telemetry.access_log:
+            return None
+        try:
+            return AccessLog(config)
+        except OSError as exc:
+            raise ApplyError(f"access log {config.path}: {exc}") from exc
+
+    def _update_telemetry(self, telemetry: TelemetryConfig, access: AccessLog | None) -> None:
         if telemetry == self.telemetry:
             return
         if telemetry.tracing != self.telemetry.tracing:
             old_tracer, self.tracer = self.tracer, Tracer.create(telemetry.tracing)
             self._in_background(asyncio.to_thread(old_tracer.shutdown))
-        if telemetry.access_log != self.telemetry.access_log:
+        if access is not None:
             self.access.close()
-            self.access = AccessLog(telemetry.access_log)
+            self.access = access
         self.telemetry = telemetry
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:

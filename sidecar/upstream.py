@@ -84,10 +84,14 @@ class H2ClientConnection(H2Connection):
         if self.goaway_received and not self.streams:
             self.close()
             return
-        if not self.streams and not self.closed:
+        if not self.streams:
+            self.arm_idle_timer()
+        self.host.released(self)
+
+    def arm_idle_timer(self) -> None:
+        if self._idle_timer is None and not self.closed:
             loop = asyncio.get_event_loop()
             self._idle_timer = loop.call_later(self.host.cluster.config.idle_timeout, self.close)
-        self.host.released(self)
 
     def on_settings_changed(self) -> None:
         if not self.ready.done():
@@ -186,6 +190,13 @@ class UpstreamHost:
         self.connections.add(conn)
         self.scope.gauge_add("upstream_cx_active", 1)
         self.pool.connected(conn)
+        if conn.is_idle():
+            # The waiters it was opened for gave up, or the host left meanwhile: no stream's
+            # end will close it or start its idle timer.
+            if self.pool.draining:
+                conn.close()
+            else:
+                conn.arm_idle_timer()
 
     def released(self, conn: PooledConnection) -> None:
         self.pool.released(conn)
