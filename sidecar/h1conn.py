@@ -221,6 +221,11 @@ class H1ServerStream:
         self.conn.write(data or b"", None)
         self.conn.response_done(self)
 
+    def reset_when_sent(self, code: int) -> None:
+        """After a complete response there is nothing to reset on HTTP/1.1."""
+        if not self.done:
+            self.reset(code)
+
     def reset(self, code: int) -> None:
         """HTTP/1.1 has no stream reset: closing the connection is the only way to say it."""
         if not self.done:
@@ -469,6 +474,9 @@ class H1ClientStream:
     def reset(self, code: int) -> None:
         self.handler = None
         self.conn.abort()
+
+    def reset_when_sent(self, code: int) -> None:
+        self.reset(code)
 
     def ack(self, flow_len: int) -> None:
         if self.conn.stream is self:  # else the connection's budget is a later request's

@@ -36,6 +36,7 @@ from sidecar.streams import (
 log = logging.getLogger(__name__)
 
 _TRAILERS = object()  # marks queued trailers in a stream's send queue
+_RESET = object()  # marks a reset to send once everything queued before it has gone
 MAX_STREAM_ID = 2**31 - 1
 LINGER_SECONDS = 2.0
 
@@ -113,6 +114,16 @@ class H2Stream:
 
     def reset(self, code: int) -> None:
         self.conn.reset_stream(self, code)
+
+    def reset_when_sent(self, code: int) -> None:
+        """Reset once what is queued has been sent (a reset discards the queue)."""
+        if self.closed:
+            return
+        if not self.queue:
+            self.conn.reset_stream(self, code)
+            return
+        self.queue.append([_RESET, code, None])
+        self.conn.flush_stream(self)
 
     def ack(self, flow_len: int) -> None:
         if flow_len and not self.conn.closed:
@@ -268,6 +279,10 @@ class H2Connection(asyncio.Protocol):
                     h2conn.send_headers(sid, item[1], end_stream=True)
                     self.stream_send_ended(stream)
                     continue
+                if data is _RESET:
+                    queue.popleft()
+                    self.reset_stream(stream, item[1])
+                    break
                 size = len(data)
                 window = min(h2conn.local_flow_control_window(sid), h2conn.max_outbound_frame_size)
                 if size > window:

@@ -66,6 +66,15 @@ async def serve(
 
         client = XdsClient(sidecar, bootstrap, xds.address, make_node(xds.node_id, xds.metadata))
         xds_task = loop.create_task(client.run())
+
+        def xds_ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "xDS client stopped; no further config updates", exc_info=task.exception()
+                )
+                sidecar.initialized = False  # stop reporting ready on a config that is frozen
+
+        xds_task.add_done_callback(xds_ended)
     if started is not None:
         started(sidecar)
     await sidecar.stopped.wait()
@@ -96,9 +105,7 @@ def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
         port=out_port,
         route_config="outbound",
         # Behind iptables interception, what is not HTTP goes where the app sent it.
-        tcp_passthrough_original_destination=(
-            args.outbound_passthrough == "original-destination"
-        ),
+        tcp_passthrough_original_destination=(args.outbound_passthrough == "original-destination"),
     )
     if base is None:
         return Bootstrap(

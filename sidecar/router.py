@@ -724,8 +724,9 @@ class Exchange:
         )  # fmt: skip
         self._finish(status)
         if not self.request_ended:
-            # Nobody will read the rest of the request body: tell the client to stop sending.
-            self.downstream.reset(0x0)
+            # Nobody will read the rest of the request body: tell the client to stop sending,
+            # after the reply (a reset now would discard the part still waiting for window).
+            self.downstream.reset_when_sent(0x0)
 
     def _arm_deadline(self) -> None:
         if self.done or self.deadline is None:

@@ -75,6 +75,7 @@ class Sidecar:
         bound = self._bind_new_listeners(bootstrap) if self._started else {}
         try:
             access = self._new_access_log(bootstrap.telemetry)
+            tracer = self._new_tracer(bootstrap.telemetry)
         except ApplyError:
             for sock in bound.values():
                 sock.close()
@@ -83,7 +84,7 @@ class Sidecar:
         self.clusters.apply(bootstrap.clusters)
         self.route_tables = {name: RouteTable(rc) for name, rc in bootstrap.route_configs.items()}
         self._update_route_policies(bootstrap)
-        self._update_telemetry(bootstrap.telemetry, access)
+        self._update_telemetry(bootstrap.telemetry, access, tracer)
         self.bootstrap = bootstrap
         self.config_updated_at = time.time()
         self.stats.scope("server").inc("config_updates")
@@ -176,8 +177,9 @@ class Sidecar:
         by_id: dict[int, RoutePolicyRuntime] = {}
         for rc in bootstrap.route_configs.values():
             for vhost in rc.virtual_hosts:
-                for route in vhost.routes:
-                    key = (rc.name, vhost.name, route.name)
+                for index, route in enumerate(vhost.routes):
+                    # The index too: route names are not required to be unique.
+                    key = (rc.name, vhost.name, f"{index}:{route.name}")
                     old = self._route_policies_by_key.get(key)
                     runtime = (
                         old.updated(route.policy)
@@ -199,11 +201,22 @@ class Sidecar:
         except OSError as exc:
             raise ApplyError(f"access log {config.path}: {exc}") from exc
 
-    def _update_telemetry(self, telemetry: TelemetryConfig, access: AccessLog | None) -> None:
+    def _new_tracer(self, telemetry: TelemetryConfig) -> Tracer | None:
+        """The tracer a new config needs (None: keep ours), built before anything changes."""
+        if telemetry.tracing == self.telemetry.tracing:
+            return None
+        try:
+            return Tracer.create(telemetry.tracing)
+        except (ValueError, OSError) as exc:
+            raise ApplyError(f"tracing: {exc}") from exc
+
+    def _update_telemetry(
+        self, telemetry: TelemetryConfig, access: AccessLog | None, tracer: Tracer | None
+    ) -> None:
         if telemetry == self.telemetry:
             return
-        if telemetry.tracing != self.telemetry.tracing:
-            old_tracer, self.tracer = self.tracer, Tracer.create(telemetry.tracing)
+        if tracer is not None:
+            old_tracer, self.tracer = self.tracer, tracer
             self._in_background(asyncio.to_thread(old_tracer.shutdown))
         if access is not None:
             self.access.close()

@@ -51,6 +51,9 @@ class StreamSink(Protocol):
 
     def reset(self, code: int) -> None: ...
 
+    def reset_when_sent(self, code: int) -> None:
+        """Reset once everything already queued on the stream has been sent."""
+
     def ack(self, flow_len: int) -> None:
         """The bytes this stream delivered have been taken: let the peer send more."""
 

@@ -114,7 +114,7 @@ class TcpRelay(asyncio.Protocol):
         self.listener.connection_opened(self)
         self.listener.scope.inc("downstream_cx_tcp_passthrough")
         self.transport.pause_reading()  # until upstream is connected
-        asyncio.get_event_loop().create_task(self._connect())
+        self.connect_task = asyncio.get_event_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         target = self.target

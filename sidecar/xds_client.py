@@ -164,6 +164,9 @@ class XdsClient:
             self.sidecar.apply(merge(self.static, snapshot))
         except ApplyError as exc:
             return str(exc)
+        except Exception as exc:  # a bug of ours: NACK it rather than lose the xDS stream
+            log.exception("applying a config failed")
+            return f"internal error applying the config: {exc!r}"
         return None
 
     def dump(self) -> dict[str, Any]:

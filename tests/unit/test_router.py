@@ -31,6 +31,9 @@ class FakeDownstream:
     def reset(self, code: int) -> None:
         self.resets.append(code)
 
+    def reset_when_sent(self, code: int) -> None:
+        self.resets.append(code)
+
     def ack(self, flow_len: int) -> None:
         self.acked += flow_len
 
