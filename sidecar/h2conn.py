@@ -227,11 +227,16 @@ class H2Connection(asyncio.Protocol):
             self.protocol_error(exc)
             return
         dispatch = self._dispatch
-        for event in events:
-            handler = dispatch.get(type(event))
-            if handler is not None:
-                handler(event)
-        self.flush()
+        # Whatever the events queue on this connection leaves in the one flush below; marking
+        # it scheduled keeps mark_dirty from adding a loop callback for each of them.
+        self._flush_scheduled = True
+        try:
+            for event in events:
+                handler = dispatch.get(type(event))
+                if handler is not None:
+                    handler(event)
+        finally:
+            self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
