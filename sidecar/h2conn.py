@@ -190,7 +190,6 @@ class H2Connection(asyncio.Protocol):
         self._blocked: set[H2Stream] = set()  # streams with queued data waiting for window
         self._loop = asyncio.get_event_loop()
         self._dispatch: dict[type, Callable[[Any], None]] = {
-            h2.events.RequestReceived: self._on_request,
             h2.events.ResponseReceived: self._on_response,
             h2.events.DataReceived: self._on_data,
             h2.events.TrailersReceived: self._on_trailers,
@@ -198,7 +197,6 @@ class H2Connection(asyncio.Protocol):
             h2.events.WindowUpdated: self._on_window_updated,
             h2.events.RemoteSettingsChanged: self._on_settings,
             h2.events.ConnectionTerminated: self._on_goaway,
-            codec.RequestReceived: self._on_request,
             codec.ResponseReceived: self._on_response,
             codec.DataReceived: self._on_data,
             codec.TrailersReceived: self._on_trailers,
@@ -348,9 +346,6 @@ class H2Connection(asyncio.Protocol):
         self.on_stream_closed(stream)
 
     # -- events ----------------------------------------------------------------------------
-
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        raise NotImplementedError  # only servers receive requests; h2 rejects them on clients
 
     def _on_response(self, event: h2.events.ResponseReceived) -> None:
         stream = self.streams.get(event.stream_id)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import h2.events
 
 from pilotfish.config.model import ListenerConfig
+from sidecar import codec
 from sidecar.h1conn import H1ServerConnection
 from sidecar.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
 from sidecar.original_dst import OriginalDestinationError, original_destination
@@ -140,7 +141,9 @@ class H2ServerConnection(H2Connection):
         self.listener = listener
         self.draining = False
         self.last_stream_id = MAX_STREAM_ID
+        # Only servers receive requests (both codecs refuse them on client connections).
         self._dispatch[h2.events.RequestReceived] = self._on_request
+        self._dispatch[codec.RequestReceived] = self._on_request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

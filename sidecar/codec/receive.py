@@ -7,6 +7,8 @@ block continuity); ``H2Codec`` supplies the ``_on_*`` handlers that apply a fram
 
 from __future__ import annotations
 
+import abc
+
 from sidecar.codec import frames as f
 from sidecar.codec.errors import (
     ENHANCE_YOUR_CALM,
@@ -22,7 +24,7 @@ MAX_CONTINUATIONS = 64
 STREAM_MASK = 0x7FFFFFFF
 
 
-class FrameReceiver:
+class FrameReceiver(abc.ABC):
     _out: list[bytes]
     _buf: bytes
     _preface_pending: bool
@@ -186,28 +188,36 @@ class FrameReceiver:
 
     # -- supplied by the connection ----------------------------------------------------------
 
+    @abc.abstractmethod
     def _on_data(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
+    @abc.abstractmethod
     def _headers_complete(
         self, sid: int, end_stream: bool, block: bytes, bad_priority: bool, events: list[Event]
     ) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
+    @abc.abstractmethod
     def _on_window_update(self, sid: int, increment: int, events: list[Event]) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
+    @abc.abstractmethod
     def _on_settings(self, settings: list[tuple[int, int]], events: list[Event]) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
+    @abc.abstractmethod
     def _on_settings_ack(self) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
+    @abc.abstractmethod
     def _on_rst_stream(self, sid: int, code: int, events: list[Event]) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
+    @abc.abstractmethod
     def _on_goaway(self, last_stream_id: int, code: int, debug: bytes, events: list[Event]) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
+    @abc.abstractmethod
     def _stream_error(self, exc: StreamError, events: list[Event]) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""

@@ -8,6 +8,7 @@ drops) are read through callbacks at scrape time.
 
 from __future__ import annotations
 
+import abc
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
@@ -62,7 +63,7 @@ class HistogramChild:
 C = TypeVar("C", CounterChild, GaugeChild, HistogramChild)
 
 
-class Family(Generic[C]):
+class Family(abc.ABC, Generic[C]):
     kind = "untyped"
 
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
@@ -89,8 +90,9 @@ class Family(Generic[C]):
     def remove(self, *values: str) -> None:
         self.children.pop(values, None)
 
+    @abc.abstractmethod
     def _new_child(self) -> C:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
     def render(self, out: list[str]) -> None:
         out.append(f"# HELP {self.name} {_escape_help(self.help)}")
@@ -98,8 +100,9 @@ class Family(Generic[C]):
         for values in sorted(self.children):
             self._render_child(out, values, self.children[values])
 
+    @abc.abstractmethod
     def _render_child(self, out: list[str], values: LabelValues, child: C) -> None:
-        raise NotImplementedError
+        """Supplied by the subclass."""
 
     def _render_value(self, out: list[str], values: LabelValues, value: float) -> None:
         out.append(f"{self.name}{_labels(self.labelnames, values)} {_number(value)}")
