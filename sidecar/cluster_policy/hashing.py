@@ -15,6 +15,7 @@ cluster with few hosts may use a smaller prime.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import hashlib
 import math
@@ -57,8 +58,9 @@ class _Hashing(BalancerBase):
             return self.rng.choice(self._candidates(exclude)).index
         return self._lookup(hash64(key), exclude)
 
+    @abc.abstractmethod
     def _lookup(self, point: int, exclude: Collection[int]) -> int:
-        raise NotImplementedError
+        """The host that owns ``point`` (skipping ``exclude``); supplied by the subclass."""
 
 
 class RingHash(_Hashing):
