@@ -1,0 +1,195 @@
+"""What traffic goes through: nothing (direct), Pilotfish, or nghttpx, and the upstreams behind.
+
+Every command is built by a function whose port arguments are strings, so the report prints
+the very command that ran with placeholders where runtime-chosen ports were.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bench.procs import Pinning, Spawned, free_port, wait_until_serving
+
+REPO = Path(__file__).resolve().parent.parent
+NGHTTPD = "/usr/sbin/nghttpd"
+NGHTTPX = "/usr/sbin/nghttpx"
+STARTUP_TIMEOUT_S = 20.0
+SMALL_BODY_BYTES = 128
+LARGE_BODY_BYTES = 64 * 1024
+SMALL_PATH = "/small"
+LARGE_PATH = "/64k"
+
+
+def python() -> str:
+    return sys.executable
+
+
+# ---------------------------------------------------------------- upstreams
+
+
+def nghttpd_argv(docroot: str, port: str) -> list[str]:
+    return [NGHTTPD, "--no-tls", "-a", "127.0.0.1", "-d", docroot, port]
+
+
+def grpc_server_argv(port: str) -> list[str]:
+    return [python(), "-m", "bench.grpc_echo", "server", "--port", port]
+
+
+def write_docroot(docroot: Path) -> None:
+    docroot.mkdir(parents=True, exist_ok=True)
+    (docroot / SMALL_PATH.lstrip("/")).write_bytes(b"s" * SMALL_BODY_BYTES)
+    # Incompressible is irrelevant for h2 (no body compression), so a fixed pattern is fine.
+    (docroot / LARGE_PATH.lstrip("/")).write_bytes(bytes(range(256)) * (LARGE_BODY_BYTES // 256))
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    kind: str  # "h2" (nghttpd) or "grpc"
+    port: int
+    proc: Spawned
+
+
+def start_upstream(kind: str, pinning: Pinning, workdir: Path) -> Upstream:
+    port = free_port()
+    if kind == "h2":
+        docroot = workdir / "docroot"
+        write_docroot(docroot)
+        argv = pinning.load() + nghttpd_argv(str(docroot), str(port))
+    else:
+        argv = pinning.load() + grpc_server_argv(str(port))
+    proc = Spawned(f"{kind} upstream", argv, workdir / f"upstream-{kind}.log", cwd=REPO)
+    try:
+        wait_until_serving(proc, port, STARTUP_TIMEOUT_S)
+    except BaseException:
+        proc.stop()
+        raise
+    return Upstream(kind=kind, port=port, proc=proc)
+
+
+# ---------------------------------------------------------------- proxies
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A target ready for load: where to send it, and the process tree to measure."""
+
+    port: int
+    proc: Spawned | None
+    readiness: str
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+class Target(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def is_proxy(self) -> bool: ...
+
+    def command(self, upstream_port: str, listen_port: str, config_file: str) -> list[str]: ...
+
+    def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running: ...
+
+
+class Direct:
+    name = "direct"
+    is_proxy = False
+
+    def command(self, upstream_port: str, listen_port: str, config_file: str) -> list[str]:
+        return []
+
+    def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
+        return Running(port=upstream_port, proc=None, readiness="no proxy")
+
+
+def pilotfish_bootstrap(admin_port: str, listen_port: str, upstream_port: str) -> str:
+    return f"""\
+node_id: bench
+admin: {{address: 127.0.0.1, port: {admin_port}}}
+# The issue's workload: routing, a retry policy, metrics on, tracing sampled at 1%. Spans go to
+# a port nobody listens on (they are dropped and counted); access logs are off, as nghttpx's.
+tracing: {{endpoint: "http://127.0.0.1:9", sampling: 1%}}
+access_log: {{sink: "off"}}
+listeners:
+  - name: ingress
+    address: 127.0.0.1:{listen_port}
+    route_config: local
+route_configs:
+  - name: local
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - match: {{prefix: /}}
+            route: {{cluster: upstream, timeout: 15s}}
+            retry: {{attempts: 1, retry_on: [connect-failure, refused-stream, reset, unavailable]}}
+clusters:
+  - name: upstream
+    protocol: http2
+    endpoints: [127.0.0.1:{upstream_port}]
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Pilotfish:
+    workers: int = 1
+
+    @property
+    def name(self) -> str:
+        return "pilotfish" if self.workers == 1 else f"pilotfish-{self.workers}w"
+
+    @property
+    def is_proxy(self) -> bool:
+        return True
+
+    def command(self, upstream_port: str, listen_port: str, config_file: str) -> list[str]:
+        argv = [python(), "-m", "pilotfish", "sidecar", "--config", config_file]
+        if self.workers != 1:
+            argv += ["--concurrency", str(self.workers)]
+        return argv
+
+    def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
+        admin, listen = free_port(), free_port()
+        config = workdir / f"pilotfish-{self.workers}w-{upstream_port}.yaml"
+        config.write_text(pilotfish_bootstrap(str(admin), str(listen), str(upstream_port)))
+        argv = pinning.proxy() + self.command(str(upstream_port), str(listen), str(config))
+        proc = Spawned(self.name, argv, config.with_suffix(".log"), cwd=REPO)
+        try:
+            readiness = wait_until_serving(proc, listen, STARTUP_TIMEOUT_S, ready_port=admin)
+        except BaseException:
+            proc.stop()
+            raise
+        return Running(port=listen, proc=proc, readiness=readiness)
+
+
+class Nghttpx:
+    name = "nghttpx"
+    is_proxy = True
+
+    def command(self, upstream_port: str, listen_port: str, config_file: str) -> list[str]:
+        # --conf=/dev/null: Debian's /etc/nghttpx/nghttpx.conf would add its own frontend and
+        # send errors to syslog.
+        return [
+            NGHTTPX,
+            "--conf=/dev/null",
+            f"--frontend=127.0.0.1,{listen_port};no-tls",
+            f"--backend=127.0.0.1,{upstream_port};;proto=h2",
+            "--workers=1",
+        ]
+
+    def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
+        listen = free_port()
+        argv = pinning.proxy() + self.command(str(upstream_port), str(listen), "")
+        proc = Spawned(self.name, argv, workdir / f"nghttpx-{upstream_port}.log", cwd=REPO)
+        try:
+            readiness = wait_until_serving(proc, listen, STARTUP_TIMEOUT_S)
+        except BaseException:
+            proc.stop()
+            raise
+        return Running(port=listen, proc=proc, readiness=readiness)
