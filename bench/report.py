@@ -8,6 +8,7 @@ import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.h2load import h2load_argv
@@ -39,6 +40,9 @@ class Medians:
     rss_mb: float | None = None
     others_pct: float | None = None
     failure: str | None = None
+
+
+PROFILES = Path(__file__).with_name("profiles.md")
 
 
 def medians(result: BenchResult, target: str, workload: str) -> Medians:
@@ -320,6 +324,9 @@ def render_markdown(result: BenchResult) -> str:
             # Multi-line notes (a failure with its log) stand as paragraphs, the rest as items.
             lines += ["", note, ""] if "\n" in note else [f"- {note}"]
     lines += ["", "## Commands", "", *_commands(result), ""]
+    if PROFILES.exists():
+        # Where the CPU goes, from py-spy; measured by hand, kept beside the harness.
+        lines += ["", PROFILES.read_text().strip(), ""]
     return "\n".join(lines)
 
 
