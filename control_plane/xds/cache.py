@@ -13,8 +13,14 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 
-from control_plane.mesh import Mesh
-from control_plane.xds.resources import DEFAULT_INBOUND_ADDRESS, ViewKey, build_view
+from control_plane.mesh import Mesh, service_view
+from control_plane.xds.resources import (
+    DEFAULT_INBOUND_ADDRESS,
+    ResourceMemo,
+    ViewKey,
+    build_view,
+    listener_depends_on_proxy,
+)
 from control_plane.xds.snapshot import Snapshot
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
@@ -47,8 +53,12 @@ def identify(node: base_pb2.Node, mesh: Mesh) -> ProxyIdentity:
     known = mesh.services.get(service)
     view_service = service if known and namespace in ("", known.namespace) else None
     if service and view_service is None:
-        log.warning("node %r: service %r/%r is not in the mesh; it sees every service",
-                    node.id, namespace, service)
+        log.warning(
+            "node %r: service %r/%r is not in the mesh; it sees every service",
+            node.id,
+            namespace,
+            service,
+        )
     app = _address(node.id, "app_address", text("app_address"))
     inbound = _address(node.id, "inbound_address", text("inbound_address"))
     return ProxyIdentity(
@@ -90,7 +100,25 @@ class SnapshotCache:
         # Building every service's view up front proves the new mesh yields consistent
         # snapshots before any proxy sees it; views with an inbound side are built on demand.
         keys = [ViewKey(), *(ViewKey(service=name) for name in mesh.services)]
-        return {key: Snapshot.build(build_view(mesh, key)) for key in keys}
+        memo: ResourceMemo = {}
+        per_proxy = listener_depends_on_proxy(mesh)
+        distinct: dict[tuple[tuple[str, ...], str | None], Snapshot] = {}
+        views = {}
+        # A view is decided by the proxy's depends_on (None: every service); compute each once.
+        names_by_roots: dict[tuple[str, ...] | None, tuple[str, ...]] = {}
+        for key in keys:
+            own = mesh.services.get(key.service) if key.service is not None else None
+            roots = own.depends_on if own is not None else None
+            names = names_by_roots.get(roots)
+            if names is None:
+                names = names_by_roots[roots] = tuple(service_view(mesh, key.service))
+            # Views naming the same services hold the same resources: build and check once.
+            shape = (names, key.service if per_proxy else None)
+            snapshot = distinct.get(shape)
+            if snapshot is None:
+                snapshot = distinct[shape] = Snapshot.build(build_view(mesh, key, memo))
+            views[key] = snapshot
+        return views
 
     def set_mesh(self, mesh: Mesh) -> None:
         """Serve ``mesh`` from now on; raises (keeping the old mesh) if a view is inconsistent."""

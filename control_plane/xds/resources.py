@@ -18,7 +18,9 @@ sending everything to the STATIC cluster ``inbound|<service>`` whose one endpoin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
@@ -62,28 +64,62 @@ class ViewKey:
     inbound_address: tuple[str, int] = DEFAULT_INBOUND_ADDRESS
 
 
-def build_view(mesh: Mesh, key: ViewKey) -> dict[str, dict[str, Resource]]:
-    """All resources of one view, by type URL and then by name."""
-    view: dict[str, dict[str, Resource]] = {t: {} for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
+ResourceMemo = dict[tuple[str, str, str | None], Resource]
 
-    def add(type_url: str, name: str, message: Message) -> None:
-        view[type_url][name] = Resource.of(name, message)
+
+def listener_depends_on_proxy(mesh: Mesh) -> bool:
+    """Whether api listeners differ by the proxy's own service (the tracing service name)."""
+    tracing = mesh.telemetry.tracing
+    return tracing is not None and not tracing.service_name
+
+
+def build_view(
+    mesh: Mesh, key: ViewKey, memo: ResourceMemo | None = None
+) -> dict[str, dict[str, Resource]]:
+    """All resources of one view, by type URL and then by name.
+
+    ``memo`` (one per mesh) shares a service's resources between the views that hold it:
+    they are the same bytes in every view, except listeners when tracing names the proxy.
+    """
+    view: dict[str, dict[str, Resource]] = {t: {} for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
+    memo = {} if memo is None else memo
+
+    def add(
+        type_url: str, name: str, build: Callable[[], Message], variant: str | None = None
+    ) -> None:
+        found = memo.get((type_url, name, variant))
+        if found is None:
+            found = memo[(type_url, name, variant)] = Resource.of(name, build())
+        view[type_url][name] = found
 
     own = mesh.services.get(key.service) if key.service is not None else None
     own_name = own.name if own is not None else None
+    listener_variant = own_name if listener_depends_on_proxy(mesh) else None
     for name in service_view(mesh, key.service):
         service = mesh.services[name]
         if service.protocol != "tcp":
-            add(LISTENER, name, api_listener(service, mesh.telemetry, own_name))
-            add(ROUTE, name, route_configuration(service, mesh))
-        add(CLUSTER, name, eds_cluster(service))
-        add(ENDPOINT, name, load_assignment(name, service.endpoints))
+            add(
+                LISTENER,
+                name,
+                partial(api_listener, service, mesh.telemetry, own_name),
+                listener_variant,
+            )
+            add(ROUTE, name, partial(route_configuration, service, mesh))
+        add(CLUSTER, name, partial(eds_cluster, service))
+        add(ENDPOINT, name, partial(load_assignment, name, service.endpoints))
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
-        add(LISTENER, inbound, inbound_listener(inbound, key.inbound_address,
-                                                own.load_shedding, mesh.telemetry, own.name))
-        add(ROUTE, inbound, inbound_route_configuration(inbound))
-        add(CLUSTER, inbound, inbound_cluster(inbound, own, key.app_address))
+        # Per proxy (its app address): not shared, so not memoised.
+        view[LISTENER][inbound] = Resource.of(
+            inbound,
+            inbound_listener(
+                inbound, key.inbound_address, own.load_shedding, mesh.telemetry, own.name
+            ),
+        )
+        view[ROUTE][inbound] = Resource.of(inbound, inbound_route_configuration(inbound))
+        view[CLUSTER][inbound] = Resource.of(
+            inbound, inbound_cluster(inbound, own, key.app_address)
+        )
     return view
 
 
@@ -104,14 +140,20 @@ def http_connection_manager(
     """``fault`` and ``rate_limit`` add those filters (no-ops until a route configures them)."""
     filters: list[hcm_pb2.HttpFilter] = []
     if fault:
-        filters.append(hcm_pb2.HttpFilter(name=route_policy.FAULT_FILTER,
-                                          typed_config=pack(fault_pb2.HTTPFault())))
+        filters.append(
+            hcm_pb2.HttpFilter(
+                name=route_policy.FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault())
+            )
+        )
     if rate_limit:
         # gRPC clients have no local rate limit filter: optional, so they skip it.
-        filters.append(hcm_pb2.HttpFilter(
-            name=route_policy.RATE_LIMIT_FILTER,
-            typed_config=pack(route_policy.local_rate_limit(None)), is_optional=True,
-        ))
+        filters.append(
+            hcm_pb2.HttpFilter(
+                name=route_policy.RATE_LIMIT_FILTER,
+                typed_config=pack(route_policy.local_rate_limit(None)),
+                is_optional=True,
+            )
+        )
     # The router must be the last filter: it is the one that forwards the request.
     filters.append(hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router())))
     hcm = hcm_pb2.HttpConnectionManager(
@@ -162,8 +204,9 @@ def inbound_listener(
     return listener
 
 
-def route_configuration(service: MeshService, mesh: Mesh | None = None
-                        ) -> route_pb2.RouteConfiguration:
+def route_configuration(
+    service: MeshService, mesh: Mesh | None = None
+) -> route_pb2.RouteConfiguration:
     domains = [service.name]
     if service.port is not None:
         domains.append(f"{service.name}:{service.port}")
@@ -297,9 +340,7 @@ def eds_cluster(service: MeshService) -> cluster_pb2.Cluster:
             cluster_policy.outlier_detection(service.outlier_detection)
         )
     cluster.circuit_breakers.CopyFrom(cluster_policy.circuit_breakers(service.resilience))
-    throttling = cluster_policy.adaptive_throttling_metadata(
-        service.resilience.adaptive_throttling
-    )
+    throttling = cluster_policy.adaptive_throttling_metadata(service.resilience.adaptive_throttling)
     if throttling is not None:
         extra["adaptive_throttling"] = throttling
     metadata = _metadata(service)
