@@ -13,6 +13,13 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--config", help="static bootstrap YAML (listeners, routes, clusters, admin)")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (SO_REUSEPORT)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--otlp-endpoint",
+        help="export traces here (turns tracing on); wins over the bootstrap and the control plane",
+    )
+    p.add_argument(
+        "--trace-sampling", type=float, help="fraction of requests to trace, 0 to 1 (e.g. 0.01)"
+    )
     xds = p.add_argument_group("live config from a control plane (xDS)")
     xds.add_argument("--xds", metavar="HOST:PORT", help="control plane address")
     xds.add_argument("--node-id", help="this proxy's xDS node id (default: the host name)")

@@ -120,6 +120,18 @@ def run_sidecar(args: argparse.Namespace) -> int:
     if not args.config and not args.xds:
         print("pilotfish sidecar: give --config FILE, --xds HOST:PORT, or both", file=sys.stderr)
         return 2
+    # Flags win over the bootstrap and the control plane: as the standard OTEL_* variables
+    # do, which every tracer this process builds applies last.
+    if args.otlp_endpoint:
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = args.otlp_endpoint
+    if args.trace_sampling is not None:
+        if not 0 <= args.trace_sampling <= 1:
+            print(
+                "pilotfish sidecar: --trace-sampling takes a fraction from 0 to 1", file=sys.stderr
+            )
+            return 2
+        os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        os.environ["OTEL_TRACES_SAMPLER_ARG"] = str(args.trace_sampling)
     try:
         bootstrap = xds_bootstrap(args) if args.xds else load_bootstrap_file(args.config)
         if args.app_address:

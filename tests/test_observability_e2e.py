@@ -32,10 +32,12 @@ from sidecar.observability.access_log import ALL_FIELDS
 from tests.observability.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support import (
     GrpcServer,
+    SidecarProcess,
     ThreadedSidecar,
     free_port,
     http_get,
     running_sidecar,
+    simple_config,
     wait_for,
 )
 
@@ -760,3 +762,20 @@ def test_a_local_reply_body_counts_in_bytes_out(tmp_path: Path) -> None:
     (line,) = read_lines(log_path)
     assert line["response_flags"] == "NR"
     assert line["bytes_out"] == len(body.encode())
+
+
+def test_command_line_flags_turn_tracing_on_over_the_bootstrap(receiver: OtlpReceiver) -> None:
+    """``--otlp-endpoint`` and ``--trace-sampling`` win over a bootstrap that has no tracing."""
+    server = GrpcServer("test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(lambda r, c: r)})
+    process = SidecarProcess(
+        simple_config([server.address], timeout="5s"),
+        "--otlp-endpoint", receiver.endpoint, "--trace-sampling", "1",
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(process.address) as channel:
+            assert channel.unary_unary("/test.Echo/Unary")(b"x", timeout=5) == b"x"
+        spans = receiver.wait_for(2, timeout=10)
+        assert {span.kind for span in spans} >= {SERVER, CLIENT}
+    finally:
+        process.stop()
+        server.stop()
