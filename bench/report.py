@@ -43,6 +43,7 @@ class Medians:
 
 
 PROFILES = Path(__file__).with_name("profiles.md")
+CONTROL_PLANE = Path(__file__).with_name("control_plane.md")
 
 
 def medians(result: BenchResult, target: str, workload: str) -> Medians:
@@ -324,9 +325,10 @@ def render_markdown(result: BenchResult) -> str:
             # Multi-line notes (a failure with its log) stand as paragraphs, the rest as items.
             lines += ["", note, ""] if "\n" in note else [f"- {note}"]
     lines += ["", "## Commands", "", *_commands(result), ""]
-    if PROFILES.exists():
-        # Where the CPU goes, from py-spy; measured by hand, kept beside the harness.
-        lines += ["", PROFILES.read_text().strip(), ""]
+    for extra in (CONTROL_PLANE, PROFILES):
+        # Measured by their own commands (named inside), kept beside the harness.
+        if extra.exists():
+            lines += ["", extra.read_text().strip(), ""]
     return "\n".join(lines)
 
 
