@@ -313,14 +313,14 @@ class ClusterRuntime:
         return index, self.hosts[index]
 
     def request_started(self, index: int) -> None:
-        self.balancer.request_started(index)
+        self.balancer.request_started(self.hosts[index].endpoint.address)
 
     def request_finished(
         self, index: int, host: UpstreamHost, latency: float, status: int | None
     ) -> None:
         """``status`` is what the upstream answered, None for a connect failure or reset."""
         before = self.scope.gauges["outlier_detection.ejections_active"]
-        self.balancer.request_finished(index, host.endpoint.address, latency, status)
+        self.balancer.request_finished(host.endpoint.address, latency, status)
         if self.balancer.outlier_detector is not None:
             self._update_health_gauges()
             if self.scope.gauges["outlier_detection.ejections_active"] > before:

@@ -44,12 +44,14 @@ class ClusterBalancer:
             else None
         )
         self.hosts: list[tuple[str, int]] = []
+        self._index_of: dict[str, int] = {}
         self.eligible: list[LbHost] = []
 
     def set_hosts(self, hosts: Sequence[tuple[str, int]]) -> None:
         """``(key, weight)`` per host; a host's index is its position here."""
         self.hosts = list(hosts)
         keys = [key for key, _ in hosts]
+        self._index_of = {key: index for index, key in enumerate(keys)}
         if self.health_checker is not None:
             self.health_checker.set_hosts(keys)
         if self.outlier_detector is not None:
@@ -82,16 +84,21 @@ class ClusterBalancer:
     def choose(self, ctx: LbContext, exclude: Collection[int] = ()) -> int | None:
         return self.balancer.choose(ctx, exclude)
 
-    def request_started(self, index: int) -> None:
-        self.balancer.on_request_start(index)
+    def request_started(self, key: str) -> None:
+        index = self._index_of.get(key)
+        if index is not None:
+            self.balancer.on_request_start(index)
 
-    def request_finished(self, index: int, key: str, latency_s: float, status: int | None) -> None:
+    def request_finished(self, key: str, latency_s: float, status: int | None) -> None:
         """``status`` is the upstream's, ``None`` for a failure of our own (connect, reset).
 
-        ``key`` too, because a membership change while the request was in flight may have
-        given its index to another host; the outlier detector must blame the right one.
+        Hosts are named by key, not index: a membership change while the request was in
+        flight may have given its index to another host, and the balancer's in-flight counts
+        and the outlier detector must both see the host that served it.
         """
-        self.balancer.on_request_end(index, latency_s, status is not None and status < 500)
+        index = self._index_of.get(key)
+        if index is not None:
+            self.balancer.on_request_end(index, latency_s, status is not None and status < 500)
         od = self.outlier_detector
         if od is not None and od.report(key, status) is not None:
             self._refresh()
