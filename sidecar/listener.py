@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DOWNSTREAM_CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_METHOD_LENGTH = 20
 
 
@@ -134,7 +135,9 @@ class H2ServerConnection(H2Connection):
         super().__init__(
             client_side=False,
             stream_window=window,
-            connection_window=256 * 1024 * 1024,  # streams are bounded by their own windows
+            # One client's connection: its stalled streams may only hurt its other streams, and
+            # this bounds what the connection as a whole can have buffered in the proxy.
+            connection_window=DOWNSTREAM_CONNECTION_WINDOW,
             max_concurrent_streams=1000,
             max_header_list_size=listener.config.max_request_headers_bytes,
         )
