@@ -134,7 +134,11 @@ class AdminServer:
         lines: list[str] = []
         typed: set[str] = set()
         for prefix, scope in sorted(self.sidecar.stats.scopes.items()):
-            for kind, values in (("counter", scope.counters), ("gauge", scope.gauges)):
+            computed: dict[str, int] = {}
+            for source in scope.sources.values():
+                computed.update(source())
+            groups = (("counter", scope.counters), ("gauge", scope.gauges), ("gauge", computed))
+            for kind, values in groups:
                 for stat, value in sorted(values.items()):
                     metric, labels = _prometheus_name(prefix, stat)
                     if metric not in typed:

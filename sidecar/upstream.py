@@ -230,6 +230,7 @@ class ClusterRuntime:
         self.resilience = ClusterResilienceRuntime(
             config.resilience, loop.time, random.random, self.scope.counters
         )
+        self.scope.sources["circuit_breakers"] = self.resilience.breakers.gauges
         self._health_runner: HealthCheckRunner | None = None
         self._outlier_timer: asyncio.TimerHandle | None = None
         self._set_hosts()

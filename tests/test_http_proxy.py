@@ -493,6 +493,9 @@ def test_admin_endpoints(h2_sidecar: ThreadedSidecar) -> None:
     status, prom = h2_sidecar.admin("/stats/prometheus")
     assert 'pilotfish_cluster_upstream_rq_total{cluster="app"} 1' in prom
     assert "# TYPE pilotfish_cluster_upstream_rq_total counter" in prom
+    assert 'pilotfish_cluster_circuit_breakers_default_remaining_rq{cluster="app"} 1024' in prom
+    _, stats = h2_sidecar.admin("/stats")
+    assert "cluster.app.circuit_breakers.default.rq_open: 0" in stats
     assert h2_sidecar.admin("/healthcheck/fail")[0] == 405  # state changes need POST
     assert h2_sidecar.admin("/healthcheck/fail", "POST")[0] == 200
     assert h2_sidecar.admin("/ready")[0] == 503
