@@ -410,6 +410,8 @@ def by_upstream(replies: Sequence[Reply]) -> dict[str, int]:
 
 # --- deadlines ----------------------------------------------------------------------------------
 
+CLOCK_SLACK = 0.005  # seconds: budgets are compared across processes and rounded headers
+
 
 def test_client_deadline_is_deadline_exceeded_and_its_budget_goes_upstream() -> None:
     with upstreams("a") as (a,), proxied(mesh([a.address])) as (sidecar, channel):
@@ -420,7 +422,9 @@ def test_client_deadline_is_deadline_exceeded_and_its_budget_goes_upstream() -> 
         assert reply.code is grpc.StatusCode.DEADLINE_EXCEEDED  # never UNAVAILABLE
         assert reply.elapsed < 1.0
         (seen,) = a.seen()
-        assert seen.budget is not None and 0 < seen.budget <= 0.3
+        # The upstream's grpc measures what is left against its own clock reading and rounds
+        # the header it received; a millisecond of slack keeps that from failing the test.
+        assert seen.budget is not None and 0 < seen.budget <= 0.3 + CLOCK_SLACK
         # Whoever gave up first (the caller's cancel or the sidecar's own timer), the upstream
         # call ends and the sidecar holds nothing for it.
         assert wait_for(lambda: a.in_flight == 0, 2)
@@ -436,7 +440,7 @@ def test_route_timeout_smaller_than_the_client_deadline_wins() -> None:
         assert reply.code is grpc.StatusCode.DEADLINE_EXCEEDED
         assert 0.2 <= reply.elapsed < 1.0
         (seen,) = a.seen()
-        assert seen.budget is not None and seen.budget <= 0.2
+        assert seen.budget is not None and seen.budget <= 0.2 + CLOCK_SLACK
         # The upstream was told the same 200 ms: on a loaded machine its own deadline may fire
         # before the sidecar's timer, and its DEADLINE_EXCEEDED is relayed as is (no flag).
         sidecar_first = reply.flags == "UT"
@@ -462,8 +466,8 @@ def test_per_try_timeout_then_a_fast_second_try_succeeds() -> None:
         first, second = a.seen()
         assert (first.attempt, second.attempt) == (1, 2)
         # Each try is told its own budget: the per-try timeout, not the caller's 5 s.
-        assert first.budget is not None and first.budget <= 0.2
-        assert second.budget is not None and second.budget <= 0.2
+        assert first.budget is not None and first.budget <= 0.2 + CLOCK_SLACK
+        assert second.budget is not None and second.budget <= 0.2 + CLOCK_SLACK
         assert sidecar.stat("cluster.app.upstream_rq_per_try_timeout") in (0, 1)
         assert sidecar.stat("cluster.app.upstream_rq_retry") == 1
         assert sidecar.stat("cluster.app.upstream_rq_timeout") == 0
