@@ -112,6 +112,20 @@ async def _tell(process: asyncio.subprocess.Process, command: str) -> None:
     await process.stdin.drain()
 
 
+async def _finish(
+    process: asyncio.subprocess.Process,
+    plane: ControlPlane,
+    backends: list[tuple[grpc.aio.Server, int]],
+) -> None:
+    """Kill the probe if it is still running; stop the control plane and the backends."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    await plane.stop(grace=None)
+    for server, _ in backends:
+        await server.stop(None)
+
+
 async def _wait_in_sync(plane: ControlPlane, generation: int) -> None:
     """Until every connected proxy acked everything of mesh ``generation`` (bounded)."""
     for _ in range(100):
@@ -158,12 +172,7 @@ def test_grpc_proxyless_client_routes_balances_and_follows_edits(tmp_path: Path)
             _, stderr = await asyncio.wait_for(process.communicate(), 30)
             assert process.returncode == 0, stderr.decode()[-3000:]
         finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await plane.stop(grace=None)
-            for server, _ in backends:
-                await server.stop(None)
+            await _finish(process, plane, backends)
         return rounds
 
     rounds = asyncio.run(asyncio.wait_for(scenario(), 50))

@@ -21,6 +21,7 @@ from tests.control_plane.test_proxyless import (
     Recorder,
     _backend,
     _bootstrap,
+    _finish,
     _round,
     _tell,
 )
@@ -102,12 +103,7 @@ def test_grpc_proxyless_client_accepts_every_policy(tmp_path: Path, lb: str) -> 
             _, stderr = await asyncio.wait_for(process.communicate(), 30)
             assert process.returncode == 0, stderr.decode()[-3000:]
         finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await plane.stop(grace=None)
-            for server, _ in backends:
-                await server.stop(None)
+            await _finish(process, plane, backends)
         return counts
 
     counts = asyncio.run(asyncio.wait_for(scenario(), 50))
