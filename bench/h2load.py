@@ -65,10 +65,20 @@ class H2loadSummary:
 
 
 def h2load_argv(
-    *, url: str, requests: str, clients: int, streams: int, log_file: str | None = None
+    *,
+    url: str,
+    requests: str,
+    clients: int,
+    streams: int,
+    log_file: str | None = None,
+    rate_per_client: int | None = None,
 ) -> list[str]:
-    """h2load's arguments. ``requests`` is a string so the report can show a placeholder."""
+    """h2load's arguments. ``requests`` is a string so the report can show a placeholder.
+    ``rate_per_client``: requests per second each connection starts (``--rps``), else as fast
+    as the responses come back."""
     argv = [H2LOAD, "-n", requests, "-c", str(clients), "-m", str(streams), "-t", "1"]
+    if rate_per_client is not None:
+        argv.append(f"--rps={rate_per_client}")
     if log_file is not None:
         argv.append(f"--log-file={log_file}")
     argv.append(url)

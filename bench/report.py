@@ -125,12 +125,20 @@ def _workload_table(result: BenchResult, workload: Workload) -> list[str]:
     return lines + (["", *failures] if failures else [])
 
 
+def _fixed_rate(workload: Workload) -> bool:
+    return isinstance(workload, H2loadWorkload) and workload.rate_per_client is not None
+
+
 def _at_a_glance(result: BenchResult) -> list[str]:
     by_key = {w.key: w for w in result.workloads}
     latency = [w for w in result.workloads if w.at_concurrency_1]
-    throughput = [w for w in result.workloads if not w.at_concurrency_1]
+    fixed_rate = [w for w in result.workloads if _fixed_rate(w)]
+    throughput = [
+        w for w in result.workloads if not w.at_concurrency_1 and not _fixed_rate(w)
+    ]
     header = ["proxy"]
     header += [f"added p50 per hop µs, {w.key}" for w in latency]
+    header += [f"added p99 per hop µs, {w.key}" for w in fixed_rate]
     header += [f"CPU µs/req, {w.key}" for w in throughput]
     header += [f"req/s vs nghttpx, {w.key}" for w in throughput]
     header.append("max peak RSS MB")
@@ -144,6 +152,12 @@ def _at_a_glance(result: BenchResult) -> list[str]:
                 medians(result, target.name, w.key).p50_us, medians(result, DIRECT, w.key).p50_us
             )
             for w in latency
+        ]
+        row += [
+            _added(
+                medians(result, target.name, w.key).p99_us, medians(result, DIRECT, w.key).p99_us
+            )
+            for w in fixed_rate
         ]
         row += [_num(medians(result, target.name, w.key).cpu_us_per_request, 1) for w in throughput]
         row += [
@@ -214,7 +228,7 @@ def _commands(result: BenchResult) -> list[str]:
         if isinstance(w, H2loadWorkload):
             argv = h2load_argv(
                 url=f"http://127.0.0.1:PROXY_PORT{w.path}", requests="N", clients=w.clients,
-                streams=w.streams, log_file="LOG.tsv",
+                streams=w.streams, log_file="LOG.tsv", rate_per_client=w.rate_per_client,
             )
         else:
             assert isinstance(w, GrpcWorkload)
@@ -293,6 +307,8 @@ def render_markdown(result: BenchResult) -> str:
         "- **p50 / p99**: per-request latency, from request start to the end of the response "
         "(h2load `--log-file`; per call in the gRPC client), nearest-rank percentiles.",
         "- **added p50 per hop**: the target's p50 minus direct's p50, at concurrency 1.",
+        "- **added p99 per hop**: the target's p99 minus direct's p99, at the same fixed rate"
+        " (`h2-small-1k`: 1,000 requests/s).",
         "- **proxy CPU µs/req**: utime+stime growth in `/proc/<pid>/stat` over the measured "
         "run, summed over the proxy's process tree, divided by the requests completed.",
         "- **proxy peak RSS**: the largest sum of RSS over the proxy's processes, sampled every "

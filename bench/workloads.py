@@ -56,6 +56,9 @@ class H2loadWorkload:
     at_concurrency_1: bool = False
     reports_mb_per_s: bool = False
     upstream: str = "h2"
+    # A fixed offered load (h2load --rps, per connection) instead of a closed loop: the
+    # figures to read are the latency percentiles at that rate, and the CPU per request.
+    rate_per_client: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +82,10 @@ WORKLOADS: tuple[Workload, ...] = (
     H2loadWorkload(
         key="h2-small-c1", title="h2load, 128 B responses, 1 connection x 1 stream",
         path=SMALL_PATH, body_bytes=SMALL_BODY_BYTES, clients=1, streams=1, at_concurrency_1=True,
+    ),
+    H2loadWorkload(
+        key="h2-small-1k", title="h2load, 128 B responses, 1,000 requests/s on 1 connection",
+        path=SMALL_PATH, body_bytes=SMALL_BODY_BYTES, clients=1, streams=8, rate_per_client=1000,
     ),
     H2loadWorkload(
         key="h2-64k", title="h2load, 64 KiB responses, 4 connections x 4 streams",
@@ -172,12 +179,21 @@ def _measure_h2load(
     w: H2loadWorkload, port: int, proxy_pid: int | None, settings: Settings, pinning: Pinning
 ) -> Measurement:
     url = f"http://127.0.0.1:{port}{w.path}"
-    requests = _size_run(w, url, settings, pinning)
+    if w.rate_per_client is None:
+        requests = _size_run(w, url, settings, pinning)
+    else:
+        rate = w.rate_per_client * w.clients
+        warmup = h2load_argv(
+            url=url, requests=str(max(100, rate // 10)), clients=w.clients, streams=w.streams,
+            rate_per_client=w.rate_per_client,
+        )
+        _run_h2load(warmup, settings.duration_s + 10, pinning)
+        requests = min(settings.max_requests, max(100, int(rate * settings.duration_s)))
     with tempfile.TemporaryDirectory(prefix="bench-h2load-") as scratch:
         log = Path(scratch) / "requests.tsv"
         argv = h2load_argv(
             url=url, requests=str(requests), clients=w.clients, streams=w.streams,
-            log_file=str(log),
+            log_file=str(log), rate_per_client=w.rate_per_client,
         )
         window = LoadWindow(proxy_pid, pinning.proxy_cpu)
         window.start()

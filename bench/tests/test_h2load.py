@@ -65,3 +65,12 @@ def test_argv_puts_url_last() -> None:
     argv = h2load_argv(url="http://127.0.0.1:1/x", requests="N", clients=2, streams=3)
     assert argv[-1] == "http://127.0.0.1:1/x"
     assert argv[argv.index("-n") + 1] == "N"
+
+
+def test_fixed_rate_is_per_connection_and_optional() -> None:
+    base = h2load_argv(url="http://127.0.0.1:1/x", requests="N", clients=2, streams=3)
+    assert not any(a.startswith("--rps") for a in base)
+    paced = h2load_argv(
+        url="http://127.0.0.1:1/x", requests="N", clients=2, streams=3, rate_per_client=500
+    )
+    assert "--rps=500" in paced and paced[-1] == "http://127.0.0.1:1/x"
