@@ -32,7 +32,7 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.table import HeaderTable
 
 from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
-from sidecar.codec.hpack_encoder import LeanEncoder
+from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_per_request
 from sidecar.streams import Headers
 
 # Bounds on what a cache holds, per connection and direction: a peer chooses the contents.
@@ -123,6 +123,18 @@ class CachingEncoder:
         self.encoder.set_max_size(min(peer_max, MAX_ENCODER_TABLE))
 
     def encode(self, headers: Headers) -> bytes:
+        """The block for ``headers``. Per-request fields (request and trace ids, deadlines)
+        are moved after the others and sent as literals that leave the table alone, so the
+        rest of a request's block is encoded once and then served from the cache. Only the
+        order of fields with different names changes, which carries no meaning (RFC 9110
+        section 5.3)."""
+        per_request = [h for h in headers if h[0] in PER_REQUEST_NAMES]
+        if not per_request:
+            return self._encode_cached(headers)
+        stable = [h for h in headers if h[0] not in PER_REQUEST_NAMES]
+        return self._encode_cached(stable) + encode_per_request(per_request)
+
+    def _encode_cached(self, headers: Headers) -> bytes:
         encoder = self.encoder
         cache = self._cache
         key = tuple(headers)

@@ -45,6 +45,7 @@ PER_REQUEST_NAMES = frozenset(
         b"x-b3-spanid",
         b"x-b3-parentspanid",
         b"grpc-timeout",
+        b"x-pilotfish-expected-rq-timeout-ms",
     }
 )
 # Values that vary too much to earn a table entry, though a whole block may well repeat.
@@ -72,6 +73,17 @@ def encode_string(data: bytes) -> bytes:
     if size < 0x7F:
         return bytes((size,)) + data
     return encode_integer(size, 7, 0) + data
+
+
+def encode_per_request(headers: Headers) -> bytes:
+    """Per-request fields as literals that leave the dynamic table alone (their names are in
+    neither table: they are never inserted), so they can follow any cached block."""
+    out: list[bytes] = []
+    for header in headers:
+        name, value = header
+        first = b"\x10" if type(header) is NeverIndexedHeaderTuple else b"\x00"
+        out.append(first + encode_string(name) + encode_string(value))
+    return b"".join(out)
 
 
 class LeanEncoder:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.codec.headers import CachingEncoder
-from sidecar.codec.hpack_encoder import LeanEncoder, encode_integer
+from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_integer
 
 names = st.one_of(
     st.sampled_from(
@@ -19,6 +19,7 @@ names = st.one_of(
             b":status",
             b"content-type",
             b"x-request-id",
+            b"traceparent",
             b"authorization",
             b"cookie",
             b"date",
@@ -44,7 +45,8 @@ steps = st.lists(
     max_size=20,
 )
 
-Steps = list[tuple[list[int], list[tuple[bytes, bytes, bool]]]]
+Field = tuple[bytes, bytes, bool]
+Steps = list[tuple[list[int], list[Field]]]
 
 
 def as_headers(block: list[tuple[bytes, bytes, bool]]) -> list[tuple[bytes, bytes]]:
@@ -106,12 +108,31 @@ def test_size_updates_announce_the_smallest_then_the_final_limit() -> None:
     assert ours.size == 36
 
 
-def test_blocks_with_per_request_values_are_not_cached() -> None:
+def test_per_request_fields_follow_a_cached_block() -> None:
     caching = CachingEncoder()
     decoder = hpack.Decoder()
     steady = [(b":status", b"200"), (b"date", b"Sat, 28 Nov 2026 08:00:00 GMT")]
+    blocks = []
     for n in range(3):
-        headers = [*steady, (b"x-request-id", str(n).encode())]
-        assert decoder.decode(caching.encode(headers), raw=True) == headers
+        headers = [(b"x-request-id", str(n).encode()), *steady, (b"grpc-timeout", b"99m")]
+        block = caching.encode(headers)
+        blocks.append(block)
+        assert decoder.decode(block, raw=True) == [*steady, headers[0], headers[-1]]
         assert decoder.decode(caching.encode(steady), raw=True) == steady
     assert list(caching._cache) == [tuple(steady)]
+    assert all(block.startswith(caching._cache[tuple(steady)]) for block in blocks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(blocks, min_size=1, max_size=12))
+def test_hpack_decodes_what_the_caching_encoder_sends(sequence: list[list[Field]]) -> None:
+    caching = CachingEncoder()
+    decoder = hpack.Decoder(max_header_list_size=1 << 20)
+    for block in sequence * 2:  # the second pass meets its own cache
+        headers = as_headers(block)
+        moved = [h for h in headers if h[0] in PER_REQUEST_NAMES]
+        expected = [h for h in headers if h[0] not in PER_REQUEST_NAMES] + moved
+        decoded = decoder.decode(caching.encode(headers), raw=True)
+        assert decoded == [tuple(h) for h in expected]
+        table = decoder.header_table
+        assert list(table.dynamic_entries) == [f for f, _ in reversed(caching.encoder._entries)]
