@@ -25,13 +25,16 @@ _DEFAULT_BUDGET = RetryBudgetConfig()
 class Resource(enum.Enum):
     """Gauge and counter names of each limited resource, as Envoy names them."""
 
-    CONNECTIONS = ("cx_open", "remaining_cx", "upstream_cx_overflow")
-    PENDING = ("rq_pending_open", "remaining_pending", "upstream_rq_pending_overflow")
+    CONNECTIONS = (0, "cx_open", "remaining_cx", "upstream_cx_overflow")
+    PENDING = (1, "rq_pending_open", "remaining_pending", "upstream_rq_pending_overflow")
     # Envoy counts request overflow under the pending counter too.
-    REQUESTS = ("rq_open", "remaining_rq", "upstream_rq_pending_overflow")
-    RETRIES = ("rq_retry_open", "remaining_retries", RETRY_OVERFLOW_COUNTER)
+    REQUESTS = (2, "rq_open", "remaining_rq", "upstream_rq_pending_overflow")
+    RETRIES = (3, "rq_retry_open", "remaining_retries", RETRY_OVERFLOW_COUNTER)
 
-    def __init__(self, open_gauge: str, remaining_gauge: str, overflow_counter: str) -> None:
+    def __init__(
+        self, index: int, open_gauge: str, remaining_gauge: str, overflow_counter: str
+    ) -> None:
+        self.index = index  # counts are kept in a list: hashing an enum costs a Python call
         self.open_gauge = open_gauge
         self.remaining_gauge = remaining_gauge
         self.overflow_counter = overflow_counter
@@ -53,7 +56,7 @@ class Permit:
     def release(self) -> None:
         breakers, self._breakers = self._breakers, None
         if breakers is not None:
-            breakers._active[self.resource] -= 1
+            breakers._active[self.resource.index] -= 1
 
 
 class CircuitBreakers:
@@ -71,7 +74,7 @@ class CircuitBreakers:
         self.config = config
         self._budget = RetryBudget(retry_budget) if retry_budget is not None else None
         self.counters: Counter[str] = counters if counters is not None else Counter()
-        self._active: dict[Resource, int] = dict.fromkeys(Resource, 0)
+        self._active = [0] * len(Resource)
 
     def update(self, config: CircuitBreakerConfig, retry_budget: RetryBudgetConfig | None) -> None:
         """New limits; what is in flight stays counted (a lowered limit only stops new work)."""
@@ -79,7 +82,7 @@ class CircuitBreakers:
         self._budget = RetryBudget(retry_budget) if retry_budget is not None else None
 
     def active(self, resource: Resource) -> int:
-        return self._active[resource]
+        return self._active[resource.index]
 
     def limit(self, resource: Resource) -> int:
         config = self.config
@@ -90,23 +93,23 @@ class CircuitBreakers:
         if resource is Resource.REQUESTS:
             return config.max_requests
         if self._budget is not None:
-            busy = self._active[Resource.REQUESTS] + self._active[Resource.PENDING]
+            busy = self._active[Resource.REQUESTS.index] + self._active[Resource.PENDING.index]
             return self._budget.max_active_retries(busy)
         return config.max_retries
 
     def remaining(self, resource: Resource) -> int:
-        return max(0, self.limit(resource) - self._active[resource])
+        return max(0, self.limit(resource) - self._active[resource.index])
 
     def is_open(self, resource: Resource) -> bool:
         """Open (Envoy's word): the next acquisition of ``resource`` would fail."""
-        return self._active[resource] >= self.limit(resource)
+        return self._active[resource.index] >= self.limit(resource)
 
     def try_acquire(self, resource: Resource) -> Permit | None:
         """A permit, or None on overflow (counted in ``counters``)."""
-        if self.is_open(resource):
+        if self._active[resource.index] >= self.limit(resource):
             self.counters[resource.overflow_counter] += 1
             return None
-        self._active[resource] += 1
+        self._active[resource.index] += 1
         return Permit(self, resource)
 
     def try_acquire_connection(self) -> Permit | None:
