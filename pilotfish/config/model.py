@@ -30,10 +30,10 @@ class Endpoint:
     host: str
     port: int
     weight: int = 1
+    address: str = field(init=False, repr=False, compare=False)  # "host:port", read per request
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +82,10 @@ class HeaderMutation:
 
     add: tuple[tuple[str, str, bool], ...] = ()
     remove: frozenset[str] = frozenset()
+    empty: bool = field(init=False, repr=False, compare=False)  # read per request
 
-    @property
-    def empty(self) -> bool:
-        return not self.add and not self.remove
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "empty", not self.add and not self.remove)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,13 +41,18 @@ class SmoothWeightedRoundRobin(BalancerBase):
     def __init__(self) -> None:
         super().__init__()
         self._current: dict[str, float] = {}
+        self._weights: list[float] = []
 
     def _hosts_changed(self) -> None:
         # Scores only sum to zero (exact shares per cycle) when they all start together.
         self._current = {}
+        self._weights = [h.weight for h in self.hosts]
 
     def choose(self, ctx: LbContext, exclude: Collection[int] = ()) -> int | None:
-        return self.pick_weighted(self._candidates(exclude), [h.weight for h in self.hosts])
+        candidates = self._candidates(exclude)
+        if len(candidates) == 1:
+            return candidates[0].index  # a round of one leaves its score at zero
+        return self.pick_weighted(candidates, self._weights)
 
     def pick_weighted(self, candidates: Sequence[LbHost], weights: Sequence[float]) -> int | None:
         """One smooth round among ``candidates``; ``weights`` are per host of ``self.hosts``."""

@@ -95,8 +95,10 @@ class RequestDeadline:
     @property
     def expires_at(self) -> float | None:
         """The earliest armed expiry, or None while nothing bounds the request."""
-        times = [t for t in (self._route_expires_at, self._grpc_expires_at) if t is not None]
-        return min(times) if times else None
+        route, grpc = self._route_expires_at, self._grpc_expires_at
+        if route is None or (grpc is not None and grpc < route):
+            return grpc
+        return route
 
     def remaining(self, now: float) -> float | None:
         """Seconds left (0.0 once expired), or None when unbounded."""
