@@ -22,11 +22,18 @@ from typing import TYPE_CHECKING
 
 from sidecar.cluster_policy.lb import NO_CONTEXT, LbContext
 from sidecar.flags import ResponseFlag
+from sidecar.observability.propagation import TRACE_HEADERS
 from sidecar.route_policy.breaker import Permit
 from sidecar.route_policy.deadline import RequestDeadline
 from sidecar.route_policy.fallback import FallbackCluster, trigger_for
 from sidecar.route_policy.reply import LocalReply
-from sidecar.route_policy.retry import Failure, Outcome, RetryState, response_outcome
+from sidecar.route_policy.retry import (
+    ATTEMPT_COUNT_HEADER,
+    Failure,
+    Outcome,
+    RetryState,
+    response_outcome,
+)
 from sidecar.routing import LazyHeaderMap, apply_mutation
 from sidecar.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 
@@ -42,6 +49,9 @@ log = logging.getLogger("pilotfish.router")
 
 REPLAY_LIMIT = 64 * 1024
 _STRIPPED_UPSTREAM = frozenset({b"grpc-timeout", b"x-pilotfish-attempt-count"})
+# When the tracer writes its own trace context, the caller's goes too (Envoy does the same).
+_STRIPPED_UPSTREAM_TRACED = _STRIPPED_UPSTREAM | TRACE_HEADERS
+_FIRST_ATTEMPT = (ATTEMPT_COUNT_HEADER, b"1")
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:
@@ -144,46 +154,49 @@ class Attempt:
 class Exchange:
     """One downstream request (a ``StreamHandler`` for the downstream stream)."""
 
+    # Defaults read from the class until a request sets its own: most requests never touch
+    # most of these, and every attribute written in __init__ is paid for on every request.
+    method = ""
+    path = ""
+    authority = ""
+    grpc = False
+    decision: RouteDecision | None = None
+    cluster: ClusterRuntime | None = None
+    attempt: Attempt | None = None
+    attempts = 0
+    retry: RetryState | None = None
+    deadline: RequestDeadline | None = None
+    request_permit: Permit | None = None
+    retry_permit: Permit | None = None  # for the try a retry will start
+    inflight: InFlight | None = None
+    in_fallback = False
+    replay_size = 0
+    request_trailers: Headers | None = None
+    request_ended = False
+    response_started = False
+    done = False
+    timer: asyncio.TimerHandle | None = None
+    retry_timer: asyncio.TimerHandle | None = None
+    status = 0
+    grpc_status: int | None = None
+    upstream_host = ""
+    bytes_in = 0
+    bytes_out = 0
+    trace: SpanHandle | None = None
+
     def __init__(self, listener: ListenerRuntime, downstream: StreamSink) -> None:
         self.listener = listener
         self.downstream = downstream
         self.start = time.monotonic()
+        self.start_wall = time.time()
         self.loop = asyncio.get_event_loop()
         self.request_headers: Headers = []
-        self.method = ""
-        self.path = ""
-        self.authority = ""
-        self.grpc = False
-        self.decision: RouteDecision | None = None
-        self.cluster: ClusterRuntime | None = None
-        self.attempt: Attempt | None = None
         self.tried: set[int] = set()
-        self.attempts = 0
-        self.retry: RetryState | None = None
-        self.deadline: RequestDeadline | None = None
-        self.request_permit: Permit | None = None
-        self.retry_permit: Permit | None = None  # for the try a retry will start
-        self.inflight: InFlight | None = None
-        self.in_fallback = False
         # Request body: chunks not yet handed upstream, and everything kept for a replay.
         self.pending: deque[tuple[bytes, bool, int]] = deque()
         self.replay: list[bytes] | None = []
-        self.replay_size = 0
-        self.request_trailers: Headers | None = None
-        self.request_ended = False
-        self.response_started = False
-        self.done = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.retry_timer: asyncio.TimerHandle | None = None
-        self.status = 0
-        self.grpc_status: int | None = None
         self.flags: list[str] = []
-        self.upstream_host = ""
-        self.start_wall = time.time()
         self.protocol = "HTTP/2" if getattr(downstream, "stream_id", None) else "HTTP/1.1"
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.trace: SpanHandle | None = None
 
     # -- downstream events -----------------------------------------------------------------
 
@@ -210,8 +223,9 @@ class Exchange:
         self.authority = authority.decode("latin-1")
         self.request_ended = end_stream
         listener = self.listener
-        listener.scope.inc("downstream_rq_total")
-        listener.scope.gauge_add("downstream_rq_active", 1)
+        scope = listener.scope
+        scope.counters["downstream_rq_total"] += 1
+        scope.gauges["downstream_rq_active"] += 1
         listener.streams_gauge.value += 1
         if listener.draining:
             self.local_reply(ResponseFlag.DRAINING)
@@ -230,7 +244,8 @@ class Exchange:
             decision = table.match(
                 self.authority, self.path, self.method, lazy_headers, listener.random
             )
-        self.trace = listener.sidecar.tracer.start_server_span(
+        tracer = listener.sidecar.tracer
+        self.trace = tracer.start_server_span(
             headers, route=decision.route.name if decision is not None else None
         )
         if decision is None:
@@ -249,7 +264,8 @@ class Exchange:
         self.deadline = RequestDeadline(now, decision.route.action.timeout, grpc_timeout)
         if end_stream:
             self.deadline.request_ended(now)
-        headers = [(k, v) for k, v in headers if k not in _STRIPPED_UPSTREAM]
+        stripped = _STRIPPED_UPSTREAM_TRACED if tracer.rewrites_context else _STRIPPED_UPSTREAM
+        headers = [h for h in headers if h[0] not in stripped]
         headers = apply_mutation(headers, decision.virtual_host.request_headers)
         headers = apply_mutation(headers, decision.route.request_headers)
         action = decision.route.action
@@ -294,9 +310,10 @@ class Exchange:
             self.local_reply(ResponseFlag.NO_CLUSTER)
             return
         self._leave_cluster()
+        if self.cluster is not None:
+            self.tried = set()  # a fallback cluster: its hosts are all untried
         self.cluster = cluster
-        self.tried = set()
-        cluster.scope.inc("upstream_rq_total")
+        cluster.scope.counters["upstream_rq_total"] += 1
         self.request_permit = cluster.resilience.breakers.try_acquire_request()
         if self.request_permit is None:
             cluster.scope.inc("upstream_rq_overflow")
@@ -444,16 +461,15 @@ class Exchange:
 
     def _attempt_headers(self) -> Headers:
         assert self.retry is not None and self.deadline is not None
-        headers = list(self.request_headers)
-        headers.append(self.retry.attempt_header())
-        budget = self.deadline.upstream_header(
-            self.loop.time(), self.retry.per_try_timeout, self.grpc
-        )
+        retry = self.retry
+        attempt_header = _FIRST_ATTEMPT if retry.attempt == 1 else retry.attempt_header()
+        headers = [*self.request_headers, attempt_header]
+        budget = self.deadline.upstream_header(self.loop.time(), retry.per_try_timeout, self.grpc)
         if budget is not None:
             headers.append(budget)
         span = self.attempt.span if self.attempt is not None else None
         if span is not None:
-            headers = self.listener.sidecar.tracer.inject(span, headers)
+            self.listener.sidecar.tracer.add_context(span, headers)
         return headers
 
     def attempt_connected(self, attempt: Attempt, conn: Upstream) -> None:

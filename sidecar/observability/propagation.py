@@ -166,6 +166,25 @@ def inject(
 ) -> Headers:
     """A copy of ``headers`` without old trace headers, with ours (and ``x-request-id``)."""
     out = [h for h in headers if h[0] not in TRACE_HEADERS]
+    append_context(
+        out, formats, trace_id, span_id, sampled,
+        tracestate=tracestate, parent_span_id=parent_span_id, request_id=request_id,
+    )  # fmt: skip
+    return out
+
+
+def append_context(
+    out: Headers,
+    formats: Format,
+    trace_id: int,
+    span_id: int,
+    sampled: bool,
+    *,
+    tracestate: bytes = b"",
+    parent_span_id: int = 0,
+    request_id: bytes | None = None,
+) -> None:
+    """``inject`` for a header list that holds no trace headers already: appends in place."""
     trace_hex = b"%032x" % trace_id
     span_hex = b"%016x" % span_id
     flag = b"1" if sampled else b"0"
@@ -187,7 +206,6 @@ def inject(
         out.append((B3_SAMPLED, flag))
     if request_id is not None:
         out.append((REQUEST_ID, request_id))
-    return out
 
 
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))

@@ -124,6 +124,8 @@ class Tracer:
         self.inject_formats = propagation.parse_formats(config.propagators)
         # Read every format a caller may use; write only the configured ones.
         self.extract_formats = propagation.ALL_FORMATS if self.inject_formats else 0
+        # Whether ``add_context`` writes trace headers, so callers strip the caller's first.
+        self.rewrites_context = bool(self.enabled and self.inject_formats)
         self.parent_based = config.parent_based
         self._bound = TraceIdRatioBased(config.sample_ratio).bound
         # The module's generator by default: it is reseeded in a forked child.
@@ -281,6 +283,24 @@ class Tracer:
                 return headers
             return [*headers, (propagation.REQUEST_ID, span.request_id)]
         return propagation.inject(
+            headers,
+            self.inject_formats,
+            span.trace_id,
+            span.span_id,
+            span.sampled,
+            tracestate=span.tracestate,
+            parent_span_id=span.parent_span_id,
+            request_id=span.request_id if span.request_id_generated else None,
+        )
+
+    def add_context(self, span: SpanHandle, headers: Headers) -> None:
+        """``inject`` in place, for ``headers`` that hold no trace headers when
+        ``rewrites_context`` (the caller stripped ``propagation.TRACE_HEADERS``)."""
+        if not self.rewrites_context or not span.trace_id:
+            if span.request_id_generated:
+                headers.append((propagation.REQUEST_ID, span.request_id))
+            return
+        propagation.append_context(
             headers,
             self.inject_formats,
             span.trace_id,

@@ -11,7 +11,13 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from sidecar.observability.propagation import B3_MULTI, TRACECONTEXT, Headers, extract
+from sidecar.observability.propagation import (
+    B3_MULTI,
+    TRACE_HEADERS,
+    TRACECONTEXT,
+    Headers,
+    extract,
+)
 from sidecar.observability.semconv import grpc_status_of, request_attributes, split_host_port
 from sidecar.observability.tracing import Tracer
 from sidecar.observability.tracing_config import TracingConfig
@@ -269,4 +275,26 @@ def test_any_inbound_format_is_read_and_the_configured_ones_written() -> None:
         upstream = tracer.inject(server, request(header))
         assert [k for k, _ in upstream if k in (b"b3", b"traceparent")] == [b"b3"]
         tracer.end(server, 200)
+    tracer.shutdown()
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+@pytest.mark.parametrize("propagators", [("tracecontext",), ("b3", "b3multi"), ()])
+def test_add_context_on_stripped_headers_matches_inject(
+    sampled: bool, propagators: tuple[str, ...]
+) -> None:
+    tracer = Tracer(
+        TracingConfig(enabled=True, propagators=propagators),
+        InMemorySpanExporter(),
+        rng=random.Random(7),
+    )
+    incoming = request(traceparent(sampled), (b"b3", b"0"), (b"x-b3-sampled", b"1"))
+    server = tracer.start_server_span(incoming)
+    client = tracer.start_client_span(server, 1, upstream="10.0.0.7:9000")
+    expected = tracer.inject(client, incoming)
+    stripped = [h for h in incoming if not (tracer.rewrites_context and h[0] in TRACE_HEADERS)]
+    tracer.add_context(client, stripped)
+    assert stripped == expected
+    tracer.end(client, 200)
+    tracer.end(server, 200)
     tracer.shutdown()
