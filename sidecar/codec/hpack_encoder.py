@@ -75,14 +75,23 @@ def encode_string(data: bytes) -> bytes:
     return encode_integer(size, 7, 0) + data
 
 
+# "Literal without indexing, new name" (RFC 7541 section 6.2.2) up to the value, per name.
+_LITERAL_PREFIX = {name: b"\x00" + encode_string(name) for name in PER_REQUEST_NAMES}
+
+
 def encode_per_request(headers: Headers) -> bytes:
     """Per-request fields as literals that leave the dynamic table alone (their names are in
     neither table: they are never inserted), so they can follow any cached block."""
     out: list[bytes] = []
     for header in headers:
         name, value = header
-        first = b"\x10" if type(header) is NeverIndexedHeaderTuple else b"\x00"
-        out.append(first + encode_string(name) + encode_string(value))
+        if type(header) is NeverIndexedHeaderTuple or name not in _LITERAL_PREFIX:
+            first = b"\x10" if type(header) is NeverIndexedHeaderTuple else b"\x00"
+            out.append(first + encode_string(name) + encode_string(value))
+        elif len(value) < 0x7F:
+            out.append(_LITERAL_PREFIX[name] + bytes((len(value),)) + value)
+        else:
+            out.append(_LITERAL_PREFIX[name] + encode_string(value))
     return b"".join(out)
 
 
