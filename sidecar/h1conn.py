@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
+from sidecar.idle import IdleTimer
 from sidecar.streams import Headers, OnSent, ResetReason, StreamHandler
 
 if TYPE_CHECKING:
@@ -250,16 +251,14 @@ class H1ServerConnection(_H1Base):
         self.stream: H1ServerStream | None = None
         self.draining = False
         self.discarding = False
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timer = IdleTimer(
+            asyncio.get_event_loop(), listener.config.http1_idle_timeout, self.close
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.listener.connection_opened(self)
-        self._arm_idle_timer()
-
-    def _arm_idle_timer(self) -> None:
-        loop = asyncio.get_event_loop()
-        self._idle_timer = loop.call_later(self.listener.config.http1_idle_timeout, self.close)
+        self.idle_timer.idle()
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
@@ -301,9 +300,7 @@ class H1ServerConnection(_H1Base):
                 return
 
     def _on_request(self, request: h11.Request) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self.idle_timer.busy()
         size = sum(len(n) + len(v) for n, v in request.headers) + len(request.target)
         if size > self.listener.config.max_request_headers_bytes:
             # h11 bounds only headers that arrive in pieces; a whole one is checked here.
@@ -378,7 +375,7 @@ class H1ServerConnection(_H1Base):
                 self.read_paused = False
                 self.transport.resume_reading()
             self.h11.start_next_cycle()
-            self._arm_idle_timer()
+            self.idle_timer.idle()
             asyncio.get_event_loop().call_soon(self._process)
         elif self.h11.our_state is h11.MUST_CLOSE:
             self.close()
@@ -390,8 +387,7 @@ class H1ServerConnection(_H1Base):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.idle_timer.cancel()
         stream = self.stream
         if stream is not None and not stream.done and stream.handler is not None:
             stream.done = True
@@ -491,14 +487,12 @@ class H1ClientConnection(_H1Base):
         self.owner = owner  # the UpstreamHost: pool reports and stats
         self.h11 = h11.Connection(h11.CLIENT)
         self.stream: H1ClientStream | None = None
-        self.idle_timeout = idle_timeout
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timer = IdleTimer(asyncio.get_event_loop(), idle_timeout, self.close)
         self._failed_locally = False
 
     def arm_idle_timer(self) -> None:
-        if self._idle_timer is None and not self.closed:
-            loop = asyncio.get_event_loop()
-            self._idle_timer = loop.call_later(self.idle_timeout, self.close)
+        if not self.closed:
+            self.idle_timer.idle()
 
     def fail_locally(self) -> None:
         """We could not frame the request: close, and report the stream reset once closed."""
@@ -514,9 +508,7 @@ class H1ClientConnection(_H1Base):
     def open_stream(
         self, headers: Headers, end_stream: bool, handler: StreamHandler
     ) -> H1ClientStream:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self.idle_timer.busy()
         stream = H1ClientStream(self, handler)
         self.stream = stream
         stream.send_headers(headers, end_stream)
@@ -610,8 +602,7 @@ class H1ClientConnection(_H1Base):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.idle_timer.cancel()
         stream, self.stream = self.stream, None
         if stream is not None and stream.handler is not None:
             handler, stream.handler = stream.handler, None

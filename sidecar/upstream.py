@@ -22,6 +22,7 @@ from sidecar.cluster_policy.outlier import HostEjected
 from sidecar.flags import ResponseFlag
 from sidecar.h1conn import H1ClientConnection
 from sidecar.h2conn import H2Connection, H2Stream
+from sidecar.idle import IdleTimer
 from sidecar.observability.metrics import ClusterStats, MeshMetrics
 from sidecar.pool import ConnectionPool, PooledConnection
 from sidecar.route_policy.breaker import Permit
@@ -49,9 +50,10 @@ class H2ClientConnection(H2Connection):
         )
         self.host = host
         self.stream_cap = host.cluster.config.max_concurrent_streams
-        self._idle_timer: asyncio.TimerHandle | None = None
+        loop = asyncio.get_event_loop()
+        self.idle_timer = IdleTimer(loop, host.cluster.config.idle_timeout, self.close)
         # Set once the server's first SETTINGS arrive: only then is its stream limit known.
-        self.ready: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+        self.ready: asyncio.Future[None] = loop.create_future()
         # Nobody awaits ``ready`` once the connect timed out; don't log its failure then.
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -71,9 +73,7 @@ class H2ClientConnection(H2Connection):
         return not self.streams
 
     def open_stream(self, headers: Headers, end_stream: bool, handler: StreamHandler) -> H2Stream:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self.idle_timer.busy()
         stream_id = self.h2.get_next_available_stream_id()
         stream = H2Stream(self, stream_id, handler)
         self.streams[stream_id] = stream
@@ -89,9 +89,8 @@ class H2ClientConnection(H2Connection):
         self.host.released(self)
 
     def arm_idle_timer(self) -> None:
-        if self._idle_timer is None and not self.closed:
-            loop = asyncio.get_event_loop()
-            self._idle_timer = loop.call_later(self.host.cluster.config.idle_timeout, self.close)
+        if not self.closed:
+            self.idle_timer.idle()
 
     def on_settings_changed(self) -> None:
         if not self.ready.done():
@@ -114,8 +113,7 @@ class H2ClientConnection(H2Connection):
         self.host.pool.capacity_changed(self)
 
     def on_closed(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.idle_timer.cancel()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("closed before SETTINGS"))
             return
