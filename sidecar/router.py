@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from sidecar.pool import PooledConnection
     from sidecar.route_policy.shedding import InFlight
     from sidecar.routing import RouteDecision
+    from sidecar.timer_wheel import WheelTimer
     from sidecar.upstream import ClusterRuntime, Upstream, UpstreamHost
 
 log = logging.getLogger("pilotfish.router")
@@ -85,7 +86,7 @@ class Attempt:
         self.stream: StreamSink | None = None
         self.cancelled = False
         self.started = time.monotonic()
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: WheelTimer | None = None
         self.pending_permit: Permit | None = None
         self.retry_permit: Permit | None = None
         self.status: int | None = None  # what the upstream said, for outlier detection
@@ -175,7 +176,7 @@ class Exchange:
     request_ended = False
     response_started = False
     done = False
-    timer: asyncio.TimerHandle | None = None
+    timer: WheelTimer | None = None
     retry_timer: asyncio.TimerHandle | None = None
     status = 0
     grpc_status: int | None = None
@@ -450,7 +451,8 @@ class Exchange:
         cluster.request_started(index)
         per_try = self.retry.per_try_timeout
         if per_try:
-            attempt.timer = self.loop.call_later(per_try, self._per_try_timeout, attempt)
+            timers = self.listener.sidecar.timers
+            attempt.timer = timers.call_later(per_try, self._per_try_timeout, attempt)
         attempt.pending_permit = cluster.resilience.breakers.try_acquire_pending()
         if attempt.pending_permit is None:
             attempt.end()  # the breaker counted the overflow
@@ -754,7 +756,7 @@ class Exchange:
             if self.timer.when() <= expires:
                 return
             self.timer.cancel()
-        self.timer = self.loop.call_at(expires, self._on_deadline)
+        self.timer = self.listener.sidecar.timers.call_at(expires, self._on_deadline)
 
     def _on_deadline(self) -> None:
         self.timer = None

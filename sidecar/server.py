@@ -18,6 +18,7 @@ from sidecar.observability.tracing import Tracer
 from sidecar.route_policy.runtime import RoutePolicyRuntime
 from sidecar.routing import RouteTable
 from sidecar.stats import StatsStore
+from sidecar.timer_wheel import TimerWheel
 from sidecar.upstream import ClusterManager
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Sidecar:
         self.tracer = Tracer.create(bootstrap.telemetry.tracing)
         self.metrics.read_span_drops(lambda: self.tracer.dropped_spans)
         self.access = AccessLog(bootstrap.telemetry.access_log)
+        self.timers = TimerWheel()  # request deadlines and per-try timeouts
         self._drain_task: asyncio.Task[None] | None = None
         self._started = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -298,6 +300,7 @@ class Sidecar:
             for conn in list(runtime.connections):
                 conn.close()
         self.clusters.close_all()
+        self.timers.close()
         if self._cpu_task is not None:
             self._cpu_task.cancel()
         self.access.close()

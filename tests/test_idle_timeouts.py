@@ -5,52 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
 
 from sidecar.idle import IdleTimer
+from tests.fake_loop import FakeLoop
 from tests.h2_upstream import H2Upstream
 from tests.support import running_sidecar, simple_config, wait_for
-
-
-class FakeHandle:
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeLoop:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.handles: list[FakeHandle] = []
-
-    def time(self) -> float:
-        return self.now
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> FakeHandle:
-        handle = FakeHandle(when, callback)
-        self.handles.append(handle)
-        return handle
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        while True:
-            due = [h for h in self.handles if not h.cancelled and h.when <= self.now]
-            if not due:
-                return
-            for handle in due:
-                self.handles.remove(handle)
-                handle.callback()
-
-    @property
-    def live(self) -> int:
-        return sum(1 for h in self.handles if not h.cancelled)
 
 
 def make_timer(timeout: float) -> tuple[FakeLoop, IdleTimer, list[float]]:
