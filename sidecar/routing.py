@@ -31,6 +31,11 @@ def _strip_port(authority: str) -> str:
     return host if sep and port.isdigit() else authority
 
 
+# Authorities remembered per table; a client choosing its own authorities could grow the
+# cache without bound, so it is emptied when full.
+_HOST_CACHE_ENTRIES = 1024
+
+
 class RouteTable:
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
@@ -50,9 +55,25 @@ class RouteTable:
                     self._exact.setdefault(domain, vhost)
         self._suffix.sort(key=lambda item: -len(item[0]))
         self._prefix.sort(key=lambda item: -len(item[0]))
+        # Per virtual host, its routes with the decision made in advance where it never varies
+        # (one cluster): most requests then allocate nothing to be routed.
+        self._routes: dict[int, list[tuple[RouteEntry, RouteDecision | None]]] = {
+            id(vhost): [(route, _fixed_decision(vhost, route)) for route in vhost.routes]
+            for vhost in config.virtual_hosts
+        }
+        self._hosts: dict[str, VirtualHost | None] = {}
 
     def virtual_host(self, authority: str) -> VirtualHost | None:
-        authority = authority.lower()
+        try:
+            return self._hosts[authority]
+        except KeyError:
+            pass
+        if len(self._hosts) >= _HOST_CACHE_ENTRIES:
+            self._hosts.clear()
+        found = self._hosts[authority] = self._find_virtual_host(authority.lower())
+        return found
+
+    def _find_virtual_host(self, authority: str) -> VirtualHost | None:
         for candidate in (authority, _strip_port(authority)):
             vhost = self._exact.get(candidate)
             if vhost is not None:
@@ -77,8 +98,8 @@ class RouteTable:
         vhost = self.virtual_host(authority)
         if vhost is None:
             return None
-        bare_path = path.split("?", 1)[0]
-        for route in vhost.routes:
+        bare_path = path.partition("?")[0] if "?" in path else path
+        for route, fixed in self._routes[id(vhost)]:
             m = route.match
             if not m.path.matches(bare_path):
                 continue
@@ -86,8 +107,13 @@ class RouteTable:
                 continue
             if m.headers and not all(h.matches(headers.get(h.name)) for h in m.headers):
                 continue
-            return RouteDecision(vhost, route, pick_weighted_cluster(route, rng))
+            return fixed or RouteDecision(vhost, route, pick_weighted_cluster(route, rng))
         return None
+
+
+def _fixed_decision(vhost: VirtualHost, route: RouteEntry) -> RouteDecision | None:
+    clusters = route.action.clusters
+    return RouteDecision(vhost, route, clusters[0].name) if len(clusters) == 1 else None
 
 
 def pick_weighted_cluster(route: RouteEntry, rng: Callable[[], float]) -> str:
