@@ -50,6 +50,7 @@ class H2ClientConnection(H2Connection):
         )
         self.host = host
         self.stream_cap = host.cluster.config.max_concurrent_streams
+        self._max_streams = 0  # none until the server's SETTINGS say how many
         loop = asyncio.get_event_loop()
         self.idle_timer = IdleTimer(loop, host.cluster.config.idle_timeout, self.close)
         # Set once the server's first SETTINGS arrive: only then is its stream limit known.
@@ -63,10 +64,10 @@ class H2ClientConnection(H2Connection):
 
     def is_available(self) -> bool:
         return (
-            not self.closed
+            len(self.streams) < self._max_streams
+            and not self.closed
             and not self.goaway_received
             and not self.goaway_sent
-            and len(self.streams) < self.max_streams
         )
 
     def is_idle(self) -> bool:
@@ -93,6 +94,7 @@ class H2ClientConnection(H2Connection):
             self.idle_timer.idle()
 
     def on_settings_changed(self) -> None:
+        self._max_streams = self.max_streams  # read by every pool lookup
         if not self.ready.done():
             self.ready.set_result(None)
             return
