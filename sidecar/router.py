@@ -53,6 +53,9 @@ _STRIPPED_UPSTREAM = frozenset({b"grpc-timeout", b"x-pilotfish-attempt-count"})
 # When the tracer writes its own trace context, the caller's goes too (Envoy does the same).
 _STRIPPED_UPSTREAM_TRACED = _STRIPPED_UPSTREAM | TRACE_HEADERS
 _FIRST_ATTEMPT = (ATTEMPT_COUNT_HEADER, b"1")
+# Counter names by status class (status // 100, 1 to 9: statuses are three digits).
+_UPSTREAM_CLASS = tuple(f"upstream_rq_{n}xx" for n in range(10))
+_DOWNSTREAM_CLASS = tuple(f"downstream_rq_{n}xx" for n in range(10))
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:
@@ -624,7 +627,7 @@ class Exchange:
                 outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
             )
         if self.cluster is not None:
-            self.cluster.scope.inc(f"upstream_rq_{status // 100}xx")
+            self.cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
         self._forward_headers(headers, end_stream, status)
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
@@ -790,10 +793,11 @@ class Exchange:
             self.inflight = None
         self.status = status
         listener = self.listener
-        listener.scope.gauge_add("downstream_rq_active", -1)
+        scope = listener.scope
+        scope.gauges["downstream_rq_active"] -= 1
         listener.streams_gauge.value -= 1
         if status:
-            listener.scope.inc(f"downstream_rq_{status // 100}xx")
+            scope.counters[_DOWNSTREAM_CLASS[min(status // 100, 9)]] += 1
         if self.trace is not None:
             listener.sidecar.tracer.end(
                 self.trace, status, grpc_status=self.grpc_status, flag=",".join(self.flags) or None
