@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
 from sidecar.admin import AdminServer
+from sidecar.observability.tracing_config import split_endpoint
 from sidecar.server import Sidecar
 
 log = logging.getLogger("pilotfish.sidecar")
@@ -123,6 +125,11 @@ def run_sidecar(args: argparse.Namespace) -> int:
     # Flags win over the bootstrap and the control plane: as the standard OTEL_* variables
     # do, which every tracer this process builds applies last.
     if args.otlp_endpoint:
+        try:
+            split_endpoint(args.otlp_endpoint)
+        except ValueError as exc:
+            print(f"pilotfish sidecar: --otlp-endpoint: {exc}", file=sys.stderr)
+            return 2
         os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = args.otlp_endpoint
     if args.trace_sampling is not None:
         if not 0 <= args.trace_sampling <= 1:
@@ -161,6 +168,10 @@ def run_sidecar(args: argparse.Namespace) -> int:
 
 def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> int:
     """Fork workers that share the listening ports through SO_REUSEPORT; worker 0 runs admin."""
+    # What exists now (modules, the parsed config) is shared with the workers copy-on-write.
+    # Frozen, it is out of every worker's garbage collections, which would otherwise write to
+    # each object's header and so give every worker its own copy of those pages.
+    gc.freeze()
     children: list[int] = []
     for index in range(workers):
         pid = os.fork()

@@ -44,7 +44,7 @@ from pilotfish.config.route_policy_yaml import (
     parse_route_policy,
 )
 from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
-from sidecar.observability.tracing_config import TracingConfig
+from sidecar.observability.tracing_config import PROTOCOLS, TracingConfig, split_endpoint
 
 
 def load_bootstrap_file(path: str | Path) -> Bootstrap:
@@ -145,7 +145,7 @@ def parse_tracing(node: Node) -> TracingConfig:
     """``tracing: {endpoint: http://jaeger:4317, sampling: 1%, service_name: ..., ...}``."""
     if node.value is None:
         return TracingConfig()
-    node.mapping({"enabled", "endpoint", "sampling", "service_name", "propagators"})
+    node.mapping({"enabled", "endpoint", "protocol", "sampling", "service_name", "propagators"})
     default = TracingConfig()
     sampling = node.get("sampling")
     ratio = default.sample_ratio
@@ -157,6 +157,12 @@ def parse_tracing(node: Node) -> TracingConfig:
             raise sampling.error("expected a percentage like 1% or a ratio like 0.01") from None
         if not 0 <= ratio <= 1:
             raise sampling.error("expected a percentage from 0% to 100%")
+    endpoint = node.get("endpoint")
+    if endpoint.value is not None:
+        try:
+            split_endpoint(endpoint.as_str())
+        except ValueError as exc:
+            raise endpoint.error(f"expected a URL like http://collector:4317 ({exc})") from None
     propagators = default.propagators
     if node.has("propagators"):
         allowed = ("tracecontext", "b3", "b3multi")
@@ -164,6 +170,7 @@ def parse_tracing(node: Node) -> TracingConfig:
     return TracingConfig(
         enabled=node.get("enabled").as_bool(True),
         endpoint=node.get("endpoint").as_str(default.endpoint),
+        protocol=node.get("protocol").as_choice(PROTOCOLS, default.protocol),
         sample_ratio=ratio,
         service_name=node.get("service_name").as_str(default.service_name),
         propagators=propagators,

@@ -1,5 +1,6 @@
 """Tracing for the request path: one SERVER span per downstream request, one CLIENT span per
-upstream attempt, exported over OTLP/gRPC by the OpenTelemetry SDK.
+upstream attempt, recorded by the OpenTelemetry SDK and exported over OTLP/gRPC or OTLP/HTTP by
+``otlp_export`` (our exporter: the SDK's bring grpcio or requests, and protobuf).
 
 The router talks to ``Tracer`` only (``start_server_span``, ``start_client_span``, ``inject``,
 ``end``). The sampling decision (parent-based, trace-id ratio) is taken here, before the SDK is
@@ -366,8 +367,7 @@ def _trace_state(raw: bytes) -> TraceState | None:
 
 
 def _otlp_exporter(config: TracingConfig) -> SpanExporter:
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    # Imported here: a sidecar without tracing does not load the exporter at all.
+    from sidecar.observability.otlp_export import OtlpSpanExporter
 
-    return OTLPSpanExporter(
-        endpoint=config.endpoint, insecure=config.insecure, timeout=config.export_timeout_s
-    )
+    return OtlpSpanExporter(config)

@@ -13,9 +13,16 @@ OTEL_TRACES_EXPORTER=none              tracing off
 OTEL_SERVICE_NAME                      ``service_name``
 OTEL_RESOURCE_ATTRIBUTES               extra resource attributes (``k=v,k2=v2``)
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT     ``endpoint`` (before OTEL_EXPORTER_OTLP_ENDPOINT)
-OTEL_EXPORTER_OTLP_ENDPOINT            ``endpoint``
+OTEL_EXPORTER_OTLP_ENDPOINT            ``endpoint``; a base URL: http/protobuf adds
+                                       ``/v1/traces`` to its path
+OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL   ``protocol``: grpc or http/protobuf
 OTEL_EXPORTER_OTLP[_TRACES]_INSECURE   ``insecure``
 OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT    ``export_timeout_s`` (ms)
+OTEL_EXPORTER_OTLP[_TRACES]_HEADERS    ``headers`` (``k=v,k2=v2``, values URL-encoded)
+OTEL_EXPORTER_OTLP[_TRACES]_COMPRESSION  ``compression``: none, gzip or deflate
+OTEL_EXPORTER_OTLP[_TRACES]_CERTIFICATE  ``certificate`` (CA bundle for TLS)
+OTEL_EXPORTER_OTLP[_TRACES]_CLIENT_CERTIFICATE, ..._CLIENT_KEY  ``client_certificate``,
+                                       ``client_key`` (mutual TLS)
 OTEL_TRACES_SAMPLER                    always_on, always_off, traceidratio,
                                        parentbased_always_on, parentbased_always_off,
                                        parentbased_traceidratio
@@ -35,6 +42,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import SplitResult, unquote, urlsplit
 
 log = logging.getLogger("pilotfish.tracing")
 
@@ -50,12 +58,40 @@ _SAMPLERS = {
     "parentbased_traceidratio": (True, None),
 }
 
+PROTOCOLS = ("grpc", "http/protobuf")
+COMPRESSIONS = ("none", "gzip", "deflate")
+# Where each protocol exports when no endpoint is configured (the OTLP defaults, on loopback).
+DEFAULT_ENDPOINTS = {
+    "grpc": "http://127.0.0.1:4317",
+    "http/protobuf": "http://127.0.0.1:4318/v1/traces",
+}
+HTTP_TRACES_PATH = "/v1/traces"
+
+
+def split_endpoint(endpoint: str) -> SplitResult:
+    """``endpoint`` as URL parts; raises ``ValueError`` naming what is wrong with it.
+
+    Accepted: ``http://host:port[/path]``, ``https://...``, or ``host:port`` without a scheme
+    (TLS or not then follows ``insecure``)."""
+    # "collector:4317" has no scheme; "//" makes urlsplit read it as host and port.
+    parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+    if parts.scheme not in ("", "http", "https"):
+        raise ValueError(f"endpoint {endpoint!r}: the scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError(f"endpoint {endpoint!r} names no host")
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    return parts
+
 
 @dataclass(frozen=True, slots=True)
 class TracingConfig:
     enabled: bool = False
     service_name: str = "pilotfish-sidecar"
-    endpoint: str = "http://127.0.0.1:4317"
+    # "" exports to the protocol's default (``DEFAULT_ENDPOINTS``). For grpc only the host and
+    # port count; for http/protobuf it is the URL spans are POSTed to, ``/v1/traces`` when it
+    # has no path.
+    endpoint: str = ""
+    protocol: str = "grpc"
     insecure: bool = True
     sample_ratio: float = 1.0
     parent_based: bool = True
@@ -66,12 +102,28 @@ class TracingConfig:
     export_timeout_s: float = 10.0
     shutdown_timeout_s: float = 5.0
     resource: tuple[tuple[str, str], ...] = ()  # extra resource attributes
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every export (e.g. an API key)
+    compression: str = "none"
+    certificate: str = ""  # CA bundle that verifies the collector (default: the system's)
+    client_certificate: str = ""  # with client_key: this sidecar's certificate (mutual TLS)
+    client_key: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sample_ratio <= 1.0:
             raise ValueError(f"tracing.sample_ratio: {self.sample_ratio} is not in [0, 1]")
         if self.max_queue_size < 1 or self.max_export_batch_size < 1:
             raise ValueError("tracing.max_queue_size and max_export_batch_size must be >= 1")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"tracing.protocol: {self.protocol!r} is not one of {PROTOCOLS}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"tracing.compression: {self.compression!r} is not one of {COMPRESSIONS}"
+            )
+
+    @property
+    def export_endpoint(self) -> str:
+        """``endpoint``, or the protocol's default when none is configured."""
+        return self.endpoint or DEFAULT_ENDPOINTS[self.protocol]
 
     def with_env(self, environ: Mapping[str, str] | None = None) -> TracingConfig:
         """This config with the ``OTEL_*`` variables of ``environ`` (default ``os.environ``)."""
@@ -100,12 +152,28 @@ class TracingConfig:
         if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
             changes["enabled"] = False
         take("OTEL_SERVICE_NAME", "service_name", str)
-        take("OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint", str)
-        take("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "endpoint", str)
+        # Generic variable first, so the per-signal one (taken second) wins.
+        take("OTEL_EXPORTER_OTLP_PROTOCOL", "protocol", _protocol)
+        take("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "protocol", _protocol)
+        take("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "endpoint", _endpoint)
+        base_endpoint = False
+        if "endpoint" not in changes:
+            take("OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint", _endpoint)
+            base_endpoint = "endpoint" in changes
         take("OTEL_EXPORTER_OTLP_INSECURE", "insecure", _boolean)
         take("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "insecure", _boolean)
         take("OTEL_EXPORTER_OTLP_TIMEOUT", "export_timeout_s", _millis)
         take("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "export_timeout_s", _millis)
+        take("OTEL_EXPORTER_OTLP_HEADERS", "headers", _headers)
+        take("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "headers", _headers)
+        take("OTEL_EXPORTER_OTLP_COMPRESSION", "compression", _compression)
+        take("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "compression", _compression)
+        for suffix in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+            take(f"OTEL_EXPORTER_OTLP_{suffix}", suffix.lower(), str)
+            take(f"OTEL_EXPORTER_OTLP_TRACES_{suffix}", suffix.lower(), str)
+        if base_endpoint and changes.get("protocol", self.protocol) == "http/protobuf":
+            # The generic variable names the collector, not the signal's URL (OTLP spec).
+            changes["endpoint"] = changes["endpoint"].rstrip("/") + HTTP_TRACES_PATH
         take("OTEL_PROPAGATORS", "propagators", _propagators)
         take("OTEL_BSP_MAX_QUEUE_SIZE", "max_queue_size", _positive_int)
         take("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "max_export_batch_size", _positive_int)
@@ -156,6 +224,37 @@ def _positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError(raw)
     return value
+
+
+def _endpoint(raw: str) -> str:
+    split_endpoint(raw)
+    return raw
+
+
+def _protocol(raw: str) -> str:
+    if raw not in PROTOCOLS:
+        raise ValueError(raw)
+    return raw
+
+
+def _compression(raw: str) -> str:
+    if raw.lower() not in COMPRESSIONS:
+        raise ValueError(raw)
+    return raw.lower()
+
+
+def _headers(raw: str) -> tuple[tuple[str, str], ...]:
+    """``k1=v1,k2=v2`` with URL-encoded values, as the OTLP exporter spec writes them."""
+    headers = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or not key:
+            raise ValueError(item)
+        headers.append((key, unquote(value.strip())))
+    return tuple(headers)
 
 
 def _propagators(raw: str) -> tuple[str, ...]:

@@ -92,3 +92,73 @@ def test_create_applies_the_environment_and_propagators_none_injects_nothing() -
     tracer = Tracer.create(TracingConfig(), {"OTEL_PROPAGATORS": "none"})
     headers = [(b":path", b"/"), (b"x-request-id", b"r")]
     assert tracer.inject(tracer.start_server_span(headers), headers) is headers
+
+
+def test_exporter_settings_from_the_environment() -> None:
+    config = BASE.with_env(
+        {
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=generic",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "X-Api-Key=a%20b%3D, tenant = t1 ,",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP",
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": "/etc/ca.pem",
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "/etc/me.pem",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": "/etc/me.key",
+        }
+    )
+    # Names lowercased (HTTP/2 wants them so), values URL-decoded; per-signal wins whole.
+    assert config.headers == (("x-api-key", "a b="), ("tenant", "t1"))
+    assert config.compression == "gzip"
+    assert (config.certificate, config.client_certificate, config.client_key) == (
+        "/etc/ca.pem",
+        "/etc/me.pem",
+        "/etc/me.key",
+    )
+    assert config.protocol == "grpc"  # untouched: the default
+
+
+def test_protocol_from_the_environment_and_unsupported_ones_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert BASE.with_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}).protocol == (
+        "http/protobuf"
+    )
+    with caplog.at_level(logging.WARNING, "pilotfish.tracing"):
+        config = BASE.with_env(
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_EXPORTER_OTLP_HEADERS": "novalue"}
+        )
+    assert (config.protocol, config.headers) == ("grpc", ())
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL" in caplog.text
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in caplog.text
+
+
+def test_an_endpoint_that_is_no_url_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "pilotfish.tracing"):
+        config = BASE.with_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "unix:///run/otel.sock"})
+    assert config.endpoint == BASE.endpoint
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in caplog.text
+
+
+def test_a_configured_endpoint_is_not_rewritten_by_the_protocol() -> None:
+    config = BASE.with_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    assert config.endpoint == "http://collector:4317"  # the bootstrap's, used as given
+    assert TracingConfig(protocol="http/protobuf").export_endpoint == (
+        "http://127.0.0.1:4318/v1/traces"
+    )
+    assert TracingConfig().export_endpoint == "http://127.0.0.1:4317"
+
+
+def test_protocol_and_compression_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"tracing.protocol"):
+        TracingConfig(protocol="http/json")
+    with pytest.raises(ValueError, match=r"tracing.compression"):
+        TracingConfig(compression="zstd")
+
+
+def test_a_bad_per_signal_endpoint_leaves_the_generic_one_in_force() -> None:
+    config = TracingConfig(protocol="http/protobuf").with_env(
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "unix:///run/otel.sock",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        }
+    )
+    assert config.endpoint == "http://collector:4318/v1/traces"

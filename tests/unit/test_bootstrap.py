@@ -60,6 +60,16 @@ def test_good_config_parses() -> None:
     assert routes[1].action.timeout is None
 
 
+def test_tracing_protocol_and_its_default_endpoint() -> None:
+    doc = {**GOOD, "tracing": {"protocol": "http/protobuf", "sampling": "1%"}}
+    tracing = parse_bootstrap(doc).telemetry.tracing
+    assert tracing.protocol == "http/protobuf"
+    assert tracing.export_endpoint == "http://127.0.0.1:4318/v1/traces"
+    doc = {**GOOD, "tracing": {"endpoint": "http://jaeger:4317"}}
+    tracing = parse_bootstrap(doc).telemetry.tracing
+    assert (tracing.protocol, tracing.export_endpoint) == ("grpc", "http://jaeger:4317")
+
+
 def broken(path: list[str | int], value: Any) -> dict[str, Any]:
     doc = copy.deepcopy(GOOD)
     target: Any = doc
@@ -104,6 +114,14 @@ def broken(path: list[str | int], value: Any) -> dict[str, Any]:
         (
             broken(["clusters", 0, "colour"], "red"),
             "clusters[0].colour: unknown field",
+        ),
+        (
+            {**GOOD, "tracing": {"protocol": "http/json"}},
+            "tracing.protocol: expected one of: grpc, http/protobuf",
+        ),
+        (
+            {**GOOD, "tracing": {"endpoint": "grpc://collector:4317"}},
+            "tracing.endpoint: expected a URL like http://collector:4317",
         ),
         (
             broken(["route_configs", 0, "virtual_hosts", 0, "domains"], ["a.*.com"]),
