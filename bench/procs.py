@@ -43,6 +43,12 @@ class Pinning:
     def proxy(self) -> list[str]:
         return _taskset(self.proxy_cpu)
 
+    def all_cpus(self) -> list[str]:
+        """Every CPU of the machine (the harness itself may be pinned, and children inherit)."""
+        if self.proxy_cpu is None:
+            return []
+        return ["taskset", "-c", f"0-{(os.cpu_count() or 1) - 1}"]
+
 
 def _taskset(cpu: int | None) -> list[str]:
     return [] if cpu is None else ["taskset", "-c", str(cpu)]
@@ -201,6 +207,16 @@ def rss_bytes(pids: Sequence[int]) -> int:
             continue
         total += resident_pages * PAGE_SIZE
     return total
+
+
+IDLE_SETTLE_S = 1.0
+
+
+def idle_rss_bytes(pid: int, settle_s: float = IDLE_SETTLE_S) -> int:
+    """RSS summed over ``pid``'s process tree once it has been left alone for ``settle_s``:
+    a target just reported ready may still be finishing its start (workers, first timers)."""
+    time.sleep(settle_s)
+    return rss_bytes(process_tree(pid))
 
 
 def core_busy_seconds(cpu: int) -> float:

@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.h2load import h2load_argv
+from bench.procs import IDLE_SETTLE_S
 from bench.runner import BenchResult, Failure
 from bench.stats import median_or_none
 from bench.targets import (
     REPO,
     Pilotfish,
+    PilotfishTcp,
     Target,
     grpc_server_argv,
     nghttpd_argv,
     pilotfish_bootstrap,
+    pilotfish_tcp_bootstrap,
 )
 from bench.workloads import GrpcWorkload, H2loadWorkload, Measurement, Workload, grpc_client_argv
 
@@ -78,6 +81,12 @@ def _added(value: float | None, base: float | None) -> str:
     if value is None or base is None:
         return "—"
     return f"{value - base:+,.0f}"
+
+
+def idle_rss_mb(result: BenchResult, target: str) -> float | None:
+    """Median idle RSS over the target's starts, in MiB (as the peak figures)."""
+    idle = median_or_none(result.idle_rss.get(target, ()))
+    return idle / 2**20 if idle is not None else None
 
 
 def _workload_table(result: BenchResult, workload: Workload) -> list[str]:
@@ -141,7 +150,7 @@ def _at_a_glance(result: BenchResult) -> list[str]:
     header += [f"added p99 per hop µs, {w.key}" for w in fixed_rate]
     header += [f"CPU µs/req, {w.key}" for w in throughput]
     header += [f"req/s vs nghttpx, {w.key}" for w in throughput]
-    header.append("max peak RSS MB")
+    header += ["idle RSS MB", "max peak RSS MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for target in result.targets:
         if not target.is_proxy:
@@ -167,9 +176,40 @@ def _at_a_glance(result: BenchResult) -> list[str]:
             )
             for w in throughput
         ]
+        row.append(_num(idle_rss_mb(result, target.name), 1))
         rss = [medians(result, target.name, k).rss_mb for k in by_key]
         present = [r for r in rss if r is not None]
         row.append(_num(max(present), 1) if present else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _passthrough_vs_nghttpx(result: BenchResult) -> list[str]:
+    """The L4 target: Pilotfish relaying the same HTTP/2 bytes, against nghttpx at L7."""
+    tcp = PilotfishTcp.name
+    if not any(t.name == tcp for t in result.targets):
+        return []
+    header = [
+        "workload", f"{tcp} req/s", "nghttpx req/s", "req/s vs nghttpx",
+        f"{tcp} CPU µs/req", "nghttpx CPU µs/req",
+    ]
+    lines = [
+        "",
+        f"TCP passthrough (`{tcp}`: no HTTP parsing, no L7 policy) against nghttpx carrying "
+        "the same HTTP/2 traffic; the target is at least 0.50x nghttpx's request rate:",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for w in result.workloads:
+        m, ng = medians(result, tcp, w.key), medians(result, NGHTTPX, w.key)
+        if m.runs == 0:
+            continue
+        row = [
+            w.key, _num(m.requests_per_s), _num(ng.requests_per_s),
+            _ratio(m.requests_per_s, ng.requests_per_s),
+            _num(m.cpu_us_per_request, 1), _num(ng.cpu_us_per_request, 1),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -217,7 +257,8 @@ def _commands(result: BenchResult) -> list[str]:
         "# proxies",
     ]
     for target in result.targets:
-        argv = target.command("UPSTREAM_PORT", "PROXY_PORT", "BOOTSTRAP.yaml")
+        config = "BOOTSTRAP-TCP.yaml" if isinstance(target, PilotfishTcp) else "BOOTSTRAP.yaml"
+        argv = target.command("UPSTREAM_PORT", "PROXY_PORT", config)
         if argv:
             out.append(_shell(proxy + argv))
     out.append("# load: N comes from probe runs (the same h2load command without --log-file)")
@@ -245,6 +286,15 @@ def _commands(result: BenchResult) -> list[str]:
             "",
             "```yaml",
             pilotfish_bootstrap("ADMIN_PORT", "PROXY_PORT", "UPSTREAM_PORT").rstrip(),
+            "```",
+        ]
+    if any(isinstance(t, PilotfishTcp) for t in result.targets):
+        out += [
+            "",
+            f"`BOOTSTRAP-TCP.yaml` for {PilotfishTcp.name}:",
+            "",
+            "```yaml",
+            pilotfish_tcp_bootstrap("ADMIN_PORT", "PROXY_PORT", "UPSTREAM_PORT").rstrip(),
             "```",
         ]
     return out
@@ -295,7 +345,21 @@ def render_markdown(result: BenchResult) -> str:
         "row shows that default, not nghttpx's best (raising `--backend-http2-window-size` "
         "lifts it several-fold).",
         "- Pilotfish: `pilotfish sidecar` with the bootstrap below; one process, and "
-        "`--concurrency 2` where it starts.",
+        "`--concurrency 2` where it starts. `pilotfish-2w-all-cpus` is `--concurrency 2` "
+        "allowed on both cores (`taskset -c 0-1`), so each worker can have a core, the one "
+        "on CPU 0 sharing it with the load side: compare its req/s with `pilotfish` for how "
+        "throughput grows with workers. Its *others on proxy core* figure covers CPU 1 "
+        "only.",
+        *(
+            [
+                f"- {PilotfishTcp.name}: `pilotfish sidecar` with a listener in `mode: tcp` "
+                "(`BOOTSTRAP-TCP.yaml` below): each connection's bytes are relayed to the "
+                "upstream unparsed (splice(2) on Linux), so the h2 session is between the load "
+                "generator and the upstream and no L7 policy applies."
+            ]
+            if any(isinstance(t, PilotfishTcp) for t in result.targets)
+            else []
+        ),
         *(f"- {name} was taken as ready when its {how}." for name, how in result.readiness.items()),
         _noise_line(result),
         "",
@@ -312,7 +376,9 @@ def render_markdown(result: BenchResult) -> str:
         "- **proxy CPU µs/req**: utime+stime growth in `/proc/<pid>/stat` over the measured "
         "run, summed over the proxy's process tree, divided by the requests completed.",
         "- **proxy peak RSS**: the largest sum of RSS over the proxy's processes, sampled every "
-        "100 ms during the measured run.",
+        "100 ms during the measured run. **idle RSS**: the same sum taken once per start of "
+        f"the proxy, {IDLE_SETTLE_S:g} s after it was ready and before any load (median over "
+        "starts).",
         "- **vs direct / vs nghttpx**: ratios of req/s; **CPU/req vs nghttpx**: ratio of "
         "proxy CPU per request.",
         "- **others on proxy core**: how busy the proxy's core was with anything but the "
@@ -330,6 +396,7 @@ def render_markdown(result: BenchResult) -> str:
         "## At a glance",
         "",
         *_at_a_glance(result),
+        *_passthrough_vs_nghttpx(result),
         "",
         "## Results",
     ]
@@ -366,5 +433,6 @@ def raw_json(result: BenchResult) -> str:
             for (target, workload), runs in result.outcomes.items()
         ],
         "notes": result.notes,
+        "idle_rss_bytes": result.idle_rss,
     }
     return json.dumps(document, default=encode, indent=2, ensure_ascii=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.procs import Pinning, StartError
+from bench.procs import Pinning, StartError, idle_rss_bytes
 from bench.targets import REPO, Running, Target, Upstream, start_upstream
 from bench.workloads import Measurement, MeasurementError, Settings, Workload, measure
 
@@ -50,6 +50,9 @@ class BenchResult:
     outcomes: dict[tuple[str, str], list[Outcome]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     readiness: dict[str, str] = field(default_factory=dict)
+    # RSS of each start of a proxy target, summed over its processes, once ready and before
+    # any load: the target's name to one figure per start, in bytes.
+    idle_rss: dict[str, list[int]] = field(default_factory=dict)
 
     def outcomes_for(self, target: str, workload: str) -> list[Outcome]:
         return self.outcomes.get((target, workload), [])
@@ -267,6 +270,9 @@ class _GroupRun:
         self.upstream_port = upstream.port
         if self.target.is_proxy:
             self.result.readiness.setdefault(self.target.name, self.running.readiness)
+            if self.running.proc is not None:
+                idle = idle_rss_bytes(self.running.proc.pid)
+                self.result.idle_rss.setdefault(self.target.name, []).append(idle)
 
     def _did_not_start(self, exc: StartError) -> None:
         self.log(f"{self.label}: did not start: {exc}")

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from bench.procs import Pinning
 from bench.report import medians, raw_json, render_markdown
 from bench.runner import BenchResult, Failure, Machine
-from bench.targets import Direct, Nghttpx, Pilotfish
+from bench.targets import Direct, Nghttpx, Pilotfish, PilotfishTcp
 from bench.workloads import WORKLOADS, Measurement, Settings
 
 
@@ -64,3 +64,32 @@ def test_markdown_has_ratios_added_latency_and_failures() -> None:
 
 def test_raw_json_is_json() -> None:
     assert '"workload": "h2-small-c1"' in raw_json(_result())
+
+
+def test_passthrough_target_is_set_against_nghttpx() -> None:
+    result = _result()
+    result.targets.insert(-1, PilotfishTcp())
+    result.outcomes[("pilotfish-tcp", "h2-small-c1")] = [_m(30, 80, 20.0), _m(26, 90, 22.0)]
+    text = render_markdown(result)
+    assert "| h2-small-c1 | 28 | 50 | 0.56x | 21.0 | 45.0 |" in text
+    assert "`BOOTSTRAP-TCP.yaml` for pilotfish-tcp:" in text
+    assert "--config BOOTSTRAP-TCP.yaml" in text
+    assert "mode: tcp" in text
+
+
+def test_no_passthrough_table_without_the_target() -> None:
+    assert "TCP passthrough" not in render_markdown(_result())
+
+
+def test_idle_rss_is_the_median_over_starts_beside_the_peak() -> None:
+    result = _result()
+    result.idle_rss["pilotfish"] = [30 * 2**20, 34 * 2**20, 31 * 2**20]
+    text = render_markdown(result)
+    glance = text.split("## At a glance")[1].split("## Results")[0]
+    rows = {line.split(" | ")[0]: line for line in glance.splitlines() if line.startswith("| ")}
+    assert rows["| proxy"].endswith("| idle RSS MB | max peak RSS MB |")
+    # pilotfish: idle median 31 MiB, then the largest per-workload peak (30 MiB in _m).
+    assert rows["| pilotfish"].endswith("| 31.0 | 30.0 |")
+    # nghttpx was not sampled idle in this result: no figure rather than a made-up one.
+    assert rows["| nghttpx"].endswith("| — | 30.0 |")
+    assert '"idle_rss_bytes": {' in raw_json(result)
