@@ -12,13 +12,15 @@ from datetime import UTC, datetime
 from bench.h2load import H2LOAD
 from bench.report import raw_json, render_markdown
 from bench.runner import run_benchmark, stderr_log
-from bench.targets import NGHTTPD, NGHTTPX, REPO, Direct, Nghttpx, Pilotfish, Target
+from bench.targets import NGHTTPD, NGHTTPX, REPO, Direct, Nghttpx, Pilotfish, PilotfishTcp, Target
 from bench.workloads import WORKLOADS, Settings
 
 TARGETS: dict[str, Target] = {
     "direct": Direct(),
     "pilotfish": Pilotfish(workers=1),
     "pilotfish2": Pilotfish(workers=2),
+    "pilotfish2-all-cpus": Pilotfish(workers=2, all_cpus=True),
+    "pilotfish-tcp": PilotfishTcp(),
     "nghttpx": Nghttpx(),
 }
 DEBIAN_PACKAGES = {H2LOAD: "nghttp2-client", NGHTTPD: "nghttp2-server", NGHTTPX: "nghttp2-proxy"}

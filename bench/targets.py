@@ -139,10 +139,14 @@ clusters:
 @dataclass(frozen=True, slots=True)
 class Pilotfish:
     workers: int = 1
+    # Let the workers use every core instead of the proxy's one: the scaling question. The
+    # load side still runs on its core, so the proxy's workers share that one with it.
+    all_cpus: bool = False
 
     @property
     def name(self) -> str:
-        return "pilotfish" if self.workers == 1 else f"pilotfish-{self.workers}w"
+        name = "pilotfish" if self.workers == 1 else f"pilotfish-{self.workers}w"
+        return f"{name}-all-cpus" if self.all_cpus else name
 
     @property
     def is_proxy(self) -> bool:
@@ -156,8 +160,51 @@ class Pilotfish:
 
     def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
         admin, listen = free_port(), free_port()
-        config = workdir / f"pilotfish-{self.workers}w-{upstream_port}.yaml"
+        config = workdir / f"{self.name}-{upstream_port}.yaml"
         config.write_text(pilotfish_bootstrap(str(admin), str(listen), str(upstream_port)))
+        where = pinning.all_cpus() if self.all_cpus else pinning.proxy()
+        argv = where + self.command(str(upstream_port), str(listen), str(config))
+        proc = Spawned(self.name, argv, config.with_suffix(".log"), cwd=REPO)
+        try:
+            readiness = wait_until_serving(proc, listen, STARTUP_TIMEOUT_S, ready_port=admin)
+        except BaseException:
+            proc.stop()
+            raise
+        return Running(port=listen, proc=proc, readiness=readiness)
+
+
+def pilotfish_tcp_bootstrap(admin_port: str, listen_port: str, upstream_port: str) -> str:
+    return f"""\
+node_id: bench-tcp
+admin: {{address: 127.0.0.1, port: {admin_port}}}
+# L4 passthrough: every connection is relayed to the upstream as bytes, unparsed; no routes,
+# no L7 policy, no tracing, no access log.
+access_log: {{sink: "off"}}
+listeners:
+  - name: ingress
+    address: 127.0.0.1:{listen_port}
+    mode: tcp
+    tcp_passthrough: {{cluster: upstream}}
+clusters:
+  - name: upstream
+    protocol: tcp
+    endpoints: [127.0.0.1:{upstream_port}]
+"""
+
+
+class PilotfishTcp:
+    """One Pilotfish process relaying at L4: the same h2 bytes, no HTTP parsing."""
+
+    name = "pilotfish-tcp"
+    is_proxy = True
+
+    def command(self, upstream_port: str, listen_port: str, config_file: str) -> list[str]:
+        return [python(), "-m", "pilotfish", "sidecar", "--config", config_file]
+
+    def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
+        admin, listen = free_port(), free_port()
+        config = workdir / f"pilotfish-tcp-{upstream_port}.yaml"
+        config.write_text(pilotfish_tcp_bootstrap(str(admin), str(listen), str(upstream_port)))
         argv = pinning.proxy() + self.command(str(upstream_port), str(listen), str(config))
         proc = Spawned(self.name, argv, config.with_suffix(".log"), cwd=REPO)
         try:

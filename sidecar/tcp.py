@@ -1,14 +1,22 @@
 """TCP passthrough: relay bytes both ways to a target, with backpressure both ways.
 
 The target is a cluster host, or the connection's original destination (where the client
-meant to go before iptables redirected it to the sidecar).
+meant to go before iptables redirected it to the sidecar). The bytes are moved by pumps
+(``sidecar/pump.py``), zero-copy with splice(2) on Linux; ``PILOTFISH_TCP_SPLICE=0`` makes
+them copy through user space instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import struct
 from typing import TYPE_CHECKING, Protocol, cast
+
+from sidecar.pump import Pump, splice_supported
 
 if TYPE_CHECKING:
     from sidecar.listener import ListenerRuntime
@@ -16,6 +24,9 @@ if TYPE_CHECKING:
     from sidecar.upstream import ClusterRuntime
 
 log = logging.getLogger(__name__)
+
+SPLICE = splice_supported() and os.environ.get("PILOTFISH_TCP_SPLICE", "1") != "0"
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}: close with RST
 
 
 class RelayTarget(Protocol):
@@ -67,146 +78,179 @@ class OriginalDestination:
         return self.host, self.port
 
 
-class _UpstreamSide(asyncio.Protocol):
-    def __init__(self, relay: TcpRelay) -> None:
-        self.relay = relay
-        self.transport: asyncio.Transport | None = None
+async def connect_tcp(host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket (``TCP_NODELAY`` on) to the first address that takes it.
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        self.relay.to_downstream(data)
-
-    def eof_received(self) -> bool | None:
-        self.relay.upstream_eof()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.upstream_lost()
-
-    def pause_writing(self) -> None:
-        self.relay.pause_downstream_reading()
-
-    def resume_writing(self) -> None:
-        self.relay.resume_downstream_reading()
+    Literal addresses are not sent to the resolver, which runs in a thread pool.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
 
 
 class TcpRelay(asyncio.Protocol):
-    """The downstream side of a passthrough connection."""
+    """One passthrough connection: the two sockets and a pump each way between them.
 
-    def __init__(self, listener: ListenerRuntime, target: RelayTarget) -> None:
+    It is handed the listener's transport only to take the socket out of it: a duplicate of
+    the descriptor goes to the pumps and the transport is dropped (aborting it closes its
+    descriptor, not the connection). Upstream it connects a socket of its own.
+
+    A FIN from either side is passed on while the other direction keeps flowing; the
+    connection is closed once both directions have ended. A reset or an error on either
+    side resets both (``SO_LINGER`` 0): the other peer learns the conversation broke, rather
+    than reading a FIN as a clean end.
+    """
+
+    def __init__(
+        self, listener: ListenerRuntime, target: RelayTarget, *, splice: bool | None = None
+    ) -> None:
         self.listener = listener
         self.target = target
-        self.transport: asyncio.Transport | None = None
-        self.upstream: _UpstreamSide | None = None
-        self.buffered: list[bytes] = []
+        self.splice = SPLICE if splice is None else splice
+        self.head = bytearray()
+        self.downstream: socket.socket | None = None
+        self.upstream: socket.socket | None = None
+        self.pumps: tuple[Pump, Pump] | None = None
+        self.connect_task: asyncio.Task[None] | None = None
         self.closed = False
-        self.downstream_eof = False
-        self.upstream_eof_seen = False
 
     @property
     def active_streams(self) -> int:
         return 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self.listener.connection_opened(self)
-        self.listener.scope.inc("downstream_cx_tcp_passthrough")
-        self.transport.pause_reading()  # until upstream is connected
-        self.connect_task = asyncio.get_event_loop().create_task(self._connect())
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        listener = self.listener
+        listener.connection_opened(self)
+        listener.scope.inc("downstream_cx_tcp_passthrough")
+        try:
+            sock: socket.socket = transport.get_extra_info("socket").dup()
+        except OSError as exc:  # out of file descriptors
+            log.warning("tcp passthrough: cannot take the connection's socket: %s", exc)
+            transport.abort()
+            self.closed = True
+            listener.connection_closed(self)
+            return
+        transport.abort()
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # the client may be gone already; the pump will see
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.downstream = sock
+        self.connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        # Only the bytes the listener read while it told the protocol; the pump sends them
+        # first, ahead of anything else the client sent.
+        self.head += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The dropped transport's end; the connection lives on in our own sockets."""
 
     async def _connect(self) -> None:
         target = self.target
         address = target.choose()
         if address is None:
+            log.info("tcp passthrough: no host to connect to")
             self.close()
             return
         host, port = address
-        loop = asyncio.get_event_loop()
-        side = _UpstreamSide(self)
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: side, host, port),
-                timeout=target.connect_timeout,
-            )
+            upstream = await asyncio.wait_for(connect_tcp(host, port), target.connect_timeout)
         except (OSError, TimeoutError) as exc:
             target.scope.inc("upstream_cx_connect_fail")
             log.info("tcp passthrough to %s:%d failed: %r", host, port, exc)
             self.close()
             return
-        if self.closed:
-            if side.transport is not None:
-                side.transport.close()
+        downstream = self.downstream
+        if self.closed or downstream is None:
+            upstream.close()
             return
-        self.upstream = side
-        target.scope.inc("upstream_cx_total")
-        assert side.transport is not None
-        for chunk in self.buffered:
-            side.transport.write(chunk)
-        self.buffered.clear()
-        if self.downstream_eof and side.transport.can_write_eof():
-            side.transport.write_eof()
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self.upstream = upstream
+        scope = target.scope
+        scope.inc("upstream_cx_total")
+        scope.gauge_add("upstream_cx_active", 1)
+        scope.inc("upstream_cx_tx_bytes_total", len(self.head))
+        loop = asyncio.get_running_loop()
+        self.pumps = (
+            Pump(
+                loop,
+                downstream,
+                upstream,
+                self,
+                scope.counters,
+                "upstream_cx_tx_bytes_total",
+                pending=bytes(self.head),
+                splice=self.splice,
+            ),
+            Pump(
+                loop,
+                upstream,
+                downstream,
+                self,
+                scope.counters,
+                "upstream_cx_rx_bytes_total",
+                splice=self.splice,
+            ),
+        )
+        self.head = bytearray()
+        for pump in self.pumps:
+            pump.start()
 
-    def data_received(self, data: bytes) -> None:
-        upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.write(data)
-        else:
-            self.buffered.append(data)
-
-    def eof_received(self) -> bool | None:
-        self.downstream_eof = True
-        upstream = self.upstream.transport if self.upstream is not None else None
-        if upstream is not None and upstream.can_write_eof():
-            upstream.write_eof()
-        if self.upstream_eof_seen:
-            self.close()  # both directions are finished
-        return True
-
-    def to_downstream(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def upstream_eof(self) -> None:
-        self.upstream_eof_seen = True
-        if self.transport is not None and not self.closed and self.transport.can_write_eof():
-            self.transport.write_eof()
-        if self.downstream_eof:
+    def pump_done(self, pump: Pump) -> None:
+        if self.pumps is not None and all(p.done for p in self.pumps):
             self.close()  # both directions are finished
 
-    def upstream_lost(self) -> None:
-        self.close()
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
-
-    def pause_downstream_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-
-    def resume_downstream_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.listener.connection_closed(self)
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
+    def pump_failed(self, pump: Pump, exc: OSError) -> None:
+        to = "upstream" if self.pumps is not None and pump is self.pumps[0] else "downstream"
+        log.debug("tcp passthrough: relaying to %s failed: %r", to, exc)
+        self.abort()
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.close()
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
+        """Close both sides: a FIN after what the kernel still holds to send."""
+        self._close(reset=False)
+
+    def abort(self) -> None:
+        """Reset both sides."""
+        self._close(reset=True)
+
+    def _close(self, *, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        task = self.connect_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        if self.pumps is not None:
+            for pump in self.pumps:
+                pump.close()
+        for sock in (self.downstream, self.upstream):
+            if sock is None:
+                continue
+            if reset:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+        if self.upstream is not None:
+            self.target.scope.gauge_add("upstream_cx_active", -1)
+        self.listener.connection_closed(self)
 
     def start_drain(self) -> None:
         """Opaque bytes have no graceful end: let the connection run until the drain ends."""
