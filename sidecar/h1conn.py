@@ -370,6 +370,9 @@ class H1ServerConnection(_H1Base):
                 self.close()
                 return
             self.stream = None
+            # Both ways are over: the stream and its exchange no longer need each other, and
+            # a cycle left between them would wait for the garbage collector.
+            stream.handler = None
             self.unacked = 0
             if self.read_paused and self.transport is not None:
                 self.read_paused = False
