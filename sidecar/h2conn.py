@@ -1,8 +1,16 @@
-"""HTTP/2 connections on both sides of the proxy, around the sans-IO ``h2`` library.
+"""HTTP/2 connections on both sides of the proxy, around a sans-IO codec.
 
-``h2`` is configured for a proxy: headers already validated on the way in are not validated or
-normalised again on the way out, and no per-frame logging is paid for. Writes are batched: any
-number of frames queued while handling one read leave in one ``transport.write``.
+The codec is ours (``sidecar.codec``) or, as a fallback, the ``h2`` library configured for a
+proxy: headers already validated on the way in are not validated or normalised again on the way
+out, and no per-frame logging is paid for.
+
+Reads land in the codec's receive buffer (a ``BufferedProtocol``: no bytes object per read).
+Writes are batched: the frames queued for a connection while a read is handled leave together
+in one ``write`` (large DATA payloads by ``writelines``, without being copied again), after the
+read or, for other connections, from a loop callback. One exception, for latency: a stream
+that finishes while the last request or response event of a read is handled is written at once,
+so the bookkeeping that follows (stream and request ends, stats, tracing) runs while the peer
+already has the message.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ _TRAILERS = object()  # marks queued trailers in a stream's send queue
 _RESET = object()  # marks a reset to send once everything queued before it has gone
 MAX_STREAM_ID = 2**31 - 1
 LINGER_SECONDS = 2.0
+# Peers may send us DATA frames this large (RFC 9113's default is 16 KiB): fewer frames to
+# handle for a large body. What we send follows each peer's own setting.
+MAX_FRAME_SIZE = 64 * 1024
+# What the h2 library fallback reads into (the lean codec has its own receive buffer).
+H2_LIBRARY_READ_SIZE = 64 * 1024
 
 # Which HTTP/2 implementation drives the connections: ``lean`` (``sidecar.codec``, ours, about
 # 7x less CPU per proxied request) or ``h2`` (the library, kept as a fallback).
@@ -72,6 +85,29 @@ class GracefulH2Connection(h2.connection.H2Connection):
         self._prepare_for_sending([frame])
 
 
+# Events that carry a request or a response: the read's last one decides the early write.
+_MESSAGE_EVENTS = frozenset(
+    {codec.RequestReceived, codec.ResponseReceived, codec.DataReceived, codec.TrailersReceived}
+)
+
+
+class _ReadTail:
+    """Is the last message event of a read being handled right now?
+
+    Only a hint for when to write: an event loop in another thread that sees another's value
+    writes a little earlier or later, never wrongly. (A ``threading.local`` costs more than
+    the rest of the check.)
+    """
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
+
+
+_read_tail = _ReadTail()
+
+
 class H2Stream:
     """One HTTP/2 stream: a ``StreamSink`` for the other side, feeding a ``StreamHandler``."""
 
@@ -103,8 +139,13 @@ class H2Stream:
             if on_sent is not None:
                 on_sent()
             return
+        conn = self.conn
+        if not self.queue and not conn.write_paused and conn.send_now(self, data, end_stream):
+            if on_sent is not None:
+                on_sent()
+            return
         self.queue.append([data, end_stream, on_sent])
-        self.conn.flush_stream(self)
+        conn.flush_stream(self)
 
     def send_trailers(self, trailers: Headers) -> None:
         if self.closed:
@@ -138,8 +179,13 @@ class H2Stream:
                 item[2]()
 
 
-class H2Connection(asyncio.Protocol):
-    """What both sides share: the h2 state machine, flow-controlled writes, batching."""
+class H2Connection(asyncio.BufferedProtocol):
+    """What both sides share: the HTTP/2 state machine, flow-controlled writes, batching."""
+
+    # Reading and writing go straight to the codec's methods where it has them.
+    _lend_buffer: Callable[[int], memoryview]
+    _read_events: Callable[[int], list[Any]]
+    _take_output: Callable[[], list[codec.Chunk]]
 
     def __init__(
         self,
@@ -152,12 +198,18 @@ class H2Connection(asyncio.Protocol):
     ) -> None:
         self.h2: GracefulH2Connection | codec.H2Codec
         if H2_CODEC == "lean":
-            self.h2 = codec.H2Codec(
+            lean = codec.H2Codec(
                 client_side=client_side,
                 initial_window_size=stream_window,
                 max_concurrent_streams=max_concurrent_streams,
                 max_header_list_size=max_header_list_size,
+                max_frame_size=MAX_FRAME_SIZE,
             )
+            self.h2 = lean
+            self._lean = True
+            self._lend_buffer = lean.get_buffer
+            self._read_events = lean.buffer_updated
+            self._take_output = lean.take_output
         else:
             config = h2.config.H2Configuration(
                 client_side=client_side,
@@ -178,6 +230,11 @@ class H2Connection(asyncio.Protocol):
                 },
             )
             self.h2.decoder.max_header_list_size = max_header_list_size
+            self._lean = False
+            self._read_view = memoryview(bytearray(H2_LIBRARY_READ_SIZE))
+            self._lend_buffer = self._h2_library_buffer
+            self._read_events = self._h2_library_events
+            self._take_output = self._h2_library_output
         self._connection_window = connection_window
         self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
@@ -216,11 +273,14 @@ class H2Connection(asyncio.Protocol):
             self.h2.increment_flow_control_window(extra)
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._lend_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.discarding:
             return
         try:
-            events = self.h2.receive_data(data)
+            events = self._read_events(nbytes)
         except h2.exceptions.ProtocolError as exc:
             self.protocol_error(exc)
             return
@@ -228,13 +288,37 @@ class H2Connection(asyncio.Protocol):
         # Whatever the events queue on this connection leaves in the one flush below; marking
         # it scheduled keeps mark_dirty from adding a loop callback for each of them.
         self._flush_scheduled = True
+        tail = len(events) - 1
+        while tail >= 0 and type(events[tail]) not in _MESSAGE_EVENTS:
+            tail -= 1
         try:
-            for event in events:
+            for index, event in enumerate(events):
+                if index == tail:
+                    _read_tail.active = True
                 handler = dispatch.get(type(event))
                 if handler is not None:
                     handler(event)
         finally:
+            _read_tail.active = False
             self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes read before this protocol took the connection over (protocol detection)."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view) and not self.discarding:
+            room = self.get_buffer(len(view) - pos)
+            size = min(len(room), len(view) - pos)
+            room[:size] = view[pos : pos + size]
+            pos += size
+            self.buffer_updated(size)
+
+    def _h2_library_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def _h2_library_events(self, nbytes: int) -> list[Any]:
+        events: list[Any] = self.h2.receive_data(self._read_view[:nbytes].tobytes())
+        return events
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -261,9 +345,47 @@ class H2Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        chunks = self._take_output()
+        if chunks and self.transport is not None and not self.closed:
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            else:
+                self.transport.writelines(chunks)
+
+    def _write_out(self) -> None:
+        """Write what is queued now, leaving a scheduled flush (if any) in place."""
+        scheduled = self._flush_scheduled
+        self.flush()
+        self._flush_scheduled = scheduled
+
+    def _h2_library_output(self) -> list[codec.Chunk]:
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        return [data] if data else []
+
+    def _window(self, sid: int) -> int:
+        """How much DATA the stream may send now (our codec splits it into frames itself)."""
+        h2conn = self.h2
+        window = h2conn.local_flow_control_window(sid)
+        if self._lean:
+            return window
+        return min(window, h2conn.max_outbound_frame_size)
+
+    def send_now(self, stream: H2Stream, data: bytes, end_stream: bool) -> bool:
+        """Send ``data`` at once if the window has room for all of it; False leaves it to the
+        stream's queue (a stream that cannot be sent on any more drops it: True)."""
+        sid = stream.stream_id
+        try:
+            if len(data) > self._window(sid):
+                return False
+            self.h2.send_data(sid, data, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            log.debug("send on stream %d failed: %s", sid, exc)
+            stream.release_queue()
+            return True
+        if end_stream:
+            self.stream_send_ended(stream)
+        self.mark_dirty()
+        return True
 
     def flush_stream(self, stream: H2Stream) -> None:
         """Move as much of the stream's queue into h2 as flow control and the socket allow."""
@@ -287,13 +409,18 @@ class H2Connection(asyncio.Protocol):
                     self.reset_stream(stream, item[1])
                     break
                 size = len(data)
-                window = min(h2conn.local_flow_control_window(sid), h2conn.max_outbound_frame_size)
+                window = self._window(sid)
                 if size > window:
                     if window <= 0:
                         self._blocked.add(stream)
                         break
-                    h2conn.send_data(sid, data[:window])
-                    item[0] = data[window:]
+                    if self._lean:
+                        view = memoryview(data)
+                        h2conn.send_data(sid, view[:window])
+                        item[0] = view[window:]
+                    else:
+                        h2conn.send_data(sid, data[:window])
+                        item[0] = data[window:]
                     continue
                 queue.popleft()
                 h2conn.send_data(sid, data, end_stream=item[1])
@@ -322,7 +449,13 @@ class H2Connection(asyncio.Protocol):
         self._close_stream(stream, None, code)
 
     def stream_send_ended(self, stream: H2Stream) -> None:
-        """Our half of the stream is closed; if the peer's is too, forget the stream."""
+        """Our half of the stream is closed; if the peer's is too, forget the stream.
+
+        When this ends the last message of a read, the frames go out now, before the
+        bookkeeping of the stream's end: nothing else from that read will join them.
+        """
+        if _read_tail.active:
+            self._write_out()
         self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: H2Stream) -> None:
@@ -344,6 +477,9 @@ class H2Connection(asyncio.Protocol):
         if reason is not None and stream.handler is not None:
             stream.handler.on_reset(reason, code)
         self.on_stream_closed(stream)
+        # Nothing reaches a closed stream's handler any more; letting go of it breaks the
+        # stream <-> exchange (or attempt) cycle, so the request is freed without the collector.
+        stream.handler = None
 
     # -- events ----------------------------------------------------------------------------
 
@@ -381,7 +517,8 @@ class H2Connection(asyncio.Protocol):
 
     def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
         if event.stream_id == 0:
-            self._flush_blocked()
+            if self._blocked:
+                self._flush_blocked()
         else:
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.queue:

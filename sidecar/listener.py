@@ -251,7 +251,7 @@ class SniffingProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         listener = self.listener
-        new: asyncio.Protocol
+        new: asyncio.Protocol | H2ServerConnection  # the latter reads into its own buffer
         if protocol == "h2":
             new = H2ServerConnection(listener)
         elif protocol == "h1":

@@ -46,10 +46,13 @@ from sidecar.codec.headers import (
     CachingEncoder,
     validated,
 )
-from sidecar.codec.receive import FrameReceiver
+from sidecar.codec.receive import MAX_ANNOUNCED_FRAME, FrameReceiver, thread_receive_buffer
 from sidecar.streams import Headers
 
 RESET_MEMORY = 4096  # how many streams we reset are remembered, to ignore their late frames
+# DATA payloads from this size on go to the socket as they are (``writelines``), not copied
+# into one joined block with the frames around them.
+WRITEV_MIN = 4096
 
 
 class Stream:
@@ -102,7 +105,10 @@ class H2Codec(FrameReceiver):
         initial_window_size: int = f.DEFAULT_WINDOW,
         max_concurrent_streams: int = 100,
         max_header_list_size: int = 64 * 1024,
+        max_frame_size: int = f.DEFAULT_MAX_FRAME,
     ) -> None:
+        if not f.DEFAULT_MAX_FRAME <= max_frame_size <= MAX_ANNOUNCED_FRAME:
+            raise CodecUsageError(f"max_frame_size {max_frame_size} out of range")
         self.client_side = client_side
         self.streams: dict[int, Stream] = {}
         self.remote_settings = RemoteSettings()
@@ -117,6 +123,10 @@ class H2Codec(FrameReceiver):
             f.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             f.MAX_HEADER_LIST_SIZE: max_header_list_size,
         }
+        if max_frame_size != f.DEFAULT_MAX_FRAME:
+            self._local_settings[f.MAX_FRAME_SIZE] = max_frame_size
+        # Larger frames are accepted at once: a peer may use them as soon as it has our SETTINGS.
+        self._max_inbound_frame = max_frame_size
         # Until the peer acknowledges our SETTINGS it may still use the default window.
         self._stream_recv_window = max(initial_window_size, f.DEFAULT_WINDOW)
         self._stream_recv_target = initial_window_size
@@ -124,8 +134,11 @@ class H2Codec(FrameReceiver):
         self._recv_window = f.DEFAULT_WINDOW
         self._recv_max = f.DEFAULT_WINDOW
         self._recv_processed = 0
-        self._out: list[bytes] = []
-        self._buf = b""
+        self._out: list[f.Chunk] = []
+        self._out_large = False  # _out holds a payload worth writing without a copy
+        self._rbuf = thread_receive_buffer()
+        self._pending = b""
+        self._filled = 0
         self._preface_pending = not client_side
         self._settings_seen = False
         self._block_sid = 0  # stream whose header block continues in CONTINUATION frames
@@ -159,7 +172,34 @@ class H2Codec(FrameReceiver):
             return b""
         data = b"".join(out)
         out.clear()
+        self._out_large = False
         return data
+
+    def take_output(self) -> list[f.Chunk]:
+        """What ``data_to_send`` would return, as chunks for ``writelines``: runs of small
+        frames joined, large DATA payloads as they are (not copied once more)."""
+        out = self._out
+        if not out:
+            return []
+        if not self._out_large:
+            data = b"".join(out)
+            out.clear()
+            return [data]
+        self._out = []
+        self._out_large = False
+        chunks: list[f.Chunk] = []
+        run: list[f.Chunk] = []
+        for chunk in out:
+            if len(chunk) < WRITEV_MIN:
+                run.append(chunk)
+                continue
+            if run:
+                chunks.append(b"".join(run) if len(run) > 1 else run[0])
+                run = []
+            chunks.append(chunk)
+        if run:
+            chunks.append(b"".join(run) if len(run) > 1 else run[0])
+        return chunks
 
     @property
     def max_outbound_frame_size(self) -> int:
@@ -204,21 +244,33 @@ class H2Codec(FrameReceiver):
         if end_stream:
             self._local_ended(stream)
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+    def send_data(self, stream_id: int, data: f.Chunk, end_stream: bool = False) -> None:
+        """DATA frames for ``data``, as many as the peer's MAX_FRAME_SIZE asks for."""
         stream = self.streams.get(stream_id)
         if stream is None or not stream.local_open or self._dead:
             raise CodecStreamClosedError(stream_id)
         size = len(data)
-        if size > self.remote_settings.max_frame_size:
-            raise CodecUsageError("DATA frame larger than the peer's MAX_FRAME_SIZE")
         if size > stream.send_window or size > self._send_window:
             raise CodecUsageError("DATA beyond the peer's flow-control window")
         stream.send_window -= size
         self._send_window -= size
         out = self._out
-        out.append(f.frame_header(size, f.DATA, f.END_STREAM if end_stream else 0, stream_id))
+        header = f.frame_header
+        max_frame = self.remote_settings.max_frame_size
+        if size > max_frame:
+            view = memoryview(data)
+            cut = (size - 1) // max_frame * max_frame  # full frames before the last one
+            for pos in range(0, cut, max_frame):
+                out.append(header(max_frame, f.DATA, 0, stream_id))
+                out.append(view[pos : pos + max_frame])
+            self._out_large = True
+            data = view[cut:]
+            size = len(data)
+        out.append(header(size, f.DATA, f.END_STREAM if end_stream else 0, stream_id))
         if size:
             out.append(data)
+            if size >= WRITEV_MIN:
+                self._out_large = True
         if end_stream:
             self._local_ended(stream)
 
@@ -262,17 +314,9 @@ class H2Codec(FrameReceiver):
 
     # -- receiving -------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        if self._dead:
-            return []
-        events: list[Event] = []
-        try:
-            self._receive(data, events)
-        except CodecProtocolError as exc:
-            self._dead = True
-            self._out.append(f.goaway_frame(self.highest_inbound_stream_id, exc.error_code))
-            raise
-        return events
+    def _failed(self, exc: CodecProtocolError) -> None:
+        self._dead = True
+        self._out.append(f.goaway_frame(self.highest_inbound_stream_id, exc.error_code))
 
     def _headers_complete(
         self, sid: int, end_stream: bool, block: bytes, bad_priority: bool, events: list[Event]

@@ -34,6 +34,9 @@ INITIAL_WINDOW_SIZE = 0x4
 MAX_FRAME_SIZE = 0x5
 MAX_HEADER_LIST_SIZE = 0x6
 
+# What goes to the socket: frame bytes, or a view of a payload too large to copy again.
+Chunk = bytes | memoryview
+
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
 MAX_WINDOW = 2**31 - 1

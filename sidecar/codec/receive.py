@@ -1,13 +1,22 @@
 """The receive loop: split the input into frames and check each frame's shape.
 
-Frames are read in place with ``struct`` (no frame objects). The checks here are the ones that
-need no stream state (RFC 9113 sections 4 and 6: sizes, stream 0 or not, padding, header
-block continuity); ``H2Codec`` supplies the ``_on_*`` handlers that apply a frame.
+Input lands in a receive buffer that every codec of a thread shares: a socket read goes
+straight into it (``get_buffer`` then ``buffer_updated``, as asyncio's ``BufferedProtocol``
+has it), and ``receive_data`` copies bytes in hand there. Frames are read in place with
+``struct``; a payload that outlives the read (DATA, header blocks, GOAWAY data) is copied out
+once, as bytes, and control frames are read where they lie. Nothing refers to the shared buffer
+once ``buffer_updated`` has returned, so it is free for the next read of any connection. A frame
+cut off at the end of a read is kept as bytes and put back in front of the next read.
+
+The checks here are the ones that need no stream state (RFC 9113 sections 4 and 6: sizes,
+stream 0 or not, padding, header block continuity); ``H2Codec`` supplies the ``_on_*``
+handlers that apply a frame.
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 
 from sidecar.codec import frames as f
 from sidecar.codec.errors import (
@@ -19,14 +28,51 @@ from sidecar.codec.errors import (
 )
 from sidecar.codec.events import Event
 
-MAX_INBOUND_FRAME = f.DEFAULT_MAX_FRAME  # we never announce a larger SETTINGS_MAX_FRAME_SIZE
 MAX_CONTINUATIONS = 64
 STREAM_MASK = 0x7FFFFFFF
+# Large enough for one read of a busy loopback connection and, always, a whole frame of the
+# largest size we announce behind the partial frame a read may start with.
+RECEIVE_BUFFER_SIZE = 256 * 1024
+MAX_ANNOUNCED_FRAME = 64 * 1024
+
+
+class ReceiveBuffer:
+    """Where reads land; lent to one codec from its ``get_buffer`` to its ``buffer_updated``.
+
+    uvloop (libuv) allocates, reads and delivers one read before it asks for the next buffer,
+    and the codec copies out all it keeps before ``buffer_updated`` returns, so one buffer per
+    thread serves every connection of that thread's event loop.
+    """
+
+    __slots__ = ("data", "view")
+
+    def __init__(self, size: int = RECEIVE_BUFFER_SIZE) -> None:
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+
+
+class _ThreadBuffer(threading.local):
+    buffer: ReceiveBuffer | None = None
+
+
+_thread_buffer = _ThreadBuffer()
+
+
+def thread_receive_buffer() -> ReceiveBuffer:
+    """This thread's receive buffer, made on first use."""
+    buffer = _thread_buffer.buffer
+    if buffer is None:
+        buffer = _thread_buffer.buffer = ReceiveBuffer()
+    return buffer
 
 
 class FrameReceiver(abc.ABC):
-    _out: list[bytes]
-    _buf: bytes
+    _dead: bool  # a connection error happened: input is ignored from then on
+    _out: list[f.Chunk]
+    _rbuf: ReceiveBuffer
+    _pending: bytes  # input not parsed yet: the start of a frame (or of the preface)
+    _filled: int  # where the read that ``get_buffer`` lent space for starts in the buffer
+    _max_inbound_frame: int
     _preface_pending: bool
     _settings_seen: bool
     _block_sid: int
@@ -36,58 +82,110 @@ class FrameReceiver(abc.ABC):
     _block_bad_priority: bool
     _max_block: int
 
-    def _receive(self, data: bytes, events: list[Event]) -> None:
-        buf = self._buf + data if self._buf else data
-        end = len(buf)
-        pos = 0
-        if self._preface_pending:
-            head = buf[:24]
-            if head != f.PREFACE[: len(head)]:
-                raise CodecProtocolError("invalid connection preface")
-            if end < 24:
-                self._buf = buf
-                return
-            pos = 24
-            self._preface_pending = False
-        unpack = f.unpack_header
-        while end - pos >= 9:
-            hi, lo, ftype, flags, sid = unpack(buf, pos)
-            length = hi << 16 | lo
-            if length > MAX_INBOUND_FRAME:
-                raise CodecProtocolError("frame larger than MAX_FRAME_SIZE", FRAME_SIZE_ERROR)
-            start = pos + 9
-            stop = start + length
-            if stop > end:
-                break
-            pos = stop
-            sid &= STREAM_MASK
-            payload = buf[start:stop]
-            try:
-                if ftype == f.DATA and self._settings_seen and not self._block_sid:
-                    self._on_data(sid, flags, payload, events)
-                else:
-                    self._frame(ftype, flags, sid, payload, events)
-            except StreamError as exc:
-                self._stream_error(exc, events)
-        self._buf = buf[pos:] if pos < end else b""
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Room for the next read, behind what is left of the previous one."""
+        pending = self._pending
+        view = self._rbuf.view
+        if not pending:
+            self._filled = 0
+            return view
+        size = len(pending)
+        view[:size] = pending
+        self._filled = size
+        return view[size:]
 
-    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """Events for the ``nbytes`` just read into the space ``get_buffer`` lent.
+
+        A connection error queues GOAWAY and raises ``CodecProtocolError``; the connection
+        ignores its input from then on.
+        """
+        events: list[Event] = []
+        if self._dead:
+            return events
+        rbuf = self._rbuf
+        buf = rbuf.data
+        view = rbuf.view
+        end = self._filled + nbytes
+        pos = 0
+        try:
+            if self._preface_pending:
+                head = bytes(view[: min(end, 24)])
+                if head != f.PREFACE[: len(head)]:
+                    raise CodecProtocolError("invalid connection preface")
+                if end < 24:
+                    self._pending = head
+                    return events
+                pos = 24
+                self._preface_pending = False
+            unpack = f.unpack_header
+            max_frame = self._max_inbound_frame
+            while end - pos >= 9:
+                hi, lo, ftype, flags, sid = unpack(buf, pos)
+                length = hi << 16 | lo
+                if length > max_frame:
+                    raise CodecProtocolError("frame larger than MAX_FRAME_SIZE", FRAME_SIZE_ERROR)
+                start = pos + 9
+                stop = start + length
+                if stop > end:
+                    break
+                pos = stop
+                sid &= STREAM_MASK
+                try:
+                    if ftype == f.DATA and self._settings_seen and not self._block_sid:
+                        self._on_data(sid, flags, view[start:stop].tobytes(), events)
+                    else:
+                        self._frame(ftype, flags, sid, buf, view, start, length, events)
+                except StreamError as exc:
+                    self._stream_error(exc, events)
+        except CodecProtocolError as exc:
+            self._failed(exc)
+            raise
+        self._pending = view[pos:end].tobytes() if pos < end else b""
+        return events
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Events for ``data``, bytes in hand (reads use ``get_buffer``/``buffer_updated``)."""
+        events: list[Event] = []
+        view = memoryview(data)
+        total = len(view)
+        pos = 0
+        while pos < total:
+            room = self.get_buffer()
+            size = min(len(room), total - pos)
+            room[:size] = view[pos : pos + size]
+            pos += size
+            events += self.buffer_updated(size)
+        return events
+
+    def _frame(
+        self,
+        ftype: int,
+        flags: int,
+        sid: int,
+        buf: bytearray,
+        view: memoryview,
+        start: int,
+        length: int,
+        events: list[Event],
+    ) -> None:
+        """One frame other than DATA in the common case; its payload is at ``start`` in ``buf``
+        (``view`` is the same memory: slices of it copy the bytes once)."""
         if self._block_sid:
             if ftype != f.CONTINUATION or sid != self._block_sid:
                 raise CodecProtocolError("header block interrupted")
-            self._continuation(flags, payload, events)
+            self._continuation(flags, view[start : start + length].tobytes(), events)
             return
         if not self._settings_seen:
             if ftype != f.SETTINGS or flags & f.ACK:
                 raise CodecProtocolError("the peer's first frame is not SETTINGS")
             self._settings_seen = True
-        length = len(payload)
         if ftype == f.HEADERS:
-            self._headers(sid, flags, payload, events)
+            self._headers(sid, flags, view[start : start + length].tobytes(), events)
         elif ftype == f.WINDOW_UPDATE:
             if length != 4:
                 raise CodecProtocolError("WINDOW_UPDATE of wrong size", FRAME_SIZE_ERROR)
-            self._on_window_update(sid, f.unpack_u32(payload)[0] & STREAM_MASK, events)
+            self._on_window_update(sid, f.unpack_u32(buf, start)[0] & STREAM_MASK, events)
         elif ftype == f.SETTINGS:
             if sid:
                 raise CodecProtocolError("SETTINGS on a stream")
@@ -99,36 +197,39 @@ class FrameReceiver(abc.ABC):
             if length % 6:
                 raise CodecProtocolError("SETTINGS of wrong size", FRAME_SIZE_ERROR)
             unpack = f.unpack_setting
-            self._on_settings([unpack(payload, i) for i in range(0, length, 6)], events)
+            self._on_settings(
+                [unpack(buf, i) for i in range(start, start + length, 6)], events
+            )
         elif ftype == f.RST_STREAM:
             if not sid:
                 raise CodecProtocolError("RST_STREAM on stream 0")
             if length != 4:
                 raise CodecProtocolError("RST_STREAM of wrong size", FRAME_SIZE_ERROR)
-            self._on_rst_stream(sid, f.unpack_u32(payload)[0], events)
+            self._on_rst_stream(sid, f.unpack_u32(buf, start)[0], events)
         elif ftype == f.PING:
             if sid:
                 raise CodecProtocolError("PING on a stream")
             if length != 8:
                 raise CodecProtocolError("PING of wrong size", FRAME_SIZE_ERROR)
             if not flags & f.ACK:
-                self._out.append(f.ping_ack_frame(payload))
+                self._out.append(f.ping_ack_frame(view[start : start + 8].tobytes()))
         elif ftype == f.GOAWAY:
             if sid:
                 raise CodecProtocolError("GOAWAY on a stream")
             if length < 8:
                 raise CodecProtocolError("GOAWAY too short", FRAME_SIZE_ERROR)
-            last, code = f.unpack_u32x2(payload)
-            self._on_goaway(last & STREAM_MASK, code, payload[8:], events)
+            last, code = f.unpack_u32x2(buf, start)
+            debug = view[start + 8 : start + length].tobytes()
+            self._on_goaway(last & STREAM_MASK, code, debug, events)
         elif ftype == f.PRIORITY:
             if not sid:
                 raise CodecProtocolError("PRIORITY on stream 0")
             if length != 5:
                 raise CodecProtocolError("PRIORITY of wrong size", FRAME_SIZE_ERROR)
-            if f.unpack_u32(payload)[0] & STREAM_MASK == sid:
+            if f.unpack_u32(buf, start)[0] & STREAM_MASK == sid:
                 raise StreamError(sid, PROTOCOL_ERROR, "stream depends on itself")
         elif ftype == f.DATA:
-            self._on_data(sid, flags, payload, events)
+            self._on_data(sid, flags, view[start : start + length].tobytes(), events)
         elif ftype == f.PUSH_PROMISE:
             raise CodecProtocolError("PUSH_PROMISE, but push is disabled")
         elif ftype == f.CONTINUATION:
@@ -187,6 +288,10 @@ class FrameReceiver(abc.ABC):
             raise CodecProtocolError("header block too large", ENHANCE_YOUR_CALM)
 
     # -- supplied by the connection ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _failed(self, exc: CodecProtocolError) -> None:
+        """A connection error: queue GOAWAY and stop."""
 
     @abc.abstractmethod
     def _on_data(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
