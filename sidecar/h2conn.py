@@ -173,7 +173,10 @@ class H2Stream:
 
     def release_queue(self) -> None:
         """Hand back flow-control credit for bytes that will now never be sent."""
-        queue, self.queue = self.queue, deque()
+        queue = self.queue
+        if not queue:
+            return
+        self.queue = deque()
         for item in queue:
             if item[2] is not None:
                 item[2]()
