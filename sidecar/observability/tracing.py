@@ -283,16 +283,9 @@ class Tracer:
             if not span.request_id_generated:
                 return headers
             return [*headers, (propagation.REQUEST_ID, span.request_id)]
-        return propagation.inject(
-            headers,
-            self.inject_formats,
-            span.trace_id,
-            span.span_id,
-            span.sampled,
-            tracestate=span.tracestate,
-            parent_span_id=span.parent_span_id,
-            request_id=span.request_id if span.request_id_generated else None,
-        )
+        out = [h for h in headers if h[0] not in propagation.TRACE_HEADERS]
+        self.add_context(span, out)
+        return out
 
     def add_context(self, span: SpanHandle, headers: Headers) -> None:
         """``inject`` in place, for ``headers`` that hold no trace headers when
