@@ -16,8 +16,11 @@ call in flight and any backoff short.
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -58,6 +61,54 @@ class Transport(Protocol):
     def close(self) -> None:
         """Drop the connection; safe from another thread while ``send`` is blocked in it."""
         ...
+
+
+class BlockingTransport(abc.ABC):
+    """A ``Transport`` on a blocking socket: one call at a time from the exporter's thread,
+    ``close`` from any thread. Subclasses make the call and own the connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the connection and the two below
+        self._closed = False
+        self._sending = False
+
+    def send(self, body: bytes, timeout_s: float) -> Attempt:
+        with self._lock:
+            if self._closed:
+                return Attempt(ok=False, detail="the exporter is shutting down")
+            self._sending = True
+        try:
+            return self._send(body, timeout_s)
+        finally:
+            with self._lock:
+                self._sending = False
+            if self._closed:
+                self._drop()
+
+    def close(self) -> None:
+        """For good: a ``send`` blocked now fails at once, and so does every later one."""
+        with self._lock:
+            self._closed = True
+            sending, sock = self._sending, self._live_socket()
+        if not sending:
+            self._drop()
+        elif sock is not None:
+            # Wakes the sender blocked on it, which then closes it: closing a connection
+            # under another thread's feet is not safe.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    @abc.abstractmethod
+    def _send(self, body: bytes, timeout_s: float) -> Attempt:
+        """The call itself; network and protocol errors come back as a failed ``Attempt``."""
+
+    @abc.abstractmethod
+    def _live_socket(self) -> socket.socket | None:
+        """The open connection's socket, if any (called with ``_lock`` held)."""
+
+    @abc.abstractmethod
+    def _drop(self) -> None:
+        """Close the connection, if any; the next call opens a new one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import socket
-import threading
 import time
 import zlib
 from urllib.parse import unquote_to_bytes
@@ -25,7 +24,7 @@ import h2.events
 import h2.exceptions
 
 from sidecar.observability.otlp_encode import duration_field, rejected_spans
-from sidecar.observability.otlp_export import Attempt, Target
+from sidecar.observability.otlp_export import Attempt, BlockingTransport, Target
 
 PATH = b"/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 READ_SIZE = 65536
@@ -65,43 +64,21 @@ class _Call:
         self.failure: Attempt | None = None  # reset or GOAWAY before the call completed
 
 
-class GrpcTransport:
+class GrpcTransport(BlockingTransport):
     def __init__(self, target: Target, user_agent: str) -> None:
+        super().__init__()
         self._target = target
         self._user_agent = user_agent.encode()
         self._sock: socket.socket | None = None
         self._h2: h2.connection.H2Connection | None = None
-        self._lock = threading.Lock()  # guards the three below between send() and close()
-        self._closed = False
-        self._sending = False
 
-    def send(self, body: bytes, timeout_s: float) -> Attempt:
-        with self._lock:
-            if self._closed:
-                return Attempt(ok=False, detail="the exporter is shutting down")
-            self._sending = True
-        try:
-            return self._send(body, time.monotonic() + timeout_s)
-        finally:
-            with self._lock:
-                self._sending = False
-            if self._closed:
-                self._drop()
+    def _live_socket(self) -> socket.socket | None:
+        return self._sock
 
-    def close(self) -> None:
-        """For good: a ``send`` blocked now fails at once, and so does every later one."""
-        with self._lock:
-            self._closed = True
-            sending, sock = self._sending, self._sock
-        if not sending:
-            self._drop()
-        elif sock is not None:
-            # Wakes the sender blocked on it, which then closes it: closing a socket under
-            # another thread's feet is not safe.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+    def _send(self, body: bytes, timeout_s: float) -> Attempt:
+        return self._call_with_retry(body, time.monotonic() + timeout_s)
 
-    def _send(self, body: bytes, deadline: float) -> Attempt:
+    def _call_with_retry(self, body: bytes, deadline: float) -> Attempt:
         # A kept connection the collector has since closed fails at once: try a fresh one.
         for fresh in (self._h2 is None, True):
             try:

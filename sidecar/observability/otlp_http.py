@@ -11,16 +11,16 @@ from __future__ import annotations
 import contextlib
 import http.client
 import socket
-import threading
 
 from sidecar.observability.otlp_encode import rejected_spans
-from sidecar.observability.otlp_export import Attempt, Target
+from sidecar.observability.otlp_export import Attempt, BlockingTransport, Target
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 
-class HttpTransport:
+class HttpTransport(BlockingTransport):
     def __init__(self, target: Target, user_agent: str) -> None:
+        super().__init__()
         self._target = target
         self._headers = {
             "Content-Type": "application/x-protobuf",
@@ -30,39 +30,13 @@ class HttpTransport:
         if target.compression != "none":
             self._headers["Content-Encoding"] = target.compression
         self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()  # guards the three around send() and close()
-        self._closed = False
-        self._sending = False
 
-    def send(self, body: bytes, timeout_s: float) -> Attempt:
-        if timeout_s <= 0:
-            return Attempt(ok=False, retryable=True, detail="timed out")
-        with self._lock:
-            if self._closed:
-                return Attempt(ok=False, detail="the exporter is shutting down")
-            self._sending = True
-        try:
-            return self._send(body, timeout_s)
-        finally:
-            with self._lock:
-                self._sending = False
-            if self._closed:
-                self._drop()
-
-    def close(self) -> None:
-        """For good: a ``send`` blocked now fails at once, and so does every later one."""
-        with self._lock:
-            self._closed = True
-            sending, conn = self._sending, self._conn
-        if not sending:
-            self._drop()
-        elif conn is not None and conn.sock is not None:
-            # Wakes the sender blocked on it, which then closes it: http.client is not safe
-            # to close under another thread's feet.
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
+    def _live_socket(self) -> socket.socket | None:
+        return self._conn.sock if self._conn is not None else None
 
     def _send(self, body: bytes, timeout_s: float) -> Attempt:
+        if timeout_s <= 0:
+            return Attempt(ok=False, retryable=True, detail="timed out")
         # A kept connection the collector has since closed fails at once: try a fresh one.
         for fresh in (self._conn is None, True):
             try:
