@@ -228,7 +228,6 @@ def test_dead_collector_never_slows_requests_and_counts_every_lost_span() -> Non
     headers = request(traceparent())
     count = 3000
     worst = 0.0
-    started = time.perf_counter()
     for _ in range(count):
         t0 = time.perf_counter()
         server = tracer.start_server_span(headers)
@@ -237,11 +236,9 @@ def test_dead_collector_never_slows_requests_and_counts_every_lost_span() -> Non
         tracer.end(client, 200)
         tracer.end(server, 200)
         worst = max(worst, time.perf_counter() - t0)
-    elapsed = time.perf_counter() - started
     assert tracer.dropped_spans > 0
     # Two spans per request, never waiting on the exporter's retries (seconds long); the bound
-    # on the worst request leaves room for a loaded machine's scheduling hiccups.
-    assert elapsed / count < 0.001, f"{elapsed / count * 1e6:.0f} us per request"
+    # leaves room for a loaded machine's scheduling hiccups. How fast is for bench/.
     assert worst < 0.5, f"one request took {worst * 1000:.1f} ms"
     t0 = time.perf_counter()
     tracer.shutdown()
