@@ -4,8 +4,9 @@ Every request arms a deadline (the route timeout, the caller's ``grpc-timeout``,
 timeout) and nearly every request cancels it a few milliseconds later. A loop timer costs an
 allocation, a heap insertion and, on uvloop, a handle closed on a later iteration: several
 microseconds a request. Here a timer is an entry in the bucket of its tick (``TICK`` seconds
-wide), cancelling removes the entry, and one loop timer is armed for the earliest bucket
-that exists. A timer fires at the last tick boundary at or before its time, so up to
+wide), cancelling removes the entry (and the bucket, once empty), and one loop timer is armed
+for the earliest bucket that exists. Deadlines are cancelled long before they are due, so
+under load the loop timer sits far ahead and the wheel costs no wakeups of its own. A timer fires at the last tick boundary at or before its time, so up to
 ``TICK`` early and never later than a loop timer would. Early rather than late because the
 deadlines here are budgets also sent upstream (rounded up): the proxy's own expiry should
 come first, so the caller gets the proxy's answer (flag ``UT``), not a race.
@@ -25,12 +26,14 @@ TICK = 0.001
 class WheelTimer:
     """One scheduled callback; ``cancel`` and ``when`` as on ``asyncio.TimerHandle``."""
 
-    __slots__ = ("_args", "_bucket", "_callback", "_when")
+    __slots__ = ("_args", "_bucket", "_callback", "_tick", "_wheel", "_when")
 
     def __init__(
-        self, when: float, bucket: dict[WheelTimer, None], callback: Callable[..., object],
-        args: tuple[Any, ...],
+        self, wheel: TimerWheel, tick: int, when: float, bucket: dict[WheelTimer, None],
+        callback: Callable[..., object], args: tuple[Any, ...],
     ) -> None:  # fmt: skip
+        self._wheel = wheel
+        self._tick = tick
         self._when = when
         self._bucket: dict[WheelTimer, None] | None = bucket
         self._callback = callback
@@ -45,7 +48,9 @@ class WheelTimer:
     def cancel(self) -> None:
         bucket, self._bucket = self._bucket, None
         if bucket is not None:
-            bucket.pop(self, None)
+            del bucket[self]
+            if not bucket:
+                self._wheel._forget(self._tick, bucket)
 
     def _run(self) -> None:
         self._bucket = None
@@ -75,7 +80,7 @@ class TimerWheel:
             heapq.heappush(self._due, tick)
             if self._armed_tick is None or tick < self._armed_tick:
                 self._arm(tick)
-        timer = WheelTimer(when, bucket, callback, args)
+        timer = WheelTimer(self, tick, when, bucket, callback, args)
         bucket[timer] = None
         return timer
 
@@ -94,6 +99,12 @@ class TimerWheel:
         self._buckets.clear()
         self._due.clear()
 
+    def _forget(self, tick: int, bucket: dict[WheelTimer, None]) -> None:
+        """Drops an emptied bucket. Its tick stays in ``_due`` (removing from a heap's middle
+        is dear): ``_fire`` skips it, and arming passes over it."""
+        if self._buckets.get(tick) is bucket:
+            del self._buckets[tick]
+
     def _arm(self, tick: int) -> None:
         if self._handle is not None:
             self._handle.cancel()
@@ -105,10 +116,14 @@ class TimerWheel:
         # A loop clock in whole milliseconds may run the loop timer a hair before its time.
         now_tick = math.floor((self._clock().time() + self._tick / 2) / self._tick)
         due = self._due
+        buckets = self._buckets
         while due and due[0] <= now_tick:
-            bucket = self._buckets.pop(heapq.heappop(due))
-            for timer in list(bucket):
-                if not timer.cancelled():  # an earlier callback may have cancelled it
-                    timer._run()
+            bucket = buckets.pop(heapq.heappop(due), None)
+            if bucket:
+                for timer in list(bucket):
+                    if not timer.cancelled():  # an earlier callback may have cancelled it
+                        timer._run()
+        while due and due[0] not in buckets:  # ticks whose timers were all cancelled
+            heapq.heappop(due)
         if due:
             self._arm(due[0])

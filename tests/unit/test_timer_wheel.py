@@ -54,6 +54,30 @@ def test_thousands_of_timers_share_one_loop_timer() -> None:
     assert len(wheel) == 0
 
 
+def test_ticks_whose_timers_were_cancelled_cost_no_wakeup() -> None:
+    # Deadlines under load: one per request, each cancelled long before it is due. The loop
+    # timer must not wake for every millisecond that once held a deadline.
+    loop, wheel = make_wheel()
+    wakeups = 0
+    fire = wheel._fire
+
+    def counted() -> None:
+        nonlocal wakeups
+        wakeups += 1
+        fire()
+
+    wheel._fire = counted  # type: ignore[method-assign]
+    fired: list[int] = []
+    for i in range(1000):
+        timer = wheel.call_at(15.0 + i * 0.001, fired.append, i)
+        if i != 500:
+            timer.cancel()
+    run_until(loop, 17.0, step=0.0005)
+    assert fired == [500]
+    assert wakeups <= 2  # the first tick's (armed before its cancel), and the live one's
+    assert loop.live == 0 and len(wheel) == 0
+
+
 def test_an_earlier_timer_rearms_and_later_ones_still_fire_in_order() -> None:
     loop, wheel = make_wheel()
     fired: list[str] = []
