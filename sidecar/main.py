@@ -89,10 +89,44 @@ async def serve(
     return 0
 
 
+# glibc's mallopt parameters (malloc.h), and what the sidecar sets them to.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+TRIM_THRESHOLD = 8 << 20
+MMAP_THRESHOLD = 1 << 20
+
+
+def tune_malloc() -> bool:
+    """Keeps freed payload buffers in the heap instead of handing them back to the kernel.
+
+    With glibc's defaults, a 64 KiB DATA payload freed at the top of the heap is trimmed away
+    and faulted back in, zeroed, for the next one: about five page faults per proxied 64 KiB
+    response. Fixed thresholds stop that, at the cost of holding up to ``TRIM_THRESHOLD`` of
+    freed memory. Only on glibc, and not when the operator set ``MALLOC_*_THRESHOLD_``.
+    Returns whether the thresholds were set.
+    """
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        glibc = None
+    if not glibc or any(
+        name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+    ):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
 def _run_worker(
     bootstrap: Bootstrap, admin: bool, reuse_port: bool, xds: XdsOptions | None = None
 ) -> int:
     _install_event_loop_policy()
+    tune_malloc()
     return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds))
 
 
