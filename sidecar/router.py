@@ -193,7 +193,7 @@ class Exchange:
         self.downstream = downstream
         self.start = time.monotonic()
         self.start_wall = time.time()
-        self.loop = asyncio.get_event_loop()
+        self.loop = listener.sidecar.timers.loop
         self.request_headers: Headers = []
         self.tried: set[int] = set()
         # Request body: chunks not yet handed upstream, and everything kept for a replay.

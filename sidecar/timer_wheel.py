@@ -92,6 +92,12 @@ class TimerWheel:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The wheel's event loop. Asking asyncio for the running loop costs a ``getpid``
+        system call on every call (CPython 3.11 checks for a fork); this is kept."""
+        return self._clock()
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
