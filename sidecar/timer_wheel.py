@@ -6,10 +6,12 @@ allocation, a heap insertion and, on uvloop, a handle closed on a later iteratio
 microseconds a request. Here a timer is an entry in the bucket of its tick (``TICK`` seconds
 wide), cancelling removes the entry (and the bucket, once empty), and one loop timer is armed
 for the earliest bucket that exists. Deadlines are cancelled long before they are due, so
-under load the loop timer sits far ahead and the wheel costs no wakeups of its own. A timer fires at the last tick boundary at or before its time, so up to
-``TICK`` early and never later than a loop timer would. Early rather than late because the
-deadlines here are budgets also sent upstream (rounded up): the proxy's own expiry should
-come first, so the caller gets the proxy's answer (flag ``UT``), not a race.
+under load the loop timer sits far ahead and the wheel costs no wakeups of its own.
+
+A timer fires at the last tick boundary at or before its time, so up to ``TICK`` early and
+never later than a loop timer would. Early rather than late because the deadlines here are
+budgets also sent upstream (rounded up): the proxy's own expiry should come first, so the
+caller gets the proxy's answer (flag ``UT``), not a race.
 """
 
 from __future__ import annotations
