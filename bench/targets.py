@@ -7,6 +7,7 @@ the very command that ran with placeholders where runtime-chosen ports were.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -159,18 +160,26 @@ class Pilotfish:
         return argv
 
     def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
-        admin, listen = free_port(), free_port()
-        config = workdir / f"{self.name}-{upstream_port}.yaml"
-        config.write_text(pilotfish_bootstrap(str(admin), str(listen), str(upstream_port)))
         where = pinning.all_cpus() if self.all_cpus else pinning.proxy()
-        argv = where + self.command(str(upstream_port), str(listen), str(config))
-        proc = Spawned(self.name, argv, config.with_suffix(".log"), cwd=REPO)
-        try:
-            readiness = wait_until_serving(proc, listen, STARTUP_TIMEOUT_S, ready_port=admin)
-        except BaseException:
-            proc.stop()
-            raise
-        return Running(port=listen, proc=proc, readiness=readiness)
+        return start_sidecar(self, pilotfish_bootstrap, where, upstream_port, workdir)
+
+
+def start_sidecar(
+    target: Target, bootstrap: Callable[[str, str, str], str], where: list[str],
+    upstream_port: int, workdir: Path,
+) -> Running:  # fmt: skip
+    """Writes ``bootstrap(admin, listen, upstream)`` and runs ``target`` on it until it serves."""
+    admin, listen = free_port(), free_port()
+    config = workdir / f"{target.name}-{upstream_port}.yaml"
+    config.write_text(bootstrap(str(admin), str(listen), str(upstream_port)))
+    argv = where + target.command(str(upstream_port), str(listen), str(config))
+    proc = Spawned(target.name, argv, config.with_suffix(".log"), cwd=REPO)
+    try:
+        readiness = wait_until_serving(proc, listen, STARTUP_TIMEOUT_S, ready_port=admin)
+    except BaseException:
+        proc.stop()
+        raise
+    return Running(port=listen, proc=proc, readiness=readiness)
 
 
 def pilotfish_tcp_bootstrap(admin_port: str, listen_port: str, upstream_port: str) -> str:
@@ -202,17 +211,7 @@ class PilotfishTcp:
         return [python(), "-m", "pilotfish", "sidecar", "--config", config_file]
 
     def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
-        admin, listen = free_port(), free_port()
-        config = workdir / f"pilotfish-tcp-{upstream_port}.yaml"
-        config.write_text(pilotfish_tcp_bootstrap(str(admin), str(listen), str(upstream_port)))
-        argv = pinning.proxy() + self.command(str(upstream_port), str(listen), str(config))
-        proc = Spawned(self.name, argv, config.with_suffix(".log"), cwd=REPO)
-        try:
-            readiness = wait_until_serving(proc, listen, STARTUP_TIMEOUT_S, ready_port=admin)
-        except BaseException:
-            proc.stop()
-            raise
-        return Running(port=listen, proc=proc, readiness=readiness)
+        return start_sidecar(self, pilotfish_tcp_bootstrap, pinning.proxy(), upstream_port, workdir)
 
 
 class Nghttpx:
