@@ -153,24 +153,9 @@ def _parse_b3_multi(found: dict[bytes, bytes]) -> tuple[RemoteParent | None, boo
     return RemoteParent(trace_id, span_id, True if sampled is None else sampled), None
 
 
-def inject(
-    headers: Headers,
-    formats: Format,
-    trace_id: int,
-    span_id: int,
-    sampled: bool,
-    *,
-    tracestate: bytes = b"",
-    parent_span_id: int = 0,
-    request_id: bytes | None = None,
-) -> Headers:
-    """A copy of ``headers`` without old trace headers, with ours (and ``x-request-id``)."""
-    out = [h for h in headers if h[0] not in TRACE_HEADERS]
-    append_context(
-        out, formats, trace_id, span_id, sampled,
-        tracestate=tracestate, parent_span_id=parent_span_id, request_id=request_id,
-    )  # fmt: skip
-    return out
+def without_context(headers: Headers) -> Headers:
+    """A copy of ``headers`` without trace headers, ready for ``append_context``."""
+    return [h for h in headers if h[0] not in TRACE_HEADERS]
 
 
 def append_context(
@@ -184,7 +169,8 @@ def append_context(
     parent_span_id: int = 0,
     request_id: bytes | None = None,
 ) -> None:
-    """``inject`` for a header list that holds no trace headers already: appends in place."""
+    """Writes our trace context (and ``x-request-id``) into ``out`` in the enabled formats.
+    ``out`` must hold no trace headers already (``without_context``): appends in place."""
     trace_hex = b"%032x" % trace_id
     span_hex = b"%016x" % span_id
     flag = b"1" if sampled else b"0"

@@ -283,7 +283,7 @@ class Tracer:
             if not span.request_id_generated:
                 return headers
             return [*headers, (propagation.REQUEST_ID, span.request_id)]
-        out = [h for h in headers if h[0] not in propagation.TRACE_HEADERS]
+        out = propagation.without_context(headers)
         self.add_context(span, out)
         return out
 
