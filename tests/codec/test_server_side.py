@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import hyperframe.frame as hf
 import pytest
 
@@ -100,6 +102,66 @@ def test_request_body_padding_counts_for_flow_control() -> None:
     assert (event.data, event.flow_controlled_length, event.stream_ended) == (b"abc", 14, True)
     stream = codec.streams[1]
     assert not stream.remote_open and stream.local_open and not stream.closed
+
+
+def data_events(events: Sequence[object]) -> list[tuple[int, bytes, int, bool | None]]:
+    return [
+        (e.stream_id, e.data, e.flow_controlled_length, e.stream_ended)
+        for e in events
+        if isinstance(e, DataReceived)
+    ]
+
+
+def test_each_streams_data_in_one_read_makes_one_event() -> None:
+    # As servers send responses: frames of several streams interleaved.
+    codec, peer = server()
+    codec.receive_data(peer.headers(1, REQUEST) + peer.headers(3, REQUEST))
+    events = codec.receive_data(
+        peer.data(1, b"a" * 16384)
+        + peer.data(3, b"x")
+        + peer.data(1, b"b" * 100)
+        + peer.data(3, b"")
+        + peer.data(1, b"c", end_stream=True)
+        + peer.data(3, b"y")
+    )
+    assert data_events(events) == [
+        (1, b"a" * 16384 + b"b" * 100 + b"c", 16485, True),
+        (3, b"xy", 2, None),
+    ]
+    assert not codec.streams[1].remote_open and codec.streams[3].remote_open
+
+
+def test_data_is_never_moved_across_frames_of_other_types() -> None:
+    codec, peer = server()
+    codec.receive_data(peer.headers(1, REQUEST) + peer.headers(3, REQUEST))
+    events = codec.receive_data(
+        peer.data(1, b"a")
+        + peer.data(3, b"x")
+        + peer.data(1, b"p", pad=3)  # padded: passed on alone, after what came before
+        + peer.data(1, b"b")
+        + peer.headers(1, [(b"grpc-status", b"0")], end_stream=True)
+        + peer.data(3, b"y")
+        + bytes(hf.RstStreamFrame(3, error_code=8).serialize())
+    )
+    summary = [
+        (type(e).__name__, getattr(e, "stream_id", 0), getattr(e, "data", b"")) for e in events
+    ]
+    assert summary == [
+        ("DataReceived", 1, b"a"),
+        ("DataReceived", 3, b"x"),
+        ("DataReceived", 1, b"p"),
+        ("DataReceived", 1, b"b"),
+        ("TrailersReceived", 1, b""),
+        ("DataReceived", 3, b"y"),
+        ("StreamReset", 3, b""),
+    ]
+
+
+def test_merged_data_beyond_the_window_is_a_flow_control_error() -> None:
+    codec, peer = server()
+    codec.receive_data(peer.headers(1, REQUEST))
+    chunk = peer.data(1, b"z" * 16384)
+    assert connection_error(codec, peer, chunk * 4 + peer.data(1, b"z" * 10)) == 3  # 65,535
 
 
 def test_trailers() -> None:
