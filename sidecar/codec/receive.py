@@ -182,12 +182,8 @@ class FrameReceiver(abc.ABC):
         carry no meaning in HTTP/2 and windows count bytes, so no peer can tell; other frames
         (trailers, resets, settings) are never moved across DATA."""
         for sid, payloads in runs.items():
-            payload = payloads[0].tobytes() if len(payloads) == 1 else b"".join(payloads)
-            try:
-                self._on_data(sid, 0, payload, events)
-            except StreamError as exc:
-                self._stream_error(exc, events)
-        runs.clear()  # views pin the receive buffer
+            self._data_run(sid, 0, payloads, events)
+        runs.clear()
 
     def _data_run(
         self, sid: int, flags: int, payloads: list[memoryview], events: list[Event]
