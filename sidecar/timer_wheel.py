@@ -4,9 +4,11 @@ Every request arms a deadline (the route timeout, the caller's ``grpc-timeout``,
 timeout) and nearly every request cancels it a few milliseconds later. A loop timer costs an
 allocation, a heap insertion and, on uvloop, a handle closed on a later iteration: several
 microseconds a request. Here a timer is an entry in the bucket of its tick (``TICK`` seconds
-wide), cancelling removes the entry (and the bucket, once empty), and one loop timer is armed
-for the earliest bucket that exists. Deadlines are cancelled long before they are due, so
-under load the loop timer sits far ahead and the wheel costs no wakeups of its own.
+wide), cancelling removes the entry, and one loop timer is armed for the earliest bucket
+that still holds a timer. A bucket stays until its tick has passed, emptied or not, so a tick
+is pushed on the heap once however many timers come and go in it; when the loop timer fires,
+it passes over the emptied buckets to re-arm. Deadlines are cancelled long before they are
+due, so under load the loop timer sits far ahead and the wheel costs no wakeups of its own.
 
 A timer fires at the last tick boundary at or before its time, so up to ``TICK`` early and
 never later than a loop timer would. Early rather than late because the deadlines here are
@@ -28,14 +30,12 @@ TICK = 0.001
 class WheelTimer:
     """One scheduled callback; ``cancel`` and ``when`` as on ``asyncio.TimerHandle``."""
 
-    __slots__ = ("_args", "_bucket", "_callback", "_tick", "_wheel", "_when")
+    __slots__ = ("_args", "_bucket", "_callback", "_when")
 
     def __init__(
-        self, wheel: TimerWheel, tick: int, when: float, bucket: dict[WheelTimer, None],
-        callback: Callable[..., object], args: tuple[Any, ...],
+        self, when: float, bucket: dict[WheelTimer, None], callback: Callable[..., object],
+        args: tuple[Any, ...],
     ) -> None:  # fmt: skip
-        self._wheel = wheel
-        self._tick = tick
         self._when = when
         self._bucket: dict[WheelTimer, None] | None = bucket
         self._callback = callback
@@ -51,8 +51,6 @@ class WheelTimer:
         bucket, self._bucket = self._bucket, None
         if bucket is not None:
             del bucket[self]
-            if not bucket:
-                self._wheel._forget(self._tick, bucket)
 
     def _run(self) -> None:
         self._bucket = None
@@ -82,7 +80,7 @@ class TimerWheel:
             heapq.heappush(self._due, tick)
             if self._armed_tick is None or tick < self._armed_tick:
                 self._arm(tick)
-        timer = WheelTimer(self, tick, when, bucket, callback, args)
+        timer = WheelTimer(when, bucket, callback, args)
         bucket[timer] = None
         return timer
 
@@ -107,12 +105,6 @@ class TimerWheel:
         self._buckets.clear()
         self._due.clear()
 
-    def _forget(self, tick: int, bucket: dict[WheelTimer, None]) -> None:
-        """Drops an emptied bucket. Its tick stays in ``_due`` (removing from a heap's middle
-        is dear): ``_fire`` skips it, and arming passes over it."""
-        if self._buckets.get(tick) is bucket:
-            del self._buckets[tick]
-
     def _arm(self, tick: int) -> None:
         if self._handle is not None:
             self._handle.cancel()
@@ -126,12 +118,11 @@ class TimerWheel:
         due = self._due
         buckets = self._buckets
         while due and due[0] <= now_tick:
-            bucket = buckets.pop(heapq.heappop(due), None)
-            if bucket:
-                for timer in list(bucket):
-                    if not timer.cancelled():  # an earlier callback may have cancelled it
-                        timer._run()
-        while due and due[0] not in buckets:  # ticks whose timers were all cancelled
-            heapq.heappop(due)
+            bucket = buckets.pop(heapq.heappop(due))
+            for timer in list(bucket):
+                if not timer.cancelled():  # an earlier callback may have cancelled it
+                    timer._run()
+        while due and not buckets[due[0]]:  # ticks whose timers were all cancelled
+            del buckets[heapq.heappop(due)]
         if due:
             self._arm(due[0])

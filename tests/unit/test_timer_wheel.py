@@ -78,6 +78,17 @@ def test_ticks_whose_timers_were_cancelled_cost_no_wakeup() -> None:
     assert loop.live == 0 and len(wheel) == 0
 
 
+def test_a_tick_is_queued_once_however_many_timers_come_and_go_in_it() -> None:
+    # One connection's requests, each done before the next: every deadline lands in the same
+    # tick and is cancelled before the next is set.
+    loop, wheel = make_wheel()
+    for _ in range(1000):
+        wheel.call_at(15.0, lambda: None).cancel()
+    assert len(wheel._due) == 1
+    run_until(loop, 16.0, step=0.0005)
+    assert not wheel._due and not wheel._buckets
+
+
 def test_an_earlier_timer_rearms_and_later_ones_still_fire_in_order() -> None:
     loop, wheel = make_wheel()
     fired: list[str] = []
