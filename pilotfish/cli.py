@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_status(args)
     if args.command == "iptables":
-        from sidecar.iptables import run_iptables
+        from sidecar.listen.iptables import run_iptables
 
         return run_iptables(args)
     if args.command == "demo":

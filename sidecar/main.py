@@ -64,7 +64,7 @@ async def serve(
     xds_task: asyncio.Task[None] | None = None
     if xds is not None:
         # The xDS messages (and grpc) cost memory: only xDS-driven sidecars load them.
-        from sidecar.xds_client import XdsClient, make_node
+        from sidecar.xds.client import XdsClient, make_node
 
         client = XdsClient(sidecar, bootstrap, xds.address, make_node(xds.node_id, xds.metadata))
         xds_task = loop.create_task(client.run())

@@ -11,19 +11,19 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.model import Bootstrap, ListenerConfig, TelemetryConfig
-from sidecar.listener import ListenerRuntime, SniffingProtocol
+from sidecar.listen.listener import ListenerRuntime, SniffingProtocol
 from sidecar.observability.access_log import AccessEntry, AccessLog
 from sidecar.observability.metrics import MeshMetrics
 from sidecar.observability.tracing import Tracer
-from sidecar.route_policy.runtime import RoutePolicyRuntime
-from sidecar.routing import RouteTable
+from sidecar.route.policy.runtime import RoutePolicyRuntime
+from sidecar.route.table import RouteTable
 from sidecar.stats import StatsStore
 from sidecar.timer_wheel import TimerWheel
-from sidecar.upstream import ClusterManager
+from sidecar.upstream.clusters import ClusterManager
 
 if TYPE_CHECKING:
-    from sidecar.router import Exchange
-    from sidecar.routing import RouteDecision
+    from sidecar.route.exchange import Exchange
+    from sidecar.route.table import RouteDecision
 
 log = logging.getLogger("pilotfish.sidecar")
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from sidecar.router import Attempt, Exchange
+from sidecar.route.exchange import Attempt, Exchange
 from tests.h2_upstream import H2Upstream
 from tests.support import (
     GrpcServer,

@@ -20,7 +20,7 @@ from control_plane.xds.cache import SnapshotCache
 from pilotfish.cli import build_parser
 from pilotfish.config.fields import parse_address
 from pilotfish.demo.services import STOP_GRACE
-from sidecar.iptables import options_from_args
+from sidecar.listen.iptables import options_from_args
 from sidecar.main import xds_bootstrap
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from sidecar import pump, tcp
 from sidecar.main import serve
 from sidecar.server import Sidecar
+from sidecar.upstream import pump, tcp
 from tests.support import ThreadedSidecar, free_port, wait_for
 
 MiB = 1024 * 1024

@@ -1,6 +1,6 @@
 """Cluster-side resilience config: load balancing, active health checks, outlier detection.
 
-Frozen values that the sidecar's ``sidecar.cluster_policy`` cores read; the defaults mirror
+Frozen values that the sidecar's ``sidecar.upstream.policy`` cores read; the defaults mirror
 Envoy's where Envoy has one. Proposed YAML shape, under a service (mesh file) or a cluster
 (bootstrap); every field is optional:
 

@@ -7,7 +7,7 @@ Slotted classes with positional constructors: cheaper than h2's keyword-only dat
 
 from __future__ import annotations
 
-from sidecar.streams import Headers
+from sidecar.http.streams import Headers
 
 
 class RequestReceived:

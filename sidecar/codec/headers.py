@@ -33,7 +33,7 @@ from hpack.table import HeaderTable
 
 from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
 from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_per_request
-from sidecar.streams import Headers
+from sidecar.http.streams import Headers
 
 # Bounds on what a cache holds, per connection and direction: a peer chooses the contents.
 CACHE_ENTRIES = 32

@@ -19,7 +19,7 @@ from pilotfish.config.fields import Node
 from pilotfish.config.model import ClusterConfig, ListenerConfig, RouteEntry
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
-from sidecar.xds_translate import XdsConfig, translate_all
+from sidecar.xds.translate import XdsConfig, translate_all
 from tests.control_plane.helpers import mesh
 from tests.control_plane.test_xds_translate import _view
 
@@ -297,7 +297,7 @@ def test_xds_policy_rejections_name_the_field() -> None:
     from envoy.extensions.filters.http.fault.v3 import fault_pb2
     from google.protobuf import struct_pb2
 
-    from sidecar.xds_translate import translate_cluster, translate_route_config
+    from sidecar.xds.translate import translate_cluster, translate_route_config
 
     cluster = _svc_cluster("load_balancing: {policy: peak_ewma}")
     cluster.metadata.filter_metadata["pilotfish"]["load_balancing"]["policy"] = "weighted_random"
@@ -374,7 +374,7 @@ def test_xds_policy_rejections_name_the_field() -> None:
 def test_xds_telemetry_rejections_name_the_field() -> None:
     from envoy.config.trace.v3 import opentelemetry_pb2
 
-    from sidecar.xds_translate import translate_listener
+    from sidecar.xds.translate import translate_listener
 
     listener = _view(ViewKey(), TELEMETRY + _mesh_yaml("{}", "{}"))[LISTENER]["svc"]
     hcm = hcm_pb2.HttpConnectionManager()

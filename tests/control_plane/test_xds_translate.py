@@ -24,8 +24,8 @@ from pilotfish.config.model import (
     Protocol,
     WeightedCluster,
 )
-from sidecar.routing import RouteTable
-from sidecar.xds_translate import (
+from sidecar.route.table import RouteTable
+from sidecar.xds.translate import (
     ApiListener,
     XdsConfig,
     eds_service_name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pilotfish.config.bootstrap import parse_bootstrap
-from sidecar.listener import ListenerRuntime
+from sidecar.listen.listener import ListenerRuntime
 from sidecar.server import Sidecar
 
 

@@ -1,0 +1,299 @@
+"""Listeners: accept connections, tell the protocol from the first bytes, hand over.
+
+HTTP/2 with prior knowledge starts with the fixed connection preface; HTTP/1.1 starts with a
+method token and a space. Anything else goes to the listener's TCP passthrough cluster when it
+has one, and is closed with a logged reason when it has not. A client that says nothing (a
+server-first protocol) is relayed as TCP after ``protocol_detect_timeout``. A listener with
+``tcp_passthrough_original_destination`` relays such connections to where the client meant to
+go before iptables redirected it here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import h2.events
+
+from pilotfish.config.model import ListenerConfig
+from sidecar import codec
+from sidecar.http.h1conn import H1ServerConnection
+from sidecar.http.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
+from sidecar.http.streams import REFUSED_STREAM, StreamHandler, StreamSink
+from sidecar.listen.original_dst import OriginalDestinationError, original_destination
+from sidecar.route.exchange import Exchange
+from sidecar.route.policy.shedding import LoadShedder
+from sidecar.stats import Scope
+from sidecar.upstream.tcp import ClusterTarget, OriginalDestination, RelayTarget, TcpRelay
+
+if TYPE_CHECKING:
+    from sidecar.route.table import RouteTable
+    from sidecar.server import Sidecar
+    from sidecar.upstream.clusters import ClusterManager
+
+log = logging.getLogger(__name__)
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DOWNSTREAM_CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_METHOD_LENGTH = 20
+
+
+def detect_protocol(head: bytes) -> str | None:
+    """``"h2"``, ``"h1"``, ``"other"``, or None while the bytes so far could still be either."""
+    if head.startswith(H2_PREFACE):
+        return "h2"
+    if H2_PREFACE.startswith(head):
+        return None
+    space = head.find(b" ")
+    token = head if space == -1 else head[:space]
+    if token and all(0x41 <= c <= 0x5A or c == 0x2D or c == 0x5F for c in token):
+        if space != -1:
+            return "h1"
+        if len(token) <= MAX_METHOD_LENGTH:
+            return None
+    return "other"
+
+
+class ListenerRuntime:
+    """What connections of one listener share: config, routes, clusters, stats."""
+
+    def __init__(self, sidecar: Sidecar, config: ListenerConfig) -> None:
+        self.sidecar = sidecar
+        self.config = config
+        self.scope: Scope = sidecar.stats.scope(f"http.{config.name}")
+        self.connections: set[Any] = set()
+        self.draining = False
+        self.random: Callable[[], float] = random.random
+        self.server: asyncio.AbstractServer | None = None
+        self.shedder: LoadShedder | None = None
+        self.update(config)
+        metrics = sidecar.metrics
+        self.connections_gauge = metrics.active_connections.labels(self.direction)
+        self.streams_gauge = metrics.active_streams.labels(self.direction)
+
+    @property
+    def direction(self) -> str:
+        """ "inbound" (to the local app) or "outbound", for metrics."""
+        if self.config.direction:
+            return self.config.direction
+        return "inbound" if self.config.name.startswith("inbound") else "outbound"
+
+    def update(self, config: ListenerConfig) -> None:
+        """Take a new config; the load shedder keeps its windows if its config is the same."""
+        old = self.config.load_shedding if self.shedder is not None else None
+        self.config = config
+        shedding = config.load_shedding
+        if not shedding.enabled:
+            self.shedder = None
+        elif shedding != old:
+            self.shedder = LoadShedder(shedding, asyncio.get_event_loop().time)
+
+    @property
+    def clusters(self) -> ClusterManager:
+        return self.sidecar.clusters
+
+    def route_table(self) -> RouteTable | None:
+        name = self.config.route_config
+        return self.sidecar.route_tables.get(name) if name is not None else None
+
+    def new_exchange(self, downstream: StreamSink) -> StreamHandler:
+        return Exchange(self, downstream)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        self.sidecar.access_log(self, exchange)
+
+    def connection_opened(self, conn: Any) -> None:
+        self.connections.add(conn)
+        self.scope.inc("downstream_cx_total")
+        self.scope.gauge_add("downstream_cx_active", 1)
+        self.connections_gauge.value += 1
+
+    def connection_closed(self, conn: Any) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.scope.gauge_add("downstream_cx_active", -1)
+            self.connections_gauge.value -= 1
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for conn in list(self.connections):
+            conn.start_drain()
+
+    @property
+    def active_streams(self) -> int:
+        return sum(c.active_streams for c in self.connections)
+
+
+class H2ServerConnection(H2Connection):
+    """A downstream HTTP/2 connection."""
+
+    def __init__(self, listener: ListenerRuntime) -> None:
+        window = listener.config.per_stream_buffer_bytes
+        super().__init__(
+            client_side=False,
+            stream_window=window,
+            # One client's connection: its stalled streams may only hurt its other streams, and
+            # this bounds what the connection as a whole can have buffered in the proxy.
+            connection_window=DOWNSTREAM_CONNECTION_WINDOW,
+            max_concurrent_streams=1000,
+            max_header_list_size=listener.config.max_request_headers_bytes,
+        )
+        self.listener = listener
+        self.draining = False
+        self.last_stream_id = MAX_STREAM_ID
+        # Only servers receive requests (both codecs refuse them on client connections).
+        self._dispatch[h2.events.RequestReceived] = self._on_request
+        self._dispatch[codec.RequestReceived] = self._on_request
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.listener.connection_opened(self)
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        stream = H2Stream(self, stream_id, None)
+        self.streams[stream_id] = stream
+        if self.goaway_sent and stream_id > self.last_stream_id:
+            self.reset_stream(stream, REFUSED_STREAM)
+            return
+        handler = self.listener.new_exchange(stream)
+        stream.handler = handler
+        handler.on_headers(event.headers, event.stream_ended is not None)
+
+    def protocol_error(self, exc: Exception) -> None:
+        self.listener.scope.inc("downstream_cx_protocol_error")
+        super().protocol_error(exc)
+
+    def on_stream_closed(self, stream: H2Stream) -> None:
+        if (self.draining or self.goaway_received) and not self.streams:
+            self.close()
+
+    def on_goaway(self, last_stream_id: int | None, error_code: int) -> None:
+        if not self.streams:
+            self.close()
+
+    def start_drain(self) -> None:
+        """GOAWAY in two steps, as RFC 9113 section 6.8 suggests.
+
+        The first names the largest stream id, so requests already on the wire are still
+        served; a second later the real last stream id follows and anything newer is refused.
+        """
+        if self.draining or self.closed:
+            return
+        self.draining = True
+        self.h2.send_goaway(MAX_STREAM_ID)
+        self.flush()
+        if not self.streams:
+            self.close()
+            return
+        asyncio.get_event_loop().call_later(1.0, self._final_goaway)
+
+    def _final_goaway(self) -> None:
+        if self.closed:
+            return
+        self.last_stream_id = self.h2.highest_inbound_stream_id
+        self.h2.send_goaway(self.last_stream_id)
+        self.goaway_sent = True
+        self.flush()
+        if not self.streams:
+            self.close()
+
+    def on_closed(self) -> None:
+        self.listener.connection_closed(self)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+
+class SniffingProtocol(asyncio.Protocol):
+    """Holds the first bytes of a connection until the protocol is known, then hands over."""
+
+    def __init__(self, listener: ListenerRuntime) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.head = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        config = self.listener.config
+        if config.mode == "tcp":
+            self._hand_over("tcp")
+            return
+        loop = asyncio.get_event_loop()
+        self.timer = loop.call_later(config.protocol_detect_timeout, self._on_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        protocol = detect_protocol(self.head)
+        if protocol is not None:
+            self._hand_over(protocol)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        self._hand_over("tcp" if not self.head else "other")
+
+    def _hand_over(self, protocol: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        transport = self.transport
+        assert transport is not None
+        listener = self.listener
+        new: asyncio.Protocol | H2ServerConnection  # the latter reads into its own buffer
+        if protocol == "h2":
+            new = H2ServerConnection(listener)
+        elif protocol == "h1":
+            new = H1ServerConnection(listener)
+        else:
+            target = self._passthrough_target(transport)
+            if target is None:
+                transport.close()
+                return
+            new = TcpRelay(listener, target)
+        transport.set_protocol(new)
+        new.connection_made(transport)
+        if self.head:
+            new.data_received(self.head)
+            self.head = b""
+
+    def _passthrough_target(self, transport: asyncio.Transport) -> RelayTarget | None:
+        """Where a connection that is not HTTP goes; None (logged and counted) to close it."""
+        listener = self.listener
+        config = listener.config
+        peer = transport.get_extra_info("peername")
+        if config.tcp_passthrough_original_destination:
+            try:
+                host, port = original_destination(transport.get_extra_info("socket"))
+            except OriginalDestinationError as exc:
+                log.info("listener %s: closing connection from %s: %s", config.name, peer, exc)
+                listener.scope.inc("downstream_cx_original_dst_unknown")
+                return None
+            scope = listener.sidecar.stats.scope("cluster.original_dst")
+            return OriginalDestination(
+                host, port, config.original_destination_connect_timeout, scope
+            )
+        cluster_name = config.tcp_passthrough_cluster
+        cluster = listener.clusters.get(cluster_name) if cluster_name else None
+        if cluster is None:
+            reason = "client sent nothing" if not self.head else "not HTTP/1.1 or HTTP/2"
+            log.info(
+                "listener %s: closing connection from %s: %s and no tcp_passthrough cluster",
+                config.name,
+                peer,
+                reason,
+            )
+            listener.scope.inc("downstream_cx_protocol_unknown")
+            return None
+        return ClusterTarget(cluster)

@@ -1,0 +1,120 @@
+"""One cluster's host choice with everything that narrows it: the seam for ``upstream.py``. Pure.
+
+``ClusterBalancer`` owns a cluster's balancer, health checker and outlier detector, keeps the
+balancer's host set equal to ``eligibility.balancer_hosts`` of their combined state, and
+feeds request outcomes to both the balancer and the outlier detector. The I/O side calls:
+
+- ``set_hosts`` on membership change (also ``HealthCheckRunner.set_hosts`` if checking),
+- ``choose`` per attempt, then ``request_started`` / ``request_finished``,
+- ``health_changed`` from the ``HealthCheckRunner``'s ``on_change``,
+- ``evaluate_outliers`` at ``next_outlier_evaluation_at``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection, Sequence
+
+from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
+from sidecar.upstream.policy.balancers import make_balancer
+from sidecar.upstream.policy.eligibility import HostState, balancer_hosts, in_panic
+from sidecar.upstream.policy.health import HealthChanged, HealthChecker
+from sidecar.upstream.policy.lb import LbContext, LbHost, LoadBalancer
+from sidecar.upstream.policy.outlier import OutlierDetector, OutlierEvent
+
+
+class ClusterBalancer:
+    def __init__(
+        self,
+        policy: LbPolicy,
+        *,
+        health_check: HealthCheckConfig | None = None,
+        outlier_detection: OutlierDetectionConfig | None = None,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.policy = policy
+        self.balancer: LoadBalancer = make_balancer(policy, rng, clock)
+        self.health_checker = (
+            HealthChecker(health_check, clock, rng) if health_check is not None else None
+        )
+        self.outlier_detector = (
+            OutlierDetector(outlier_detection, clock, rng)
+            if outlier_detection is not None
+            else None
+        )
+        self.hosts: list[tuple[str, int]] = []
+        self._index_of: dict[str, int] = {}
+        self.eligible: list[LbHost] = []
+
+    def set_hosts(self, hosts: Sequence[tuple[str, int]]) -> None:
+        """``(key, weight)`` per host; a host's index is its position here."""
+        self.hosts = list(hosts)
+        keys = [key for key, _ in hosts]
+        self._index_of = {key: index for index, key in enumerate(keys)}
+        if self.health_checker is not None:
+            self.health_checker.set_hosts(keys)
+        if self.outlier_detector is not None:
+            self.outlier_detector.set_hosts(keys)
+        self._refresh(force=True)
+
+    def states(self) -> list[HostState]:
+        hc, od = self.health_checker, self.outlier_detector
+        return [
+            HostState(
+                key,
+                weight,
+                health_check_ok=hc is None or hc.is_healthy(key),
+                ejected=od is not None and od.is_ejected(key),
+            )
+            for key, weight in self.hosts
+        ]
+
+    @property
+    def in_panic(self) -> bool:
+        return in_panic(self.states(), self.policy.panic_threshold)
+
+    def _refresh(self, force: bool = False) -> None:
+        eligible = balancer_hosts(self.states(), self.policy.panic_threshold)
+        # Only on a real change: a new host set resets round robin and rebuilds hash tables.
+        if force or eligible != self.eligible:
+            self.eligible = eligible
+            self.balancer.set_hosts(eligible)
+
+    def choose(self, ctx: LbContext, exclude: Collection[int] = ()) -> int | None:
+        return self.balancer.choose(ctx, exclude)
+
+    def request_started(self, key: str) -> None:
+        index = self._index_of.get(key)
+        if index is not None:
+            self.balancer.on_request_start(index)
+
+    def request_finished(self, key: str, latency_s: float, status: int | None) -> None:
+        """``status`` is the upstream's, ``None`` for a failure of our own (connect, reset).
+
+        Hosts are named by key, not index: a membership change while the request was in
+        flight may have given its index to another host, and the balancer's in-flight counts
+        and the outlier detector must both see the host that served it.
+        """
+        index = self._index_of.get(key)
+        if index is not None:
+            self.balancer.on_request_end(index, latency_s, status is not None and status < 500)
+        od = self.outlier_detector
+        if od is not None and od.report(key, status) is not None:
+            self._refresh()
+
+    def health_changed(self, event: HealthChanged) -> None:
+        self._refresh()
+
+    @property
+    def next_outlier_evaluation_at(self) -> float | None:
+        od = self.outlier_detector
+        return od.next_evaluation_at if od is not None else None
+
+    def evaluate_outliers(self) -> list[OutlierEvent]:
+        if self.outlier_detector is None:
+            return []
+        events = self.outlier_detector.evaluate()
+        if events:
+            self._refresh()
+        return events

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pilotfish.config.route_policy import AdaptiveThrottlingConfig
+from sidecar.route.policy.retry import Failure, Outcome
+from sidecar.route.policy.throttle import AdaptiveThrottle, is_accept, reject_probability
+from tests.unit.route.policy.fakes import FakeClock
+
+ON = AdaptiveThrottlingConfig(enabled=True, min_requests=0)
+OK = Outcome(http_status=200, grpc_status=0)
+OVERLOADED = Outcome(http_status=200, grpc_status=14)
+
+
+@pytest.mark.parametrize(
+    ("requests", "accepts", "k", "expected"),
+    [
+        (0, 0, 2.0, 0.0),
+        (100, 100, 2.0, 0.0),
+        (100, 50, 2.0, 0.0),  # half rejected is still within k = 2
+        (100, 40, 2.0, 20 / 101),
+        (100, 0, 2.0, 100 / 101),
+        (10, 4, 1.5, 4 / 11),
+    ],
+)
+def test_formula(requests: int, accepts: int, k: float, expected: float) -> None:
+    assert reject_probability(requests, accepts, k) == pytest.approx(expected)
+
+
+def test_accepts() -> None:
+    assert is_accept(OK)
+    assert is_accept(Outcome(http_status=500))  # answered, even if badly: not overload
+    assert is_accept(Outcome(grpc_status=13))
+    assert not is_accept(OVERLOADED)
+    assert not is_accept(Outcome(http_status=429))
+    assert not is_accept(Outcome(http_status=503))
+    assert not is_accept(Outcome(grpc_status=8))
+    assert not is_accept(Outcome(failure=Failure.CONNECT_FAILURE))
+
+
+def run(throttle: AdaptiveThrottle, outcome: Outcome, n: int) -> int:
+    """Send n requests that end in ``outcome``; return how many were admitted."""
+    admitted = 0
+    for _ in range(n):
+        if throttle.try_admit():
+            admitted += 1
+            throttle.record(outcome)
+    return admitted
+
+
+def test_probability_follows_the_window_counts() -> None:
+    clock = FakeClock()
+    throttle = AdaptiveThrottle(ON, clock, random.Random(5).random)
+    assert run(throttle, OK, 30) == 30
+    assert throttle.probability() == 0.0
+    run(throttle, OVERLOADED, 30)
+    stats = throttle.stats()
+    assert stats.requests == 60
+    assert stats.reject_probability == pytest.approx(
+        reject_probability(stats.requests, stats.accepts, 2.0)
+    )
+
+
+def test_rejects_by_the_seeded_coin_then_recovers_as_the_window_slides() -> None:
+    clock = FakeClock(0.0)
+    throttle = AdaptiveThrottle(ON, clock, random.Random(11).random)
+    admitted = run(throttle, OVERLOADED, 1000)
+    assert throttle.rejected_total == 1000 - admitted
+    assert admitted < 100  # a dead backend quickly gets only a trickle
+    assert throttle.probability() > 0.9
+    clock.advance(130.0)  # the window has forgotten everything
+    assert throttle.probability() == 0.0
+    assert run(throttle, OK, 100) == 100
+
+
+def test_coin_is_compared_with_the_probability() -> None:
+    throttle = AdaptiveThrottle(ON, FakeClock(), iter([0.4, 0.6]).__next__)
+    for _ in range(9):  # p = 9 / 10 = 0.9 with no accepts...
+        throttle._requests[throttle._slot(throttle._clock())] += 1
+    assert throttle.probability() == pytest.approx(0.9)
+    assert not throttle.try_admit()  # 0.4 < 0.9: rejected
+    assert throttle.probability() == pytest.approx(10 / 11)
+    assert not throttle.try_admit()  # 0.6 < 0.909
+
+
+def test_min_requests_and_disabled() -> None:
+    clock = FakeClock()
+    guarded = AdaptiveThrottle(
+        AdaptiveThrottlingConfig(enabled=True, min_requests=20), clock, random.Random(1).random
+    )
+    assert run(guarded, OVERLOADED, 20) == 20  # the 20th still saw only 19 requests
+    assert guarded.probability() == pytest.approx(20 / 21)
+    off = AdaptiveThrottle(AdaptiveThrottlingConfig(), clock, random.Random(1).random)
+    assert run(off, OVERLOADED, 500) == 500

@@ -1,0 +1,106 @@
+"""ClusterBalancer: health checks, ejections and panic mode decide what the balancer sees."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from pilotfish.config.cluster_policy import (
+    HealthCheckConfig,
+    LbKind,
+    LbPolicy,
+    OutlierDetectionConfig,
+)
+from sidecar.upstream.policy.cluster import ClusterBalancer
+from sidecar.upstream.policy.lb import NO_CONTEXT
+from tests.unit.upstream.policy.support import FakeClock
+
+HOSTS = [(f"10.0.0.{i}:8080", 1) for i in range(4)]
+
+
+def cluster(clock: FakeClock, **kwargs: object) -> ClusterBalancer:
+    cb = ClusterBalancer(
+        LbPolicy(kind=LbKind.ROUND_ROBIN),
+        clock=clock,
+        rng=random.Random(2),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    cb.set_hosts(HOSTS)
+    return cb
+
+
+def chosen(cb: ClusterBalancer, count: int = 40) -> set[int]:
+    return {i for _ in range(count) if (i := cb.choose(NO_CONTEXT)) is not None}
+
+
+def test_without_checks_every_host_is_eligible() -> None:
+    cb = cluster(FakeClock())
+    assert chosen(cb) == {0, 1, 2, 3}
+    assert cb.evaluate_outliers() == [] and cb.next_outlier_evaluation_at is None
+
+
+def test_hosts_join_as_health_checks_pass() -> None:
+    clock = FakeClock()
+    cb = cluster(clock, health_check=HealthCheckConfig(), outlier_detection=None)
+    hc = cb.health_checker
+    assert hc is not None
+    assert cb.in_panic and chosen(cb) == {0, 1, 2, 3}  # nothing checked yet: all, in panic
+    for key, _ in HOSTS[:3]:
+        event = hc.result(key, True, clock.now)
+        assert event is not None
+        cb.health_changed(event)
+    assert not cb.in_panic and chosen(cb) == {0, 1, 2}
+
+
+def test_an_ejected_host_leaves_and_returns() -> None:
+    clock = FakeClock()
+    cb = cluster(clock, outlier_detection=OutlierDetectionConfig(max_ejection_percent=50))
+    for _ in range(5):
+        cb.request_started(HOSTS[1][0])
+        cb.request_finished(HOSTS[1][0], 0.01, 503)
+    assert chosen(cb) == {0, 2, 3}
+    clock.advance(30.0)
+    assert cb.next_outlier_evaluation_at is not None
+    clock.now = max(clock.now, cb.next_outlier_evaluation_at)
+    assert len(cb.evaluate_outliers()) == 1
+    assert chosen(cb) == {0, 1, 2, 3}
+
+
+def test_ejections_below_the_panic_threshold_balance_over_all() -> None:
+    clock = FakeClock()
+    config = OutlierDetectionConfig(max_ejection_percent=100)
+    cb = cluster(clock, outlier_detection=config)
+    for index in (0, 1, 2):
+        for _ in range(5):
+            cb.request_finished(HOSTS[index][0], 0.01, None)  # connect failures
+    assert cb.in_panic
+    assert Counter(cb.choose(NO_CONTEXT) for _ in range(8)) == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
+def test_membership_change_keeps_survivor_state() -> None:
+    clock = FakeClock()
+    cb = cluster(clock, outlier_detection=OutlierDetectionConfig())
+    cb.request_started(HOSTS[2][0])
+    for _ in range(4):
+        cb.request_finished(HOSTS[2][0], 0.01, 500)
+    cb.set_hosts([HOSTS[2], HOSTS[3], ("10.0.0.9:8080", 1)])  # host 2 is now index 0
+    cb.request_finished(HOSTS[2][0], 0.01, 500)  # the fifth 5xx, from before the change
+    assert chosen(cb) == {1, 2}
+
+
+def test_in_flight_counts_follow_the_host_through_a_membership_change() -> None:
+    cb = ClusterBalancer(
+        LbPolicy(kind=LbKind.LEAST_REQUEST), clock=FakeClock(), rng=random.Random(3)
+    )
+    busy, other = HOSTS[1][0], HOSTS[2][0]
+    cb.set_hosts([HOSTS[0], HOSTS[1]])
+    for _ in range(3):
+        cb.request_started(busy)  # at index 1
+    cb.set_hosts([HOSTS[1], HOSTS[2]])  # busy moves to index 0; index 1 is another host now
+    cb.request_started(other)
+    for _ in range(3):
+        cb.request_finished(busy, 0.01, 200)
+    # busy has nothing in flight, other has one: least request must pick busy. Booked by
+    # index, the three ends would have gone to other and busy would look loaded for good.
+    picks = Counter(cb.choose(NO_CONTEXT) for _ in range(20))
+    assert picks == {0: 20}
