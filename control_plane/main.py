@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.registry.core import DEFAULT_HEARTBEAT_INTERVAL, Registry
+from control_plane.registry.service import RegistryServicer, expire_leases
 from control_plane.status_service import StatusServicer
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds.cache import SnapshotCache
@@ -26,6 +28,7 @@ from control_plane.xds.server import AdsServicer, ProxyRegistry
 from control_plane.xds.snapshot import InconsistentSnapshot
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
+from pilotfish.gen.pilotfish.registry.v1 import registry_pb2, registry_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.plainhttp import start_plain_http
 
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["ControlPlaneStatus"].full_name
+REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 
 
 @dataclass(eq=False)
@@ -47,14 +51,17 @@ class ControlPlane:
     health: health.aio.HealthServicer
     _watch_task: asyncio.Task[None]
     metrics: ControlPlaneMetrics
+    service_registry: Registry
+    _expiry_task: asyncio.Task[None]
     metrics_server: asyncio.AbstractServer | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
-        self._watch_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._watch_task
+        for task in (self._watch_task, self._expiry_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -66,12 +73,19 @@ async def start_control_plane(
     callbacks: Callbacks | None = None,
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
 ) -> ControlPlane:
-    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad."""
+    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad.
+
+    ``heartbeat_interval``: how often registered instances must renew their lease (they are
+    evicted after three missed heartbeats).
+    """
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
+    clock = asyncio.get_running_loop().time
+    service_registry = Registry(clock, heartbeat_interval=heartbeat_interval)
     try:
-        cache = SnapshotCache(mesh)
+        cache = SnapshotCache(mesh, service_registry)
     except InconsistentSnapshot as exc:
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
@@ -87,22 +101,28 @@ async def start_control_plane(
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
     )
+    registry_pb2_grpc.add_RegistryServicer_to_server(
+        RegistryServicer(service_registry, cache, registry), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (ADS_SERVICE, STATUS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (ADS_SERVICE, STATUS_SERVICE, REGISTRY_SERVICE, health.SERVICE_NAME,
+         reflection.SERVICE_NAME),
+        server,
     )
     bound = server.add_insecure_port(f"{address}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {address}:{port}")
     await server.start()
-    for name in ("", ADS_SERVICE, STATUS_SERVICE):
+    for name in ("", ADS_SERVICE, STATUS_SERVICE, REGISTRY_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_server = None
     if metrics_address is not None:
         metrics_server = await start_plain_http(metrics.handle, *metrics_address)
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
+    expiry = asyncio.create_task(expire_leases(service_registry, clock), name="registry-expiry")
     log.info(
         "control plane serving %s (%d services) on %s:%d",
         config,
@@ -111,7 +131,8 @@ async def start_control_plane(
         bound,
     )
     return ControlPlane(
-        server, bound, cache, registry, watcher, health_servicer, task, metrics, metrics_server
+        server, bound, cache, registry, watcher, health_servicer, task, metrics,
+        service_registry, expiry, metrics_server,
     )
 
 
@@ -122,8 +143,12 @@ async def _serve(args: argparse.Namespace) -> int:
             if args.metrics_address
             else None
         )
+        heartbeat = args.registry_heartbeat_interval
+        if heartbeat <= 0:
+            raise ConfigError("--registry-heartbeat-interval", "expected a number of seconds > 0")
         plane = await start_control_plane(
-            args.config, args.address, args.port, metrics_address=metrics_address
+            args.config, args.address, args.port, metrics_address=metrics_address,
+            heartbeat_interval=heartbeat,
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)

@@ -38,6 +38,8 @@ from pilotfish.config.route_policy_yaml import (
 )
 
 PROTOCOLS = ("grpc", "http2", "http1", "tcp")
+# Where a service's endpoints come from: the file, the registry, or both.
+DISCOVERY = ("static", "registry", "mixed")
 DEFAULT_TIMEOUT = 15.0
 # Service names become listener, route and cluster names and the host part of `xds:///<name>`.
 SERVICE_POLICY_KEYS = frozenset(
@@ -76,6 +78,20 @@ class MeshService:
     resilience: ClusterResilience = ClusterResilience()
     # Inbound: applies on the service's own sidecar (its inbound listener).
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
+    discovery: str = "static"
+    registry: RegistrySelector | None = None
+    """Which registered instances are endpoints; None unless ``discovery`` names the registry."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySelector:
+    """Registered instances of ``service`` whose labels include all of ``labels``."""
+
+    service: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def selects(self, service: str, labels: tuple[tuple[str, str], ...]) -> bool:
+        return service == self.service and set(self.labels) <= set(labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +140,24 @@ def _parse_service(name: str, node: Node) -> MeshService:
             "depends_on",
             "routes",
             "connect_timeout",
+            "discovery",
+            "registry",
             *SERVICE_POLICY_KEYS,
         }
     )
     protocol = node.get("protocol").as_choice(PROTOCOLS, "grpc")
-    endpoints = tuple(parse_endpoint(e) for e in node.require("endpoints").elements())
+    discovery = node.get("discovery").as_choice(DISCOVERY, "static")
+    registry = _parse_registry(name, node, discovery)
+    if discovery == "registry":
+        if node.has("endpoints"):
+            raise node.get("endpoints").error(
+                "not with discovery: registry (use discovery: mixed for both)"
+            )
+        endpoints: tuple[Endpoint, ...] = ()
+    elif discovery == "mixed" and not node.has("endpoints"):
+        endpoints = ()
+    else:
+        endpoints = tuple(parse_endpoint(e) for e in node.require("endpoints").elements())
     seen: set[str] = set()
     for i, endpoint in enumerate(endpoints):
         if endpoint.address in seen:
@@ -171,7 +200,31 @@ def _parse_service(name: str, node: Node) -> MeshService:
         outlier_detection=parse_outlier_detection(outlier) if outlier.value is not None else None,
         resilience=parse_cluster_resilience(node),
         load_shedding=parse_load_shedding(node.get("load_shedding")),
+        discovery=discovery,
+        registry=registry,
     )
+
+
+def _parse_registry(name: str, node: Node, discovery: str) -> RegistrySelector | None:
+    """``registry: {service: NAME, labels: {version: v2}}``; by default the service itself."""
+    if discovery == "static":
+        if node.has("registry"):
+            raise node.get("registry").error("needs discovery: registry or mixed")
+        return None
+    if not node.has("registry"):
+        return RegistrySelector(name)
+    selector = node.get("registry")
+    selector.mapping({"service", "labels"})
+    service = selector.get("service").as_str(name)
+    if not _SERVICE_NAME.match(service):
+        raise selector.get("service").error("not a service name")
+    labels: list[tuple[str, str]] = []
+    if selector.has("labels"):
+        for key, value in selector.get("labels").mapping().items():
+            if not isinstance(value.value, str | int | float) or isinstance(value.value, bool):
+                raise value.error("expected a label value (a string)")
+            labels.append((key, str(value.value)))
+    return RegistrySelector(service, tuple(sorted(labels)))
 
 
 def _default_route(service: str) -> MeshRoute:

@@ -48,6 +48,10 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
     )
+    p.add_argument(
+        "--registry-heartbeat-interval", type=float, default=2.0, metavar="SECONDS",
+        help="how often registered instances renew; three missed heartbeats evict (default 2)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 

@@ -18,7 +18,7 @@ sending everything to the STATIC cluster ``inbound|<service>`` whose one endpoin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,6 +39,7 @@ from google.protobuf.message import Message
 
 from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
+from control_plane.registry.core import Instance, InstanceState
 from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import route_policy_xds as route_policy
 from control_plane.xds.policy_blocks import load_shedding_block
@@ -73,14 +74,23 @@ def listener_depends_on_proxy(mesh: Mesh) -> bool:
     return tracing is not None and not tracing.service_name
 
 
+Registered = Mapping[str, Sequence[Instance]]
+"""Registered instances by the mesh service whose endpoints they are."""
+
+
 def build_view(
-    mesh: Mesh, key: ViewKey, memo: ResourceMemo | None = None
+    mesh: Mesh,
+    key: ViewKey,
+    memo: ResourceMemo | None = None,
+    registered: Registered | None = None,
 ) -> dict[str, dict[str, Resource]]:
     """All resources of one view, by type URL and then by name.
 
     ``memo`` (one per mesh) shares a service's resources between the views that hold it:
     they are the same bytes in every view, except listeners when tracing names the proxy.
+    ``registered``: the registry's instances for services with ``discovery`` other than static.
     """
+    registered = registered or {}
     view: dict[str, dict[str, Resource]] = {t: {} for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
     memo = {} if memo is None else memo
 
@@ -106,7 +116,7 @@ def build_view(
             )
             add(ROUTE, name, partial(route_configuration, service, mesh))
         add(CLUSTER, name, partial(eds_cluster, service))
-        add(ENDPOINT, name, partial(load_assignment, name, service.endpoints))
+        add(ENDPOINT, name, partial(service_load_assignment, service, registered.get(name, ())))
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
         # Per proxy (its app address): not shared, so not memoised.
@@ -367,6 +377,44 @@ def _socket_address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=port)
     )
+
+
+ENDPOINT_LABELS_KEY = "envoy.lb"
+"""Endpoint metadata that Envoy's subset load balancer matches on: instance labels go here."""
+
+
+def service_load_assignment(
+    service: MeshService, instances: Sequence[Instance] = ()
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """A service's endpoints: from the mesh file, the registry, or both (``discovery``)."""
+    cla = load_assignment(service.name, service.endpoints)
+    if service.discovery == "static" or not instances:
+        return cla
+    static = {(e.host, e.port) for e in service.endpoints}
+    by_zone: dict[str, list[Instance]] = {}
+    for instance in instances:
+        if (instance.host, instance.port) not in static:  # the file wins over the registry
+            by_zone.setdefault(instance.zone, []).append(instance)
+    for zone in sorted(by_zone):
+        locality = cla.endpoints.add(
+            locality=base_pb2.Locality(region="pilotfish", zone=zone or "local"),
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+        )
+        for instance in by_zone[zone]:
+            lb = locality.lb_endpoints.add(
+                endpoint=endpoint_components_pb2.Endpoint(
+                    address=_socket_address(instance.host, instance.port)
+                ),
+                health_status=(
+                    health_check_pb2.DRAINING
+                    if instance.state is InstanceState.DRAINING
+                    else health_check_pb2.HEALTHY
+                ),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=instance.weight),
+            )
+            if instance.labels:
+                lb.metadata.filter_metadata[ENDPOINT_LABELS_KEY].update(dict(instance.labels))
+    return cla
 
 
 def load_assignment(

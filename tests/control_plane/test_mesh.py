@@ -76,9 +76,9 @@ services:
          "services.a.routes[0].match.path: expected a path starting with /"),
         ("services: {a: {endpoints: [127.0.0.1:1], color: red}}",
          "services.a.color: unknown field (expected one of: adaptive_throttling, "
-         "circuit_breakers, connect_timeout, depends_on, endpoints, health_check, "
+         "circuit_breakers, connect_timeout, depends_on, discovery, endpoints, health_check, "
          "load_balancing, load_shedding, namespace, outlier_detection, port, protocol, "
-         "retry_budget, routes)"),
+         "registry, retry_budget, routes)"),
         ("services: {a: {}}", "services.a.endpoints: required field is missing"),
         ("services: {A_b: {endpoints: []}}",
          "services.A_b: service names are lower-case letters, digits, '-' and '.', "
