@@ -38,6 +38,28 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "original-destination)",
     )
     xds.add_argument("--admin-address", default="127.0.0.1:15000", help="HOST:PORT")
+    reg = p.add_argument_group(
+        "registration (the app joins the control plane's registry once it is healthy)"
+    )
+    reg.add_argument("--register", action="store_true", help="register the app as --service")
+    reg.add_argument(
+        "--register-address", default="", metavar="HOST:PORT",
+        help="where callers reach this instance (default: --inbound-address)",
+    )
+    reg.add_argument("--register-weight", type=int, default=1, help="1 to 128")
+    reg.add_argument("--register-zone", default="")
+    reg.add_argument(
+        "--register-label", action="append", default=[], metavar="KEY=VALUE",
+        help="e.g. version=v2 (repeatable); routes select subsets by labels",
+    )
+    reg.add_argument(
+        "--register-health", default="grpc", metavar="grpc|http:PATH",
+        help="how the app's health is checked before and while registered (default grpc)",
+    )
+    reg.add_argument(
+        "--register-health-interval", type=float, default=1.0, metavar="SECONDS",
+        help="seconds between health checks of the app (default 1)",
+    )
 
 
 def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
