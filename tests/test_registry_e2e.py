@@ -311,3 +311,24 @@ def test_an_app_killed_behind_its_sidecar_fails_only_the_calls_in_flight(
     print(f"app killed behind a live sidecar: {load.calls} calls, {len(load.failed)} failed")
     # At most the calls in flight on the app when it died: one per caller thread.
     assert len(load.failed) <= CALLERS, load.failed
+
+
+def test_a_sidecar_killed_fails_only_the_calls_in_flight_and_is_evicted(cluster: Cluster) -> None:
+    with three_instances(cluster, "crash") as instances:
+        load = Load(cluster.caller_outbound).start()
+        try:
+            for instance in instances:
+                load.wait_for(instance.name)
+            victim = instances[0]
+            victim.sidecar.signal(signal.SIGKILL)
+            victim.sidecar.wait(5)
+            # Until the lease runs out (1.5 s) the caller still holds the endpoint: its connect
+            # failures are retried on another host, free of the retry budget.
+            assert victim.inbound in cluster.caller_hosts()
+            assert wait_for(partial(left, cluster, victim.inbound), 5)
+            calls_after = load.calls
+            assert wait_for(lambda: load.calls >= calls_after + 100, 10)
+        finally:
+            load.stop()
+    print(f"sidecar killed: {load.calls} calls, {len(load.failed)} failed")
+    assert len(load.failed) <= CALLERS, load.failed

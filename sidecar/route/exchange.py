@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from sidecar.flags import ResponseFlag
+from sidecar.flags import RESPONSE_FLAGS_HEADER, RETRY_LIMIT_EXCEEDED, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
 from sidecar.route.policy.breaker import Permit
@@ -32,6 +32,8 @@ from sidecar.route.policy.retry import (
     Failure,
     Outcome,
     RetryState,
+    Verdict,
+    peer_not_processed,
     response_outcome,
 )
 from sidecar.route.table import LazyHeaderMap, apply_mutation
@@ -578,6 +580,8 @@ class Exchange:
         if throttle is not None:
             throttle.record(outcome)
         if not decision.retry:
+            if decision.verdict is Verdict.EXHAUSTED:
+                self.flags.append(RETRY_LIMIT_EXCEEDED)
             return False  # a retry the breaker refused was counted there
         cluster.scope.inc("upstream_rq_retry")
         cluster.metrics.retries.value += 1
@@ -610,7 +614,20 @@ class Exchange:
         if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
             attempt.status = _grpc_as_http(int(grpc_status))
         outcome = None
-        if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
+        failed = grpc_status is not None and grpc_status != b"0"
+        if status >= 400 or failed:
+            # A peer sidecar's own reply that its app never saw: retried like a connect failure.
+            peer_flags = _header(headers, RESPONSE_FLAGS_HEADER)
+            if peer_flags is not None and peer_not_processed(peer_flags):
+                outcome = Outcome(
+                    http_status=status,
+                    grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                    failure=Failure.PEER_NOT_PROCESSED,
+                    body_replayable=self.replay is not None,
+                )
+                if self._retry_response(attempt, outcome):
+                    return
+        if outcome is None and (status >= 500 or failed):
             outcome = response_outcome(
                 status,
                 grpc=self.grpc,
