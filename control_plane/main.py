@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from control_plane.mesh import load_mesh_file
+from control_plane.mesh_warnings import mesh_warnings
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.registry.core import DEFAULT_HEARTBEAT_INTERVAL, Registry
 from control_plane.registry.service import RegistryServicer, expire_leases
@@ -181,5 +182,7 @@ def run_validate(args: argparse.Namespace) -> int:
     except (ConfigError, InconsistentSnapshot) as exc:
         print(f"{args.file}: {exc}", file=sys.stderr)
         return 1
+    for warning in mesh_warnings(mesh):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({len(mesh.services)} services)")
     return 0

@@ -575,6 +575,7 @@ class Exchange:
             outcome,
             remaining=self.deadline.remaining(self.loop.time()),
             admit=cluster.resilience.breakers.try_acquire_retry,
+            other_host=cluster.has_untried_host(self.tried),
         )
         throttle = cluster.resilience.throttle
         if throttle is not None:

@@ -313,6 +313,10 @@ class ClusterRuntime:
             return None
         return index, self.hosts[index]
 
+    def has_untried_host(self, tried: Collection[int]) -> bool:
+        """Whether a retry could go to an eligible host this request has not tried yet."""
+        return any(h.index not in tried for h in self.balancer.eligible)
+
     def request_started(self, index: int) -> None:
         self.balancer.request_started(self.hosts[index].endpoint.address)
 

@@ -55,6 +55,9 @@ NEVER_REACHED = frozenset({
     Failure.PEER_NOT_PROCESSED,
 })
 TRANSPARENT = NEVER_REACHED
+ON_ANOTHER_HOST = frozenset({Failure.CONNECT_FAILURE, Failure.PEER_NOT_PROCESSED})
+"""Transparent only if another host is left to try: the same host would likely fail again
+(and a connect timeout would cost the caller another ``connect_timeout``)."""
 PEER_NOT_PROCESSED_FLAGS = frozenset({b"UF", b"UH", b"NR", b"DR"})
 """A peer sidecar's local reply with one of these never reached its app: no healthy host, a
 connect failure, no route, or shutting down."""
@@ -214,16 +217,20 @@ class RetryState:
         *,
         remaining: float | None = None,
         admit: Callable[[], Permit | None] | None = None,
+        other_host: bool = True,
     ) -> RetryDecision:
         """Decide about the failed current try; on RETRY the state moves to the next try.
 
         ``remaining``: seconds left of the request's deadline (None: unbounded).
+        ``other_host``: whether an untried host is left (see ``ON_ANOTHER_HOST``).
         ``admit``: asked last, only for a retry that would otherwise happen: the cluster's
         ``CircuitBreakers.try_acquire_retry``; the permit comes back in the decision.
         Transparent retries skip ``admit``: they cost the upstream nothing. Past their limit,
         such failures are ordinary retries (``retry_on`` names them, ``admit`` is asked).
         """
-        transparent = outcome.failure in TRANSPARENT
+        transparent = outcome.failure in TRANSPARENT and (
+            other_host or outcome.failure not in ON_ANOTHER_HOST
+        )
         if transparent and self.transparent_retries < TRANSPARENT_RETRY_LIMIT:
             verdict = self._check_replay(outcome, remaining, 0.0)
             if verdict is Verdict.RETRY:

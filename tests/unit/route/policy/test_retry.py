@@ -159,6 +159,16 @@ def test_transparent_retries_do_not_use_attempts_or_admission() -> None:
     assert s.should_retry(Outcome(failure=Failure.BEYOND_GOAWAY)).verdict is Verdict.EXHAUSTED
 
 
+def test_connect_failures_are_free_only_with_another_host_to_try() -> None:
+    s = state(RetryPolicy(attempts=1), method="POST", grpc=True)
+    decision = s.should_retry(CONNECT, admit=lambda: None, other_host=False)
+    assert decision.verdict is Verdict.OVERFLOW  # an ordinary retry, asked to the budget
+    assert s.should_retry(CONNECT, admit=lambda: None, other_host=True).retry
+    # A refused stream costs nothing even on the same host: a new stream, maybe a new connection.
+    assert s.should_retry(Outcome(failure=Failure.REFUSED_STREAM), other_host=False).retry
+    assert s.transparent_retries == 2
+
+
 def test_body_not_replayable() -> None:
     s = state(RetryPolicy())
     gone = Outcome(failure=Failure.RESET, body_replayable=False)
