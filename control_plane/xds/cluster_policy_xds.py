@@ -192,6 +192,9 @@ def outlier_detection(config: OutlierDetectionConfig) -> outlier_detection_pb2.O
     od = outlier_detection_pb2.OutlierDetection()
     for name in OutlierDetectionConfig.__slots__:
         value = getattr(config, name)
+        if isinstance(value, bool):  # a plain bool in the proto, not a wrapper
+            setattr(od, name, value)
+            continue
         target = getattr(od, name)
         if isinstance(value, float):
             target.CopyFrom(duration(value))

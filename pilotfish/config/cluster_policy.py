@@ -187,6 +187,14 @@ class OutlierDetectionConfig:
     - ``failure_percentage_threshold``: 85; eject at this failure percentage or above.
     - ``failure_percentage_minimum_hosts``: 5.
     - ``failure_percentage_request_volume``: 50.
+    - ``split_external_local_origin_errors``: true (Envoy: false). Failures of the proxy's own
+      making (connect failure, timeout, reset) count apart from the host's answers, so a
+      host that cannot be reached is ejected after ``consecutive_local_origin_failure``.
+    - ``consecutive_local_origin_failure``: 5.
+    - ``enforcing_consecutive_local_origin_failure``: 100.
+
+    A cluster without ``outlier_detection`` still gets ``LOCAL_ORIGIN_ONLY``: unreachable
+    hosts are ejected, nothing else is.
     """
 
     interval: float = 10.0
@@ -205,6 +213,14 @@ class OutlierDetectionConfig:
     failure_percentage_threshold: int = 85
     failure_percentage_minimum_hosts: int = 5
     failure_percentage_request_volume: int = 50
+    split_external_local_origin_errors: bool = True
+    consecutive_local_origin_failure: int = 5
+    enforcing_consecutive_local_origin_failure: int = 100
+
+
+LOCAL_ORIGIN_ONLY = OutlierDetectionConfig(enforcing_consecutive_5xx=0, enforcing_success_rate=0)
+"""What a cluster without ``outlier_detection`` gets: 5 consecutive connect failures, timeouts
+or resets eject a host (base 30 s); answers, good or bad, eject nothing."""
 
 
 def _as_float(node: Node, default: float, minimum: float, maximum: float | None = None) -> float:
@@ -402,6 +418,13 @@ def parse_outlier_detection(node: Node) -> OutlierDetectionConfig:
         failure_percentage_threshold=percent("failure_percentage_threshold"),
         failure_percentage_minimum_hosts=count("failure_percentage_minimum_hosts"),
         failure_percentage_request_volume=count("failure_percentage_request_volume"),
+        split_external_local_origin_errors=node.get("split_external_local_origin_errors").as_bool(
+            d.split_external_local_origin_errors
+        ),
+        consecutive_local_origin_failure=count("consecutive_local_origin_failure"),
+        enforcing_consecutive_local_origin_failure=percent(
+            "enforcing_consecutive_local_origin_failure"
+        ),
     )
     if config.max_ejection_time < config.base_ejection_time:
         raise node.get("max_ejection_time").error("must not be below base_ejection_time")

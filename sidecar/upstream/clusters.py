@@ -12,7 +12,7 @@ import logging
 import random
 from collections.abc import Collection
 
-from pilotfish.config.cluster_policy import LbKind
+from pilotfish.config.cluster_policy import LOCAL_ORIGIN_ONLY, LbKind
 from pilotfish.config.model import ClusterConfig, Endpoint, Protocol
 from sidecar.flags import ResponseFlag
 from sidecar.http.h1conn import H1ClientConnection
@@ -240,7 +240,7 @@ class ClusterRuntime:
         return ClusterBalancer(
             config.lb_policy,
             health_check=config.health_check,
-            outlier_detection=config.outlier_detection,
+            outlier_detection=config.outlier_detection or LOCAL_ORIGIN_ONLY,
             clock=loop.time,
             rng=random.Random(),
         )
@@ -324,14 +324,12 @@ class ClusterRuntime:
         self, index: int, host: UpstreamHost, latency: float, status: int | None
     ) -> None:
         """``status`` is what the upstream answered, None for a connect failure or reset."""
-        before = self.scope.gauges["outlier_detection.ejections_active"]
-        self.balancer.request_finished(host.endpoint.address, latency, status)
-        if self.balancer.outlier_detector is not None:
+        if self.balancer.request_finished(host.endpoint.address, latency, status):
             self._update_health_gauges()
-            if self.scope.gauges["outlier_detection.ejections_active"] > before:
-                self.scope.inc("outlier_detection.ejections_enforced_total")
-                self.metrics.ejections.value += 1
-                log.info("outlier detection: %s ejected", host.endpoint.address)
+            self.scope.inc("outlier_detection.ejections_enforced_total")
+            self.metrics.ejections.value += 1
+            log.info("outlier detection: %s ejected", host.endpoint.address)
+        if self._outlier_timer is None:
             self._schedule_outlier_sweep()
 
     def host_health(self, index: int) -> str:

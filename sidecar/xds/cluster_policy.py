@@ -279,7 +279,9 @@ def _outlier_detection(
     unsupported(od, path, names)
     d = OutlierDetectionConfig()
     values: dict[str, float | int] = {}
-    for name in names:
+    # A plain bool: false when unset, Envoy's default (our control plane always sets it).
+    values["split_external_local_origin_errors"] = od.split_external_local_origin_errors
+    for name in names - {"split_external_local_origin_errors"}:
         if od.HasField(name):
             field = getattr(od, name)
             default = getattr(d, name)

@@ -316,9 +316,11 @@ def test_xds_policy_rejections_name_the_field() -> None:
         "cluster[svc].health_checks[0].tcp_health_check: not supported"
     )
     cluster = _svc_cluster("outlier_detection: {}")
-    cluster.outlier_detection.split_external_local_origin_errors = True
+    cluster.outlier_detection.consecutive_local_origin_failure.value = 3
+    cluster.outlier_detection.successful_active_health_check_uneject_host.value = False
     assert _error(translate_cluster, cluster) == (
-        "cluster[svc].outlier_detection.split_external_local_origin_errors: not supported"
+        "cluster[svc].outlier_detection.successful_active_health_check_uneject_host: "
+        "not supported"
     )
     cluster = _svc_cluster()
     cluster.metadata.filter_metadata["pilotfish"].update({"colour": "red"})

@@ -89,8 +89,9 @@ class ClusterBalancer:
         if index is not None:
             self.balancer.on_request_start(index)
 
-    def request_finished(self, key: str, latency_s: float, status: int | None) -> None:
+    def request_finished(self, key: str, latency_s: float, status: int | None) -> bool:
         """``status`` is the upstream's, ``None`` for a failure of our own (connect, reset).
+        True when this ejected the host.
 
         Hosts are named by key, not index: a membership change while the request was in
         flight may have given its index to another host, and the balancer's in-flight counts
@@ -102,6 +103,8 @@ class ClusterBalancer:
         od = self.outlier_detector
         if od is not None and od.report(key, status) is not None:
             self._refresh()
+            return True
+        return False
 
     def health_changed(self, event: HealthChanged) -> None:
         self._refresh()
