@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from pilotfish.gen.pilotfish.registry.v1 import registry_pb2, registry_pb2_grpc
+from pilotfish.registry_client import RegistryClient
 from tests.support import free_port, http_get, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,3 +333,43 @@ def test_a_sidecar_killed_fails_only_the_calls_in_flight_and_is_evicted(cluster:
             load.stop()
     print(f"sidecar killed: {load.calls} calls, {len(load.failed)} failed")
     assert len(load.failed) <= CALLERS, load.failed
+
+
+def test_an_app_without_a_sidecar_registers_and_is_discovered(cluster: Cluster) -> None:
+    app_port = free_port()
+    app = cluster.start("app-bare", ["-m", "tests.grpc_app", "bare", str(app_port)])
+    assert wait_for(lambda: "serving" in app.log(), 15), app.log()
+    client = RegistryClient(cluster.registry_address)
+    # Instances killed by earlier tests are evicted when their leases run out.
+    assert wait_for(lambda: client.instances("echo") == [], 5), client.instances("echo")
+    watch = client.watch("echo")
+    try:
+        assert next(watch) == []
+        with client.register("echo", "127.0.0.1", app_port, labels={"version": "bare"}) as reg:
+            [seen] = next(watch)
+            assert (seen.address, seen.labels, seen.draining) == (
+                f"127.0.0.1:{app_port}", {"version": "bare"}, False,
+            )
+            assert client.instances("echo") == [seen]
+            load = Load(cluster.caller_outbound, max_calls=200).start()
+            try:
+                load.wait_for("bare", 50)
+                reg.set_draining(True)
+                assert next(watch)[0].draining
+                assert wait_for(partial(left, cluster, seen.address), 5)
+            finally:
+                load.stop()
+            assert load.failed == []
+            reply = reg.deregister()
+            assert list(reply.acked) == ["caller"] and not reply.pending
+        assert next(watch) == []
+        with pytest.raises(grpc.RpcError) as info:
+            client.register("echo", "localhost", 1)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == (
+            "instance.address: expected an IP address, got 'localhost'"
+        )
+    finally:
+        watch.close()
+        client.close()
+        app.signal(signal.SIGTERM)
