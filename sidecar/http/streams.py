@@ -12,7 +12,8 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
-Headers = list[tuple[bytes, bytes]]
+from sidecar.codec.events import Headers as Headers  # the codecs' type, re-exported
+
 OnSent = Callable[[], None] | None
 
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from sidecar.flags import ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
-from sidecar.route.policy.breaker import Permit
 from sidecar.route.policy.deadline import RequestDeadline
 from sidecar.route.policy.fallback import FallbackCluster, trigger_for
 from sidecar.route.policy.reply import LocalReply
@@ -35,6 +34,7 @@ from sidecar.route.policy.retry import (
     response_outcome,
 )
 from sidecar.route.table import LazyHeaderMap, apply_mutation
+from sidecar.upstream.policy.breaker import Permit
 from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
 
 if TYPE_CHECKING:
@@ -576,7 +576,7 @@ class Exchange:
         )
         throttle = cluster.resilience.throttle
         if throttle is not None:
-            throttle.record(outcome)
+            throttle.record(outcome.accepted)
         if not decision.retry:
             return False  # a retry the breaker refused was counted there
         cluster.scope.inc("upstream_rq_retry")
@@ -624,7 +624,9 @@ class Exchange:
         if throttle is not None and (not self.grpc or end_stream):
             # A gRPC answer is judged by its trailers; anything else by its status here.
             throttle.record(
-                outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
+                (
+                    outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
+                ).accepted
             )
         if self.cluster is not None:
             self.cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
@@ -672,7 +674,7 @@ class Exchange:
             if grpc_status != b"0":
                 attempt.status = _grpc_as_http(int(grpc_status))
             if self.cluster is not None and self.cluster.resilience.throttle is not None:
-                self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)))
+                self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)).accepted)
         self.downstream.send_trailers(trailers)
         self._complete()
 
