@@ -5,7 +5,6 @@ import random
 import pytest
 
 from pilotfish.config.route_policy import RetryBackoff, RetryOn, RetryPolicy
-from sidecar.route.policy.breaker import CircuitBreakers, Permit
 from sidecar.route.policy.retry import (
     ATTEMPT_COUNT_HEADER,
     Failure,
@@ -16,6 +15,7 @@ from sidecar.route.policy.retry import (
     peer_not_processed,
     response_outcome,
 )
+from sidecar.upstream.policy.breaker import CircuitBreakers, Permit
 
 
 def state(
