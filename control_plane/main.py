@@ -21,6 +21,13 @@ from control_plane.mesh_warnings import mesh_warnings
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.registry.core import DEFAULT_HEARTBEAT_INTERVAL, Registry
 from control_plane.registry.service import RegistryServicer, expire_leases
+from control_plane.registry.store import (
+    EtcdStore,
+    MemoryStore,
+    RegistryStore,
+    StoreUnavailable,
+    parse_store_url,
+)
 from control_plane.status_service import StatusServicer
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds.cache import SnapshotCache
@@ -53,6 +60,7 @@ class ControlPlane:
     _watch_task: asyncio.Task[None]
     metrics: ControlPlaneMetrics
     service_registry: Registry
+    registry_store: RegistryStore
     _expiry_task: asyncio.Task[None]
     metrics_server: asyncio.AbstractServer | None = None
 
@@ -65,6 +73,7 @@ class ControlPlane:
                 await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.registry_store.close()
 
 
 async def start_control_plane(
@@ -75,11 +84,13 @@ async def start_control_plane(
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    registry_store: str | None = None,
 ) -> ControlPlane:
     """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad.
 
     ``heartbeat_interval``: how often registered instances must renew their lease (they are
-    evicted after three missed heartbeats).
+    evicted after three missed heartbeats). ``registry_store``: ``etcd://HOST:PORT`` keeps
+    registrations in etcd (shared by every control plane on it); None keeps them here.
     """
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
@@ -91,6 +102,20 @@ async def start_control_plane(
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
     watcher = MeshFileWatcher(config, cache.set_mesh, digest=MeshFileWatcher.digest_of(data))
+    store: RegistryStore
+    if registry_store:
+        try:
+            etcd_host, etcd_port = parse_store_url(registry_store)
+        except ValueError as exc:
+            raise ConfigError("--registry-store", str(exc)) from None
+        etcd = EtcdStore(service_registry, etcd_host, etcd_port)
+        try:
+            await etcd.start()
+        except StoreUnavailable as exc:
+            raise OSError(f"--registry-store {registry_store}: {exc}") from None
+        store = etcd
+    else:
+        store = MemoryStore(service_registry)
 
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
@@ -103,7 +128,7 @@ async def start_control_plane(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
     )
     registry_pb2_grpc.add_RegistryServicer_to_server(
-        RegistryServicer(service_registry, cache, registry), server
+        RegistryServicer(service_registry, store, cache, registry), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -123,6 +148,7 @@ async def start_control_plane(
         metrics_server = await start_plain_http(metrics.handle, *metrics_address)
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
+    # With etcd, etcd's leases are the TTL; the core's own leases never run out.
     expiry = asyncio.create_task(expire_leases(service_registry, clock), name="registry-expiry")
     log.info(
         "control plane serving %s (%d services) on %s:%d",
@@ -133,7 +159,7 @@ async def start_control_plane(
     )
     return ControlPlane(
         server, bound, cache, registry, watcher, health_servicer, task, metrics,
-        service_registry, expiry, metrics_server,
+        service_registry, store, expiry, metrics_server,
     )
 
 
@@ -149,7 +175,7 @@ async def _serve(args: argparse.Namespace) -> int:
             raise ConfigError("--registry-heartbeat-interval", "expected a number of seconds > 0")
         plane = await start_control_plane(
             args.config, args.address, args.port, metrics_address=metrics_address,
-            heartbeat_interval=heartbeat,
+            heartbeat_interval=heartbeat, registry_store=args.registry_store or None,
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)

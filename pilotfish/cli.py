@@ -74,6 +74,10 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--registry-heartbeat-interval", type=float, default=2.0, metavar="SECONDS",
         help="how often registered instances renew; three missed heartbeats evict (default 2)",
     )
+    p.add_argument(
+        "--registry-store", default="", metavar="etcd://HOST:PORT",
+        help="keep registrations in etcd, shared by every control plane on it (default: memory)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 

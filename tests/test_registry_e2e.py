@@ -39,12 +39,16 @@ CALLERS = 4
 class Process:
     """A child process with its output in a log file, printed when the test ends."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_dir: Path, command: list[str] | None = None
+    ) -> None:
+        """``python`` with ``args``, or ``command`` as given."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, *args], stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            command or [sys.executable, *args], stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
 

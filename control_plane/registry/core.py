@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -181,6 +182,21 @@ class Registry:
         self._changed({lease.instance.service})
         return lease.instance
 
+    def hold(self, instance: Instance) -> None:
+        """Keep an instance whose lease lives elsewhere (in etcd): it never expires here."""
+        old = self._leases.get(instance.id)
+        self._leases[instance.id] = _Lease(instance, math.inf)
+        if old is None or old.instance != instance:
+            self._changed({instance.service})
+
+    def drop(self, id: str) -> Instance | None:
+        """Forget an instance whose lease lives elsewhere (it ended there); no tombstone."""
+        lease = self._leases.pop(id, None)
+        if lease is None:
+            return None
+        self._changed({lease.instance.service})
+        return lease.instance
+
     def expire(self) -> list[Instance]:
         """Evict every instance whose lease has run out; forget old tombstones."""
         now = self._clock()
@@ -198,7 +214,8 @@ class Registry:
         """When ``expire()`` next has something to do (clock time), None when nothing is held."""
         times = [lease.expires_at for lease in self._leases.values()]
         times += self._tombstones.values()
-        return min(times, default=None)
+        earliest = min(times, default=None)
+        return earliest if earliest is not None and earliest != math.inf else None
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from control_plane.registry.core import (
     UnknownInstance,
     make_instance,
 )
+from control_plane.registry.store import RegistryStore, StoreUnavailable
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.server import ProxyRegistry
 from control_plane.xds.types import ENDPOINT
@@ -94,8 +95,17 @@ async def await_proxies(
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc]
-    def __init__(self, registry: Registry, cache: SnapshotCache, proxies: ProxyRegistry) -> None:
+    """Writes go through ``store``; reads come from ``registry``, the view the cache serves."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: RegistryStore,
+        cache: SnapshotCache,
+        proxies: ProxyRegistry,
+    ) -> None:
         self._registry = registry
+        self._store = store
         self._cache = cache
         self._proxies = proxies
 
@@ -114,7 +124,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc
             # Accepted all the same: the mesh file may name it later. But say so once.
             log.warning("registered %s, but no mesh service takes endpoints from %r",
                         instance.id, instance.service)
-        self._registry.register(instance)
+        try:
+            await self._store.register(instance)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise AssertionError("abort raises") from None
         log.info("registered %s (weight %d, %s)", instance.id, instance.weight,
                  instance.state.value)
         return registry_pb2.RegisterResponse(
@@ -127,7 +141,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc
         state = _STATES.get(request.state)
         try:
             before = self._registry.get(request.id)
-            instance = self._registry.heartbeat(request.id, state)
+            instance = await self._store.heartbeat(request.id, state)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise AssertionError("abort raises") from None
         except Deregistered:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{request.id} was deregistered; register again to return")
@@ -141,7 +158,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc
         return registry_pb2.HeartbeatResponse()
 
     async def Deregister(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        instance = self._registry.deregister(request.id)
+        try:
+            instance = await self._store.deregister(request.id)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise AssertionError("abort raises") from None
         if instance is None:
             return registry_pb2.DeregisterResponse(found=False)
         revision = self._cache.revision

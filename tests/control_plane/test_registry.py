@@ -98,6 +98,22 @@ def test_changes_are_reported_by_service_and_counted() -> None:
     assert reg.revision == 4
 
 
+def test_held_instances_never_expire_here_and_leave_without_a_tombstone() -> None:
+    """How a control plane mirrors instances whose leases live in etcd."""
+    clock = Clock()
+    reg = registry(clock)
+    inst = make_instance("echo", "127.0.0.1", 9000)
+    reg.hold(inst)
+    reg.hold(inst)  # the same again: no change
+    assert reg.revision == 1 and reg.next_expiry() is None
+    clock.now += 1000
+    assert reg.expire() == []
+    assert reg.drop(inst.id) == inst and reg.drop(inst.id) is None
+    with pytest.raises(UnknownInstance):
+        reg.heartbeat(inst.id)
+    assert reg.revision == 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -230,3 +246,17 @@ def test_selector_defaults_to_the_service_itself() -> None:
     assert mesh.services["echo"].registry == RegistrySelector("echo")
     assert mesh.services["echo-v2"].registry == RegistrySelector("echo", (("version", "v2"),))
     assert mesh.services["caller"].registry is None
+
+
+def test_store_urls_and_records() -> None:
+    from control_plane.registry.store import _decode, _encode, parse_store_url
+
+    assert parse_store_url("etcd://127.0.0.1:2379") == ("127.0.0.1", 2379)
+    assert parse_store_url("etcd://etcd.local") == ("etcd.local", 2379)
+    for bad in ("redis://x:1", "etcd://", "etcd://h:1/path"):
+        with pytest.raises(ValueError):
+            parse_store_url(bad)
+    inst = make_instance("echo", "::1", 9000, weight=3, zone="z1", labels={"version": "v2"},
+                         state=InstanceState.DRAINING)
+    assert inst.id == "echo/[::1]:9000"
+    assert _decode(_encode(inst)) == inst
