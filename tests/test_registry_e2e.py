@@ -2,14 +2,16 @@
 
 A control plane serves ``echo`` with ``discovery: registry``. Three instances (a grpcio app
 process and its ``pilotfish sidecar --register`` process each) join once healthy; a caller
-calls ``echo`` through its own sidecar at about 200 calls/s, bounded in count and time. The
-tests restart every instance in turn, or crash one, and count the failed calls: every method
-of taking an instance out must fail none; a crashed app may fail the calls in flight on it.
+calls ``echo`` through its own sidecar (or as a proxyless grpcio client, through xDS) at about
+200 calls/s, bounded in count and time. The tests restart every instance in turn, or crash
+one, and count the failed calls: every method of taking an instance out must fail none; a
+crash may fail the calls in flight on it. No timing is asserted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -377,3 +380,66 @@ def test_an_app_without_a_sidecar_registers_and_is_discovered(cluster: Cluster) 
         watch.close()
         client.close()
         app.signal(signal.SIGTERM)
+
+
+class ProxylessCaller:
+    """``tests.xds_load_client`` in a process of its own (grpcio reads its xDS bootstrap once)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        bootstrap = cluster.log_dir / "grpc-xds-bootstrap.json"
+        bootstrap.write_text(json.dumps({
+            "xds_servers": [{
+                "server_uri": cluster.registry_address,
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3"],
+            }],
+            "node": {"id": "proxyless-caller", "metadata": {"service": "caller"}},
+        }))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.xds_load_client", "echo", str(RATE)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            env=dict(os.environ, GRPC_XDS_BOOTSTRAP=str(bootstrap)),
+        )
+        self.seen: set[str] = set()
+        self.result: dict[str, Any] = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("seen "):
+                self.seen.add(line.removeprefix("seen ").strip())
+            elif line.startswith("{"):
+                self.result = json.loads(line)
+
+    def saw(self, name: str) -> bool:
+        return name in self.seen
+
+    def stop(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.close()
+        self.proc.wait(20)
+        self._reader.join(5)
+        return self.result
+
+
+def test_rolling_restart_through_a_proxyless_grpc_client_fails_no_call(cluster: Cluster) -> None:
+    with three_instances(cluster, "px") as instances:
+        caller = ProxylessCaller(cluster)
+        try:
+            for instance in instances:
+                assert wait_for(partial(caller.saw, instance.name), 15), caller.seen
+            for index, old in enumerate(list(instances)):
+                old.terminate()
+                new = Instance(cluster, f"{old.name}-new")
+                instances[index] = new
+                assert wait_for(partial(caller.saw, new.name), 15), caller.seen
+        finally:
+            result = caller.stop()
+    print(f"rolling restart through a proxyless client: {result['calls']} calls, "
+          f"{len(result['failed'])} failed")
+    assert result["calls"] >= 300
+    assert result["failed"] == []

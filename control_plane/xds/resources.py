@@ -379,6 +379,7 @@ def _socket_address(host: str, port: int) -> address_pb2.Address:
     )
 
 
+DEFAULT_ZONE = "local"
 ENDPOINT_LABELS_KEY = "envoy.lb"
 """Endpoint metadata that Envoy's subset load balancer matches on: instance labels go here."""
 
@@ -395,11 +396,15 @@ def service_load_assignment(
     for instance in instances:
         if (instance.host, instance.port) not in static:  # the file wins over the registry
             by_zone.setdefault(instance.zone, []).append(instance)
+    # One locality per zone: a locality named twice is rejected (gRPC's EDS validation).
     for zone in sorted(by_zone):
-        locality = cla.endpoints.add(
-            locality=base_pb2.Locality(region="pilotfish", zone=zone or "local"),
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-        )
+        if (zone or DEFAULT_ZONE) == DEFAULT_ZONE:
+            locality = cla.endpoints[0]  # the static endpoints' own locality
+        else:
+            locality = cla.endpoints.add(
+                locality=base_pb2.Locality(region="pilotfish", zone=zone),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
         for instance in by_zone[zone]:
             lb = locality.lb_endpoints.add(
                 endpoint=endpoint_components_pb2.Endpoint(
@@ -429,7 +434,7 @@ def load_assignment(
         for e in endpoints
     ]
     locality = endpoint_components_pb2.LocalityLbEndpoints(
-        locality=base_pb2.Locality(region="pilotfish", zone="local"),
+        locality=base_pb2.Locality(region="pilotfish", zone=DEFAULT_ZONE),
         lb_endpoints=lb_endpoints,
         load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
     )

@@ -169,6 +169,17 @@ def endpoints_of(cache: SnapshotCache, name: str, key: ViewKey | None = None) ->
 HEALTHY, DRAINING = health_check_pb2.HEALTHY, health_check_pb2.DRAINING
 
 
+def localities(cache: SnapshotCache, name: str) -> list[tuple[str, list[int]]]:
+    """Each locality once (gRPC rejects a locality named twice), with its endpoints' ports."""
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    cache.snapshot(ViewKey()).of_type(ENDPOINT)[name].packed.Unpack(cla)
+    return [
+        (loc.locality.zone, [lb.endpoint.address.socket_address.port_value
+                             for lb in loc.lb_endpoints])
+        for loc in cla.endpoints
+    ]
+
+
 def test_registered_instances_become_endpoints_of_the_services_that_ask() -> None:
     clock = Clock()
     reg = registry(clock)
@@ -186,6 +197,10 @@ def test_registered_instances_become_endpoints_of_the_services_that_ask() -> Non
     ]
     assert [e[1] for e in endpoints_of(cache, "echo-v2")] == [9002]
     assert [e[1] for e in endpoints_of(cache, "both")] == [8000, 9001, 9002]
+    reg.register(make_instance("echo", "127.0.0.1", 9003, zone="z2"))
+    assert localities(cache, "both") == [("local", [8000, 9001, 9002]), ("z2", [9003])]
+    assert localities(cache, "echo") == [("local", [9001, 9002]), ("z2", [9003])]
+    reg.deregister("echo/127.0.0.1:9003")
     # The caller's own view gets the same; a view without echo is left alone.
     assert [e[1] for e in endpoints_of(cache, "echo", ViewKey(service="caller"))] == [9001, 9002]
     assert "echo" not in cache.snapshot(ViewKey(service="loner")).of_type(ENDPOINT)
