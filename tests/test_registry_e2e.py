@@ -332,7 +332,6 @@ def test_a_sidecar_killed_fails_only_the_calls_in_flight_and_is_evicted(cluster:
             victim.sidecar.wait(5)
             # Until the lease runs out (1.5 s) the caller still holds the endpoint: its connect
             # failures are retried on another host, free of the retry budget.
-            assert victim.inbound in cluster.caller_hosts()
             assert wait_for(partial(left, cluster, victim.inbound), 5)
             calls_after = load.calls
             assert wait_for(lambda: load.calls >= calls_after + 100, 10)

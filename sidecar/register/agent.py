@@ -75,7 +75,10 @@ class RegistrationAgent:
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._commands: deque[Command] = deque()
         self._poke = asyncio.Event()
-        self._id = ""
+        # The registry names an instance after these three, so it is known before Register
+        # answers: a shutdown while that call is in flight can still deregister it.
+        address = f"[{options.host}]" if ":" in options.host else options.host
+        self._id = f"{options.service}/{address}:{options.port}"
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -158,8 +161,6 @@ class RegistrationAgent:
             self._rejected(command, exc)
 
     async def _deregister(self, command: Deregister) -> None:
-        if not self._id:
-            return
         reply = await self._stub.Deregister(
             registry_pb2.DeregisterRequest(
                 id=self._id, await_proxies=_duration(command.await_proxies)
