@@ -72,6 +72,7 @@ ENUM_KIND: dict[int, LbKind] = {
     Cluster.MAGLEV: LbKind.MAGLEV,
 }
 ACTIVE_REQUEST_BIAS_KEY = "pilotfish.lb.active_request_bias"
+SLOW_START_AGGRESSION_KEY = "pilotfish.lb.slow_start_aggression"
 
 
 def apply_lb_policy(
@@ -102,6 +103,13 @@ def apply_lb_policy(
         metadata["load_balancing"] = ours
     if lb.panic_threshold != LbPolicy().panic_threshold:
         cluster.common_lb_config.healthy_panic_threshold.value = lb.panic_threshold
+    if lb.slow_start is not None:
+        slow = cluster.round_robin_lb_config.slow_start_config
+        slow.slow_start_window.CopyFrom(duration(lb.slow_start.window))
+        slow.aggression.CopyFrom(base_pb2.RuntimeDouble(
+            default_value=lb.slow_start.aggression, runtime_key=SLOW_START_AGGRESSION_KEY
+        ))
+        slow.min_weight_percent.value = lb.slow_start.min_weight_percent
     typed = _typed_policy(lb)
     if typed is not None:
         for name, config in ((typed[0], typed[1]), ("envoy.load_balancing_policies.round_robin",

@@ -233,6 +233,7 @@ class ClusterRuntime:
         self.scope.sources["circuit_breakers"] = self.resilience.breakers.gauges
         self._health_runner: HealthCheckRunner | None = None
         self._outlier_timer: asyncio.TimerHandle | None = None
+        self._ramp_timer: asyncio.TimerHandle | None = None
         self._set_hosts()
 
     def _new_balancer(self, config: ClusterConfig) -> ClusterBalancer:
@@ -249,6 +250,19 @@ class ClusterRuntime:
         self.balancer.set_hosts([(h.endpoint.address, h.endpoint.weight) for h in self.hosts])
         self.scope.gauges["membership_total"] = len(self.hosts)
         self._update_health_gauges()
+        self._schedule_ramp()
+
+    def _schedule_ramp(self) -> None:
+        """While endpoints are in slow start, raise their weights a step at a time."""
+        when = self.balancer.next_ramp_at
+        if when is None or self._ramp_timer is not None:
+            return
+        self._ramp_timer = asyncio.get_event_loop().call_at(when, self._ramp)
+
+    def _ramp(self) -> None:
+        self._ramp_timer = None
+        self.balancer.ramp()
+        self._schedule_ramp()
 
     def start(self) -> None:
         """Start health checking and outlier sweeps (they need a running loop)."""
@@ -378,6 +392,10 @@ class ClusterRuntime:
         new.balancer = self.balancer if same_policy else new._new_balancer(config)
         new._health_runner = self._health_runner if same_policy else None
         new._outlier_timer = None
+        new._ramp_timer = None
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+            self._ramp_timer = None
         if not same_policy:
             self._stop_background()
         elif self._outlier_timer is not None:
@@ -390,6 +408,9 @@ class ClusterRuntime:
         if self._outlier_timer is not None:
             self._outlier_timer.cancel()
             self._outlier_timer = None
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+            self._ramp_timer = None
         runner, self._health_runner = self._health_runner, None
         if runner is not None:
             task = asyncio.get_event_loop().create_task(runner.close())

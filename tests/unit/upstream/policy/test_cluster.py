@@ -10,6 +10,7 @@ from pilotfish.config.cluster_policy import (
     LbKind,
     LbPolicy,
     OutlierDetectionConfig,
+    SlowStartConfig,
 )
 from sidecar.upstream.policy.cluster import ClusterBalancer
 from sidecar.upstream.policy.lb import NO_CONTEXT
@@ -104,3 +105,33 @@ def test_in_flight_counts_follow_the_host_through_a_membership_change() -> None:
     # index, the three ends would have gone to other and busy would look loaded for good.
     picks = Counter(cb.choose(NO_CONTEXT) for _ in range(20))
     assert picks == {0: 20}
+
+
+def test_slow_start_ramps_only_endpoints_that_join_later() -> None:
+    clock = FakeClock()
+    slow = SlowStartConfig(window=10.0, aggression=1.0, min_weight_percent=10.0)
+    cb = ClusterBalancer(LbPolicy(slow_start=slow), clock=clock, rng=random.Random(2))
+    cb.set_hosts(HOSTS[:2])
+    assert cb.next_ramp_at is None  # the first set is not ramped
+    assert [h.weight for h in cb.eligible] == [100, 100]
+    clock.now += 1
+    cb.set_hosts(HOSTS[:3])
+    assert [h.weight for h in cb.eligible] == [100, 100, 10]  # min_weight_percent
+    assert cb.next_ramp_at == clock.now + 0.5
+    picks = Counter(cb.choose(NO_CONTEXT) for _ in range(210))
+    assert picks == {0: 100, 1: 100, 2: 10}
+    clock.now += 5
+    cb.ramp()
+    assert [h.weight for h in cb.eligible] == [100, 100, 50]  # linear: half way
+    clock.now += 5
+    cb.ramp()
+    assert [h.weight for h in cb.eligible] == [100, 100, 100]
+    assert cb.next_ramp_at is None
+    cb.set_hosts(HOSTS[1:3])  # a host leaving starts nobody's ramp
+    assert cb.next_ramp_at is None
+
+
+def test_slow_start_aggression_ramps_faster_at_first() -> None:
+    slow = SlowStartConfig(window=100.0, aggression=2.0, min_weight_percent=0.0)
+    assert slow.factor(25.0) == 0.5 and slow.factor(0.0) == 0.0 and slow.factor(100.0) == 1.0
+    assert SlowStartConfig(window=100.0).factor(25.0) == 0.25
