@@ -338,12 +338,13 @@ class ClusterRuntime:
         self, index: int, host: UpstreamHost, latency: float, status: int | None
     ) -> None:
         """``status`` is what the upstream answered, None for a connect failure or reset."""
-        if self.balancer.request_finished(host.endpoint.address, latency, status):
+        ejected = self.balancer.request_finished(host.endpoint.address, latency, status)
+        if ejected:
             self._update_health_gauges()
             self.scope.inc("outlier_detection.ejections_enforced_total")
             self.metrics.ejections.value += 1
             log.info("outlier detection: %s ejected", host.endpoint.address)
-        if self._outlier_timer is None:
+        if self._outlier_timer is None and (ejected or self.balancer.sweeps_periodically):
             self._schedule_outlier_sweep()
 
     def host_health(self, index: int) -> str:

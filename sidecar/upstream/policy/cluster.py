@@ -159,9 +159,18 @@ class ClusterBalancer:
         self._refresh()
 
     @property
-    def next_outlier_evaluation_at(self) -> float | None:
+    def sweeps_periodically(self) -> bool:
         od = self.outlier_detector
-        return od.next_evaluation_at if od is not None else None
+        return od is not None and od.periodic
+
+    @property
+    def next_outlier_evaluation_at(self) -> float | None:
+        """None when a sweep would do nothing: a cluster with only the default local-origin
+        detection and nothing ejected needs no timer (most clusters, most of the time)."""
+        od = self.outlier_detector
+        if od is None or not (od.periodic or od.has_state):
+            return None
+        return od.next_evaluation_at
 
     def evaluate_outliers(self) -> list[OutlierEvent]:
         if self.outlier_detector is None:

@@ -99,6 +99,17 @@ class OutlierDetector:
         return monitor is not None and monitor.ejected
 
     @property
+    def periodic(self) -> bool:
+        """Whether sweeps judge rates (success rate, failure percentage), so must always run."""
+        config = self.config
+        return config.enforcing_success_rate > 0 or config.enforcing_failure_percentage > 0
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a sweep has an ejection to end or an ejection count to decay."""
+        return any(m.ejected or m.ejection_count for m in self.hosts.values())
+
+    @property
     def ejected_count(self) -> int:
         return sum(1 for m in self.hosts.values() if m.ejected)
 

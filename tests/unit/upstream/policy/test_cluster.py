@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 from pilotfish.config.cluster_policy import (
+    LOCAL_ORIGIN_ONLY,
     HealthCheckConfig,
     LbKind,
     LbPolicy,
@@ -135,3 +136,26 @@ def test_slow_start_aggression_ramps_faster_at_first() -> None:
     slow = SlowStartConfig(window=100.0, aggression=2.0, min_weight_percent=0.0)
     assert slow.factor(25.0) == 0.5 and slow.factor(0.0) == 0.0 and slow.factor(100.0) == 1.0
     assert SlowStartConfig(window=100.0).factor(25.0) == 0.25
+
+
+def test_local_origin_detection_alone_needs_no_sweeps_until_it_ejects() -> None:
+    clock = FakeClock()
+    cb = ClusterBalancer(LbPolicy(), outlier_detection=LOCAL_ORIGIN_ONLY, clock=clock,
+                         rng=random.Random(2))
+    cb.set_hosts(HOSTS)
+    assert not cb.sweeps_periodically and cb.next_outlier_evaluation_at is None
+    for _ in range(50):
+        assert not cb.request_finished(HOSTS[0][0], 0.01, 503)  # answers never eject
+    assert cb.next_outlier_evaluation_at is None
+    ejected = [cb.request_finished(HOSTS[1][0], 0.01, None) for _ in range(5)]
+    assert ejected == [False] * 4 + [True]
+    assert cb.next_outlier_evaluation_at is not None
+    # Swept until it is back and its ejection count has decayed; then quiet again.
+    for _ in range(20):
+        when = cb.next_outlier_evaluation_at
+        if when is None:
+            break
+        clock.now = max(clock.now, when)
+        cb.evaluate_outliers()
+    assert cb.next_outlier_evaluation_at is None
+    assert 1 in chosen(cb)
