@@ -234,6 +234,7 @@ class Exchange:
     done = False
     timer: WheelTimer | None = None
     retry_timer: asyncio.TimerHandle | None = None
+    retries_exhausted = False  # flagged URX at the end, after the flag of the failure itself
     status = 0
     grpc_status: int | None = None
     upstream_host = ""
@@ -633,7 +634,7 @@ class Exchange:
             throttle.record(outcome.accepted)
         if not decision.retry:
             if decision.verdict is Verdict.EXHAUSTED:
-                self.flags.append(RETRY_LIMIT_EXCEEDED)
+                self.retries_exhausted = True
             return False  # a retry the breaker refused was counted there
         cluster.scope.inc("upstream_rq_retry")
         cluster.metrics.retries.value += 1
@@ -863,6 +864,8 @@ class Exchange:
             self.inflight.done()
             self.inflight = None
         self.status = status
+        if self.retries_exhausted:
+            self.flags.append(RETRY_LIMIT_EXCEEDED)
         listener = self.listener
         scope = listener.scope
         scope.gauges["downstream_rq_active"] -= 1
