@@ -16,6 +16,9 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane.kube.discovery import DEFAULT_CLUSTER_DOMAIN, MeshSources
+from control_plane.kube.runner import KubeDiscovery
+from control_plane.kube.watch import KubeConfigError
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.status_service import StatusServicer
@@ -35,6 +38,18 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["ControlPlaneStatus"].full_name
 
 
+@dataclass(frozen=True, slots=True)
+class KubernetesOptions:
+    """``--kubernetes``: discover Services and pods. ``namespaces`` empty: all of them."""
+
+    kubeconfig: str | None = None
+    namespaces: tuple[str, ...] = ()
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+    watch_timeout: int = 240
+
+
 @dataclass(eq=False)
 class ControlPlane:
     """A started control plane; ``port`` is the bound port (useful when asked for port 0)."""
@@ -47,7 +62,9 @@ class ControlPlane:
     health: health.aio.HealthServicer
     _watch_task: asyncio.Task[None]
     metrics: ControlPlaneMetrics
+    sources: MeshSources
     metrics_server: asyncio.AbstractServer | None = None
+    kube: KubeDiscovery | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.metrics_server is not None:
@@ -55,6 +72,9 @@ class ControlPlane:
         self._watch_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch_task
+        if self.kube is not None:
+            await self.kube.stop()
+        self.sources.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -66,8 +86,13 @@ async def start_control_plane(
     callbacks: Callbacks | None = None,
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
+    kubernetes: KubernetesOptions | None = None,
 ) -> ControlPlane:
-    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad."""
+    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad.
+
+    With ``kubernetes``, Services and their pods are added as the watch finds them (the mesh
+    file alone is served until the first list arrives).
+    """
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
     try:
@@ -75,7 +100,16 @@ async def start_control_plane(
     except InconsistentSnapshot as exc:
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
-    watcher = MeshFileWatcher(config, cache.set_mesh, digest=MeshFileWatcher.digest_of(data))
+    kube: KubeDiscovery | None = None
+    if kubernetes is not None:
+        kube = await KubeDiscovery.connect(kubernetes)
+    sources = MeshSources(
+        mesh,
+        cache.set_mesh,
+        discovered=kube.state.services if kube is not None else dict,
+        cluster_domain=kubernetes.cluster_domain if kubernetes else DEFAULT_CLUSTER_DOMAIN,
+    )
+    watcher = MeshFileWatcher(config, sources.set_file_mesh, digest=MeshFileWatcher.digest_of(data))
 
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
@@ -103,6 +137,8 @@ async def start_control_plane(
         metrics_server = await start_plain_http(metrics.handle, *metrics_address)
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
+    if kube is not None:
+        kube.start(sources.discovery_changed)
     log.info(
         "control plane serving %s (%d services) on %s:%d",
         config,
@@ -111,7 +147,17 @@ async def start_control_plane(
         bound,
     )
     return ControlPlane(
-        server, bound, cache, registry, watcher, health_servicer, task, metrics, metrics_server
+        server,
+        bound,
+        cache,
+        registry,
+        watcher,
+        health_servicer,
+        task,
+        metrics,
+        sources,
+        metrics_server,
+        kube,
     )
 
 
@@ -122,9 +168,23 @@ async def _serve(args: argparse.Namespace) -> int:
             if args.metrics_address
             else None
         )
+        kubernetes = None
+        if args.kubernetes:
+            kubernetes = KubernetesOptions(
+                kubeconfig=args.kubeconfig or None,
+                namespaces=tuple(n for n in args.kube_namespaces.split(",") if n),
+                cluster_domain=args.cluster_domain,
+            )
         plane = await start_control_plane(
-            args.config, args.address, args.port, metrics_address=metrics_address
+            args.config,
+            args.address,
+            args.port,
+            metrics_address=metrics_address,
+            kubernetes=kubernetes,
         )
+    except KubeConfigError as exc:
+        print(f"pilotfish control-plane: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,21 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    kube = p.add_argument_group("Kubernetes discovery")
+    kube.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch Services and EndpointSlices: pods become endpoints (in a pod: its service "
+        "account; elsewhere --kubeconfig, $KUBECONFIG or ~/.kube/config)",
+    )
+    kube.add_argument("--kubeconfig", default="", help="kubeconfig file (default: see above)")
+    kube.add_argument(
+        "--kube-namespaces",
+        default="",
+        metavar="NS[,NS...]",
+        help="watch only these namespaces (default: all; RBAC then needs a ClusterRole)",
+    )
+    kube.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
 
 
 def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
