@@ -47,7 +47,7 @@ class Request:
 
     @property
     def watch(self) -> bool:
-        return self.params.get("watch") == "true"
+        return self.params.get("watch", "").lower() in ("true", "1")
 
 
 class FakeKubeApi:
@@ -273,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
         params = request.params
         version = int(params.get("resourceVersion") or 0)
         timeout = float(params.get("timeoutSeconds") or 1800)
-        bookmarks = params.get("allowWatchBookmarks") == "true"
+        bookmarks = params.get("allowWatchBookmarks", "").lower() in ("true", "1")
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")

@@ -29,7 +29,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.watch import Watch
-from tenacity import RetryCallState, Retrying, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, wait_exponential, wait_random
 
 from control_plane.kube.state import ENDPOINT_SLICE, SERVICE, ClusterState, MalformedObject
 
@@ -92,8 +92,10 @@ class KubeWatcher:
         self._state = state
         self._on_change = on_change
         self._namespaces: tuple[str | None, ...] = tuple(namespaces) or (None,)
-        self._wait = wait_exponential_jitter(
-            initial=backoff_initial, max=backoff_max, jitter=backoff_initial
+        # Doubling from ``backoff_initial`` up to ``backoff_max``, plus up to one
+        # ``backoff_initial`` of jitter so that replicas do not retry in step.
+        self._wait = wait_exponential(multiplier=backoff_initial, max=backoff_max) + wait_random(
+            0, backoff_initial
         )
         self._retrying = Retrying(wait=self._wait)
         self._watch_timeout = watch_timeout
@@ -142,6 +144,13 @@ class KubeWatcher:
                 await self._fail(where, f"HTTP {exc.status} {exc.reason}", failures)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 failures += 1
+                await self._fail(where, f"{type(exc).__name__}: {exc}", failures)
+            except Exception as exc:
+                # The library reports a malformed watch line as a bare Exception. Giving up
+                # would freeze the endpoints for good; log it loudly and start over.
+                failures += 1
+                log.exception("kubernetes: %s: unexpected failure", where)
+                version = None
                 await self._fail(where, f"{type(exc).__name__}: {exc}", failures)
 
     async def _fail(self, where: str, reason: str, failures: int) -> None:
