@@ -402,3 +402,26 @@ def running_fake(version_base: int = 100) -> Iterator[FakeKubeApi]:
         yield fake
     finally:
         fake.stop()
+
+
+def main() -> None:
+    """Serve objects from a JSON file (``{"services": [...], "endpointslices": [...]}``) until
+    killed: for tests that need the API server in a network namespace of their own."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--objects", required=True)
+    args = parser.parse_args()
+    fake = FakeKubeApi()
+    objects = json.loads(Path(args.objects).read_text())
+    for resource in (SERVICES, SLICES):
+        for obj in objects.get(resource, []):
+            fake.put(resource, obj)
+    fake.start(args.port)
+    print(f"serving on 127.0.0.1:{fake.port}", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
