@@ -37,7 +37,16 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="where the outbound listener relays what is not HTTP (behind `pilotfish iptables`: "
         "original-destination)",
     )
-    xds.add_argument("--admin-address", default="127.0.0.1:15000", help="HOST:PORT")
+    xds.add_argument(
+        "--admin-address",
+        default="127.0.0.1:15000",
+        help="HOST:PORT; state changes (POST) are taken from loopback only, wherever it binds",
+    )
+    xds.add_argument(
+        "--health-address",
+        default="",
+        help="HOST:PORT serving only GET /ready, for kubelet probes (e.g. 0.0.0.0:15021)",
+    )
 
 
 def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -66,13 +66,13 @@ def tcp_echo(port: int) -> None:
         server.serve_forever()
 
 
-def http_get(url: str, host: str | None) -> dict[str, Any]:
+def http_get(url: str, host: str | None, method: str = "GET") -> dict[str, Any]:
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname is not None
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=TIMEOUT)
     try:
         headers = {"host": host} if host is not None else {}
-        conn.request("GET", parts.path or "/", headers=headers)
+        conn.request(method, parts.path or "/", headers=headers)
         response = conn.getresponse()
         body = response.read().decode("utf-8", "replace")
         return {
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("http-get")
     p.add_argument("url")
     p.add_argument("--host")
+    p.add_argument("--method", default="GET")
     p = sub.add_parser("tcp-send")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "tcp-echo":
         tcp_echo(args.port)
     elif args.command == "http-get":
-        print(json.dumps(http_get(args.url, args.host)))
+        print(json.dumps(http_get(args.url, args.host, args.method)))
     else:
         print(json.dumps(tcp_send(args.host, args.port, args.text)))
     return 0

@@ -85,8 +85,8 @@ class Netns:
         result: dict[str, Any] = json.loads(self.run(sys.executable, TOOLS, *argv).stdout)
         return result
 
-    def get(self, url: str, host: str | None = None) -> dict[str, Any]:
-        return self.tool("http-get", url, *(("--host", host) if host else ()))
+    def get(self, url: str, host: str | None = None, method: str = "GET") -> dict[str, Any]:
+        return self.tool("http-get", url, "--method", method, *(("--host", host) if host else ()))
 
     def pilotfish(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return self.run(sys.executable, "-m", "pilotfish", *argv)
