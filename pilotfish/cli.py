@@ -122,6 +122,31 @@ def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _add_inject(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="print Kubernetes manifests with the sidecar added",
+        description="Reads YAML (one or more documents), adds the Pilotfish sidecar to every "
+        "Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob, and prints the "
+        "result; other kinds pass through. Injecting twice changes nothing.",
+    )
+    p.add_argument("-f", "--filename", default="-", help="manifest file ('-': stdin)")
+    p.add_argument("--image", default="pilotfish:dev", help="the Pilotfish image")
+    p.add_argument(
+        "--xds-address",
+        default="control-plane.pilotfish.svc:15010",
+        help="the control plane's xDS address, as the sidecars reach it",
+    )
+    p.add_argument(
+        "--classic",
+        action="store_true",
+        help="the sidecar as an ordinary container (clusters before 1.29; Jobs never finish)",
+    )
+    p.add_argument(
+        "--proxy-log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pilotfish", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_demo(sub)
     _add_iptables(sub)
+    _add_inject(sub)
     return parser
 
 
@@ -166,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.listen.iptables import run_iptables
 
         return run_iptables(args)
+    if args.command == "inject":
+        from control_plane.kube.inject_cli import run_inject
+
+        return run_inject(args)
     if args.command == "demo":
         from pilotfish.demo import run_demo
 
