@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from control_plane.kube.discovery import DEFAULT_CLUSTER_DOMAIN, MeshSources
+from control_plane.kube.inject import InjectOptions
 from control_plane.kube.runner import KubeDiscovery
 from control_plane.kube.watch import KubeConfigError
+from control_plane.kube.webhook import start_webhook, tls_context
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.status_service import StatusServicer
@@ -50,6 +53,16 @@ class KubernetesOptions:
     watch_timeout: int = 240
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookOptions:
+    """The injection webhook: HTTPS on ``address`` with this certificate and key."""
+
+    address: tuple[str, int]
+    cert: str
+    key: str
+    inject: InjectOptions = InjectOptions()
+
+
 @dataclass(eq=False)
 class ControlPlane:
     """A started control plane; ``port`` is the bound port (useful when asked for port 0)."""
@@ -65,10 +78,13 @@ class ControlPlane:
     sources: MeshSources
     metrics_server: asyncio.AbstractServer | None = None
     kube: KubeDiscovery | None = None
+    webhook: web.AppRunner | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.webhook is not None:
+            await self.webhook.cleanup()
         self._watch_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch_task
@@ -87,6 +103,7 @@ async def start_control_plane(
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
     kubernetes: KubernetesOptions | None = None,
+    webhook: WebhookOptions | None = None,
 ) -> ControlPlane:
     """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad.
 
@@ -100,6 +117,7 @@ async def start_control_plane(
     except InconsistentSnapshot as exc:
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
+    tls = tls_context(webhook.cert, webhook.key) if webhook is not None else None
     kube: KubeDiscovery | None = None
     if kubernetes is not None:
         kube = await KubeDiscovery.connect(kubernetes)
@@ -136,6 +154,10 @@ async def start_control_plane(
     if metrics_address is not None:
         metrics_server = await start_plain_http(metrics.handle, *metrics_address)
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
+    webhook_runner = None
+    if webhook is not None and tls is not None:
+        webhook_runner = await start_webhook(webhook.inject, *webhook.address, tls)
+        log.info("injection webhook on https://%s:%d/inject", *webhook.address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
     if kube is not None:
         kube.start(sources.discovery_changed)
@@ -158,6 +180,7 @@ async def start_control_plane(
         sources,
         metrics_server,
         kube,
+        webhook_runner,
     )
 
 
@@ -175,12 +198,27 @@ async def _serve(args: argparse.Namespace) -> int:
                 namespaces=tuple(n for n in args.kube_namespaces.split(",") if n),
                 cluster_domain=args.cluster_domain,
             )
+        webhook = None
+        if args.webhook_address:
+            if not args.webhook_cert or not args.webhook_key:
+                raise ConfigError("--webhook-address", "needs --webhook-cert and --webhook-key")
+            webhook = WebhookOptions(
+                address=parse_address("--webhook-address", args.webhook_address),
+                cert=args.webhook_cert,
+                key=args.webhook_key,
+                inject=InjectOptions(
+                    image=args.inject_image,
+                    xds_address=args.inject_xds_address,
+                    native=not args.inject_classic,
+                ),
+            )
         plane = await start_control_plane(
             args.config,
             args.address,
             args.port,
             metrics_address=metrics_address,
             kubernetes=kubernetes,
+            webhook=webhook,
         )
     except KubeConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)

@@ -73,6 +73,19 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="watch only these namespaces (default: all; RBAC then needs a ClusterRole)",
     )
     kube.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
+    hook = p.add_argument_group("sidecar injection webhook (HTTPS)")
+    hook.add_argument("--webhook-address", default="", help="HOST:PORT, e.g. 0.0.0.0:15017")
+    hook.add_argument("--webhook-cert", default="", help="PEM certificate (chain) file")
+    hook.add_argument("--webhook-key", default="", help="PEM private key file")
+    hook.add_argument("--inject-image", default="pilotfish:dev", help="the sidecar's image")
+    hook.add_argument(
+        "--inject-xds-address",
+        default="control-plane.pilotfish.svc:15010",
+        help="the control plane's address, as injected sidecars reach it",
+    )
+    hook.add_argument(
+        "--inject-classic", action="store_true", help="inject classic (not native) sidecars"
+    )
 
 
 def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
