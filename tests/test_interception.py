@@ -374,7 +374,7 @@ def test_apply_twice_then_clean_removes_exactly_ours(world: World) -> None:
     assert world.stats().get(counter, 0) == before
 
 
-# ---------------------------------------------------------------- as in k8s/demo.yaml
+# ------------------------------------------- as `pilotfish inject` configures a sidecar
 
 XDS_PORT = 15010
 KUBE_API_PORT = 6443
@@ -400,7 +400,7 @@ MESH = {
 
 
 def start_xds_sidecar(pod: Netns, peer: Netns, workdir: Path) -> None:
-    """A control plane in ``peer``; in ``pod`` a sidecar with the flags of k8s/demo.yaml."""
+    """A control plane in ``peer``; in ``pod`` a sidecar with the flags injection gives it."""
     mesh = workdir / "mesh.yaml"
     mesh.write_text(yaml.safe_dump(MESH))
     # A Kubernetes API server in the peer's namespace, serving the Service "quotes" (port
