@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from control_plane.kube.discovery import DEFAULT_CLUSTER_DOMAIN, MeshSources
 from control_plane.kube.inject import InjectOptions
-from control_plane.kube.runner import KubeDiscovery
+from control_plane.kube.runner import KubeDiscovery, KubernetesOptions
 from control_plane.kube.watch import KubeConfigError
 from control_plane.kube.webhook import start_webhook, tls_context
 from control_plane.mesh import load_mesh_file
@@ -39,18 +39,6 @@ log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["ControlPlaneStatus"].full_name
-
-
-@dataclass(frozen=True, slots=True)
-class KubernetesOptions:
-    """``--kubernetes``: discover Services and pods. ``namespaces`` empty: all of them."""
-
-    kubeconfig: str | None = None
-    namespaces: tuple[str, ...] = ()
-    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
-    backoff_initial: float = 0.2
-    backoff_max: float = 10.0
-    watch_timeout: int = 240
 
 
 @dataclass(frozen=True, slots=True)
