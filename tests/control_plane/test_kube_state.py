@@ -3,9 +3,11 @@ and their merge with the mesh file into the xDS the sidecars get."""
 
 from __future__ import annotations
 
+import asyncio
+
 from envoy.config.core.v3 import health_check_pb2
 
-from control_plane.kube.discovery import merge, protocol_of
+from control_plane.kube.discovery import MeshSources, merge, protocol_of
 from control_plane.kube.state import (
     ENDPOINT_SLICE,
     SERVICE,
@@ -15,6 +17,7 @@ from control_plane.kube.state import (
     ServicePort,
 )
 from control_plane.mesh import parse_mesh_text
+from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.resources import load_assignment, route_configuration
 from tests.kube_fake import endpoint, endpoint_slice, service
 
@@ -194,3 +197,26 @@ def test_load_assignment_pods_by_locality_with_draining() -> None:
         ("10.1.0.3", health_check_pb2.HEALTHY),
     ]
     assert all(loc.load_balancing_weight.value == 1 for loc in cla.endpoints)
+
+
+def test_a_burst_of_discovery_changes_makes_one_rebuild_and_file_edits_keep_pods() -> None:
+    state = _state(endpoint("10.1.0.1"))
+    file_mesh = parse_mesh_text(MESH)
+    cache = SnapshotCache(file_mesh)
+    sources = MeshSources(file_mesh, cache.set_mesh, state.services, coalesce=0.01)
+
+    async def burst() -> None:
+        for i in range(2, 50):
+            extra = endpoint_slice(f"s{i}", "shop", "quotes", 8080, [endpoint(f"10.1.0.{i}")])
+            state.apply(ENDPOINT_SLICE, "ADDED", extra)
+            sources.discovery_changed()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(burst())
+    assert sources.rebuilds == 1
+    assert len(cache.mesh.services["quotes"].pods) == 49
+    # A mesh file edit is merged with what discovery knows: the pods stay.
+    edited = parse_mesh_text(MESH.replace("timeout: 2s", "timeout: 3s"))
+    sources.set_file_mesh(edited)
+    assert cache.mesh.services["quotes"].routes[0].timeout == 3.0
+    assert len(cache.mesh.services["quotes"].pods) == 49
