@@ -120,6 +120,10 @@ async def start_control_plane(
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
     metrics.reload_errors = lambda: watcher.errors
+    if kube is not None:
+        metrics.kube_watch = kube.watcher.stats.by_name
+        state = kube.state
+        metrics.kube_services = lambda: state.service_count
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AdsServicer(cache, registry, metrics), server

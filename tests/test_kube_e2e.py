@@ -16,9 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kube_fake import SERVICES, SLICES, FakeKubeApi, endpoint, endpoint_slice, service
-from tests.support import free_port, wait_for
+from tests.support import free_port, http_get, wait_for
 from tests.test_xds_e2e import METHOD, SERVICE, Processes, Sidecar, Traffic
 
 AUTHORITY = "quotes.default.svc.cluster.local:7001"
@@ -53,10 +54,23 @@ class Pod:
 
 
 class Mesh:
-    def __init__(self, fake: FakeKubeApi, sidecar: Sidecar, port: int) -> None:
+    def __init__(self, fake: FakeKubeApi, sidecar: Sidecar, port: int, metrics_url: str) -> None:
         self.fake = fake
         self.sidecar = sidecar
         self.port = port
+        self.metrics_url = metrics_url
+
+    def watch_metric(self, what: str) -> float:
+        """The control plane's ``pilotfish_kubernetes_watch_total{what=...}``."""
+        status, text = http_get(self.metrics_url)
+        assert status == 200, text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("pilotfish_kubernetes_watch") and (
+                    sample.labels.get("what") == what
+                ):
+                    return float(sample.value)
+        raise AssertionError(f"no watch metric {what!r} in\n{text}")
 
     def set_pods(self, *endpoints: dict[str, object]) -> None:
         self.fake.put(
@@ -93,6 +107,7 @@ def mesh(tmp_path: Path, processes: Processes) -> Iterator[Mesh]:
     mesh_file.write_text("services: {}\n")
     kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig")
     xds_port = free_port()
+    metrics_address = f"127.0.0.1:{free_port()}"
     control = processes.start(
         "control-plane",
         [
@@ -104,13 +119,15 @@ def mesh(tmp_path: Path, processes: Processes) -> Iterator[Mesh]:
             "--kubernetes",
             "--kubeconfig",
             str(kubeconfig),
+            "--metrics-address",
+            metrics_address,
         ],
     )
     assert wait_for(lambda: "listed 1 EndpointSlice" in control.log(), 20), control.log()
     sidecar = Sidecar(processes, f"127.0.0.1:{xds_port}", "client-1", "client")
     sidecar.wait_ready()
     try:
-        yield Mesh(fake, sidecar, port)
+        yield Mesh(fake, sidecar, port, f"http://{metrics_address}/metrics")
     finally:
         fake.stop()
         for pod in pods:
@@ -189,9 +206,13 @@ def test_watch_dropped_and_server_restarted_loses_nothing(mesh: Mesh) -> None:
         mesh.set_pods(endpoint(PODS[0]), endpoint(PODS[1]))
         traffic.wait_settled({PODS[0], PODS[1]}, start, n=60)
         # The API server comes back from a restore: new versions, no history (410, relist).
+        gone = mesh.watch_metric("gone")
         mesh.fake.restart(version_base=70_000)
         mesh.set_pods(endpoint(PODS[1]), endpoint(PODS[2]))
         traffic.wait_settled({PODS[1], PODS[2]}, start, n=60)
     finally:
         traffic.stop()
     assert traffic.failures() == []
+    # Both watches found their version unknown to the restarted server and listed again.
+    assert mesh.watch_metric("gone") >= gone + 2
+    assert mesh.watch_metric("list") >= 4

@@ -147,6 +147,10 @@ class ClusterState:
             return key, parse_service(obj, name, namespace)
         return key, parse_slice(obj, name, namespace)
 
+    @property
+    def service_count(self) -> int:
+        return len(self._services)
+
     def services(self) -> dict[str, DiscoveredService]:
         """Every Service with its endpoints, by ``name.namespace``."""
         by_service: dict[tuple[str, str], list[SliceInfo]] = {}

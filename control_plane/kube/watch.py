@@ -74,6 +74,18 @@ class WatchStats:
     failures: int = 0
     malformed: int = 0
 
+    def by_name(self) -> dict[str, int]:
+        """For metrics: ``{"list": ..., "watch": ..., "event": ...}``."""
+        return {
+            "list": self.lists,
+            "watch": self.watches,
+            "event": self.events,
+            "bookmark": self.bookmarks,
+            "gone": self.gone,
+            "failure": self.failures,
+            "malformed": self.malformed,
+        }
+
 
 class KubeWatcher:
     """Keeps ``state`` in step with the API server; calls ``on_change`` after each change."""
