@@ -46,5 +46,5 @@ kubectl -n "$NAMESPACE" create secret tls "$SECRET" \
     --cert "$dir/tls.crt" --key "$dir/tls.key" --dry-run=client -o yaml | kubectl apply -f -
 ca_bundle="$(base64 < "$dir/ca.crt" | tr -d '\n')"
 kubectl patch mutatingwebhookconfiguration "$WEBHOOK" --type json \
-    -p "[{\"op\": \"replace\", \"path\": \"/webhooks/0/clientConfig/caBundle\", \"value\": \"$ca_bundle\"}]"
+    -p "[{\"op\": \"add\", \"path\": \"/webhooks/0/clientConfig/caBundle\", \"value\": \"$ca_bundle\"}]"
 kubectl -n "$NAMESPACE" rollout restart deployment "$SERVICE"

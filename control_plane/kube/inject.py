@@ -31,7 +31,8 @@ Annotations on the pod (template) override the defaults:
 
 Injection marks the pod with ``pilotfish.io/status: injected``; a marked pod, or one that
 already has a container named ``pilotfish``, is returned unchanged, so injecting twice is
-the same as injecting once.
+the same as injecting once. A ``hostNetwork`` pod is left alone (its network is the node's),
+and an app that runs as the sidecar's UID is an error (its traffic would bypass the sidecar).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def inject_pod(
         raise InjectError("spec.containers: required")
     if spec.get("hostNetwork"):
         return result  # the node's network namespace: interception would capture the node
+    _check_not_proxy_uid(spec, options.proxy_uid)
     annotations = metadata.get("annotations") or {}
     labels = metadata.get("labels") or {}
     options = _with_annotations(options, annotations)
@@ -175,6 +177,23 @@ def inject_pod(
         spec["terminationGracePeriodSeconds"] = max(grace, options.drain_seconds + 10)
     metadata["annotations"] = {**annotations, STATUS_ANNOTATION: "injected"}
     return result
+
+
+def _check_not_proxy_uid(spec: Mapping[str, Any], uid: int) -> None:
+    """The rules let the sidecar's UID out untouched: an app running as it would bypass the
+    sidecar without a trace, so that is an error."""
+    pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
+    for i, container in enumerate(spec["containers"]):
+        own = (container.get("securityContext") or {}).get("runAsUser")
+        if (own if own is not None else pod_uid) == uid:
+            where = (
+                f"spec.containers[{i}].securityContext.runAsUser"
+                if own is not None
+                else "spec.securityContext.runAsUser"
+            )
+            raise InjectError(
+                f"{where}: {uid} is the sidecar's UID; the app's traffic would bypass the sidecar"
+            )
 
 
 def _with_annotations(options: InjectOptions, annotations: Mapping[str, Any]) -> InjectOptions:

@@ -82,6 +82,8 @@ class ClusterState:
         self._services: dict[tuple[str, str], ServiceInfo] = {}
         self._slices: dict[tuple[str, str], SliceInfo] = {}
         self.version = 0
+        # What the last ``replace`` skipped, one message per object, for the caller to log.
+        self.rejected: list[str] = []
 
     def replace(
         self, kind: str, items: Iterable[Mapping[str, Any]], namespace: str | None = None
@@ -89,14 +91,17 @@ class ClusterState:
         """A fresh list of ``kind`` (in ``namespace``, or in all): objects of that scope not in
         it are gone. Returns whether anything changed.
 
-        Malformed objects are skipped (their error is returned by ``apply`` for events); a list
-        is the server's whole truth, so one bad object must not hide the others.
+        Malformed objects are skipped, their errors kept in ``rejected`` (``apply`` raises
+        instead); a list is the server's whole truth, so one bad object must not hide the
+        others.
         """
         table: dict[tuple[str, str], Any] = {}
+        self.rejected = []
         for item in items:
             try:
                 key, value = self._parse(kind, item)
-            except MalformedObject:
+            except MalformedObject as exc:
+                self.rejected.append(str(exc))
                 continue
             if value is not None:
                 table[key] = value

@@ -204,7 +204,11 @@ class KubeWatcher:
         if not isinstance(items, list) or not isinstance(version, str):
             raise ValueError(f"{kind} list: items and metadata.resourceVersion are required")
         self.stats.lists += 1
-        if self._state.replace(kind, items, namespace):
+        changed = self._state.replace(kind, items, namespace)
+        for problem in self._state.rejected:
+            self.stats.malformed += 1
+            log.error("kubernetes: ignoring a listed object: %s", problem)
+        if changed:
             self._on_change()
         log.info("kubernetes: listed %d %s objects at version %s", len(items), kind, version)
         return version

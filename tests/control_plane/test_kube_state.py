@@ -220,3 +220,10 @@ def test_a_burst_of_discovery_changes_makes_one_rebuild_and_file_edits_keep_pods
     sources.set_file_mesh(edited)
     assert cache.mesh.services["quotes"].routes[0].timeout == 3.0
     assert len(cache.mesh.services["quotes"].pods) == 49
+
+
+def test_a_list_reports_the_objects_it_skipped() -> None:
+    state = ClusterState()
+    state.replace(SERVICE, [{"metadata": {"name": "x"}}, service("quotes", "shop", 7001)])
+    assert state.rejected == ["Service: metadata.name and metadata.namespace are required"]
+    assert list(state.services()) == ["quotes.shop"]

@@ -191,3 +191,16 @@ def test_bad_annotations_name_the_field(tmp_path: Path) -> None:
             InjectOptions(),
             "p",
         )
+
+
+def test_an_app_running_as_the_sidecar_uid_is_an_error() -> None:
+    spec = {"securityContext": {"runAsUser": 1337}, "containers": [{"name": "a", "image": "x"}]}
+    with pytest.raises(InjectError, match=r"^spec.securityContext.runAsUser: 1337 is the sidecar"):
+        inject_pod({"metadata": {}, "spec": spec}, InjectOptions(), "p")
+    spec["containers"][0]["securityContext"] = {"runAsUser": 1000}  # type: ignore[index]
+    assert inject_pod({"metadata": {}, "spec": spec}, InjectOptions(), "p")["spec"]
+
+
+def test_host_network_pods_are_left_alone() -> None:
+    pod = {"metadata": {}, "spec": {"hostNetwork": True, "containers": [{"name": "a"}]}}
+    assert inject_pod(pod, InjectOptions(), "p") == pod
