@@ -10,18 +10,16 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control_plane.kube.discovery import DEFAULT_CLUSTER_DOMAIN, MeshSources
+from control_plane.kube.discovery import MeshSources
 from control_plane.kube.inject import InjectOptions
-from control_plane.kube.runner import KubeDiscovery, KubernetesOptions
-from control_plane.kube.watch import KubeConfigError
-from control_plane.kube.webhook import start_webhook, tls_context
+from control_plane.kube.options import DEFAULT_CLUSTER_DOMAIN, KubernetesOptions
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.status_service import StatusServicer
@@ -34,6 +32,12 @@ from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.plainhttp import start_plain_http
+
+if TYPE_CHECKING:
+    # The Kubernetes client and aiohttp are imported only when asked for (about 0.5 s).
+    from aiohttp import web
+
+    from control_plane.kube.runner import KubeDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +109,15 @@ async def start_control_plane(
     except InconsistentSnapshot as exc:
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
-    tls = tls_context(webhook.cert, webhook.key) if webhook is not None else None
+    tls = None
+    if webhook is not None:
+        from control_plane.kube.webhook import start_webhook, tls_context
+
+        tls = tls_context(webhook.cert, webhook.key)
     kube: KubeDiscovery | None = None
     if kubernetes is not None:
+        from control_plane.kube.runner import KubeDiscovery
+
         kube = await KubeDiscovery.connect(kubernetes)
     sources = MeshSources(
         mesh,
@@ -212,9 +222,6 @@ async def _serve(args: argparse.Namespace) -> int:
             kubernetes=kubernetes,
             webhook=webhook,
         )
-    except KubeConfigError as exc:
-        print(f"pilotfish control-plane: {exc}", file=sys.stderr)
-        return 2
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+from control_plane.kube.options import DEFAULT_CLUSTER_DOMAIN
 from control_plane.kube.state import DiscoveredService, ServiceInfo, ServicePort
 from control_plane.mesh import Mesh, MeshService, _default_route
 from control_plane.xds.snapshot import InconsistentSnapshot
@@ -23,7 +24,6 @@ from pilotfish.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 # Events arriving within this long of each other make one new snapshot.
 COALESCE_SECONDS = 0.05
 

@@ -6,26 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from control_plane.kube.discovery import DEFAULT_CLUSTER_DOMAIN
+from control_plane.kube.options import KubernetesOptions
 from control_plane.kube.state import ClusterState
 from control_plane.kube.watch import KubeWatcher, api_client
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class KubernetesOptions:
-    """``--kubernetes``: discover Services and pods. ``namespaces`` empty: all of them."""
-
-    kubeconfig: str | None = None
-    namespaces: tuple[str, ...] = ()
-    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
-    backoff_initial: float = 0.2
-    backoff_max: float = 10.0
-    watch_timeout: int = 240
-
 
 
 class KubeDiscovery:

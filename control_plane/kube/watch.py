@@ -32,6 +32,7 @@ from kubernetes_asyncio.watch import Watch
 from tenacity import RetryCallState, Retrying, wait_exponential, wait_random
 
 from control_plane.kube.state import ENDPOINT_SLICE, SERVICE, ClusterState, MalformedObject
+from pilotfish.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ WATCH_TIMEOUT_SECONDS = 240
 REQUEST_TIMEOUT = WATCH_TIMEOUT_SECONDS + 30
 
 
-class KubeConfigError(Exception):
+class KubeConfigError(ConfigError):
     """No usable kubeconfig or in-cluster service account."""
 
 
@@ -58,7 +59,9 @@ async def api_client(kubeconfig: str | None = None) -> client.ApiClient:
                 config_file=kubeconfig, client_configuration=configuration
             )
     except (ConfigException, OSError) as exc:
-        raise KubeConfigError(f"kubernetes: no usable configuration: {exc}") from None
+        raise KubeConfigError(
+            "--kubeconfig", f"no usable Kubernetes configuration: {exc}"
+        ) from None
     return client.ApiClient(configuration)
 
 

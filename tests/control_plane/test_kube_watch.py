@@ -5,6 +5,9 @@ Gone, a restarted server with a new resourceVersion, a server that is down a whi
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -168,3 +171,29 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert all(0.2 <= d <= 0.4 for d in first) and len(set(first)) > 1
     assert all(0.8 <= watcher.backoff(3) <= 1.0 for _ in range(20))
     assert all(5.0 <= watcher.backoff(20) <= 5.2 for _ in range(20))
+
+
+def test_no_usable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("services: {}\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pilotfish",
+            "control-plane",
+            "--config",
+            str(mesh),
+            "--port",
+            "0",
+            "--kubernetes",
+            "--kubeconfig",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--kubeconfig: no usable Kubernetes configuration" in done.stderr
