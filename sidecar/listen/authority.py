@@ -21,7 +21,6 @@ from __future__ import annotations
 MAX_HEAD = 64 * 1024
 
 
-
 class Unreadable(ValueError):
     """The first bytes are not a request this reader understands."""
 
