@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from envoy.config.core.v3 import health_check_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
 
 from control_plane.kube.discovery import MeshSources, merge, protocol_of
 from control_plane.kube.state import (
@@ -17,7 +17,7 @@ from control_plane.kube.state import (
     ServicePort,
 )
 from control_plane.mesh import parse_mesh_text
-from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.cache import SnapshotCache, identify
 from control_plane.xds.resources import load_assignment, route_configuration
 from tests.kube_fake import endpoint, endpoint_slice, service
 
@@ -227,3 +227,13 @@ def test_a_list_reports_the_objects_it_skipped() -> None:
     state.replace(SERVICE, [{"metadata": {"name": "x"}}, service("quotes", "shop", 7001)])
     assert state.rejected == ["Service: metadata.name and metadata.namespace are required"]
     assert list(state.services()) == ["quotes.shop"]
+
+
+def test_a_sidecar_of_a_discovered_service_gets_that_service_view() -> None:
+    state = _state(endpoint("10.1.0.1"))
+    mesh = merge(parse_mesh_text("services: {}"), state.services())
+    node = base_pb2.Node(id="quotes-abc")
+    node.metadata.update({"service": "quotes", "namespace": "shop"})
+    assert identify(node, mesh).view.service == "quotes.shop"
+    node.metadata.update({"service": "quotes", "namespace": "elsewhere"})
+    assert identify(node, mesh).view.service is None
