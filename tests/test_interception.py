@@ -408,8 +408,11 @@ def start_xds_sidecar(pod: Netns, peer: Netns, workdir: Path) -> None:
     from tests.kube_fake import FakeKubeApi, endpoint, endpoint_slice, service
 
     objects = workdir / "kube-objects.json"
+    # Its ClusterIP is the peer's address, which the pod can route to: HTTP/2 dialled to
+    # ClusterIP:port is the mesh's.
     objects.write_text(json.dumps({
-        "services": [service("quotes", "default", KUBE_SERVICE_PORT, port_name="http")],
+        "services": [service("quotes", "default", KUBE_SERVICE_PORT, cluster_ip=PEER_IP,
+                             port_name="http")],
         "endpointslices": [endpoint_slice("quotes-1", "default", "quotes", PEER_HTTP_PORT,
                                           [endpoint(PEER_IP)], port_name="http")],
     }))
@@ -490,6 +493,27 @@ def test_xds_sidecar_routes_kubernetes_names(xds_world: World) -> None:
         seen = json.loads(reply["body"])
         assert seen["server"] == "peer" and seen["path"] == "/k8s", seen
         assert seen["client"] == POD_IP
+
+
+def test_xds_sidecar_decides_http2_by_the_address_dialled(xds_world: World) -> None:
+    """gRPC-style HTTP/2 (prior knowledge) dialled to a Service's ClusterIP:port is routed by
+    the mesh; dialled to an address the mesh does not know, it goes there untouched."""
+    w = xds_world
+    authority = "quotes.default.svc.cluster.local:7001"
+
+    def via_cluster_ip() -> dict[str, Any] | None:
+        reply = w.pod.tool("h2-get", PEER_IP, str(KUBE_SERVICE_PORT), "/h2", authority)
+        return reply if reply.get("status") == 200 else None
+
+    reply = wait_until("HTTP/2 to the ClusterIP", via_cluster_ip)
+    seen = json.loads(reply["body"])
+    assert seen["server"] == "peer" and seen["path"] == "/h2", seen  # the pod, on 8080
+    counter = "http.outbound.downstream_cx_passthrough_unknown_authority"
+    before = w.stats().get(counter, 0)
+    # Port 9 of the peer is not a Service: relayed there, where nothing listens.
+    reply = w.pod.tool("h2-get", PEER_IP, "9", "/h2", authority)
+    assert "error" in reply, reply
+    assert w.stats().get(counter, 0) == before + 1
 
 
 def _ok(reply: dict[str, Any]) -> dict[str, Any] | None:
