@@ -4,44 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable
+
+from kubernetes_asyncio import client
 
 from control_plane.kube.options import KubernetesOptions
 from control_plane.kube.state import ClusterState
 from control_plane.kube.watch import KubeWatcher, api_client
 
-log = logging.getLogger(__name__)
-
 
 class KubeDiscovery:
-    def __init__(self, watcher: KubeWatcher, state: ClusterState, close: Callable[[], object]):
-        self.watcher = watcher
-        self.state = state
-        self._close = close
-        self._task: asyncio.Task[None] | None = None
+    """Owns the API client and the watch task; ``state`` is what the watch has seen."""
+
+    def __init__(self, api: client.ApiClient, options: KubernetesOptions) -> None:
+        self._api = api
+        self.state = ClusterState()
         self._on_change: Callable[[], None] = lambda: None
-
-    @classmethod
-    async def connect(cls, options: KubernetesOptions) -> KubeDiscovery:
-        api = await api_client(options.kubeconfig)
-        state = ClusterState()
-        discovery: KubeDiscovery
-
-        def changed() -> None:
-            discovery._on_change()
-
-        watcher = KubeWatcher(
+        self._task: asyncio.Task[None] | None = None
+        self.watcher = KubeWatcher(
             api,
-            state,
-            changed,
+            self.state,
+            self._changed,
             namespaces=options.namespaces,
             backoff_initial=options.backoff_initial,
             backoff_max=options.backoff_max,
             watch_timeout=options.watch_timeout,
         )
-        discovery = cls(watcher, state, api.close)
-        return discovery
+
+    @classmethod
+    async def connect(cls, options: KubernetesOptions) -> KubeDiscovery:
+        """Load the configuration (raises ``KubeConfigError``); nothing is watched yet."""
+        return cls(await api_client(options.kubeconfig), options)
+
+    def _changed(self) -> None:
+        self._on_change()
 
     def start(self, on_change: Callable[[], None]) -> None:
         self._on_change = on_change
@@ -52,6 +48,4 @@ class KubeDiscovery:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        result = self._close()
-        if asyncio.iscoroutine(result):
-            await result
+        await self._api.close()
