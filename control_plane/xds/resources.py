@@ -37,6 +37,7 @@ from envoy.type.matcher.v3 import regex_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from control_plane.kube.state import PodEndpoint
 from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
 from control_plane.registry.core import Instance, InstanceState
@@ -220,6 +221,7 @@ def route_configuration(
     domains = [service.name]
     if service.port is not None:
         domains.append(f"{service.name}:{service.port}")
+    domains += [alias for alias in service.aliases if alias not in domains]
     return route_pb2.RouteConfiguration(
         name=service.name,
         virtual_hosts=[
@@ -379,6 +381,59 @@ def _socket_address(host: str, port: int) -> address_pb2.Address:
     )
 
 
+def _lb_endpoint(
+    host: str, port: int, weight: int = 1, draining: bool = False
+) -> endpoint_components_pb2.LbEndpoint:
+    return endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(host, port)),
+        # DRAINING: a terminating pod still serving; clients finish what they have sent it
+        # and send it nothing new.
+        health_status=health_check_pb2.DRAINING if draining else health_check_pb2.HEALTHY,
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
+    )
+
+
+def load_assignment(
+    cluster_name: str, endpoints: tuple[Endpoint, ...], pods: tuple[PodEndpoint, ...] = ()
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """Static endpoints in one locality; pods in one locality per (zone, node).
+
+    Every locality has weight 1 (gRPC drops localities without one). Our sidecar multiplies
+    endpoint and locality weights, so pods are weighted alike wherever they run.
+    """
+    localities = []
+    if endpoints:
+        localities.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region="pilotfish", zone=DEFAULT_ZONE),
+                lb_endpoints=[_lb_endpoint(e.host, e.port, e.weight) for e in endpoints],
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
+    by_place: dict[tuple[str, str], list[PodEndpoint]] = {}
+    for pod in pods:
+        by_place.setdefault((pod.zone, pod.node), []).append(pod)
+    for (zone, node), members in sorted(by_place.items()):
+        localities.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(zone=zone, sub_zone=node),
+                lb_endpoints=[
+                    _lb_endpoint(p.address, p.port, draining=p.draining) for p in members
+                ],
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
+    if not localities:
+        # An empty service keeps its one (empty) locality, as before pods were known.
+        localities.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region="pilotfish", zone=DEFAULT_ZONE),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=localities)
+
+
 DEFAULT_ZONE = "local"
 ENDPOINT_LABELS_KEY = "envoy.lb"
 """Endpoint metadata that Envoy's subset load balancer matches on: instance labels go here."""
@@ -387,55 +442,35 @@ ENDPOINT_LABELS_KEY = "envoy.lb"
 def service_load_assignment(
     service: MeshService, instances: Sequence[Instance] = ()
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """A service's endpoints: from the mesh file, the registry, or both (``discovery``)."""
-    cla = load_assignment(service.name, service.endpoints)
+    """A service's endpoints: from the mesh file, Kubernetes, the registry (``discovery``)."""
+    cla = load_assignment(service.name, service.endpoints, service.pods)
     if service.discovery == "static" or not instances:
         return cla
     static = {(e.host, e.port) for e in service.endpoints}
     by_zone: dict[str, list[Instance]] = {}
     for instance in instances:
         if (instance.host, instance.port) not in static:  # the file wins over the registry
-            by_zone.setdefault(instance.zone, []).append(instance)
-    # One locality per zone: a locality named twice is rejected (gRPC's EDS validation).
+            by_zone.setdefault(instance.zone or DEFAULT_ZONE, []).append(instance)
+    # One locality per zone: a locality named twice is rejected (gRPC's EDS validation), so
+    # instances without a zone join the static endpoints' own.
+    localities = {
+        (loc.locality.region, loc.locality.zone, loc.locality.sub_zone): loc
+        for loc in cla.endpoints
+    }
     for zone in sorted(by_zone):
-        if (zone or DEFAULT_ZONE) == DEFAULT_ZONE:
-            locality = cla.endpoints[0]  # the static endpoints' own locality
-        else:
+        locality = localities.get(("pilotfish", zone, ""))
+        if locality is None:
             locality = cla.endpoints.add(
                 locality=base_pb2.Locality(region="pilotfish", zone=zone),
                 load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
             )
+            localities["pilotfish", zone, ""] = locality
         for instance in by_zone[zone]:
-            lb = locality.lb_endpoints.add(
-                endpoint=endpoint_components_pb2.Endpoint(
-                    address=_socket_address(instance.host, instance.port)
-                ),
-                health_status=(
-                    health_check_pb2.DRAINING
-                    if instance.state is InstanceState.DRAINING
-                    else health_check_pb2.HEALTHY
-                ),
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=instance.weight),
+            lb = _lb_endpoint(
+                instance.host, instance.port, instance.weight,
+                draining=instance.state is InstanceState.DRAINING,
             )
             if instance.labels:
                 lb.metadata.filter_metadata[ENDPOINT_LABELS_KEY].update(dict(instance.labels))
+            locality.lb_endpoints.append(lb)
     return cla
-
-
-def load_assignment(
-    cluster_name: str, endpoints: tuple[Endpoint, ...]
-) -> endpoint_pb2.ClusterLoadAssignment:
-    lb_endpoints = [
-        endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.host, e.port)),
-            health_status=health_check_pb2.HEALTHY,
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=e.weight),
-        )
-        for e in endpoints
-    ]
-    locality = endpoint_components_pb2.LocalityLbEndpoints(
-        locality=base_pb2.Locality(region="pilotfish", zone=DEFAULT_ZONE),
-        lb_endpoints=lb_endpoints,
-        load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-    )
-    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=[locality])
