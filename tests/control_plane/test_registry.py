@@ -275,3 +275,32 @@ def test_store_urls_and_records() -> None:
                          state=InstanceState.DRAINING)
     assert inst.id == "echo/[::1]:9000"
     assert _decode(_encode(inst)) == inst
+
+
+def test_pods_static_endpoints_and_registered_instances_each_keep_one_locality() -> None:
+    import dataclasses
+
+    from control_plane.kube.state import PodEndpoint
+    from control_plane.xds.resources import service_load_assignment
+
+    mesh = parse_mesh_text(MESH)
+    both = dataclasses.replace(
+        mesh.services["both"], pods=(PodEndpoint("10.0.0.1", 80, zone="z1", node="n1"),)
+    )
+    instances = [
+        make_instance("echo", "127.0.0.1", 9001),
+        make_instance("echo", "127.0.0.1", 9002, zone="z1"),
+        make_instance("echo", "127.0.0.1", 8000),  # listed in the file: the file's entry wins
+    ]
+    cla = service_load_assignment(both, instances)
+    places = [
+        (loc.locality.region, loc.locality.zone, loc.locality.sub_zone,
+         [lb.endpoint.address.socket_address.port_value for lb in loc.lb_endpoints])
+        for loc in cla.endpoints
+    ]
+    assert places == [
+        ("pilotfish", "local", "", [8000, 9001]),
+        ("", "z1", "n1", [80]),
+        ("pilotfish", "z1", "", [9002]),
+    ]
+    assert len({p[:3] for p in places}) == len(places)
