@@ -75,11 +75,17 @@ class Registration:
             self._draining = draining
             self._heartbeat()
 
+    def stop_heartbeats(self) -> None:
+        """Stop renewing the lease without leaving: the registry evicts the instance when its
+        lease runs out (what a crash looks like, or a client that is closing)."""
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
     def deregister(self, await_proxies: float | None = None) -> registry_pb2.DeregisterResponse:
         """Leave; by default wait (two heartbeat periods at most) until the proxies that could
         call this instance acknowledged its removal. The reply lists those that had not."""
-        self._stopped.set()
-        self._thread.join()
+        self.stop_heartbeats()
         wait = 2 * self.heartbeat_interval if await_proxies is None else await_proxies
         request = registry_pb2.DeregisterRequest(id=self.id)
         request.await_proxies.FromNanoseconds(round(wait * 1e9))
@@ -125,14 +131,18 @@ class RegistryClient:
         self._channel = grpc.insecure_channel(address)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._timeout = timeout
+        self._registrations: list[Registration] = []
 
     def register(self, service: str, host: str, port: int, *, weight: int = 1, zone: str = "",
                  labels: Mapping[str, str] | None = None) -> Registration:
         """Join now; ``grpc.RpcError`` INVALID_ARGUMENT names a bad field."""
         instance = registry_pb2.Instance(service=service, address=host, port=port, weight=weight,
                                          zone=zone, labels=dict(labels or {}))
-        return Registration(self._stub, registry_pb2.RegisterRequest(instance=instance),
-                            self._timeout)
+        registration = Registration(
+            self._stub, registry_pb2.RegisterRequest(instance=instance), self._timeout
+        )
+        self._registrations.append(registration)
+        return registration
 
     def instances(self, service: str = "") -> list[RegisteredInstance]:
         reply = self._stub.List(registry_pb2.ListRequest(service=service), timeout=self._timeout)
@@ -149,6 +159,9 @@ class RegistryClient:
             stream.cancel()
 
     def close(self) -> None:
+        """Stop every registration's heartbeats (deregister first to leave) and disconnect."""
+        for registration in self._registrations:
+            registration.stop_heartbeats()
         self._channel.close()
 
     def __enter__(self) -> RegistryClient:

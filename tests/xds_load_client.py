@@ -43,12 +43,11 @@ def main(argv: list[str]) -> int:
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 name = whoami(b"", timeout=5).decode()
-                with lock:
+                with lock:  # also keeps the threads' lines whole
                     calls += 1
-                    first = name not in seen
+                    if name not in seen:
+                        print(f"seen {name}", flush=True)
                     seen[name] = seen.get(name, 0) + 1
-                if first:
-                    print(f"seen {name}", flush=True)
             except grpc.RpcError as exc:
                 with lock:
                     calls += 1
