@@ -64,11 +64,12 @@ class _VersionedTable(HeaderTable):
 class Decoded:
     """One decoded header block and what validation found, per kind of block."""
 
-    __slots__ = ("headers", "problems")
+    __slots__ = ("content_length", "headers", "problems")
 
     def __init__(self, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         self.headers = headers
         self.problems: dict[int, str | None] = {}
+        self.content_length = -1  # of a valid request block: -1 when it has none
 
 
 class CachingDecoder:
@@ -171,7 +172,19 @@ def _cacheable(block: bytes, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
 REQUEST, RESPONSE, TRAILERS = 0, 1, 2
 
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+# RFC 9110 section 5.5: a field value is visible characters, spaces and tabs (and obs-text);
+# other control characters are what request smuggling through a lenient parser is made of.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
+# A method is a token (RFC 9110 section 9.1). Lower case letters are refused too: every
+# registered method is upper case, and the HTTP/1.1 side of a listener only recognises upper
+# case methods, so both protocols accept the same requests.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]+")
+_SCHEME = re.compile(rb"[a-zA-Z][a-zA-Z0-9+.\-]*")
+# RFC 3986: a path and query are visible ASCII; anything else arrives percent-encoded. An
+# HTTP/1.1 upstream would fail to frame a request line with spaces or raw bytes in it.
+_BAD_PATH = re.compile(rb"[^\x21-\x7e]")
+_BAD_AUTHORITY = re.compile(rb"[^\x21-\x7e]|@")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
@@ -186,6 +199,7 @@ def problem(kind: int, headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
     regular = False
     name_ok = _NAME.fullmatch
     bad_value = _BAD_VALUE.search
+    length: bytes | None = None
     for name, value in headers:
         if name[:1] == b":":
             if regular:
@@ -203,17 +217,39 @@ def problem(kind: int, headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
                 return f"connection-specific header {name!r}"
             if name == b"te" and value != b"trailers":
                 return "te header other than trailers"
+            if name == b"content-length":
+                # RFC 9110 section 8.6: digits only; copies must agree (a proxy that picks
+                # one of two different lengths is how requests are smuggled).
+                if _DIGITS.fullmatch(value) is None:
+                    return "content-length is not a number"
+                if length is not None and value != length:
+                    return "conflicting content-length headers"
+                length = value
         if bad_value(value) is not None:
             return f"invalid value for header {name!r}"
     if kind == REQUEST:
         method = pseudo.get(b":method")
         if not method:
             return "request without :method"
+        if _METHOD.fullmatch(method) is None:
+            return "invalid :method"
+        authority = pseudo.get(b":authority")
+        if authority is not None and _BAD_AUTHORITY.search(authority) is not None:
+            return "invalid :authority"
         if method == b"CONNECT":
             if b":authority" not in pseudo or b":scheme" in pseudo or b":path" in pseudo:
                 return "malformed CONNECT request"
-        elif not pseudo.get(b":scheme") or not pseudo.get(b":path"):
+            return None
+        scheme = pseudo.get(b":scheme")
+        path = pseudo.get(b":path")
+        if not scheme or not path:
             return "request without :scheme or :path"
+        if _SCHEME.fullmatch(scheme) is None:
+            return "invalid :scheme"
+        if _BAD_PATH.search(path) is not None:
+            return "invalid :path"
+        if path[:1] != b"/" and (path != b"*" or method != b"OPTIONS"):
+            return ":path neither absolute nor * (for OPTIONS)"
     elif kind == RESPONSE:
         status = pseudo.get(b":status")
         if status is None or len(status) != 3 or not status.isdigit():
@@ -221,9 +257,19 @@ def problem(kind: int, headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
     return None
 
 
+def content_length(headers: tuple[tuple[bytes, bytes], ...]) -> int:
+    """The content-length of a block ``problem`` found fine, or -1 when it has none."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return -1
+
+
 def validated(decoded: Decoded, kind: int) -> str | None:
     problems = decoded.problems
     if kind in problems:
         return problems[kind]
     found = problems[kind] = problem(kind, decoded.headers)
+    if kind == REQUEST and found is None:
+        decoded.content_length = content_length(decoded.headers)
     return found
