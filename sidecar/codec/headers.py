@@ -24,7 +24,6 @@ Decoded header lists are validated once per cached block (``Decoded.problems``).
 
 from __future__ import annotations
 
-import re
 from typing import Any, cast
 
 import hpack
@@ -34,6 +33,9 @@ from hpack.table import HeaderTable
 from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
 from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_per_request
 from sidecar.http.streams import Headers
+from sidecar.http.validate import REQUEST, RESPONSE, TRAILERS, content_length, problem
+
+__all__ = ["REQUEST", "RESPONSE", "TRAILERS", "CachingDecoder", "CachingEncoder", "validated"]
 
 # Bounds on what a cache holds, per connection and direction: a peer chooses the contents.
 CACHE_ENTRIES = 32
@@ -167,103 +169,7 @@ def _cacheable(block: bytes, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
     return sum(len(name) + len(value) for name, value in headers) <= MAX_CACHED_FIELDS
 
 
-# -- validation (RFC 9113 section 8.2 and 8.3) ----------------------------------------------
-
-REQUEST, RESPONSE, TRAILERS = 0, 1, 2
-
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-# RFC 9110 section 5.5: a field value is visible characters, spaces and tabs (and obs-text);
-# other control characters are what request smuggling through a lenient parser is made of.
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
-# A method is a token (RFC 9110 section 9.1). Lower case letters are refused too: every
-# registered method is upper case, and the HTTP/1.1 side of a listener only recognises upper
-# case methods, so both protocols accept the same requests.
-_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]+")
-_SCHEME = re.compile(rb"[a-zA-Z][a-zA-Z0-9+.\-]*")
-# RFC 3986: a path and query are visible ASCII; anything else arrives percent-encoded. An
-# HTTP/1.1 upstream would fail to frame a request line with spaces or raw bytes in it.
-_BAD_PATH = re.compile(rb"[^\x21-\x7e]")
-_BAD_AUTHORITY = re.compile(rb"[^\x21-\x7e]|@")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-_RESPONSE_PSEUDO = frozenset({b":status"})
-
-
-def problem(kind: int, headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
-    """Why ``headers`` are malformed as a block of ``kind``, or None when they are fine."""
-    allowed = _REQUEST_PSEUDO if kind == REQUEST else _RESPONSE_PSEUDO if kind == RESPONSE else None
-    pseudo: dict[bytes, bytes] = {}
-    regular = False
-    name_ok = _NAME.fullmatch
-    bad_value = _BAD_VALUE.search
-    length: bytes | None = None
-    for name, value in headers:
-        if name[:1] == b":":
-            if regular:
-                return f"pseudo-header {name!r} after a regular header"
-            if allowed is None or name not in allowed:
-                return f"pseudo-header {name!r} not allowed here"
-            if name in pseudo:
-                return f"duplicate pseudo-header {name!r}"
-            pseudo[name] = value
-        else:
-            regular = True
-            if name_ok(name) is None:
-                return f"invalid header name {name!r}"
-            if name in _CONNECTION_SPECIFIC:
-                return f"connection-specific header {name!r}"
-            if name == b"te" and value != b"trailers":
-                return "te header other than trailers"
-            if name == b"content-length":
-                # RFC 9110 section 8.6: digits only; copies must agree (a proxy that picks
-                # one of two different lengths is how requests are smuggled).
-                if _DIGITS.fullmatch(value) is None:
-                    return "content-length is not a number"
-                if length is not None and value != length:
-                    return "conflicting content-length headers"
-                length = value
-        if bad_value(value) is not None:
-            return f"invalid value for header {name!r}"
-    if kind == REQUEST:
-        method = pseudo.get(b":method")
-        if not method:
-            return "request without :method"
-        if _METHOD.fullmatch(method) is None:
-            return "invalid :method"
-        authority = pseudo.get(b":authority")
-        if authority is not None and _BAD_AUTHORITY.search(authority) is not None:
-            return "invalid :authority"
-        if method == b"CONNECT":
-            if b":authority" not in pseudo or b":scheme" in pseudo or b":path" in pseudo:
-                return "malformed CONNECT request"
-            return None
-        scheme = pseudo.get(b":scheme")
-        path = pseudo.get(b":path")
-        if not scheme or not path:
-            return "request without :scheme or :path"
-        if _SCHEME.fullmatch(scheme) is None:
-            return "invalid :scheme"
-        if _BAD_PATH.search(path) is not None:
-            return "invalid :path"
-        if path[:1] != b"/" and (path != b"*" or method != b"OPTIONS"):
-            return ":path neither absolute nor * (for OPTIONS)"
-    elif kind == RESPONSE:
-        status = pseudo.get(b":status")
-        if status is None or len(status) != 3 or not status.isdigit():
-            return "response without a valid :status"
-    return None
-
-
-def content_length(headers: tuple[tuple[bytes, bytes], ...]) -> int:
-    """The content-length of a block ``problem`` found fine, or -1 when it has none."""
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value)
-    return -1
-
+# -- validation: the rules live in ``sidecar.http.validate``, shared with HTTP/1.1 --------------
 
 def validated(decoded: Decoded, kind: int) -> str | None:
     problems = decoded.problems

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import h11
 
 from sidecar.http.streams import Headers, OnSent, ResetReason, StreamHandler
+from sidecar.http.validate import field_value_problem
 from sidecar.idle import IdleTimer
 
 if TYPE_CHECKING:
@@ -75,8 +76,8 @@ def h2_to_h1_fields(headers: Headers) -> tuple[dict[bytes, bytes], list[tuple[by
     return pseudo, fields
 
 
-def _framing_problem(fields: Any) -> str | None:
-    """Why a request's framing headers are refused, or None.
+def _request_problem(fields: Any) -> str | None:
+    """Why a request's headers are refused, or None.
 
     RFC 9112 section 6.1: a request with both Transfer-Encoding and Content-Length may be an
     attempt to smuggle a second request past a proxy that reads one and forwards the other;
@@ -93,7 +94,7 @@ def _framing_problem(fields: Any) -> str | None:
             has_te = True
     if has_length and has_te:
         return "both Content-Length and Transfer-Encoding"
-    return None
+    return field_value_problem(fields)
 
 
 def _has_framing(fields: list[tuple[bytes, bytes]]) -> bool:
@@ -349,9 +350,9 @@ class H1ServerConnection(_H1Base):
                 h11.RemoteProtocolError("request headers too large", error_status_hint=431)
             )
             return
-        trouble = _framing_problem(request.headers)
+        trouble = _request_problem(request.headers)
         if trouble is not None:
-            self.listener.scope.inc("http1.framing_rejected")
+            self.listener.scope.inc("http1.request_rejected")
             self._protocol_error(h11.RemoteProtocolError(trouble, error_status_hint=400))
             return
         headers = h1_request_to_h2(request)

@@ -85,7 +85,7 @@ class Memory:
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
-        self.start = self.process.memory_info().rss
+        self.start = int(self.process.memory_info().rss)
         self.peak = self.start
 
     def sample(self) -> int:

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import hpack
 
@@ -21,6 +22,8 @@ END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 INITIAL_WINDOW_SIZE = 0x4
 
 NO_ERROR, PROTOCOL_ERROR, CANCEL, REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x8, 0x7, 0xB
+
+Frame = tuple[int, int, int, bytes]  # type, flags, stream id, payload
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"app"), (b":path", b"/")]
 
@@ -59,6 +62,7 @@ class Client:
         self.sock = socket.create_connection((host, int(port)), timeout=5)
         self.encoder = hpack.Encoder()
         self._inbox = b""
+        self.seen: list[Frame] = []
         self.closed_by_peer = False
         self.sock.sendall(PREFACE + settings(initial) + frame(SETTINGS, ACK, 0))
 
@@ -91,10 +95,15 @@ class Client:
             sent += n
         return sent
 
-    def frames(self, seconds: float = 5.0) -> list[tuple[int, int, int, bytes]]:
-        """(type, flags, stream, payload) of everything read until EOF or ``seconds`` pass."""
+    def frames(
+        self, seconds: float = 5.0, until: Callable[[list[Frame]], bool] | None = None
+    ) -> list[Frame]:
+        """(type, flags, stream, payload) of everything read until EOF, ``seconds``, or
+        ``until`` the frames so far satisfy it. Frames once returned are kept in ``seen``."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
+            if until is not None and until(self._parse()):
+                break
             self.sock.settimeout(max(0.05, deadline - time.monotonic()))
             try:
                 data = self.sock.recv(1 << 20)
@@ -107,33 +116,35 @@ class Client:
                 self.closed_by_peer = True
                 break
             self._inbox += data
-        out: list[tuple[int, int, int, bytes]] = []
+        return self._parse()
+
+    def _parse(self) -> list[Frame]:
         buf, pos = self._inbox, 0
         while len(buf) - pos >= 9:
             hi, lo, ftype, flags, sid = struct.unpack_from(">BHBBL", buf, pos)
             length = hi << 16 | lo
             if len(buf) - pos - 9 < length:
                 break
-            out.append((ftype, flags, sid & 0x7FFFFFFF, buf[pos + 9 : pos + 9 + length]))
+            self.seen.append((ftype, flags, sid & 0x7FFFFFFF, buf[pos + 9 : pos + 9 + length]))
             pos += 9 + length
         self._inbox = buf[pos:]
-        return out
+        return self.seen
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
 
 
-def goaway_codes(frames: list[tuple[int, int, int, bytes]]) -> list[int]:
+def goaway_codes(frames: list[Frame]) -> list[int]:
     return [struct.unpack(">LL", p[:8])[1] for t, _, _, p in frames if t == GOAWAY]
 
 
-def resets(frames: list[tuple[int, int, int, bytes]]) -> dict[int, int]:
+def resets(frames: list[Frame]) -> dict[int, int]:
     """Stream id -> RST_STREAM error code."""
     return {sid: struct.unpack(">L", p)[0] for t, _, sid, p in frames if t == RST_STREAM}
 
 
-def statuses(frames: list[tuple[int, int, int, bytes]]) -> dict[int, bytes]:
+def statuses(frames: list[Frame]) -> dict[int, bytes]:
     """Stream id -> :status of the responses read (header blocks in one frame each)."""
     decoder = hpack.Decoder()
     out: dict[int, bytes] = {}
