@@ -487,10 +487,10 @@ class H2Codec(FrameReceiver):
                 raise CodecProtocolError(f"RST_STREAM on idle stream {sid}")
             self._control_frame()
             return
-        self._reset_charged()
         self.resets_received += 1
         self._forget(stream)
         events.append(StreamReset(sid, code))
+        self._reset_charged()
 
     def _on_window_update(self, sid: int, increment: int, events: list[Event]) -> None:
         if sid == 0:

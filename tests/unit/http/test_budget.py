@@ -1,0 +1,67 @@
+"""The per-connection budgets and the stalled-stream sweep, on plain numbers and a fake clock."""
+
+from __future__ import annotations
+
+from pilotfish.config.model import ConnectionLimits
+from sidecar.http.budget import FLOOD, RAPID_RESET, FrameBudget, TokenBucket
+from sidecar.http.h2guard import StallSweep
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(3, 2.0, clock)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    clock.now = 0.5  # one token back
+    assert [bucket.take() for _ in range(2)] == [True, False]
+    clock.now = 100.0  # never more than the burst
+    assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_rapid_reset_trips_after_the_burst() -> None:
+    clock = Clock()
+    budget = FrameBudget(ConnectionLimits(stream_reset_burst=100, stream_reset_rate=10.0), clock)
+    allowed = 0
+    while budget.stream_reset() and allowed < 10_000:
+        allowed += 1
+    assert allowed == 100 and budget.tripped == RAPID_RESET
+
+
+def test_a_steady_reset_rate_below_the_limit_never_trips() -> None:
+    """A gRPC client cancelling 5 streams a second, for an hour."""
+    clock = Clock()
+    budget = FrameBudget(ConnectionLimits(stream_reset_burst=10, stream_reset_rate=6.0), clock)
+    for i in range(5 * 3600):
+        clock.now = i / 5
+        assert budget.stream_reset()
+    assert budget.tripped is None
+
+
+def test_control_frames_are_earned_by_data_sent() -> None:
+    """A long download: one WINDOW_UPDATE per DATA frame we send must never trip, whatever
+    the rate of the clock; without the data it trips after the burst."""
+    clock = Clock()
+    budget = FrameBudget(ConnectionLimits(control_frame_burst=50, control_frame_rate=1.0), clock)
+    for sent in range(1, 100_001):
+        assert budget.control_frame(sent)
+    flood = FrameBudget(ConnectionLimits(control_frame_burst=50, control_frame_rate=1.0), clock)
+    allowed = 0
+    while flood.control_frame(0) and allowed < 10_000:
+        allowed += 1
+    assert allowed == 50 and flood.tripped == FLOOD
+
+
+def test_sweep_reports_streams_that_did_not_move_over_a_whole_period() -> None:
+    sweep = StallSweep()
+    assert sweep.sweep({1: (10, 0), 3: (5, 0)}) == []  # first sight: nothing to compare
+    assert sweep.sweep({1: (10, 0), 3: (6, 0), 5: (0, 0)}) == [1]
+    # Stream 1 is reported once (its owner resets it); 3 moved again; 5 is new since.
+    assert sweep.sweep({3: (6, 0), 5: (0, 0)}) == [3, 5]
+    assert sweep.sweep({}) == []
