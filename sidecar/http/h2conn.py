@@ -405,7 +405,8 @@ class H2Connection(asyncio.BufferedProtocol):
     def flush(self) -> None:
         self._flush_scheduled = False
         chunks = self._take_output()
-        if chunks and self.transport is not None and not self.closed:
+        # ``discarding``: our side is shut (write_eof) after a protocol error.
+        if chunks and self.transport is not None and not self.closed and not self.discarding:
             if len(chunks) == 1:
                 self.transport.write(chunks[0])
             else:

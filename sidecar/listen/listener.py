@@ -23,7 +23,7 @@ import h2.exceptions
 from pilotfish.config.model import ListenerConfig
 from sidecar import codec
 from sidecar.http.h1conn import H1ServerConnection
-from sidecar.http.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
+from sidecar.http.h2conn import LINGER_SECONDS, MAX_STREAM_ID, H2Connection, H2Stream
 from sidecar.http.h2guard import H2ServerGuard
 from sidecar.http.streams import (
     CANCEL,
@@ -212,9 +212,10 @@ class H2ServerConnection(H2Connection):
         if tripped is not None:
             scope.inc(f"http2.{tripped}")
         super().protocol_error(exc)
+        self.guard.closed()  # the connection lingers only to deliver GOAWAY
 
     def on_stream_closed(self, stream: H2Stream) -> None:
-        if not self.streams:
+        if not self.streams and not self.discarding:
             if self.draining or self.goaway_received:
                 self.close()
                 return
@@ -246,15 +247,22 @@ class H2ServerConnection(H2Connection):
         self.mark_dirty()
         self._close_stream(stream, ResetReason.LOCAL, CANCEL)
 
+    def close(self) -> None:
+        """Close once what is queued has been written, or after a linger if the client does
+        not read it (a transport's close waits for its buffer to drain, maybe for ever)."""
+        super().close()
+        if self.transport is not None and not self.closed:
+            self._loop.call_later(LINGER_SECONDS, self.abort)
+
     def close_idle(self) -> None:
-        if self.closed or self.streams:
+        if self.closed or self.discarding or self.streams:
             return
         self.listener.scope.inc("http2.idle_timeout")
         self.h2.send_goaway(self.h2.highest_inbound_stream_id, NO_ERROR)
         self.close()
 
     def close_header_timeout(self) -> None:
-        if self.closed:
+        if self.closed or self.discarding:
             return
         self.listener.scope.inc("http2.header_timeout")
         self.h2.send_goaway(self.h2.highest_inbound_stream_id, PROTOCOL_ERROR)

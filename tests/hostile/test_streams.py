@@ -4,6 +4,8 @@ instead of holding their buffers and the cluster's breaker."""
 
 from __future__ import annotations
 
+import socket
+
 from tests.hostile import wire
 from tests.hostile.conftest import Proxy
 from tests.support import wait_for
@@ -52,3 +54,32 @@ def test_zero_window_streams_are_refused_beyond_the_limit_then_reset(proxy: Prox
     assert wait_for(lambda: proxy.stat("cluster.app.upstream_rq_active") == 0, timeout=5)
     p99, growth = canary.p99_ms(), memory.growth_mib
     print(f"zero window x{ATTACKERS}: canary p99 {p99:.1f} ms, rss +{growth:.1f} MiB")
+
+
+def test_client_that_never_reads_is_paused_then_closed(proxy: Proxy) -> None:
+    """Responses pile up until the sidecar stops reading the client; its streams then stall
+    and are reset, and the connection, idle, is closed without waiting for the client."""
+    before = proxy.stats()
+    memory = proxy.memory()
+    client = wire.Client(proxy.address)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    big = [*wire.GET[:3], (b":path", b"/big/1000000")]
+    with proxy.canary(memory) as canary:
+        assert canary.wait_for_answers(5)
+        client.send(b"".join(client.headers(sid, big) for sid in range(1, 100, 2)))
+        # Only the canary's connection is left.
+        assert wait_for(
+            lambda: proxy.stat("http.ingress.downstream_cx_active")
+            <= before.get("http.ingress.downstream_cx_active", 0) + 1,
+            timeout=15,
+        )
+        answered = canary.ok
+        assert canary.wait_for_answers(answered + 5)
+    client.close()
+    after = proxy.stats()
+    stalled = after["http.ingress.http2.stream_idle_timeout"] - before.get(
+        "http.ingress.http2.stream_idle_timeout", 0
+    )
+    assert stalled > 0
+    assert canary.failed == []
+    assert memory.growth_mib < MEMORY_BOUND_MIB / ATTACKERS
