@@ -66,6 +66,7 @@ async def start_control_plane(
     callbacks: Callbacks | None = None,
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
+    unknown_nodes: str = "serve",
 ) -> ControlPlane:
     """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad."""
     data = Path(config).read_bytes()
@@ -82,7 +83,7 @@ async def start_control_plane(
     metrics.reload_errors = lambda: watcher.errors
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        AdsServicer(cache, registry, metrics), server
+        AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes), server
     )
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
@@ -123,7 +124,11 @@ async def _serve(args: argparse.Namespace) -> int:
             else None
         )
         plane = await start_control_plane(
-            args.config, args.address, args.port, metrics_address=metrics_address
+            args.config,
+            args.address,
+            args.port,
+            metrics_address=metrics_address,
+            unknown_nodes=args.unknown_nodes,
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)

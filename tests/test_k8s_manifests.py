@@ -207,6 +207,8 @@ def test_the_mesh_in_the_config_map_is_valid_and_names_the_services() -> None:
     (deployment,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "control-plane"]
     (container,) = pod_spec(deployment)["containers"]
     assert flag(container["args"], "--config") == "/etc/pilotfish/mesh.yaml"
+    # Sidecars all name a service of the mesh (above), so strangers can be refused.
+    assert flag(container["args"], "--unknown-nodes") == "reject"
     assert container["volumeMounts"][0]["mountPath"] == "/etc/pilotfish"
 
 
