@@ -26,7 +26,12 @@ from bench.targets import LARGE_PATH, SMALL_PATH, Nghttpx, Pilotfish, Target, st
 from tests.hostile import wire
 from tests.hostile.canary import Canary, Memory
 
-CODE_NAMES = {0x0: "NO_ERROR", 0x1: "PROTOCOL_ERROR", 0x2: "INTERNAL_ERROR", 0xB: "ENHANCE_YOUR_CALM"}
+CODE_NAMES = {
+    0x0: "NO_ERROR",
+    0x1: "PROTOCOL_ERROR",
+    0x2: "INTERNAL_ERROR",
+    0xB: "ENHANCE_YOUR_CALM",
+}
 Probe = Callable[[str], str]
 
 
