@@ -31,9 +31,9 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.table import HeaderTable
 
 from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
+from sidecar.codec.events import Headers
 from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_per_request
-from sidecar.http.streams import Headers
-from sidecar.http.validate import REQUEST, RESPONSE, TRAILERS, content_length, problem
+from sidecar.codec.validate import REQUEST, RESPONSE, TRAILERS, content_length, problem
 
 __all__ = ["REQUEST", "RESPONSE", "TRAILERS", "CachingDecoder", "CachingEncoder", "validated"]
 
@@ -169,7 +169,7 @@ def _cacheable(block: bytes, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
     return sum(len(name) + len(value) for name, value in headers) <= MAX_CACHED_FIELDS
 
 
-# -- validation: the rules live in ``sidecar.http.validate``, shared with HTTP/1.1 --------------
+# -- validation: the rules live in ``sidecar.codec.validate``, shared with HTTP/1.1 -------------
 
 def validated(decoded: Decoded, kind: int) -> str | None:
     problems = decoded.problems

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import h2.events
 import h2.exceptions
@@ -35,14 +35,15 @@ from sidecar.http.streams import (
     StreamSink,
 )
 from sidecar.listen.original_dst import OriginalDestinationError, original_destination
-from sidecar.route.exchange import Exchange
+from sidecar.route.exchange import Exchange, SidecarServices
 from sidecar.route.policy.shedding import LoadShedder
 from sidecar.stats import Scope
 from sidecar.upstream.tcp import ClusterTarget, OriginalDestination, RelayTarget, TcpRelay
 
 if TYPE_CHECKING:
+    from sidecar.observability.metrics import MeshMetrics
     from sidecar.route.table import RouteTable
-    from sidecar.server import Sidecar
+    from sidecar.stats import StatsStore
     from sidecar.upstream.clusters import ClusterManager
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,29 @@ def detect_protocol(head: bytes) -> str | None:
     return "other"
 
 
+class ListenerHost(SidecarServices, Protocol):
+    """What a listener needs of the sidecar that runs it (``sidecar.server.Sidecar``): the
+    stats, the route tables and clusters, and the end-of-request record."""
+
+    @property
+    def stats(self) -> StatsStore: ...
+
+    @property
+    def metrics(self) -> MeshMetrics: ...
+
+    @property
+    def clusters(self) -> ClusterManager: ...
+
+    @property
+    def route_tables(self) -> Mapping[str, RouteTable]: ...
+
+    def access_log(self, listener: ListenerRuntime, exchange: Exchange) -> None: ...
+
+
 class ListenerRuntime:
     """What connections of one listener share: config, routes, clusters, stats."""
 
-    def __init__(self, sidecar: Sidecar, config: ListenerConfig) -> None:
+    def __init__(self, sidecar: ListenerHost, config: ListenerConfig) -> None:
         self.sidecar = sidecar
         self.config = config
         self.scope: Scope = sidecar.stats.scope(f"http.{config.name}")

@@ -11,8 +11,8 @@ import pytest
 from pilotfish.config.model import ConnectionLimits
 from sidecar.codec import CodecProtocolError, DataReceived, H2Codec, RequestReceived, StreamReset
 from sidecar.codec.errors import ENHANCE_YOUR_CALM, PROTOCOL_ERROR
+from sidecar.codec.validate import REQUEST, problem
 from sidecar.http.budget import FrameBudget
-from sidecar.http.validate import REQUEST, problem
 from tests.codec.factory import REQUEST as GET
 from tests.codec.factory import Peer, server
 
