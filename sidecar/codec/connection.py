@@ -172,7 +172,9 @@ class H2Codec(FrameReceiver):
         self.max_frames_per_turn = max_frames_per_turn
         self.backlogged = False
         self._data_sends = 0  # DATA sends so far: each earns the peer a control frame
-        self.resets_received = 0  # RST_STREAM frames for open streams, for the owner's checks
+        # Streams the application knew that ended in a reset (the peer's or ours), counted so
+        # that the owner looks for them among a read's events only when there are some.
+        self.streams_reset = 0
         self.decoder = CachingDecoder(max_header_list_size)
         self.encoder = CachingEncoder()
         self._max_block = max_header_list_size + 4096
@@ -440,6 +442,7 @@ class H2Codec(FrameReceiver):
         stream = self.streams.get(sid)
         if stream is not None:
             self._forget(stream)
+            self.streams_reset += 1
             events.append(StreamReset(sid, exc.code, remote_reset=False))
 
     def _on_data(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
@@ -487,7 +490,7 @@ class H2Codec(FrameReceiver):
                 raise CodecProtocolError(f"RST_STREAM on idle stream {sid}")
             self._control_frame()
             return
-        self.resets_received += 1
+        self.streams_reset += 1
         self._forget(stream)
         events.append(StreamReset(sid, code))
         self._reset_charged()

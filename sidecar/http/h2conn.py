@@ -298,8 +298,8 @@ class H2Connection(asyncio.BufferedProtocol):
             lean = cast(codec.H2Codec, self.h2)
             if lean.backlogged:
                 self._hold_for_backlog()
-            if lean.resets_received != self._resets_seen:
-                self._resets_seen = lean.resets_received
+            if lean.streams_reset != self._resets_seen:
+                self._resets_seen = lean.streams_reset
                 events = self.screen_resets(events)
         elif events:
             events = self.screen_resets(events)

@@ -214,9 +214,10 @@ class H2ServerConnection(H2Connection):
         handler.on_headers(event.headers, event.stream_ended is not None)
 
     def screen_resets(self, events: list[Any]) -> list[Any]:
-        """Drop requests the client reset within the same read: never routed, never sent
-        upstream (the rapid reset attack opens and resets streams in one go)."""
-        reset = {e.stream_id for e in events if type(e) in _RESET_EVENTS and e.remote_reset}
+        """Drop requests reset within the read that opened them, by the client or by the codec
+        (a body that broke its content-length): never routed, never sent upstream. The rapid
+        reset attack opens and resets streams in one go."""
+        reset = {e.stream_id for e in events if type(e) in _RESET_EVENTS}
         if not reset:
             return events
         dropped = {e.stream_id for e in events if type(e) in _REQUEST_EVENTS} & reset

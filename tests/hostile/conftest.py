@@ -41,6 +41,13 @@ class Paths(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    """Requests the sidecar abandons mid-body (it resets them) are expected here."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 class Proxy:
     """The sidecar process under attack, its upstreams, and how to look at it."""
 
@@ -82,7 +89,7 @@ class Proxy:
 def proxy() -> Iterator[Proxy]:
     h2 = H2Upstream(max_concurrent_streams=1000)
     Paths.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Paths)
+    server = QuietServer(("127.0.0.1", 0), Paths)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     proxy = Proxy(h2, f"127.0.0.1:{server.server_address[1]}")

@@ -5,10 +5,13 @@ client's other streams and the upstream connections are unaffected and nothing l
 from __future__ import annotations
 
 import socket
+from functools import partial
 
 import pytest
 
+from pilotfish.config.route_policy import CircuitBreakerConfig
 from tests.hostile import wire
+from tests.hostile.canary import Canary
 from tests.hostile.conftest import Paths, Proxy
 from tests.support import wait_for
 
@@ -97,9 +100,44 @@ def test_body_that_disagrees_with_content_length_is_reset(
     assert wire.statuses(frames).get(3) == b"200"
     # Nothing stays counted against either cluster: the upstream request was cancelled.
     assert wait_for(
-        lambda: proxy.stat("cluster.app.upstream_rq_active") == 0
-        and proxy.stat("cluster.h1.upstream_rq_active") == 0
+        lambda: (
+            proxy.stat("cluster.app.upstream_rq_active") == 0
+            and proxy.stat("cluster.h1.upstream_rq_active") == 0
+        )
     )
+
+
+def _at_least(proxy: Proxy, stat: str, value: int) -> bool:
+    return proxy.stat(stat) >= value
+
+
+def test_many_refused_requests_leave_the_http1_cluster_usable(proxy: Proxy) -> None:
+    """150 requests routed to an HTTP/1.1 upstream whose bodies then disagree with their
+    content-length: each is reset, its upstream connection given back, others still get in."""
+    post = _request(b"/h1/mismatch", b"POST", (b"content-length", b"10"))
+    with Canary(proxy.address, path="/h1/ok") as canary:
+        assert canary.wait_for_answers(3)
+        for _ in range(3):
+            routed = proxy.stat("cluster.h1.upstream_rq_total") + 50
+            client = wire.Client(proxy.address)
+            sids = range(1, 100, 2)
+            client.send(b"".join(client.headers(sid, post, end_stream=False) for sid in sids))
+            # Every request is on its way upstream before its short body ends it.
+            assert wait_for(partial(_at_least, proxy, "cluster.h1.upstream_rq_total", routed))
+            client.send(b"".join(wire.frame(wire.DATA, wire.END_STREAM, s, b"x" * 5) for s in sids))
+            frames = client.frames(seconds=5, until=lambda fr: len(wire.resets(fr)) == 50)
+            client.close()
+            assert set(wire.resets(frames).values()) == {wire.PROTOCOL_ERROR}
+        answered = canary.ok
+        assert canary.wait_for_answers(answered + 3)
+    assert canary.failed == []
+    # Nothing is left counted against the cluster's request and pending limits (connections
+    # opened for the reset requests stay in the pool, idle, for the next requests).
+    assert wait_for(lambda: proxy.stat("cluster.h1.upstream_rq_active") == 0)
+    limits = "cluster.h1.circuit_breakers.default"
+    default = CircuitBreakerConfig().max_requests
+    assert proxy.stat(f"{limits}.remaining_rq") == default
+    assert proxy.stat(f"{limits}.remaining_pending") == CircuitBreakerConfig().max_pending_requests
 
 
 def _h1(proxy: Proxy, raw: bytes) -> bytes:

@@ -69,8 +69,10 @@ def test_client_that_never_reads_is_paused_then_closed(proxy: Proxy) -> None:
         client.send(b"".join(client.headers(sid, big) for sid in range(1, 100, 2)))
         # Only the canary's connection is left.
         assert wait_for(
-            lambda: proxy.stat("http.ingress.downstream_cx_active")
-            <= before.get("http.ingress.downstream_cx_active", 0) + 1,
+            lambda: (
+                proxy.stat("http.ingress.downstream_cx_active")
+                <= before.get("http.ingress.downstream_cx_active", 0) + 1
+            ),
             timeout=15,
         )
         answered = canary.ok
