@@ -253,6 +253,7 @@ class H2Connection(asyncio.BufferedProtocol):
         self.read_held_for_backlog = False
         self.read_held_for_writes = False
         self.hold_reading_while_write_paused = False
+        self._resets_seen = 0  # the codec's ``streams_reset`` when events were last screened
         self._flush_scheduled = False
         self._blocked: set[H2Stream] = set()  # streams with queued data waiting for window
         self._loop = asyncio.get_event_loop()
@@ -321,10 +322,8 @@ class H2Connection(asyncio.BufferedProtocol):
             _read_tail.active = False
             self.flush()
 
-    _resets_seen = 0
-
     def screen_resets(self, events: list[Any]) -> list[Any]:
-        """The events of a read that held stream resets from the peer (hook for servers)."""
+        """The events of a read in which streams were reset (hook for the server side)."""
         return events
 
     def _hold_for_backlog(self) -> None:

@@ -52,6 +52,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DOWNSTREAM_CONNECTION_WINDOW = 16 * 1024 * 1024
 WRITE_BUFFER_HIGH = 256 * 1024
 _RESET_EVENTS = (codec.StreamReset, h2.events.StreamReset)
+_DATA_EVENTS = (codec.DataReceived, h2.events.DataReceived)
 _REQUEST_EVENTS = (
     codec.RequestReceived,
     codec.DataReceived,
@@ -224,7 +225,14 @@ class H2ServerConnection(H2Connection):
         if not dropped:
             return events
         self.listener.scope.inc("http2.reset_before_routing", len(dropped))
-        return [e for e in events if getattr(e, "stream_id", None) not in dropped]
+        kept = []
+        for event in events:
+            if getattr(event, "stream_id", None) not in dropped:
+                kept.append(event)
+            elif type(event) in _DATA_EVENTS:
+                # Nobody will take these bytes: give the connection window its credit back.
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        return kept
 
     def protocol_error(self, exc: Exception) -> None:
         scope = self.listener.scope
