@@ -148,7 +148,7 @@ class ConnectionLimits:
     stream_reset_burst: int = 1000
     stream_reset_rate: float = 33.0
     # Frames that carry no request (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, RST_STREAM on a
-    # closed stream, empty DATA, unknown types): a burst, then per second plus one for each
+    # closed stream, empty DATA, unknown types): a burst, then per second plus ten for each
     # DATA frame we send (window updates and pings follow the data a client receives).
     control_frame_burst: int = 1000
     control_frame_rate: float = 100.0

@@ -11,9 +11,9 @@ sends a handful of SETTINGS, PRIORITY and PING frames per connection; a gRPC cli
 few streams a second at most); rapid reset and control-frame floods exhaust it within
 milliseconds, and the connection gets GOAWAY ENHANCE_YOUR_CALM.
 
-Control frames also earn credit from the DATA we send: a client downloading a large body
-returns WINDOW_UPDATE frames (and gRPC clients BDP pings) in step with the data it receives,
-and that must never count as a flood however long the download runs.
+Control frames also earn credit from the DATA we send: a client downloading a large body, or
+making many small calls, returns WINDOW_UPDATE frames (and gRPC clients BDP pings) in step
+with the data it receives, and that must never count as a flood however long it runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from pilotfish.config.model import ConnectionLimits
 
 RAPID_RESET = "rapid_reset"
 FLOOD = "flood"
+# Control frames each DATA frame we send earns the client: Envoy allows ten WINDOW_UPDATE
+# frames per DATA frame sent. gRPC clients return two (stream and connection) per response.
+CONTROL_FRAMES_PER_DATA_FRAME = 10
 
 
 class TokenBucket:
@@ -72,8 +75,8 @@ class FrameBudget:
 
     def control_frame(self, data_frames_sent: int) -> bool:
         """A frame that carries no request; ``data_frames_sent`` counts the connection's DATA
-        sends so far (each earns one control frame)."""
-        earned = data_frames_sent - self._data_seen
+        sends so far (each earns ``CONTROL_FRAMES_PER_DATA_FRAME``)."""
+        earned = (data_frames_sent - self._data_seen) * CONTROL_FRAMES_PER_DATA_FRAME
         self._data_seen = data_frames_sent
         if self._control.take(earned):
             return True

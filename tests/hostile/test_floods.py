@@ -18,9 +18,11 @@ UPSTREAM_BOUND = 1100
 def test_rapid_reset_is_stopped_within_its_budget(proxy: Proxy) -> None:
     before = proxy.stats()
     memory = proxy.memory()
-    attacker = wire.Client(proxy.address)
     with proxy.canary(memory) as canary:
         assert canary.wait_for_answers(5)
+        # Connected only now: a connection left idle longer than http2_idle_timeout would be
+        # closed before the attack.
+        attacker = wire.Client(proxy.address)
         pairs = b"".join(
             attacker.headers(sid, wire.GET, end_stream=False) + wire.rst_stream(sid)
             for sid in range(1, 2 * 50_000, 2)
@@ -60,12 +62,12 @@ FLOODS = {
 def test_control_frame_flood_gets_enhance_your_calm(proxy: Proxy, kind: str) -> None:
     flood_before = proxy.stat("http.ingress.http2.flood")
     memory = proxy.memory()
-    attacker = wire.Client(proxy.address)
-    if kind in ("empty_data", "rst_closed_stream"):
-        # A stream to send empty DATA on, or (answered and closed) to reset again and again.
-        attacker.send(attacker.headers(1, wire.GET, end_stream=kind == "rst_closed_stream"))
     with proxy.canary(memory) as canary:
         assert canary.wait_for_answers(5)
+        attacker = wire.Client(proxy.address)
+        if kind in ("empty_data", "rst_closed_stream"):
+            # A stream to send empty DATA on, or (answered and closed) to reset again and again.
+            attacker.send(attacker.headers(1, wire.GET, end_stream=kind == "rst_closed_stream"))
         sent = attacker.flood(FLOODS[kind](attacker), count=100_000, seconds=20)
         frames = attacker.frames(seconds=5)
         answered_during = canary.ok

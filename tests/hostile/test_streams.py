@@ -11,24 +11,24 @@ from tests.hostile.conftest import Proxy
 from tests.support import wait_for
 
 MAX_STREAMS = 100  # the listener default
-PER_STREAM_BUFFER_MIB = 0.25  # 256 KiB, the upstream stream window
+RESPONSE_MIB = 1 / 16  # each stream asks for 64 KiB (less than a stream's 256 KiB window)
 ATTACKERS = 4
-# What the stalled connections may hold at most (their open streams' windows), plus the
+# What the stalled connections may hold at most (their open streams' responses), plus the
 # interpreter's own overhead for that many streams and frames.
-MEMORY_BOUND_MIB = ATTACKERS * MAX_STREAMS * PER_STREAM_BUFFER_MIB + 48
+MEMORY_BOUND_MIB = ATTACKERS * MAX_STREAMS * RESPONSE_MIB + 48
+BIG = [*wire.GET[:3], (b":path", b"/big/65536")]
 
 
 def test_zero_window_streams_are_refused_beyond_the_limit_then_reset(proxy: Proxy) -> None:
     before = proxy.stats()
     memory = proxy.memory()
-    attackers = [
-        wire.Client(proxy.address, {wire.INITIAL_WINDOW_SIZE: 0}) for _ in range(ATTACKERS)
-    ]
-    big = [*wire.GET[:3], (b":path", b"/big/1000000")]
     with proxy.canary(memory) as canary:
         assert canary.wait_for_answers(5)
+        attackers = [
+            wire.Client(proxy.address, {wire.INITIAL_WINDOW_SIZE: 0}) for _ in range(ATTACKERS)
+        ]
         for attacker in attackers:
-            attacker.send(b"".join(attacker.headers(sid, big) for sid in range(1, 2000, 2)))
+            attacker.send(b"".join(attacker.headers(sid, BIG) for sid in range(1, 2000, 2)))
         # Open streams are reset between one and two stream idle timeouts (1 s here).
         assert wait_for(
             lambda: (
@@ -61,12 +61,11 @@ def test_client_that_never_reads_is_paused_then_closed(proxy: Proxy) -> None:
     and are reset, and the connection, idle, is closed without waiting for the client."""
     before = proxy.stats()
     memory = proxy.memory()
-    client = wire.Client(proxy.address)
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    big = [*wire.GET[:3], (b":path", b"/big/1000000")]
     with proxy.canary(memory) as canary:
         assert canary.wait_for_answers(5)
-        client.send(b"".join(client.headers(sid, big) for sid in range(1, 100, 2)))
+        client = wire.Client(proxy.address)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.send(b"".join(client.headers(sid, BIG) for sid in range(1, 100, 2)))
         # Only the canary's connection is left.
         assert wait_for(
             lambda: (

@@ -65,3 +65,19 @@ def test_sweep_reports_streams_that_did_not_move_over_a_whole_period() -> None:
     # Stream 1 is reported once (its owner resets it); 3 moved again; 5 is new since.
     assert sweep.sweep({3: (6, 0), 5: (0, 0)}) == [3, 5]
     assert sweep.sweep({}) == []
+
+
+def test_a_busy_grpc_client_never_trips_the_control_budget() -> None:
+    """Unary calls at 5,000 a second for a minute: per call the client returns two
+    WINDOW_UPDATEs (stream and connection) for the one DATA frame of the response, and a BDP
+    PING every tenth call."""
+    clock = Clock()
+    budget = FrameBudget(ConnectionLimits(), clock)
+    for call in range(5000 * 60):
+        clock.now = call / 5000
+        data_sent = call + 1  # the response's DATA frame
+        assert budget.control_frame(data_sent)
+        assert budget.control_frame(data_sent)
+        if call % 10 == 0:
+            assert budget.control_frame(data_sent)
+    assert budget.tripped is None
