@@ -144,7 +144,8 @@ class ConnectionLimits:
     # Advertised in our SETTINGS and enforced: the stream after the limit is refused.
     max_concurrent_streams: int = 100
     # Streams the client may reset (or make us reset) in a burst, then per second (nghttp2's
-    # defaults): rapid reset (CVE-2023-44487) goes over this at once.
+    # defaults) plus one per stream that completed: rapid reset (CVE-2023-44487) goes over
+    # this at once, a client whose calls mostly complete never does.
     stream_reset_burst: int = 1000
     stream_reset_rate: float = 33.0
     # Frames that carry no request (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, RST_STREAM on a

@@ -66,7 +66,7 @@ WRITEV_MIN = 4096
 class Budget(Protocol):
     """The peer's allowance of work that carries no request (``sidecar.http.budget``)."""
 
-    def stream_reset(self) -> bool: ...
+    def stream_reset(self, streams_completed: int) -> bool: ...
 
     def control_frame(self, data_frames_sent: int) -> bool: ...
 
@@ -171,7 +171,8 @@ class H2Codec(FrameReceiver):
         self.budget = budget
         self.max_frames_per_turn = max_frames_per_turn
         self.backlogged = False
-        self._data_sends = 0  # DATA sends so far: each earns the peer a control frame
+        self._data_sends = 0  # DATA sends so far: each earns the peer control frames
+        self._streams_completed = 0  # streams that ended without a reset: each earns a reset
         # Streams the application knew that ended in a reset (the peer's or ours), counted so
         # that the owner looks for them among a read's events only when there are some.
         self.streams_reset = 0
@@ -354,7 +355,7 @@ class H2Codec(FrameReceiver):
 
     def _reset_charged(self) -> None:
         budget = self.budget
-        if budget is not None and not budget.stream_reset():
+        if budget is not None and not budget.stream_reset(self._streams_completed):
             raise CodecProtocolError("too many stream resets", ENHANCE_YOUR_CALM)
 
     def _failed(self, exc: CodecProtocolError) -> None:
@@ -568,11 +569,13 @@ class H2Codec(FrameReceiver):
     def _local_ended(self, stream: Stream) -> None:
         stream.local_open = False
         if not stream.remote_open:
+            self._streams_completed += 1
             self._forget(stream)
 
     def _remote_ended(self, stream: Stream) -> None:
         stream.remote_open = False
         if not stream.local_open:
+            self._streams_completed += 1
             self._forget(stream)
 
     def _forget(self, stream: Stream) -> None:

@@ -58,17 +58,23 @@ class TokenBucket:
 class FrameBudget:
     """The budgets of one connection. ``tripped`` names the one that ran out, for stats."""
 
-    __slots__ = ("_control", "_data_seen", "_resets", "tripped")
+    __slots__ = ("_completed_seen", "_control", "_data_seen", "_resets", "tripped")
 
     def __init__(self, limits: ConnectionLimits, clock: Callable[[], float]) -> None:
         self._resets = TokenBucket(limits.stream_reset_burst, limits.stream_reset_rate, clock)
         self._control = TokenBucket(limits.control_frame_burst, limits.control_frame_rate, clock)
         self._data_seen = 0
+        self._completed_seen = 0
         self.tripped: str | None = None
 
-    def stream_reset(self) -> bool:
-        """A stream ended in RST_STREAM, sent by the peer or by us because of the peer."""
-        if self._resets.take():
+    def stream_reset(self, streams_completed: int) -> bool:
+        """A stream ended in RST_STREAM, sent by the peer or by us because of the peer;
+        ``streams_completed`` counts the connection's streams that ended normally so far (each
+        earns one reset: a client whose calls mostly complete may cancel the rest at any rate,
+        as Envoy judges resets by their share of a connection's streams)."""
+        earned = streams_completed - self._completed_seen
+        self._completed_seen = streams_completed
+        if self._resets.take(earned):
             return True
         self.tripped = RAPID_RESET
         return False

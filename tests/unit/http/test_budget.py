@@ -29,7 +29,7 @@ def test_rapid_reset_trips_after_the_burst() -> None:
     clock = Clock()
     budget = FrameBudget(ConnectionLimits(stream_reset_burst=100, stream_reset_rate=10.0), clock)
     allowed = 0
-    while budget.stream_reset() and allowed < 10_000:
+    while budget.stream_reset(0) and allowed < 10_000:
         allowed += 1
     assert allowed == 100 and budget.tripped == RAPID_RESET
 
@@ -40,7 +40,7 @@ def test_a_steady_reset_rate_below_the_limit_never_trips() -> None:
     budget = FrameBudget(ConnectionLimits(stream_reset_burst=10, stream_reset_rate=6.0), clock)
     for i in range(5 * 3600):
         clock.now = i / 5
-        assert budget.stream_reset()
+        assert budget.stream_reset(0)
     assert budget.tripped is None
 
 
@@ -80,4 +80,18 @@ def test_a_busy_grpc_client_never_trips_the_control_budget() -> None:
         assert budget.control_frame(data_sent)
         if call % 10 == 0:
             assert budget.control_frame(data_sent)
+    assert budget.tripped is None
+
+
+def test_resets_are_earned_by_streams_that_complete() -> None:
+    """A client cancelling half its calls, 1,000 calls a second, for a minute."""
+    clock = Clock()
+    budget = FrameBudget(ConnectionLimits(), clock)
+    completed = 0
+    for call in range(1000 * 60):
+        clock.now = call / 1000
+        if call % 2:
+            assert budget.stream_reset(completed)
+        else:
+            completed += 1
     assert budget.tripped is None
