@@ -200,7 +200,8 @@ class H2ServerConnection(H2Connection):
 
     def buffer_updated(self, nbytes: int) -> None:
         super().buffer_updated(nbytes)
-        self.guard.after_read()
+        if not self.discarding:
+            self.guard.after_read()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
