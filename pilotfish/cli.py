@@ -88,6 +88,13 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="keep registrations in etcd, shared by every control plane on it (default: memory)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--unknown-nodes",
+        default="serve",
+        choices=("serve", "reject"),
+        help="a proxy whose service is not in the mesh gets every service (serve) or is "
+        "refused with PERMISSION_DENIED (reject)",
+    )
     kube = p.add_argument_group("Kubernetes discovery")
     kube.add_argument(
         "--kubernetes",
