@@ -186,6 +186,7 @@ class Count:
     requests: int
     per_layer: dict[str, float]  # bytecodes per request
     per_module: dict[str, float]
+    per_function: dict[str, float]
 
     @property
     def total(self) -> float:
@@ -224,7 +225,11 @@ def count(workload: Workload, requests: int, workdir: Path) -> Count:
     per_module = {
         name.removeprefix(repo): n / requests for name, n in counter.by_module().items()
     }
-    return Count(workload.key, current_codec(), requests, per_layer, per_module)
+    per_function = {
+        f"{code.co_filename.removeprefix(repo)}:{code.co_qualname}": n / requests
+        for code, n in counter.per_code.items()
+    }
+    return Count(workload.key, current_codec(), requests, per_layer, per_module, per_function)
 
 
 def _h2load(workload: H2loadWorkload, port: int, n: int) -> None:
@@ -282,7 +287,7 @@ def over_budget(result: Count, budget: dict[str, dict[str, int]]) -> str | None:
     return None
 
 
-def format_count(result: Count, modules: int = 0) -> str:
+def format_count(result: Count, modules: int = 0, functions: int = 0) -> str:
     lines = [
         f"{result.workload}, {result.codec} codec: {result.total:,.0f} bytecodes per request "
         f"({result.requests} requests)"
@@ -293,6 +298,10 @@ def format_count(result: Count, modules: int = 0) -> str:
         lines.append("  top modules:")
         top = sorted(result.per_module.items(), key=lambda kv: -kv[1])[:modules]
         lines.extend(f"    {n:>8,.0f}  {name}" for name, n in top)
+    if functions:
+        lines.append("  top functions:")
+        top = sorted(result.per_function.items(), key=lambda kv: -kv[1])[:functions]
+        lines.extend(f"    {n:>8,.1f}  {name}" for name, n in top)
     return "\n".join(lines)
 
 
@@ -308,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", choices=sorted(workloads), action="append")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS)
     parser.add_argument("--modules", type=int, default=0, help="also list the top N modules")
+    parser.add_argument("--functions", type=int, default=0, help="and the top N functions")
     parser.add_argument("--json", action="store_true", help="print one JSON line per workload")
     parser.add_argument("--check", action="store_true", help=f"exit 1 if over {BUDGET_FILE.name}")
     args = parser.parse_args(argv)
@@ -327,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     "total": round(result.total), "per_layer": layers}  # fmt: skip
             print(json.dumps(line))
         else:
-            print(format_count(result, args.modules), flush=True)
+            print(format_count(result, args.modules, args.functions), flush=True)
         if args.check:
             problem = over_budget(result, load_budget())
             if problem is not None:
