@@ -44,6 +44,7 @@ from sidecar.codec.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
+    Headers,
     RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
@@ -53,7 +54,6 @@ from sidecar.codec.events import (
 )
 from sidecar.codec.frames import DEFAULT_WINDOW, Chunk, goaway_frame
 from sidecar.codec.receive import thread_receive_buffer
-from sidecar.http.streams import Headers
 
 VERSION = ngh2.__version__
 MAX_STREAM_ID = 2**31 - 1
