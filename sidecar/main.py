@@ -26,6 +26,7 @@ from sidecar.server import Sidecar
 
 log = logging.getLogger("pilotfish.sidecar")
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 ACCEPT_POLL_S = 0.2  # how often the acceptor looks at its workers between connections
 
 
@@ -78,8 +79,11 @@ async def serve(
         if admin:
             sidecar.stats.scope("workers").sources["handoff"] = handoff.table.stats
     if signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, sidecar.request_stop)
+        # A worker is forked with these blocked (``_run_workers``): one sent while it started
+        # is delivered now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     admin_server = AdminServer(sidecar)
     if admin:
         await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
@@ -253,6 +257,8 @@ def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> 
     # each object's header and so give every worker its own copy of those pages.
     gc.freeze()
     children: dict[int, int] = {}  # pid -> worker index
+    # Until each process has its handlers, a SIGTERM waits instead of killing it half-started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     for index in range(workers):
         theirs = acceptor.channel_for(index)
         pid = os.fork()
@@ -283,6 +289,7 @@ def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     status = 0
     while children:
         if stopping and acceptor.listeners:
