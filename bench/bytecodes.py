@@ -63,6 +63,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("sidecar/", "sidecar-core"),
     ("pilotfish/", "config"),
     ("ngh2/", "ngh2"),
+    ("opentelemetry/", "observability"),
     ("h2/", "h2-library"),
     ("uvloop/", "event-loop"),
     ("hpack/", "h2-library"),

@@ -71,15 +71,16 @@ _CONNECTION_CLOSED = ngh2.ConnectionClosed
 
 
 class _Stream:
-    """Which halves are open: a stream leaves ``Ngh2Codec.streams`` when both are closed."""
+    """Which halves are open: a stream leaves ``Ngh2Codec.streams`` when both are closed
+    (so one found there is never ``closed``, the attribute ``h2conn`` asks)."""
 
-    __slots__ = ("closed", "headers_sent", "local_open", "remote_open")
+    __slots__ = ("headers_sent", "local_open", "remote_open")
+    closed = False
 
     def __init__(self, headers_sent: bool) -> None:
         self.local_open = True
         self.remote_open = True
         self.headers_sent = headers_sent
-        self.closed = False
 
 
 class Ngh2Codec:
@@ -198,34 +199,40 @@ class Ngh2Codec:
                 stream.headers_sent = True
         except ngh2.NGH2Error as exc:
             raise CodecStreamClosedError(stream_id) from exc
-        self._serialize()
+        data = conn.data_to_send()
+        if data:
+            self._out.append(data)
         if end_stream:
-            self._local_ended(stream_id, stream)
+            stream.local_open = False
+            if not stream.remote_open:
+                del self.streams[stream_id]
 
     def send_data(self, stream_id: int, data: Chunk, end_stream: bool = False) -> None:
         stream = self.streams.get(stream_id)
         if stream is None or not stream.local_open or self._dead:
             raise CodecStreamClosedError(stream_id)
+        conn = self._conn
         try:
-            self._conn.send_data(stream_id, data, end_stream=end_stream)
+            conn.send_data(stream_id, data, end_stream=end_stream)
         except ngh2.NGH2Error as exc:
             raise CodecStreamClosedError(stream_id) from exc
-        self._serialize()
+        out = conn.data_to_send()
+        if out:
+            self._out.append(out)
         if end_stream:
-            self._local_ended(stream_id, stream)
+            stream.local_open = False
+            if not stream.remote_open:
+                del self.streams[stream_id]
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
-        stream = self.streams.pop(stream_id, None)
-        if stream is None:
+        if self.streams.pop(stream_id, None) is None:
             raise CodecStreamClosedError(stream_id)
-        stream.closed = True
         if self._dead:
             return
-        try:
+        try:  # RST_STREAM is serialized with what is taken next (``take_output``)
             self._conn.reset_stream(stream_id, error_code)
         except ngh2.NGH2Error as exc:  # already closed inside libnghttp2: nothing to send
             raise CodecStreamClosedError(stream_id) from exc
-        self._serialize()
 
     def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
         if self._dead:
@@ -249,24 +256,16 @@ class Ngh2Codec:
             raise ValueError("cannot acknowledge a negative size")
         if self._dead or not acknowledged_size:
             return
-        try:
+        try:  # a WINDOW_UPDATE, when due, leaves with what is taken next (``take_output``)
             self._conn.acknowledge_received_data(acknowledged_size, stream_id)
         except ngh2.ConnectionStateError:  # closing (a GOAWAY went both ways): nothing to reopen
             return
-        self._serialize()
-
-    def _local_ended(self, stream_id: int, stream: _Stream) -> None:
-        stream.local_open = False
-        if not stream.remote_open:
-            stream.closed = True
-            del self.streams[stream_id]
 
     def _remote_ended(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:
             stream.remote_open = False
             if not stream.local_open:
-                stream.closed = True
                 del self.streams[stream_id]
 
     # -- receiving -------------------------------------------------------------------------
@@ -327,9 +326,7 @@ class Ngh2Codec:
                 else:
                     append(ResponseReceived(sid, list(event.headers), None))
             elif kind is _CLOSED:
-                gone = streams.pop(event.stream_id, None)
-                if gone is not None:
-                    gone.closed = True
+                if streams.pop(event.stream_id, None) is not None:
                     # Closed by libnghttp2 while we thought it open: it reset the stream (a
                     # malformed message, a GOAWAY that left it unprocessed, a failed send).
                     append(StreamReset(event.stream_id, event.error_code or CANCEL, False))
@@ -337,9 +334,7 @@ class Ngh2Codec:
                 append(TrailersReceived(event.stream_id, list(event.headers)))
                 self._remote_ended(event.stream_id)
             elif kind is _RESET:
-                gone = streams.pop(event.stream_id, None)
-                if gone is not None:
-                    gone.closed = True
+                if streams.pop(event.stream_id, None) is not None:
                     append(StreamReset(event.stream_id, event.error_code))
             elif kind is _WINDOW:
                 append(WindowUpdated(event.stream_id, event.increment))
@@ -357,7 +352,7 @@ class Ngh2Codec:
                     f"HTTP/2 connection error: {event.debug_data.decode(errors='replace')}",
                     event.error_code or PROTOCOL_ERROR,
                 )
-        if not conn.want_read and not (self._goaway_received or self._goaway_sent or self._dead):
+        if not incoming and not (self._goaway_received or self._goaway_sent or conn.want_read):
             # libnghttp2 queued GOAWAY for a connection error without an event for it yet.
             self._dead = True
             self._serialize()
