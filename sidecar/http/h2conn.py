@@ -65,6 +65,10 @@ def _choose_codec(name: str | None) -> str:
         return "python"
     if name not in ("ngh2", "python", "h2"):
         raise ValueError(f"PILOTFISH_H2_CODEC must be ngh2, python or h2, not {name!r}")
+    if name == "ngh2" and importlib.util.find_spec("ngh2") is None:
+        raise ValueError(
+            "PILOTFISH_H2_CODEC=ngh2, but ngh2 is not installed (pip install 'pilotfish[fast]')"
+        )
     return name
 
 
