@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane.ca.service import CA_SERVICE, CertificateServicer
+from control_plane.ca.settings import (
+    CaSettings,
+    build_authenticator,
+    build_authority,
+    ca_settings_from_args,
+)
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.status_service import StatusServicer
@@ -26,6 +34,7 @@ from control_plane.xds.server import AdsServicer, ProxyRegistry
 from control_plane.xds.snapshot import InconsistentSnapshot
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
+from pilotfish.gen.pilotfish.ca.v1 import ca_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.plainhttp import start_plain_http
 
@@ -48,6 +57,7 @@ class ControlPlane:
     _watch_task: asyncio.Task[None]
     metrics: ControlPlaneMetrics
     metrics_server: asyncio.AbstractServer | None = None
+    ca: CertificateServicer | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.metrics_server is not None:
@@ -66,10 +76,16 @@ async def start_control_plane(
     callbacks: Callbacks | None = None,
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
+    ca: CaSettings | None = None,
 ) -> ControlPlane:
-    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad."""
+    """Load the mesh file and serve it; raises ``ConfigError`` if the file or CA is bad."""
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
+    ca_servicer = (
+        CertificateServicer(build_authority(ca, time.time), build_authenticator(ca))
+        if ca is not None
+        else None
+    )
     try:
         cache = SnapshotCache(mesh)
     except InconsistentSnapshot as exc:
@@ -87,16 +103,20 @@ async def start_control_plane(
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
     )
+    services = [ADS_SERVICE, STATUS_SERVICE]
+    if ca_servicer is not None:
+        ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca_servicer, server)
+        services.append(CA_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (ADS_SERVICE, STATUS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     bound = server.add_insecure_port(f"{address}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {address}:{port}")
     await server.start()
-    for name in ("", ADS_SERVICE, STATUS_SERVICE):
+    for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_server = None
     if metrics_address is not None:
@@ -111,7 +131,16 @@ async def start_control_plane(
         bound,
     )
     return ControlPlane(
-        server, bound, cache, registry, watcher, health_servicer, task, metrics, metrics_server
+        server,
+        bound,
+        cache,
+        registry,
+        watcher,
+        health_servicer,
+        task,
+        metrics,
+        metrics_server,
+        ca_servicer,
     )
 
 
@@ -123,7 +152,11 @@ async def _serve(args: argparse.Namespace) -> int:
             else None
         )
         plane = await start_control_plane(
-            args.config, args.address, args.port, metrics_address=metrics_address
+            args.config,
+            args.address,
+            args.port,
+            metrics_address=metrics_address,
+            ca=ca_settings_from_args(args),
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)

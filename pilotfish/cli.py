@@ -49,6 +49,15 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    ca = p.add_argument_group("certificate authority (workload certificates)")
+    ca.add_argument("--ca-dir", help="directory of a self-signed root CA (made on first start)")
+    ca.add_argument("--ca-cert", help="an intermediate CA certificate (PEM) to sign with")
+    ca.add_argument("--ca-key", help="the intermediate CA's private key (PEM)")
+    ca.add_argument("--ca-roots", help="root certificates workloads should trust (PEM)")
+    ca.add_argument("--ca-chain", help="intermediates between --ca-cert and a root (PEM)")
+    ca.add_argument("--trust-domain", default="cluster.local")
+    ca.add_argument("--cert-ttl", default="24h", help="workload certificate lifetime")
+    ca.add_argument("--bootstrap-tokens", help="YAML file mapping tokens to services")
 
 
 def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -31,7 +31,11 @@ LeafKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKe
 
 
 class CsrRejected(ValueError):
-    """The CSR is malformed, badly signed, uses a weak key or asks for another identity."""
+    """The CSR is malformed, badly signed or uses a weak key."""
+
+
+class IdentityMismatch(CsrRejected):
+    """The CSR asks for an identity other than the caller's own."""
 
 
 def _utc(seconds: float) -> datetime.datetime:
@@ -220,12 +224,12 @@ class CertificateAuthority:
         leaf_key = _leaf_key(csr)
         wanted = requested_identity(csr)
         if authenticated.trust_domain != self.trust_domain:
-            raise CsrRejected(
+            raise IdentityMismatch(
                 f"authenticated identity {authenticated} is outside trust domain "
                 f"{self.trust_domain!r}"
             )
         if wanted != authenticated:
-            raise CsrRejected(f"the CSR asks for {wanted} but the caller is {authenticated}")
+            raise IdentityMismatch(f"the CSR asks for {wanted} but the caller is {authenticated}")
         return self._issue(leaf_key, authenticated, ttl)
 
     def _issue(self, leaf_key: LeafKey, identity: SpiffeId, ttl: float | None) -> IssuedCertificate:
@@ -237,6 +241,8 @@ class CertificateAuthority:
         not_before = max(now - BACKDATE, ca_cert.not_valid_before_utc.timestamp())
         if not_after <= now:
             raise CsrRejected("the CA certificate has expired; cannot issue")
+        if not_before >= not_after:
+            raise CsrRejected("the CA certificate is not valid yet; cannot issue")
         key = self.signer.key
         builder = (
             x509.CertificateBuilder()

@@ -286,3 +286,12 @@ def test_operator_intermediate_from_files(tmp_path: Path) -> None:
         load_intermediate(tmp_path / "ca.crt", tmp_path / "ca.key", tmp_path / "wrong-roots.pem")
     with pytest.raises(CaStoreError, match="cannot read"):
         load_intermediate(tmp_path / "missing.crt", tmp_path / "ca.key", tmp_path / "roots.pem")
+
+
+def test_refuses_to_issue_before_its_ca_is_valid() -> None:
+    clock = FakeClock()
+    cert, key = create_root(DOMAIN, T0)
+    ca = CertificateAuthority(Signer(cert, key), TrustBundle((cert,)), DOMAIN, clock, leaf_ttl=10)
+    clock.now = T0 - 3600
+    with pytest.raises(CsrRejected, match="not valid yet"):
+        ca.sign(build_csr(generate_key(), ALICE), ALICE)
