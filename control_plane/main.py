@@ -96,6 +96,8 @@ async def start_control_plane(
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
     metrics.reload_errors = lambda: watcher.errors
+    if ca_servicer is not None:
+        metrics.ca_outcomes = ca_servicer.counters.as_dict
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AdsServicer(cache, registry, metrics), server

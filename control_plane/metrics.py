@@ -10,6 +10,8 @@ pilotfish_xds_push_latency_seconds        histogram  (none): mesh change to resp
 pilotfish_xds_nacks_total                 counter    type
 pilotfish_mesh_generation                 gauge      (none): bumps on every accepted edit
 pilotfish_mesh_reload_errors_total        counter    (none): edits rejected as invalid
+pilotfish_ca_requests_total               counter    outcome (issued, unauthenticated,
+                                                     denied, invalid); with a CA only
 ========================================  =========  =====================================
 
 ``type`` is the xDS resource type's short name: LDS, RDS, CDS, EDS.
@@ -62,12 +64,19 @@ class ControlPlaneMetrics(Callbacks):
                    self._generation)  # fmt: skip
         r.callback("pilotfish_mesh_reload_errors_total", "Mesh edits rejected.", "counter",
                    self._reload_errors)  # fmt: skip
+        self.ca_outcomes: Callable[[], dict[str, int]] = dict
+        r.callback("pilotfish_ca_requests_total", "Certificate requests by outcome.", "counter",
+                   self._ca_outcomes, ("outcome",))  # fmt: skip
 
     def _generation(self) -> Iterator[Sample]:
         yield (), float(self.generation())
 
     def _reload_errors(self) -> Iterator[Sample]:
         yield (), float(self.reload_errors())
+
+    def _ca_outcomes(self) -> Iterator[Sample]:
+        for outcome, count in self.ca_outcomes().items():
+            yield (outcome,), float(count)
 
     def on_stream_open(self, stream_id: int, kind: str) -> None:
         self._kinds[stream_id] = kind

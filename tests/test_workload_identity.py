@@ -24,6 +24,8 @@ from sidecar.security.csr import build_csr, generate_key
 from sidecar.security.tls import PeerRejected, Svid, check_peer, client_context
 from sidecar.security.workload import GrpcCertificateSource, WorkloadCertificates
 from tests.control_plane.helpers import MESH_YAML
+from tests.control_plane.test_metrics import scrape
+from tests.support import free_port
 
 DOMAIN = "cluster.local"
 ALICE = SpiffeId(DOMAIN, "default", "alice")
@@ -55,7 +57,9 @@ async def control_plane(
         leaf_ttl=ttl,
         bootstrap_tokens=_tokens_file(tmp / "tokens.yaml"),
     )
-    plane = await start_control_plane(mesh, "127.0.0.1", 0, ca=settings)
+    plane = await start_control_plane(
+        mesh, "127.0.0.1", 0, ca=settings, metrics_address=("127.0.0.1", free_port())
+    )
     try:
         yield plane
     finally:
@@ -195,18 +199,17 @@ def test_ca_authenticates_the_caller_and_signs_only_its_own_identity(tmp_path: P
             assert response.spiffe_id == ALICE.uri
             assert response.trust_bundle_pem.count("BEGIN CERTIFICATE") == 1
             assert plane.ca is not None
-            counters = plane.ca.counters
-            assert (
-                counters.issued,
-                counters.unauthenticated,
-                counters.denied,
-                counters.invalid,
-            ) == (
-                3,
-                2,
-                1,
-                1,
-            )
+            assert plane.ca.counters.as_dict() == {
+                "issued": 3,
+                "unauthenticated": 2,
+                "denied": 1,
+                "invalid": 1,
+            }
+            assert plane.metrics_server is not None
+            port = plane.metrics_server.sockets[0].getsockname()[1]
+            metrics = await asyncio.to_thread(scrape, port)
+            assert metrics[("pilotfish_ca_requests_total", (("outcome", "denied"),))] == 1
+            assert metrics[("pilotfish_ca_requests_total", (("outcome", "issued"),))] == 3
 
     run(scenario)
 

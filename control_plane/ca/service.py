@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,9 @@ class CaCounters:
     unauthenticated: int = 0
     denied: int = 0
     invalid: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
 def bearer_token(metadata: Any) -> str | None:
