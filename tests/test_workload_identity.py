@@ -46,7 +46,7 @@ def _tokens_file(path: Path) -> Path:
 
 @asynccontextmanager
 async def control_plane(
-    tmp: Path, ttl: float = 3600.0, ca_dir: str = "ca"
+    tmp: Path, ttl: float = 3600.0, ca_dir: str = "ca", metrics_port: int = 0
 ) -> AsyncIterator[ControlPlane]:
     tmp.mkdir(exist_ok=True)
     mesh = tmp / "mesh.yaml"
@@ -57,9 +57,8 @@ async def control_plane(
         leaf_ttl=ttl,
         bootstrap_tokens=_tokens_file(tmp / "tokens.yaml"),
     )
-    plane = await start_control_plane(
-        mesh, "127.0.0.1", 0, ca=settings, metrics_address=("127.0.0.1", free_port())
-    )
+    metrics = ("127.0.0.1", metrics_port) if metrics_port else None
+    plane = await start_control_plane(mesh, "127.0.0.1", 0, ca=settings, metrics_address=metrics)
     try:
         yield plane
     finally:
@@ -164,8 +163,9 @@ def run(coro: Callable[[], object]) -> None:
 
 def test_ca_authenticates_the_caller_and_signs_only_its_own_identity(tmp_path: Path) -> None:
     async def scenario() -> None:
+        metrics_port = free_port()
         async with (
-            control_plane(tmp_path) as plane,
+            control_plane(tmp_path, metrics_port=metrics_port) as plane,
             grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel,
         ):
             stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
@@ -205,9 +205,7 @@ def test_ca_authenticates_the_caller_and_signs_only_its_own_identity(tmp_path: P
                 "denied": 1,
                 "invalid": 1,
             }
-            assert plane.metrics_server is not None
-            port = plane.metrics_server.sockets[0].getsockname()[1]
-            metrics = await asyncio.to_thread(scrape, port)
+            metrics = await asyncio.to_thread(scrape, metrics_port)
             assert metrics[("pilotfish_ca_requests_total", (("outcome", "denied"),))] == 1
             assert metrics[("pilotfish_ca_requests_total", (("outcome", "issued"),))] == 3
 
