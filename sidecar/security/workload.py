@@ -114,6 +114,8 @@ class WorkloadCertificates:
         self.rotations = 0
         self.failures = 0
         self.last_error = ""
+        self.on_change: list[Callable[[Svid], None]] = []
+        """Called with every new certificate (the first one too), e.g. to push it over SDS."""
 
     @property
     def svid(self) -> Svid:
@@ -161,6 +163,8 @@ class WorkloadCertificates:
             permissive,
             client,
         )
+        for callback in self.on_change:
+            callback(svid)
         return svid
 
     async def start(self) -> None:
