@@ -107,6 +107,27 @@ def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _add_ca_root(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ca-root", help="rotate the CA's self-signed root in three steps")
+    p.add_argument("step", choices=("stage", "activate", "retire"))
+    p.add_argument("--ca-dir", required=True, help="the control plane's --ca-dir")
+    p.add_argument("--trust-domain", default="cluster.local")
+
+
+def _add_identity_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "identity-agent", help="keep a workload certificate fresh and serve it to Envoy over SDS"
+    )
+    p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the control plane's CA")
+    p.add_argument("--token-file", required=True, help="bootstrap or service-account token")
+    p.add_argument("--service-account", required=True)
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--sds-socket", required=True, help="Unix socket path for Envoy's SDS")
+    p.add_argument("--cert-ttl", default="", help="ask for a shorter lifetime than the CA's")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pilotfish", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_demo(sub)
     _add_iptables(sub)
+    _add_ca_root(sub)
+    _add_identity_agent(sub)
     return parser
 
 
@@ -151,6 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.listen.iptables import run_iptables
 
         return run_iptables(args)
+    if args.command == "ca-root":
+        from control_plane.ca.cli import run_ca_root
+
+        return run_ca_root(args)
+    if args.command == "identity-agent":
+        from sidecar.security.agent import run_identity_agent
+
+        return run_identity_agent(args)
     if args.command == "demo":
         from pilotfish.demo import run_demo
 
