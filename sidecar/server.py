@@ -24,6 +24,7 @@ from sidecar.upstream.clusters import ClusterManager
 if TYPE_CHECKING:
     from sidecar.route.exchange import Exchange
     from sidecar.route.table import RouteDecision
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger("pilotfish.sidecar")
 
@@ -65,6 +66,8 @@ class Sidecar:
         self._route_policies_by_key: dict[tuple[str, str, str], RoutePolicyRuntime] = {}
         self._route_policies: dict[int, RoutePolicyRuntime] = {}
         self._cpu_task: asyncio.Task[None] | None = None
+        # The workload certificate for listeners with mTLS; None: they refuse TLS.
+        self.workload: WorkloadCertificates | None = None
 
     # -- config ----------------------------------------------------------------------------
 

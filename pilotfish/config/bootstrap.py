@@ -43,6 +43,7 @@ from pilotfish.config.route_policy_yaml import (
     parse_load_shedding,
     parse_route_policy,
 )
+from pilotfish.config.security import MtlsMode
 from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
 from sidecar.observability.tracing_config import PROTOCOLS, TracingConfig, split_endpoint
 
@@ -205,6 +206,7 @@ def parse_listener(node: Node) -> ListenerConfig:
             "max_request_headers",
             "http1_idle_timeout",
             "direction",
+            "mtls",
             *LISTENER_POLICY_KEYS,
         }
     )
@@ -250,6 +252,9 @@ def parse_listener(node: Node) -> ListenerConfig:
         direction=node.get("direction").as_choice(("inbound", "outbound"), "")
         if node.has("direction")
         else "",
+        mtls=MtlsMode(node.get("mtls").as_choice(("STRICT", "PERMISSIVE")))
+        if node.has("mtls")
+        else None,
     )
 
 

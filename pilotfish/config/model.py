@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
 from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
+from pilotfish.config.security import MtlsMode
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 
@@ -155,6 +156,9 @@ class ListenerConfig:
     direction: str = ""
     max_request_headers_bytes: int = 60 * 1024
     http1_idle_timeout: float = 300.0
+    # Inbound mTLS with the workload certificate: None plaintext only; PERMISSIVE both (told
+    # apart by the first bytes); STRICT only mTLS with a mesh certificate.
+    mtls: MtlsMode | None = None
 
 
 @dataclass(frozen=True, slots=True)

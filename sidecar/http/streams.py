@@ -16,6 +16,7 @@ from sidecar.codec.events import Headers as Headers  # the codecs' type, re-expo
 
 if TYPE_CHECKING:
     from pilotfish.config.model import ListenerConfig
+    from pilotfish.identity import SpiffeId
 
 OnSent = Callable[[], None] | None
 
@@ -77,7 +78,9 @@ class ConnectionOwner(Protocol):
     @property
     def config(self) -> ListenerConfig: ...
 
-    def new_exchange(self, downstream: StreamSink) -> StreamHandler: ...
+    def new_exchange(
+        self, downstream: StreamSink, peer: SpiffeId | None = None
+    ) -> StreamHandler: ...
 
     def connection_opened(self, conn: Any) -> None: ...
 

@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import h2.events
 
 from pilotfish.config.model import ListenerConfig
+from pilotfish.config.security import MtlsMode
+from pilotfish.identity import SpiffeId
 from sidecar import codec
 from sidecar.http.h1conn import H1ServerConnection
 from sidecar.http.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
 from sidecar.http.streams import REFUSED_STREAM, StreamHandler, StreamSink
 from sidecar.listen.original_dst import OriginalDestinationError, original_destination
+from sidecar.listen.tls import PeerIdentityHeader, looks_like_tls, terminate
 from sidecar.route.exchange import Exchange, SidecarServices
 from sidecar.route.policy.shedding import LoadShedder
 from sidecar.stats import Scope
@@ -32,6 +35,7 @@ from sidecar.upstream.tcp import ClusterTarget, OriginalDestination, RelayTarget
 if TYPE_CHECKING:
     from sidecar.observability.metrics import MeshMetrics
     from sidecar.route.table import RouteTable
+    from sidecar.security.workload import WorkloadCertificates
     from sidecar.stats import StatsStore
     from sidecar.upstream.clusters import ClusterManager
 
@@ -76,6 +80,9 @@ class ListenerHost(SidecarServices, Protocol):
 
     def access_log(self, listener: ListenerRuntime, exchange: Exchange) -> None: ...
 
+    @property
+    def workload(self) -> WorkloadCertificates | None: ...
+
 
 class ListenerRuntime:
     """What connections of one listener share: config, routes, clusters, stats."""
@@ -119,8 +126,11 @@ class ListenerRuntime:
         name = self.config.route_config
         return self.sidecar.route_tables.get(name) if name is not None else None
 
-    def new_exchange(self, downstream: StreamSink) -> StreamHandler:
-        return Exchange(self, downstream)
+    def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
+        exchange = Exchange(self, downstream)
+        if self.config.mtls is None:
+            return exchange
+        return PeerIdentityHeader(exchange, peer)
 
     def exchange_done(self, exchange: Exchange) -> None:
         self.sidecar.access_log(self, exchange)
@@ -164,6 +174,7 @@ class H2ServerConnection(H2Connection):
         self.listener = listener
         self.draining = False
         self.last_stream_id = MAX_STREAM_ID
+        self.peer: SpiffeId | None = None  # set by the listener after an mTLS handshake
         # Only servers receive requests (both codecs refuse them on client connections).
         self._dispatch[h2.events.RequestReceived] = self._on_request
         self._dispatch[codec.RequestReceived] = self._on_request
@@ -179,7 +190,7 @@ class H2ServerConnection(H2Connection):
         if self.goaway_sent and stream_id > self.last_stream_id:
             self.reset_stream(stream, REFUSED_STREAM)
             return
-        handler = self.listener.new_exchange(stream)
+        handler = self.listener.new_exchange(stream, self.peer)
         stream.handler = handler
         handler.on_headers(event.headers, event.stream_ended is not None)
 
@@ -232,11 +243,16 @@ class H2ServerConnection(H2Connection):
 class SniffingProtocol(asyncio.Protocol):
     """Holds the first bytes of a connection until the protocol is known, then hands over."""
 
-    def __init__(self, listener: ListenerRuntime) -> None:
+    def __init__(
+        self, listener: ListenerRuntime, peer: SpiffeId | None = None, decrypted: bool = False
+    ) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.head = b""
         self.timer: asyncio.TimerHandle | None = None
+        # Inside an mTLS session: the verified peer (None for PERMISSIVE without a certificate).
+        self.peer = peer
+        self.decrypted = decrypted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -249,6 +265,17 @@ class SniffingProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.head += data
+        mtls = self.listener.config.mtls
+        if mtls is not None and not self.decrypted:
+            tls = looks_like_tls(self.head)
+            if tls is None:
+                return
+            if tls:
+                self._terminate_tls(mtls)
+                return
+            if mtls is MtlsMode.STRICT:
+                self._refuse("plaintext on a STRICT mTLS listener")
+                return
         protocol = detect_protocol(self.head)
         if protocol is not None:
             self._hand_over(protocol)
@@ -262,7 +289,56 @@ class SniffingProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self.timer = None
+        if self.listener.config.mtls is MtlsMode.STRICT and not self.decrypted:
+            self._refuse("client sent nothing on a STRICT mTLS listener")
+            return
         self._hand_over("tcp" if not self.head else "other")
+
+    def _refuse(self, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        listener = self.listener
+        assert self.transport is not None
+        log.info(
+            "listener %s: closing connection from %s: %s",
+            listener.config.name,
+            self.transport.get_extra_info("peername"),
+            reason,
+        )
+        listener.scope.inc("downstream_cx_mtls_refused")
+        self.transport.close()
+
+    def _terminate_tls(self, mtls: MtlsMode) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        workload = self.listener.sidecar.workload
+        if workload is None:
+            self._refuse("TLS, but this sidecar has no workload certificate")
+            return
+        assert self.transport is not None
+        strict = mtls is MtlsMode.STRICT
+        head, self.head = self.head, b""
+        terminate(
+            self.transport,
+            head,
+            workload.server_context(strict),
+            workload.identity.trust_domain,
+            strict,
+            self._decrypted,
+            self._tls_refused,
+        )
+
+    def _decrypted(self, transport: asyncio.Transport, peer: SpiffeId | None) -> None:
+        self.listener.scope.inc("downstream_cx_mtls")
+        inner = SniffingProtocol(self.listener, peer, decrypted=True)
+        transport.set_protocol(inner)
+        inner.connection_made(transport)
+
+    def _tls_refused(self, reason: str) -> None:
+        log.info("listener %s: mTLS refused: %s", self.listener.config.name, reason)
+        self.listener.scope.inc("downstream_cx_mtls_refused")
 
     def _hand_over(self, protocol: str) -> None:
         if self.timer is not None:
@@ -274,8 +350,10 @@ class SniffingProtocol(asyncio.Protocol):
         new: asyncio.Protocol | H2ServerConnection  # the latter reads into its own buffer
         if protocol == "h2":
             new = H2ServerConnection(listener)
+            new.peer = self.peer
         elif protocol == "h1":
             new = H1ServerConnection(listener)
+            new.peer = self.peer
         else:
             target = self._passthrough_target(transport)
             if target is None:
