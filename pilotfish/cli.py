@@ -38,6 +38,13 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "original-destination)",
     )
     xds.add_argument("--admin-address", default="127.0.0.1:15000", help="HOST:PORT")
+    mesh = p.add_argument_group("workload identity (mTLS listeners)")
+    mesh.add_argument(
+        "--ca-token-file", help="bootstrap or service-account token; turns the identity on"
+    )
+    mesh.add_argument("--ca", metavar="HOST:PORT", help="the CA (default: the --xds address)")
+    mesh.add_argument("--service-account", help="default: --service")
+    mesh.add_argument("--trust-domain", default="cluster.local")
 
 
 def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

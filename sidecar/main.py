@@ -13,14 +13,19 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.bootstrap import load_bootstrap_file
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
+from pilotfish.identity import InvalidSpiffeId, SpiffeId
 from sidecar.admin import AdminServer
 from sidecar.observability.tracing_config import split_endpoint
 from sidecar.server import Sidecar
+
+if TYPE_CHECKING:
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger("pilotfish.sidecar")
 
@@ -30,6 +35,63 @@ class XdsOptions:
     address: str
     node_id: str
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class IdentityOptions:
+    """Where the workload certificate comes from; each worker makes its own key."""
+
+    ca_address: str
+    token_file: str
+    identity: SpiffeId
+
+
+class IdentityUnavailable(Exception):
+    """The CA did not issue the first certificate (the message says why)."""
+
+
+async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificates, Any]:
+    # Loaded only when asked for: grpc and the CA's messages cost memory.
+    import grpc
+
+    from sidecar.security.workload import (
+        CertificateError,
+        GrpcCertificateSource,
+        WorkloadCertificates,
+        token_file,
+    )
+
+    channel = grpc.aio.insecure_channel(options.ca_address)
+    workload = WorkloadCertificates(
+        GrpcCertificateSource(channel, token_file(options.token_file)), options.identity
+    )
+    try:
+        await workload.start()
+    except CertificateError as exc:
+        await channel.close()
+        raise IdentityUnavailable(str(exc)) from None
+    except BaseException:
+        await channel.close()
+        raise
+    return workload, channel
+
+
+def identity_options(args: argparse.Namespace) -> IdentityOptions | None:
+    """From the flags; None without ``--ca-token-file``, ``ConfigError`` naming a bad flag."""
+    if not args.ca_token_file:
+        return None
+    address = args.ca or args.xds
+    if not address:
+        raise ConfigError("--ca", "required with --ca-token-file (or give --xds)")
+    parse_address("--ca", address)
+    account = args.service_account or args.service
+    if not account:
+        raise ConfigError("--service-account", "required with --ca-token-file (or --service)")
+    try:
+        identity = SpiffeId(args.trust_domain, args.namespace, account)
+    except InvalidSpiffeId as exc:
+        raise ConfigError("--service-account", str(exc)) from None
+    return IdentityOptions(address, args.ca_token_file, identity)
 
 
 def _install_event_loop_policy() -> None:
@@ -48,8 +110,13 @@ async def serve(
     signals: bool = True,
     started: Callable[[Sidecar], None] | None = None,
     xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
 ) -> int:
     sidecar = Sidecar(bootstrap, reuse_port=reuse_port, dynamic=xds is not None)
+    ca_channel: Any = None
+    if identity is not None:
+        # Before the listeners open: an mTLS listener without a certificate refuses TLS.
+        sidecar.workload, ca_channel = await _start_identity(identity)
     loop = asyncio.get_event_loop()
     if signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -85,6 +152,9 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await xds_task
     admin_server.close()
+    if sidecar.workload is not None:
+        await sidecar.workload.stop()
+        await ca_channel.close()
     log.info("stopped")
     return 0
 
@@ -123,11 +193,21 @@ def tune_malloc() -> bool:
 
 
 def _run_worker(
-    bootstrap: Bootstrap, admin: bool, reuse_port: bool, xds: XdsOptions | None = None
+    bootstrap: Bootstrap,
+    admin: bool,
+    reuse_port: bool,
+    xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
 ) -> int:
     _install_event_loop_policy()
     tune_malloc()
-    return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds))
+    try:
+        return asyncio.run(
+            serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds, identity=identity)
+        )
+    except IdentityUnavailable as exc:
+        print(f"pilotfish sidecar: no workload certificate: {exc}", file=sys.stderr)
+        return 1
 
 
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
@@ -194,13 +274,20 @@ def run_sidecar(args: argparse.Namespace) -> int:
                 "inbound_address": args.inbound_address,
             },
         )
+    try:
+        identity = identity_options(args)
+    except ConfigError as exc:
+        print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 2
     workers = max(1, int(args.concurrency))
     if workers == 1:
-        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds)
-    return _run_workers(bootstrap, workers, xds)
+        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds, identity=identity)
+    return _run_workers(bootstrap, workers, xds, identity)
 
 
-def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> int:
+def _run_workers(
+    bootstrap: Bootstrap, workers: int, xds: XdsOptions | None, identity: IdentityOptions | None
+) -> int:
     """Fork workers that share the listening ports through SO_REUSEPORT; worker 0 runs admin."""
     # What exists now (modules, the parsed config) is shared with the workers copy-on-write.
     # Frozen, it is out of every worker's garbage collections, which would otherwise write to
@@ -212,7 +299,9 @@ def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> 
         if pid == 0:
             code = 1
             try:
-                code = _run_worker(bootstrap, admin=index == 0, reuse_port=True, xds=xds)
+                code = _run_worker(
+                    bootstrap, admin=index == 0, reuse_port=True, xds=xds, identity=identity
+                )
             finally:
                 os._exit(code)
         children.append(pid)

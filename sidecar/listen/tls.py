@@ -21,7 +21,6 @@ from typing import Any
 from pilotfish.config.security import IDENTITY_HEADER
 from pilotfish.identity import SpiffeId
 from sidecar.http.streams import Headers, ResetReason, StreamHandler
-from sidecar.security.tls import PeerRejected, check_peer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,9 @@ class _PeerGate(asyncio.Protocol):
         self._refused = refused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Imported on the first mTLS connection: a sidecar without it never loads cryptography.
+        from sidecar.security.tls import PeerRejected, check_peer
+
         assert isinstance(transport, asyncio.Transport)
         try:
             peer = check_peer(
