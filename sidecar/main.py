@@ -113,10 +113,11 @@ async def serve(
     identity: IdentityOptions | None = None,
 ) -> int:
     sidecar = Sidecar(bootstrap, reuse_port=reuse_port, dynamic=xds is not None)
-    ca_channel: Any = None
+    started_identity: tuple[WorkloadCertificates, Any] | None = None
     if identity is not None:
         # Before the listeners open: an mTLS listener without a certificate refuses TLS.
-        sidecar.workload, ca_channel = await _start_identity(identity)
+        started_identity = await _start_identity(identity)
+        sidecar.workload = started_identity[0]
     loop = asyncio.get_event_loop()
     if signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -152,8 +153,9 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await xds_task
     admin_server.close()
-    if sidecar.workload is not None:
-        await sidecar.workload.stop()
+    if started_identity is not None:
+        workload, ca_channel = started_identity
+        await workload.stop()
         await ca_channel.close()
     log.info("stopped")
     return 0

@@ -43,7 +43,7 @@ from pilotfish.config.route_policy_yaml import (
     parse_load_shedding,
     parse_route_policy,
 )
-from pilotfish.config.security import MtlsMode
+from pilotfish.config.security import MtlsMode, parse_upstream_mtls
 from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
 from sidecar.observability.tracing_config import PROTOCOLS, TracingConfig, split_endpoint
 
@@ -280,10 +280,14 @@ def parse_cluster(node: Node) -> ClusterConfig:
             "load_balancing",
             "health_check",
             "outlier_detection",
+            "mtls",
             *CLUSTER_RESILIENCE_KEYS,
         }
     )
     protocol = node.get("protocol").as_choice(tuple(p.value for p in Protocol), "http2")
+    mtls = parse_upstream_mtls(node.get("mtls")) if node.has("mtls") else None
+    if mtls is not None and protocol != Protocol.HTTP2.value:
+        raise node.get("mtls").error("mTLS between sidecars speaks HTTP/2: needs protocol http2")
     health_check = (
         parse_health_check(node.get("health_check")) if node.has("health_check") else None
     )
@@ -301,6 +305,7 @@ def parse_cluster(node: Node) -> ClusterConfig:
         health_check=health_check,
         outlier_detection=outlier_detection,
         resilience=parse_cluster_resilience(node),
+        mtls=mtls,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
 from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
-from pilotfish.config.security import MtlsMode
+from pilotfish.config.security import MtlsMode, UpstreamMtls
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 
@@ -51,6 +51,8 @@ class ClusterConfig:
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig | None = None
     resilience: ClusterResilience = ClusterResilience()
+    # mTLS with the workload certificate to every endpoint, checking its SPIFFE ID.
+    mtls: UpstreamMtls | None = None
 
 
 @dataclass(frozen=True, slots=True)

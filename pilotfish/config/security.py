@@ -62,6 +62,30 @@ class MtlsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamMtls:
+    """Outbound mTLS to a cluster's endpoints, with the identities they may have."""
+
+    identities: frozenset[SpiffeId] = frozenset()
+    """Empty: any identity in our trust domain."""
+
+
+def parse_upstream_mtls(node: Node) -> UpstreamMtls | None:
+    """``mtls: true``, ``mtls: false`` or ``mtls: {identities: [spiffe://…]}``."""
+    if isinstance(node.value, bool):
+        return UpstreamMtls() if node.value else None
+    node.mapping({"identities"})
+    identities = []
+    for item in node.require("identities").elements():
+        try:
+            identities.append(SpiffeId.parse(item.as_str()))
+        except InvalidSpiffeId as exc:
+            raise item.error(str(exc)) from None
+    if not identities:
+        raise node.get("identities").error("expected a non-empty list")
+    return UpstreamMtls(frozenset(identities))
+
+
+@dataclass(frozen=True, slots=True)
 class JwksSource:
     """Exactly one of inline, file, uri."""
 

@@ -16,7 +16,7 @@ import logging
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pilotfish.config.security import IDENTITY_HEADER
 from pilotfish.identity import SpiffeId
@@ -57,7 +57,7 @@ class _PeerGate(asyncio.Protocol):
         # Imported on the first mTLS connection: a sidecar without it never loads cryptography.
         from sidecar.security.tls import PeerRejected, check_peer
 
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         try:
             peer = check_peer(
                 transport.get_extra_info("ssl_object"), self._trust_domain, require=self._require
