@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +21,18 @@ from pilotfish.config.bootstrap import parse_bootstrap
 from pilotfish.config.errors import ConfigError
 from pilotfish.identity import SpiffeId
 from sidecar.security.workload import WorkloadCertificates
-from tests.support import ThreadedSidecar, identity, running_sidecar, simple_config
+from tests.support import (
+    ThreadedSidecar,
+    free_port,
+    http_get,
+    identity,
+    running_sidecar,
+    simple_config,
+)
 from tests.test_mtls_inbound import ALICE, BOB, DOMAIN, App, LocalCa
 
 CAROL = SpiffeId(DOMAIN, "default", "carol")
+SHOP_WEB = SpiffeId(DOMAIN, "shop", "web")
 
 
 def give_certificate(sc: ThreadedSidecar, authority: CertificateAuthority, who: SpiffeId) -> None:
@@ -46,23 +56,30 @@ def take_certificate(sc: ThreadedSidecar) -> None:
 
 @contextmanager
 def mesh(
-    tmp: Path, expect: Any, client_has_certificate: bool = True
+    tmp: Path,
+    expect: Any,
+    client_has_certificate: bool = True,
+    client: SpiffeId = ALICE,
+    authorization: dict[str, Any] | None = None,
 ) -> Iterator[tuple[ThreadedSidecar, ThreadedSidecar, App]]:
     authority = build_authority(CaSettings(root_dir=tmp / "ca"), time.time)
     app = App()
     try:
-        server_config = simple_config([app.server.address], extra_listener={"mtls": "STRICT"})
+        listener: dict[str, Any] = {"mtls": "STRICT"}
+        if authorization is not None:
+            listener["authorization"] = authorization
+        server_config = simple_config([app.server.address], extra_listener=listener)
         with running_sidecar(server_config) as server:
             give_certificate(server, authority, BOB)
             client_config = simple_config([server.address], timeout="5s")
             client_config["clusters"][0]["mtls"] = expect
-            with running_sidecar(client_config) as client:
+            with running_sidecar(client_config) as client_sidecar:
                 if client_has_certificate:
-                    give_certificate(client, authority, ALICE)
+                    give_certificate(client_sidecar, authority, client)
                 try:
-                    yield client, server, app
+                    yield client_sidecar, server, app
                 finally:
-                    take_certificate(client)
+                    take_certificate(client_sidecar)
                     take_certificate(server)
     finally:
         app.server.stop()
@@ -121,3 +138,75 @@ def test_cluster_mtls_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError) as info:
         parse_bootstrap(config)
     assert info.value.path == "clusters[0].mtls.identities[0]"
+
+
+def _code(address: str) -> grpc.StatusCode:
+    try:
+        echo(address, b"x")
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    ("rules", "allowed", "denied"),
+    [
+        ({"allow": [{"from": {"principals": [ALICE.uri]}}]}, ALICE, CAROL),
+        (
+            {"allow": [{"from": {"principals": ["spiffe://cluster.local/ns/shop/*"]}}]},
+            SHOP_WEB,
+            ALICE,
+        ),
+        ({"deny": [{"from": {"namespaces": ["default"]}}]}, SHOP_WEB, CAROL),
+        (
+            {
+                "deny": [
+                    {"from": {"not_principals": [ALICE.uri]}, "to": {"paths": ["/test.Echo/*"]}}
+                ]
+            },
+            ALICE,
+            CAROL,
+        ),
+    ],
+)
+def test_authorization_by_caller_identity(
+    tmp_path: Path, rules: dict[str, Any], allowed: SpiffeId, denied: SpiffeId
+) -> None:
+    for who, code in ((allowed, grpc.StatusCode.OK), (denied, grpc.StatusCode.PERMISSION_DENIED)):
+        with mesh(tmp_path / who.service_account, True, client=who, authorization=rules) as (
+            client,
+            server,
+            app,
+        ):
+            assert _code(client.address) == code
+            refused = server.stat("http.ingress.downstream_rq_rbac_denied")
+            assert refused == (1 if code != grpc.StatusCode.OK else 0)
+            assert app.seen == ([who.uri] if code == grpc.StatusCode.OK else [])
+
+
+def test_authorization_by_method_path_and_header_for_plaintext_callers(tmp_path: Path) -> None:
+    """On a PERMISSIVE listener without mTLS: HTTP/1.1 callers get 403 with the RBAC flag."""
+    rules = {
+        "deny": [
+            {"to": {"methods": ["DELETE"]}},
+            {"to": {"headers": [{"name": "x-debug", "present": True}]}},
+        ],
+        "allow": [{"to": {"paths": ["/public/*"]}}],
+    }
+    config = simple_config(
+        [f"127.0.0.1:{free_port()}"],
+        protocol="http1",
+        extra_listener={"authorization": rules},
+    )
+    with running_sidecar(config) as sc:
+        url = f"http://{sc.address}"
+        assert http_get(url + "/private")[0] == 403
+        assert http_get(url + "/public/x", method="DELETE")[0] == 403
+        status, _ = http_get(url + "/public/x")
+        assert status == 503  # allowed through; nothing listens upstream
+        request = urllib.request.Request(url + "/public/x", headers={"x-debug": "1"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)
+        assert info.value.code == 403
+        assert info.value.headers["x-pilotfish-response-flags"] == "RBAC"
+        assert sc.stat("http.ingress.downstream_rq_rbac_denied") == 3

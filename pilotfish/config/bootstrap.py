@@ -43,7 +43,12 @@ from pilotfish.config.route_policy_yaml import (
     parse_load_shedding,
     parse_route_policy,
 )
-from pilotfish.config.security import MtlsMode, parse_upstream_mtls
+from pilotfish.config.security import (
+    AuthorizationPolicy,
+    MtlsMode,
+    parse_authorization,
+    parse_upstream_mtls,
+)
 from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
 from sidecar.observability.tracing_config import PROTOCOLS, TracingConfig, split_endpoint
 
@@ -207,6 +212,7 @@ def parse_listener(node: Node) -> ListenerConfig:
             "http1_idle_timeout",
             "direction",
             "mtls",
+            "authorization",
             *LISTENER_POLICY_KEYS,
         }
     )
@@ -255,7 +261,22 @@ def parse_listener(node: Node) -> ListenerConfig:
         mtls=MtlsMode(node.get("mtls").as_choice(("STRICT", "PERMISSIVE")))
         if node.has("mtls")
         else None,
+        authorization=_listener_authorization(node),
     )
+
+
+def _listener_authorization(node: Node) -> AuthorizationPolicy | None:
+    if not node.has("authorization"):
+        return None
+    policy = parse_authorization(node.get("authorization"))
+    for kind, rules in (("allow", policy.allow), ("deny", policy.deny)):
+        for i, rule in enumerate(rules):
+            if rule.claims:
+                raise ConfigError(
+                    f"{node.get('authorization').path}.{kind}[{i}].when",
+                    "JWT claims are not available on a listener yet",
+                )
+    return policy
 
 
 def parse_endpoint(node: Node) -> Endpoint:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
 from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
-from pilotfish.config.security import MtlsMode, UpstreamMtls
+from pilotfish.config.security import AuthorizationPolicy, MtlsMode, UpstreamMtls
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 
@@ -161,6 +161,8 @@ class ListenerConfig:
     # Inbound mTLS with the workload certificate: None plaintext only; PERMISSIVE both (told
     # apart by the first bytes); STRICT only mTLS with a mesh certificate.
     mtls: MtlsMode | None = None
+    # Allow/deny rules for requests on this listener (inbound), by peer identity and request.
+    authorization: AuthorizationPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

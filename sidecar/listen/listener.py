@@ -25,8 +25,9 @@ from sidecar import codec
 from sidecar.http.h1conn import H1ServerConnection
 from sidecar.http.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
 from sidecar.http.streams import REFUSED_STREAM, StreamHandler, StreamSink
+from sidecar.listen.inbound import InboundSecurity
 from sidecar.listen.original_dst import OriginalDestinationError, original_destination
-from sidecar.listen.tls import PeerIdentityHeader, looks_like_tls, terminate
+from sidecar.listen.tls import looks_like_tls, terminate
 from sidecar.route.exchange import Exchange, SidecarServices
 from sidecar.route.policy.shedding import LoadShedder
 from sidecar.stats import Scope
@@ -128,9 +129,12 @@ class ListenerRuntime:
 
     def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
         exchange = Exchange(self, downstream)
-        if self.config.mtls is None:
+        config = self.config
+        if config.mtls is None and config.authorization is None:
             return exchange
-        return PeerIdentityHeader(exchange, peer)
+        return InboundSecurity(
+            exchange, peer, config.authorization, self.scope, config.mtls is not None
+        )
 
     def exchange_done(self, exchange: Exchange) -> None:
         self.sidecar.access_log(self, exchange)

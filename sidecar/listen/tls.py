@@ -18,9 +18,7 @@ from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any, cast
 
-from pilotfish.config.security import IDENTITY_HEADER
 from pilotfish.identity import SpiffeId
-from sidecar.http.streams import Headers, ResetReason, StreamHandler
 
 log = logging.getLogger(__name__)
 
@@ -114,35 +112,3 @@ def terminate(
         buffer[:n] = view[:n]
         protocol.buffer_updated(n)
         view = view[n:]
-
-
-_IDENTITY_HEADER = IDENTITY_HEADER.encode()
-
-
-class PeerIdentityHeader:
-    """Tells the app who called: the verified SPIFFE ID in ``x-pilotfish-peer-identity``.
-
-    Any copy the client sent is removed first, on every request of an mTLS-enabled listener,
-    so a plaintext (PERMISSIVE) caller cannot pose as a verified one.
-    """
-
-    __slots__ = ("_handler", "_value")
-
-    def __init__(self, handler: StreamHandler, peer: SpiffeId | None) -> None:
-        self._handler = handler
-        self._value = peer.uri.encode() if peer is not None else None
-
-    def on_headers(self, headers: Headers, end_stream: bool) -> None:
-        headers = [(n, v) for n, v in headers if n != _IDENTITY_HEADER]
-        if self._value is not None:
-            headers.append((_IDENTITY_HEADER, self._value))
-        self._handler.on_headers(headers, end_stream)
-
-    def on_data(self, data: bytes, flow_len: int, end_stream: bool) -> None:
-        self._handler.on_data(data, flow_len, end_stream)
-
-    def on_trailers(self, trailers: Headers) -> None:
-        self._handler.on_trailers(trailers)
-
-    def on_reset(self, reason: ResetReason, code: int) -> None:
-        self._handler.on_reset(reason, code)
