@@ -48,6 +48,7 @@ class ResponseFlag(enum.Enum):
         "AT", 503, GrpcStatus.UNAVAILABLE, "upstream struggling: request throttled locally",
     )
     RBAC_DENIED = ("RBAC", 403, GrpcStatus.PERMISSION_DENIED, "RBAC: access denied")
+    JWT_DENIED = ("JWT", 401, GrpcStatus.UNAUTHENTICATED, "JWT: missing or invalid token")
 
     def __init__(self, code: str, http_status: int, grpc_status: GrpcStatus, message: str) -> None:
         self.code = code

@@ -47,6 +47,7 @@ from pilotfish.config.security import (
     AuthorizationPolicy,
     MtlsMode,
     parse_authorization,
+    parse_listener_jwt,
     parse_upstream_mtls,
 )
 from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
@@ -213,6 +214,7 @@ def parse_listener(node: Node) -> ListenerConfig:
             "direction",
             "mtls",
             "authorization",
+            "jwt",
             *LISTENER_POLICY_KEYS,
         }
     )
@@ -262,6 +264,7 @@ def parse_listener(node: Node) -> ListenerConfig:
         if node.has("mtls")
         else None,
         authorization=_listener_authorization(node),
+        jwt=parse_listener_jwt(node.get("jwt")) if node.has("jwt") else None,
     )
 
 
@@ -269,12 +272,14 @@ def _listener_authorization(node: Node) -> AuthorizationPolicy | None:
     if not node.has("authorization"):
         return None
     policy = parse_authorization(node.get("authorization"))
+    if node.has("jwt"):
+        return policy
     for kind, rules in (("allow", policy.allow), ("deny", policy.deny)):
         for i, rule in enumerate(rules):
             if rule.claims:
                 raise ConfigError(
                     f"{node.get('authorization').path}.{kind}[{i}].when",
-                    "JWT claims are not available on a listener yet",
+                    "matches JWT claims, but the listener has no jwt",
                 )
     return policy
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
 from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
-from pilotfish.config.security import AuthorizationPolicy, MtlsMode, UpstreamMtls
+from pilotfish.config.security import AuthorizationPolicy, ListenerJwt, MtlsMode, UpstreamMtls
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 
@@ -163,6 +163,8 @@ class ListenerConfig:
     mtls: MtlsMode | None = None
     # Allow/deny rules for requests on this listener (inbound), by peer identity and request.
     authorization: AuthorizationPolicy | None = None
+    # Requests must carry a valid JWT of one of these providers (401 / UNAUTHENTICATED if not).
+    jwt: ListenerJwt | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,6 +114,25 @@ class JwtProvider:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerJwt:
+    """JWT on a sidecar listener (bootstrap): the providers themselves, not names."""
+
+    providers: tuple[JwtProvider, ...]
+    required: bool = True
+
+
+def parse_listener_jwt(node: Node) -> ListenerJwt:
+    """``jwt: {providers: {<name>: <provider>}, required: true}``."""
+    node.mapping({"providers", "required"})
+    providers = tuple(
+        parse_jwt_provider(name, p) for name, p in node.require("providers").items()
+    )
+    if not providers:
+        raise node.get("providers").error("expected at least one provider")
+    return ListenerJwt(providers, node.get("required").as_bool(True))
+
+
+@dataclass(frozen=True, slots=True)
 class JwtRequirement:
     providers: tuple[str, ...]
     required: bool = True

@@ -36,6 +36,7 @@ from sidecar.upstream.tcp import ClusterTarget, OriginalDestination, RelayTarget
 if TYPE_CHECKING:
     from sidecar.observability.metrics import MeshMetrics
     from sidecar.route.table import RouteTable
+    from sidecar.security.jwt_filter import JwtAuthenticator
     from sidecar.security.workload import WorkloadCertificates
     from sidecar.stats import StatsStore
     from sidecar.upstream.clusters import ClusterManager
@@ -97,6 +98,7 @@ class ListenerRuntime:
         self.random: Callable[[], float] = random.random
         self.server: asyncio.AbstractServer | None = None
         self.shedder: LoadShedder | None = None
+        self.jwt: JwtAuthenticator | None = None
         self.update(config)
         metrics = sidecar.metrics
         self.connections_gauge = metrics.active_connections.labels(self.direction)
@@ -112,7 +114,14 @@ class ListenerRuntime:
     def update(self, config: ListenerConfig) -> None:
         """Take a new config; the load shedder keeps its windows if its config is the same."""
         old = self.config.load_shedding if self.shedder is not None else None
+        old_jwt = self.config.jwt if self.jwt is not None else None
         self.config = config
+        if config.jwt is None:
+            self.jwt = None
+        elif config.jwt != old_jwt:  # an unchanged config keeps its fetched keys
+            from sidecar.security.jwt_filter import JwtAuthenticator
+
+            self.jwt = JwtAuthenticator(config.jwt.providers, config.jwt.required)
         shedding = config.load_shedding
         if not shedding.enabled:
             self.shedder = None
@@ -130,10 +139,10 @@ class ListenerRuntime:
     def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
         exchange = Exchange(self, downstream)
         config = self.config
-        if config.mtls is None and config.authorization is None:
+        if config.mtls is None and config.authorization is None and self.jwt is None:
             return exchange
         return InboundSecurity(
-            exchange, peer, config.authorization, self.scope, config.mtls is not None
+            exchange, peer, config.authorization, self.scope, config.mtls is not None, self.jwt
         )
 
     def exchange_done(self, exchange: Exchange) -> None:

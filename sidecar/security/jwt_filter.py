@@ -90,12 +90,20 @@ class JwtAuthenticator:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.required = required
+        self._providers = {p.name: p for p in providers}
+        # Headers that carry forwarded claims: removed from every request before forwarding.
+        self.stripped = frozenset(
+            header.encode() for p in providers for _, header in p.forward_claims
+        )
         self._entries = []
         for provider in providers:
             cache = JwksCache(provider.jwks.refresh, provider.jwks.min_refetch, clock)
             self._entries.append(
                 (JwtValidator(provider, cache, clock), JwksFetcher(provider, cache))
             )
+
+    def provider(self, name: str) -> JwtProvider:
+        return self._providers[name]
 
     @property
     def fetchers(self) -> list[JwksFetcher]:
