@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from control_plane.kube.state import PodEndpoint
 from control_plane.mesh_telemetry import MeshTelemetry, parse_telemetry
 from pilotfish.config.bootstrap import parse_endpoint
 from pilotfish.config.cluster_policy import (
@@ -86,6 +87,10 @@ class MeshService:
     # Its workload identity is spiffe://<trust domain>/ns/<namespace>/sa/<service_account>.
     service_account: str = ""
     security: ServiceSecurity = ServiceSecurity()
+    # Discovered in Kubernetes: the Service's pods, served beside the static endpoints, and
+    # the other names callers use for it (``name.ns.svc.cluster.local:port``, ClusterIP:port).
+    pods: tuple[PodEndpoint, ...] = ()
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
