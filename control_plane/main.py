@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -81,8 +81,11 @@ class ControlPlane:
     kube: KubeDiscovery | None = None
     webhook: web.AppRunner | None = None
     ca: CertificateServicer | None = None
+    ca_api: Any = None  # the Kubernetes client of the CA's TokenReviews
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        if self.ca_api is not None:
+            await self.ca_api.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.webhook is not None:
@@ -115,11 +118,7 @@ async def start_control_plane(
     """
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
-    ca_servicer = (
-        CertificateServicer(build_authority(ca, time.time), build_authenticator(ca))
-        if ca is not None
-        else None
-    )
+    authority = build_authority(ca, time.time) if ca is not None else None
     try:
         cache = SnapshotCache(mesh)
     except InconsistentSnapshot as exc:
@@ -135,6 +134,17 @@ async def start_control_plane(
         from control_plane.kube.runner import KubeDiscovery
 
         kube = await KubeDiscovery.connect(kubernetes)
+    ca_servicer = None
+    review_api = None
+    if ca is not None and authority is not None:
+        reviewer = None
+        if ca.token_audiences and kubernetes is not None:
+            from control_plane.ca.token_review import KubeTokenReviewer
+            from control_plane.kube.watch import api_client
+
+            review_api = await api_client(kubernetes.kubeconfig)
+            reviewer = KubeTokenReviewer(review_api)
+        ca_servicer = CertificateServicer(authority, build_authenticator(ca, reviewer))
     sources = MeshSources(
         mesh,
         cache.set_mesh,
@@ -206,6 +216,7 @@ async def start_control_plane(
         kube,
         webhook_runner,
         ca_servicer,
+        review_api,
     )
 
 

@@ -11,7 +11,7 @@ pilotfish_xds_nacks_total                 counter    type
 pilotfish_mesh_generation                 gauge      (none): bumps on every accepted edit
 pilotfish_mesh_reload_errors_total        counter    (none): edits rejected as invalid
 pilotfish_ca_requests_total               counter    outcome (issued, unauthenticated,
-                                                     denied, invalid); with a CA only
+                                                     denied, invalid, unavailable); with a CA
 pilotfish_kubernetes_watch_total          counter    what: list, watch, event, bookmark,
                                                      gone (410, relisted), failure,
                                                      malformed (with ``--kubernetes``)

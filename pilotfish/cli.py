@@ -74,6 +74,12 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     ca.add_argument("--trust-domain", default="cluster.local")
     ca.add_argument("--cert-ttl", default="24h", help="workload certificate lifetime")
     ca.add_argument("--bootstrap-tokens", help="YAML file mapping tokens to services")
+    ca.add_argument(
+        "--ca-token-audience",
+        default="pilotfish-ca",
+        help="with --kubernetes: service-account tokens for this audience are checked through "
+        "TokenReview",
+    )
     kube = p.add_argument_group("Kubernetes discovery")
     kube.add_argument(
         "--kubernetes",

@@ -204,6 +204,7 @@ def test_ca_authenticates_the_caller_and_signs_only_its_own_identity(tmp_path: P
                 "unauthenticated": 2,
                 "denied": 1,
                 "invalid": 1,
+                "unavailable": 0,
             }
             metrics = await asyncio.to_thread(scrape, metrics_port)
             assert metrics[("pilotfish_ca_requests_total", (("outcome", "denied"),))] == 1

@@ -5,8 +5,8 @@ Two kinds of token:
 - Outside Kubernetes, a bootstrap token the operator hands to one workload; the control plane
   holds a file that maps (the SHA-256 of) each token to a namespace and service.
 - In Kubernetes, the pod's projected service-account token, which only the API server can check
-  (TokenReview). ``TokenReviewer`` is the seam; the API call itself lives with the Kubernetes
-  client of the control plane.
+  (TokenReview). ``TokenReviewer`` is the seam; ``control_plane.ca.token_review`` makes the
+  call.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ _SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 class Unauthenticated(Exception):
     """The token is missing, unknown, expired or not for us."""
+
+
+class ReviewUnavailable(Exception):
+    """The token could not be checked now (the API server did not answer); try again later."""
 
 
 class Authenticator(Protocol):
@@ -162,9 +166,14 @@ class FirstMatch:
 
     async def authenticate(self, token: str) -> SpiffeId:
         reasons = []
+        unavailable: ReviewUnavailable | None = None
         for authenticator in self._authenticators:
             try:
                 return await authenticator.authenticate(token)
             except Unauthenticated as exc:
                 reasons.append(str(exc))
+            except ReviewUnavailable as exc:
+                unavailable = exc
+        if unavailable is not None:  # the token may be good: say "try again", not "no"
+            raise unavailable
         raise Unauthenticated("; ".join(reasons) or "no authenticator configured")

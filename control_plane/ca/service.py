@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from control_plane.ca.auth import Authenticator, Unauthenticated
+from control_plane.ca.auth import Authenticator, ReviewUnavailable, Unauthenticated
 from control_plane.ca.authority import CertificateAuthority, CsrRejected, IdentityMismatch
 from pilotfish.gen.pilotfish.ca.v1 import ca_pb2, ca_pb2_grpc
 
@@ -30,6 +30,7 @@ class CaCounters:
     unauthenticated: int = 0
     denied: int = 0
     invalid: int = 0
+    unavailable: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -71,6 +72,10 @@ class CertificateServicer(ca_pb2_grpc.CertificateAuthorityServicer):  # type: ig
             self.counters.unauthenticated += 1
             log.info("certificate request refused: %s (peer %s)", exc, context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except ReviewUnavailable as exc:
+            self.counters.unavailable += 1
+            log.warning("certificate request not decided: %s", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if len(request.csr_pem) > MAX_CSR_BYTES:
             self.counters.invalid += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr_pem is too large")

@@ -7,7 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from control_plane.ca.auth import Authenticator, FirstMatch, load_bootstrap_tokens
+from control_plane.ca.auth import (
+    Authenticator,
+    FirstMatch,
+    KubernetesTokens,
+    TokenReviewer,
+    load_bootstrap_tokens,
+)
 from control_plane.ca.authority import DEFAULT_LEAF_TTL, CertificateAuthority
 from control_plane.ca.store import CaStoreError, load_intermediate, load_or_create_root
 from pilotfish.config.errors import ConfigError
@@ -27,6 +33,9 @@ class CaSettings:
     """Or an operator's intermediate: its certificate, key, the roots and any intermediates."""
     leaf_ttl: float = DEFAULT_LEAF_TTL
     bootstrap_tokens: Path | None = None
+    token_audiences: tuple[str, ...] = ()
+    """Non-empty: also accept Kubernetes service-account tokens for these audiences (TokenReview
+    through the control plane's Kubernetes client)."""
 
 
 def ca_settings_from_args(args: argparse.Namespace) -> CaSettings | None:
@@ -63,6 +72,7 @@ def ca_settings_from_args(args: argparse.Namespace) -> CaSettings | None:
         chain_file=path(args.ca_chain),
         leaf_ttl=ttl,
         bootstrap_tokens=path(args.bootstrap_tokens),
+        token_audiences=(args.ca_token_audience,) if args.kubernetes else (),
     )
 
 
@@ -83,7 +93,10 @@ def build_authority(settings: CaSettings, clock: Callable[[], float]) -> Certifi
     return CertificateAuthority(signer, bundle, settings.trust_domain, clock, settings.leaf_ttl)
 
 
-def build_authenticator(settings: CaSettings) -> Authenticator:
+def build_authenticator(
+    settings: CaSettings, reviewer: TokenReviewer | None = None
+) -> Authenticator:
+    """Bootstrap tokens first (a local lookup), then, with a reviewer, the API server."""
     authenticators: list[Authenticator] = []
     if settings.bootstrap_tokens is not None:
         try:
@@ -94,4 +107,8 @@ def build_authenticator(settings: CaSettings) -> Authenticator:
             raise ConfigError(
                 "--bootstrap-tokens", f"{settings.bootstrap_tokens}: {exc.strerror}"
             ) from None
+    if reviewer is not None and settings.token_audiences:
+        authenticators.append(
+            KubernetesTokens(reviewer, settings.trust_domain, settings.token_audiences)
+        )
     return FirstMatch(*authenticators)

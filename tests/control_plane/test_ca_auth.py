@@ -135,7 +135,7 @@ def test_bearer_token_from_call_metadata() -> None:
 
 
 def _args(**overrides: str | None) -> argparse.Namespace:
-    values: dict[str, str | None] = dict(
+    values: dict[str, str | bool | None] = dict(
         ca_dir=None,
         ca_cert=None,
         ca_key=None,
@@ -144,6 +144,8 @@ def _args(**overrides: str | None) -> argparse.Namespace:
         trust_domain="cluster.local",
         cert_ttl="24h",
         bootstrap_tokens=None,
+        kubernetes=False,
+        ca_token_audience="pilotfish-ca",
     )
     values.update(overrides)
     return argparse.Namespace(**values)
