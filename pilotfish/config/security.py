@@ -53,12 +53,21 @@ class MtlsMode(enum.Enum):
 class MtlsPolicy:
     mode: MtlsMode = MtlsMode.PERMISSIVE
     namespaces: Mapping[str, MtlsMode] = field(default_factory=dict)
+    enabled: bool = False
+    """The mesh file has ``security.mtls``: every sidecar has a certificate, callers originate
+    mTLS, and ``mode`` says whether servers also take plaintext."""
 
     def mode_for(self, namespace: str, service_override: MtlsMode | None) -> MtlsMode:
         """The service's own setting wins, then its namespace's, then the mesh default."""
         if service_override is not None:
             return service_override
         return self.namespaces.get(namespace, self.mode)
+
+    def effective(self, namespace: str, service_override: MtlsMode | None) -> MtlsMode | None:
+        """None when mTLS is configured nowhere for this service (plaintext, as before)."""
+        if not self.enabled and service_override is None:
+            return None
+        return self.mode_for(namespace, service_override)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +296,7 @@ def parse_security(node: Node) -> SecurityConfig:
         namespaces = {}
         if m.has("namespaces"):
             namespaces = {ns: _mode(v) for ns, v in m.get("namespaces").items()}
-        mtls = MtlsPolicy(default, namespaces)
+        mtls = MtlsPolicy(default, namespaces, enabled=True)
     providers = {}
     if node.has("jwt_providers"):
         providers = {

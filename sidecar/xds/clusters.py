@@ -11,6 +11,7 @@ from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import ClusterConfig, Endpoint, Protocol
 from sidecar.xds.cluster_policy import translate_cluster_policies
 from sidecar.xds.common import METADATA_KEY, seconds, unpack
+from sidecar.xds.security import translate_upstream_mtls
 
 HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _SERVING = frozenset({health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY,
@@ -54,6 +55,7 @@ def translate_cluster(
         health_check=policies.health_check,
         outlier_detection=policies.outlier_detection,
         resilience=policies.resilience,
+        mtls=translate_upstream_mtls(cluster, path),
     )
 
 

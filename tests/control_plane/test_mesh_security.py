@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
 
 from control_plane.mesh import parse_mesh_text
+from control_plane.xds.resources import ViewKey, build_view
+from control_plane.xds.types import CLUSTER, LISTENER
 from pilotfish.config.errors import ConfigError
-from pilotfish.config.security import MtlsMode
+from pilotfish.config.security import MtlsMode, UpstreamMtls
+from pilotfish.identity import SpiffeId
+from sidecar.xds.clusters import translate_cluster
+from sidecar.xds.translate import translate_listener
 
 MESH = """
 security:
@@ -73,3 +82,60 @@ def test_errors_name_the_field(old: str, new: str, path: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_mesh_text(MESH.replace(old, new))
     assert info.value.path == path
+
+
+def _round_trip(text: str, service: str) -> tuple[Any, dict[str, Any]]:
+    """The views a sidecar of ``service`` gets, read back by the sidecar's translators."""
+    view = build_view(parse_mesh_text(text), ViewKey(service, ("127.0.0.1", 9000)))
+    listeners = {}
+    for name, resource in view[LISTENER].items():
+        message = listener_pb2.Listener()
+        assert resource.packed.Unpack(message)
+        listeners[name] = translate_listener(message)
+    clusters = {}
+    for name, resource in view[CLUSTER].items():
+        message = cluster_pb2.Cluster()
+        assert resource.packed.Unpack(message)
+        clusters[name] = translate_cluster(message)
+    return listeners, clusters
+
+
+MTLS_MESH = """
+security:
+  mtls: {mode: PERMISSIVE, namespaces: {payments: STRICT}}
+services:
+  web:
+    endpoints: [127.0.0.1:7001]
+    depends_on: [ledger, legacy]
+  ledger:
+    namespace: payments
+    service_account: ledger-sa
+    endpoints: [127.0.0.1:7002]
+  legacy:
+    protocol: http1
+    endpoints: [127.0.0.1:7003]
+"""
+
+
+def test_mtls_modes_reach_the_sidecar_through_xds() -> None:
+    listeners, clusters = _round_trip(MTLS_MESH, "web")
+    assert listeners["inbound|web"].mtls is MtlsMode.PERMISSIVE
+    ledger = SpiffeId("cluster.local", "payments", "ledger-sa")
+    assert clusters["ledger"].mtls == UpstreamMtls(frozenset({ledger}))
+    assert clusters["legacy"].mtls is None  # HTTP/1.1 services keep plaintext
+    assert clusters["inbound|web"].mtls is None  # sidecar to its own app: plaintext
+
+    listeners, _ = _round_trip(MTLS_MESH, "ledger")
+    assert listeners["inbound|ledger"].mtls is MtlsMode.STRICT
+
+
+def test_without_mtls_config_nothing_changes() -> None:
+    listeners, clusters = _round_trip(
+        MTLS_MESH.replace(
+            "  mtls: {mode: PERMISSIVE, namespaces: {payments: STRICT}}\n",
+            "  trust_domain: cluster.local\n",
+        ),
+        "web",
+    )
+    assert listeners["inbound|web"].mtls is None
+    assert all(c.mtls is None for c in clusters.values())
