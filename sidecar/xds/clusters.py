@@ -40,6 +40,9 @@ def translate_cluster(
     else:
         endpoints = translate_endpoints(cluster.load_assignment, f"{path}.load_assignment")
     protocol, max_streams = _protocol(cluster, path)
+    mtls = translate_upstream_mtls(cluster, path)
+    if mtls is not None and protocol is not Protocol.HTTP2:
+        raise ConfigError(f"{path}.transport_socket", "mTLS between sidecars needs HTTP/2")
     policies = translate_cluster_policies(cluster, path)
     connect_timeout = (seconds(cluster.connect_timeout)
                        if cluster.HasField("connect_timeout") else 5.0)
@@ -55,7 +58,7 @@ def translate_cluster(
         health_check=policies.health_check,
         outlier_detection=policies.outlier_detection,
         resilience=policies.resilience,
-        mtls=translate_upstream_mtls(cluster, path),
+        mtls=mtls,
     )
 
 
