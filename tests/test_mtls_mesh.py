@@ -210,3 +210,17 @@ def test_authorization_by_method_path_and_header_for_plaintext_callers(tmp_path:
         assert info.value.code == 403
         assert info.value.headers["x-pilotfish-response-flags"] == "RBAC"
         assert sc.stat("http.ingress.downstream_rq_rbac_denied") == 3
+
+
+def test_mtls_listener_config_errors_name_the_field() -> None:
+    config = simple_config(["127.0.0.1:1"], extra_listener={"mtls": "strict"})
+    with pytest.raises(ConfigError) as info:
+        parse_bootstrap(config)
+    assert info.value.path == "listeners[0].mtls"
+    config = simple_config(
+        ["127.0.0.1:1"],
+        extra_listener={"mtls": "STRICT", "mode": "tcp", "tcp_passthrough": {"cluster": "app"}},
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_bootstrap(config)
+    assert info.value.path == "listeners[0].mtls"

@@ -242,6 +242,9 @@ def parse_listener(node: Node) -> ListenerConfig:
     mode = node.get("mode").as_choice(("auto", "tcp"), "auto")
     if mode == "tcp" and not has_passthrough:
         raise node.get("mode").error("mode tcp needs tcp_passthrough")
+    if mode == "tcp" and node.has("mtls"):
+        # mode tcp relays before reading a byte, so it could not tell TLS from plaintext.
+        raise node.get("mtls").error("not with mode tcp")
     route_config = node.get("route_config").as_str() if node.has("route_config") else None
     if route_config is None and mode == "auto" and not has_passthrough:
         raise node.get("route_config").error("a listener needs route_config or tcp_passthrough")
