@@ -65,6 +65,13 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--unknown-nodes",
+        default="serve",
+        choices=("serve", "reject"),
+        help="a proxy whose service is not in the mesh gets every service (serve) or is "
+        "refused with PERMISSION_DENIED (reject)",
+    )
     ca = p.add_argument_group("certificate authority (workload certificates)")
     ca.add_argument("--ca-dir", help="directory of a self-signed root CA (made on first start)")
     ca.add_argument("--ca-cert", help="an intermediate CA certificate (PEM) to sign with")
