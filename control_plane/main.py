@@ -146,15 +146,23 @@ def run_control_plane(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    """Check a mesh file offline, including that every proxy view is consistent."""
+    """Check a mesh file (or a sidecar bootstrap) offline: every error, with its line."""
+    from control_plane.validate import validate_file
+
     try:
-        mesh = load_mesh_file(args.file)
-        SnapshotCache(mesh)
+        report = validate_file(args.file)
     except OSError as exc:
         print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
-    except (ConfigError, InconsistentSnapshot) as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+    except UnicodeDecodeError as exc:
+        print(f"{args.file}: not UTF-8 text: {exc.reason}", file=sys.stderr)
         return 1
-    print(f"{args.file}: ok ({len(mesh.services)} services)")
+    for finding in report.findings:
+        print(finding.format(args.file), file=sys.stderr)
+    if report.findings:
+        count = len(report.findings)
+        plural = "s" if count > 1 else ""
+        print(f"{args.file}: {count} error{plural} ({report.kind})", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({report.kind}: {report.summary})")
     return 0

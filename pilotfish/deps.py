@@ -1,78 +1,85 @@
-"""Detect (and repair) a broken OpenTelemetry install before anything else runs.
+"""Check (and repair) the OpenTelemetry protobuf modules that the SDK's OTLP exporters import.
 
-``xds-protos`` ships an old copy of ``opentelemetry/proto/*`` that overwrites the files of
-``opentelemetry-proto`` when pip installs it second (grpc/grpc#42926, open upstream). The OTLP
-exporter then fails to import with ``cannot import name 'InstrumentationScope'``. Reinstalling
-``opentelemetry-proto`` puts the right files back; ``python -m pilotfish.deps --repair`` does it.
+``xds-protos`` ships an old copy of ``opentelemetry/proto/*`` (every release, 1.58 to 1.85,
+from before ``InstrumentationScope``), at the same paths as ``opentelemetry-proto``
+(grpc/grpc#42926, open upstream). Whichever of the two pip installs last owns the files, and
+in a single ``pip install`` it is always ``xds-protos``: pip installs a package before its
+dependents and, among independent ones, the fewer levels of dependencies first, and
+``opentelemetry-proto`` (on protobuf alone) is a level below ``xds-protos`` (on grpcio too).
+The older files then break ``from opentelemetry.exporter.otlp.proto.grpc.trace_exporter
+import OTLPSpanExporter`` with ``cannot import name 'InstrumentationScope'``. They are
+overwritten in place, so no import hook can prefer opentelemetry-proto's copy: it is gone.
 
-Every ``pilotfish`` command checks at start, cheaply: it reads the generated ``common_pb2.py``
-instead of importing it, because importing it loads the protobuf runtime, about 3 MB that a
-sidecar (whose OTLP exporter writes protobuf itself) would carry for nothing. ``python -m
-pilotfish.deps`` also imports it, as the OpenTelemetry SDK's exporters and the tests do.
+Pilotfish itself does not need those modules: the sidecar encodes OTLP itself and the control
+plane sends no telemetry, so ``opentelemetry-proto`` is not one of its dependencies and no
+``pilotfish`` command checks for it. An environment that also wants the SDK's exporters gets
+working files when ``opentelemetry-proto`` is installed by a later pip command than
+``xds-protos`` (``pip install pilotfish`` then ``pip install opentelemetry-exporter-otlp``).
+``python -m pilotfish.deps`` says whether the modules work; ``--repair`` reinstalls
+opentelemetry-proto over a clobbered copy.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import base64
+import hashlib
 import sys
+from importlib import metadata
 from pathlib import Path
 
-COMMON_PB2 = "opentelemetry.proto.common.v1.common_pb2"
+DISTRIBUTION = "opentelemetry-proto"
 
 
 def fix_command() -> list[str]:
-    from importlib import metadata
-
     try:
-        version = metadata.version("opentelemetry-proto")
+        version = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "pip", "install", "opentelemetry-proto"]
+        return [sys.executable, "-m", "pip", "install", DISTRIBUTION]
     return [
         sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps",
-        f"opentelemetry-proto=={version}",
+        f"{DISTRIBUTION}=={version}",
     ]
 
 
-def check_dependencies(*, import_modules: bool = False) -> str | None:
-    """Return a message saying how to repair the install, or None when it is sound.
-
-    ``import_modules`` also imports the generated module, as its users do (slower, and it
-    loads the protobuf runtime)."""
-    problem = _stale_proto_file()
-    if problem is None and import_modules:
+def replaced_files() -> list[str] | None:
+    """opentelemetry-proto's modules whose bytes are no longer the ones it installed (from
+    its RECORD's hashes); None when it is not installed."""
+    try:
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+    replaced = []
+    for file in dist.files or ():
+        if file.hash is None or file.hash.mode != "sha256" or file.suffix != ".py":
+            continue
         try:
-            from opentelemetry.proto.common.v1 import common_pb2
+            digest = hashlib.sha256(Path(file.locate()).read_bytes()).digest()
+        except OSError:
+            replaced.append(str(file))
+            continue
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != file.hash.value:
+            replaced.append(str(file))
+    return replaced
 
-            common_pb2.InstrumentationScope  # noqa: B018 - the attribute is what xds-protos breaks
-        except (ImportError, AttributeError) as exc:
-            problem = str(exc)
-    if problem is None:
+
+def check_dependencies() -> str | None:
+    """Why the SDK's OTLP exporters cannot import here, with the fix; None when they can."""
+    replaced = replaced_files()
+    if replaced is None:
+        problem = f"{DISTRIBUTION} is not installed"
+    elif replaced:
+        problem = (
+            f"{len(replaced)} of {DISTRIBUTION}'s modules were overwritten, e.g. {replaced[0]} "
+            "(xds-protos ships older copies at the same paths, grpc/grpc#42926)"
+        )
+    else:
         return None
     return (
-        f"pilotfish: the OpenTelemetry protobuf files are broken ({problem}).\n"
-        "xds-protos overwrote opentelemetry-proto's files (grpc/grpc#42926). Fix it with:\n"
+        f"pilotfish: the OpenTelemetry protobuf modules do not work: {problem}.\n"
+        "Pilotfish does not need them; the OpenTelemetry SDK's OTLP exporters do. Fix with:\n"
         f"    {' '.join(fix_command())}"
     )
-
-
-def _stale_proto_file() -> str | None:
-    """Why ``common_pb2`` is not opentelemetry-proto's own, read from its source: the copy
-    xds-protos leaves predates ``InstrumentationScope``, whose name the current one embeds in
-    its serialized descriptor."""
-    try:
-        spec = importlib.util.find_spec(COMMON_PB2)
-    except (ImportError, ValueError) as exc:
-        return f"cannot find {COMMON_PB2}: {exc}"
-    if spec is None or spec.origin is None:
-        return f"no module named {COMMON_PB2!r}"
-    try:
-        source = Path(spec.origin).read_bytes()
-    except OSError as exc:
-        return f"cannot read {spec.origin}: {exc}"
-    if b"InstrumentationScope" not in source:
-        return f"{spec.origin} has no InstrumentationScope"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*fix_command(), "--quiet"], check=True)
         # The check must run in a fresh interpreter: this one may have imported the old files.
         return subprocess.run([sys.executable, "-m", "pilotfish.deps"], check=False).returncode
-    problem = check_dependencies(import_modules=True)
+    problem = check_dependencies()
+    if problem is None:
+        # The proof users need: the import that the clobbered files break.
+        try:
+            from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+        except ImportError as exc:
+            problem = f"pilotfish: the OpenTelemetry protobuf modules do not import: {exc}"
+        else:
+            del InstrumentationScope
     if problem is not None:
         print(problem, file=sys.stderr)
         return 1

@@ -215,7 +215,7 @@ def test_the_mesh_in_the_config_map_is_valid_and_names_the_services() -> None:
     [
         "FROM python:3.11-slim",
         "RUN pip install --no-cache-dir . \\",
-        "    && python -m pilotfish.deps --repair \\",
+        "    && pilotfish --version \\",
         "USER 1337:1337",
         'ENTRYPOINT ["pilotfish"]',
     ],
