@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +82,9 @@ async def start_control_plane(
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
     metrics.reload_errors = lambda: watcher.errors
-    server = grpc.aio.server()
+    # grpc sets SO_REUSEPORT by default, so a second control plane on a busy port would start
+    # and share the port silently; without it, a busy port is an error that says so.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AdsServicer(cache, registry, metrics), server
     )
@@ -92,15 +96,24 @@ async def start_control_plane(
     reflection.enable_server_reflection(
         (ADS_SERVICE, STATUS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{address}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{address}:{port}")
+    except RuntimeError:  # grpc says "Failed to bind", not why
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}:{port}")
+        raise OSError(f"xDS: cannot listen on {address}:{port}: {_bind_failure(address, port)}")
     await server.start()
     for name in ("", ADS_SERVICE, STATUS_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_server = None
     if metrics_address is not None:
-        metrics_server = await start_plain_http(metrics.handle, *metrics_address)
+        try:
+            metrics_server = await start_plain_http(metrics.handle, *metrics_address)
+        except OSError as exc:
+            await server.stop(None)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            host, metrics_port = metrics_address
+            raise OSError(f"metrics: cannot listen on {host}:{metrics_port}: {reason}") from None
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
     log.info(
@@ -113,6 +126,17 @@ async def start_control_plane(
     return ControlPlane(
         server, bound, cache, registry, watcher, health_servicer, task, metrics, metrics_server
     )
+
+
+def _bind_failure(address: str, port: int) -> str:
+    """Why grpc could not bind: found by binding a plain socket, since grpc does not say."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address.strip("[]"), port))
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return "grpc could not bind it"
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -20,9 +20,13 @@ from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
 from sidecar.admin import AdminServer
 from sidecar.observability.tracing_config import split_endpoint
-from sidecar.server import Sidecar
+from sidecar.server import ApplyError, Sidecar
 
 log = logging.getLogger("pilotfish.sidecar")
+
+
+class StartError(Exception):
+    """The sidecar could not start (a port is busy); the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,28 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sidecar.request_stop)
     admin_server = AdminServer(sidecar)
-    if admin:
-        await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
-        log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
-        if bootstrap.admin.prometheus is not None:
-            await admin_server.start_prometheus(*bootstrap.admin.prometheus)
-    await sidecar.start()
+    where: tuple[str, str, int] | None = None
+    try:
+        if admin:
+            where = "admin", bootstrap.admin.host, bootstrap.admin.port
+            await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
+            log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
+            if bootstrap.admin.prometheus is not None:
+                where = "admin prometheus_address", *bootstrap.admin.prometheus
+                await admin_server.start_prometheus(*bootstrap.admin.prometheus)
+        where = None
+        await sidecar.start()
+    except OSError as exc:
+        if where is None:
+            raise
+        # asyncio's message repeats the address as a tuple; the reason is the errno's.
+        admin_server.close()
+        name, host, port = where
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartError(f"{name}: cannot listen on {host}:{port}: {reason}") from exc
+    except ApplyError as exc:
+        admin_server.close()
+        raise StartError(str(exc)) from exc
     xds_task: asyncio.Task[None] | None = None
     if xds is not None:
         # The xDS messages (and grpc) cost memory: only xDS-driven sidecars load them.
@@ -127,7 +147,11 @@ def _run_worker(
 ) -> int:
     _install_event_loop_policy()
     tune_malloc()
-    return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds))
+    try:
+        return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds))
+    except StartError as exc:
+        print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 1
 
 
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:

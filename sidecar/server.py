@@ -125,7 +125,8 @@ class Sidecar:
                 for sock in bound.values():
                     sock.close()
                 raise ApplyError(
-                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: {exc}"
+                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: "
+                    f"{exc.strerror or exc}"
                 ) from exc
         return bound
 
@@ -263,7 +264,7 @@ class Sidecar:
         }
         self._update_route_policies(self.bootstrap)
         self._cpu_task = asyncio.get_event_loop().create_task(self._sample_cpu())
-        bound = {config.name: self._bind(config) for config in self.bootstrap.listeners}
+        bound = self._bind_new_listeners(self.bootstrap)  # ApplyError names a busy listener
         self._started = True
         self._sync_listeners(bound)
         await asyncio.sleep(0)  # let the listeners start serving
