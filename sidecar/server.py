@@ -42,6 +42,8 @@ class Sidecar:
         self.reuse_port = reuse_port
         # Dynamic (xDS) sidecars are not ready until their first complete config arrives.
         self.dynamic = dynamic
+        # Until the first complete xDS config: routing misses are "no config yet", not NR.
+        self.awaiting_config = dynamic
         self.stats = StatsStore()
         self.metrics = MeshMetrics()
         self.clusters = ClusterManager(self.stats, self.metrics)

@@ -253,7 +253,11 @@ class Exchange:
             headers, route=decision.route.name if decision is not None else None
         )
         if decision is None:
-            self.local_reply(ResponseFlag.NO_ROUTE)
+            self.local_reply(
+                ResponseFlag.NO_CONFIG_YET
+                if listener.sidecar.awaiting_config
+                else ResponseFlag.NO_ROUTE
+            )
             return
         self.decision = decision
         policy = listener.sidecar.route_policy(decision)

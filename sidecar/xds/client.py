@@ -53,6 +53,14 @@ def merge(static: Bootstrap, snapshot: XdsSnapshot) -> Bootstrap:
     )
 
 
+def describe_failure(exc: BaseException | None) -> str:
+    """One line for a failed attempt: an ``AioRpcError``'s own string is a five-line dump."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        details = " ".join((exc.details() or "").split())
+        return f"{exc.code().name}: {details}" if details else exc.code().name
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class _StreamEnded(Exception):
     """The ADS stream closed; ``progressed`` when it delivered at least one response."""
 
@@ -103,12 +111,17 @@ class XdsClient:
             return not exc.progressed
         return isinstance(exc, (grpc.aio.AioRpcError, OSError))
 
-    @staticmethod
-    def _log_retry(retry_state: tenacity.RetryCallState) -> None:
+    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
         outcome = retry_state.outcome
         reason = outcome.exception() if outcome is not None else None
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        log.warning("control plane unreachable (%s); retrying in %.2fs", reason, delay)
+        log.warning(
+            "control plane %s unreachable (attempt %d: %s); retrying in %.2fs",
+            self.address,
+            retry_state.attempt_number,
+            describe_failure(reason),
+            delay,
+        )
 
     async def _stream_once(self) -> None:
         queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
@@ -157,6 +170,7 @@ class XdsClient:
             if not self.sidecar.initialized:
                 log.info("first complete config applied; ready")
             self.sidecar.initialized = True
+            self.sidecar.awaiting_config = False
         return actions.requests
 
     def _apply(self, snapshot: XdsSnapshot) -> str | None:

@@ -1,0 +1,59 @@
+"""An xDS-driven sidecar whose control plane is not there yet: requests get a 503 that says so
+(flag ``NCY``, not ``NR``), and each reconnect attempt is one log line with its reason."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.support import free_port, wait_for
+from tests.test_xds_e2e import ControlPlane, MeshFile, Processes, Sidecar, processes
+
+__all__ = ["processes"]  # the fixture, imported for this module's tests
+
+
+def get(sidecar: Sidecar, host: str) -> tuple[int, str, str]:
+    """(status, response flags, body) of a GET through the sidecar's outbound listener."""
+    request = urllib.request.Request(f"http://{sidecar.outbound}/", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers.get("x-pilotfish-response-flags", ""), ""
+    except urllib.error.HTTPError as exc:
+        flags = exc.headers.get("x-pilotfish-response-flags", "")
+        return exc.code, flags, exc.read().decode()
+    except OSError:
+        return 0, "", ""  # not listening yet
+
+
+def test_before_the_first_config_and_after(processes: Processes, tmp_path: Path) -> None:
+    port = free_port()
+    sidecar = Sidecar(processes, f"127.0.0.1:{port}", "client-1", "client")
+    assert wait_for(lambda: get(sidecar, "quotes")[0] != 0, 15), sidecar.log()
+    status, flags, body = get(sidecar, "quotes")
+    assert (status, flags) == (503, "NCY"), body
+    assert "no config received yet from the control plane" in body
+
+    attempt = re.compile(
+        rf"control plane 127\.0\.0\.1:{port} unreachable \(attempt (\d+): UNAVAILABLE: .+\); "
+        r"retrying in \d+\.\d\ds$"
+    )
+
+    def attempts_logged() -> int:
+        return sum(1 for line in sidecar.log().splitlines() if attempt.search(line))
+
+    assert wait_for(lambda: attempts_logged() >= 3, 20), sidecar.log()
+    retry_lines = [line for line in sidecar.log().splitlines() if "unreachable" in line]
+    numbers = [int(m.group(1)) for m in map(attempt.search, retry_lines) if m]
+    assert numbers[:3] == [1, 2, 3], retry_lines
+    assert len(numbers) == len(retry_lines), retry_lines  # each attempt is one whole line
+    assert "AioRpcError" not in sidecar.log()
+    assert "debug_error_string" not in sidecar.log()
+
+    mesh = MeshFile(tmp_path / "mesh.yaml")
+    mesh.write({"quotes": {"endpoints": ["127.0.0.1:9"]}, "client": {"endpoints": []}})
+    ControlPlane(processes, mesh.path, port).wait_serving()
+    sidecar.wait_ready()
+    status, flags, _ = get(sidecar, "nowhere.example")
+    assert (status, flags) == (404, "NR")
