@@ -57,3 +57,14 @@ def test_before_the_first_config_and_after(processes: Processes, tmp_path: Path)
     sidecar.wait_ready()
     status, flags, _ = get(sidecar, "nowhere.example")
     assert (status, flags) == (404, "NR")
+
+    # Each applied config says what it changed, in one INFO line.
+    applied = [line for line in sidecar.log().splitlines() if "config applied: " in line]
+    assert "clusters: added client, quotes" in applied[0], applied
+    mesh.write({"quotes": {"endpoints": ["127.0.0.1:9", "127.0.0.1:10"]},
+                "client": {"endpoints": []}})
+
+    def endpoint_change_logged() -> bool:
+        return "config applied: endpoints: quotes +127.0.0.1:10" in sidecar.log()
+
+    assert wait_for(endpoint_change_logged, 10), sidecar.log()

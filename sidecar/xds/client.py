@@ -23,6 +23,7 @@ from google.protobuf import struct_pb2
 
 from pilotfish.config.model import Bootstrap
 from sidecar.server import ApplyError, Sidecar
+from sidecar.xds.changes import describe_changes
 from sidecar.xds.state import SHORT, AdsClientState, XdsSnapshot
 
 log = logging.getLogger("pilotfish.xds")
@@ -174,13 +175,16 @@ class XdsClient:
         return actions.requests
 
     def _apply(self, snapshot: XdsSnapshot) -> str | None:
+        before = self.sidecar.bootstrap
+        after = merge(self.static, snapshot)
         try:
-            self.sidecar.apply(merge(self.static, snapshot))
+            self.sidecar.apply(after)
         except ApplyError as exc:
             return str(exc)
         except Exception as exc:  # a bug of ours: NACK it rather than lose the xDS stream
             log.exception("applying a config failed")
             return f"internal error applying the config: {exc!r}"
+        log.info("config applied: %s", describe_changes(before, after))
         return None
 
     def dump(self) -> dict[str, Any]:
