@@ -121,6 +121,19 @@ def _add_status(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds")
 
 
+def _add_proxy_status(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "proxy-status",
+        help="each proxy's acked xDS versions against the control plane's, and what differs",
+        description="Per proxy and xDS type: SYNCED (acked what the control plane has now), "
+        "STALE or NACKED, and for each type not in sync the resources added (+), changed (~) "
+        "or removed (-) since the version it acked. Exit code 3 when a proxy is not in sync.",
+    )
+    p.add_argument("node", nargs="?", help="only this proxy (node id)")
+    p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+
+
 def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
@@ -176,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_plane(sub)
     _add_validate(sub)
     _add_status(sub)
+    _add_proxy_status(sub)
     _add_demo(sub)
     _add_iptables(sub)
     return parser
@@ -203,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.status_cli import run_status
 
         return run_status(args)
+    if args.command == "proxy-status":
+        from control_plane.status_cli import run_proxy_status
+
+        return run_proxy_status(args)
     if args.command == "iptables":
         from sidecar.listen.iptables import run_iptables
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -53,7 +55,8 @@ def test_before_the_first_config_and_after(processes: Processes, tmp_path: Path)
 
     mesh = MeshFile(tmp_path / "mesh.yaml")
     mesh.write({"quotes": {"endpoints": ["127.0.0.1:9"]}, "client": {"endpoints": []}})
-    ControlPlane(processes, mesh.path, port).wait_serving()
+    control_plane = ControlPlane(processes, mesh.path, port)
+    control_plane.wait_serving()
     sidecar.wait_ready()
     status, flags, _ = get(sidecar, "nowhere.example")
     assert (status, flags) == (404, "NR")
@@ -68,3 +71,18 @@ def test_before_the_first_config_and_after(processes: Processes, tmp_path: Path)
         return "config applied: endpoints: quotes +127.0.0.1:10" in sidecar.log()
 
     assert wait_for(endpoint_change_logged, 10), sidecar.log()
+
+    # pilotfish proxy-status: every type the sidecar subscribed to is SYNCED, exit code 0.
+    def proxy_status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pilotfish", "proxy-status", "client-1",
+             "--address", control_plane.address],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    assert wait_for(lambda: proxy_status().returncode == 0, 10), proxy_status()
+    result = proxy_status()
+    assert result.stdout.splitlines() == [
+        "NODE      SERVICE  CDS     LDS     EDS     RDS",
+        "client-1  client   SYNCED  SYNCED  SYNCED  SYNCED",
+    ]

@@ -42,17 +42,25 @@ class ProxyStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., stream_kind: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resources: _Optional[_Iterable[_Union[ResourceTypeStatus, _Mapping]]] = ..., in_sync: _Optional[bool] = ...) -> None: ...
 
 class ResourceTypeStatus(_message.Message):
-    __slots__ = ("type_url", "acked_version", "sent_version", "last_nack_version", "last_nack_message", "in_sync")
+    __slots__ = ("type_url", "acked_version", "sent_version", "last_nack_version", "last_nack_message", "in_sync", "current_version", "added", "removed", "changed")
     TYPE_URL_FIELD_NUMBER: _ClassVar[int]
     ACKED_VERSION_FIELD_NUMBER: _ClassVar[int]
     SENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
     type_url: str
     acked_version: str
     sent_version: str
     last_nack_version: str
     last_nack_message: str
     in_sync: bool
-    def __init__(self, type_url: _Optional[str] = ..., acked_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., last_nack_version: _Optional[str] = ..., last_nack_message: _Optional[str] = ..., in_sync: _Optional[bool] = ...) -> None: ...
+    current_version: str
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, type_url: _Optional[str] = ..., acked_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., last_nack_version: _Optional[str] = ..., last_nack_message: _Optional[str] = ..., in_sync: _Optional[bool] = ..., current_version: _Optional[str] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...
