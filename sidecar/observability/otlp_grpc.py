@@ -24,7 +24,7 @@ import h2.events
 import h2.exceptions
 
 from sidecar.observability.otlp_encode import duration_field, rejected_spans
-from sidecar.observability.otlp_export import Attempt, BlockingTransport, Target
+from sidecar.observability.otlp_transport import Attempt, BlockingTransport, Target
 
 PATH = b"/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 READ_SIZE = 65536

@@ -13,7 +13,7 @@ import http.client
 import socket
 
 from sidecar.observability.otlp_encode import rejected_spans
-from sidecar.observability.otlp_export import Attempt, BlockingTransport, Target
+from sidecar.observability.otlp_transport import Attempt, BlockingTransport, Target
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 

@@ -28,7 +28,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind
 from opentelemetry.trace.span import TraceFlags
 
-from sidecar.observability.otlp_export import OtlpSpanExporter, Target
+from sidecar.observability.otlp_export import OtlpSpanExporter
+from sidecar.observability.otlp_transport import Target
 from sidecar.observability.tracing import Tracer
 from sidecar.observability.tracing_config import TracingConfig
 from tests.observability.otlp_receiver import OtlpHttpReceiver, OtlpReceiver, Refusal

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.flags import ResponseFlag
 from sidecar.route.policy.reply import LocalReply, grpc_message, grpc_to_http, http_to_grpc
 from sidecar.route.policy.shedding import SHED_REPLY
-from sidecar.route.policy.throttle import THROTTLED_REPLY
 
 
 def test_status_mappings() -> None:
@@ -47,4 +47,5 @@ def test_overload_replies() -> None:
     assert (SHED_REPLY.http_status, SHED_REPLY.grpc_status, SHED_REPLY.flag_code) == (
         503, 14, "OM",
     )  # fmt: skip
-    assert THROTTLED_REPLY.grpc_status == 14 and THROTTLED_REPLY.flag_code == "AT"
+    throttled = ResponseFlag.ADAPTIVE_THROTTLE
+    assert (throttled.http_status, throttled.grpc_status, throttled.code) == (503, 14, "AT")
