@@ -74,6 +74,11 @@ class SidecarServices(Protocol):
 
     def route_policy(self, decision: RouteDecision) -> RoutePolicyRuntime: ...
 
+    @property
+    def awaiting_config(self) -> bool:
+        """An xDS-driven sidecar before its first config: a routing miss is NCY, not NR."""
+        ...
+
 
 class ExchangeHost(Protocol):
     """What an exchange needs of the listener its request came in on: the route table and the
