@@ -144,6 +144,9 @@ def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="trace every call and export the sidecars' spans over OTLP/gRPC to URL, e.g. "
         "http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
     )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the folder of configs and logs after the run"
+    )
 
 
 def _add_iptables(sub: argparse._SubParsersAction[_Parser]) -> None:

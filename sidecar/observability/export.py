@@ -18,7 +18,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 
 class DropCounter:
-    """A thread-safe count of lost spans (read by the metrics at scrape time)."""
+    """A thread-safe count of spans (lost ones, or exported ones; read by the metrics at scrape
+    time)."""
 
     __slots__ = ("_lock", "value")
 
@@ -61,10 +62,17 @@ class _Admission:
 class _CountingExporter(SpanExporter):
     """Wraps the real exporter: batches leaving the queue, failures counted as drops."""
 
-    def __init__(self, inner: SpanExporter, admission: _Admission, drops: DropCounter) -> None:
+    def __init__(
+        self,
+        inner: SpanExporter,
+        admission: _Admission,
+        drops: DropCounter,
+        exported: DropCounter,
+    ) -> None:
         self.inner = inner
         self.admission = admission
         self.drops = drops
+        self.exported = exported
         self._shut = False
         self._shut_lock = threading.Lock()
 
@@ -75,7 +83,9 @@ class _CountingExporter(SpanExporter):
         except Exception:
             self.drops.add(len(spans))
             raise  # the SDK's worker logs it and carries on
-        if result is not SpanExportResult.SUCCESS:
+        if result is SpanExportResult.SUCCESS:
+            self.exported.add(len(spans))
+        else:
             self.drops.add(len(spans))
         return result
 
@@ -98,14 +108,16 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         exporter: SpanExporter,
         drops: DropCounter,
         *,
+        exported: DropCounter | None = None,
         max_queue_size: int = 2048,
         max_export_batch_size: int = 512,
         schedule_delay_s: float = 1.0,
         shutdown_timeout_s: float = 5.0,
     ) -> None:
         self.drops = drops
+        self.exported = exported if exported is not None else DropCounter()
         self._admission = _Admission(max_queue_size)
-        self._counting = _CountingExporter(exporter, self._admission, drops)
+        self._counting = _CountingExporter(exporter, self._admission, drops, self.exported)
         self._shutdown_timeout_s = shutdown_timeout_s
         self._closed = False
         if hasattr(os, "register_at_fork"):
