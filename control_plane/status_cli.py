@@ -15,7 +15,7 @@ from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 DEFAULT_ADDRESS = "127.0.0.1:15010"
 
 
-def _list_proxies(args: argparse.Namespace, command: str) -> Any | None:
+def list_proxies(args: argparse.Namespace, command: str) -> Any | None:
     address = getattr(args, "address", None) or DEFAULT_ADDRESS
     timeout = getattr(args, "timeout", None) or 5.0
     with grpc.insecure_channel(address) as channel:
@@ -30,7 +30,7 @@ def _list_proxies(args: argparse.Namespace, command: str) -> Any | None:
 
 def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``args.address`` (default 127.0.0.1:15010), optional ``args.timeout`` in seconds."""
-    reply = _list_proxies(args, "status")
+    reply = list_proxies(args, "status")
     if reply is None:
         return 1
     (out or sys.stdout).write(format_status(reply))
@@ -39,7 +39,7 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def run_proxy_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``pilotfish proxy-status [NODE]``: exit code 0 when every proxy shown is in sync."""
-    reply = _list_proxies(args, "proxy-status")
+    reply = list_proxies(args, "proxy-status")
     if reply is None:
         return 1
     node = getattr(args, "node", None)

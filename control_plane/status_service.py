@@ -39,6 +39,7 @@ class StatusServicer(status_pb2_grpc.ControlPlaneStatusServicer):  # type: ignor
         message.node_id = proxy.identity.node_id
         message.service = proxy.identity.service
         message.namespace = proxy.identity.namespace
+        message.admin_address = proxy.identity.admin_address
         types = proxy.protocol.status(self._cache.snapshot(proxy.identity.view))
         for t in types:
             message.resources.add(

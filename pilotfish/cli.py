@@ -134,6 +134,20 @@ def _add_proxy_status(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds")
 
 
+def _add_proxy_config(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "proxy-config",
+        help="one sidecar's listeners, routes, clusters and endpoints with their health",
+        description="Finds the node's admin interface through the control plane (or --admin) "
+        "and shows what the sidecar runs.",
+    )
+    p.add_argument("node", help="the proxy's node id")
+    p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
+    p.add_argument("--admin", default="", help="HOST:PORT of the sidecar's admin (skips the "
+                   "control plane)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+
+
 def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
@@ -193,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     _add_status(sub)
     _add_proxy_status(sub)
+    _add_proxy_config(sub)
     _add_demo(sub)
     _add_iptables(sub)
     return parser
@@ -224,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.status_cli import run_proxy_status
 
         return run_proxy_status(args)
+    if args.command == "proxy-config":
+        from control_plane.proxy_config_cli import run_proxy_config
+
+        return run_proxy_config(args)
     if args.command == "iptables":
         from sidecar.listen.iptables import run_iptables
 

@@ -212,6 +212,9 @@ def run_sidecar(args: argparse.Namespace) -> int:
             address=args.xds,
             node_id=args.node_id or bootstrap.node_id or socket.gethostname(),
             metadata={
+                # For `pilotfish proxy-config NODE`, which finds the admin through the control
+                # plane.
+                "admin_address": f"{bootstrap.admin.host}:{bootstrap.admin.port}",
                 "service": args.service,
                 "namespace": args.namespace,
                 "app_address": args.app_address,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -96,5 +97,45 @@ def test_the_readme_ways(processes: Processes, tmp_path: Path, web: str) -> None
             capture_output=True, text=True, timeout=20,
         )
         assert result.stdout == "hello from web, /hello, Host web", result.stderr
+
+        # pilotfish proxy-config finds the sidecar's admin through the control plane.
+        result = subprocess.run(
+            [sys.executable, "-m", "pilotfish", "proxy-config", "greeter-1",
+             "--address", control_plane.address],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        rows = proxy_config_rows(result.stdout)
+        assert rows["LISTENERS"] == [["outbound", sidecar.outbound, "route", "config", "outbound"]]
+        # The outbound route config the sidecar assembles, a virtual host per service.
+        assert [r for r in rows["ROUTES"] if r[0] == "outbound"] == [
+            ["outbound", name, name, "prefix", "/", name, "15s"]
+            for name in ("greeter", "quotes", "web")
+        ]
+        assert [r for r in rows["CLUSTERS"] if r[0] != "greeter"] == [
+            ["quotes", "http2", "weighted_round_robin", "1", "1"],
+            ["web", "http1", "weighted_round_robin", "1", "1"],
+        ]
+        assert [r for r in rows["ENDPOINTS"] if r[0] != "greeter"] == [
+            ["quotes", quotes.address, "1", "healthy", "0"],
+            ["web", web, "1", "healthy", "0"],
+        ]
     finally:
         quotes.server.stop()
+
+
+def proxy_config_rows(text: str) -> dict[str, list[list[str]]]:
+    """The rows of each table of ``pilotfish proxy-config``, split on blanks, headers left out."""
+    tables: dict[str, list[list[str]]] = {}
+    current: list[list[str]] | None = None
+    header = False
+    for line in text.splitlines():
+        if line.isupper() and " " not in line.strip():
+            current, header = tables.setdefault(line, []), True
+        elif not line.strip() or current is None:
+            current = None if not line.strip() else current
+        elif header:
+            header = False
+        else:
+            current.append(line.split())
+    return tables
