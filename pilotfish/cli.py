@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pilotfish.otlp_protos import install
+
+    install()  # before anything imports opentelemetry.proto (see pilotfish/otlp_protos.py)
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(

@@ -8,15 +8,14 @@ dependents and, among independent ones, the fewer levels of dependencies first, 
 ``opentelemetry-proto`` (on protobuf alone) is a level below ``xds-protos`` (on grpcio too).
 The older files then break ``from opentelemetry.exporter.otlp.proto.grpc.trace_exporter
 import OTLPSpanExporter`` with ``cannot import name 'InstrumentationScope'``. They are
-overwritten in place, so no import hook can prefer opentelemetry-proto's copy: it is gone.
+overwritten in place: opentelemetry-proto's own copy is gone from the disk.
 
-Pilotfish itself does not need those modules: the sidecar encodes OTLP itself and the control
-plane sends no telemetry, so ``opentelemetry-proto`` is not one of its dependencies and no
-``pilotfish`` command checks for it. An environment that also wants the SDK's exporters gets
-working files when ``opentelemetry-proto`` is installed by a later pip command than
-``xds-protos`` (``pip install pilotfish`` then ``pip install opentelemetry-exporter-otlp``).
-``python -m pilotfish.deps`` says whether the modules work; ``--repair`` reinstalls
-opentelemetry-proto over a clobbered copy.
+No ``pilotfish`` command refuses to start over it. A wheel of Pilotfish carries the
+descriptors of the real modules and serves them in place of the overwritten files
+(``pilotfish/otlp_protos.py``), so the OTLP exporters, which the sidecar exports spans with,
+import after a plain ``pip install``. ``python -m pilotfish.deps`` says whether the modules
+work and how; ``--repair`` reinstalls opentelemetry-proto over an overwritten copy (what a
+source tree or an editable install, which carry no descriptors, need).
 """
 
 from __future__ import annotations
@@ -64,20 +63,27 @@ def replaced_files() -> list[str] | None:
 
 
 def check_dependencies() -> str | None:
-    """Why the SDK's OTLP exporters cannot import here, with the fix; None when they can."""
+    """Why the OTLP exporters cannot import here, with the fix; None when they can (their files
+    are sound, or overwritten but served from the descriptors this wheel carries)."""
+    from pilotfish.otlp_protos import bundled_version
+
     replaced = replaced_files()
     if replaced is None:
         problem = f"{DISTRIBUTION} is not installed"
     elif replaced:
+        if bundled_version() == metadata.version(DISTRIBUTION):
+            return None
         problem = (
             f"{len(replaced)} of {DISTRIBUTION}'s modules were overwritten, e.g. {replaced[0]} "
-            "(xds-protos ships older copies at the same paths, grpc/grpc#42926)"
+            "(xds-protos ships older copies at the same paths, grpc/grpc#42926), and this "
+            "install of pilotfish carries no descriptors for this version"
         )
     else:
         return None
     return (
         f"pilotfish: the OpenTelemetry protobuf modules do not work: {problem}.\n"
-        "Pilotfish does not need them; the OpenTelemetry SDK's OTLP exporters do. Fix with:\n"
+        "The sidecar exports spans with the OpenTelemetry OTLP exporters, which need them. "
+        "Fix with:\n"
         f"    {' '.join(fix_command())}"
     )
 
@@ -92,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*fix_command(), "--quiet"], check=True)
         # The check must run in a fresh interpreter: this one may have imported the old files.
         return subprocess.run([sys.executable, "-m", "pilotfish.deps"], check=False).returncode
+    from pilotfish.otlp_protos import install
+
+    served = install()
     problem = check_dependencies()
     if problem is None:
         # The proof users need: the import that the clobbered files break.
@@ -104,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return 1
-    print("pilotfish: dependencies OK (the OpenTelemetry protobuf modules import)")
+    how = (
+        f" (served from the descriptors bundled with pilotfish: xds-protos overwrote "
+        f"{len(replaced_files() or ())} of {DISTRIBUTION}'s files)"
+        if served
+        else ""
+    )
+    print(f"pilotfish: dependencies OK (the OpenTelemetry protobuf modules import){how}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -72,3 +73,45 @@ def test_the_check_names_the_overwritten_files_and_the_fix(tmp_path: Path) -> No
     assert "opentelemetry/proto/common/v1/common_pb2.py" in result.stderr
     assert "--force-reinstall --no-deps opentelemetry-proto==9.9.9" in result.stderr
     assert "pip install" in " ".join(fix_command())
+
+
+def test_overwritten_modules_are_built_from_the_bundled_descriptors(tmp_path: Path) -> None:
+    """What a wheel does where xds-protos overwrote the files: the descriptors setup.py bundles
+    rebuild the modules, and OpenTelemetry's OTLP exporter imports and encodes with them."""
+    env = _clobbered_copy(tmp_path)
+    package = tmp_path / "pilotfish"
+    shutil.copytree(REPO / "pilotfish", package, ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.util.spec_from_file_location("pilotfish_setup", REPO / "setup.py")
+    assert spec is not None and spec.loader is not None
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    (package / "_otlp_descriptors.binpb").write_bytes(setup.otlp_descriptor_set())
+    (package / "_otlp_descriptors.version").write_text("9.9.9\n")
+    script = (
+        "from pilotfish.otlp_protos import install\n"
+        "assert install()\n"
+        "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter\n"
+        "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope\n"
+        "print(InstrumentationScope(name='pilotfish', version='1').SerializeToString().hex())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    # name = 1, version = 2: the wire format of the real message.
+    assert result.stdout.strip() == "0a0970696c6f74666973681201" + "31"
+    result = subprocess.run(
+        [sys.executable, "-m", "pilotfish.deps"],
+        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "served from the descriptors bundled with pilotfish" in result.stdout
+    # Without descriptors for the installed version, nothing is bypassed and the check says so.
+    (package / "_otlp_descriptors.version").write_text("1.0.0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pilotfish.deps"],
+        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "carries no descriptors for this version" in result.stderr

@@ -4,9 +4,10 @@ fresh virtualenv, gives a working ``pilotfish``.
 ``python -m tests.wheel_smoke`` (from the development virtualenv, which runs the OTLP receiver):
 builds the wheel, installs it alone into a new virtualenv, runs ``pilotfish --help``,
 ``--version`` and ``validate`` on every whole-file example of the docs, and a short ``pilotfish
-demo`` whose sidecars export their spans to a real OTLP/gRPC receiver. Then it installs the
-OpenTelemetry SDK's exporters with a second pip command, as the README says, and exports a span
-with the official OTLP/gRPC exporter to the same receiver.
+demo`` whose sidecars export their spans with OpenTelemetry's OTLP/gRPC exporter to a real
+receiver. xds-protos has overwritten opentelemetry-proto's files in that virtualenv (checked),
+so this also proves that the modules are built from the descriptors the wheel carries; an
+embedder's own use of the exporter, after ``pilotfish.otlp_protos.install()``, is checked too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 OFFICIAL_EXPORT = """
 import sys
+from pilotfish.otlp_protos import install
+assert install(), "the files were overwritten: the hook must be on"
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -35,8 +38,10 @@ provider.shutdown()
 
 def run(*argv: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     print("+", " ".join(str(a) for a in argv), flush=True)
+    # Not from the repository: `python -m` would import its packages instead of the wheel's.
     result = subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, check=False
+        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=tempfile.gettempdir(),
     )
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
@@ -71,9 +76,10 @@ def main() -> int:
             spans = receiver.wait_for(1, timeout=10)
             print(f"the demo's sidecars exported {len(spans)} spans")
 
-            # The SDK's exporters, installed by a later pip command, import and export.
-            run(pip, "install", "--quiet", "opentelemetry-exporter-otlp")
-            run(work / "venv/bin/python", "-m", "pilotfish.deps")
+            # xds-protos overwrote opentelemetry-proto's files; the wheel's descriptors serve them.
+            deps = run(work / "venv/bin/python", "-m", "pilotfish.deps").stdout
+            assert "served from the descriptors bundled with pilotfish" in deps, deps
+            print(deps.strip())
             before = len(receiver.spans)
             run(work / "venv/bin/python", "-c", OFFICIAL_EXPORT, receiver.endpoint, timeout=60)
             names = [s.name for s in receiver.wait_for(before + 1, timeout=10)]
