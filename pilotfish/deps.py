@@ -21,13 +21,10 @@ source tree or an editable install, which carry no descriptors, need).
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import sys
 from importlib import metadata
-from pathlib import Path
 
-DISTRIBUTION = "opentelemetry-proto"
+from pilotfish.otlp_protos import DISTRIBUTION, bundled_version, replaced_files
 
 
 def fix_command() -> list[str]:
@@ -41,32 +38,9 @@ def fix_command() -> list[str]:
     ]
 
 
-def replaced_files() -> list[str] | None:
-    """opentelemetry-proto's modules whose bytes are no longer the ones it installed (from
-    its RECORD's hashes); None when it is not installed."""
-    try:
-        dist = metadata.distribution(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return None
-    replaced = []
-    for file in dist.files or ():
-        if file.hash is None or file.hash.mode != "sha256" or file.suffix != ".py":
-            continue
-        try:
-            digest = hashlib.sha256(Path(file.locate()).read_bytes()).digest()
-        except OSError:
-            replaced.append(str(file))
-            continue
-        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != file.hash.value:
-            replaced.append(str(file))
-    return replaced
-
-
 def check_dependencies() -> str | None:
     """Why the OTLP exporters cannot import here, with the fix; None when they can (their files
     are sound, or overwritten but served from the descriptors this wheel carries)."""
-    from pilotfish.otlp_protos import bundled_version
-
     replaced = replaced_files()
     if replaced is None:
         problem = f"{DISTRIBUTION} is not installed"

@@ -17,6 +17,8 @@ sidecar's exporter factory for embedders.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -24,10 +26,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib import metadata, resources
+from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
 
+DISTRIBUTION = "opentelemetry-proto"
 DESCRIPTORS = "_otlp_descriptors.binpb"
 VERSION = "_otlp_descriptors.version"
 PREFIX = "opentelemetry.proto."
@@ -69,6 +73,27 @@ class _DescriptorFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         builder.BuildTopDescriptorsAndMessages(descriptor, module.__name__, namespace)
 
 
+def replaced_files() -> list[str] | None:
+    """opentelemetry-proto's modules whose bytes are no longer the ones it installed (from
+    its RECORD's hashes); None when it is not installed."""
+    try:
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+    replaced = []
+    for file in dist.files or ():
+        if file.hash is None or file.hash.mode != "sha256" or file.suffix != ".py":
+            continue
+        try:
+            digest = hashlib.sha256(Path(file.locate()).read_bytes()).digest()
+        except OSError:
+            replaced.append(str(file))
+            continue
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != file.hash.value:
+            replaced.append(str(file))
+    return replaced
+
+
 def bundled_version() -> str | None:
     try:
         return resources.files("pilotfish").joinpath(VERSION).read_text().strip()
@@ -81,13 +106,11 @@ def install() -> bool:
     global _installed
     if _installed is not None:
         return True
-    from pilotfish.deps import replaced_files
-
     replaced = replaced_files()
     if not replaced:
         return False  # sound, or opentelemetry-proto is not installed at all
     bundled = bundled_version()
-    installed = metadata.version("opentelemetry-proto")
+    installed = metadata.version(DISTRIBUTION)
     if bundled != installed:
         log.debug("no descriptors for opentelemetry-proto %s (bundled: %s)", installed, bundled)
         return False
