@@ -68,6 +68,10 @@ async def serve(
             if bootstrap.admin.prometheus is not None:
                 where = "admin prometheus_address", *bootstrap.admin.prometheus
                 await admin_server.start_prometheus(*bootstrap.admin.prometheus)
+            if bootstrap.admin.health is not None:
+                where = "admin health_address", *bootstrap.admin.health
+                await admin_server.start_health(*bootstrap.admin.health)
+                log.info("health probes on http://%s:%d/ready", *bootstrap.admin.health)
         where = None
         await sidecar.start()
     except OSError as exc:
@@ -157,6 +161,7 @@ def _run_worker(
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
     """The static part of an xDS-driven sidecar: admin, and the outbound listener."""
     admin_host, admin_port = parse_address("--admin-address", args.admin_address)
+    health = parse_address("--health-address", args.health_address) if args.health_address else None
     out_host, out_port = parse_address("--outbound-address", args.outbound_address)
     base = load_bootstrap_file(args.config) if args.config else None
     outbound = ListenerConfig(
@@ -170,7 +175,7 @@ def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
     if base is None:
         return Bootstrap(
             listeners=(outbound,),
-            admin=AdminConfig(admin_host, admin_port),
+            admin=AdminConfig(admin_host, admin_port, health=health),
             node_id=args.node_id or socket.gethostname(),
         )
     return base
