@@ -86,3 +86,15 @@ def test_before_the_first_config_and_after(processes: Processes, tmp_path: Path)
         "NODE      SERVICE  CDS     LDS     EDS     RDS",
         "client-1  client   SYNCED  SYNCED  SYNCED  SYNCED",
     ]
+
+    # /config_dump in Envoy's shape: the clusters as sent, durations as strings, RFC 3339 times.
+    configs = sidecar.config_dump()["configs"]
+    assert configs[0]["bootstrap"]["node"]["id"] == "client-1"
+    (clusters,) = [c for c in configs if c["@type"].endswith(".ClustersConfigDump")]
+    by_name = {c["cluster"]["name"]: c for c in clusters["dynamic_active_clusters"]}
+    assert set(by_name) == {"client", "quotes"}
+    quotes = by_name["quotes"]
+    assert quotes["cluster"]["@type"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    assert re.fullmatch(r"\d+(\.\d+)?s", quotes["cluster"]["connect_timeout"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", quotes["last_updated"])
+    assert quotes["version_info"]

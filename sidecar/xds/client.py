@@ -24,6 +24,7 @@ from google.protobuf import struct_pb2
 from pilotfish.config.model import Bootstrap
 from sidecar.server import ApplyError, Sidecar
 from sidecar.xds.changes import describe_changes
+from sidecar.xds.config_dump import envoy_configs
 from sidecar.xds.state import SHORT, AdsClientState, XdsSnapshot
 
 log = logging.getLogger("pilotfish.xds")
@@ -83,6 +84,7 @@ class XdsClient:
         self.sidecar = sidecar
         self.static = static
         self.address = address
+        self.node = node
         self.state = AdsClientState(node, check_listeners=sidecar.check_listeners)
         self.max_backoff = max_backoff
         self.connected = False
@@ -190,6 +192,8 @@ class XdsClient:
     def dump(self) -> dict[str, Any]:
         state = self.state
         return {
+            # Envoy's shape, for tools that read Envoy's /config_dump; the rest is our own.
+            "configs": envoy_configs(self.node, state.received, self.last_update),
             "xds": {
                 "control_plane": self.address,
                 "connected": self.connected,
