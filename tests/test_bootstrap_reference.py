@@ -17,6 +17,7 @@ DOC = ROOT / "docs" / "sidecar-bootstrap.md"
 # Every block of the bootstrap, as a field path with list indexes dropped.
 BLOCKS = {
     "", "admin", "tracing", "access_log", "listeners[]", "listeners[].tcp_passthrough",
+    "listeners[].limits",
     "listeners[].load_shedding", "route_configs[]", "route_configs[].virtual_hosts[]",
     "route_configs[].virtual_hosts[].request_headers_to_add[]",
     "route_configs[].virtual_hosts[].routes[]",
