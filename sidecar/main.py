@@ -11,18 +11,38 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.bootstrap import load_bootstrap_file
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
+from pilotfish.identity import InvalidSpiffeId, SpiffeId
 from sidecar.admin import AdminServer
+from sidecar.listen.handoff import Acceptor, Receiver, WorkerTable, bind_listener
 from sidecar.observability.tracing_config import split_endpoint
 from sidecar.server import ApplyError, Sidecar
 
+if TYPE_CHECKING:
+    from sidecar.security.workload import WorkloadCertificates
+
 log = logging.getLogger("pilotfish.sidecar")
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+ACCEPT_POLL_S = 0.2  # how often the acceptor looks at its workers between connections
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A worker's share of the acceptor (``sidecar.listen.handoff``)."""
+
+    channel: socket.socket
+    index: int
+    table: WorkerTable
+    listeners: dict[str, tuple[str, int]]
 
 
 class StartError(Exception):
@@ -34,6 +54,63 @@ class XdsOptions:
     address: str
     node_id: str
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class IdentityOptions:
+    """Where the workload certificate comes from; each worker makes its own key."""
+
+    ca_address: str
+    token_file: str
+    identity: SpiffeId
+
+
+class IdentityUnavailable(Exception):
+    """The CA did not issue the first certificate (the message says why)."""
+
+
+async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificates, Any]:
+    # Loaded only when asked for: grpc and the CA's messages cost memory.
+    import grpc
+
+    from sidecar.security.workload import (
+        CertificateError,
+        GrpcCertificateSource,
+        WorkloadCertificates,
+        token_file,
+    )
+
+    channel = grpc.aio.insecure_channel(options.ca_address)
+    workload = WorkloadCertificates(
+        GrpcCertificateSource(channel, token_file(options.token_file)), options.identity
+    )
+    try:
+        await workload.start()
+    except CertificateError as exc:
+        await channel.close()
+        raise IdentityUnavailable(str(exc)) from None
+    except BaseException:
+        await channel.close()
+        raise
+    return workload, channel
+
+
+def identity_options(args: argparse.Namespace) -> IdentityOptions | None:
+    """From the flags; None without ``--ca-token-file``, ``ConfigError`` naming a bad flag."""
+    if not args.ca_token_file:
+        return None
+    address = args.ca or args.xds
+    if not address:
+        raise ConfigError("--ca", "required with --ca-token-file (or give --xds)")
+    parse_address("--ca", address)
+    account = args.service_account or args.service
+    if not account:
+        raise ConfigError("--service-account", "required with --ca-token-file (or --service)")
+    try:
+        identity = SpiffeId(args.trust_domain, args.namespace, account)
+    except InvalidSpiffeId as exc:
+        raise ConfigError("--service-account", str(exc)) from None
+    return IdentityOptions(address, args.ca_token_file, identity)
 
 
 def _install_event_loop_policy() -> None:
@@ -52,12 +129,33 @@ async def serve(
     signals: bool = True,
     started: Callable[[Sidecar], None] | None = None,
     xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
+    handoff: Handoff | None = None,
 ) -> int:
-    sidecar = Sidecar(bootstrap, reuse_port=reuse_port, dynamic=xds is not None)
+    sidecar = Sidecar(
+        bootstrap,
+        reuse_port=reuse_port,
+        dynamic=xds is not None,
+        handed_off=handoff.listeners if handoff is not None else None,
+    )
+    started_identity: tuple[WorkloadCertificates, Any] | None = None
+    if identity is not None:
+        # Before the listeners open: an mTLS listener without a certificate refuses TLS.
+        started_identity = await _start_identity(identity)
+        sidecar.workload = started_identity[0]
     loop = asyncio.get_event_loop()
+    receiver: Receiver | None = None
+    if handoff is not None:
+        receiver = Receiver(handoff.channel, handoff.index, handoff.table, sidecar.serve_accepted)
+        sidecar.handoff_closed = receiver.connection_closed
+        if admin:
+            sidecar.stats.scope("workers").sources["handoff"] = handoff.table.stats
     if signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, sidecar.request_stop)
+        # A worker is forked with these blocked (``_run_workers``): one sent while it started
+        # is delivered now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     admin_server = AdminServer(sidecar)
     where: tuple[str, str, int] | None = None
     try:
@@ -85,6 +183,8 @@ async def serve(
     except ApplyError as exc:
         admin_server.close()
         raise StartError(str(exc)) from exc
+    if receiver is not None:
+        receiver.start(loop)
     xds_task: asyncio.Task[None] | None = None
     if xds is not None:
         # The xDS messages (and grpc) cost memory: only xDS-driven sidecars load them.
@@ -104,11 +204,17 @@ async def serve(
     if started is not None:
         started(sidecar)
     await sidecar.stopped.wait()
+    if receiver is not None:
+        receiver.stop(loop)
     if xds_task is not None:
         xds_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await xds_task
     admin_server.close()
+    if started_identity is not None:
+        workload, ca_channel = started_identity
+        await workload.stop()
+        await ca_channel.close()
     log.info("stopped")
     return 0
 
@@ -147,14 +253,31 @@ def tune_malloc() -> bool:
 
 
 def _run_worker(
-    bootstrap: Bootstrap, admin: bool, reuse_port: bool, xds: XdsOptions | None = None
+    bootstrap: Bootstrap,
+    admin: bool,
+    reuse_port: bool,
+    xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
+    handoff: Handoff | None = None,
 ) -> int:
     _install_event_loop_policy()
     tune_malloc()
     try:
-        return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds))
+        return asyncio.run(
+            serve(
+                bootstrap,
+                admin=admin,
+                reuse_port=reuse_port,
+                xds=xds,
+                identity=identity,
+                handoff=handoff,
+            )
+        )
     except StartError as exc:
         print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 1
+    except IdentityUnavailable as exc:
+        print(f"pilotfish sidecar: no workload certificate: {exc}", file=sys.stderr)
         return 1
 
 
@@ -226,38 +349,97 @@ def run_sidecar(args: argparse.Namespace) -> int:
                 "inbound_address": args.inbound_address,
             },
         )
+    try:
+        identity = identity_options(args)
+    except ConfigError as exc:
+        print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 2
     workers = max(1, int(args.concurrency))
     if workers == 1:
-        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds)
-    return _run_workers(bootstrap, workers, xds)
+        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds, identity=identity)
+    return _run_workers(bootstrap, workers, xds, identity)
 
 
-def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> int:
-    """Fork workers that share the listening ports through SO_REUSEPORT; worker 0 runs admin."""
+def _run_workers(
+    bootstrap: Bootstrap, workers: int, xds: XdsOptions | None, identity: IdentityOptions | None
+) -> int:
+    """Fork workers; this process accepts on the bootstrap's listeners and deals the
+    connections out (``sidecar.listen.handoff``); worker 0 runs admin. Listeners added later
+    by xDS are bound by each worker with SO_REUSEPORT."""
+    sockets = {}
+    for config in bootstrap.listeners:
+        try:
+            sockets[config.name] = bind_listener(config.host, config.port)
+        except OSError as exc:
+            for sock in sockets.values():
+                sock.close()
+            print(
+                f"pilotfish sidecar: listener {config.name}: cannot listen on "
+                f"{config.host}:{config.port}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
+    table = WorkerTable(workers)
+    acceptor = Acceptor(sockets, table)
+    addresses = {c.name: (c.host, c.port) for c in bootstrap.listeners}
     # What exists now (modules, the parsed config) is shared with the workers copy-on-write.
     # Frozen, it is out of every worker's garbage collections, which would otherwise write to
     # each object's header and so give every worker its own copy of those pages.
     gc.freeze()
-    children: list[int] = []
+    children: dict[int, int] = {}  # pid -> worker index
+    # Until each process has its handlers, a SIGTERM waits instead of killing it half-started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     for index in range(workers):
+        theirs = acceptor.channel_for(index)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _run_worker(bootstrap, admin=index == 0, reuse_port=True, xds=xds)
+                # The acceptor's sockets stay with it: a worker holding a listening socket
+                # would keep it accepting (into nobody's hands) after the acceptor closed it.
+                for sock in [*sockets.values(), *acceptor.channels.values()]:
+                    sock.close()
+                handoff = Handoff(theirs, index, table, addresses)
+                code = _run_worker(
+                    bootstrap,
+                    admin=index == 0,
+                    reuse_port=True,
+                    xds=xds,
+                    identity=identity,
+                    handoff=handoff,
+                )
             finally:
                 os._exit(code)
-        children.append(pid)
+        theirs.close()
+        children[pid] = index
+
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
+    while children:
+        if stopping and acceptor.listeners:
+            acceptor.close_listeners()  # the workers drain; new connections are refused
+        if acceptor.listeners:
+            acceptor.run_once(ACCEPT_POLL_S)
+        else:
+            time.sleep(ACCEPT_POLL_S)
+        while children:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid in children:
+                channel = acceptor.channels.pop(children.pop(pid), None)
+                if channel is not None:
+                    channel.close()
+            status = status or os.waitstatus_to_exitcode(code)
     return status
