@@ -95,3 +95,16 @@ def test_invalid_yaml_names_the_file_once_with_line_and_column(tmp_path: Path) -
     assert result.stderr.count(str(config)) == 1
     assert f"{config}:3:1: not valid YAML: " in result.stderr
     assert "<unicode string>" not in result.stderr
+
+
+def test_a_busy_listener_port_with_workers(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    with listening() as busy:
+        config.write_text(BOOTSTRAP.format(admin=free_port(), listener=busy))
+        result = pilotfish("sidecar", "--config", str(config), "--concurrency", "2")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"pilotfish sidecar: listener inbound: cannot listen on 127.0.0.1:{busy}: "
+        "Address already in use"
+    )
