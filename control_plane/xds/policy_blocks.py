@@ -99,6 +99,7 @@ def adaptive_throttling_block(config: AdaptiveThrottlingConfig) -> dict[str, obj
         "k": config.k,
         "window": duration_text(config.window),
         "buckets": config.buckets,
+        "max_rejection_probability": round(config.max_rejection_probability * 100, 9),
         "min_requests": config.min_requests,
     }
 

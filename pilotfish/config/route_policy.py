@@ -7,8 +7,8 @@ The YAML parsers live in ``pilotfish.config.route_policy_yaml``. Proposed shape 
         circuit_breakers: {max_connections: 1024, max_pending_requests: 1024,
                            max_requests: 1024, max_retries: 3}
         retry_budget: {percent: 20, min_concurrency: 3}     # or `retry_budget: off`
-        adaptive_throttling: {enabled: true, k: 2.0, window: 2m, buckets: 12,
-                              min_requests: 20}
+        adaptive_throttling: {enabled: true, k: 2.0, window: 5s, buckets: 10,
+                              max_rejection_probability: 80, min_requests: 20}
         load_shedding: {enabled: true, cpu_threshold: 80, window: 10s, buckets: 10,
                         cool_down: 1s}                      # inbound, on the service's listener
         routes:
@@ -165,16 +165,21 @@ class LoadSheddingConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdaptiveThrottlingConfig:
-    """Client-side throttling (Google SRE book): reject locally with p = (req - k*acc)/(req + 1)."""
+    """Client-side throttling (Google SRE book): reject locally with p = (req - k*acc)/(req + 1),
+    at most ``max_rejection_probability``."""
 
     enabled: bool = False
     """``false``: opt in per upstream service."""
     k: float = 2.0
     """``2.0``: the backend may reject up to half the requests before the client throttles."""
-    window: float = 120.0
-    """``2m``: history of requests and accepts."""
-    buckets: int = 12
-    """``12``: 10s buckets."""
+    window: float = 5.0
+    """``5s``: history of requests and accepts; admission recovers within about one window of
+    the backend recovering (a longer window throttles more steadily and recovers more slowly)."""
+    buckets: int = 10
+    """``10``: half-second buckets."""
+    max_rejection_probability: float = 0.8
+    """``80`` (percent): at least a fifth of the requests still reach a failing backend, so its
+    recovery is seen (Envoy's admission control has the same cap and default)."""
     min_requests: int = 20
     """``20``: no throttling until this many requests in the window (no coin toss on 1 error)."""
 

@@ -296,12 +296,16 @@ def parse_adaptive_throttling(node: Node) -> AdaptiveThrottlingConfig:
         return default
     if node.value is True:
         return AdaptiveThrottlingConfig(enabled=True)
-    node.mapping({"enabled", "k", "window", "buckets", "min_requests"})
+    node.mapping({"enabled", "k", "window", "buckets", "max_rejection_probability", "min_requests"})
     return AdaptiveThrottlingConfig(
         enabled=node.get("enabled").as_bool(True),
         k=as_number(node.get("k"), default.k, minimum=1.0, maximum=100.0),
         window=as_positive_duration(node.get("window"), default.window),
         buckets=node.get("buckets").as_int(default.buckets, 1, 1000),
+        # The file says percent, as Envoy's max_rejection_probability; the model a fraction.
+        max_rejection_probability=as_percentage(
+            node.get("max_rejection_probability"), default.max_rejection_probability * 100
+        ) / 100.0,
         min_requests=node.get("min_requests").as_int(default.min_requests, 0, _MAX_LIMIT),
     )
 
