@@ -7,6 +7,7 @@ the caller come from ``tests.test_resilience_e2e``.
 from __future__ import annotations
 
 import time
+from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -15,8 +16,11 @@ import pytest
 from tests.test_resilience_e2e import (
     OK,
     UNAVAILABLE,
+    Act,
+    Behaviour,
     Reply,
     call,
+    codes,
     mesh,
     proxied,
     upstreams,
@@ -69,3 +73,27 @@ def test_adaptive_throttling_with_defaults_lets_calls_back_soon_after_an_outage(
     assert len(late) >= 10
     assert sum(r.code is OK for r in late) > 0.5 * len(late)
     assert sum(t.reply.code is OK for t in recovery) > 0.3 * len(recovery)
+
+
+def test_no_deadline_failure_goes_unflagged_when_the_upstream_races_the_per_try_timeout() -> None:
+    # Every try outlasts its 50 ms: the sidecar's per-try timer and the upstream's own
+    # DEADLINE_EXCEEDED (it was told 50 ms in grpc-timeout) race, ten calls at a time.
+    retry = {"attempts": 1, "per_try_timeout": "50ms", "retry_on": ["reset"]}
+    route = {"retry": {**retry, "retry_non_idempotent": True}}
+    cluster = {"retry_budget": "off", "circuit_breakers": {"max_retries": 20}}
+    with (
+        upstreams("a") as (a,),
+        proxied(mesh([a.address], route=route, cluster=cluster)) as (sc, ch),
+    ):
+        a.always(Behaviour(Act.SLEEP, seconds=0.5))
+        with futures.ThreadPoolExecutor(10) as pool:
+            replies = list(pool.map(lambda _: call(ch, timeout=3.0), range(200)))
+        per_try = sc.stat("cluster.app.upstream_rq_per_try_timeout")
+        retries = sc.stat("cluster.app.upstream_rq_retry")
+
+    assert codes(replies) == [grpc.StatusCode.DEADLINE_EXCEEDED] * 200
+    assert [r.flags for r in replies] == ["UT"] * 200
+    # Whichever came first, each try counts as a per-try timeout, and the first one is retried.
+    assert retries == 200
+    assert per_try == 400
+    assert a.calls == 400

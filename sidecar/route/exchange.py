@@ -20,11 +20,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from sidecar.flags import ResponseFlag
+from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
 from sidecar.route.policy.breaker import Permit
-from sidecar.route.policy.deadline import RequestDeadline
+from sidecar.route.policy.deadline import RequestDeadline, TimerKind, upstream_deadline_kind
 from sidecar.route.policy.fallback import FallbackCluster, trigger_for
 from sidecar.route.policy.reply import LocalReply
 from sidecar.route.policy.retry import (
@@ -80,6 +80,7 @@ class Attempt:
     __slots__ = (
         "cancelled", "exchange", "flag", "grpc_status", "host", "http_status", "index",
         "pending_permit", "retry_permit", "span", "started", "status", "stream", "timer",
+        "try_expires_at",
     )  # fmt: skip
 
     def __init__(self, exchange: Exchange, host: UpstreamHost, index: int) -> None:
@@ -90,6 +91,7 @@ class Attempt:
         self.cancelled = False
         self.started = time.monotonic()
         self.timer: WheelTimer | None = None
+        self.try_expires_at: float | None = None  # loop time of the per-try timeout
         self.pending_permit: Permit | None = None
         self.retry_permit: Permit | None = None
         self.status: int | None = None  # what the upstream said, for outlier detection
@@ -456,6 +458,7 @@ class Exchange:
         if per_try:
             timers = self.listener.sidecar.timers
             attempt.timer = timers.call_later(per_try, self._per_try_timeout, attempt)
+            attempt.try_expires_at = self.loop.time() + per_try
         attempt.pending_permit = cluster.resilience.breakers.try_acquire_pending()
         if attempt.pending_permit is None:
             attempt.end()  # the breaker counted the overflow
@@ -545,7 +548,8 @@ class Exchange:
             failure, flag = Failure.RESET, ResponseFlag.UPSTREAM_RESET
         self._try_failed(attempt, Outcome(failure=failure), flag)
 
-    def _per_try_timeout(self, attempt: Attempt) -> None:
+    def _per_try_timeout(self, attempt: Attempt, grpc_status: int | None = None) -> None:
+        """``grpc_status`` 4: the upstream's DEADLINE_EXCEEDED beat the timer to it."""
         attempt.timer = None
         if attempt is not self.attempt or self.done or self.response_started:
             return
@@ -553,7 +557,16 @@ class Exchange:
         self.cluster.scope.inc("upstream_rq_per_try_timeout")
         self.cluster.metrics.timeouts.value += 1
         self._try_failed(
-            attempt, Outcome(failure=Failure.PER_TRY_TIMEOUT), ResponseFlag.UPSTREAM_TIMEOUT
+            attempt,
+            Outcome(failure=Failure.PER_TRY_TIMEOUT, grpc_status=grpc_status),
+            ResponseFlag.UPSTREAM_TIMEOUT,
+        )
+
+    def _ours_timed_out(self, attempt: Attempt) -> TimerKind | None:
+        """Whether an upstream DEADLINE_EXCEEDED read now is one of our deadlines firing."""
+        assert self.deadline is not None
+        return upstream_deadline_kind(
+            self.loop.time(), attempt.try_expires_at, self.deadline.expires_at
         )
 
     def _try_failed(self, attempt: Attempt, outcome: Outcome, flag: ResponseFlag) -> None:
@@ -609,6 +622,16 @@ class Exchange:
             attempt.grpc_status = self.grpc_status = int(grpc_status)
         if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
             attempt.status = _grpc_as_http(int(grpc_status))
+        if grpc_status == b"4" and self.grpc:
+            kind = self._ours_timed_out(attempt)
+            if kind is TimerKind.DEADLINE:
+                self._on_deadline()
+                return
+            if kind is TimerKind.PER_TRY:
+                if attempt.timer is not None:
+                    attempt.timer.cancel()
+                self._per_try_timeout(attempt, grpc_status=4)
+                return
         outcome = None
         if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
             outcome = response_outcome(
@@ -673,6 +696,10 @@ class Exchange:
                 attempt.status = _grpc_as_http(int(grpc_status))
             if self.cluster is not None and self.cluster.resilience.throttle is not None:
                 self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)))
+            if grpc_status == b"4" and self._ours_timed_out(attempt) is not None:
+                # Too late to answer ourselves (the headers are out): flag the trailers.
+                self.flags.append(ResponseFlag.UPSTREAM_TIMEOUT.code)
+                trailers = [*trailers, (RESPONSE_FLAGS_HEADER, b"UT")]
         self.downstream.send_trailers(trailers)
         self._complete()
 
