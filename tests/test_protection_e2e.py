@@ -9,9 +9,12 @@ from __future__ import annotations
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.test_resilience_e2e import (
     OK,
@@ -20,6 +23,7 @@ from tests.test_resilience_e2e import (
     Behaviour,
     Reply,
     call,
+    closed_port,
     codes,
     mesh,
     proxied,
@@ -97,3 +101,26 @@ def test_no_deadline_failure_goes_unflagged_when_the_upstream_races_the_per_try_
     assert retries == 200
     assert per_try == 400
     assert a.calls == 400
+
+
+def test_a_grpc_fallback_answers_ok_with_a_message_the_client_decodes(tmp_path: Path) -> None:
+    # The message is written as JSON and encoded through a descriptor set, as a user would
+    # with `protoc --include_imports -o health.pb health.proto`.
+    files = descriptor_pb2.FileDescriptorSet()
+    health_pb2.DESCRIPTOR.CopyToProto(files.file.add())
+    (tmp_path / "health.pb").write_bytes(files.SerializeToString())
+    message = {
+        "json": {"status": "SERVING"},
+        "type": "grpc.health.v1.HealthCheckResponse",
+        "descriptor_set": str(tmp_path / "health.pb"),
+    }
+    fallback = {"response": {"grpc_status": "ok", "grpc_response": message}}
+    with closed_port() as dead, proxied(mesh([dead], route={"fallback": fallback})) as (sc, ch):
+        check = health_pb2_grpc.HealthStub(ch).Check
+        answer, call_ = check.with_call(health_pb2.HealthCheckRequest(), timeout=5)
+        served = sc.stat("http.ingress.downstream_rq_fallback")
+
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert call_.code() is OK
+    assert ("x-pilotfish-response-flags", "FB") in call_.initial_metadata()
+    assert served == 1

@@ -9,6 +9,8 @@ parsers want durations with a unit.
 
 from __future__ import annotations
 
+import base64
+
 from pilotfish.config.matchers import HeaderMatcher
 from pilotfish.config.route_policy import (
     AdaptiveThrottlingConfig,
@@ -89,6 +91,9 @@ def fallback_block(fallback: FallbackConfig) -> dict[str, object]:
     }
     if response.grpc_status is not None:
         reply["grpc_status"] = response.grpc_status
+    if response.grpc_response is not None:
+        # JSON was encoded when the mesh file was read: the sidecar needs no descriptors.
+        reply["grpc_response"] = {"base64": base64.b64encode(response.grpc_response).decode()}
     block["response"] = reply
     return block
 

@@ -25,6 +25,9 @@ The YAML parsers live in ``pilotfish.config.route_policy_yaml``. Proposed shape 
                        response: {status: 200, headers: {content-type: text/plain},
                                   body: "try again later",
                                   grpc_status: unavailable, grpc_message: "degraded"}}
+            # a gRPC OK carries a message: grpc_response: {base64: CAE=} or
+            #   {json: {status: SERVING}, type: grpc.health.v1.HealthCheckResponse,
+            #    descriptor_set: health.pb}
             # or  fallback: {cluster: quotes-cache}
 
 The keys avoid ``on``/``off``/``yes``/``no``: YAML 1.1 (PyYAML) reads them as booleans.
@@ -223,8 +226,11 @@ class StaticResponse:
     headers: tuple[tuple[str, str], ...] = ()
     body: str = ""
     grpc_status: int | None = None
-    """none: gRPC requests do not get this fallback (an OK needs a protobuf message)."""
+    """none (``0`` when ``grpc_response`` is given): gRPC requests do not get this fallback."""
     grpc_message: str = ""
+    grpc_response: bytes | None = None
+    """none: the serialized protobuf message of a gRPC OK (required with ``grpc_status: 0``:
+    a unary OK without a message is an invalid response)."""
 
 
 @dataclass(frozen=True, slots=True)

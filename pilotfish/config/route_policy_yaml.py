@@ -10,6 +10,7 @@ node that has other keys too; add ``ROUTE_POLICY_KEYS`` / ``CLUSTER_RESILIENCE_K
 from __future__ import annotations
 
 from pilotfish.config.fields import Node
+from pilotfish.config.grpc_message import parse_grpc_message
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.route_policy import (
     GRPC_STATUS_NAMES,
@@ -224,7 +225,7 @@ def parse_fallback(node: Node) -> FallbackConfig:
 
 
 def parse_static_response(node: Node) -> StaticResponse:
-    node.mapping({"status", "headers", "body", "grpc_status", "grpc_message"})
+    node.mapping({"status", "headers", "body", "grpc_status", "grpc_message", "grpc_response"})
     headers: list[tuple[str, str]] = []
     if node.has("headers"):
         for name, value in node.get("headers").items():
@@ -239,12 +240,25 @@ def parse_static_response(node: Node) -> StaticResponse:
     message = node.get("grpc_message")
     if message.value is not None and not isinstance(message.value, str):
         raise message.error("expected a string")
+    grpc_status = as_grpc_status(node.get("grpc_status")) if node.has("grpc_status") else None
+    grpc_response = None
+    if node.has("grpc_response"):
+        grpc_response = parse_grpc_message(node.get("grpc_response"))
+        if grpc_status not in (None, 0):
+            raise node.get("grpc_response").error("a message goes only with grpc_status ok (0)")
+        grpc_status = 0
+    elif grpc_status == 0:
+        raise node.get("grpc_status").error(
+            "an OK needs a response message: add grpc_response {base64: ...} or"
+            " {json: ..., type: ..., descriptor_set: ...}"
+        )
     return StaticResponse(
         status=as_http_status(node.get("status"), 200),
         headers=tuple(headers),
         body=body.value or "",
-        grpc_status=as_grpc_status(node.get("grpc_status")) if node.has("grpc_status") else None,
+        grpc_status=grpc_status,
         grpc_message=message.value or "",
+        grpc_response=grpc_response,
     )
 
 
@@ -297,15 +311,16 @@ def parse_adaptive_throttling(node: Node) -> AdaptiveThrottlingConfig:
     if node.value is True:
         return AdaptiveThrottlingConfig(enabled=True)
     node.mapping({"enabled", "k", "window", "buckets", "max_rejection_probability", "min_requests"})
+    # The file says percent, as Envoy's max_rejection_probability; the model holds a fraction.
+    cap_percent = as_percentage(
+        node.get("max_rejection_probability"), default.max_rejection_probability * 100
+    )
     return AdaptiveThrottlingConfig(
         enabled=node.get("enabled").as_bool(True),
         k=as_number(node.get("k"), default.k, minimum=1.0, maximum=100.0),
         window=as_positive_duration(node.get("window"), default.window),
         buckets=node.get("buckets").as_int(default.buckets, 1, 1000),
-        # The file says percent, as Envoy's max_rejection_probability; the model a fraction.
-        max_rejection_probability=as_percentage(
-            node.get("max_rejection_probability"), default.max_rejection_probability * 100
-        ) / 100.0,
+        max_rejection_probability=cap_percent / 100.0,
         min_requests=node.get("min_requests").as_int(default.min_requests, 0, _MAX_LIMIT),
     )
 

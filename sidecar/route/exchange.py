@@ -753,6 +753,12 @@ class Exchange:
         self._cancel_attempt(CANCEL)
         if self.response_started:
             self.downstream.reset(CANCEL)
+        elif self.grpc and reply.grpc_response is not None:
+            headers, message, trailers = reply.grpc_message_parts()
+            self.downstream.send_headers(headers, False)
+            self.bytes_out += len(message)
+            self.downstream.send_data(message, False, None)
+            self.downstream.send_trailers(trailers)
         else:
             body = reply.http_body(self.grpc, self.method)
             self.downstream.send_headers(reply.headers(self.grpc), not body)

@@ -85,6 +85,7 @@ ROUTE_POLICIES = [
     'fallback: {when: [circuit-open], response: {status: 503, headers: {b: "2", a: "1"},'
     ' body: "x", grpc_status: unavailable, grpc_message: "m"}}',
     "fallback: {response: {body: sorry}}",
+    "fallback: {response: {grpc_response: {base64: CAE=}, grpc_message: cached}}",
 ]
 
 
