@@ -30,6 +30,7 @@ SERVICE_POLICIES = [
     "load_balancing: {policy: least_request, choice_count: 3, active_request_bias: 0.5,"
     " panic_threshold: 30}",
     "load_balancing: {policy: peak_ewma, choice_count: 4, ewma_decay: 5s, ewma_default_rtt: 50ms}",
+    "load_balancing: {policy: least_connections}",
     "load_balancing: {policy: random}",
     "load_balancing: {policy: weighted_random}",
     "load_balancing: {policy: ring_hash, hash_on: header, hash_key: X-User,"
