@@ -42,6 +42,9 @@ class ResponseFlag(enum.Enum):
     DOWNSTREAM_PROTOCOL_ERROR = ("DPE", 400, GrpcStatus.INTERNAL, "downstream protocol error")
     DRAINING = ("DR", 503, GrpcStatus.UNAVAILABLE, "the proxy is shutting down")
     OVERLOAD_SHED = ("OM", 503, GrpcStatus.UNAVAILABLE, "overloaded: request shed")
+    ROUTE_OVERFLOW = (
+        "RO", 503, GrpcStatus.UNAVAILABLE, "the route's concurrency limit (bulkhead) is reached",
+    )
     ADAPTIVE_THROTTLE = (
         "AT", 503, GrpcStatus.UNAVAILABLE, "upstream struggling: request throttled locally",
     )

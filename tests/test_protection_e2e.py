@@ -10,14 +10,17 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import simple_config, wait_for
 from tests.test_resilience_e2e import (
     OK,
+    SERVICE,
     UNAVAILABLE,
     Act,
     Behaviour,
@@ -27,6 +30,8 @@ from tests.test_resilience_e2e import (
     codes,
     mesh,
     proxied,
+    settle_all,
+    start_calls,
     upstreams,
 )
 
@@ -124,3 +129,38 @@ def test_a_grpc_fallback_answers_ok_with_a_message_the_client_decodes(tmp_path: 
     assert call_.code() is OK
     assert ("x-pilotfish-response-flags", "FB") in call_.initial_metadata()
     assert served == 1
+
+
+# --- isolation ----------------------------------------------------------------------------------
+
+
+def test_a_hanging_route_takes_no_more_than_its_bulkhead_and_the_others_keep_serving() -> None:
+    # Two routes to one cluster (max_requests 8): the app's Call hangs; health checks answer.
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"prefix": f"/{SERVICE}/"},
+            "route": {"cluster": "app", "timeout": "15s"},
+            "max_concurrent_requests": 4,
+        },
+        {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "15s"}},
+    ]
+    with upstreams("a") as (a,):
+        config = simple_config([a.address], routes=routes)
+        config["clusters"][0]["circuit_breakers"] = {"max_requests": 8}
+        with proxied(config) as (sc, channel):
+            a.always(Behaviour(Act.HANG))
+            held = start_calls(channel, 12)
+            assert wait_for(lambda: a.in_flight == 4, 5)
+            health = health_pb2_grpc.HealthStub(channel)
+            checks = [health.Check(health_pb2.HealthCheckRequest(), timeout=5) for _ in range(20)]
+            overflow = sc.stat("http.ingress.downstream_rq_route_overflow")
+            in_flight = a.in_flight
+            a.release_all()
+            replies = settle_all(held)
+
+    assert in_flight == 4  # the hanging route never held more than its limit
+    assert all(c.status == health_pb2.HealthCheckResponse.SERVING for c in checks)
+    rejected = [r for r in replies if r.code is not OK]
+    assert len(rejected) == 8 and overflow == 8
+    assert all(r.code is UNAVAILABLE and r.flags == "RO" for r in rejected)
+    assert a.calls == 4

@@ -13,6 +13,7 @@ The YAML parsers live in ``pilotfish.config.route_policy_yaml``. Proposed shape 
                         cool_down: 1s}                      # inbound, on the service's listener
         routes:
           - match: {prefix: /}
+            max_concurrent_requests: 100                     # the route's bulkhead
             retry: {attempts: 2, retry_on: [unavailable, reset, connect-failure],
                     per_try_timeout: 500ms, backoff: {base: 25ms, max: 250ms},
                     retriable_status_codes: [409], retry_non_idempotent: false}
@@ -252,6 +253,9 @@ class RoutePolicy:
     """none: no local rate limit."""
     fault: FaultConfig | None = None
     fallback: FallbackConfig | None = None
+    max_concurrent_requests: int | None = None
+    """none: the route's requests in flight are bounded only by its cluster's breakers; a
+    number is the route's bulkhead (past it: 503 / UNAVAILABLE, flag RO)."""
 
 
 @dataclass(frozen=True, slots=True)

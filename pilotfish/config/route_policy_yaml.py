@@ -32,7 +32,9 @@ from pilotfish.config.route_policy import (
     StaticResponse,
 )
 
-ROUTE_POLICY_KEYS = frozenset({"retry", "rate_limit", "fault", "fallback"})
+ROUTE_POLICY_KEYS = frozenset(
+    {"retry", "rate_limit", "fault", "fallback", "max_concurrent_requests"}
+)
 CLUSTER_RESILIENCE_KEYS = frozenset({"circuit_breakers", "retry_budget", "adaptive_throttling"})
 LISTENER_POLICY_KEYS = frozenset({"load_shedding"})
 """Inbound: on a service (its sidecar's inbound listener) or a bootstrap listener."""
@@ -269,7 +271,14 @@ def parse_route_policy(route: Node) -> RoutePolicy:
         rate_limit=parse_rate_limit(route.get("rate_limit")) if route.has("rate_limit") else None,
         fault=parse_fault(route.get("fault")) if route.has("fault") else None,
         fallback=parse_fallback(route.get("fallback")) if route.has("fallback") else None,
+        max_concurrent_requests=parse_max_concurrent_requests(
+            route.get("max_concurrent_requests")
+        ),
     )
+
+
+def parse_max_concurrent_requests(node: Node) -> int | None:
+    return node.as_int(minimum=1, maximum=_MAX_LIMIT) if node.value is not None else None
 
 
 # -- per cluster and per listener -------------------------------------------------------------

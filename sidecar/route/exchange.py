@@ -24,6 +24,8 @@ from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
 from sidecar.route.policy.breaker import Permit
+from sidecar.route.policy.bulkhead import OVERFLOW_COUNTER as BULKHEAD_OVERFLOW_COUNTER
+from sidecar.route.policy.bulkhead import OVERFLOW_FLAG as BULKHEAD_OVERFLOW_FLAG
 from sidecar.route.policy.deadline import RequestDeadline, TimerKind, upstream_deadline_kind
 from sidecar.route.policy.fallback import FallbackCluster, trigger_for
 from sidecar.route.policy.reply import LocalReply
@@ -40,6 +42,7 @@ from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
 if TYPE_CHECKING:
     from sidecar.listen.listener import ListenerRuntime
     from sidecar.observability.tracing import SpanHandle
+    from sidecar.route.policy.bulkhead import BulkheadSlot
     from sidecar.route.policy.shedding import InFlight
     from sidecar.route.table import RouteDecision
     from sidecar.timer_wheel import WheelTimer
@@ -175,6 +178,7 @@ class Exchange:
     request_permit: Permit | None = None
     retry_permit: Permit | None = None  # for the try a retry will start
     inflight: InFlight | None = None
+    route_slot: BulkheadSlot | None = None
     in_fallback = False
     replay_size = 0
     request_trailers: Headers | None = None
@@ -265,6 +269,12 @@ class Exchange:
             if not verdict.allowed:
                 listener.scope.inc("downstream_rq_rate_limited")
                 self.send_reply(verdict.local_reply(self.grpc))
+                return
+        if policy.bulkhead is not None:
+            self.route_slot = policy.bulkhead.try_enter()
+            if self.route_slot is None:
+                listener.scope.inc(BULKHEAD_OVERFLOW_COUNTER)
+                self.local_reply(BULKHEAD_OVERFLOW_FLAG)
                 return
         now = self.loop.time()
         self.deadline = RequestDeadline(now, decision.route.action.timeout, grpc_timeout)
@@ -824,6 +834,9 @@ class Exchange:
         if self.inflight is not None:
             self.inflight.done()
             self.inflight = None
+        if self.route_slot is not None:
+            self.route_slot.release()
+            self.route_slot = None
         self.status = status
         listener = self.listener
         scope = listener.scope

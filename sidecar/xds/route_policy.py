@@ -35,6 +35,7 @@ from pilotfish.config.route_policy_yaml import (
     parse_fallback,
     parse_fault,
     parse_load_shedding,
+    parse_max_concurrent_requests,
     parse_rate_limit,
 )
 from sidecar.xds.common import OurMetadata, percent, seconds, type_name, unpack, unsupported
@@ -44,7 +45,7 @@ FAULT_TYPE = fault_pb2.HTTPFault.DESCRIPTOR.full_name
 RATE_LIMIT_TYPE = local_rate_limit_pb2.LocalRateLimit.DESCRIPTOR.full_name
 FILTER_CONFIG_TYPE = route_components_pb2.FilterConfig.DESCRIPTOR.full_name
 ROUTE_METADATA_KEYS = {"retry_non_idempotent", "rate_limit", "fault", "fault_abort_http_status",
-                       "fallback"}
+                       "fallback", "max_concurrent_requests"}
 _RETRY_ON = {c.value: c for c in RetryOn}
 
 
@@ -110,6 +111,10 @@ def translate_route_policy(
         rate_limit=limit,
         fault=fault,
         fallback=_fallback(ours) if ours.has("fallback") else None,
+        max_concurrent_requests=(
+            parse_max_concurrent_requests(ours.node("max_concurrent_requests"))
+            if ours.has("max_concurrent_requests") else None
+        ),
     )
 
 

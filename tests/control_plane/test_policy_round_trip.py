@@ -83,6 +83,7 @@ ROUTE_POLICIES = [
     "fault: {header: {name: x-fault, regex: 'a.*', invert: true}, delay: {duration: 10ms},"
     " abort: {http_status: 500, grpc_status: internal, percentage: 1}}",
     "fallback: {cluster: other}",
+    "max_concurrent_requests: 7",
     'fallback: {when: [circuit-open], response: {status: 503, headers: {b: "2", a: "1"},'
     ' body: "x", grpc_status: unavailable, grpc_message: "m"}}',
     "fallback: {response: {body: sorry}}",
