@@ -27,12 +27,18 @@ from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import Node
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import Endpoint, PathMatch, RouteMatch, WeightedCluster
-from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
+from pilotfish.config.route_policy import (
+    ClusterResilience,
+    ListenerLimits,
+    LoadSheddingConfig,
+    RoutePolicy,
+)
 from pilotfish.config.route_policy_yaml import (
     CLUSTER_RESILIENCE_KEYS,
     LISTENER_POLICY_KEYS,
     ROUTE_POLICY_KEYS,
     parse_cluster_resilience,
+    parse_listener_limits,
     parse_load_shedding,
     parse_route_policy,
 )
@@ -76,6 +82,7 @@ class MeshService:
     resilience: ClusterResilience = ClusterResilience()
     # Inbound: applies on the service's own sidecar (its inbound listener).
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
+    listener_limits: ListenerLimits = ListenerLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +158,7 @@ def _parse_service(name: str, node: Node) -> MeshService:
         routes = (_default_route(name),)
     port = node.get("port").as_int(minimum=1, maximum=65535) if node.has("port") else None
     if protocol == "tcp":
-        for key in ("load_shedding", "adaptive_throttling"):
+        for key in ("load_shedding", "adaptive_throttling", "max_requests_per_connection"):
             if node.has(key):
                 raise node.get(key).error("not for a tcp service (it has no HTTP requests)")
     outlier = node.get("outlier_detection")
@@ -171,6 +178,7 @@ def _parse_service(name: str, node: Node) -> MeshService:
         outlier_detection=parse_outlier_detection(outlier) if outlier.value is not None else None,
         resilience=parse_cluster_resilience(node),
         load_shedding=parse_load_shedding(node.get("load_shedding")),
+        listener_limits=parse_listener_limits(node),
     )
 
 

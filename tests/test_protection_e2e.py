@@ -6,6 +6,8 @@ the caller come from ``tests.test_resilience_e2e``.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -164,3 +166,42 @@ def test_a_hanging_route_takes_no_more_than_its_bulkhead_and_the_others_keep_ser
     assert len(rejected) == 8 and overflow == 8
     assert all(r.code is UNAVAILABLE and r.flags == "RO" for r in rejected)
     assert a.calls == 4
+
+
+def test_max_requests_per_connection_moves_a_grpc_client_to_new_connections() -> None:
+    with (
+        upstreams("a") as (a,),
+        proxied(mesh([a.address], listener={"max_requests_per_connection": 3})) as (sc, ch),
+    ):
+        replies = [call(ch) for _ in range(10)]
+        drained = sc.stat("http.ingress.downstream_cx_max_requests_reached")
+        opened = sc.stat("http.ingress.downstream_cx_total")
+
+    assert codes(replies) == [OK] * 10  # GOAWAY first names the last stream: nothing is lost
+    assert drained >= 3
+    assert opened >= 4
+
+
+def test_max_downstream_connections_closes_the_connection_past_the_limit() -> None:
+    def http1(sock: socket.socket) -> bytes:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        return sock.recv(4096)
+
+    with upstreams("a") as (a,):
+        config = mesh([a.address], listener={"max_downstream_connections": 2})
+        with proxied(config) as (sc, _):  # its gRPC channel holds the first connection
+            host, port = config["listeners"][0]["address"].rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=5) as second:
+                assert http1(second)  # answered: the second connection is within the limit
+                with socket.create_connection((host, int(port)), timeout=5) as third:
+                    third.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    with contextlib.suppress(ConnectionResetError):
+                        assert third.recv(4096) == b""  # closed without an answer
+                assert wait_for(lambda: sc.stat("http.ingress.downstream_cx_overflow") == 1, 5)
+            # The second has gone: a new connection fits again.
+            assert wait_for(lambda: sc.stat("http.ingress.downstream_cx_active") == 1, 5)
+            with socket.create_connection((host, int(port)), timeout=5) as fourth:
+                assert http1(fourth)
+            overflow = sc.stat("http.ingress.downstream_cx_overflow")
+
+    assert overflow == 1

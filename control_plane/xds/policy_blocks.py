@@ -16,6 +16,7 @@ from pilotfish.config.route_policy import (
     AdaptiveThrottlingConfig,
     FallbackConfig,
     FaultConfig,
+    ListenerLimits,
     LoadSheddingConfig,
     RateLimitConfig,
 )
@@ -119,3 +120,12 @@ def load_shedding_block(config: LoadSheddingConfig) -> dict[str, object]:
         "cool_down": duration_text(config.cool_down),
         "cpu_decay": config.cpu_decay,
     }
+
+
+def listener_limits_block(limits: ListenerLimits) -> dict[str, object]:
+    block: dict[str, object] = {}
+    if limits.max_downstream_connections is not None:
+        block["max_downstream_connections"] = limits.max_downstream_connections
+    if limits.max_requests_per_connection is not None:
+        block["max_requests_per_connection"] = limits.max_requests_per_connection
+    return block

@@ -41,12 +41,12 @@ from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
 from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import route_policy_xds as route_policy
-from control_plane.xds.policy_blocks import load_shedding_block
+from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.telemetry_xds import apply_telemetry
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
-from pilotfish.config.route_policy import LoadSheddingConfig
+from pilotfish.config.route_policy import ListenerLimits, LoadSheddingConfig
 
 INBOUND_PREFIX = "inbound|"
 DEFAULT_INBOUND_ADDRESS = ("0.0.0.0", 15006)
@@ -113,7 +113,8 @@ def build_view(
         view[LISTENER][inbound] = Resource.of(
             inbound,
             inbound_listener(
-                inbound, key.inbound_address, own.load_shedding, mesh.telemetry, own.name
+                inbound, key.inbound_address, own.load_shedding, mesh.telemetry, own.name,
+                limits=own.listener_limits,
             ),
         )
         view[ROUTE][inbound] = Resource.of(inbound, inbound_route_configuration(inbound))
@@ -184,6 +185,7 @@ def inbound_listener(
     load_shedding: LoadSheddingConfig = LoadSheddingConfig(),
     telemetry: MeshTelemetry | None = None,
     own_service: str | None = None,
+    limits: ListenerLimits = ListenerLimits(),
 ) -> listener_pb2.Listener:
     hcm = http_connection_manager(name, telemetry=telemetry, own_service=own_service)
     listener = listener_pb2.Listener(
@@ -200,6 +202,11 @@ def inbound_listener(
         # Envoy's overload manager is process-wide; per-listener shedding is ours alone.
         listener.metadata.filter_metadata[METADATA_KEY].update(
             {"load_shedding": load_shedding_block(load_shedding)}
+        )
+    if limits != ListenerLimits():
+        # Envoy's are process-wide (overload manager) or per HCM; ours ride with the listener.
+        listener.metadata.filter_metadata[METADATA_KEY].update(
+            {"listener_limits": listener_limits_block(limits)}
         )
     return listener
 

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
-from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
+from pilotfish.config.route_policy import (
+    ClusterResilience,
+    ListenerLimits,
+    LoadSheddingConfig,
+    RoutePolicy,
+)
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 
@@ -151,6 +156,7 @@ class ListenerConfig:
     mode: str = "auto"
     per_stream_buffer_bytes: int = 256 * 1024
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
+    limits: ListenerLimits = ListenerLimits()
     # "inbound" (to the local app) or "outbound" (from it), for metrics; "" guesses by name.
     direction: str = ""
     max_request_headers_bytes: int = 60 * 1024

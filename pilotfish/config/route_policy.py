@@ -168,6 +168,17 @@ class LoadSheddingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """Inbound isolation per listener: callers cannot hold more of it than these."""
+
+    max_downstream_connections: int | None = None
+    """none: a connection past it is closed at once (counted ``downstream_cx_overflow``)."""
+    max_requests_per_connection: int | None = None
+    """none: after this many requests a connection is drained (GOAWAY, or ``Connection:
+    close`` on HTTP/1.1), so long-lived clients reconnect and rebalance across instances."""
+
+
+@dataclass(frozen=True, slots=True)
 class AdaptiveThrottlingConfig:
     """Client-side throttling (Google SRE book): reject locally with p = (req - k*acc)/(req + 1),
     at most ``max_rejection_probability``."""

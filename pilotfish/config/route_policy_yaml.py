@@ -22,6 +22,7 @@ from pilotfish.config.route_policy import (
     FaultAbort,
     FaultConfig,
     FaultDelay,
+    ListenerLimits,
     LoadSheddingConfig,
     RateLimitConfig,
     RetryBackoff,
@@ -36,7 +37,9 @@ ROUTE_POLICY_KEYS = frozenset(
     {"retry", "rate_limit", "fault", "fallback", "max_concurrent_requests"}
 )
 CLUSTER_RESILIENCE_KEYS = frozenset({"circuit_breakers", "retry_budget", "adaptive_throttling"})
-LISTENER_POLICY_KEYS = frozenset({"load_shedding"})
+LISTENER_POLICY_KEYS = frozenset(
+    {"load_shedding", "max_downstream_connections", "max_requests_per_connection"}
+)
 """Inbound: on a service (its sidecar's inbound listener) or a bootstrap listener."""
 MAX_RETRY_ATTEMPTS = 10
 _MAX_LIMIT = 1_000_000
@@ -358,3 +361,12 @@ def parse_load_shedding(node: Node) -> LoadSheddingConfig:
         cool_down=node.get("cool_down").as_duration(default.cool_down),
         cpu_decay=as_number(node.get("cpu_decay"), default.cpu_decay, 0.0, 0.999),
     )
+
+
+def parse_listener_limits(listener: Node) -> ListenerLimits:
+    """The limit keys of a listener or service node (which has other keys too)."""
+    values = {}
+    for key in ("max_downstream_connections", "max_requests_per_connection"):
+        node = listener.get(key)
+        values[key] = node.as_int(minimum=1, maximum=_MAX_LIMIT) if node.value is not None else None
+    return ListenerLimits(**values)

@@ -251,6 +251,7 @@ class H1ServerConnection(_H1Base):
         self.stream: H1ServerStream | None = None
         self.draining = False
         self.discarding = False
+        self.requests = 0
         self.idle_timer = IdleTimer(
             asyncio.get_event_loop(), listener.config.http1_idle_timeout, self.close
         )
@@ -315,6 +316,9 @@ class H1ServerConnection(_H1Base):
         )
         stream = H1ServerStream(self, request.method == b"HEAD", has_body)
         self.stream = stream
+        self.requests += 1
+        if self.listener.request_started_on(self.requests):
+            self.draining = True  # this response says Connection: close
         stream.handler = self.listener.new_exchange(stream)
         stream.handler.on_headers(headers, not has_body)
 

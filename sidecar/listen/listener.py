@@ -105,6 +105,26 @@ class ListenerRuntime:
     def exchange_done(self, exchange: Exchange) -> None:
         self.sidecar.access_log(self, exchange)
 
+    def admit_connection(self) -> bool:
+        """Whether a new connection fits ``max_downstream_connections`` (counted if not).
+
+        Connections still sniffing their protocol are not counted: they last at most
+        ``protocol_detect_timeout``, and then count or close."""
+        limit = self.config.limits.max_downstream_connections
+        if limit is not None and len(self.connections) >= limit:
+            self.scope.inc("downstream_cx_overflow")
+            return False
+        return True
+
+    def request_started_on(self, requests_so_far: int) -> bool:
+        """Whether the connection that has carried ``requests_so_far`` (this one included)
+        should now drain, by ``max_requests_per_connection``; counted once when it should."""
+        limit = self.config.limits.max_requests_per_connection
+        if limit is not None and requests_so_far == limit:
+            self.scope.inc("downstream_cx_max_requests_reached")
+            return True
+        return False
+
     def connection_opened(self, conn: Any) -> None:
         self.connections.add(conn)
         self.scope.inc("downstream_cx_total")
@@ -143,6 +163,7 @@ class H2ServerConnection(H2Connection):
         )
         self.listener = listener
         self.draining = False
+        self.requests = 0
         self.last_stream_id = MAX_STREAM_ID
         # Only servers receive requests (both codecs refuse them on client connections).
         self._dispatch[h2.events.RequestReceived] = self._on_request
@@ -162,6 +183,9 @@ class H2ServerConnection(H2Connection):
         handler = self.listener.new_exchange(stream)
         stream.handler = handler
         handler.on_headers(event.headers, event.stream_ended is not None)
+        self.requests += 1
+        if self.listener.request_started_on(self.requests):
+            self.start_drain()
 
     def protocol_error(self, exc: Exception) -> None:
         self.listener.scope.inc("downstream_cx_protocol_error")
@@ -220,6 +244,9 @@ class SniffingProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if not self.listener.admit_connection():
+            self.transport.close()
+            return
         config = self.listener.config
         if config.mode == "tcp":
             self._hand_over("tcp")

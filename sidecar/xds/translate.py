@@ -61,6 +61,7 @@ from sidecar.xds.common import unpack as _unpack
 from sidecar.xds.common import unsupported as _unsupported
 from sidecar.xds.route_policy import (
     check_http_filters,
+    translate_listener_limits,
     translate_load_shedding,
     translate_route_policy,
 )
@@ -100,6 +101,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
                                   "metadata"})
     load_shedding = translate_load_shedding(listener, path)
+    limits = translate_listener_limits(listener, path)
     if len(listener.filter_chains) != 1:
         raise ConfigError(f"{path}.filter_chains", "exactly one filter chain is supported")
     chain_path = f"{path}.filter_chains[0]"
@@ -132,6 +134,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         tcp_passthrough_cluster=passthrough,
         mode="tcp" if passthrough is not None else "auto",
         load_shedding=load_shedding,
+        limits=limits,
     )
 
 

@@ -17,6 +17,7 @@ from pilotfish.config.bootstrap import parse_cluster, parse_listener, parse_rout
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import Node
 from pilotfish.config.model import ClusterConfig, ListenerConfig, RouteEntry
+from pilotfish.config.route_policy_yaml import LISTENER_POLICY_KEYS
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 from sidecar.xds.translate import XdsConfig, translate_all
@@ -58,6 +59,8 @@ SERVICE_POLICIES = [
     "adaptive_throttling: {k: 1.5, window: 30s, buckets: 6, min_requests: 5}",
     "adaptive_throttling: {enabled: false, k: 3}",
     "load_shedding: true",
+    "max_downstream_connections: 100",
+    "max_requests_per_connection: 1000\n    max_downstream_connections: 5",
     "load_shedding: {cpu_threshold: 75.5, window: 5s, buckets: 5, cool_down: 0s, cpu_decay: 0.9}",
 ]
 
@@ -122,7 +125,7 @@ def _block(text: str) -> dict[str, Any]:
 
 
 def _bootstrap_cluster(service_policy: str) -> ClusterConfig:
-    block = {k: v for k, v in _block(service_policy).items() if k != "load_shedding"}
+    block = {k: v for k, v in _block(service_policy).items() if k not in LISTENER_POLICY_KEYS}
     return parse_cluster(Node("clusters[0]", {"name": "svc", "endpoints": [], **block}))
 
 
@@ -133,7 +136,7 @@ def _bootstrap_route(route_policy: str) -> RouteEntry:
 
 
 def _bootstrap_listener(service_policy: str) -> ListenerConfig:
-    block = {k: v for k, v in _block(service_policy).items() if k == "load_shedding"}
+    block = {k: v for k, v in _block(service_policy).items() if k in LISTENER_POLICY_KEYS}
     return parse_listener(Node("l", {"address": "0.0.0.0:1", "route_config": "x", **block}))
 
 
@@ -148,6 +151,7 @@ def test_cluster_and_listener_policies_survive_the_trip(service_policy: str) -> 
     assert cluster.resilience == expected.resilience
     [inbound] = config.listeners
     assert inbound.load_shedding == _bootstrap_listener(service_policy).load_shedding
+    assert inbound.limits == _bootstrap_listener(service_policy).limits
 
 
 @pytest.mark.parametrize("route_policy", ROUTE_POLICIES)
