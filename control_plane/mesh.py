@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from control_plane.mesh_telemetry import MeshTelemetry, parse_telemetry
+from pilotfish.config import yaml_loader
 from pilotfish.config.bootstrap import parse_endpoint
 from pilotfish.config.cluster_policy import (
     HealthCheckConfig,
@@ -37,6 +38,7 @@ from pilotfish.config.route_policy_yaml import (
     CLUSTER_RESILIENCE_KEYS,
     LISTENER_POLICY_KEYS,
     ROUTE_POLICY_KEYS,
+    as_positive_duration,
     parse_cluster_resilience,
     parse_listener_limits,
     parse_load_shedding,
@@ -51,7 +53,6 @@ SERVICE_POLICY_KEYS = frozenset(
     | CLUSTER_RESILIENCE_KEYS
     | LISTENER_POLICY_KEYS
 )
-_YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -97,8 +98,9 @@ def load_mesh_file(path: str | Path) -> Mesh:
 
 def parse_mesh_text(text: str, source: str = "mesh file") -> Mesh:
     try:
-        # libyaml's loader when present: the pure-Python one takes ~1 s for 1,000 services.
-        document = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader
+        document = yaml_loader.load(text)  # safe, and refuses duplicate keys
+    except yaml_loader.DuplicateKeyError as exc:
+        raise ConfigError("", f"{source}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{source}: not valid YAML: {exc}") from None
     return parse_mesh(document)
@@ -170,7 +172,8 @@ def _parse_service(name: str, node: Node) -> MeshService:
         endpoints=endpoints,
         depends_on=depends_on,
         routes=routes,
-        connect_timeout=node.get("connect_timeout").as_duration(5.0),
+        # 0s: Envoy's rules and gRPC both refuse a cluster that may never connect.
+        connect_timeout=as_positive_duration(node.get("connect_timeout"), 5.0),
         lb_policy=parse_lb_policy(node.get("load_balancing")),
         health_check=(
             parse_health_check(node.get("health_check")) if node.has("health_check") else None

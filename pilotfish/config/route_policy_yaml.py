@@ -42,6 +42,8 @@ LISTENER_POLICY_KEYS = frozenset(
 )
 """Inbound: on a service (its sidecar's inbound listener) or a bootstrap listener."""
 MAX_RETRY_ATTEMPTS = 10
+MIN_FILL_INTERVAL = 0.05
+"""Envoy's local rate limit refuses a token bucket that fills more often than every 50 ms."""
 _MAX_LIMIT = 1_000_000
 
 
@@ -167,10 +169,15 @@ def parse_rate_limit(node: Node) -> RateLimitConfig:
             raise caller.get("source_address").error("expected true (or leave per_caller out)")
         else:
             per_source = True
+    fill_interval = as_positive_duration(node.get("fill_interval"), 1.0)
+    if fill_interval < MIN_FILL_INTERVAL:
+        raise node.get("fill_interval").error(
+            "expected at least 50ms (Envoy refuses a faster token bucket)"
+        )
     return RateLimitConfig(
         max_tokens=max_tokens,
         tokens_per_fill=node.get("tokens_per_fill").as_int(max_tokens, 1, _MAX_LIMIT),
-        fill_interval=as_positive_duration(node.get("fill_interval"), 1.0),
+        fill_interval=fill_interval,
         per_caller_header=header,
         per_source=per_source,
         max_callers=node.get("max_callers").as_int(10_000, minimum=1, maximum=_MAX_LIMIT),

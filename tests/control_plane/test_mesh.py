@@ -77,7 +77,8 @@ services:
         ("services: {a: {endpoints: [127.0.0.1:1], color: red}}",
          "services.a.color: unknown field (expected one of: adaptive_throttling, "
          "circuit_breakers, connect_timeout, depends_on, endpoints, health_check, "
-         "load_balancing, load_shedding, namespace, outlier_detection, port, protocol, "
+         "load_balancing, load_shedding, max_downstream_connections, "
+         "max_requests_per_connection, namespace, outlier_detection, port, protocol, "
          "retry_budget, routes)"),
         ("services: {a: {}}", "services.a.endpoints: required field is missing"),
         ("services: {A_b: {endpoints: []}}",
