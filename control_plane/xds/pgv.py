@@ -43,12 +43,11 @@ def check(message: Message, path: str) -> None:
 
 def violations(message: Message, path: str) -> Iterator[tuple[str, str]]:
     desc = message.DESCRIPTOR
-    for oneof in desc.oneofs:
-        required = oneof.GetOptions().Extensions[validate_pb2.required]
-        if required and message.WhichOneof(oneof.name) is None:
+    required_oneofs, fields = _plan(desc)
+    for oneof in required_oneofs:
+        if message.WhichOneof(oneof.name) is None:
             yield path, f"one of {', '.join(f.name for f in oneof.fields)} is required"
-    for field in desc.fields:
-        rules = field.GetOptions().Extensions[validate_pb2.rules]
+    for field, rules in fields:
         where = f"{path}.{field.name}"
         oneof = field.containing_oneof
         if oneof is not None and message.WhichOneof(oneof.name) != field.name:
@@ -76,6 +75,46 @@ def violations(message: Message, path: str) -> Iterator[tuple[str, str]]:
         # Scalars are checked set or not, as Envoy's generated validators do (proto3 has no
         # presence: an absent value is the zero value).
         yield from _scalar(getattr(message, field.name), field, rules, where)
+
+
+_Plan = tuple[tuple[Any, ...], tuple[tuple[Field, Any], ...]]
+_plans: dict[str, _Plan] = {}
+_has_rules: dict[str, bool] = {}
+
+
+def _plan(desc: Any) -> _Plan:
+    """The oneofs a message type requires, and the fields worth a look: those with rules and
+    those whose type may hold rules somewhere below. Most fields have neither, and walking
+    only the rest keeps checking a whole snapshot cheap."""
+    plan = _plans.get(desc.full_name)
+    if plan is None:
+        oneofs = tuple(o for o in desc.oneofs if o.GetOptions().Extensions[validate_pb2.required])
+        fields = []
+        for field in desc.fields:
+            rules = field.GetOptions().Extensions[validate_pb2.rules]
+            if rules.ByteSize() or (
+                field.message_type is not None and _may_have_rules(field.message_type)
+            ):
+                fields.append((field, rules))
+        plan = _plans[desc.full_name] = (oneofs, tuple(fields))
+    return plan
+
+
+def _may_have_rules(desc: Any) -> bool:
+    name = desc.full_name
+    known = _has_rules.get(name)
+    if known is not None:
+        return known
+    if name == _ANY:
+        return True  # whatever it holds may have rules
+    _has_rules[name] = True  # a type reached again while deciding: assume so (safe)
+    found = any(o.GetOptions().Extensions[validate_pb2.required] for o in desc.oneofs) or any(
+        field.GetOptions().Extensions[validate_pb2.rules].ByteSize()
+        or (field.message_type is not None and _may_have_rules(field.message_type))
+        for field in desc.fields
+    )
+    _has_rules[name] = found
+    return found
 
 
 def _message_value(value: Any, field: Field, rules: Any, where: str) -> Iterator[tuple[str, str]]:
