@@ -135,13 +135,14 @@ class Node:
         """A regex in RE2 syntax (what Envoy and gRPC compile: no lookaround, no
         backreferences), compiled by Python's ``re`` for the sidecar's own matching."""
         text = self.as_str()
+        try:
+            pattern = re.compile(text)
+        except re.error as exc:
+            raise self.error(f"invalid regular expression: {exc}") from None
         problem = re2_problem(text)
         if problem is not None:
             raise self.error(f"not RE2 syntax, which Envoy and gRPC require: {problem}")
-        try:
-            return re.compile(text)
-        except re.error as exc:
-            raise self.error(f"invalid regular expression: {exc}") from None
+        return pattern
 
     def as_choice(self, choices: tuple[str, ...], default: str | None = None) -> str:
         value = self.as_str(default)
