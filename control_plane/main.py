@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.proxyless import ignored_by_proxyless
 from control_plane.status_service import StatusServicer
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds.cache import SnapshotCache
@@ -157,4 +158,6 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"{args.file}: {exc}", file=sys.stderr)
         return 1
     print(f"{args.file}: ok ({len(mesh.services)} services)")
+    for line in ignored_by_proxyless(mesh):
+        print(f"{args.file}: proxyless gRPC clients ignore {line}")
     return 0

@@ -3,8 +3,10 @@
 Shapes follow what both gRPC's proxyless xDS client and Envoy accept:
 
 * per service an ``api_listener`` Listener named exactly after the service (a gRPC client
-  dialling ``xds:///<service>`` asks for that name), whose HttpConnectionManager fetches the
-  RouteConfiguration of the same name over ADS, with the router filter last;
+  dialling ``xds:///<service>`` asks for that name), and a second one named
+  ``<service>:<port>`` when the mesh gives a port (for ``xds:///<service>:<port>``), whose
+  HttpConnectionManager fetches the RouteConfiguration named after the service over ADS, with
+  the router filter last;
 * a RouteConfiguration with one virtual host whose domains are ``<service>`` and, when the mesh
   gives a port, ``<service>:<port>`` (gRPC matches the dial target's authority against them);
 * an EDS Cluster per service, and its ClusterLoadAssignment with one locality that carries a
@@ -104,6 +106,15 @@ def build_view(
                 partial(api_listener, service, mesh.telemetry, own_name),
                 listener_variant,
             )
+            if service.port is not None:
+                # `xds:///greeter:50051` asks for the Listener `greeter:50051`.
+                with_port = f"{name}:{service.port}"
+                add(
+                    LISTENER,
+                    with_port,
+                    partial(api_listener, service, mesh.telemetry, own_name, with_port),
+                    listener_variant,
+                )
             add(ROUTE, name, partial(route_configuration, service, mesh))
         add(CLUSTER, name, partial(eds_cluster, service))
         add(ENDPOINT, name, partial(load_assignment, name, service.endpoints))
@@ -169,12 +180,16 @@ def http_connection_manager(
 
 
 def api_listener(
-    service: MeshService, telemetry: MeshTelemetry | None = None, own_service: str | None = None
+    service: MeshService,
+    telemetry: MeshTelemetry | None = None,
+    own_service: str | None = None,
+    name: str | None = None,
 ) -> listener_pb2.Listener:
+    """``name``: the service's name (the default), or ``<service>:<port>``."""
     fault, rate_limit = route_policy.uses_filters([r.policy for r in service.routes])
     hcm = http_connection_manager(service.name, fault, rate_limit, telemetry, own_service)
     return listener_pb2.Listener(
-        name=service.name,
+        name=name or service.name,
         api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm)),
     )
 

@@ -376,6 +376,7 @@ def translate_all(
         translated_clusters[cluster.name] = translate_cluster(cluster, assignment)
     socket_listeners: list[ListenerConfig] = []
     outbound: list[VirtualHost] = []
+    gathered: set[str] = set()
     tracing: TracingConfig | None = None
     access_log: AccessLogConfig | None = None
     for listener in sorted(listeners, key=lambda item: str(item.name)):
@@ -387,7 +388,10 @@ def translate_all(
         if route_name is not None and route_name not in routes:
             raise ConfigError(f"listener[{listener.name}]", f"no route config {route_name!r}")
         if isinstance(translated, ApiListener):
-            outbound.extend(routes[translated.route_config].virtual_hosts)
+            # `greeter` and `greeter:50051` share a route config: gather its hosts once.
+            if translated.route_config not in gathered:
+                gathered.add(translated.route_config)
+                outbound.extend(routes[translated.route_config].virtual_hosts)
         else:
             socket_listeners.append(translated)
     for rc in routes.values():
