@@ -180,7 +180,7 @@ def _parse_service(name: str, node: Node) -> MeshService:
         ),
         outlier_detection=parse_outlier_detection(outlier) if outlier.value is not None else None,
         resilience=parse_cluster_resilience(node),
-        load_shedding=parse_load_shedding(node.get("load_shedding")),
+        load_shedding=parse_load_shedding(node.get("load_shedding"), protocol != "tcp"),
         listener_limits=parse_listener_limits(node),
     )
 

@@ -111,8 +111,9 @@ def adaptive_throttling_block(config: AdaptiveThrottlingConfig) -> dict[str, obj
 
 
 def load_shedding_block(config: LoadSheddingConfig) -> dict[str, object]:
-    return {
+    block: dict[str, object] = {
         "enabled": config.enabled,
+        "max_queue_delay": duration_text(config.max_queue_delay),
         # The file says percent; the model holds a fraction.
         "cpu_threshold": round(config.cpu_threshold * 100, 9),
         "window": duration_text(config.window),
@@ -120,6 +121,9 @@ def load_shedding_block(config: LoadSheddingConfig) -> dict[str, object]:
         "cool_down": duration_text(config.cool_down),
         "cpu_decay": config.cpu_decay,
     }
+    if config.cgroup is not None:
+        block["cgroup"] = config.cgroup
+    return block
 
 
 def listener_limits_block(limits: ListenerLimits) -> dict[str, object]:

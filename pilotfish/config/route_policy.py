@@ -9,7 +9,7 @@ The YAML parsers live in ``pilotfish.config.route_policy_yaml``. Proposed shape 
         retry_budget: {percent: 20, min_concurrency: 3}     # or `retry_budget: off`
         adaptive_throttling: {enabled: true, k: 2.0, window: 5s, buckets: 10,
                               max_rejection_probability: 80, min_requests: 20}
-        load_shedding: {enabled: true, cpu_threshold: 80, window: 10s, buckets: 10,
+        load_shedding: {enabled: true, max_queue_delay: 20ms, window: 10s, buckets: 10,
                         cool_down: 1s}                      # inbound, on the service's listener
         routes:
           - match: {prefix: /}
@@ -59,7 +59,7 @@ class RetryOn(enum.Enum):
     GATEWAY_ERROR = "gateway-error"  # 502, 503, 504, or a per-try timeout
     RESET = "reset"  # the upstream reset or dropped the stream, or the per-try timeout fired
     CONNECT_FAILURE = "connect-failure"
-    REFUSED_STREAM = "refused-stream"  # REFUSED_STREAM or beyond a GOAWAY's last stream id
+    REFUSED_STREAM = "refused-stream"  # REFUSED_STREAM, beyond a GOAWAY, or shed unprocessed
     RETRIABLE_STATUS_CODES = "retriable-status-codes"  # HTTP status in retriable_status_codes
     UNAVAILABLE = "unavailable"  # grpc-status 14
     CANCELLED = "cancelled"  # grpc-status 1
@@ -151,20 +151,29 @@ class RateLimitConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoadSheddingConfig:
-    """Inbound adaptive shedding (BBR-like): sheds only under CPU pressure and over capacity."""
+    """Inbound adaptive shedding (BBR-like) on the app's saturation: sheds only while the app
+    queues (or its pod's CPU is past the threshold) and more than it sustains is in flight."""
 
     enabled: bool = False
-    """``false``: opt in; the CPU reading must be trustworthy (container limits) to use it."""
+    """``true`` for a mesh service's inbound listener, ``false`` for a bootstrap listener."""
+    max_queue_delay: float = 0.02
+    """``20ms``: the app queues when its recent latency exceeds its best by more than this (and
+    by more than the best itself)."""
+    cgroup: str | None = None
+    """none: the pod's cgroup v2 directory (its ``cpu.stat`` and ``cpu.max``), e.g.
+    ``/sys/fs/cgroup`` when the sidecar shares the app's cgroup; then CPU past
+    ``cpu_threshold`` of the quota counts as saturation too."""
     cpu_threshold: float = 0.8
-    """``80`` (percent): below it nothing is shed (except during cool_down)."""
+    """``80`` (percent of the pod's CPU quota): only with ``cgroup``."""
     window: float = 10.0
     """``10s``: history of throughput and latency."""
     buckets: int = 10
     """``10``: so one bucket is 1s."""
     cool_down: float = 1.0
-    """``1s``: after a shed, keep the limit this long even if CPU drops, to avoid flapping."""
+    """``1s``: after a shed, keep the limit this long even if the app calms down, to avoid
+    flapping; also the retry hint of a shed reply."""
     cpu_decay: float = 0.95
-    """``0.95``: EWMA weight of the old CPU value per sample (samples every ~250-500ms)."""
+    """``0.95``: EWMA weight of the old CPU value per sample (every 250 ms)."""
 
 
 @dataclass(frozen=True, slots=True)

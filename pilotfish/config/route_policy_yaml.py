@@ -353,15 +353,23 @@ def parse_cluster_resilience(service: Node) -> ClusterResilience:
     )
 
 
-def parse_load_shedding(node: Node) -> LoadSheddingConfig:
+def parse_load_shedding(node: Node, on_by_default: bool = False) -> LoadSheddingConfig:
+    """``on_by_default``: a mesh service's inbound listener sheds unless told ``off``."""
     default = LoadSheddingConfig()
-    if node.value is None or _is_off(node):
+    if _is_off(node):
         return default
+    if node.value is None:
+        return LoadSheddingConfig(enabled=on_by_default)
     if node.value is True:
         return LoadSheddingConfig(enabled=True)
-    node.mapping({"enabled", "cpu_threshold", "window", "buckets", "cool_down", "cpu_decay"})
+    node.mapping(
+        {"enabled", "max_queue_delay", "cgroup", "cpu_threshold", "window", "buckets",
+         "cool_down", "cpu_decay"}
+    )  # fmt: skip
     return LoadSheddingConfig(
         enabled=node.get("enabled").as_bool(True),
+        max_queue_delay=node.get("max_queue_delay").as_duration(default.max_queue_delay),
+        cgroup=node.get("cgroup").as_str() if node.has("cgroup") else None,
         cpu_threshold=as_number(node.get("cpu_threshold"), 80.0, 1.0, 100.0) / 100.0,
         window=as_positive_duration(node.get("window"), default.window),
         buckets=node.get("buckets").as_int(default.buckets, 1, 1000),

@@ -36,6 +36,7 @@ from sidecar.route.policy.retry import (
     RetryState,
     response_outcome,
 )
+from sidecar.route.policy.shedding import OVERLOADED_HEADER
 from sidecar.route.table import LazyHeaderMap, apply_mutation
 from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
 
@@ -245,7 +246,7 @@ class Exchange:
             self.inflight = shedder.try_admit()
             if self.inflight is None:
                 listener.scope.inc("downstream_rq_overload_shed")
-                self.local_reply(ResponseFlag.OVERLOAD_SHED)
+                self.send_reply(shedder.reply)
                 return
         table = listener.route_table()
         lazy_headers = LazyHeaderMap(headers)
@@ -643,7 +644,18 @@ class Exchange:
                 self._per_try_timeout(attempt, grpc_status=4)
                 return
         outcome = None
-        if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
+        if _header(headers, OVERLOADED_HEADER) is not None:
+            # The upstream's sidecar shed it before its app saw it: another host may take it.
+            # Its retry hint is for the caller, not for a retry on a different host.
+            outcome = Outcome(
+                http_status=status,
+                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                failure=Failure.SHED,
+                body_replayable=self.replay is not None,
+            )
+            if self._retry_response(attempt, outcome):
+                return
+        elif status >= 500 or (grpc_status is not None and grpc_status != b"0"):
             outcome = response_outcome(
                 status,
                 grpc=self.grpc,

@@ -59,6 +59,8 @@ SERVICE_POLICIES = [
     "adaptive_throttling: {k: 1.5, window: 30s, buckets: 6, min_requests: 5}",
     "adaptive_throttling: {enabled: false, k: 3}",
     "load_shedding: true",
+    "load_shedding: off",
+    "load_shedding: {max_queue_delay: 5ms, cgroup: /sys/fs/cgroup/pod}",
     "max_downstream_connections: 100",
     "max_requests_per_connection: 1000\n    max_downstream_connections: 5",
     "load_shedding: {cpu_threshold: 75.5, window: 5s, buckets: 5, cool_down: 0s, cpu_decay: 0.9}",
@@ -137,6 +139,8 @@ def _bootstrap_route(route_policy: str) -> RouteEntry:
 
 def _bootstrap_listener(service_policy: str) -> ListenerConfig:
     block = {k: v for k, v in _block(service_policy).items() if k in LISTENER_POLICY_KEYS}
+    # A mesh service sheds on its inbound listener unless told otherwise; a bootstrap opts in.
+    block.setdefault("load_shedding", True)
     return parse_listener(Node("l", {"address": "0.0.0.0:1", "route_config": "x", **block}))
 
 

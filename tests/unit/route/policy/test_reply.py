@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from pilotfish.config.route_policy import LoadSheddingConfig
 from sidecar.route.policy.reply import LocalReply, grpc_message, grpc_to_http, http_to_grpc
-from sidecar.route.policy.shedding import SHED_REPLY
+from sidecar.route.policy.shedding import shed_reply
 from sidecar.route.policy.throttle import THROTTLED_REPLY
 
 
@@ -44,7 +45,6 @@ def test_grpc_message_encoding() -> None:
 
 
 def test_overload_replies() -> None:
-    assert (SHED_REPLY.http_status, SHED_REPLY.grpc_status, SHED_REPLY.flag_code) == (
-        503, 14, "OM",
-    )  # fmt: skip
+    shed = shed_reply(LoadSheddingConfig())
+    assert (shed.http_status, shed.grpc_status, shed.flag_code) == (503, 8, "OM")
     assert THROTTLED_REPLY.grpc_status == 14 and THROTTLED_REPLY.flag_code == "AT"
