@@ -19,6 +19,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import overload
 from tests.support import simple_config, wait_for
 from tests.test_resilience_e2e import (
     OK,
@@ -205,3 +206,36 @@ def test_max_downstream_connections_closes_the_connection_past_the_limit() -> No
             overflow = sc.stat("http.ingress.downstream_cx_overflow")
 
     assert overflow == 1
+
+
+# --- shedding on the app's saturation -----------------------------------------------------------
+
+
+def test_an_app_offered_twice_its_capacity_serves_most_of_it_and_every_shed_is_flagged() -> None:
+    # 200 calls/s of capacity (4 workers x 20 ms), 400 offered for 10 s, 1 s deadlines.
+    result = overload.run(shedding=True, seconds=10.0)
+
+    assert result.offered >= 0.9 * 4000  # the caller kept its pace (bounded by count)
+    assert result.served >= 0.8 * overload.CAPACITY * 10
+    assert result.shed >= 0.25 * result.offered
+    # Every call that was not served was shed, with its status and flag: none timed out.
+    assert result.failed == 0 and result.unflagged_failures == 0
+    assert result.served + result.shed == result.offered
+
+
+def test_a_callers_sidecar_retries_a_shed_call_on_another_host() -> None:
+    # `a` answers as a shedding sidecar does (RESOURCE_EXHAUSTED, trailers-only, flag OM and
+    # x-pilotfish-overloaded); `b` serves. gRPC calls are not idempotent, yet a shed one never
+    # reached the app, so the default retry policy sends it to `b`.
+    shed_metadata = (("x-pilotfish-overloaded", "true"), ("x-pilotfish-response-flags", "OM"))
+    with upstreams("a", "b") as (a, b), proxied(mesh([a.address, b.address])) as (sc, channel):
+        a.always(Behaviour(Act.FAIL, grpc.StatusCode.RESOURCE_EXHAUSTED, trailers=shed_metadata))
+
+        replies = [call(channel) for _ in range(20)]
+        retries = sc.stat("cluster.app.upstream_rq_retry")
+
+    assert codes(replies) == [OK] * 20
+    assert {r.body for r in replies} == {b"b"}
+    assert a.calls >= 5  # round robin sent it about half of the first tries
+    assert retries == a.calls
+    assert b.calls == 20

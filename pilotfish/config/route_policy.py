@@ -9,7 +9,7 @@ The YAML parsers live in ``pilotfish.config.route_policy_yaml``. Proposed shape 
         retry_budget: {percent: 20, min_concurrency: 3}     # or `retry_budget: off`
         adaptive_throttling: {enabled: true, k: 2.0, window: 5s, buckets: 10,
                               max_rejection_probability: 80, min_requests: 20}
-        load_shedding: {enabled: true, max_queue_delay: 20ms, window: 10s, buckets: 10,
+        load_shedding: {enabled: true, max_queue_delay: 20ms, window: 10s, buckets: 40,
                         cool_down: 1s}                      # inbound, on the service's listener
         routes:
           - match: {prefix: /}
@@ -167,8 +167,9 @@ class LoadSheddingConfig:
     """``80`` (percent of the pod's CPU quota): only with ``cgroup``."""
     window: float = 10.0
     """``10s``: history of throughput and latency."""
-    buckets: int = 10
-    """``10``: so one bucket is 1s."""
+    buckets: int = 40
+    """``40``: so one bucket is 250 ms, and an estimate exists 250 ms after traffic starts
+    (until then nothing is shed, and an overloaded app's queue grows)."""
     cool_down: float = 1.0
     """``1s``: after a shed, keep the limit this long even if the app calms down, to avoid
     flapping; also the retry hint of a shed reply."""
