@@ -30,6 +30,11 @@ from sidecar.route.policy.reply import LocalReply
 
 OVERLOADED_HEADER = b"x-pilotfish-overloaded"
 """On a shed reply: the request was not processed (Envoy says ``x-envoy-overloaded``)."""
+HEADROOM = 1.5
+"""In flight allowed over the estimate, as BBR's congestion window is twice the path's: with
+exactly the estimate in flight an app idles between a reply and the next call, the delivery
+rate measured then is lower, and an estimate fed by its own limit only shrinks. Half again
+keeps the app busy with at most half a service time of queue."""
 LATENCY_EWMA_WEIGHT = 0.1
 """Weight of each completion in the recent latency: about the last ten requests."""
 
@@ -175,14 +180,14 @@ class LoadShedder:
         return max_rate, min_rt
 
     def max_in_flight(self, now: float) -> int | None:
-        """The concurrency the app sustains: max rate x min latency, at least 1; None while
-        nothing has completed in a full bucket of the window."""
+        """The concurrency the app sustains (max rate x min latency) with ``HEADROOM``, at least
+        1; None while nothing has completed in a full bucket of the window."""
         estimate = self._estimate(now)
         if estimate is None:
             return None
         max_rate, min_rt = estimate
         # Rounded first so that 100 requests/s x 0.05 s is 5, not 6 through float error.
-        return max(1, math.ceil(round(max_rate * min_rt, 6)))
+        return max(1, math.ceil(round(max_rate * min_rt * HEADROOM, 6)))
 
     def stats(self) -> ShedStats:
         now = self._clock()

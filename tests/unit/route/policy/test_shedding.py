@@ -12,6 +12,7 @@ from sidecar.route.policy.shedding import OVERLOADED_HEADER, InFlight, LoadShedd
 from tests.unit.route.policy.fakes import FakeClock
 
 CONFIG = LoadSheddingConfig(enabled=True, window=10.0, buckets=10)
+LIMIT = 30  # after warm_up: 200 calls/s x 0.1 s, and half again of headroom
 
 
 def wave(shedder: LoadShedder, clock: FakeClock, n: int, latency: float) -> None:
@@ -41,7 +42,7 @@ def test_the_estimate_is_max_rate_times_min_latency_over_full_buckets() -> None:
     assert shedder.max_in_flight(clock()) is None  # nothing known: nothing is shed
     warm_up(shedder, clock, 3)
     stats = shedder.stats()
-    assert (stats.max_rate, stats.max_in_flight) == (200.0, 20)
+    assert (stats.max_rate, stats.max_in_flight) == (200.0, LIMIT)
     assert stats.min_rt == pytest.approx(0.1)
     clock.advance(11.0)  # the whole window has passed
     assert shedder.max_in_flight(clock()) is None
@@ -51,7 +52,7 @@ def test_over_the_estimate_an_app_that_does_not_queue_is_left_alone() -> None:
     clock = FakeClock()
     shedder = LoadShedder(CONFIG, clock)
     warm_up(shedder, clock, 3)
-    held = hold(shedder, 30)  # latency still 0.1 s: more in flight, but no queue
+    held = hold(shedder, LIMIT + 10)  # latency still 0.1 s: more in flight, but no queue
     assert shedder.shed_total == 0 and not shedder.stats().saturated
     for ticket in held:
         ticket.done()
@@ -63,7 +64,7 @@ def test_queueing_app_sheds_over_the_estimate_then_lets_go_after_the_cool_down()
     warm_up(shedder, clock, 3)
     wave(shedder, clock, 20, 0.5)  # the app now takes 0.5 s: 0.4 s of queueing
     assert shedder.stats().saturated
-    held = hold(shedder, 20)  # up to the estimate: admitted
+    held = hold(shedder, LIMIT)  # up to the limit: admitted
     assert shedder.try_admit() is None  # one more is shed
     assert shedder.shed_total == 1 and shedder.stats().cooling_down
     held.pop().done()
@@ -83,7 +84,7 @@ def test_the_pods_cpu_past_its_threshold_is_saturation_too() -> None:
     warm_up(shedder, clock, 2)
     shedder.record_cpu(0.95)  # the first sample is taken as it is
     assert shedder.cpu == 0.95 and shedder.saturated(clock())
-    hold(shedder, 20)
+    hold(shedder, LIMIT)
     assert shedder.try_admit() is None
     shedder.record_cpu(-1.0)
     assert shedder.cpu == pytest.approx(0.95 * 0.95)
