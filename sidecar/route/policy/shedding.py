@@ -30,11 +30,11 @@ from sidecar.route.policy.reply import LocalReply
 
 OVERLOADED_HEADER = b"x-pilotfish-overloaded"
 """On a shed reply: the request was not processed (Envoy says ``x-envoy-overloaded``)."""
-HEADROOM = 1.5
-"""In flight allowed over the estimate, as BBR's congestion window is twice the path's: with
+HEADROOM = 2.0
+"""The limit is this times the estimate, as BBR's congestion window is twice the path's: with
 exactly the estimate in flight an app idles between a reply and the next call, the delivery
-rate measured then is lower, and an estimate fed by its own limit only shrinks. Half again
-keeps the app busy with at most half a service time of queue."""
+rate measured then is lower, and an estimate fed by its own limit only shrinks. Twice keeps
+the app busy with at most about one service time of queue."""
 LATENCY_EWMA_WEIGHT = 0.1
 """Weight of each completion in the recent latency: about the last ten requests."""
 

@@ -12,7 +12,7 @@ from sidecar.route.policy.shedding import OVERLOADED_HEADER, InFlight, LoadShedd
 from tests.unit.route.policy.fakes import FakeClock
 
 CONFIG = LoadSheddingConfig(enabled=True, window=10.0, buckets=10)
-LIMIT = 30  # after warm_up: 200 calls/s x 0.1 s, and half again of headroom
+LIMIT = 40  # after warm_up: 200 calls/s x 0.1 s, twice (the headroom)
 
 
 def wave(shedder: LoadShedder, clock: FakeClock, n: int, latency: float) -> None:
