@@ -76,10 +76,12 @@ async def _worker(
 
 async def drive(
     port: int, concurrency: int, duration_s: float, max_calls: int, payload_size: int,
-    warmup_calls: int,
+    warmup_calls: int, authority: str | None = None,
 ) -> dict[str, Any]:
     payload = bytes(range(256)) * (payload_size // 256) + bytes(range(payload_size % 256))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    # A sidecar's outbound listener routes by authority: the service name, not its own address.
+    options = [("grpc.default_authority", authority)] if authority else []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=CALL_TIMEOUT_S)
         call = channel.unary_unary(METHOD)
         warm = _Tally()
@@ -128,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client.add_argument("--max-calls", type=int, default=1_000_000)
     client.add_argument("--payload", type=int, default=16, help="request bytes (echoed back)")
     client.add_argument("--warmup-calls", type=int, default=200)
+    client.add_argument("--authority", help="the :authority of the calls (default host:port)")
     args = parser.parse_args(argv)
     if args.role == "server":
         serve(args.port, args.threads)
@@ -135,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = asyncio.run(
         drive(
             args.port, args.concurrency, args.duration, args.max_calls, args.payload,
-            args.warmup_calls,
+            args.warmup_calls, args.authority,
         )
     )
     print(json.dumps(result), flush=True)

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +65,14 @@ def free_port() -> int:
 class Spawned:
     """A child process in its own process group, its output going to a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, cwd: Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -77,6 +84,7 @@ class Spawned:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=env,
                 start_new_session=True,
             )
 

@@ -48,6 +48,7 @@ class Medians:
 PROFILES = Path(__file__).with_name("profiles.md")
 CONTROL_PLANE = Path(__file__).with_name("control_plane.md")
 OVERLOAD = Path(__file__).with_name("overload.md")
+OTLP_EXPORT = Path(__file__).with_name("otlp_export.md")
 
 
 def medians(result: BenchResult, target: str, workload: str) -> Medians:
@@ -409,7 +410,7 @@ def render_markdown(result: BenchResult) -> str:
             # Multi-line notes (a failure with its log) stand as paragraphs, the rest as items.
             lines += ["", note, ""] if "\n" in note else [f"- {note}"]
     lines += ["", "## Commands", "", *_commands(result), ""]
-    for extra in (CONTROL_PLANE, OVERLOAD, PROFILES):
+    for extra in (CONTROL_PLANE, OVERLOAD, PROFILES, OTLP_EXPORT):
         # Measured by their own commands (named inside), kept beside the harness.
         if extra.exists():
             lines += ["", extra.read_text().strip(), ""]

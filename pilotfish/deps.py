@@ -6,9 +6,9 @@ exporter then fails to import with ``cannot import name 'InstrumentationScope'``
 ``opentelemetry-proto`` puts the right files back; ``python -m pilotfish.deps --repair`` does it.
 
 Every ``pilotfish`` command checks at start, cheaply: it reads the generated ``common_pb2.py``
-instead of importing it, because importing it loads the protobuf runtime, about 3 MB that a
-sidecar (whose OTLP exporter writes protobuf itself) would carry for nothing. ``python -m
-pilotfish.deps`` also imports it, as the OpenTelemetry SDK's exporters and the tests do.
+instead of importing it, so a command that never exports a span does not load the OTLP
+modules for the check. ``python -m pilotfish.deps`` also imports it, as the sidecar's OTLP
+exporter (the OpenTelemetry SDK's) and the tests do.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from sidecar.codec.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
+    Headers,
     RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
@@ -47,7 +48,6 @@ from sidecar.codec.headers import (
     validated,
 )
 from sidecar.codec.receive import MAX_ANNOUNCED_FRAME, FrameReceiver, thread_receive_buffer
-from sidecar.http.streams import Headers
 
 RESET_MEMORY = 4096  # how many streams we reset are remembered, to ignore their late frames
 # DATA payloads from this size on go to the socket as they are (``writelines``), not copied

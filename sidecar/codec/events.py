@@ -7,7 +7,8 @@ Slotted classes with positional constructors: cheaper than h2's keyword-only dat
 
 from __future__ import annotations
 
-from sidecar.http.streams import Headers
+Headers = list[tuple[bytes, bytes]]
+"""A header block as it crosses the proxy: lowercase names and values, pseudo-headers first."""
 
 
 class RequestReceived:

@@ -32,8 +32,8 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.table import HeaderTable
 
 from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
+from sidecar.codec.events import Headers
 from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_per_request
-from sidecar.http.streams import Headers
 
 # Bounds on what a cache holds, per connection and direction: a peer chooses the contents.
 CACHE_ENTRIES = 32

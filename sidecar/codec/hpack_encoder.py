@@ -23,7 +23,7 @@ from collections import deque
 from hpack.struct import NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 
-from sidecar.http.streams import Headers
+from sidecar.codec.events import Headers
 
 STATIC_LENGTH = len(HeaderTable.STATIC_TABLE)
 ENTRY_OVERHEAD = 32  # RFC 7541 section 4.1

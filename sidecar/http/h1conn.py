@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import h11
 
-from sidecar.http.streams import Headers, OnSent, ResetReason, StreamHandler
+from sidecar.http.streams import ConnectionOwner, Headers, OnSent, ResetReason, StreamHandler
 from sidecar.idle import IdleTimer
-
-if TYPE_CHECKING:
-    from sidecar.listen.listener import ListenerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +239,7 @@ class H1ServerStream:
 class H1ServerConnection(_H1Base):
     """A downstream HTTP/1.1 connection: one request at a time, keep-alive between them."""
 
-    def __init__(self, listener: ListenerRuntime) -> None:
+    def __init__(self, listener: ConnectionOwner) -> None:
         super().__init__(listener.config.per_stream_buffer_bytes)
         self.listener = listener
         self.h11 = h11.Connection(

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-Headers = list[tuple[bytes, bytes]]
+from sidecar.codec.events import Headers as Headers  # the codecs' type, re-exported
+
+if TYPE_CHECKING:
+    from pilotfish.config.model import ListenerConfig
+
 OnSent = Callable[[], None] | None
 
 
@@ -64,3 +68,21 @@ PROTOCOL_ERROR = 0x1
 INTERNAL_ERROR = 0x2
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
+
+
+class ConnectionOwner(Protocol):
+    """What a downstream connection needs of the listener that accepted it: its limits, a
+    handler for each new request, and a book of open connections (for stats and draining)."""
+
+    @property
+    def config(self) -> ListenerConfig: ...
+
+    def new_exchange(self, downstream: StreamSink) -> StreamHandler: ...
+
+    def connection_opened(self, conn: Any) -> None: ...
+
+    def connection_closed(self, conn: Any) -> None: ...
+
+    def request_started_on(self, requests_so_far: int) -> bool:
+        """Whether a connection that has carried this many requests should now drain."""
+        ...

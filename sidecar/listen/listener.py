@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import h2.events
 
@@ -24,14 +24,15 @@ from sidecar.http.h1conn import H1ServerConnection
 from sidecar.http.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
 from sidecar.http.streams import REFUSED_STREAM, StreamHandler, StreamSink
 from sidecar.listen.original_dst import OriginalDestinationError, original_destination
-from sidecar.route.exchange import Exchange
+from sidecar.route.exchange import Exchange, SidecarServices
 from sidecar.route.policy.shedding import LoadShedder
 from sidecar.stats import Scope
 from sidecar.upstream.tcp import ClusterTarget, OriginalDestination, RelayTarget, TcpRelay
 
 if TYPE_CHECKING:
+    from sidecar.observability.metrics import MeshMetrics
     from sidecar.route.table import RouteTable
-    from sidecar.server import Sidecar
+    from sidecar.stats import StatsStore
     from sidecar.upstream.clusters import ClusterManager
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,29 @@ def detect_protocol(head: bytes) -> str | None:
     return "other"
 
 
+class ListenerHost(SidecarServices, Protocol):
+    """What a listener needs of the sidecar that runs it (``sidecar.server.Sidecar``): the
+    stats, the route tables and clusters, and the end-of-request record."""
+
+    @property
+    def stats(self) -> StatsStore: ...
+
+    @property
+    def metrics(self) -> MeshMetrics: ...
+
+    @property
+    def clusters(self) -> ClusterManager: ...
+
+    @property
+    def route_tables(self) -> Mapping[str, RouteTable]: ...
+
+    def access_log(self, listener: ListenerRuntime, exchange: Exchange) -> None: ...
+
+
 class ListenerRuntime:
     """What connections of one listener share: config, routes, clusters, stats."""
 
-    def __init__(self, sidecar: Sidecar, config: ListenerConfig) -> None:
+    def __init__(self, sidecar: ListenerHost, config: ListenerConfig) -> None:
         self.sidecar = sidecar
         self.config = config
         self.scope: Scope = sidecar.stats.scope(f"http.{config.name}")

@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+# How long shutdown waits for the worker once the exporter was aborted.
+ABORT_GRACE_S = 1.0
+
 
 class DropCounter:
     """A thread-safe count of lost spans (read by the metrics at scrape time)."""
@@ -34,11 +37,12 @@ class DropCounter:
 class _Admission:
     """How many spans have been handed to the processor and not yet to the exporter."""
 
-    __slots__ = ("_lock", "capacity", "queued")
+    __slots__ = ("_lock", "capacity", "closed", "queued")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.queued = 0
+        self.closed = False
         self._lock = threading.Lock()
 
     def try_enter(self) -> bool:
@@ -48,14 +52,25 @@ class _Admission:
             self.queued += 1
             return True
 
-    def leave(self, n: int) -> None:
+    def leave(self, n: int) -> bool:
+        """``n`` spans go to the exporter; False once ``close`` has counted them already."""
         with self._lock:
+            if self.closed:
+                return False
             self.queued = max(0, self.queued - n)
+            return True
+
+    def close(self) -> int:
+        """No span leaves from now on: how many are still waiting (lost)."""
+        with self._lock:
+            self.closed, lost, self.queued = True, self.queued, 0
+            return lost
 
     def reset_after_fork(self) -> None:
         # The SDK empties its queue in a forked child; the count must follow.
         self._lock = threading.Lock()
         self.queued = 0
+        self.closed = False
 
 
 class _CountingExporter(SpanExporter):
@@ -65,22 +80,34 @@ class _CountingExporter(SpanExporter):
         self.inner = inner
         self.admission = admission
         self.drops = drops
+        self._in_flight = 0  # spans of the export under way, not yet counted either way
+        self._lock = threading.Lock()
         self._shut = False
-        self._shut_lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.admission.leave(len(spans))
+        if not self.admission.leave(len(spans)):
+            return SpanExportResult.FAILURE  # counted as lost when the processor shut down
+        with self._lock:
+            self._in_flight = len(spans)
+        delivered = False
         try:
             result = self.inner.export(spans)
-        except Exception:
-            self.drops.add(len(spans))
-            raise  # the SDK's worker logs it and carries on
-        if result is not SpanExportResult.SUCCESS:
-            self.drops.add(len(spans))
-        return result
+            delivered = result is SpanExportResult.SUCCESS
+            return result  # an exception goes to the SDK's worker, which logs it and carries on
+        finally:
+            with self._lock:
+                unsent, self._in_flight = self._in_flight, 0
+            if not delivered:
+                self.drops.add(unsent)
+
+    def abandon(self) -> None:
+        """Count the export under way as lost now: it outlives the shutdown."""
+        with self._lock:
+            unsent, self._in_flight = self._in_flight, 0
+        self.drops.add(unsent)
 
     def shutdown(self) -> None:
-        with self._shut_lock:
+        with self._lock:
             if self._shut:
                 return
             self._shut = True
@@ -130,18 +157,22 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         super().on_end(span)
 
     def shutdown(self) -> None:
-        """Export what is queued; past the timeout, abort the exporter's retries so a dead
-        collector cannot hold the process (the spans still queued are counted as lost)."""
+        """Export what is queued, for at most ``shutdown_timeout_s``; then abort the exporter
+        (a gRPC call in flight and any backoff end at once) and wait a last second for the
+        worker. An OTLP/HTTP request to a collector that does not answer cannot be cut: it
+        ends at its export timeout in the worker, a daemon thread, while this returns. The
+        spans still queued are counted as lost."""
         self._closed = True
         abort = threading.Timer(self._shutdown_timeout_s, self._counting.shutdown)
         abort.daemon = True
         abort.start()
-        try:
-            super().shutdown()  # type: ignore[no-untyped-call]
-        finally:
-            abort.cancel()
-            self._counting.shutdown()
-            lost = self._admission.queued
-            if lost:
-                self._admission.leave(lost)
-                self.drops.add(lost)
+        worker = threading.Thread(
+            target=BatchSpanProcessor.shutdown, args=(self,), name="span-processor-shutdown",
+            daemon=True,
+        )
+        worker.start()
+        worker.join(self._shutdown_timeout_s + ABORT_GRACE_S)
+        abort.cancel()
+        self._counting.shutdown()
+        self._counting.abandon()
+        self.drops.add(self._admission.close())

@@ -1,245 +1,144 @@
-"""The OTLP span exporter: OTLP/gRPC or OTLP/HTTP (protobuf), without grpcio or protobuf.
+"""The OTLP span exporter for a ``TracingConfig``: OpenTelemetry's own OTLP/gRPC or OTLP/HTTP
+(protobuf) exporter, with every setting taken from the config.
 
-The OpenTelemetry SDK's OTLP exporters bring grpcio (its threads, its C core) or requests, and
-the protobuf runtime with the generated OTLP modules: about 14 MB resident, in a sidecar that
-now idles at 35 MB with tracing on. This exporter writes the request itself (``otlp_encode``)
-and sends it over one connection kept open between batches: an HTTP/2 gRPC call made with
-``h2`` (``otlp_grpc``), or an HTTP/1.1 POST (``otlp_http``). Each transport is imported when
-the first batch leaves, so a sidecar that never exports a span pays for neither.
+The config already holds the ``OTEL_*`` environment (``TracingConfig.with_env``), so each
+setting is passed explicitly: the exporters' own reading of the environment differs from the
+specification in places (the Python SDK reads ``OTEL_EXPORTER_OTLP_TIMEOUT`` as seconds) and
+must not override what the sidecar was configured with.
 
-Behaviour follows the OTLP exporter specification and the SDK's exporters: transient failures
-(connection errors, gRPC UNAVAILABLE and friends, HTTP 429/502/503/504) are retried with
-exponential backoff (1 s, 2 s, 4 s… with ±20% jitter, or the server's requested delay) until
-``export_timeout_s`` has passed; anything else fails the batch at once. ``shutdown`` cuts a
-call in flight and any backoff short.
+Transient failures are retried by the exporters as the OTLP specification asks (gRPC
+``UNAVAILABLE`` and the other retryable statuses, HTTP 429/502/503/504, connection errors: 1 s,
+2 s, 4 s… with jitter, or the delay the collector asks for) until the export timeout has
+passed. Each exporter, and grpcio or requests under it, is imported when the first tracer is
+built, so a sidecar without tracing loads neither.
 """
 
 from __future__ import annotations
 
-import abc
-import contextlib
-import logging
-import random
-import socket
-import ssl
-import threading
-import time
-import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter
 
-from sidecar.observability.otlp_encode import encode_request
 from sidecar.observability.tracing_config import HTTP_TRACES_PATH, TracingConfig, split_endpoint
 
-log = logging.getLogger("pilotfish.tracing")
-
-MAX_ATTEMPTS = 6
-USER_AGENT = "pilotfish-otlp-exporter/0.1"
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """What one request to the collector came to."""
-
-    ok: bool
-    retryable: bool = False
-    detail: str = ""
-    retry_after_s: float | None = None  # the collector's requested delay, when it sent one
-    rejected_spans: int = 0  # a partial success: spans the collector took but refused
-
-
-class Transport(Protocol):
-    def send(self, body: bytes, timeout_s: float) -> Attempt:
-        """One request carrying the encoded (and compressed) ``body``; never raises for
-        network or protocol errors, which come back as a failed ``Attempt``."""
-        ...
-
-    def close(self) -> None:
-        """Drop the connection; safe from another thread while ``send`` is blocked in it."""
-        ...
-
-
-class BlockingTransport(abc.ABC):
-    """A ``Transport`` on a blocking socket: one call at a time from the exporter's thread,
-    ``close`` from any thread. Subclasses make the call and own the connection."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards the connection and the two below
-        self._closed = False
-        self._sending = False
-
-    def send(self, body: bytes, timeout_s: float) -> Attempt:
-        with self._lock:
-            if self._closed:
-                return Attempt(ok=False, detail="the exporter is shutting down")
-            self._sending = True
-        try:
-            return self._send(body, timeout_s)
-        finally:
-            with self._lock:
-                self._sending = False
-            if self._closed:
-                self._drop()
-
-    def close(self) -> None:
-        """For good: a ``send`` blocked now fails at once, and so does every later one."""
-        with self._lock:
-            self._closed = True
-            sending, sock = self._sending, self._live_socket()
-        if not sending:
-            self._drop()
-        elif sock is not None:
-            # Wakes the sender blocked on it, which then closes it: closing a connection
-            # under another thread's feet is not safe.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    @abc.abstractmethod
-    def _send(self, body: bytes, timeout_s: float) -> Attempt:
-        """The call itself; network and protocol errors come back as a failed ``Attempt``."""
-
-    @abc.abstractmethod
-    def _live_socket(self) -> socket.socket | None:
-        """The open connection's socket, if any (called with ``_lock`` held)."""
-
-    @abc.abstractmethod
-    def _drop(self) -> None:
-        """Close the connection, if any; the next call opens a new one."""
+# Below this, an export could not even connect; a zero would also make the gRPC exporter fall
+# back to its own reading of the environment.
+MIN_TIMEOUT_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    """Where and how to export, resolved from a ``TracingConfig``."""
+class Endpoint:
+    """Where to export, resolved from a ``TracingConfig`` as the SDK's exporters resolve it:
+    the scheme decides between TLS and plaintext; without one, ``insecure`` does."""
 
-    protocol: str  # "grpc" or "http/protobuf"
+    secure: bool
     host: str
     port: int
     path: str  # http/protobuf: the URL's path and query; grpc: unused
-    tls: ssl.SSLContext | None
-    headers: tuple[tuple[str, str], ...]
-    compression: str  # "none", "gzip", "deflate"
-    timeout_s: float
 
     @property
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.tls is not None else "http"
-        return f"{scheme}://{self.authority}{self.path if self.protocol != 'grpc' else ''}"
+    def url(self, protocol: str) -> str:
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.authority}{self.path if protocol != 'grpc' else ''}"
 
     @classmethod
-    def from_config(cls, config: TracingConfig) -> Target:
-        """Raises ``ValueError`` for an endpoint that is no URL, ``OSError`` (``ssl.SSLError``
-        included) for certificate files that cannot be loaded."""
+    def of(cls, config: TracingConfig) -> Endpoint:
+        """Raises ``ValueError`` for an endpoint that is no URL."""
         parts = split_endpoint(config.export_endpoint)
         assert parts.hostname is not None  # split_endpoint checked
-        # As the SDK's exporters: the scheme decides; without one, ``insecure`` does.
         secure = parts.scheme == "https" or (not parts.scheme and not config.insecure)
-        port = parts.port or (443 if secure else 80)
         path = parts.path if parts.path not in ("", "/") else HTTP_TRACES_PATH
         if parts.query:
             path += f"?{parts.query}"
-        return cls(
-            protocol=config.protocol,
-            host=parts.hostname,
-            port=port,
-            path=path,
-            tls=_tls_context(config, config.protocol == "grpc") if secure else None,
-            headers=config.headers,
-            compression=config.compression,
-            timeout_s=config.export_timeout_s,
+        return cls(secure, parts.hostname, parts.port or (443 if secure else 80), path)
+
+
+def otlp_exporter(config: TracingConfig) -> SpanExporter:
+    """The exporter ``config`` asks for. Raises ``ValueError`` for an endpoint that is no URL
+    and ``OSError`` for certificate files that cannot be read, so a bad config is refused when
+    the tracer is built rather than at the first export."""
+    endpoint = Endpoint.of(config)
+    files = _read_tls_files(config) if endpoint.secure else _TlsFiles()
+    timeout = max(config.export_timeout_s, MIN_TIMEOUT_S)
+    if config.protocol == "grpc":
+        import grpc
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
         )
 
+        compression = {
+            "none": grpc.Compression.NoCompression,
+            "gzip": grpc.Compression.Gzip,
+            "deflate": grpc.Compression.Deflate,
+        }[config.compression]
+        credentials = (
+            grpc.ssl_channel_credentials(files.ca, files.client_key, files.client_certificate)
+            if endpoint.secure
+            else None
+        )
+        exporter: SpanExporter = GrpcSpanExporter(
+            endpoint=endpoint.authority,
+            insecure=not endpoint.secure,
+            credentials=credentials,
+            headers=config.headers,
+            timeout=timeout,
+            compression=compression,
+        )
+        return exporter
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
 
-def _tls_context(config: TracingConfig, grpc: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=config.certificate or None)
-    if config.client_certificate:
-        context.load_cert_chain(config.client_certificate, config.client_key or None)
-    if grpc:
-        context.set_alpn_protocols(["h2"])
-    return context
+    return HttpSpanExporter(
+        endpoint=endpoint.url(config.protocol),
+        session=_session(),
+        # requests reads these itself at each connection; they were checked above.
+        certificate_file=(config.certificate or None) if endpoint.secure else None,
+        client_key_file=(config.client_key or None) if endpoint.secure else None,
+        client_certificate_file=(config.client_certificate or None) if endpoint.secure else None,
+        headers=dict(config.headers),
+        timeout=timeout,
+        compression=Compression(config.compression),
+    )
 
 
-def compress(body: bytes, compression: str) -> bytes:
-    if compression == "gzip":
-        packer = zlib.compressobj(wbits=31)  # 16 + 15: a gzip header and trailer
-        return packer.compress(body) + packer.flush()
-    if compression == "deflate":
-        return zlib.compress(body)
-    return body
+def _session() -> Any:
+    """A ``requests`` session in which a configured CA bundle is the one used.
+
+    ``requests`` replaces the session's ``verify`` with ``REQUESTS_CA_BUNDLE`` or
+    ``CURL_CA_BUNDLE`` when either is set (psf/requests#3829), which many container images
+    set: the exporter would then ignore ``OTEL_EXPORTER_OTLP_CERTIFICATE``. Without a
+    configured CA those variables still apply, and so do the proxy variables."""
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            settings: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
+            if isinstance(self.verify, str):
+                settings["verify"] = self.verify
+            return settings
+
+    return Session()
 
 
-class OtlpSpanExporter(SpanExporter):
-    """Encodes each batch once and sends it with retries; see the module docstring."""
+@dataclass(frozen=True, slots=True)
+class _TlsFiles:
+    ca: bytes | None = None
+    client_key: bytes | None = None
+    client_certificate: bytes | None = None
 
-    def __init__(self, config: TracingConfig, *, transport: Transport | None = None) -> None:
-        self.target = Target.from_config(config)
-        self._transport = transport
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._jitter = random.Random()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._stopping.is_set():
-            return SpanExportResult.FAILURE
-        body = compress(encode_request(spans), self.target.compression)
-        transport = self._transport or self._open()
-        deadline = time.monotonic() + self.target.timeout_s
-        for attempt_number in range(MAX_ATTEMPTS):
-            attempt = transport.send(body, max(deadline - time.monotonic(), 0.0))
-            if attempt.ok:
-                if attempt.rejected_spans:
-                    log.warning(
-                        "the collector at %s refused %d of %d spans: %s",
-                        self.target.url, attempt.rejected_spans, len(spans), attempt.detail,
-                    )
-                return SpanExportResult.SUCCESS
-            backoff = attempt.retry_after_s
-            if backoff is None:
-                backoff = 2**attempt_number * self._jitter.uniform(0.8, 1.2)
-            if (
-                not attempt.retryable
-                or attempt_number + 1 == MAX_ATTEMPTS
-                or backoff > deadline - time.monotonic()
-                or self._stopping.is_set()
-            ):
-                log.warning(
-                    "could not export %d spans to %s: %s", len(spans), self.target.url,
-                    attempt.detail,
-                )
-                return SpanExportResult.FAILURE
-            log.debug("exporting to %s failed (%s); again in %.1fs", self.target.url,
-                      attempt.detail, backoff)
-            if self._stopping.wait(backoff):
-                break
-        return SpanExportResult.FAILURE
+def _read_tls_files(config: TracingConfig) -> _TlsFiles:
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
 
-    def shutdown(self) -> None:
-        self._stopping.set()
-        with self._lock:
-            transport = self._transport
-        if transport is not None:
-            transport.close()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True  # nothing is held here between exports
-
-    def _open(self) -> Transport:
-        with self._lock:
-            if self._transport is None:
-                if self.target.protocol == "grpc":
-                    from sidecar.observability.otlp_grpc import GrpcTransport
-
-                    self._transport = GrpcTransport(self.target, USER_AGENT)
-                else:
-                    from sidecar.observability.otlp_http import HttpTransport
-
-                    self._transport = HttpTransport(self.target, USER_AGENT)
-            return self._transport
+    return _TlsFiles(
+        read(config.certificate), read(config.client_key), read(config.client_certificate)
+    )

@@ -1,6 +1,6 @@
 """Tracing for the request path: one SERVER span per downstream request, one CLIENT span per
 upstream attempt, recorded by the OpenTelemetry SDK and exported over OTLP/gRPC or OTLP/HTTP by
-``otlp_export`` (our exporter: the SDK's bring grpcio or requests, and protobuf).
+its OTLP exporters (``otlp_export`` builds the one the config names).
 
 The router talks to ``Tracer`` only (``start_server_span``, ``start_client_span``, ``inject``,
 ``end``). The sampling decision (parent-based, trace-id ratio) is taken here, before the SDK is
@@ -361,6 +361,6 @@ def _trace_state(raw: bytes) -> TraceState | None:
 
 def _otlp_exporter(config: TracingConfig) -> SpanExporter:
     # Imported here: a sidecar without tracing does not load the exporter at all.
-    from sidecar.observability.otlp_export import OtlpSpanExporter
+    from sidecar.observability.otlp_export import otlp_exporter
 
-    return OtlpSpanExporter(config)
+    return otlp_exporter(config)

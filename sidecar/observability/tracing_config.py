@@ -104,7 +104,8 @@ class TracingConfig:
     resource: tuple[tuple[str, str], ...] = ()  # extra resource attributes
     headers: tuple[tuple[str, str], ...] = ()  # sent with every export (e.g. an API key)
     compression: str = "none"
-    certificate: str = ""  # CA bundle that verifies the collector (default: the system's)
+    # CA bundle that verifies the collector (default: grpcio's roots; requests' for HTTP)
+    certificate: str = ""
     client_certificate: str = ""  # with client_key: this sidecar's certificate (mutual TLS)
     client_key: str = ""
 

@@ -18,12 +18,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
-from sidecar.route.policy.breaker import Permit
 from sidecar.route.policy.bulkhead import OVERFLOW_COUNTER as BULKHEAD_OVERFLOW_COUNTER
 from sidecar.route.policy.bulkhead import OVERFLOW_FLAG as BULKHEAD_OVERFLOW_FLAG
 from sidecar.route.policy.deadline import RequestDeadline, TimerKind, upstream_deadline_kind
@@ -38,16 +38,20 @@ from sidecar.route.policy.retry import (
 )
 from sidecar.route.policy.shedding import OVERLOADED_HEADER
 from sidecar.route.table import LazyHeaderMap, apply_mutation
+from sidecar.upstream.policy.breaker import Permit
 from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
 
 if TYPE_CHECKING:
-    from sidecar.listen.listener import ListenerRuntime
-    from sidecar.observability.tracing import SpanHandle
+    from pilotfish.config.model import ListenerConfig
+    from sidecar.observability.registry import GaugeChild
+    from sidecar.observability.tracing import SpanHandle, Tracer
     from sidecar.route.policy.bulkhead import BulkheadSlot
-    from sidecar.route.policy.shedding import InFlight
-    from sidecar.route.table import RouteDecision
-    from sidecar.timer_wheel import WheelTimer
-    from sidecar.upstream.clusters import ClusterRuntime, Upstream, UpstreamHost
+    from sidecar.route.policy.runtime import RoutePolicyRuntime
+    from sidecar.route.policy.shedding import InFlight, LoadShedder
+    from sidecar.route.table import RouteDecision, RouteTable
+    from sidecar.stats import Scope
+    from sidecar.timer_wheel import TimerWheel, WheelTimer
+    from sidecar.upstream.clusters import ClusterManager, ClusterRuntime, Upstream, UpstreamHost
     from sidecar.upstream.pool import PooledConnection
 
 log = logging.getLogger("pilotfish.router")
@@ -60,6 +64,53 @@ _FIRST_ATTEMPT = (ATTEMPT_COUNT_HEADER, b"1")
 # Counter names by status class (status // 100, 1 to 9: statuses are three digits).
 _UPSTREAM_CLASS = tuple(f"upstream_rq_{n}xx" for n in range(10))
 _DOWNSTREAM_CLASS = tuple(f"downstream_rq_{n}xx" for n in range(10))
+
+
+class SidecarServices(Protocol):
+    """What every exchange shares with the whole sidecar: the tracer, the deadline wheel, and
+    the live state of each route's policy."""
+
+    @property
+    def tracer(self) -> Tracer: ...
+
+    @property
+    def timers(self) -> TimerWheel: ...
+
+    def route_policy(self, decision: RouteDecision) -> RoutePolicyRuntime: ...
+
+
+class ExchangeHost(Protocol):
+    """What an exchange needs of the listener its request came in on: the route table and the
+    clusters it routes to, the listener's admission (draining, load shedding) and stats, and a
+    call at the end of the request (metrics and the access log)."""
+
+    @property
+    def sidecar(self) -> SidecarServices: ...
+
+    @property
+    def config(self) -> ListenerConfig: ...
+
+    @property
+    def scope(self) -> Scope: ...
+
+    @property
+    def streams_gauge(self) -> GaugeChild: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def shedder(self) -> LoadShedder | None: ...
+
+    @property
+    def random(self) -> Callable[[], float]: ...
+
+    @property
+    def clusters(self) -> ClusterManager: ...
+
+    def route_table(self) -> RouteTable | None: ...
+
+    def exchange_done(self, exchange: Exchange) -> None: ...
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:
@@ -195,7 +246,7 @@ class Exchange:
     bytes_out = 0
     trace: SpanHandle | None = None
 
-    def __init__(self, listener: ListenerRuntime, downstream: StreamSink) -> None:
+    def __init__(self, listener: ExchangeHost, downstream: StreamSink) -> None:
         self.listener = listener
         self.downstream = downstream
         self.start = time.monotonic()
@@ -600,7 +651,7 @@ class Exchange:
         )
         throttle = cluster.resilience.throttle
         if throttle is not None:
-            throttle.record(outcome)
+            throttle.record(outcome.accepted)
         if not decision.retry:
             return False  # a retry the breaker refused was counted there
         cluster.scope.inc("upstream_rq_retry")
@@ -669,7 +720,9 @@ class Exchange:
         if throttle is not None and (not self.grpc or end_stream):
             # A gRPC answer is judged by its trailers; anything else by its status here.
             throttle.record(
-                outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
+                (
+                    outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
+                ).accepted
             )
         if self.cluster is not None:
             self.cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
@@ -717,7 +770,7 @@ class Exchange:
             if grpc_status != b"0":
                 attempt.status = _grpc_as_http(int(grpc_status))
             if self.cluster is not None and self.cluster.resilience.throttle is not None:
-                self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)))
+                self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)).accepted)
             if grpc_status == b"4" and self._ours_timed_out(attempt) is not None:
                 # Too late to answer ourselves (the headers are out): flag the trailers.
                 self.flags.append(ResponseFlag.UPSTREAM_TIMEOUT.code)

@@ -20,14 +20,14 @@ from sidecar.http.h2conn import H2Connection, H2Stream
 from sidecar.http.streams import Headers, ResetReason, StreamHandler
 from sidecar.idle import IdleTimer
 from sidecar.observability.metrics import ClusterStats, MeshMetrics
-from sidecar.route.policy.breaker import Permit
-from sidecar.route.policy.runtime import ClusterResilienceRuntime
 from sidecar.stats import Scope, StatsStore
+from sidecar.upstream.policy.breaker import Permit
 from sidecar.upstream.policy.cluster import ClusterBalancer
 from sidecar.upstream.policy.health import HealthChanged, HostBecameHealthy
 from sidecar.upstream.policy.health_probes import HealthCheckRunner, make_probe
 from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
 from sidecar.upstream.policy.outlier import HostEjected
+from sidecar.upstream.policy.resilience import ClusterResilienceRuntime
 from sidecar.upstream.pool import ConnectionPool, PooledConnection
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,11 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sidecar.upstream.pump import Pump, splice_supported
 
 if TYPE_CHECKING:
-    from sidecar.listen.listener import ListenerRuntime
     from sidecar.stats import Scope
     from sidecar.upstream.clusters import ClusterRuntime
 
@@ -27,6 +26,18 @@ log = logging.getLogger(__name__)
 
 SPLICE = splice_supported() and os.environ.get("PILOTFISH_TCP_SPLICE", "1") != "0"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}: close with RST
+
+
+class RelayOwner(Protocol):
+    """What a relay needs of the listener that accepted its connection: the listener's stats,
+    and its book of open connections (for stats and draining)."""
+
+    @property
+    def scope(self) -> Scope: ...
+
+    def connection_opened(self, conn: Any) -> None: ...
+
+    def connection_closed(self, conn: Any) -> None: ...
 
 
 class RelayTarget(Protocol):
@@ -120,7 +131,7 @@ class TcpRelay(asyncio.Protocol):
     """
 
     def __init__(
-        self, listener: ListenerRuntime, target: RelayTarget, *, splice: bool | None = None
+        self, listener: RelayOwner, target: RelayTarget, *, splice: bool | None = None
     ) -> None:
         self.listener = listener
         self.target = target

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 import threading
 import time
 import zlib
@@ -80,6 +82,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self, request: Any, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         refusal = self.receiver.call_arrived(dict(context.invocation_metadata()))
+        self.receiver.hold()
         if refusal is not None:
             context.set_trailing_metadata(tuple(refusal.trailing_metadata))
             context.abort(refusal.grpc_code, "refused by the test")
@@ -96,6 +99,8 @@ class OtlpReceiver:
         self.calls = 0  # every call, refused ones too
         self.metadata: list[dict[str, Any]] = []  # each call's request headers
         self.refusals: list[Refusal] = []  # answers to the next calls, in order
+        self.delay_s = 0.0  # how long each call waits before it is answered
+        self._released = threading.Event()  # set by stop(): no call waits any longer
         self._cond = threading.Condition()
         self._server: grpc.Server | None = None
         self.port = 0
@@ -128,7 +133,13 @@ class OtlpReceiver:
             self.metadata.append(metadata)
             return self.refusals.pop(0) if self.refusals else None
 
+    def hold(self) -> None:
+        """Wait ``delay_s`` before answering (cut short by ``stop``)."""
+        if self.delay_s:
+            self._released.wait(self.delay_s)
+
     def stop(self) -> None:
+        self._released.set()
         if self._server is not None:
             self._server.stop(grace=None)
             self._server = None
@@ -166,7 +177,11 @@ class OtlpHttpReceiver(OtlpReceiver):
         self,
         credentials: grpc.ServerCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> OtlpHttpReceiver:
+        """``tls``: serve HTTPS with this context (``credentials`` and ``options`` are for
+        the gRPC receiver and ignored here)."""
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -180,6 +195,7 @@ class OtlpHttpReceiver(OtlpReceiver):
                 with receiver._cond:
                     receiver.paths.append(self.path)
                 refusal = receiver.call_arrived({k.lower(): v for k, v in self.headers.items()})
+                receiver.hold()
                 if refusal is not None:
                     self.send_response(refusal.http_status)
                     if refusal.retry_after is not None:
@@ -197,16 +213,24 @@ class OtlpHttpReceiver(OtlpReceiver):
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def handle(self) -> None:
+                # The exporter may give up waiting for a held answer, and go.
+                with contextlib.suppress(ConnectionError):
+                    super().handle()
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._http.daemon_threads = True
+        if tls is not None:
+            self._http.socket = tls.wrap_socket(self._http.socket, server_side=True)
         self.port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self._released.set()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

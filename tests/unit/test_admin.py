@@ -16,7 +16,9 @@ def test_prometheus_keeps_dotted_stat_names_out_of_the_label() -> None:
     called ``app.outlier_detection``."""
 
     async def make() -> Sidecar:
-        return listener_for(simple_config(["127.0.0.1:1"])).sidecar
+        sidecar = listener_for(simple_config(["127.0.0.1:1"])).sidecar
+        assert isinstance(sidecar, Sidecar)
+        return sidecar
 
     sidecar = asyncio.run(make())
     scope = sidecar.stats.scope("cluster.app")

@@ -1,5 +1,6 @@
-"""Route-side resilience cores: deadlines, retries, budgets, breakers, rate limits, shedding,
-throttling, faults and fallbacks.
+"""Route-side resilience cores: deadlines, retries, rate limits, shedding, faults and
+fallbacks. The cluster's own (breakers, retry budget, throttling) are in
+``sidecar.upstream.policy``.
 
 Every class here is sans-IO: time comes in as numbers read from one injected monotonic clock,
 randomness from an injected ``random() -> float in [0, 1)``, and nothing touches a socket or the
@@ -8,9 +9,6 @@ event loop. The router (the I/O side) turns decisions into timers, replies and s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from sidecar.upstream.policy import Clock, RandomSource
 
-Clock = Callable[[], float]
-"""Monotonic seconds, e.g. ``time.monotonic``; tests pass a fake."""
-RandomSource = Callable[[], float]
-"""A float in [0, 1), e.g. ``random.Random(7).random``."""
+__all__ = ["Clock", "RandomSource"]

@@ -24,7 +24,7 @@ from sidecar.route.policy import RandomSource
 from sidecar.route.policy.reply import http_to_grpc
 
 if TYPE_CHECKING:
-    from sidecar.route.policy.breaker import Permit
+    from sidecar.upstream.policy.breaker import Permit
 
 ATTEMPT_COUNT_HEADER = b"x-pilotfish-attempt-count"
 """Sent upstream with the 1-based number of the try, like Envoy's x-envoy-attempt-count."""
@@ -48,6 +48,8 @@ NEVER_REACHED = frozenset(
     {Failure.CONNECT_FAILURE, Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY, Failure.SHED}
 )
 TRANSPARENT = frozenset({Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY})
+OVERLOAD_HTTP = frozenset({429, 503})
+OVERLOAD_GRPC = frozenset({8, 14})  # RESOURCE_EXHAUSTED, UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +71,16 @@ class Outcome:
     @property
     def never_reached_upstream(self) -> bool:
         return self.failure in NEVER_REACHED or not self.request_sent
+
+    @property
+    def accepted(self) -> bool:
+        """The backend took the request: it answered, and not with an overload signal (what
+        client-side throttling counts as an accept)."""
+        if self.failure is not None:
+            return False
+        if self.http_status in OVERLOAD_HTTP:
+            return False
+        return self.grpc_status not in OVERLOAD_GRPC
 
 
 def response_outcome(

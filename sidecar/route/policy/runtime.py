@@ -1,22 +1,18 @@
-"""The live state behind a route's and a cluster's policy, kept across config updates.
+"""The live state behind a route's policy, kept across config updates.
 
-Config is frozen values; token buckets, breaker counts and throttle windows are not. These two
-holders build the state from config once and, on an update, keep whatever the new config did
-not change, so a config push does not refill every bucket or forget every in-flight request.
+Config is frozen values; token buckets are not. The holder builds the state from config once
+and, on an update, keeps whatever the new config did not change, so a config push does not
+refill every bucket. The cluster's counterpart is ``sidecar.upstream.policy.resilience``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
-from pilotfish.config.route_policy import ClusterResilience, RoutePolicy
-from sidecar.route.policy import Clock, RandomSource
-from sidecar.route.policy.breaker import CircuitBreakers
+from pilotfish.config.route_policy import RoutePolicy
+from sidecar.route.policy import Clock
 from sidecar.route.policy.bulkhead import Bulkhead
 from sidecar.route.policy.fallback import Fallback
 from sidecar.route.policy.fault import FaultInjector
 from sidecar.route.policy.ratelimit import LocalRateLimiter
-from sidecar.route.policy.throttle import AdaptiveThrottle
 
 
 class RoutePolicyRuntime:
@@ -45,39 +41,3 @@ class RoutePolicyRuntime:
             self.bulkhead.limit = new.bulkhead.limit
             new.bulkhead = self.bulkhead
         return new
-
-
-class ClusterResilienceRuntime:
-    """One per cluster: its circuit breakers (with the retry budget) and client throttle."""
-
-    __slots__ = ("_clock", "_random", "breakers", "policy", "throttle")
-
-    def __init__(
-        self,
-        policy: ClusterResilience,
-        clock: Clock,
-        random: RandomSource,
-        counters: Counter[str] | None = None,
-    ) -> None:
-        """``counters``: the cluster's ``Scope.counters``, for the overflow counters."""
-        self._clock = clock
-        self._random = random
-        self.policy = policy
-        self.breakers = CircuitBreakers(policy.circuit_breakers, policy.retry_budget, counters)
-        self.throttle = (
-            AdaptiveThrottle(policy.adaptive_throttling, clock, random)
-            if policy.adaptive_throttling.enabled
-            else None
-        )
-
-    def update(self, policy: ClusterResilience) -> None:
-        """Take new limits in place: in-flight counts survive, the throttle window too if its
-        config is unchanged."""
-        self.breakers.update(policy.circuit_breakers, policy.retry_budget)
-        if policy.adaptive_throttling != self.policy.adaptive_throttling:
-            self.throttle = (
-                AdaptiveThrottle(policy.adaptive_throttling, self._clock, self._random)
-                if policy.adaptive_throttling.enabled
-                else None
-            )
-        self.policy = policy

@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pilotfish.config.cluster_policy import HealthCheckConfig
-from sidecar.upstream.policy.health_probes import ProbeResult, _log_failure
+from sidecar.upstream.policy.probe import ProbeResult, log_task_failure
 
 
 class GrpcProbe:
@@ -46,7 +46,7 @@ class GrpcProbe:
             task = asyncio.get_running_loop().create_task(
                 channel.close(), name=f"close health check channel {target}"
             )
-            task.add_done_callback(_log_failure)
+            task.add_done_callback(log_task_failure)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

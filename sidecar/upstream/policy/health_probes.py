@@ -12,29 +12,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
 
 from pilotfish.config.cluster_policy import HealthCheckConfig, HealthCheckType
 from sidecar.upstream.policy.health import HealthChanged, HealthChecker
+from sidecar.upstream.policy.probe import Probe, ProbeResult, log_task_failure
 
 log = logging.getLogger(__name__)
 
 _MAX_STATUS_LINE = 8192
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    ok: bool
-    detail: str
-
-
-class Probe(Protocol):
-    async def check(self, host: str, port: int) -> ProbeResult: ...
-
-    def forget(self, host: str, port: int) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 class HttpProbe:
@@ -89,11 +74,6 @@ class HttpProbe:
                 await writer.wait_closed()
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s failed", task.get_name(), exc_info=task.exception())
-
-
 def make_probe(config: HealthCheckConfig, authority: str) -> Probe:
     """The probe ``config`` asks for; ``authority`` is the HTTP Host when none is set."""
     if config.type is HealthCheckType.GRPC:
@@ -136,7 +116,7 @@ class HealthCheckRunner:
         for key, address in hosts.items():
             if key not in self._tasks:
                 task = loop.create_task(self._run(key, address), name=f"health-check {key}")
-                task.add_done_callback(_log_failure)
+                task.add_done_callback(log_task_failure)
                 self._tasks[key] = (address, task)
 
     async def _run(self, key: str, address: tuple[str, int]) -> None:

@@ -7,9 +7,9 @@ import asyncio
 from pilotfish.config.bootstrap import parse_bootstrap
 from sidecar.flags import ResponseFlag
 from sidecar.observability.metrics import MeshMetrics
-from sidecar.route.policy.breaker import Resource
 from sidecar.stats import StatsStore
 from sidecar.upstream.clusters import ClusterRuntime
+from sidecar.upstream.policy.breaker import Resource
 from sidecar.upstream.pool import PooledConnection
 from tests.support import simple_config
 

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pilotfish.config.route_policy import CircuitBreakerConfig
-from sidecar.route.policy.breaker import CircuitBreakers, Permit, Resource
 from sidecar.route.policy.deadline import format_grpc_timeout, parse_grpc_timeout
 from sidecar.route.policy.ratelimit import TokenBucket
+from sidecar.upstream.policy.breaker import CircuitBreakers, Permit, Resource
 
 FAST = settings(max_examples=100, deadline=None, derandomize=True)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 
 from pilotfish.config.route_policy import LoadSheddingConfig
+from sidecar.flags import ResponseFlag
 from sidecar.route.policy.reply import LocalReply, grpc_message, grpc_to_http, http_to_grpc
 from sidecar.route.policy.shedding import shed_reply
-from sidecar.route.policy.throttle import THROTTLED_REPLY
 
 
 def test_status_mappings() -> None:
@@ -47,4 +47,5 @@ def test_grpc_message_encoding() -> None:
 def test_overload_replies() -> None:
     shed = shed_reply(LoadSheddingConfig())
     assert (shed.http_status, shed.grpc_status, shed.flag_code) == (503, 8, "OM")
-    assert THROTTLED_REPLY.grpc_status == 14 and THROTTLED_REPLY.flag_code == "AT"
+    throttled = ResponseFlag.ADAPTIVE_THROTTLE
+    assert (throttled.http_status, throttled.grpc_status, throttled.code) == (503, 14, "AT")

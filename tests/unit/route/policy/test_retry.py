@@ -5,7 +5,6 @@ import random
 import pytest
 
 from pilotfish.config.route_policy import RetryBackoff, RetryOn, RetryPolicy
-from sidecar.route.policy.breaker import CircuitBreakers, Permit
 from sidecar.route.policy.retry import (
     ATTEMPT_COUNT_HEADER,
     Failure,
@@ -15,6 +14,7 @@ from sidecar.route.policy.retry import (
     matches,
     response_outcome,
 )
+from sidecar.upstream.policy.breaker import CircuitBreakers, Permit
 
 
 def state(

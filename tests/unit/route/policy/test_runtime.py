@@ -12,8 +12,9 @@ from pilotfish.config.route_policy import (
     RoutePolicy,
     StaticResponse,
 )
-from sidecar.route.policy.breaker import Resource
-from sidecar.route.policy.runtime import ClusterResilienceRuntime, RoutePolicyRuntime
+from sidecar.route.policy.runtime import RoutePolicyRuntime
+from sidecar.upstream.policy.breaker import Resource
+from sidecar.upstream.policy.resilience import ClusterResilienceRuntime
 from tests.unit.route.policy.fakes import FakeClock
 
 LIMIT = RateLimitConfig(max_tokens=1, tokens_per_fill=1, fill_interval=60.0)

@@ -18,12 +18,13 @@ from pilotfish.config.route_policy import (
     RoutePolicy,
     StaticResponse,
 )
-from sidecar.route.policy.breaker import OVERFLOW_FLAG, Permit, Resource
 from sidecar.route.policy.deadline import DEADLINE_FLAG, RequestDeadline, TimerKind
 from sidecar.route.policy.fallback import trigger_for
 from sidecar.route.policy.reply import LocalReply
 from sidecar.route.policy.retry import Failure, Outcome, RetryState, Verdict
-from sidecar.route.policy.runtime import ClusterResilienceRuntime, RoutePolicyRuntime
+from sidecar.route.policy.runtime import RoutePolicyRuntime
+from sidecar.upstream.policy.breaker import OVERFLOW_FLAG, Permit, Resource
+from sidecar.upstream.policy.resilience import ClusterResilienceRuntime
 from tests.unit.route.policy.fakes import FakeClock
 
 READ_ONLY_RPC = RetryPolicy(

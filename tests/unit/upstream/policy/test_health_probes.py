@@ -23,12 +23,8 @@ from sidecar.upstream.policy.health import (
     HostBecameHealthy,
     HostBecameUnhealthy,
 )
-from sidecar.upstream.policy.health_probes import (
-    HealthCheckRunner,
-    HttpProbe,
-    ProbeResult,
-    make_probe,
-)
+from sidecar.upstream.policy.health_probes import HealthCheckRunner, HttpProbe, make_probe
+from sidecar.upstream.policy.probe import ProbeResult
 
 
 def free_port() -> int:

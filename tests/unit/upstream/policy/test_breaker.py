@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from pilotfish.config.route_policy import CircuitBreakerConfig, RetryBudgetConfig
-from sidecar.route.policy.breaker import OVERFLOW_FLAG, CircuitBreakers, Permit, Resource
-from sidecar.route.policy.budget import RetryBudget
+from sidecar.upstream.policy.breaker import OVERFLOW_FLAG, CircuitBreakers, Permit, Resource
+from sidecar.upstream.policy.budget import RetryBudget
 
 
 def test_defaults_are_envoys() -> None:

@@ -15,7 +15,7 @@ from collections import Counter
 
 from pilotfish.config.route_policy import CircuitBreakerConfig, RetryBudgetConfig
 from sidecar.flags import ResponseFlag
-from sidecar.route.policy.budget import RETRY_OVERFLOW_COUNTER, RetryBudget
+from sidecar.upstream.policy.budget import RETRY_OVERFLOW_COUNTER, RetryBudget
 
 OVERFLOW_FLAG = ResponseFlag.UPSTREAM_OVERFLOW
 _DEFAULT_LIMITS = CircuitBreakerConfig()

@@ -6,7 +6,7 @@ import pytest
 
 from pilotfish.config.route_policy import AdaptiveThrottlingConfig
 from sidecar.route.policy.retry import Failure, Outcome
-from sidecar.route.policy.throttle import AdaptiveThrottle, is_accept, reject_probability
+from sidecar.upstream.policy.throttle import AdaptiveThrottle, reject_probability
 from tests.unit.route.policy.fakes import FakeClock
 
 ON = AdaptiveThrottlingConfig(enabled=True, min_requests=0)
@@ -37,14 +37,14 @@ def test_formula_is_capped() -> None:
 
 
 def test_accepts() -> None:
-    assert is_accept(OK)
-    assert is_accept(Outcome(http_status=500))  # answered, even if badly: not overload
-    assert is_accept(Outcome(grpc_status=13))
-    assert not is_accept(OVERLOADED)
-    assert not is_accept(Outcome(http_status=429))
-    assert not is_accept(Outcome(http_status=503))
-    assert not is_accept(Outcome(grpc_status=8))
-    assert not is_accept(Outcome(failure=Failure.CONNECT_FAILURE))
+    assert OK.accepted
+    assert Outcome(http_status=500).accepted  # answered, even if badly: not overload
+    assert Outcome(grpc_status=13).accepted
+    assert not OVERLOADED.accepted
+    assert not Outcome(http_status=429).accepted
+    assert not Outcome(http_status=503).accepted
+    assert not Outcome(grpc_status=8).accepted
+    assert not Outcome(failure=Failure.CONNECT_FAILURE).accepted
 
 
 def run(throttle: AdaptiveThrottle, outcome: Outcome, n: int) -> int:
@@ -53,7 +53,7 @@ def run(throttle: AdaptiveThrottle, outcome: Outcome, n: int) -> int:
     for _ in range(n):
         if throttle.try_admit():
             admitted += 1
-            throttle.record(outcome)
+            throttle.record(outcome.accepted)
     return admitted
 
 
@@ -117,7 +117,7 @@ def paced(throttle: AdaptiveThrottle, clock: FakeClock, outcome: Outcome, second
     for _ in range(round(seconds * RATE)):
         if throttle.try_admit():
             admitted += 1
-            throttle.record(outcome)
+            throttle.record(outcome.accepted)
         clock.advance(1 / RATE)
     return admitted
 

@@ -24,31 +24,7 @@ import math
 from dataclasses import dataclass
 
 from pilotfish.config.route_policy import AdaptiveThrottlingConfig
-from sidecar.route.policy import Clock, RandomSource
-from sidecar.route.policy.reply import LocalReply
-from sidecar.route.policy.retry import Outcome
-
-OVERLOAD_HTTP = frozenset({429, 503})
-OVERLOAD_GRPC = frozenset({8, 14})  # RESOURCE_EXHAUSTED, UNAVAILABLE
-HTTP_STATUS = 503
-GRPC_STATUS = 14
-RESPONSE_FLAG_CODE = "AT"
-"""Not an Envoy flag (Envoy's admission control has none); ``sidecar.flags`` lists it."""
-THROTTLED_REPLY = LocalReply(
-    http_status=HTTP_STATUS,
-    grpc_status=GRPC_STATUS,
-    message="upstream overloaded: request throttled",
-    flag_code=RESPONSE_FLAG_CODE,
-)
-
-
-def is_accept(outcome: Outcome) -> bool:
-    """The backend took the request: it answered, and not with an overload signal."""
-    if outcome.failure is not None:
-        return False
-    if outcome.http_status in OVERLOAD_HTTP:
-        return False
-    return outcome.grpc_status not in OVERLOAD_GRPC
+from sidecar.upstream.policy import Clock, RandomSource
 
 
 def reject_probability(requests: int, accepts: int, k: float, cap: float = 1.0) -> float:
@@ -113,9 +89,10 @@ class AdaptiveThrottle:
             return False
         return True
 
-    def record(self, outcome: Outcome) -> None:
-        """The result of an admitted request."""
-        if is_accept(outcome):
+    def record(self, accepted: bool) -> None:
+        """The result of an admitted request: whether the backend took it (``Outcome.accepted``:
+        it answered, and not with an overload signal)."""
+        if accepted:
             self._accepts[self._slot(self._clock())] += 1
 
     def stats(self) -> ThrottleStats:
