@@ -108,7 +108,8 @@ def test_no_deadline_failure_goes_unflagged_when_the_upstream_races_the_per_try_
     # Whichever came first, each try counts as a per-try timeout, and the first one is retried.
     assert retries == 200
     assert per_try == 400
-    assert a.calls == 400
+    # A try cut off while still queued in grpcio never reaches its handler (a loaded machine).
+    assert 200 <= a.calls <= 400
 
 
 def test_a_grpc_fallback_answers_ok_with_a_message_the_client_decodes(tmp_path: Path) -> None:
