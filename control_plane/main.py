@@ -10,12 +10,16 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane.kube.discovery import MeshSources
+from control_plane.kube.inject import InjectOptions
+from control_plane.kube.options import DEFAULT_CLUSTER_DOMAIN, KubernetesOptions
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.proxyless import ignored_by_proxyless
@@ -30,10 +34,26 @@ from pilotfish.config.fields import parse_address
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.plainhttp import start_plain_http
 
+if TYPE_CHECKING:
+    # The Kubernetes client and aiohttp are imported only when asked for (about 0.5 s).
+    from aiohttp import web
+
+    from control_plane.kube.runner import KubeDiscovery
+
 log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["ControlPlaneStatus"].full_name
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookOptions:
+    """The injection webhook: HTTPS on ``address`` with this certificate and key."""
+
+    address: tuple[str, int]
+    cert: str
+    key: str
+    inject: InjectOptions = InjectOptions()
 
 
 @dataclass(eq=False)
@@ -48,14 +68,22 @@ class ControlPlane:
     health: health.aio.HealthServicer
     _watch_task: asyncio.Task[None]
     metrics: ControlPlaneMetrics
+    sources: MeshSources
     metrics_server: asyncio.AbstractServer | None = None
+    kube: KubeDiscovery | None = None
+    webhook: web.AppRunner | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.webhook is not None:
+            await self.webhook.cleanup()
         self._watch_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch_task
+        if self.kube is not None:
+            await self.kube.stop()
+        self.sources.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -67,8 +95,14 @@ async def start_control_plane(
     callbacks: Callbacks | None = None,
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
+    kubernetes: KubernetesOptions | None = None,
+    webhook: WebhookOptions | None = None,
 ) -> ControlPlane:
-    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad."""
+    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad.
+
+    With ``kubernetes``, Services and their pods are added as the watch finds them (the mesh
+    file alone is served until the first list arrives).
+    """
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
     try:
@@ -76,11 +110,31 @@ async def start_control_plane(
     except InconsistentSnapshot as exc:
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
-    watcher = MeshFileWatcher(config, cache.set_mesh, digest=MeshFileWatcher.digest_of(data))
+    tls = None
+    if webhook is not None:
+        from control_plane.kube.webhook import start_webhook, tls_context
+
+        tls = tls_context(webhook.cert, webhook.key)
+    kube: KubeDiscovery | None = None
+    if kubernetes is not None:
+        from control_plane.kube.runner import KubeDiscovery
+
+        kube = await KubeDiscovery.connect(kubernetes)
+    sources = MeshSources(
+        mesh,
+        cache.set_mesh,
+        discovered=kube.state.services if kube is not None else dict,
+        cluster_domain=kubernetes.cluster_domain if kubernetes else DEFAULT_CLUSTER_DOMAIN,
+    )
+    watcher = MeshFileWatcher(config, sources.set_file_mesh, digest=MeshFileWatcher.digest_of(data))
 
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
     metrics.reload_errors = lambda: watcher.errors
+    if kube is not None:
+        metrics.kube_watch = kube.watcher.stats.by_name
+        state = kube.state
+        metrics.kube_services = lambda: state.service_count
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AdsServicer(cache, registry, metrics), server
@@ -103,7 +157,13 @@ async def start_control_plane(
     if metrics_address is not None:
         metrics_server = await start_plain_http(metrics.handle, *metrics_address)
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
+    webhook_runner = None
+    if webhook is not None and tls is not None:
+        webhook_runner = await start_webhook(webhook.inject, *webhook.address, tls)
+        log.info("injection webhook on https://%s:%d/inject", *webhook.address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
+    if kube is not None:
+        kube.start(sources.discovery_changed)
     log.info(
         "control plane serving %s (%d services) on %s:%d",
         config,
@@ -112,7 +172,18 @@ async def start_control_plane(
         bound,
     )
     return ControlPlane(
-        server, bound, cache, registry, watcher, health_servicer, task, metrics, metrics_server
+        server,
+        bound,
+        cache,
+        registry,
+        watcher,
+        health_servicer,
+        task,
+        metrics,
+        sources,
+        metrics_server,
+        kube,
+        webhook_runner,
     )
 
 
@@ -123,8 +194,34 @@ async def _serve(args: argparse.Namespace) -> int:
             if args.metrics_address
             else None
         )
+        kubernetes = None
+        if args.kubernetes:
+            kubernetes = KubernetesOptions(
+                kubeconfig=args.kubeconfig or None,
+                namespaces=tuple(n for n in args.kube_namespaces.split(",") if n),
+                cluster_domain=args.cluster_domain,
+            )
+        webhook = None
+        if args.webhook_address:
+            if not args.webhook_cert or not args.webhook_key:
+                raise ConfigError("--webhook-address", "needs --webhook-cert and --webhook-key")
+            webhook = WebhookOptions(
+                address=parse_address("--webhook-address", args.webhook_address),
+                cert=args.webhook_cert,
+                key=args.webhook_key,
+                inject=InjectOptions(
+                    image=args.inject_image,
+                    xds_address=args.inject_xds_address,
+                    native=not args.inject_classic,
+                ),
+            )
         plane = await start_control_plane(
-            args.config, args.address, args.port, metrics_address=metrics_address
+            args.config,
+            args.address,
+            args.port,
+            metrics_address=metrics_address,
+            kubernetes=kubernetes,
+            webhook=webhook,
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)

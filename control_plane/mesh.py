@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from control_plane.kube.state import PodEndpoint
 from control_plane.mesh_telemetry import MeshTelemetry, parse_telemetry
 from pilotfish.config import yaml_loader
 from pilotfish.config.bootstrap import parse_endpoint
@@ -84,6 +85,10 @@ class MeshService:
     # Inbound: applies on the service's own sidecar (its inbound listener).
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
     listener_limits: ListenerLimits = ListenerLimits()
+    # Discovered in Kubernetes: the Service's pods, served beside the static endpoints, and
+    # the other names callers use for it (``name.ns.svc.cluster.local:port``, ClusterIP:port).
+    pods: tuple[PodEndpoint, ...] = ()
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,10 @@ pilotfish_xds_push_latency_seconds        histogram  (none): mesh change to resp
 pilotfish_xds_nacks_total                 counter    type
 pilotfish_mesh_generation                 gauge      (none): bumps on every accepted edit
 pilotfish_mesh_reload_errors_total        counter    (none): edits rejected as invalid
+pilotfish_kubernetes_watch_total          counter    what: list, watch, event, bookmark,
+                                                     gone (410, relisted), failure,
+                                                     malformed (with ``--kubernetes``)
+pilotfish_kubernetes_services             gauge      (none): Services discovered
 ========================================  =========  =====================================
 
 ``type`` is the xDS resource type's short name: LDS, RDS, CDS, EDS.
@@ -58,10 +62,26 @@ class ControlPlaneMetrics(Callbacks):
         self._kinds: dict[int, str] = {}
         self.generation: Callable[[], int] = lambda: 0
         self.reload_errors: Callable[[], int] = lambda: 0
+        # With --kubernetes: the watch's counters, by what, and the Services known.
+        self.kube_watch: Callable[[], dict[str, int]] = dict
+        self.kube_services: Callable[[], int | None] = lambda: None
         r.callback("pilotfish_mesh_generation", "Mesh edits accepted, plus one.", "gauge",
                    self._generation)  # fmt: skip
         r.callback("pilotfish_mesh_reload_errors_total", "Mesh edits rejected.", "counter",
                    self._reload_errors)  # fmt: skip
+        r.callback("pilotfish_kubernetes_watch_total", "Kubernetes list/watch activity.",
+                   "counter", self._kube_watch, ("what",))  # fmt: skip
+        r.callback("pilotfish_kubernetes_services", "Kubernetes Services discovered.", "gauge",
+                   self._kube_services)  # fmt: skip
+
+    def _kube_watch(self) -> Iterator[Sample]:
+        for what, value in sorted(self.kube_watch().items()):
+            yield (what,), float(value)
+
+    def _kube_services(self) -> Iterator[Sample]:
+        count = self.kube_services()
+        if count is not None:
+            yield (), float(count)
 
     def _generation(self) -> Iterator[Sample]:
         yield (), float(self.generation())

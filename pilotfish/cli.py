@@ -37,7 +37,16 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="where the outbound listener relays what is not HTTP (behind `pilotfish iptables`: "
         "original-destination)",
     )
-    xds.add_argument("--admin-address", default="127.0.0.1:15000", help="HOST:PORT")
+    xds.add_argument(
+        "--admin-address",
+        default="127.0.0.1:15000",
+        help="HOST:PORT; state changes (POST) are taken from loopback only, wherever it binds",
+    )
+    xds.add_argument(
+        "--health-address",
+        default="",
+        help="HOST:PORT serving only GET /ready, for kubelet probes (e.g. 0.0.0.0:15021)",
+    )
 
 
 def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,6 +58,34 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    kube = p.add_argument_group("Kubernetes discovery")
+    kube.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch Services and EndpointSlices: pods become endpoints (in a pod: its service "
+        "account; elsewhere --kubeconfig, $KUBECONFIG or ~/.kube/config)",
+    )
+    kube.add_argument("--kubeconfig", default="", help="kubeconfig file (default: see above)")
+    kube.add_argument(
+        "--kube-namespaces",
+        default="",
+        metavar="NS[,NS...]",
+        help="watch only these namespaces (default: all; RBAC then needs a ClusterRole)",
+    )
+    kube.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
+    hook = p.add_argument_group("sidecar injection webhook (HTTPS)")
+    hook.add_argument("--webhook-address", default="", help="HOST:PORT, e.g. 0.0.0.0:15017")
+    hook.add_argument("--webhook-cert", default="", help="PEM certificate (chain) file")
+    hook.add_argument("--webhook-key", default="", help="PEM private key file")
+    hook.add_argument("--inject-image", default="pilotfish:dev", help="the sidecar's image")
+    hook.add_argument(
+        "--inject-xds-address",
+        default="control-plane.pilotfish.svc:15010",
+        help="the control plane's address, as injected sidecars reach it",
+    )
+    hook.add_argument(
+        "--inject-classic", action="store_true", help="inject classic (not native) sidecars"
+    )
 
 
 def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -98,6 +135,31 @@ def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _add_inject(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="print Kubernetes manifests with the sidecar added",
+        description="Reads YAML (one or more documents), adds the Pilotfish sidecar to every "
+        "Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob, and prints the "
+        "result; other kinds pass through. Injecting twice changes nothing.",
+    )
+    p.add_argument("-f", "--filename", default="-", help="manifest file ('-': stdin)")
+    p.add_argument("--image", default="pilotfish:dev", help="the Pilotfish image")
+    p.add_argument(
+        "--xds-address",
+        default="control-plane.pilotfish.svc:15010",
+        help="the control plane's xDS address, as the sidecars reach it",
+    )
+    p.add_argument(
+        "--classic",
+        action="store_true",
+        help="the sidecar as an ordinary container (clusters before 1.29; Jobs never finish)",
+    )
+    p.add_argument(
+        "--proxy-log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pilotfish", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_demo(sub)
     _add_iptables(sub)
+    _add_inject(sub)
     return parser
 
 
@@ -142,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.listen.iptables import run_iptables
 
         return run_iptables(args)
+    if args.command == "inject":
+        from control_plane.kube.inject_cli import run_inject
+
+        return run_inject(args)
     if args.command == "demo":
         from pilotfish.demo import run_demo
 

@@ -6,8 +6,9 @@ Not for traffic: one request at a time per connection, whole bodies, no streamin
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import h11
 
@@ -18,9 +19,40 @@ Response = tuple[int, str, bytes]
 Handler = Callable[[str, str], Response]  # (method, target) -> response
 
 
-async def start_plain_http(handle: Handler, host: str, port: int) -> asyncio.AbstractServer:
+FORBIDDEN: Response = (
+    403,
+    "text/plain",
+    b"forbidden: this request changes state and is only taken from the loopback address\n",
+)
+
+
+def is_loopback(peer: object) -> bool:
+    """Whether a ``peername`` is a loopback address (an IPv4-mapped one included)."""
+    if not isinstance(peer, tuple) or not peer:
+        return False  # a Unix socket has no address to trust; none is used here
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+async def start_plain_http(
+    handle: Handler, host: str, port: int, *, loopback_only_methods: Collection[str] = ()
+) -> asyncio.AbstractServer:
+    """Serve ``handle``. Requests with a method in ``loopback_only_methods`` from any peer
+    but a loopback address get 403, whatever address the server is bound to."""
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_connection(handle, reader, writer)
+        guarded = handle
+        if loopback_only_methods and not is_loopback(writer.get_extra_info("peername")):
+
+            def guarded(method: str, target: str) -> Response:
+                return FORBIDDEN if method in loopback_only_methods else handle(method, target)
+
+        await _serve_connection(guarded, reader, writer)
 
     return await asyncio.start_server(serve, host, port, reuse_address=True)
 

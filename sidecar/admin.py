@@ -9,6 +9,11 @@ GET  /config_dump         the config in force, as JSON
 POST /healthcheck/fail    start failing /ready (take this instance out of rotation)
 POST /healthcheck/ok      stop failing it
 POST /quitquitquit        drain and exit
+
+Every POST (everything that changes state) is refused with 403 unless it comes from a
+loopback address, so an admin bound beyond loopback still cannot be told to fail its health
+check or quit by anything outside the pod. The health port (``admin.health_address``, Istio's
+15021) is for kubelet probes and serves ``GET /ready`` and ``GET /healthz/ready`` only.
 """
 
 from __future__ import annotations
@@ -75,9 +80,18 @@ class AdminServer:
         }
         self.server: asyncio.AbstractServer | None = None
         self.prometheus_server: asyncio.AbstractServer | None = None
+        self.health_server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await start_plain_http(self.handle, host, port)
+        self.server = await start_plain_http(
+            self.handle, host, port, loopback_only_methods={"POST"}
+        )
+
+    async def start_health(self, host: str, port: int) -> None:
+        """A port for kubelet probes: readiness only, nothing else to read or change."""
+        probes = AdminServer(self.sidecar)
+        probes.routes = {("GET", "/ready"): self.ready, ("GET", "/healthz/ready"): self.ready}
+        self.health_server = await start_plain_http(probes.handle, host, port)
 
     async def start_prometheus(self, host: str, port: int) -> None:
         """A port for scrapers that serves only the metrics, as Envoy's 15090 does."""
@@ -89,7 +103,7 @@ class AdminServer:
         self.prometheus_server = await start_plain_http(scraper.handle, host, port)
 
     def close(self) -> None:
-        for server in (self.server, self.prometheus_server):
+        for server in (self.server, self.prometheus_server, self.health_server):
             if server is not None:
                 server.close()
 

@@ -60,6 +60,9 @@ async def serve(
         log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
         if bootstrap.admin.prometheus is not None:
             await admin_server.start_prometheus(*bootstrap.admin.prometheus)
+        if bootstrap.admin.health is not None:
+            await admin_server.start_health(*bootstrap.admin.health)
+            log.info("health probes on http://%s:%d/ready", *bootstrap.admin.health)
     await sidecar.start()
     xds_task: asyncio.Task[None] | None = None
     if xds is not None:
@@ -133,6 +136,7 @@ def _run_worker(
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
     """The static part of an xDS-driven sidecar: admin, and the outbound listener."""
     admin_host, admin_port = parse_address("--admin-address", args.admin_address)
+    health = parse_address("--health-address", args.health_address) if args.health_address else None
     out_host, out_port = parse_address("--outbound-address", args.outbound_address)
     base = load_bootstrap_file(args.config) if args.config else None
     outbound = ListenerConfig(
@@ -146,7 +150,7 @@ def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
     if base is None:
         return Bootstrap(
             listeners=(outbound,),
-            admin=AdminConfig(admin_host, admin_port),
+            admin=AdminConfig(admin_host, admin_port, health=health),
             node_id=args.node_id or socket.gethostname(),
         )
     return base

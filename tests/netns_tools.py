@@ -1,11 +1,14 @@
 """Small servers and clients that ``tests/test_interception.py`` runs inside network namespaces.
 
 Run as ``python tests/netns_tools.py COMMAND ...`` under ``ip netns exec``; standard library
-only, every client has a timeout, and each prints one JSON object on stdout.
+only (h2-get uses the h2 package, a dependency of ours), every client has a timeout, and each
+prints one JSON object on stdout.
 
     http-server --port P --name N     answers every request with its path and headers
     tcp-echo --port P                 echoes what it receives, prefixed with "echo: "
     http-get URL [--host H]           prints status, headers and body
+    h2-get HOST PORT PATH AUTHORITY   the same over HTTP/2 with prior knowledge (gRPC's way);
+                                      a connection that fails prints {"error": ...}
     tcp-send HOST PORT TEXT           sends TEXT, half-closes, prints what came back
 """
 
@@ -66,13 +69,13 @@ def tcp_echo(port: int) -> None:
         server.serve_forever()
 
 
-def http_get(url: str, host: str | None) -> dict[str, Any]:
+def http_get(url: str, host: str | None, method: str = "GET") -> dict[str, Any]:
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname is not None
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=TIMEOUT)
     try:
         headers = {"host": host} if host is not None else {}
-        conn.request("GET", parts.path or "/", headers=headers)
+        conn.request(method, parts.path or "/", headers=headers)
         response = conn.getresponse()
         body = response.read().decode("utf-8", "replace")
         return {
@@ -82,6 +85,44 @@ def http_get(url: str, host: str | None) -> dict[str, Any]:
         }
     finally:
         conn.close()
+
+
+def h2_get(host: str, port: int, path: str, authority: str) -> dict[str, Any]:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    try:
+        sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    except OSError as exc:
+        return {"error": str(exc)}
+    with sock:
+        conn.initiate_connection()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", authority),
+                   (":path", path)]
+        conn.send_headers(1, headers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, body, seen = 0, b"", {}
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError as exc:
+                return {"error": str(exc)}
+            if not data:
+                return {"error": "connection closed before the response ended"}
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    seen = {k.decode(): v.decode() for k, v in event.headers}
+                    status = int(seen[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return {"status": status, "headers": seen, "body": body.decode()}
+                elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    return {"error": type(event).__name__}
+            sock.sendall(conn.data_to_send())
 
 
 def tcp_send(host: str, port: int, text: str) -> dict[str, Any]:
@@ -105,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("http-get")
     p.add_argument("url")
     p.add_argument("--host")
+    p.add_argument("--method", default="GET")
+    p = sub.add_parser("h2-get")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("path")
+    p.add_argument("authority")
     p = sub.add_parser("tcp-send")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -115,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "tcp-echo":
         tcp_echo(args.port)
     elif args.command == "http-get":
-        print(json.dumps(http_get(args.url, args.host)))
+        print(json.dumps(http_get(args.url, args.host, args.method)))
+    elif args.command == "h2-get":
+        print(json.dumps(h2_get(args.host, args.port, args.path, args.authority)))
     else:
         print(json.dumps(tcp_send(args.host, args.port, args.text)))
     return 0

@@ -85,8 +85,8 @@ class Netns:
         result: dict[str, Any] = json.loads(self.run(sys.executable, TOOLS, *argv).stdout)
         return result
 
-    def get(self, url: str, host: str | None = None) -> dict[str, Any]:
-        return self.tool("http-get", url, *(("--host", host) if host else ()))
+    def get(self, url: str, host: str | None = None, method: str = "GET") -> dict[str, Any]:
+        return self.tool("http-get", url, "--method", method, *(("--host", host) if host else ()))
 
     def pilotfish(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return self.run(sys.executable, "-m", "pilotfish", *argv)
@@ -374,17 +374,21 @@ def test_apply_twice_then_clean_removes_exactly_ours(world: World) -> None:
     assert world.stats().get(counter, 0) == before
 
 
-# ---------------------------------------------------------------- as in k8s/demo.yaml
+# ------------------------------------------- as `pilotfish inject` configures a sidecar
 
 XDS_PORT = 15010
+KUBE_API_PORT = 6443
+KUBE_SERVICE_PORT = 7001
 MESH = {
     "services": {
         "app": {
             "protocol": "http1",
             "port": APP_PORT,
             "endpoints": [f"{POD_IP}:{APP_PORT}"],
-            "depends_on": ["peer"],
+            "depends_on": ["peer", "quotes"],
         },
+        # A Kubernetes Service: its pod (the peer's HTTP server) comes from the API server.
+        "quotes": {"namespace": "default", "protocol": "http1", "endpoints": []},
         "peer": {
             "protocol": "http1",
             "port": PEER_HTTP_PORT,
@@ -396,11 +400,32 @@ MESH = {
 
 
 def start_xds_sidecar(pod: Netns, peer: Netns, workdir: Path) -> None:
-    """A control plane in ``peer``; in ``pod`` a sidecar with the flags of k8s/demo.yaml."""
+    """A control plane in ``peer``; in ``pod`` a sidecar with the flags injection gives it."""
     mesh = workdir / "mesh.yaml"
     mesh.write_text(yaml.safe_dump(MESH))
+    # A Kubernetes API server in the peer's namespace, serving the Service "quotes" (port
+    # 7001) whose one pod is the peer's HTTP server.
+    from tests.kube_fake import FakeKubeApi, endpoint, endpoint_slice, service
+
+    objects = workdir / "kube-objects.json"
+    # Its ClusterIP is the peer's address, which the pod can route to: HTTP/2 dialled to
+    # ClusterIP:port is the mesh's.
+    objects.write_text(json.dumps({
+        "services": [service("quotes", "default", KUBE_SERVICE_PORT, cluster_ip=PEER_IP,
+                             port_name="http")],
+        "endpointslices": [endpoint_slice("quotes-1", "default", "quotes", PEER_HTTP_PORT,
+                                          [endpoint(PEER_IP)], port_name="http")],
+    }))
+    fake = FakeKubeApi()
+    fake.port = KUBE_API_PORT
+    kubeconfig = fake.kubeconfig(workdir / "kubeconfig")
+    peer.spawn(sys.executable, str(Path(__file__).with_name("kube_fake.py")), "--port",
+               str(KUBE_API_PORT), "--objects", str(objects), log=workdir / "kube-api.log")
+    wait_until("the Kubernetes API", lambda: peer.get(
+        f"http://127.0.0.1:{KUBE_API_PORT}/api/v1/services")["status"] == 200 or None)
     peer.spawn(sys.executable, "-m", "pilotfish", "control-plane", "--config", str(mesh),
-               "--address", "0.0.0.0", "--port", str(XDS_PORT), log=workdir / "cp.log")
+               "--address", "0.0.0.0", "--port", str(XDS_PORT), "--kubernetes",
+               "--kubeconfig", str(kubeconfig), log=workdir / "cp.log")
     pod.spawn(
         *_run_as_proxy(
             sys.executable, "-m", "pilotfish", "sidecar",
@@ -442,7 +467,54 @@ def test_xds_sidecar_behind_the_rules(xds_world: World) -> None:
     reply = w.pod.tool("tcp-send", PEER_IP, str(PEER_TCP_PORT), "over xds")
     assert reply["reply"] == "echo: over xds"
 
+    # (d) an unknown HTTP host goes to its original destination, untouched by the mesh.
+    reply = w.pod.get(f"http://{PEER_IP}:{PEER_HTTP_PORT}/plain", host="example.org")
+    assert reply["status"] == 200, reply
+    seen = json.loads(reply["body"])
+    assert seen["server"] == "peer" and seen["path"] == "/plain"
+    assert "x-pilotfish-via" not in seen["headers"]
+
     after = w.stats()
     for counter in (inbound, outbound):
         assert after.get(counter, 0) > before.get(counter, 0), (counter, after)
-    assert after.get(passthrough, 0) == before.get(passthrough, 0) + 1
+    assert after.get(passthrough, 0) == before.get(passthrough, 0) + 2
+
+
+def test_xds_sidecar_routes_kubernetes_names(xds_world: World) -> None:
+    """The app calls a Kubernetes Service by its DNS name; the mesh route takes it to the pod
+    the API server lists (the port dialled has nothing listening: the route decides)."""
+    w = xds_world
+    for host in ("quotes.default.svc.cluster.local:7001", "quotes.default.svc.cluster.local",
+                 "quotes.default:7001", "quotes"):
+        def call(host: str = host) -> dict[str, Any] | None:
+            return _ok(w.pod.get(f"http://{PEER_IP}:{KUBE_SERVICE_PORT}/k8s", host=host))
+
+        reply = wait_until(host, call)
+        seen = json.loads(reply["body"])
+        assert seen["server"] == "peer" and seen["path"] == "/k8s", seen
+        assert seen["client"] == POD_IP
+
+
+def test_xds_sidecar_decides_http2_by_the_address_dialled(xds_world: World) -> None:
+    """gRPC-style HTTP/2 (prior knowledge) dialled to a Service's ClusterIP:port is routed by
+    the mesh; dialled to an address the mesh does not know, it goes there untouched."""
+    w = xds_world
+    authority = "quotes.default.svc.cluster.local:7001"
+
+    def via_cluster_ip() -> dict[str, Any] | None:
+        reply = w.pod.tool("h2-get", PEER_IP, str(KUBE_SERVICE_PORT), "/h2", authority)
+        return reply if reply.get("status") == 200 else None
+
+    reply = wait_until("HTTP/2 to the ClusterIP", via_cluster_ip)
+    seen = json.loads(reply["body"])
+    assert seen["server"] == "peer" and seen["path"] == "/h2", seen  # the pod, on 8080
+    counter = "http.outbound.downstream_cx_passthrough_unknown_authority"
+    before = w.stats().get(counter, 0)
+    # Port 9 of the peer is not a Service: relayed there, where nothing listens.
+    reply = w.pod.tool("h2-get", PEER_IP, "9", "/h2", authority)
+    assert "error" in reply, reply
+    assert w.stats().get(counter, 0) == before + 1
+
+
+def _ok(reply: dict[str, Any]) -> dict[str, Any] | None:
+    return reply if reply["status"] == 200 else None

@@ -1,20 +1,37 @@
 """The Kubernetes manifests in ``k8s/`` parse and agree with each other and with the code.
 
-No cluster runs here: this checks what can be checked offline. Every Service selects a
-Deployment and targets a port its pods declare; each sidecar's flags agree with its init
-container's interception rules, its app, the control plane Service and Jaeger; the mesh in the
-ConfigMap is valid and names the Services; the image builds the way the docs say.
+No cluster runs here: this checks what can be checked offline. Every document validates
+against the Kubernetes API schemas (strict, 1.29 to 1.33); every Service selects a Deployment
+and targets a port its pods declare; the demo pods carry no hand-written sidecar and, injected
+as the control plane's webhook would, their sidecar's flags agree with the interception rules,
+the app and the control plane Service; the control plane's RBAC, PodDisruptionBudget and
+webhook configuration fit its Deployment; the mesh in the ConfigMap is valid and names the
+Services; the webhook certificate script makes a certificate the webhook can serve; the image
+builds the way the docs say.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
+import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
+from control_plane.kube.inject import (
+    INIT,
+    NAMESPACE_LABEL,
+    SIDECAR,
+    STATUS_ANNOTATION,
+    InjectOptions,
+    inject_object,
+)
+from control_plane.kube.webhook import PATH as WEBHOOK_PATH
 from control_plane.mesh import parse_mesh_text
 from control_plane.xds.cache import SnapshotCache
 from pilotfish.cli import build_parser
@@ -24,8 +41,9 @@ from sidecar.listen.iptables import options_from_args
 from sidecar.main import xds_bootstrap
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
-NAMESPACE = "pilotfish"
-DRAIN_TIMEOUT = 5.0  # the sidecar's default drain_timeout
+CONTROL_NAMESPACE = "pilotfish"
+VERSIONS = ("1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0")
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"}
 
 
 def load_all() -> list[dict[str, Any]]:
@@ -40,6 +58,11 @@ DOCS = load_all()
 
 def of_kind(kind: str) -> list[dict[str, Any]]:
     return [d for d in DOCS if d["kind"] == kind]
+
+
+def named(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in of_kind(kind) if d["metadata"]["name"] == name]
+    return found
 
 
 def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -62,30 +85,80 @@ def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
+def control_plane_args() -> list[str]:
+    (container,) = pod_spec(named("Deployment", "control-plane"))["containers"]
+    args: list[str] = container["args"]
+    return args
+
+
+def injection_namespaces() -> set[str]:
+    return {
+        ns["metadata"]["name"]
+        for ns in of_kind("Namespace")
+        if ns["metadata"].get("labels", {}).get(NAMESPACE_LABEL) == "enabled"
+    }
+
+
+def inject_options() -> InjectOptions:
+    """What the control plane's webhook injects, from its flags."""
+    args = build_parser().parse_args(control_plane_args())
+    return InjectOptions(
+        image=args.inject_image, xds_address=args.inject_xds_address, native=not args.inject_classic
+    )
+
+
 def meshed_pods() -> list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]]:
-    """``(deployment name, init container, sidecar container, pod spec)`` for meshed pods."""
+    """``(deployment name, init container, sidecar, pod spec)`` of every Deployment in a
+    namespace labelled for injection, injected as the webhook would."""
     found = []
     for deployment in of_kind("Deployment"):
-        spec = pod_spec(deployment)
-        sidecars = [c for c in spec["containers"] if c.get("args", [""])[0] == "sidecar"]
-        if not sidecars:
+        if deployment["metadata"]["namespace"] not in injection_namespaces():
             continue
-        (init,) = spec["initContainers"]
-        found.append((deployment["metadata"]["name"], init, sidecars[0], spec))
+        spec = pod_spec(inject_object(deployment, inject_options()))
+        inits = {c["name"]: c for c in spec["initContainers"]}
+        found.append((deployment["metadata"]["name"], inits[INIT], inits[SIDECAR], spec))
     return found
 
 
+def service_port(host: str, port: int, namespace: str) -> bool:
+    """Whether ``host:port``, dialled from ``namespace``, names a Service of the manifests."""
+    parts = host.removesuffix(".svc.cluster.local").removesuffix(".svc").split(".")
+    name, ns = (parts[0], parts[1]) if len(parts) == 2 else (parts[0], namespace)
+    return any(
+        s["metadata"]["name"] == name
+        and s["metadata"]["namespace"] == ns
+        and any(p["port"] == port for p in s["spec"]["ports"])
+        for s in of_kind("Service")
+    )
+
+
 def test_every_document_is_named_and_namespaced() -> None:
-    assert {d["kind"] for d in DOCS} >= {"Namespace", "ConfigMap", "Deployment", "Service"}
-    seen: set[tuple[str, str]] = set()
+    kinds = {d["kind"] for d in DOCS}
+    assert kinds >= {"Namespace", "ConfigMap", "Deployment", "Service"} | CLUSTER_SCOPED
+    seen: set[tuple[str, str, str]] = set()
+    namespaces = {ns["metadata"]["name"] for ns in of_kind("Namespace")}
     for doc in DOCS:
         assert doc.get("apiVersion"), doc
-        key = (doc["kind"], doc["metadata"]["name"])
+        namespace = doc["metadata"].get("namespace", "")
+        key = (doc["kind"], namespace, doc["metadata"]["name"])
         assert key not in seen, f"duplicate {key}"
         seen.add(key)
-        if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace") == NAMESPACE, key
-    assert ("Namespace", NAMESPACE) in seen
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert not namespace, key
+        else:
+            assert namespace in namespaces, key
+    assert CONTROL_NAMESPACE not in injection_namespaces()  # the control plane is not meshed
+    assert injection_namespaces() == {"demo"}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_document_validates_strictly(version: str) -> None:
+    for doc in DOCS:
+        kubernetes_validate.validate(doc, version, strict=True)
+    for deployment in of_kind("Deployment"):
+        if deployment["metadata"]["namespace"] in injection_namespaces():
+            injected = inject_object(deployment, inject_options())
+            kubernetes_validate.validate(injected, version, strict=True)
 
 
 def test_deployments_select_their_own_pods() -> None:
@@ -102,8 +175,10 @@ def test_every_service_targets_a_declared_port_of_the_pods_it_selects() -> None:
         name = service["metadata"]["name"]
         selector = service["spec"]["selector"]
         matching = [
-            d for d in of_kind("Deployment")
-            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            d
+            for d in of_kind("Deployment")
+            if d["metadata"]["namespace"] == service["metadata"]["namespace"]
+            and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(matching) == 1, f"Service {name} selects {len(matching)} Deployments"
         ports = container_ports(pod_spec(matching[0]))
@@ -112,77 +187,60 @@ def test_every_service_targets_a_declared_port_of_the_pods_it_selects() -> None:
             assert target in ports, f"Service {name}: targetPort {target} is not declared"
 
 
-def service_port(host: str, port: int) -> bool:
-    """Whether ``host:port`` names a Service of the manifests (short or cluster DNS name)."""
-    short = host.removesuffix(f".{NAMESPACE}.svc.cluster.local")
-    return any(
-        s["metadata"]["name"] == short and any(p["port"] == port for p in s["spec"]["ports"])
-        for s in of_kind("Service")
-    )
+def test_demo_pods_rely_on_injection() -> None:
+    demo = [d for d in of_kind("Deployment") if d["metadata"]["namespace"] == "demo"]
+    assert {d["metadata"]["name"] for d in demo} == {"quotes", "greeter", "demo-client"}
+    for deployment in demo:
+        spec = pod_spec(deployment)
+        containers = spec["containers"] + spec.get("initContainers", [])
+        assert all(not c["name"].startswith("pilotfish") for c in containers)
+        assert all(c.get("args", [""])[0] not in ("sidecar", "iptables") for c in containers)
+        template = deployment["spec"]["template"]
+        assert STATUS_ANNOTATION not in template["metadata"].get("annotations", {})
 
 
-def test_sidecars_agree_with_their_init_container_app_and_services() -> None:
+def test_injected_sidecars_agree_with_their_rules_app_and_control_plane() -> None:
     pods = meshed_pods()
-    assert {name for name, *_ in pods} >= {"greeter", "quotes"}
+    assert {name for name, *_ in pods} == {"greeter", "quotes", "demo-client"}
     parser = build_parser()
     for name, init, sidecar, spec in pods:
         rules = options_from_args(parser.parse_args(init["args"]))
-        assert "NET_ADMIN" in init["securityContext"]["capabilities"]["add"], name
+        assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
         args = parser.parse_args(sidecar["args"])
         # The sidecar runs as the UID the rules exclude; the app must not, or its calls would
         # leave the pod without meeting the sidecar.
         proxy_uid = sidecar["securityContext"]["runAsUser"]
         assert rules.proxy_uid == proxy_uid, name
         for container in spec["containers"]:
-            if container is not sidecar:
-                assert container["securityContext"]["runAsUser"] != proxy_uid, name
-        # Ports: the rules redirect to where the sidecar listens.
+            assert container["securityContext"]["runAsUser"] != proxy_uid, name
         assert parse_address("", args.outbound_address) == ("127.0.0.1", rules.outbound_port)
         assert args.outbound_passthrough == "original-destination", name
         if args.app_address:
             assert parse_address("", args.inbound_address) == ("0.0.0.0", rules.inbound_port)
-            app_port = parse_address("", args.app_address)[1]
-            assert app_port in container_ports(spec), name
-        else:
-            assert rules.include_inbound_ports == (), f"{name} has no inbound listener"
-        # The kubelet probes the admin port, which the rules leave alone.
-        admin_host, admin_port = parse_address("", args.admin_address)
-        assert admin_host == "0.0.0.0"
-        assert admin_port in rules.exclude_inbound_ports
+            assert parse_address("", args.app_address)[1] in container_ports(spec), name
+        # The admin stays on loopback; the kubelet probes the health port, left alone by the
+        # rules, which serves readiness only.
+        assert parse_address("", args.admin_address)[0] == "127.0.0.1"
+        health_host, health_port = parse_address("", args.health_address)
+        assert health_host == "0.0.0.0" and health_port in rules.exclude_inbound_ports
         for probe in ("readinessProbe", "startupProbe"):
-            assert sidecar[probe]["httpGet"] == {"path": "/ready", "port": admin_port}
-        # The control plane and Jaeger are Services of these manifests.
+            assert sidecar[probe]["httpGet"] == {"path": "/ready", "port": health_port}
+        assert sidecar["restartPolicy"] == "Always"  # native: starts before the app
         xds_host, xds_port = parse_address("", args.xds)
-        assert service_port(xds_host, xds_port), args.xds
-        env = {e["name"]: e.get("value") for e in sidecar["env"]}
-        otlp = env["OTEL_EXPORTER_OTLP_ENDPOINT"]
-        assert otlp is not None and otlp.startswith("http://")
-        assert service_port(*parse_address("", otlp.removeprefix("http://"))), otlp
-        # The bootstrap the sidecar builds from these flags relays non-HTTP to where it went.
+        assert service_port(xds_host, xds_port, "demo"), args.xds
         outbound = xds_bootstrap(args).listeners[0]
         assert outbound.tcp_passthrough_original_destination
 
 
-def test_graceful_shutdown_fits_in_the_grace_period() -> None:
+def test_apps_keep_serving_while_their_endpoint_drains() -> None:
     for name, _, sidecar, spec in meshed_pods():
-        command = sidecar["lifecycle"]["preStop"]["exec"]["command"]
-        assert command[:2] == ["python", "-c"]
-        script = command[2]
-        compile(script, f"{name} preStop", "exec")
-        assert "/healthcheck/fail" in script and "method=\"POST\"" in script
-        wait = float(script.rsplit("time.sleep(", 1)[1].split(")")[0])
-        sidecar_done = wait + DRAIN_TIMEOUT
-        grace = spec["terminationGracePeriodSeconds"]
-        assert grace > sidecar_done, name
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        assert "lifecycle" not in sidecar  # native: it stops after the app, nothing to wait for
         for container in spec["containers"]:
-            if container is sidecar:
-                continue
-            app_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
-            if app_stop:
-                # The app serves until the sidecar has drained, and stops within the grace.
-                command = app_stop["command"]
-                assert command[0] == "sleep", name
-                assert sidecar_done <= float(command[1]) < grace - STOP_GRACE, name
+            command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
+            if command:
+                assert command["command"][0] == "sleep", name
+                assert 0 < float(command["command"][1]) < grace - STOP_GRACE, name
 
 
 def test_inline_scripts_compile() -> None:
@@ -194,20 +252,124 @@ def test_inline_scripts_compile() -> None:
 
 
 def test_the_mesh_in_the_config_map_is_valid_and_names_the_services() -> None:
-    (config_map,) = [c for c in of_kind("ConfigMap") if c["metadata"]["name"] == "mesh"]
+    config_map = named("ConfigMap", "mesh")
     mesh = parse_mesh_text(config_map["data"]["mesh.yaml"], "k8s mesh")
     SnapshotCache(mesh)  # every proxy view is consistent
+    services = {(s["metadata"]["name"], s["metadata"]["namespace"]) for s in of_kind("Service")}
     for service in mesh.services.values():
-        for endpoint in service.endpoints:
-            assert service_port(endpoint.host, endpoint.port), endpoint.address
-    sidecar_services = {
-        flag(sidecar["args"], "--service") for _, _, sidecar, _ in meshed_pods()
-    }
+        assert service.endpoints == ()  # pods come from the Kubernetes API
+        if service.port is not None:
+            assert (service.name, service.namespace) in services, service.name
+    sidecar_services = {flag(sidecar["args"], "--service") for _, _, sidecar, _ in meshed_pods()}
     assert sidecar_services <= set(mesh.services)
-    (deployment,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "control-plane"]
+    tracing = mesh.telemetry.tracing
+    assert tracing is not None
+    host, port = parse_address("", tracing.otlp_endpoint.removeprefix("http://"))
+    assert service_port(host, port, "demo"), tracing.otlp_endpoint
+    args = control_plane_args()
+    assert flag(args, "--config") == "/etc/pilotfish/mesh.yaml"
+    assert "--kubernetes" in args
+
+
+def test_rbac_reads_services_endpointslices_and_pods_only() -> None:
+    role = named("ClusterRole", "pilotfish-control-plane")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == {
+        (group, resource, verb)
+        for group, resource in (
+            ("", "services"),
+            ("", "pods"),
+            ("discovery.k8s.io", "endpointslices"),
+        )
+        for verb in ("get", "list", "watch")
+    }
+    binding = named("ClusterRoleBinding", "pilotfish-control-plane")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (subject,) = binding["subjects"]
+    deployment = named("Deployment", "control-plane")
+    assert subject["name"] == pod_spec(deployment)["serviceAccountName"]
+    assert subject["namespace"] == deployment["metadata"]["namespace"]
+    assert named("ServiceAccount", subject["name"])["metadata"]["namespace"] == CONTROL_NAMESPACE
+
+
+def test_two_control_plane_replicas_and_a_disruption_budget() -> None:
+    deployment = named("Deployment", "control-plane")
+    assert deployment["spec"]["replicas"] == 2
+    pdb = named("PodDisruptionBudget", "control-plane")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 0 < pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def test_the_webhook_configuration_reaches_the_control_plane() -> None:
+    (hook,) = named("MutatingWebhookConfiguration", "pilotfish-sidecar-injector")["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["namespaceSelector"] == {"matchLabels": {NAMESPACE_LABEL: "enabled"}}
+    assert hook["rules"] == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["CREATE"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    ref = hook["clientConfig"]["service"]
+    assert ref["path"] == WEBHOOK_PATH
+    service = named("Service", ref["name"])
+    assert service["metadata"]["namespace"] == ref["namespace"]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]]
+    deployment = named("Deployment", "control-plane")
+    target = container_ports(pod_spec(deployment))[port["targetPort"]]
+    args = control_plane_args()
+    assert parse_address("", flag(args, "--webhook-address")) == ("0.0.0.0", target)
+    # The certificate and key come from the Secret the script makes.
     (container,) = pod_spec(deployment)["containers"]
-    assert flag(container["args"], "--config") == "/etc/pilotfish/mesh.yaml"
-    assert container["volumeMounts"][0]["mountPath"] == "/etc/pilotfish"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    (tls_volume,) = [name for name, v in volumes.items() if "secret" in v]
+    for option in ("--webhook-cert", "--webhook-key"):
+        assert Path(flag(args, option)).parent == Path(mounts[tls_volume])
+    script = (K8S / "webhook-cert.sh").read_text()
+    assert f'SECRET="${{SECRET:-{volumes[tls_volume]["secret"]["secretName"]}}}"' in script
+    assert 'WEBHOOK="${WEBHOOK:-pilotfish-sidecar-injector}"' in script
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_the_certificate_script_makes_a_certificate_for_the_service(tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["bash", str(K8S / "webhook-cert.sh"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    # A TLS handshake in memory, as the API server makes it: the name it dials, our CA.
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    tls_client = client.wrap_bio(c_in, c_out, server_hostname="control-plane.pilotfish.svc")
+    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
+    done_sides: set[str] = set()
+    for _ in range(10):
+        for name, side in (("client", tls_client), ("server", tls_server)):
+            try:
+                side.do_handshake()
+                done_sides.add(name)
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert done_sides == {"client", "server"}
 
 
 @pytest.mark.parametrize(
@@ -226,7 +388,5 @@ def test_dockerfile(line: str) -> None:
 
 def test_the_dockerfile_copies_every_package() -> None:
     text = (K8S / "Dockerfile").read_text()
-    copied = {
-        shlex.split(line)[1] for line in text.splitlines() if line.startswith("COPY ")
-    }
+    copied = {shlex.split(line)[1] for line in text.splitlines() if line.startswith("COPY ")}
     assert {"pilotfish", "sidecar", "control_plane"} <= copied

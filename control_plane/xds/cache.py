@@ -51,6 +51,11 @@ def identify(node: base_pb2.Node, mesh: Mesh) -> ProxyIdentity:
 
     service, namespace = text("service"), text("namespace")
     known = mesh.services.get(service)
+    if (known is None or known.namespace != namespace) and namespace:
+        # A Kubernetes Service the mesh file does not name is keyed ``name.namespace``.
+        discovered = mesh.services.get(f"{service}.{namespace}")
+        if discovered is not None:
+            known, service = discovered, discovered.name
     view_service = service if known and namespace in ("", known.namespace) else None
     if service and view_service is None:
         log.warning(

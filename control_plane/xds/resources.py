@@ -39,6 +39,7 @@ from envoy.type.matcher.v3 import regex_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from control_plane.kube.state import PodEndpoint
 from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
 from control_plane.xds import cluster_policy_xds as cluster_policy
@@ -117,7 +118,7 @@ def build_view(
                 )
             add(ROUTE, name, partial(route_configuration, service, mesh))
         add(CLUSTER, name, partial(eds_cluster, service))
-        add(ENDPOINT, name, partial(load_assignment, name, service.endpoints))
+        add(ENDPOINT, name, partial(load_assignment, name, service.endpoints, service.pods))
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
         # Per proxy (its app address): not shared, so not memoised.
@@ -232,6 +233,7 @@ def route_configuration(
     domains = [service.name]
     if service.port is not None:
         domains.append(f"{service.name}:{service.port}")
+    domains += [alias for alias in service.aliases if alias not in domains]
     return route_pb2.RouteConfiguration(
         name=service.name,
         virtual_hosts=[
@@ -391,20 +393,54 @@ def _socket_address(host: str, port: int) -> address_pb2.Address:
     )
 
 
-def load_assignment(
-    cluster_name: str, endpoints: tuple[Endpoint, ...]
-) -> endpoint_pb2.ClusterLoadAssignment:
-    lb_endpoints = [
-        endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.host, e.port)),
-            health_status=health_check_pb2.HEALTHY,
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=e.weight),
-        )
-        for e in endpoints
-    ]
-    locality = endpoint_components_pb2.LocalityLbEndpoints(
-        locality=base_pb2.Locality(region="pilotfish", zone="local"),
-        lb_endpoints=lb_endpoints,
-        load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+def _lb_endpoint(
+    host: str, port: int, weight: int = 1, draining: bool = False
+) -> endpoint_components_pb2.LbEndpoint:
+    return endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(host, port)),
+        # DRAINING: a terminating pod still serving; clients finish what they have sent it
+        # and send it nothing new.
+        health_status=health_check_pb2.DRAINING if draining else health_check_pb2.HEALTHY,
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
     )
-    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=[locality])
+
+
+def load_assignment(
+    cluster_name: str, endpoints: tuple[Endpoint, ...], pods: tuple[PodEndpoint, ...] = ()
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """Static endpoints in one locality; pods in one locality per (zone, node).
+
+    Every locality has weight 1 (gRPC drops localities without one). Our sidecar multiplies
+    endpoint and locality weights, so pods are weighted alike wherever they run.
+    """
+    localities = []
+    if endpoints:
+        localities.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region="pilotfish", zone="local"),
+                lb_endpoints=[_lb_endpoint(e.host, e.port, e.weight) for e in endpoints],
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
+    by_place: dict[tuple[str, str], list[PodEndpoint]] = {}
+    for pod in pods:
+        by_place.setdefault((pod.zone, pod.node), []).append(pod)
+    for (zone, node), members in sorted(by_place.items()):
+        localities.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(zone=zone, sub_zone=node),
+                lb_endpoints=[
+                    _lb_endpoint(p.address, p.port, draining=p.draining) for p in members
+                ],
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
+    if not localities:
+        # An empty service keeps its one (empty) locality, as before pods were known.
+        localities.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region="pilotfish", zone="local"),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=localities)

@@ -131,14 +131,16 @@ def _check_references(
 def parse_admin(node: Node) -> AdminConfig:
     if node.value is None:
         return AdminConfig()
-    node.mapping({"address", "port", "prometheus_address"})
+    node.mapping({"address", "port", "prometheus_address", "health_address"})
     prometheus = node.get("prometheus_address")
+    health = node.get("health_address")
     return AdminConfig(
         host=node.get("address").as_str("127.0.0.1"),
         port=node.get("port").as_int(15000, maximum=65535),
         prometheus=parse_address(prometheus.path, prometheus.value)
         if node.has("prometheus_address")
         else None,
+        health=parse_address(health.path, health.value) if node.has("health_address") else None,
     )
 
 

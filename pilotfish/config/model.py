@@ -169,6 +169,8 @@ class AdminConfig:
     port: int = 15000
     # A second port that serves only /stats/prometheus, for scrapers (Envoy's 15090).
     prometheus: tuple[str, int] | None = None
+    # A port that serves only readiness, for kubelet probes (Istio's 15021).
+    health: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ method token and a space. Anything else goes to the listener's TCP passthrough c
 has one, and is closed with a logged reason when it has not. A client that says nothing (a
 server-first protocol) is relayed as TCP after ``protocol_detect_timeout``. A listener with
 ``tcp_passthrough_original_destination`` relays such connections to where the client meant to
-go before iptables redirected it here.
+go before iptables redirected it here, and so HTTP connections whose first request names a host
+its routes do not know (``listen/authority.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sidecar import codec
 from sidecar.http.h1conn import H1ServerConnection
 from sidecar.http.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
 from sidecar.http.streams import REFUSED_STREAM, StreamHandler, StreamSink
+from sidecar.listen.authority import Unreadable, first_authority
 from sidecar.listen.original_dst import OriginalDestinationError, original_destination
 from sidecar.route.exchange import Exchange, SidecarServices
 from sidecar.route.policy.shedding import LoadShedder
@@ -261,6 +263,8 @@ class SniffingProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.head = b""
         self.timer: asyncio.TimerHandle | None = None
+        # HTTP, waiting for the first request's authority to choose mesh or passthrough.
+        self.http: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -276,9 +280,41 @@ class SniffingProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.head += data
-        protocol = detect_protocol(self.head)
+        protocol = self.http or detect_protocol(self.head)
+        if protocol in ("h1", "h2") and self.listener.config.tcp_passthrough_original_destination:
+            self.http = protocol
+            protocol = self._mesh_or_passthrough(protocol)
         if protocol is not None:
             self._hand_over(protocol)
+
+    def _mesh_or_passthrough(self, protocol: str) -> str | None:
+        """``protocol`` if the connection is for a host the routes know, ``"other"`` (to the
+        original destination) if not, None until the HTTP/1.1 request head has arrived.
+
+        HTTP/1.1 is decided by its first request's authority. HTTP/2 clients wait for our
+        SETTINGS before sending a request, so there the address dialled decides: a known
+        ``ip:port`` (a Kubernetes Service's ClusterIP) or a catch-all virtual host.
+        """
+        table = self.listener.route_table()
+        if protocol == "h2":
+            assert self.transport is not None
+            try:
+                host, port = original_destination(self.transport.get_extra_info("socket"))
+            except OriginalDestinationError:
+                return protocol  # not redirected: nothing else to go to
+            authority = f"{host}:{port}"
+        else:
+            try:
+                found = first_authority(self.head)
+            except Unreadable:
+                return protocol  # the HTTP codec answers it with a proper protocol error
+            if found is None:
+                return None
+            authority = found
+        if table is not None and authority and table.virtual_host(authority) is not None:
+            return protocol
+        self.listener.scope.inc("downstream_cx_passthrough_unknown_authority")
+        return "other"
 
     def eof_received(self) -> bool | None:
         return None
@@ -289,6 +325,10 @@ class SniffingProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self.timer = None
+        if self.http is not None:
+            # An HTTP/1.1 request head that takes this long: handled by the mesh.
+            self._hand_over(self.http)
+            return
         self._hand_over("tcp" if not self.head else "other")
 
     def _hand_over(self, protocol: str) -> None:

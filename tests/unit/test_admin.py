@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from pilotfish.plainhttp import is_loopback
 from sidecar.admin import AdminServer
 from sidecar.server import Sidecar
 from tests.support import simple_config
@@ -32,3 +35,21 @@ def test_prometheus_keeps_dotted_stat_names_out_of_the_label() -> None:
     assert 'pilotfish_cluster_health_check_failure{cluster="app"} 2' in lines
     assert 'pilotfish_cluster_outlier_detection_ejections_active{cluster="app"} 1' in lines
     assert "# TYPE pilotfish_cluster_outlier_detection_ejections_active gauge" in lines
+
+
+@pytest.mark.parametrize(
+    ("peer", "loopback"),
+    [
+        (("127.0.0.1", 5000), True),
+        (("127.9.9.9", 5000), True),
+        (("::1", 5000, 0, 0), True),
+        (("::ffff:127.0.0.1", 5000, 0, 0), True),
+        (("10.0.0.7", 5000), False),
+        (("::ffff:10.0.0.7", 5000, 0, 0), False),
+        (("fe80::1%eth0", 5000, 0, 2), False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_loopback_peers(peer: object, loopback: bool) -> None:
+    assert is_loopback(peer) is loopback

@@ -1,0 +1,1 @@
+"""Kubernetes: discover Services and their pods (EndpointSlices), inject sidecars."""
