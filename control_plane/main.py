@@ -95,6 +95,7 @@ async def start_control_plane(
     callbacks: Callbacks | None = None,
     poll_interval: float = 0.2,
     metrics_address: tuple[str, int] | None = None,
+    unknown_nodes: str = "serve",
     kubernetes: KubernetesOptions | None = None,
     webhook: WebhookOptions | None = None,
 ) -> ControlPlane:
@@ -137,7 +138,7 @@ async def start_control_plane(
         metrics.kube_services = lambda: state.service_count
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        AdsServicer(cache, registry, metrics), server
+        AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes), server
     )
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
@@ -220,6 +221,7 @@ async def _serve(args: argparse.Namespace) -> int:
             args.address,
             args.port,
             metrics_address=metrics_address,
+            unknown_nodes=args.unknown_nodes,
             kubernetes=kubernetes,
             webhook=webhook,
         )

@@ -137,7 +137,7 @@ class Sidecar:
             if self.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((config.host, config.port))
-            sock.listen(1024)
+            sock.listen(config.backlog)
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -168,7 +168,10 @@ class Sidecar:
 
     async def _serve_listener(self, runtime: ListenerRuntime, sock: socket.socket) -> None:
         loop = asyncio.get_event_loop()
-        runtime.server = await loop.create_server(lambda: SniffingProtocol(runtime), sock=sock)
+        # create_server listens on the socket again, with its own backlog (100 by default).
+        runtime.server = await loop.create_server(
+            lambda: SniffingProtocol(runtime), sock=sock, backlog=runtime.config.backlog
+        )
         config = runtime.config
         log.info("listener %s on %s:%d", config.name, config.host, config.port)
 

@@ -269,6 +269,8 @@ def test_the_mesh_in_the_config_map_is_valid_and_names_the_services() -> None:
     args = control_plane_args()
     assert flag(args, "--config") == "/etc/pilotfish/mesh.yaml"
     assert "--kubernetes" in args
+    # Sidecars all name a service of the mesh (above), so strangers can be refused.
+    assert flag(args, "--unknown-nodes") == "reject"
 
 
 def test_rbac_reads_services_endpointslices_and_pods_only() -> None:

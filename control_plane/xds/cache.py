@@ -41,7 +41,8 @@ def identify(node: base_pb2.Node, mesh: Mesh) -> ProxyIdentity:
 
     Metadata fields: ``service``, ``namespace`` and, for a sidecar, ``app_address`` (where its
     app listens) and ``inbound_address`` (where the sidecar listens for inbound calls). A proxy
-    whose service is not in the mesh, or in another namespace, sees every service.
+    whose service is not in the mesh, or in another namespace, sees every service (unless the
+    server refuses such proxies: ``--unknown-nodes reject``).
     """
     fields = node.metadata.fields
 
@@ -59,7 +60,7 @@ def identify(node: base_pb2.Node, mesh: Mesh) -> ProxyIdentity:
     view_service = service if known and namespace in ("", known.namespace) else None
     if service and view_service is None:
         log.warning(
-            "node %r: service %r/%r is not in the mesh; it sees every service",
+            "node %r: service %r/%r is not in the mesh",
             node.id,
             namespace,
             service,

@@ -36,6 +36,16 @@ Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscover
 Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
 
 
+# What a proxy whose service the mesh does not know is served: the whole mesh (``serve``, for
+# gateways and local runs without metadata) or nothing (``reject``: the stream is refused
+# with PERMISSION_DENIED, so a stranger cannot learn every service and endpoint).
+UNKNOWN_NODE_POLICIES = ("serve", "reject")
+
+
+class UnknownNodeError(ProtocolError):
+    """The proxy's service is not in the mesh, and unknown nodes are refused."""
+
+
 _ReqIn = TypeVar("_ReqIn", contravariant=True)
 _RespOut = TypeVar("_RespOut", covariant=True)
 
@@ -96,7 +106,17 @@ class _Stream(Generic[Req, Resp]):
     proxy: ConnectedProxy
     protocol: _Protocol[Req, Resp]
     callbacks: Callbacks
+    reject_unknown: bool = False
     node: base_pb2.Node | None = None
+
+    def _identify(self, node: base_pb2.Node) -> ProxyIdentity:
+        identity = identify(node, self.cache.mesh)
+        if self.reject_unknown and identity.view.service is None:
+            raise UnknownNodeError(
+                f"node {node.id!r}: service {identity.service!r} in namespace "
+                f"{identity.namespace!r} is not in the mesh"
+            )
+        return identity
 
     def snapshot(self) -> Snapshot:
         assert self.proxy.identity is not None
@@ -107,8 +127,8 @@ class _Stream(Generic[Req, Resp]):
         if self.node is None:
             if not request.HasField("node"):
                 raise ProtocolError("the first request on a stream must carry the node")
+            self.proxy.identity = self._identify(request.node)
             self.node = request.node
-            self.proxy.identity = identify(self.node, self.cache.mesh)
             log.info("stream %d (%s): node %r service %r namespace %r", self.proxy.stream_id,
                      self.proxy.kind, self.node.id, self.proxy.identity.service,
                      self.proxy.identity.namespace)
@@ -124,18 +144,25 @@ class _Stream(Generic[Req, Resp]):
         if self.node is None:
             return []
         # The new mesh may add or drop the proxy's service, which changes its view.
-        self.proxy.identity = identify(self.node, self.cache.mesh)
+        self.proxy.identity = self._identify(self.node)
         return self.protocol.handle_snapshot(self.snapshot())
 
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, cache: SnapshotCache, registry: ProxyRegistry, callbacks: Callbacks | None = None
+        self,
+        cache: SnapshotCache,
+        registry: ProxyRegistry,
+        callbacks: Callbacks | None = None,
+        unknown_nodes: str = "serve",
     ) -> None:
+        if unknown_nodes not in UNKNOWN_NODE_POLICIES:
+            raise ValueError(f"unknown_nodes must be one of {UNKNOWN_NODE_POLICIES}")
         self._cache = cache
         self._registry = registry
         self._callbacks = callbacks or Callbacks()
         self._ids = itertools.count(1)
+        self._reject_unknown = unknown_nodes == "reject"
 
     # grpc.aio recognises a streaming handler only if it is itself an async generator.
     async def StreamAggregatedResources(
@@ -163,7 +190,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     ) -> AsyncIterator[Resp]:
         assert isinstance(protocol, SotwStream | DeltaStream)
         proxy = ConnectedProxy(next(self._ids), kind, time.time(), protocol)
-        stream: _Stream[Req, Resp] = _Stream(self._cache, proxy, protocol, self._callbacks)
+        stream: _Stream[Req, Resp] = _Stream(
+            self._cache, proxy, protocol, self._callbacks, self._reject_unknown
+        )
         queue: asyncio.Queue[Req | _MeshChanged | _ClientDone] = asyncio.Queue()
         stop_watching = self._cache.on_change(lambda: queue.put_nowait(_MESH_CHANGED))
         reader = asyncio.create_task(_read_requests(request_iterator, queue.put_nowait))
@@ -181,6 +210,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                         changed_at = self._cache.changed_at
                     else:
                         responses = stream.on_request(item)
+                except UnknownNodeError as exc:
+                    log.warning("stream %d refused: %s", proxy.stream_id, exc)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                    return
                 except ProtocolError as exc:
                     log.warning("stream %d: %s", proxy.stream_id, exc)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

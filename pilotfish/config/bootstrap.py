@@ -22,6 +22,7 @@ from pilotfish.config.model import (
     AdminConfig,
     Bootstrap,
     ClusterConfig,
+    ConnectionLimits,
     Endpoint,
     HeaderMutation,
     ListenerConfig,
@@ -195,6 +196,47 @@ def parse_access_log(node: Node) -> AccessLogConfig:
     return AccessLogConfig(sink=sink, path=path, fields=fields)  # type: ignore[arg-type]
 
 
+def _positive_rate(node: Node, default: float) -> float:
+    if node.value is None:
+        return default
+    value = node.value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise node.error("expected a positive number (per second)")
+    return float(value)
+
+
+def parse_connection_limits(node: Node) -> ConnectionLimits:
+    default = ConnectionLimits()
+    if node.value is None:
+        return default
+    node.mapping(set(ConnectionLimits.__dataclass_fields__))
+
+    def count(key: str, minimum: int = 1) -> int:
+        value: int = getattr(default, key)
+        return node.get(key).as_int(value, minimum=minimum, maximum=2**31 - 1)
+
+    def duration(key: str) -> float:
+        value = node.get(key).as_duration(getattr(default, key))
+        if value <= 0:
+            raise node.get(key).error("expected a positive duration")
+        return value
+
+    return ConnectionLimits(
+        max_concurrent_streams=count("max_concurrent_streams"),
+        stream_reset_burst=count("stream_reset_burst"),
+        stream_reset_rate=_positive_rate(
+            node.get("stream_reset_rate"), default.stream_reset_rate
+        ),
+        control_frame_burst=count("control_frame_burst"),
+        control_frame_rate=_positive_rate(
+            node.get("control_frame_rate"), default.control_frame_rate
+        ),
+        http2_idle_timeout=duration("http2_idle_timeout"),
+        header_timeout=duration("header_timeout"),
+        stream_idle_timeout=duration("stream_idle_timeout"),
+    )
+
+
 def parse_listener(node: Node) -> ListenerConfig:
     node.mapping(
         {
@@ -208,6 +250,8 @@ def parse_listener(node: Node) -> ListenerConfig:
             "max_request_headers",
             "http1_idle_timeout",
             "direction",
+            "limits",
+            "backlog",
             *LISTENER_POLICY_KEYS,
         }
     )
@@ -250,7 +294,9 @@ def parse_listener(node: Node) -> ListenerConfig:
         max_request_headers_bytes=node.get("max_request_headers").as_int(60 * 1024, minimum=1024),
         http1_idle_timeout=node.get("http1_idle_timeout").as_duration(300.0),
         load_shedding=parse_load_shedding(node.get("load_shedding")),
-        limits=parse_listener_limits(node),
+        listener_limits=parse_listener_limits(node),
+        limits=parse_connection_limits(node.get("limits")),
+        backlog=node.get("backlog").as_int(1024, minimum=1, maximum=65535),
         direction=node.get("direction").as_choice(("inbound", "outbound"), "")
         if node.has("direction")
         else "",

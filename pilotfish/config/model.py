@@ -139,6 +139,34 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one downstream connection may cost the proxy, and how long it may sit idle.
+
+    Defaults follow nghttpx and Envoy: a client over a budget gets GOAWAY ENHANCE_YOUR_CALM,
+    a client that stops making progress gets its stream reset or its connection closed.
+    """
+
+    # Advertised in our SETTINGS and enforced: the stream after the limit is refused.
+    max_concurrent_streams: int = 100
+    # Streams the client may reset (or make us reset) in a burst, then per second (nghttp2's
+    # defaults) plus one per stream that completed: rapid reset (CVE-2023-44487) goes over
+    # this at once, a client whose calls mostly complete never does.
+    stream_reset_burst: int = 1000
+    stream_reset_rate: float = 33.0
+    # Frames that carry no request (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, RST_STREAM on a
+    # closed stream, empty DATA, unknown types): a burst, then per second plus ten for each
+    # DATA frame we send (window updates and pings follow the data a client receives).
+    control_frame_burst: int = 1000
+    control_frame_rate: float = 100.0
+    # An HTTP/2 connection without streams is closed (GOAWAY NO_ERROR) after this.
+    http2_idle_timeout: float = 180.0
+    # The request head (HTTP/1.1) or an open HTTP/2 header block must complete within this.
+    header_timeout: float = 60.0
+    # A stream that neither sends nor receives anything for this long is reset.
+    stream_idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     host: str
@@ -156,11 +184,14 @@ class ListenerConfig:
     mode: str = "auto"
     per_stream_buffer_bytes: int = 256 * 1024
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
-    limits: ListenerLimits = ListenerLimits()
+    listener_limits: ListenerLimits = ListenerLimits()
     # "inbound" (to the local app) or "outbound" (from it), for metrics; "" guesses by name.
     direction: str = ""
     max_request_headers_bytes: int = 60 * 1024
     http1_idle_timeout: float = 300.0
+    limits: ConnectionLimits = ConnectionLimits()
+    # The kernel's accept queue (capped by net.core.somaxconn).
+    backlog: int = 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ with ``struct`` in place (no per-frame objects), header blocks go through cachin
 coders, and inbound headers are validated once per distinct header block.
 """
 
-from sidecar.codec.connection import H2Codec
+from sidecar.codec.connection import Budget, H2Codec, Stream
 from sidecar.codec.errors import CodecProtocolError, CodecStreamClosedError
 from sidecar.codec.events import (
     ConnectionTerminated,
@@ -22,6 +22,7 @@ from sidecar.codec.events import (
 from sidecar.codec.frames import Chunk
 
 __all__ = [
+    "Budget",
     "Chunk",
     "CodecProtocolError",
     "CodecStreamClosedError",
@@ -31,6 +32,7 @@ __all__ = [
     "RemoteSettingsChanged",
     "RequestReceived",
     "ResponseReceived",
+    "Stream",
     "StreamReset",
     "TrailersReceived",
     "WindowUpdated",

@@ -16,8 +16,11 @@ RST_STREAM and, if the application knew the stream, yields a ``StreamReset``.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from sidecar.codec import frames as f
 from sidecar.codec.errors import (
+    ENHANCE_YOUR_CALM,
     FLOW_CONTROL_ERROR,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
@@ -47,12 +50,25 @@ from sidecar.codec.headers import (
     CachingEncoder,
     validated,
 )
-from sidecar.codec.receive import MAX_ANNOUNCED_FRAME, FrameReceiver, thread_receive_buffer
+from sidecar.codec.receive import (
+    MAX_ANNOUNCED_FRAME,
+    MAX_FRAMES_PER_TURN,
+    FrameReceiver,
+    thread_receive_buffer,
+)
 
 RESET_MEMORY = 4096  # how many streams we reset are remembered, to ignore their late frames
 # DATA payloads from this size on go to the socket as they are (``writelines``), not copied
 # into one joined block with the frames around them.
 WRITEV_MIN = 4096
+
+
+class Budget(Protocol):
+    """The peer's allowance of work that carries no request (``sidecar.http.budget``)."""
+
+    def stream_reset(self, streams_completed: int) -> bool: ...
+
+    def control_frame(self, data_frames_sent: int) -> bool: ...
 
 
 class Stream:
@@ -63,6 +79,7 @@ class Stream:
         "local_open",
         "processed",
         "recv_window",
+        "remaining",
         "remote_open",
         "send_window",
         "stream_id",
@@ -78,6 +95,7 @@ class Stream:
         self.remote_open = True
         self.headers_received = inbound
         self.closed = False
+        self.remaining = -1  # body bytes the request's content-length still promises
 
 
 class RemoteSettings:
@@ -106,6 +124,8 @@ class H2Codec(FrameReceiver):
         max_concurrent_streams: int = 100,
         max_header_list_size: int = 64 * 1024,
         max_frame_size: int = f.DEFAULT_MAX_FRAME,
+        budget: Budget | None = None,
+        max_frames_per_turn: int = MAX_FRAMES_PER_TURN,
     ) -> None:
         if not f.DEFAULT_MAX_FRAME <= max_frame_size <= MAX_ANNOUNCED_FRAME:
             raise CodecUsageError(f"max_frame_size {max_frame_size} out of range")
@@ -148,6 +168,14 @@ class H2Codec(FrameReceiver):
         self._block_bad_priority = False
         self._reset_by_us: dict[int, None] = {}
         self._dead = False
+        self.budget = budget
+        self.max_frames_per_turn = max_frames_per_turn
+        self.backlogged = False
+        self._data_sends = 0  # DATA sends so far: each earns the peer control frames
+        self._streams_completed = 0  # streams that ended without a reset: each earns a reset
+        # Streams the application knew that ended in a reset (the peer's or ours), counted so
+        # that the owner looks for them among a read's events only when there are some.
+        self.streams_reset = 0
         self.decoder = CachingDecoder(max_header_list_size)
         self.encoder = CachingEncoder()
         self._max_block = max_header_list_size + 4096
@@ -254,6 +282,7 @@ class H2Codec(FrameReceiver):
             raise CodecUsageError("DATA beyond the peer's flow-control window")
         stream.send_window -= size
         self._send_window -= size
+        self._data_sends += 1
         out = self._out
         header = f.frame_header
         max_frame = self.remote_settings.max_frame_size
@@ -314,6 +343,21 @@ class H2Codec(FrameReceiver):
 
     # -- receiving -------------------------------------------------------------------------
 
+    @property
+    def header_block_open(self) -> bool:
+        """A header block waits for its CONTINUATION frames."""
+        return bool(self._block_sid)
+
+    def _control_frame(self) -> None:
+        budget = self.budget
+        if budget is not None and not budget.control_frame(self._data_sends):
+            raise CodecProtocolError("too many control frames", ENHANCE_YOUR_CALM)
+
+    def _reset_charged(self) -> None:
+        budget = self.budget
+        if budget is not None and not budget.stream_reset(self._streams_completed):
+            raise CodecProtocolError("too many stream resets", ENHANCE_YOUR_CALM)
+
     def _failed(self, exc: CodecProtocolError) -> None:
         self._dead = True
         self._out.append(f.goaway_frame(self.highest_inbound_stream_id, exc.error_code))
@@ -328,7 +372,12 @@ class H2Codec(FrameReceiver):
         if stream is None:
             if not self.client_side and sid & 1 and sid > self.highest_inbound_stream_id:
                 trouble = validated(decoded, REQUEST)
+                length = decoded.content_length
+                if trouble is None and end_stream and length > 0:
+                    trouble = "request without the body its content-length promises"
                 self._new_request(sid, end_stream, decoded.headers, trouble, events)
+                if length >= 0 and not end_stream:
+                    self.streams[sid].remaining = length
                 return
             if self._is_idle(sid):
                 raise CodecProtocolError(f"HEADERS on idle stream {sid}")
@@ -346,6 +395,8 @@ class H2Codec(FrameReceiver):
             trouble = validated(decoded, TRAILERS)
             if trouble is not None:
                 raise StreamError(sid, PROTOCOL_ERROR, trouble)
+            if stream.remaining > 0:
+                raise StreamError(sid, PROTOCOL_ERROR, "body shorter than its content-length")
             self._remote_ended(stream)
             events.append(TrailersReceived(sid, list(decoded.headers)))
             return
@@ -384,12 +435,15 @@ class H2Codec(FrameReceiver):
         events.append(RequestReceived(sid, list(headers), True if end_stream else None))
 
     def _stream_error(self, exc: StreamError, events: list[Event]) -> None:
+        # Resetting a stream for the peer's mistake costs as much as the peer resetting it.
+        self._reset_charged()
         sid = exc.stream_id
         self._out.append(f.rst_stream_frame(sid, exc.code))
         self._remember_reset(sid)
         stream = self.streams.get(sid)
         if stream is not None:
             self._forget(stream)
+            self.streams_reset += 1
             events.append(StreamReset(sid, exc.code, remote_reset=False))
 
     def _on_data(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
@@ -417,6 +471,13 @@ class H2Codec(FrameReceiver):
         if stream.recv_window < 0:
             raise CodecProtocolError("DATA beyond the stream window", FLOW_CONTROL_ERROR)
         ended = flags & f.END_STREAM
+        if stream.remaining >= 0:
+            # RFC 9113 section 8.1.1: a body that disagrees with its content-length, either
+            # way, makes the request malformed; it must not reach an upstream as it is.
+            remaining = stream.remaining = stream.remaining - len(data)
+            if remaining < 0 or (ended and remaining):
+                self.acknowledge_received_data(length, 0)  # the stream will not return them
+                raise StreamError(sid, PROTOCOL_ERROR, "body disagrees with its content-length")
         if ended:
             self._remote_ended(stream)
             events.append(DataReceived(sid, data, length, True))
@@ -428,9 +489,12 @@ class H2Codec(FrameReceiver):
         if stream is None:
             if self._is_idle(sid):
                 raise CodecProtocolError(f"RST_STREAM on idle stream {sid}")
+            self._control_frame()
             return
+        self.streams_reset += 1
         self._forget(stream)
         events.append(StreamReset(sid, code))
+        self._reset_charged()
 
     def _on_window_update(self, sid: int, increment: int, events: list[Event]) -> None:
         if sid == 0:
@@ -505,11 +569,13 @@ class H2Codec(FrameReceiver):
     def _local_ended(self, stream: Stream) -> None:
         stream.local_open = False
         if not stream.remote_open:
+            self._streams_completed += 1
             self._forget(stream)
 
     def _remote_ended(self, stream: Stream) -> None:
         stream.remote_open = False
         if not stream.local_open:
+            self._streams_completed += 1
             self._forget(stream)
 
     def _forget(self, stream: Stream) -> None:

@@ -24,7 +24,6 @@ Decoded header lists are validated once per cached block (``Decoded.problems``).
 
 from __future__ import annotations
 
-import re
 from typing import Any, cast
 
 import hpack
@@ -34,6 +33,9 @@ from hpack.table import HeaderTable
 from sidecar.codec.errors import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, CodecProtocolError
 from sidecar.codec.events import Headers
 from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_per_request
+from sidecar.codec.validate import REQUEST, RESPONSE, TRAILERS, content_length, problem
+
+__all__ = ["REQUEST", "RESPONSE", "TRAILERS", "CachingDecoder", "CachingEncoder", "validated"]
 
 # Bounds on what a cache holds, per connection and direction: a peer chooses the contents.
 CACHE_ENTRIES = 32
@@ -64,11 +66,12 @@ class _VersionedTable(HeaderTable):
 class Decoded:
     """One decoded header block and what validation found, per kind of block."""
 
-    __slots__ = ("headers", "problems")
+    __slots__ = ("content_length", "headers", "problems")
 
     def __init__(self, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         self.headers = headers
         self.problems: dict[int, str | None] = {}
+        self.content_length = -1  # of a valid request block: -1 when it has none
 
 
 class CachingDecoder:
@@ -166,64 +169,13 @@ def _cacheable(block: bytes, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
     return sum(len(name) + len(value) for name, value in headers) <= MAX_CACHED_FIELDS
 
 
-# -- validation (RFC 9113 section 8.2 and 8.3) ----------------------------------------------
-
-REQUEST, RESPONSE, TRAILERS = 0, 1, 2
-
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-_RESPONSE_PSEUDO = frozenset({b":status"})
-
-
-def problem(kind: int, headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
-    """Why ``headers`` are malformed as a block of ``kind``, or None when they are fine."""
-    allowed = _REQUEST_PSEUDO if kind == REQUEST else _RESPONSE_PSEUDO if kind == RESPONSE else None
-    pseudo: dict[bytes, bytes] = {}
-    regular = False
-    name_ok = _NAME.fullmatch
-    bad_value = _BAD_VALUE.search
-    for name, value in headers:
-        if name[:1] == b":":
-            if regular:
-                return f"pseudo-header {name!r} after a regular header"
-            if allowed is None or name not in allowed:
-                return f"pseudo-header {name!r} not allowed here"
-            if name in pseudo:
-                return f"duplicate pseudo-header {name!r}"
-            pseudo[name] = value
-        else:
-            regular = True
-            if name_ok(name) is None:
-                return f"invalid header name {name!r}"
-            if name in _CONNECTION_SPECIFIC:
-                return f"connection-specific header {name!r}"
-            if name == b"te" and value != b"trailers":
-                return "te header other than trailers"
-        if bad_value(value) is not None:
-            return f"invalid value for header {name!r}"
-    if kind == REQUEST:
-        method = pseudo.get(b":method")
-        if not method:
-            return "request without :method"
-        if method == b"CONNECT":
-            if b":authority" not in pseudo or b":scheme" in pseudo or b":path" in pseudo:
-                return "malformed CONNECT request"
-        elif not pseudo.get(b":scheme") or not pseudo.get(b":path"):
-            return "request without :scheme or :path"
-    elif kind == RESPONSE:
-        status = pseudo.get(b":status")
-        if status is None or len(status) != 3 or not status.isdigit():
-            return "response without a valid :status"
-    return None
-
+# -- validation: the rules live in ``sidecar.codec.validate``, shared with HTTP/1.1 -------------
 
 def validated(decoded: Decoded, kind: int) -> str | None:
     problems = decoded.problems
     if kind in problems:
         return problems[kind]
     found = problems[kind] = problem(kind, decoded.headers)
+    if kind == REQUEST and found is None:
+        decoded.content_length = content_length(decoded.headers)
     return found

@@ -40,6 +40,10 @@ STREAM_MASK = 0x7FFFFFFF
 # largest size we announce behind the partial frame a read may start with.
 RECEIVE_BUFFER_SIZE = 256 * 1024
 MAX_ANNOUNCED_FRAME = 64 * 1024
+# Frames handled per ``buffer_updated``: one read of small frames holds up to 29,000 of them,
+# and handling them all at once would keep every other connection of the loop waiting. The
+# rest stays pending (``backlogged``) for the owner to feed in on a later turn of the loop.
+MAX_FRAMES_PER_TURN = 1000
 
 
 class ReceiveBuffer:
@@ -87,6 +91,8 @@ class FrameReceiver(abc.ABC):
     _block_end_stream: bool
     _block_bad_priority: bool
     _max_block: int
+    backlogged: bool  # whole frames are left in ``_pending``: call ``buffer_updated(0)`` again
+    max_frames_per_turn: int
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Room for the next read, behind what is left of the previous one."""
@@ -104,9 +110,11 @@ class FrameReceiver(abc.ABC):
         """Events for the ``nbytes`` just read into the space ``get_buffer`` lent.
 
         A connection error queues GOAWAY and raises ``CodecProtocolError``; the connection
-        ignores its input from then on.
+        ignores its input from then on. After ``max_frames_per_turn`` frames the rest waits
+        (``backlogged``): the owner calls ``get_buffer`` and ``buffer_updated(0)`` for it.
         """
         events: list[Event] = []
+        self.backlogged = False
         if self._dead:
             return events
         rbuf = self._rbuf
@@ -129,7 +137,12 @@ class FrameReceiver(abc.ABC):
             # Unpadded DATA payloads by stream, until a frame of another type or the end of
             # this read: see ``_data_runs``.
             runs: dict[int, list[memoryview]] = {}
+            quota = self.max_frames_per_turn
             while end - pos >= 9:
+                quota -= 1
+                if quota < 0:
+                    self.backlogged = True
+                    break
                 hi, lo, ftype, flags, sid = unpack(buf, pos)
                 length = hi << 16 | lo
                 if length > max_frame:
@@ -141,6 +154,8 @@ class FrameReceiver(abc.ABC):
                 pos = stop
                 sid &= STREAM_MASK
                 if ftype == f.DATA and self._settings_seen and not self._block_sid:
+                    if not length and not flags & f.END_STREAM:
+                        self._control_frame()  # empty DATA does nothing but cost us a frame
                     if not flags & f.PADDED:
                         payloads = runs.get(sid)
                         if payloads is None:
@@ -207,6 +222,9 @@ class FrameReceiver(abc.ABC):
             room[:size] = view[pos : pos + size]
             pos += size
             events += self.buffer_updated(size)
+            while self.backlogged:
+                self.get_buffer()
+                events += self.buffer_updated(0)
         return events
 
     def _frame(
@@ -234,6 +252,7 @@ class FrameReceiver(abc.ABC):
         if ftype == f.HEADERS:
             self._headers(sid, flags, view[start : start + length].tobytes(), events)
         elif ftype == f.WINDOW_UPDATE:
+            self._control_frame()
             if length != 4:
                 raise CodecProtocolError("WINDOW_UPDATE of wrong size", FRAME_SIZE_ERROR)
             self._on_window_update(sid, f.unpack_u32(buf, start)[0] & STREAM_MASK, events)
@@ -245,6 +264,7 @@ class FrameReceiver(abc.ABC):
                     raise CodecProtocolError("SETTINGS ACK with a payload", FRAME_SIZE_ERROR)
                 self._on_settings_ack()
                 return
+            self._control_frame()
             if length % 6:
                 raise CodecProtocolError("SETTINGS of wrong size", FRAME_SIZE_ERROR)
             unpack = f.unpack_setting
@@ -261,6 +281,7 @@ class FrameReceiver(abc.ABC):
             if length != 8:
                 raise CodecProtocolError("PING of wrong size", FRAME_SIZE_ERROR)
             if not flags & f.ACK:
+                self._control_frame()
                 self._out.append(f.ping_ack_frame(view[start : start + 8].tobytes()))
         elif ftype == f.GOAWAY:
             if sid:
@@ -273,6 +294,7 @@ class FrameReceiver(abc.ABC):
         elif ftype == f.PRIORITY:
             if not sid:
                 raise CodecProtocolError("PRIORITY on stream 0")
+            self._control_frame()
             if length != 5:
                 raise CodecProtocolError("PRIORITY of wrong size", FRAME_SIZE_ERROR)
             if f.unpack_u32(buf, start)[0] & STREAM_MASK == sid:
@@ -283,7 +305,8 @@ class FrameReceiver(abc.ABC):
             raise CodecProtocolError("PUSH_PROMISE, but push is disabled")
         elif ftype == f.CONTINUATION:
             raise CodecProtocolError("CONTINUATION without a header block")
-        # Frames of unknown types are ignored (RFC 9113 section 4.1).
+        else:
+            self._control_frame()  # unknown types are ignored (RFC 9113 section 4.1), not free
 
     def _headers(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
         if not sid:
@@ -337,6 +360,10 @@ class FrameReceiver(abc.ABC):
             raise CodecProtocolError("header block too large", ENHANCE_YOUR_CALM)
 
     # -- supplied by the connection ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _control_frame(self) -> None:
+        """Charge a frame that carries no request to the peer's budget; raise when spent."""
 
     @abc.abstractmethod
     def _failed(self, exc: CodecProtocolError) -> None:

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import h11
 
+from sidecar.codec.validate import field_value_problem
 from sidecar.http.streams import ConnectionOwner, Headers, OnSent, ResetReason, StreamHandler
 from sidecar.idle import IdleTimer
 
@@ -70,6 +71,27 @@ def h2_to_h1_fields(headers: Headers) -> tuple[dict[bytes, bytes], list[tuple[by
     if cookies:
         fields.append((b"cookie", b"; ".join(cookies)))
     return pseudo, fields
+
+
+def _request_problem(fields: Any) -> str | None:
+    """Why a request's headers are refused, or None.
+
+    RFC 9112 section 6.1: a request with both Transfer-Encoding and Content-Length may be an
+    attempt to smuggle a second request past a proxy that reads one and forwards the other;
+    a server may reject it, and we do, before anything is routed. (h11 already refuses
+    a Transfer-Encoding other than ``chunked``, and Content-Length that is not a number or
+    whose copies disagree; it replaces folded header lines with spaces, as RFC 9112 section
+    5.2 allows.)
+    """
+    has_length = has_te = False
+    for name, _ in fields:
+        if name == b"content-length":
+            has_length = True
+        elif name == b"transfer-encoding":
+            has_te = True
+    if has_length and has_te:
+        return "both Content-Length and Transfer-Encoding"
+    return field_value_problem(fields)
 
 
 def _has_framing(fields: list[tuple[bytes, bytes]]) -> bool:
@@ -252,6 +274,7 @@ class H1ServerConnection(_H1Base):
         self.idle_timer = IdleTimer(
             asyncio.get_event_loop(), listener.config.http1_idle_timeout, self.close
         )
+        self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -261,8 +284,26 @@ class H1ServerConnection(_H1Base):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
+        if self.stream is None and self._header_timer is None:
+            # The first bytes of a request: its head must be complete within header_timeout.
+            self._header_timer = asyncio.get_event_loop().call_later(
+                self.listener.config.limits.header_timeout, self._on_header_timeout
+            )
         self.h11.receive_data(data)
         self._process()
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if self.stream is None and not self.closed and not self.discarding:
+            self.listener.scope.inc("http1.header_timeout")
+            self._protocol_error(
+                h11.RemoteProtocolError("request headers timed out", error_status_hint=408)
+            )
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
 
     def eof_received(self) -> bool | None:
         if self.discarding:
@@ -299,12 +340,18 @@ class H1ServerConnection(_H1Base):
 
     def _on_request(self, request: h11.Request) -> None:
         self.idle_timer.busy()
+        self._cancel_header_timer()
         size = sum(len(n) + len(v) for n, v in request.headers) + len(request.target)
         if size > self.listener.config.max_request_headers_bytes:
             # h11 bounds only headers that arrive in pieces; a whole one is checked here.
             self._protocol_error(
                 h11.RemoteProtocolError("request headers too large", error_status_hint=431)
             )
+            return
+        trouble = _request_problem(request.headers)
+        if trouble is not None:
+            self.listener.scope.inc("http1.request_rejected")
+            self._protocol_error(h11.RemoteProtocolError(trouble, error_status_hint=400))
             return
         headers = h1_request_to_h2(request)
         has_body = any(
@@ -392,6 +439,7 @@ class H1ServerConnection(_H1Base):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.idle_timer.cancel()
+        self._cancel_header_timer()
         stream = self.stream
         if stream is not None and not stream.done and stream.handler is not None:
             stream.done = True
@@ -426,7 +474,15 @@ class H1ClientStream:
             self.chunked = True
         elif end_stream and method in (b"POST", b"PUT", b"PATCH") and not _has_framing(fields):
             fields.append((b"content-length", b"0"))
-        request = h11.Request(method=method, target=pseudo.get(b":path", b"/"), headers=fields)
+        try:
+            request = h11.Request(
+                method=method, target=pseudo.get(b":path", b"/"), headers=fields
+            )
+        except h11.LocalProtocolError as exc:
+            # A request HTTP/1.1 cannot carry (the edge refuses most such requests; this
+            # keeps one that slipped through from escaping into the downstream's read).
+            self._cannot_frame(exc, None)
+            return
         if self._send(request, None) and end_stream:
             self._end(None)
 
@@ -434,17 +490,20 @@ class H1ClientStream:
         try:
             data = self.conn.h11.send(event)
         except h11.LocalProtocolError as exc:
-            # E.g. a body that disagrees with its content-length. h11 is now in ERROR: the
-            # connection cannot be used again, and the exchange must hear of it (as a reset,
-            # when the connection is gone) instead of waiting for a response.
-            log.info("cannot relay request over HTTP/1.1: %s", exc)
-            self.request_done = True
-            self.conn.fail_locally()
-            if on_sent is not None:
-                on_sent()
+            self._cannot_frame(exc, on_sent)
             return False
         self.conn.write(data or b"", on_sent)
         return True
+
+    def _cannot_frame(self, exc: h11.LocalProtocolError, on_sent: OnSent) -> None:
+        """E.g. a body that disagrees with its content-length. The connection cannot be used
+        again, and the exchange must hear of it (as a reset once the connection is gone, which
+        it answers with UPE) instead of waiting for a response."""
+        log.info("cannot relay request over HTTP/1.1: %s", exc)
+        self.request_done = True
+        self.conn.fail_locally()
+        if on_sent is not None:
+            on_sent()
 
     def send_data(self, data: bytes, end_stream: bool, on_sent: OnSent) -> None:
         if self.request_done or self.conn.closed:

@@ -198,6 +198,7 @@ class H2Connection(asyncio.BufferedProtocol):
         connection_window: int,
         max_concurrent_streams: int,
         max_header_list_size: int = 64 * 1024,
+        budget: codec.Budget | None = None,
     ) -> None:
         self.h2: GracefulH2Connection | codec.H2Codec
         if H2_CODEC == "lean":
@@ -207,6 +208,7 @@ class H2Connection(asyncio.BufferedProtocol):
                 max_concurrent_streams=max_concurrent_streams,
                 max_header_list_size=max_header_list_size,
                 max_frame_size=MAX_FRAME_SIZE,
+                budget=budget,
             )
             self.h2 = lean
             self._lean = True
@@ -246,6 +248,12 @@ class H2Connection(asyncio.BufferedProtocol):
         self.goaway_sent = False
         self.goaway_received = False
         self.discarding = False
+        # Reading stops while the codec holds unparsed frames for a later turn (``backlog``)
+        # or, on connections that ask for it, while the peer is not reading what we write.
+        self.read_held_for_backlog = False
+        self.read_held_for_writes = False
+        self.hold_reading_while_write_paused = False
+        self._resets_seen = 0  # the codec's ``streams_reset`` when events were last screened
         self._flush_scheduled = False
         self._blocked: set[H2Stream] = set()  # streams with queued data waiting for window
         self._loop = asyncio.get_event_loop()
@@ -287,6 +295,15 @@ class H2Connection(asyncio.BufferedProtocol):
         except h2.exceptions.ProtocolError as exc:
             self.protocol_error(exc)
             return
+        if self._lean:
+            lean = cast(codec.H2Codec, self.h2)
+            if lean.backlogged:
+                self._hold_for_backlog()
+            if lean.streams_reset != self._resets_seen:
+                self._resets_seen = lean.streams_reset
+                events = self.screen_resets(events)
+        elif events:
+            events = self.screen_resets(events)
         dispatch = self._dispatch
         # Whatever the events queue on this connection leaves in the one flush below; marking
         # it scheduled keeps mark_dirty from adding a loop callback for each of them.
@@ -304,6 +321,36 @@ class H2Connection(asyncio.BufferedProtocol):
         finally:
             _read_tail.active = False
             self.flush()
+
+    def screen_resets(self, events: list[Any]) -> list[Any]:
+        """The events of a read in which streams were reset (hook for the server side)."""
+        return events
+
+    def _hold_for_backlog(self) -> None:
+        """Parse the rest of the read on a later turn of the loop, letting others run first."""
+        if self.read_held_for_backlog:
+            return
+        self.read_held_for_backlog = True
+        self._update_reading()
+        self._loop.call_soon(self._read_backlog)
+
+    def _read_backlog(self) -> None:
+        self.read_held_for_backlog = False
+        if self.closed or self.discarding:
+            return
+        self._lend_buffer(0)  # puts the pending bytes back in front
+        self.buffer_updated(0)  # holds again if there is still more
+        if not self.read_held_for_backlog:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self.read_held_for_backlog or self.read_held_for_writes:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         """Bytes read before this protocol took the connection over (protocol detection)."""
@@ -333,9 +380,17 @@ class H2Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.hold_reading_while_write_paused:
+            # A peer that does not read must not make us queue answers to what it sends
+            # (PING and SETTINGS acknowledgements, resets) without end: stop reading it.
+            self.read_held_for_writes = True
+            self._update_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.read_held_for_writes:
+            self.read_held_for_writes = False
+            self._update_reading()
         self._flush_blocked()
         self.flush()
 
@@ -349,7 +404,8 @@ class H2Connection(asyncio.BufferedProtocol):
     def flush(self) -> None:
         self._flush_scheduled = False
         chunks = self._take_output()
-        if chunks and self.transport is not None and not self.closed:
+        # ``discarding``: our side is shut (write_eof) after a protocol error.
+        if chunks and self.transport is not None and not self.closed and not self.discarding:
             if len(chunks) == 1:
                 self.transport.write(chunks[0])
             else:

@@ -16,6 +16,7 @@ from sidecar.codec.events import Headers as Headers  # the codecs' type, re-expo
 
 if TYPE_CHECKING:
     from pilotfish.config.model import ListenerConfig
+    from sidecar.stats import Scope
 
 OnSent = Callable[[], None] | None
 
@@ -76,6 +77,10 @@ class ConnectionOwner(Protocol):
 
     @property
     def config(self) -> ListenerConfig: ...
+
+    @property
+    def scope(self) -> Scope:
+        """The listener's stats, for what connections enforce (timeouts, refused requests)."""
 
     def new_exchange(self, downstream: StreamSink) -> StreamHandler: ...
 

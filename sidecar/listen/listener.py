@@ -12,18 +12,29 @@ its routes do not know (``listen/authority.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import h2.events
+import h2.exceptions
 
 from pilotfish.config.model import ListenerConfig
 from sidecar import codec
 from sidecar.http.h1conn import H1ServerConnection
-from sidecar.http.h2conn import MAX_STREAM_ID, H2Connection, H2Stream
-from sidecar.http.streams import REFUSED_STREAM, StreamHandler, StreamSink
+from sidecar.http.h2conn import LINGER_SECONDS, MAX_STREAM_ID, H2Connection, H2Stream
+from sidecar.http.h2guard import H2ServerGuard
+from sidecar.http.streams import (
+    CANCEL,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    ResetReason,
+    StreamHandler,
+    StreamSink,
+)
 from sidecar.listen.authority import Unreadable, first_authority
 from sidecar.listen.original_dst import OriginalDestinationError, original_destination
 from sidecar.route.exchange import Exchange, SidecarServices
@@ -41,6 +52,15 @@ log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DOWNSTREAM_CONNECTION_WINDOW = 16 * 1024 * 1024
+WRITE_BUFFER_HIGH = 256 * 1024
+_RESET_EVENTS = (codec.StreamReset, h2.events.StreamReset)
+_DATA_EVENTS = (codec.DataReceived, h2.events.DataReceived)
+_REQUEST_EVENTS = (
+    codec.RequestReceived,
+    codec.DataReceived,
+    h2.events.RequestReceived,
+    h2.events.DataReceived,
+)
 MAX_METHOD_LENGTH = 20
 
 
@@ -132,7 +152,7 @@ class ListenerRuntime:
 
         Connections still sniffing their protocol are not counted: they last at most
         ``protocol_detect_timeout``, and then count or close."""
-        limit = self.config.limits.max_downstream_connections
+        limit = self.config.listener_limits.max_downstream_connections
         if limit is not None and len(self.connections) >= limit:
             self.scope.inc("downstream_cx_overflow")
             return False
@@ -141,7 +161,7 @@ class ListenerRuntime:
     def request_started_on(self, requests_so_far: int) -> bool:
         """Whether the connection that has carried ``requests_so_far`` (this one included)
         should now drain, by ``max_requests_per_connection``; counted once when it should."""
-        limit = self.config.limits.max_requests_per_connection
+        limit = self.config.listener_limits.max_requests_per_connection
         if limit is not None and requests_so_far == limit:
             self.scope.inc("downstream_cx_max_requests_reached")
             return True
@@ -170,30 +190,41 @@ class ListenerRuntime:
 
 
 class H2ServerConnection(H2Connection):
-    """A downstream HTTP/2 connection."""
+    """A downstream HTTP/2 connection, with the budgets and timeouts of ``H2ServerGuard``."""
 
     def __init__(self, listener: ListenerRuntime) -> None:
-        window = listener.config.per_stream_buffer_bytes
+        config = listener.config
+        self.guard = H2ServerGuard(self, config.limits, asyncio.get_event_loop())
         super().__init__(
             client_side=False,
-            stream_window=window,
+            stream_window=config.per_stream_buffer_bytes,
             # One client's connection: its stalled streams may only hurt its other streams, and
             # this bounds what the connection as a whole can have buffered in the proxy.
             connection_window=DOWNSTREAM_CONNECTION_WINDOW,
-            max_concurrent_streams=1000,
-            max_header_list_size=listener.config.max_request_headers_bytes,
+            max_concurrent_streams=config.limits.max_concurrent_streams,
+            max_header_list_size=config.max_request_headers_bytes,
+            budget=self.guard.budget,
         )
         self.listener = listener
         self.draining = False
         self.requests = 0
         self.last_stream_id = MAX_STREAM_ID
+        self.hold_reading_while_write_paused = True
         # Only servers receive requests (both codecs refuse them on client connections).
         self._dispatch[h2.events.RequestReceived] = self._on_request
         self._dispatch[codec.RequestReceived] = self._on_request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Room for a window's worth of responses before the peer counts as not reading.
+        cast(asyncio.Transport, transport).set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         super().connection_made(transport)
         self.listener.connection_opened(self)
+        self.guard.opened()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        super().buffer_updated(nbytes)
+        if not self.discarding:
+            self.guard.after_read()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
@@ -202,6 +233,7 @@ class H2ServerConnection(H2Connection):
         if self.goaway_sent and stream_id > self.last_stream_id:
             self.reset_stream(stream, REFUSED_STREAM)
             return
+        self.guard.stream_opened()
         handler = self.listener.new_exchange(stream)
         stream.handler = handler
         handler.on_headers(event.headers, event.stream_ended is not None)
@@ -209,13 +241,88 @@ class H2ServerConnection(H2Connection):
         if self.listener.request_started_on(self.requests):
             self.start_drain()
 
+    def screen_resets(self, events: list[Any]) -> list[Any]:
+        """Drop requests reset within the read that opened them, by the client or by the codec
+        (a body that broke its content-length): never routed, never sent upstream. The rapid
+        reset attack opens and resets streams in one go."""
+        reset = {e.stream_id for e in events if type(e) in _RESET_EVENTS}
+        if not reset:
+            return events
+        dropped = {e.stream_id for e in events if type(e) in _REQUEST_EVENTS} & reset
+        if not dropped:
+            return events
+        self.listener.scope.inc("http2.reset_before_routing", len(dropped))
+        kept = []
+        for event in events:
+            if getattr(event, "stream_id", None) not in dropped:
+                kept.append(event)
+            elif type(event) in _DATA_EVENTS:
+                # Nobody will take these bytes: give the connection window its credit back.
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        return kept
+
     def protocol_error(self, exc: Exception) -> None:
-        self.listener.scope.inc("downstream_cx_protocol_error")
+        scope = self.listener.scope
+        scope.inc("downstream_cx_protocol_error")
+        tripped = self.guard.budget.tripped
+        if tripped is not None:
+            scope.inc(f"http2.{tripped}")
         super().protocol_error(exc)
+        self.guard.closed()  # the connection lingers only to deliver GOAWAY
 
     def on_stream_closed(self, stream: H2Stream) -> None:
-        if (self.draining or self.goaway_received) and not self.streams:
-            self.close()
+        if not self.streams and not self.discarding:
+            if self.draining or self.goaway_received:
+                self.close()
+                return
+            self.guard.streams_gone()
+
+    # -- H2ServerGuard's view of the connection ----------------------------------------------
+
+    def progress_marks(self) -> dict[int, Hashable]:
+        marks: dict[int, Hashable] = {}
+        if not self._lean:
+            return marks  # only our codec's streams say how far they got
+        h2streams = cast(codec.H2Codec, self.h2).streams
+        for sid in self.streams:
+            s = h2streams.get(sid)
+            if s is not None:
+                marks[sid] = (s.send_window, s.recv_window, s.processed)
+        return marks
+
+    def header_block_open(self) -> bool:
+        return self._lean and cast(codec.H2Codec, self.h2).header_block_open
+
+    def reset_stalled(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.closed:
+            return
+        self.listener.scope.inc("http2.stream_idle_timeout")
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.reset_stream(stream_id, CANCEL)
+        self.mark_dirty()
+        self._close_stream(stream, ResetReason.LOCAL, CANCEL)
+
+    def close(self) -> None:
+        """Close once what is queued has been written, or after a linger if the client does
+        not read it (a transport's close waits for its buffer to drain, maybe for ever)."""
+        super().close()
+        if self.transport is not None and not self.closed:
+            self._loop.call_later(LINGER_SECONDS, self.abort)
+
+    def close_idle(self) -> None:
+        if self.closed or self.discarding or self.streams:
+            return
+        self.listener.scope.inc("http2.idle_timeout")
+        self.h2.send_goaway(self.h2.highest_inbound_stream_id, NO_ERROR)
+        self.close()
+
+    def close_header_timeout(self) -> None:
+        if self.closed or self.discarding:
+            return
+        self.listener.scope.inc("http2.header_timeout")
+        self.h2.send_goaway(self.h2.highest_inbound_stream_id, PROTOCOL_ERROR)
+        self.close()
 
     def on_goaway(self, last_stream_id: int | None, error_code: int) -> None:
         if not self.streams:
@@ -248,6 +355,7 @@ class H2ServerConnection(H2Connection):
             self.close()
 
     def on_closed(self) -> None:
+        self.guard.closed()
         self.listener.connection_closed(self)
 
     @property

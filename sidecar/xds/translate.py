@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -32,6 +32,7 @@ from envoy.type.matcher.v3 import string_pb2
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import (
     ClusterConfig,
+    ConnectionLimits,
     HeaderMatcher,
     HeaderMutation,
     ListenerConfig,
@@ -101,7 +102,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
                                   "metadata"})
     load_shedding = translate_load_shedding(listener, path)
-    limits = translate_listener_limits(listener, path)
+    listener_limits = translate_listener_limits(listener, path)
     if len(listener.filter_chains) != 1:
         raise ConfigError(f"{path}.filter_chains", "exactly one filter chain is supported")
     chain_path = f"{path}.filter_chains[0]"
@@ -114,10 +115,12 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     filter_path = f"{chain_path}.filters[0].typed_config"
     route_config: str | None = None
     passthrough: str | None = None
+    limits = ConnectionLimits()
     if _type_name(packed) == HCM_TYPE:
         hcm = hcm_pb2.HttpConnectionManager()
         _unpack(filter_path, packed, hcm)
         route_config = _hcm_route_config(hcm, filter_path)
+        limits = _hcm_limits(hcm, filter_path)
     elif _type_name(packed) == TCP_PROXY_TYPE:
         tcp = tcp_proxy_pb2.TcpProxy()
         _unpack(filter_path, packed, tcp)
@@ -134,8 +137,42 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         tcp_passthrough_cluster=passthrough,
         mode="tcp" if passthrough is not None else "auto",
         load_shedding=load_shedding,
+        listener_limits=listener_limits,
         limits=limits,
     )
+
+
+def _hcm_limits(hcm: hcm_pb2.HttpConnectionManager, path: str) -> ConnectionLimits:
+    """The HttpConnectionManager's own names for our connection limits; the rest keep their
+    defaults. Envoy reads a zero timeout as "none"; we always keep one, so zero is refused."""
+    limits = ConnectionLimits()
+    options = hcm.http2_protocol_options
+    if options.HasField("max_concurrent_streams"):
+        streams = options.max_concurrent_streams.value
+        if streams < 1:
+            field = f"{path}.http2_protocol_options.max_concurrent_streams"
+            raise ConfigError(field, "must be at least 1")
+        limits = replace(limits, max_concurrent_streams=streams)
+
+    def timeout(message: Any, name: str, field: str) -> float | None:
+        if not message.HasField(name):
+            return None
+        value = _seconds(getattr(message, name))
+        if value <= 0:
+            raise ConfigError(f"{path}.{field}", "must be positive (a timeout is always kept)")
+        return value
+
+    stream_idle = timeout(hcm, "stream_idle_timeout", "stream_idle_timeout")
+    if stream_idle is not None:
+        limits = replace(limits, stream_idle_timeout=stream_idle)
+    headers = timeout(hcm, "request_headers_timeout", "request_headers_timeout")
+    if headers is not None:
+        limits = replace(limits, header_timeout=headers)
+    common = hcm.common_http_protocol_options
+    idle = timeout(common, "idle_timeout", "common_http_protocol_options.idle_timeout")
+    if idle is not None:
+        limits = replace(limits, http2_idle_timeout=idle)
+    return limits
 
 
 def _hcm_route_config(hcm: hcm_pb2.HttpConnectionManager, path: str) -> str:

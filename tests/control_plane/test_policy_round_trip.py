@@ -155,7 +155,7 @@ def test_cluster_and_listener_policies_survive_the_trip(service_policy: str) -> 
     assert cluster.resilience == expected.resilience
     [inbound] = config.listeners
     assert inbound.load_shedding == _bootstrap_listener(service_policy).load_shedding
-    assert inbound.limits == _bootstrap_listener(service_policy).limits
+    assert inbound.listener_limits == _bootstrap_listener(service_policy).listener_limits
 
 
 @pytest.mark.parametrize("route_policy", ROUTE_POLICIES)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -37,12 +38,15 @@ def run(test: Callable[[], Awaitable[T]]) -> T:
 
 @asynccontextmanager
 async def control_plane(
-    tmp_path: Path, text: str = MESH_YAML, callbacks: Callbacks | None = None
+    tmp_path: Path,
+    text: str = MESH_YAML,
+    callbacks: Callbacks | None = None,
+    unknown_nodes: str = "serve",
 ) -> AsyncIterator[ControlPlane]:
     path = tmp_path / "mesh.yaml"
     path.write_text(text)
     plane = await start_control_plane(path, "127.0.0.1", 0, callbacks=callbacks,
-                                      poll_interval=0.05)
+                                      poll_interval=0.05, unknown_nodes=unknown_nodes)
     try:
         yield plane
     finally:
@@ -210,6 +214,39 @@ def test_first_request_without_node_is_rejected(tmp_path: Path) -> None:
             call = stub.StreamAggregatedResources()
             await call.write(discovery_pb2.DiscoveryRequest(type_url=LISTENER))
             assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    run(scenario)
+
+
+def test_unknown_nodes_are_refused_or_served_the_whole_mesh_as_configured(
+    tmp_path: Path,
+) -> None:
+    async def clusters_for(policy: str, **metadata: str) -> grpc.StatusCode | list[str]:
+        async with control_plane(tmp_path, unknown_nodes=policy) as plane, (
+            grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}")
+        ) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources()
+            await call.write(_with_node(sotw(CLUSTER), **metadata))
+            try:
+                response = await asyncio.wait_for(call.read(), WAIT)
+            except grpc.aio.AioRpcError:
+                return await call.code()
+            call.cancel()
+            names = []
+            for resource in response.resources:
+                cluster = cluster_pb2.Cluster()
+                resource.Unpack(cluster)
+                names.append(cluster.name)
+            return sorted(names)
+
+    async def scenario() -> None:
+        everything = await clusters_for("serve", service="stranger")
+        own_view = await clusters_for("reject", service="greeter")
+        assert isinstance(everything, list) and isinstance(own_view, list)
+        assert set(own_view) < set(everything)  # greeter sees what it depends on, no more
+        for metadata in ({"service": "stranger"}, {}, {"service": "greeter", "namespace": "x"}):
+            assert await clusters_for("reject", **metadata) == grpc.StatusCode.PERMISSION_DENIED
 
     run(scenario)
 

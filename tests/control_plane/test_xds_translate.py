@@ -17,6 +17,7 @@ from control_plane.xds.resources import ViewKey, build_view
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import (
+    ConnectionLimits,
     Endpoint,
     HeaderMatcher,
     ListenerConfig,
@@ -192,6 +193,33 @@ def test_listener_rejections_name_the_field() -> None:
     listener.api_listener.api_listener.Pack(hcm)
     with pytest.raises(ConfigError, match=r"api_listener\.route_specifier: only rds"):
         translate_listener(listener)
+
+
+def test_inbound_listener_limits_come_from_the_hcm() -> None:
+    key = ViewKey(service="api", app_address=("127.0.0.1", 9000),
+                  inbound_address=("127.0.0.1", 15006))
+    listener = _view(key)[LISTENER]["inbound|api"]
+    assert isinstance(listener, listener_pb2.Listener)
+    packed = listener.filter_chains[0].filters[0].typed_config
+    hcm = hcm_pb2.HttpConnectionManager()
+    packed.Unpack(hcm)
+    hcm.http2_protocol_options.max_concurrent_streams.value = 50
+    hcm.stream_idle_timeout.FromSeconds(30)
+    hcm.common_http_protocol_options.idle_timeout.FromSeconds(600)
+    packed.Pack(hcm)
+    translated = translate_listener(listener)
+    assert isinstance(translated, ListenerConfig)
+    limits = translated.limits
+    assert (limits.max_concurrent_streams, limits.stream_idle_timeout) == (50, 30.0)
+    assert limits.http2_idle_timeout == 600.0
+    assert limits.header_timeout == ConnectionLimits().header_timeout
+    hcm.request_headers_timeout.FromSeconds(0)  # Envoy: "no timeout"; we always keep one
+    packed.Pack(hcm)
+    with pytest.raises(ConfigError) as info:
+        translate_listener(listener)
+    assert str(info.value).startswith(
+        "listener[inbound|api].filter_chains[0].filters[0].typed_config.request_headers_timeout"
+    )
 
 
 def test_cluster_rejections_name_the_field() -> None:

@@ -127,9 +127,40 @@ def broken(path: list[str | int], value: Any) -> dict[str, Any]:
             broken(["route_configs", 0, "virtual_hosts", 0, "domains"], ["a.*.com"]),
             "route_configs[0].virtual_hosts[0].domains[0]: a wildcard may only lead or trail",
         ),
+        (
+            broken(["listeners", 0, "limits"], {"max_concurrent_streams": 0}),
+            "listeners[0].limits.max_concurrent_streams: expected an integer at least 1",
+        ),
+        (
+            broken(["listeners", 0, "limits"], {"stream_reset_rate": "fast"}),
+            "listeners[0].limits.stream_reset_rate: expected a positive number",
+        ),
+        (
+            broken(["listeners", 0, "limits"], {"stream_idle_timeout": "0s"}),
+            "listeners[0].limits.stream_idle_timeout: expected a positive duration",
+        ),
+        (
+            broken(["listeners", 0, "limits"], {"max_streams": 5}),
+            "listeners[0].limits.max_streams: unknown field",
+        ),
+        (broken(["listeners", 0, "backlog"], 0), "listeners[0].backlog: expected an integer"),
     ],
 )
 def test_errors_name_the_field(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_bootstrap(doc)
     assert str(info.value).startswith(message)
+
+
+def test_listener_limits_default_to_safe_values_and_parse() -> None:
+    default = parse_bootstrap(GOOD).listeners[0]
+    assert default.limits.max_concurrent_streams == 100
+    assert default.backlog == 1024
+    doc = broken(
+        ["listeners", 0, "limits"],
+        {"max_concurrent_streams": 10, "control_frame_rate": 5, "header_timeout": "2s"},
+    )
+    limits = parse_bootstrap(doc).listeners[0].limits
+    assert (limits.max_concurrent_streams, limits.control_frame_rate) == (10, 5.0)
+    assert limits.header_timeout == 2.0
+    assert limits.stream_reset_burst == default.limits.stream_reset_burst

@@ -239,3 +239,53 @@ def test_keep_alive_resumes_reading_paused_by_the_previous_request() -> None:
     _, conn, resumed = asyncio.run(run())
     assert not conn.read_paused and resumed == [1]
     assert conn.unacked == 0
+
+
+def test_request_http11_cannot_carry_is_a_reset_not_an_exception() -> None:
+    """h11 refuses to frame these; the error must reach the exchange (which answers UPE), not
+    escape into the downstream connection's read callback."""
+
+    async def run(headers: Headers) -> tuple[FakeTransport, Handler]:
+        conn = H1ClientConnection(Owner(), 1024, 10.0)
+        transport = FakeTransport()
+        transport.protocol = conn
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        handler = Handler()
+        conn.open_stream(headers, True, handler)
+        await asyncio.sleep(0)
+        return transport, handler
+
+    base = _request(b"1")
+    for bad in (
+        [(n, b"/a b" if n == b":path" else v) for n, v in base],
+        [(n, b"GE T" if n == b":method" else v) for n, v in base],
+        [(n, b"abc" if n == b"content-length" else v) for n, v in base],
+    ):
+        transport, handler = asyncio.run(run(bad))
+        assert transport.aborted and transport.written == b""
+        assert handler.resets == [ResetReason.PROTOCOL_ERROR]
+
+
+def test_request_with_content_length_and_transfer_encoding_gets_400() -> None:
+    async def run() -> tuple[ServerTransport, list[Handler]]:
+        listener = listener_for(simple_config(["127.0.0.1:1"]))
+        handlers: list[Handler] = []
+
+        def new_exchange(stream: Any) -> Handler:
+            handlers.append(Handler())
+            return handlers[-1]
+
+        listener.new_exchange = new_exchange  # type: ignore[method-assign,assignment]
+        conn = H1ServerConnection(listener)
+        transport = ServerTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(
+            b"POST / HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n"
+            b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        await asyncio.sleep(0)
+        return transport, handlers
+
+    transport, handlers = asyncio.run(run())
+    assert transport.written.startswith(b"HTTP/1.1 400")
+    assert handlers == []  # never routed
