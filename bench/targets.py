@@ -143,10 +143,14 @@ class Pilotfish:
     # Let the workers use every core instead of the proxy's one: the scaling question. The
     # load side still runs on its core, so the proxy's workers share that one with it.
     all_cpus: bool = False
+    # The HTTP/2 codec (PILOTFISH_H2_CODEC); None: the default, ngh2 when it is installed.
+    codec: str | None = None
 
     @property
     def name(self) -> str:
         name = "pilotfish" if self.workers == 1 else f"pilotfish-{self.workers}w"
+        if self.codec is not None:
+            name += f"-{self.codec}-codec"
         return f"{name}-all-cpus" if self.all_cpus else name
 
     @property
@@ -155,6 +159,8 @@ class Pilotfish:
 
     def command(self, upstream_port: str, listen_port: str, config_file: str) -> list[str]:
         argv = [python(), "-m", "pilotfish", "sidecar", "--config", config_file]
+        if self.codec is not None:
+            argv = ["env", f"PILOTFISH_H2_CODEC={self.codec}", *argv]
         if self.workers != 1:
             argv += ["--concurrency", str(self.workers)]
         return argv

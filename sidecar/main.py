@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,10 +20,24 @@ from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
 from sidecar.admin import AdminServer
+from sidecar.listen.handoff import Acceptor, Receiver, WorkerTable, bind_listener
 from sidecar.observability.tracing_config import split_endpoint
 from sidecar.server import Sidecar
 
 log = logging.getLogger("pilotfish.sidecar")
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+ACCEPT_POLL_S = 0.2  # how often the acceptor looks at its workers between connections
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A worker's share of the acceptor (``sidecar.listen.handoff``)."""
+
+    channel: socket.socket
+    index: int
+    table: WorkerTable
+    listeners: dict[str, tuple[str, int]]
 
 
 @dataclass(frozen=True)
@@ -48,12 +63,27 @@ async def serve(
     signals: bool = True,
     started: Callable[[Sidecar], None] | None = None,
     xds: XdsOptions | None = None,
+    handoff: Handoff | None = None,
 ) -> int:
-    sidecar = Sidecar(bootstrap, reuse_port=reuse_port, dynamic=xds is not None)
+    sidecar = Sidecar(
+        bootstrap,
+        reuse_port=reuse_port,
+        dynamic=xds is not None,
+        handed_off=handoff.listeners if handoff is not None else None,
+    )
     loop = asyncio.get_event_loop()
+    receiver: Receiver | None = None
+    if handoff is not None:
+        receiver = Receiver(handoff.channel, handoff.index, handoff.table, sidecar.serve_accepted)
+        sidecar.handoff_closed = receiver.connection_closed
+        if admin:
+            sidecar.stats.scope("workers").sources["handoff"] = handoff.table.stats
     if signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, sidecar.request_stop)
+        # A worker is forked with these blocked (``_run_workers``): one sent while it started
+        # is delivered now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     admin_server = AdminServer(sidecar)
     if admin:
         await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
@@ -64,6 +94,8 @@ async def serve(
             await admin_server.start_health(*bootstrap.admin.health)
             log.info("health probes on http://%s:%d/ready", *bootstrap.admin.health)
     await sidecar.start()
+    if receiver is not None:
+        receiver.start(loop)
     xds_task: asyncio.Task[None] | None = None
     if xds is not None:
         # The xDS messages (and grpc) cost memory: only xDS-driven sidecars load them.
@@ -83,6 +115,8 @@ async def serve(
     if started is not None:
         started(sidecar)
     await sidecar.stopped.wait()
+    if receiver is not None:
+        receiver.stop(loop)
     if xds_task is not None:
         xds_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -126,11 +160,17 @@ def tune_malloc() -> bool:
 
 
 def _run_worker(
-    bootstrap: Bootstrap, admin: bool, reuse_port: bool, xds: XdsOptions | None = None
+    bootstrap: Bootstrap,
+    admin: bool,
+    reuse_port: bool,
+    xds: XdsOptions | None = None,
+    handoff: Handoff | None = None,
 ) -> int:
     _install_event_loop_policy()
     tune_malloc()
-    return asyncio.run(serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds))
+    return asyncio.run(
+        serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds, handoff=handoff)
+    )
 
 
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
@@ -205,31 +245,70 @@ def run_sidecar(args: argparse.Namespace) -> int:
 
 
 def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> int:
-    """Fork workers that share the listening ports through SO_REUSEPORT; worker 0 runs admin."""
+    """Fork workers; this process accepts on the bootstrap's listeners and deals the
+    connections out (``sidecar.listen.handoff``); worker 0 runs admin. Listeners added later
+    by xDS are bound by each worker with SO_REUSEPORT."""
+    try:
+        sockets = {c.name: bind_listener(c.host, c.port) for c in bootstrap.listeners}
+    except OSError as exc:
+        print(f"pilotfish sidecar: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    table = WorkerTable(workers)
+    acceptor = Acceptor(sockets, table)
+    addresses = {c.name: (c.host, c.port) for c in bootstrap.listeners}
     # What exists now (modules, the parsed config) is shared with the workers copy-on-write.
     # Frozen, it is out of every worker's garbage collections, which would otherwise write to
     # each object's header and so give every worker its own copy of those pages.
     gc.freeze()
-    children: list[int] = []
+    children: dict[int, int] = {}  # pid -> worker index
+    # Until each process has its handlers, a SIGTERM waits instead of killing it half-started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     for index in range(workers):
+        theirs = acceptor.channel_for(index)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _run_worker(bootstrap, admin=index == 0, reuse_port=True, xds=xds)
+                # The acceptor's sockets stay with it: a worker holding a listening socket
+                # would keep it accepting (into nobody's hands) after the acceptor closed it.
+                for sock in [*sockets.values(), *acceptor.channels.values()]:
+                    sock.close()
+                handoff = Handoff(theirs, index, table, addresses)
+                code = _run_worker(
+                    bootstrap, admin=index == 0, reuse_port=True, xds=xds, handoff=handoff
+                )
             finally:
                 os._exit(code)
-        children.append(pid)
+        theirs.close()
+        children[pid] = index
+
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
+    while children:
+        if stopping and acceptor.listeners:
+            acceptor.close_listeners()  # the workers drain; new connections are refused
+        if acceptor.listeners:
+            acceptor.run_once(ACCEPT_POLL_S)
+        else:
+            time.sleep(ACCEPT_POLL_S)
+        while children:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid in children:
+                channel = acceptor.channels.pop(children.pop(pid), None)
+                if channel is not None:
+                    channel.close()
+            status = status or os.waitstatus_to_exitcode(code)
     return status

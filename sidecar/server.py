@@ -36,10 +36,19 @@ class ApplyError(Exception):
 
 class Sidecar:
     def __init__(
-        self, bootstrap: Bootstrap, *, reuse_port: bool = False, dynamic: bool = False
+        self,
+        bootstrap: Bootstrap,
+        *,
+        reuse_port: bool = False,
+        dynamic: bool = False,
+        handed_off: dict[str, tuple[str, int]] | None = None,
     ) -> None:
+        """``handed_off``: listeners (name: address) another process accepts on, handing this
+        one their connections (``serve_accepted``); it does not bind those addresses."""
         self.bootstrap = bootstrap
         self.reuse_port = reuse_port
+        self.handed_off = handed_off or {}
+        self.handoff_closed: Callable[[], None] | None = None
         # Dynamic (xDS) sidecars are not ready until their first complete config arrives.
         self.dynamic = dynamic
         self.stats = StatsStore()
@@ -97,9 +106,9 @@ class Sidecar:
         """Whether these listeners could listen now; the reason if one could not."""
         for config in listeners:
             current = self.listeners.get(config.name)
-            if current is not None and (current.config.host, current.config.port) == (
-                config.host,
-                config.port,
+            if self._is_handed_off(config) or (
+                current is not None
+                and (current.config.host, current.config.port) == (config.host, config.port)
             ):
                 continue
             try:
@@ -114,9 +123,9 @@ class Sidecar:
         bound: dict[str, socket.socket] = {}
         for config in bootstrap.listeners:
             current = self.listeners.get(config.name)
-            if current is not None and (current.config.host, current.config.port) == (
-                config.host,
-                config.port,
+            if self._is_handed_off(config) or (
+                current is not None
+                and (current.config.host, current.config.port) == (config.host, config.port)
             ):
                 continue
             try:
@@ -128,6 +137,32 @@ class Sidecar:
                     f"listener {config.name}: cannot listen on {config.host}:{config.port}: {exc}"
                 ) from exc
         return bound
+
+    def _is_handed_off(self, config: ListenerConfig) -> bool:
+        return self.handed_off.get(config.name) == (config.host, config.port)
+
+    def serve_accepted(self, name: str, sock: socket.socket) -> bool:
+        """Serve a connection accepted for listener ``name`` by another process; False if
+        there is no such listener (any more) or the sidecar is draining."""
+        runtime = self.listeners.get(name)
+        if runtime is None or self.draining or runtime.draining:
+            return False
+        runtime.closed_hook = self.handoff_closed
+        loop = asyncio.get_event_loop()
+        task = loop.create_task(self._serve_accepted(runtime, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _serve_accepted(self, runtime: ListenerRuntime, sock: socket.socket) -> None:
+        loop = asyncio.get_event_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: SniffingProtocol(runtime), sock)
+        except OSError as exc:  # the client left before the connection was set up
+            log.debug("listener %s: handed connection lost: %s", runtime.config.name, exc)
+            sock.close()
+            if runtime.closed_hook is not None:
+                runtime.closed_hook()
 
     def _bind(self, config: ListenerConfig) -> socket.socket:
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -162,6 +197,8 @@ class Sidecar:
                 continue
             runtime = ListenerRuntime(self, config)
             self.listeners[name] = runtime
+            if name not in bound:  # handed off: its connections arrive by serve_accepted
+                continue
             task = loop.create_task(self._serve_listener(runtime, bound[name]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -276,7 +313,11 @@ class Sidecar:
         }
         self._update_route_policies(self.bootstrap)
         self._cpu_task = asyncio.get_event_loop().create_task(self._sample_cpu())
-        bound = {config.name: self._bind(config) for config in self.bootstrap.listeners}
+        bound = {
+            config.name: self._bind(config)
+            for config in self.bootstrap.listeners
+            if not self._is_handed_off(config)
+        }
         self._started = True
         self._sync_listeners(bound)
         await asyncio.sleep(0)  # let the listeners start serving

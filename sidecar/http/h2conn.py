@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h2.config
 import h2.connection
@@ -53,11 +54,27 @@ MAX_FRAME_SIZE = 64 * 1024
 # What the h2 library fallback reads into (the lean codec has its own receive buffer).
 H2_LIBRARY_READ_SIZE = 64 * 1024
 
-# Which HTTP/2 implementation drives the connections: ``lean`` (``sidecar.codec``, ours, about
-# 7x less CPU per proxied request) or ``h2`` (the library, kept as a fallback).
-H2_CODEC = os.environ.get("PILOTFISH_H2_CODEC", "lean")
-if H2_CODEC not in ("h2", "lean"):
-    raise ValueError(f"PILOTFISH_H2_CODEC must be h2 or lean, not {H2_CODEC!r}")
+
+def _choose_codec(name: str | None) -> str:
+    """Which HTTP/2 implementation drives the connections: ``ngh2`` (libnghttp2, compiled; the
+    default when the ``fast`` extra is installed), ``python`` (``sidecar.codec``, ours, the
+    tested fallback; ``lean`` is its older name) or ``h2`` (the library, slowest)."""
+    if name is None:
+        return "ngh2" if importlib.util.find_spec("ngh2") is not None else "python"
+    if name == "lean":
+        return "python"
+    if name not in ("ngh2", "python", "h2"):
+        raise ValueError(f"PILOTFISH_H2_CODEC must be ngh2, python or h2, not {name!r}")
+    if name == "ngh2" and importlib.util.find_spec("ngh2") is None:
+        raise ValueError(
+            "PILOTFISH_H2_CODEC=ngh2, but ngh2 is not installed (pip install 'pilotfish[fast]')"
+        )
+    return name
+
+
+H2_CODEC = _choose_codec(os.environ.get("PILOTFISH_H2_CODEC"))
+if TYPE_CHECKING or H2_CODEC == "ngh2":
+    from sidecar.codec.ngh2_codec import Ngh2Codec
 
 
 class GracefulH2Connection(h2.connection.H2Connection):
@@ -200,9 +217,9 @@ class H2Connection(asyncio.BufferedProtocol):
         max_header_list_size: int = 64 * 1024,
         budget: codec.Budget | None = None,
     ) -> None:
-        self.h2: GracefulH2Connection | codec.H2Codec
-        if H2_CODEC == "lean":
-            lean = codec.H2Codec(
+        self.h2: GracefulH2Connection | codec.H2Codec | Ngh2Codec
+        if H2_CODEC != "h2":
+            lean = (Ngh2Codec if H2_CODEC == "ngh2" else codec.H2Codec)(
                 client_side=client_side,
                 initial_window_size=stream_window,
                 max_concurrent_streams=max_concurrent_streams,

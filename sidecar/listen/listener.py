@@ -102,6 +102,10 @@ class ListenerHost(SidecarServices, Protocol):
 class ListenerRuntime:
     """What connections of one listener share: config, routes, clusters, stats."""
 
+    # Told of every connection that ends, when an acceptor balances connections across
+    # workers (``sidecar.listen.handoff``): it counts what each worker has open.
+    closed_hook: Callable[[], None] | None = None
+
     def __init__(self, sidecar: ListenerHost, config: ListenerConfig) -> None:
         self.sidecar = sidecar
         self.config = config
@@ -178,6 +182,8 @@ class ListenerRuntime:
             self.connections.discard(conn)
             self.scope.gauge_add("downstream_cx_active", -1)
             self.connections_gauge.value -= 1
+            if self.closed_hook is not None:
+                self.closed_hook()
 
     def start_drain(self) -> None:
         self.draining = True
@@ -428,8 +434,11 @@ class SniffingProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Only a connection closed before it was handed to a protocol gets here.
         if self.timer is not None:
             self.timer.cancel()
+        if self.listener.closed_hook is not None:
+            self.listener.closed_hook()
 
     def _on_timeout(self) -> None:
         self.timer = None

@@ -340,12 +340,6 @@ class Exchange:
         if action.prefix_rewrite is not None or action.host_rewrite is not None:
             headers = self._rewrite(headers, action.prefix_rewrite, action.host_rewrite)
         self.request_headers = headers
-        self.retry = RetryState(
-            decision.route.policy.retry,
-            method=self.method,
-            grpc=self.grpc,
-            random=listener.random,
-        )
         self._arm_deadline()
         faults = policy.faults
         if faults is not None:
@@ -491,7 +485,7 @@ class Exchange:
         if self.done:
             return
         cluster = self.cluster
-        assert cluster is not None and self.retry is not None and self.deadline is not None
+        assert cluster is not None and self.decision is not None
         throttle = cluster.resilience.throttle
         if throttle is not None and not throttle.try_admit():
             cluster.scope.inc("upstream_rq_throttled")
@@ -516,7 +510,7 @@ class Exchange:
         attempt.retry_permit, self.retry_permit = self.retry_permit, None
         self.attempt = attempt
         cluster.request_started(index)
-        per_try = self.retry.per_try_timeout
+        per_try = self.decision.route.policy.retry.per_try_timeout
         if per_try:
             timers = self.listener.sidecar.timers
             attempt.timer = timers.call_later(per_try, self._per_try_timeout, attempt)
@@ -530,11 +524,14 @@ class Exchange:
         host.pool.acquire(attempt)
 
     def _attempt_headers(self) -> Headers:
-        assert self.retry is not None and self.deadline is not None
+        assert self.deadline is not None and self.decision is not None
         retry = self.retry
-        attempt_header = _FIRST_ATTEMPT if retry.attempt == 1 else retry.attempt_header()
+        attempt_header = (
+            _FIRST_ATTEMPT if retry is None or retry.attempt == 1 else retry.attempt_header()
+        )
         headers = [*self.request_headers, attempt_header]
-        budget = self.deadline.upstream_header(self.loop.time(), retry.per_try_timeout, self.grpc)
+        per_try = self.decision.route.policy.retry.per_try_timeout
+        budget = self.deadline.upstream_header(self.loop.time(), per_try, self.grpc)
         if budget is not None:
             headers.append(budget)
         span = self.attempt.span if self.attempt is not None else None
@@ -633,7 +630,7 @@ class Exchange:
 
     def _try_failed(self, attempt: Attempt, outcome: Outcome, flag: ResponseFlag) -> None:
         """A try ended without a response to pass on: retry it, or answer ``flag``."""
-        assert self.cluster is not None and self.retry is not None
+        assert self.cluster is not None
         attempt.flag = flag.code
         self._cancel_attempt(CANCEL)
         if self._maybe_retry(outcome):
@@ -641,10 +638,10 @@ class Exchange:
         self._fail(flag, outcome)
 
     def _maybe_retry(self, outcome: Outcome) -> bool:
-        assert self.cluster is not None and self.retry is not None and self.deadline is not None
+        assert self.cluster is not None and self.deadline is not None
         outcome = _with_replay(outcome, self.replay is not None)
         cluster = self.cluster
-        decision = self.retry.should_retry(
+        decision = self._retry_state().should_retry(
             outcome,
             remaining=self.deadline.remaining(self.loop.time()),
             admit=cluster.resilience.breakers.try_acquire_retry,
@@ -659,6 +656,19 @@ class Exchange:
         self.retry_permit = decision.permit
         self.retry_timer = self.loop.call_later(decision.backoff, self._start_attempt)
         return True
+
+    def _retry_state(self) -> RetryState:
+        """Made at the first failed try: most requests never need one."""
+        retry = self.retry
+        if retry is None:
+            assert self.decision is not None
+            retry = self.retry = RetryState(
+                self.decision.route.policy.retry,
+                method=self.method,
+                grpc=self.grpc,
+                random=self.listener.random,
+            )
+        return retry
 
     def _cancel_attempt(self, code: int) -> None:
         attempt, self.attempt = self.attempt, None

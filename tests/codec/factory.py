@@ -33,6 +33,9 @@ class Peer:
         frame.settings = {codes[k]: v for k, v in values.items()}
         return bytes(frame.serialize())
 
+    def settings_ack(self) -> bytes:
+        return bytes(hf.SettingsFrame(0, flags=["ACK"]).serialize())
+
     def headers(
         self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool = False, **kw: Any
     ) -> bytes:
@@ -70,20 +73,43 @@ class Peer:
         return list(self.decoder.decode(frame.data, raw=True))
 
 
+class _UnderTest:
+    """Which codec ``new_codec``, ``server`` and ``client`` make: set per test by the
+    ``codec_impl`` fixture (tests/codec/conftest.py), so the conformance suite runs on each."""
+
+    name = "python"
+    codec_class: Any = H2Codec
+
+
+under_test = _UnderTest()
+
+
+def new_codec(**kw: Any) -> H2Codec:
+    codec: H2Codec = under_test.codec_class(**kw)
+    return codec
+
+
+def on_ngh2() -> bool:
+    return under_test.name == "ngh2"
+
+
 def server(**kw: Any) -> tuple[H2Codec, Peer]:
-    """A server codec that has seen the client preface and SETTINGS; its output drained."""
-    codec = H2Codec(client_side=False, **kw)
+    """A server codec that has seen the client preface and SETTINGS; its output drained.
+    libnghttp2 applies its own SETTINGS only once acknowledged: that codec gets the ACK too."""
+    codec = new_codec(client_side=False, **kw)
     codec.initiate_connection()
     peer = Peer()
-    codec.receive_data(PREFACE + peer.settings())
+    ack = peer.settings_ack() if on_ngh2() else b""
+    codec.receive_data(PREFACE + peer.settings() + ack)
     codec.data_to_send()
     return codec, peer
 
 
 def client(**kw: Any) -> tuple[H2Codec, Peer]:
-    codec = H2Codec(client_side=True, **kw)
+    codec = new_codec(client_side=True, **kw)
     codec.initiate_connection()
     peer = Peer()
-    codec.receive_data(peer.settings())
+    ack = peer.settings_ack() if on_ngh2() else b""
+    codec.receive_data(peer.settings() + ack)
     codec.data_to_send()
     return codec, peer

@@ -9,18 +9,17 @@ from sidecar.codec import (
     CodecProtocolError,
     CodecStreamClosedError,
     DataReceived,
-    H2Codec,
     ResponseReceived,
     StreamReset,
     TrailersReceived,
 )
 from sidecar.codec.errors import CodecUsageError
 from sidecar.codec.frames import PREFACE
-from tests.codec.factory import REQUEST, RESPONSE, Peer, client
+from tests.codec.factory import REQUEST, RESPONSE, Peer, client, new_codec
 
 
 def test_initiate_sends_the_preface_and_settings() -> None:
-    codec = H2Codec(client_side=True, initial_window_size=1 << 18, max_concurrent_streams=100)
+    codec = new_codec(client_side=True, initial_window_size=1 << 18, max_concurrent_streams=100)
     codec.initiate_connection()
     codec.increment_flow_control_window(1 << 20)
     data = codec.data_to_send()

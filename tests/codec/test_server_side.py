@@ -21,7 +21,7 @@ from sidecar.codec import (
 )
 from sidecar.codec.errors import CodecUsageError
 from sidecar.codec.frames import PREFACE
-from tests.codec.factory import REQUEST, RESPONSE, Peer, server
+from tests.codec.factory import REQUEST, RESPONSE, Peer, new_codec, on_ngh2, server
 
 
 def goaway_code(codec: H2Codec, peer: Peer) -> int:
@@ -45,7 +45,7 @@ def rst_codes(frames: list[hf.Frame]) -> list[tuple[int, int]]:
 
 
 def test_initiate_sends_our_settings_and_acks_the_peers() -> None:
-    codec = H2Codec(client_side=False, initial_window_size=1 << 18, max_concurrent_streams=7)
+    codec = new_codec(client_side=False, initial_window_size=1 << 18, max_concurrent_streams=7)
     codec.initiate_connection()
     peer = Peer()
     (settings,) = peer.parse(codec.data_to_send())
@@ -60,19 +60,25 @@ def test_initiate_sends_our_settings_and_acks_the_peers() -> None:
 
 
 def test_preface_may_arrive_in_pieces() -> None:
-    codec = H2Codec(client_side=False)
+    codec = new_codec(client_side=False)
+    codec.initiate_connection()
+    codec.data_to_send()
     assert codec.receive_data(PREFACE[:5]) == []
     events = codec.receive_data(PREFACE[5:] + Peer().settings())
     assert isinstance(events[0], RemoteSettingsChanged)
 
 
 def test_bad_preface_is_a_protocol_error() -> None:
-    codec = H2Codec(client_side=False)
+    codec = new_codec(client_side=False)
+    codec.initiate_connection()
+    codec.data_to_send()
     assert connection_error(codec, Peer(), b"GET / HTTP/1.1\r\n\r\n") == 1
 
 
 def test_first_frame_must_be_settings() -> None:
-    codec = H2Codec(client_side=False)
+    codec = new_codec(client_side=False)
+    codec.initiate_connection()
+    codec.data_to_send()
     peer = Peer()
     assert connection_error(codec, peer, PREFACE + peer.headers(1, REQUEST, True)) == 1
 
@@ -99,7 +105,9 @@ def test_request_body_padding_counts_for_flow_control() -> None:
     codec.receive_data(peer.headers(1, REQUEST))
     (event,) = codec.receive_data(peer.data(1, b"abc", end_stream=True, pad=10))
     assert isinstance(event, DataReceived)
-    assert (event.data, event.flow_controlled_length, event.stream_ended) == (b"abc", 14, True)
+    # libnghttp2 returns the padding to the window itself: only the data is left to us.
+    flow = 3 if on_ngh2() else 14
+    assert (event.data, event.flow_controlled_length, event.stream_ended) == (b"abc", flow, True)
     stream = codec.streams[1]
     assert not stream.remote_open and stream.local_open and not stream.closed
 
@@ -112,6 +120,7 @@ def data_events(events: Sequence[object]) -> list[tuple[int, bytes, int, bool | 
     ]
 
 
+@pytest.mark.ours_only  # how our codec batches a read (libnghttp2 has an event per frame)
 def test_each_streams_data_in_one_read_makes_one_event() -> None:
     # As servers send responses: frames of several streams interleaved.
     codec, peer = server()
@@ -192,6 +201,9 @@ def test_data_on_idle_stream() -> None:
 def test_data_after_end_stream_is_a_stream_error() -> None:
     codec, peer = server()
     codec.receive_data(peer.headers(1, REQUEST, end_stream=True))
+    if on_ngh2():  # libnghttp2 makes it a connection error, of the same code
+        assert connection_error(codec, peer, peer.data(1, b"x")) == 5
+        return
     (event,) = codec.receive_data(peer.data(1, b"x"))
     assert isinstance(event, StreamReset) and event.error_code == 5
     assert rst_codes(peer.parse(codec.data_to_send())) == [(1, 5)]
@@ -236,6 +248,7 @@ def test_window_updates_come_when_half_the_window_is_taken() -> None:
     assert [(u.stream_id, u.window_increment) for u in updates] == [(0, 33000), (1, 33000)]
 
 
+@pytest.mark.ours_only  # the factory acknowledges libnghttp2's SETTINGS before the test starts
 def test_our_settings_take_effect_when_acknowledged() -> None:
     codec, peer = server(initial_window_size=1000)
     codec.receive_data(peer.headers(1, REQUEST))
@@ -302,6 +315,10 @@ def test_endless_continuation_is_refused() -> None:
 def test_stream_ids_must_grow() -> None:
     codec, peer = server()
     codec.receive_data(peer.headers(5, REQUEST, end_stream=True))
+    if on_ngh2():  # stream 3 closed when 5 opened: libnghttp2 ignores frames on it
+        assert codec.receive_data(peer.headers(3, REQUEST, end_stream=True)) == []
+        assert codec.highest_inbound_stream_id == 5
+        return
     assert connection_error(codec, peer, peer.headers(3, REQUEST, end_stream=True)) == 1
 
 
@@ -313,6 +330,9 @@ def test_even_stream_ids_from_a_client() -> None:
 def test_too_many_streams_are_refused() -> None:
     codec, peer = server(max_concurrent_streams=1)
     assert len(codec.receive_data(peer.headers(1, REQUEST))) == 1
+    if on_ngh2():  # a client past a limit it acknowledged: libnghttp2 ends its connection
+        assert connection_error(codec, peer, peer.headers(3, REQUEST)) == 1
+        return
     assert codec.receive_data(peer.headers(3, REQUEST)) == []
     assert rst_codes(peer.parse(codec.data_to_send())) == [(3, 7)]
     assert codec.highest_inbound_stream_id == 3
@@ -390,6 +410,9 @@ def test_ping_is_answered() -> None:
 )
 def test_malformed_frames_are_connection_errors(raw: bytes, code: int) -> None:
     codec, peer = server()
+    if on_ngh2() and raw[3] == 2:  # PRIORITY (deprecated by RFC 9113): libnghttp2 ignores it
+        assert codec.receive_data(raw) == []
+        return
     assert connection_error(codec, peer, raw) == code
 
 
@@ -409,6 +432,10 @@ def test_priority_is_accepted_and_ignored_but_not_on_itself() -> None:
     assert codec.receive_data(bytes(fine.serialize())) == []
     codec.receive_data(peer.headers(1, REQUEST))
     itself = hf.PriorityFrame(1, depends_on=1)
+    if on_ngh2():  # libnghttp2 ignores PRIORITY frames (RFC 9113 deprecates them) wholesale
+        assert codec.receive_data(bytes(itself.serialize())) == []
+        assert codec.streams.get(1) is not None
+        return
     (event,) = codec.receive_data(bytes(itself.serialize()))
     assert isinstance(event, StreamReset)
 
@@ -418,6 +445,9 @@ def test_headers_depending_on_themselves_keep_hpack_in_step() -> None:
     block = peer.encoder.encode([*REQUEST, (b"x-new", b"1")])
     flags = ["END_HEADERS", "END_STREAM", "PRIORITY"]
     bad = bytes(hf.HeadersFrame(1, data=block, flags=flags, depends_on=1).serialize())
+    if on_ngh2():  # libnghttp2: a connection error, so HPACK's state no longer matters
+        assert connection_error(codec, peer, bad) == 1
+        return
     assert codec.receive_data(bad) == []
     (event,) = codec.receive_data(peer.headers(3, [*REQUEST, (b"x-new", b"1")], True))
     assert isinstance(event, RequestReceived) and event.headers[-1] == (b"x-new", b"1")
@@ -432,10 +462,11 @@ def test_window_updates_and_blocked_sends() -> None:
         codec.send_data(1, b"x" * 16384)
     codec.send_data(1, b"x" * 16383)
     assert codec.local_flow_control_window(1) == 0
-    with pytest.raises(CodecUsageError):
-        codec.send_data(1, b"x")
-    with pytest.raises(CodecUsageError):
-        codec.send_data(1, b"x" * 16385)
+    if not on_ngh2():  # libnghttp2 would hold such DATA until the window opens
+        with pytest.raises(CodecUsageError):
+            codec.send_data(1, b"x")
+        with pytest.raises(CodecUsageError):
+            codec.send_data(1, b"x" * 16385)
     events = codec.receive_data(
         bytes(hf.WindowUpdateFrame(0, window_increment=100).serialize())
         + bytes(hf.WindowUpdateFrame(1, window_increment=50).serialize())
@@ -451,16 +482,17 @@ def test_initial_window_change_applies_to_open_streams() -> None:
     codec, peer = server()
     codec.receive_data(peer.headers(1, REQUEST, end_stream=True))
     codec.receive_data(peer.settings(initial_window_size=100))
-    assert codec.streams[1].send_window == 100
+    assert codec.local_flow_control_window(1) == 100
 
 
 def test_goaway_is_an_event_and_sending_one_closes_nothing() -> None:
     codec, peer = server()
     codec.receive_data(peer.headers(1, REQUEST, end_stream=True))
-    goaway = hf.GoAwayFrame(0, last_stream_id=1, error_code=0, additional_data=b"bye")
+    # A client's GOAWAY names the last stream the server opened: none (libnghttp2 insists).
+    goaway = hf.GoAwayFrame(0, last_stream_id=0, error_code=0, additional_data=b"bye")
     (event,) = codec.receive_data(bytes(goaway.serialize()))
     assert isinstance(event, ConnectionTerminated)
-    assert (event.error_code, event.last_stream_id, event.additional_data) == (0, 1, b"bye")
+    assert (event.error_code, event.last_stream_id, event.additional_data) == (0, 0, b"bye")
     codec.send_goaway(1)
     codec.send_headers(1, RESPONSE, end_stream=True)
     frames = peer.parse(codec.data_to_send())

@@ -40,6 +40,11 @@ class Resource(enum.Enum):
         self.overflow_counter = overflow_counter
 
 
+_PENDING = Resource.PENDING
+_REQUESTS = Resource.REQUESTS
+assert (_PENDING.index, _REQUESTS.index) == (1, 2)
+
+
 class Permit:
     """One unit of a resource; ``release`` gives it back (once, however often it is called)."""
 
@@ -115,11 +120,22 @@ class CircuitBreakers:
     def try_acquire_connection(self) -> Permit | None:
         return self.try_acquire(Resource.CONNECTIONS)
 
+    # Every request takes these two, so they skip ``try_acquire``'s general lookup.
     def try_acquire_pending(self) -> Permit | None:
-        return self.try_acquire(Resource.PENDING)
+        active = self._active
+        if active[1] >= self.config.max_pending_requests:
+            self.counters[Resource.PENDING.overflow_counter] += 1
+            return None
+        active[1] += 1
+        return Permit(self, _PENDING)
 
     def try_acquire_request(self) -> Permit | None:
-        return self.try_acquire(Resource.REQUESTS)
+        active = self._active
+        if active[2] >= self.config.max_requests:
+            self.counters[Resource.REQUESTS.overflow_counter] += 1
+            return None
+        active[2] += 1
+        return Permit(self, _REQUESTS)
 
     def try_acquire_retry(self) -> Permit | None:
         """For ``RetryState.should_retry(admit=...)``; release when the retried try ends."""

@@ -1,0 +1,374 @@
+"""``Ngh2Codec``: ``H2Codec``'s interface over ngh2 (libnghttp2, compiled, sans-IO).
+
+libnghttp2 parses frames, runs HPACK, validates messages (RFC 9113 section 8) and keeps both
+flow-control windows; this module only translates calls and events, so the connection adapter
+(``sidecar.http.h2conn``) and everything above it run unchanged on either codec.
+
+What it keeps itself, and why:
+
+- Which halves of each stream are open. ``h2conn`` asks ``streams.get(id)`` right after it
+  sends or receives END_STREAM whether the stream is now closed; libnghttp2 only closes a stream
+  when it has serialized the frame, and says so in an event of a later call.
+- Output is serialized at once (``data_to_send`` after every call that queues a frame): that
+  makes a new stream exist in libnghttp2 (it creates it when its HEADERS are serialized), keeps
+  the windows ``local_flow_control_window`` reports exact, and hands ``h2conn`` DATA only ever
+  within the window it was told of, so backpressure across the proxy works as with our codec:
+  automatic WINDOW_UPDATEs are off and the receive windows reopen only through
+  ``acknowledge_received_data``, when the other side has taken the bytes.
+- GOAWAY is an event; sending one closes nothing, as in ``H2Codec``. libnghttp2 itself closes
+  the streams a received GOAWAY leaves unprocessed (REFUSED_STREAM): the adapter has already
+  closed them as refused on the GOAWAY event (the replay), so those closes are dropped here.
+
+Differences from our codec, none of which the proxy relies on: a header block libnghttp2
+rejects resets its stream without an event (ours does the same for streams the application
+never saw); streams opened past our final GOAWAY are ignored rather than refused (RFC 9113
+section 6.8 allows either); WINDOW_UPDATE is sent when half a window was acknowledged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ngh2
+
+from sidecar.codec.connection import RemoteSettings
+from sidecar.codec.errors import (
+    CANCEL,
+    ENHANCE_YOUR_CALM,
+    PROTOCOL_ERROR,
+    CodecProtocolError,
+    CodecStreamClosedError,
+    CodecUsageError,
+)
+from sidecar.codec.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    Headers,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from sidecar.codec.frames import DEFAULT_WINDOW, Chunk, goaway_frame
+from sidecar.codec.receive import thread_receive_buffer
+
+VERSION = ngh2.__version__
+MAX_STREAM_ID = 2**31 - 1
+
+_REQUEST = ngh2.RequestReceived
+_RESPONSE = ngh2.ResponseReceived
+_DATA = ngh2.DataReceived
+_TRAILERS = ngh2.TrailersReceived
+_RESET = ngh2.StreamReset
+_CLOSED = ngh2.StreamClosed
+_WINDOW = ngh2.WindowUpdated
+_SETTINGS = ngh2.SettingsReceived
+_GOAWAY = ngh2.GoAwayReceived
+_CONNECTION_CLOSED = ngh2.ConnectionClosed
+
+
+class _Stream:
+    """Which halves are open: a stream leaves ``Ngh2Codec.streams`` when both are closed
+    (so one found there is never ``closed``, the attribute ``h2conn`` asks)."""
+
+    __slots__ = ("headers_sent", "local_open", "remote_open")
+    closed = False
+
+    def __init__(self, headers_sent: bool) -> None:
+        self.local_open = True
+        self.remote_open = True
+        self.headers_sent = headers_sent
+
+
+class Ngh2Codec:
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        initial_window_size: int = DEFAULT_WINDOW,
+        max_concurrent_streams: int = 100,
+        max_header_list_size: int = 64 * 1024,
+        max_frame_size: int = 16384,
+    ) -> None:
+        config = ngh2.Configuration(
+            auto_window_update=False,
+            max_inbound_header_list_size=max_header_list_size,
+        )
+        self.client_side = client_side
+        self._conn = ngh2.Connection(
+            ngh2.Role.CLIENT if client_side else ngh2.Role.SERVER, config
+        )
+        self._settings = {
+            ngh2.Setting.ENABLE_PUSH: 0,
+            ngh2.Setting.INITIAL_WINDOW_SIZE: initial_window_size,
+            ngh2.Setting.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            ngh2.Setting.MAX_HEADER_LIST_SIZE: max_header_list_size,
+        }
+        if max_frame_size != 16384:  # the default need not be said
+            self._settings[ngh2.Setting.MAX_FRAME_SIZE] = max_frame_size
+        self.streams: dict[int, _Stream] = {}
+        self.remote_settings = RemoteSettings()
+        self.highest_inbound_stream_id = 0
+        self._out: list[Chunk] = []
+        # libnghttp2 consumes all input before ``receive_data`` returns (DATA payloads are
+        # copied into their events), so reads share the thread's buffer as with our codec.
+        self._buffer = thread_receive_buffer().view
+        self._goaway_received = False
+        self._goaway_sent = False
+        self._dead = False
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _serialize(self) -> None:
+        try:
+            data = self._conn.data_to_send()
+        except ngh2.ConnectionStateError:  # failed: what it had to say is already out
+            return
+        if data:
+            self._out.append(data)
+
+    def initiate_connection(self) -> None:
+        self._conn.initiate_connection(self._settings)
+        self._serialize()
+
+    def increment_flow_control_window(self, increment: int, stream_id: int | None = None) -> None:
+        if stream_id:
+            raise CodecUsageError("only the connection window is managed this way")
+        conn = self._conn
+        conn.set_local_window_size(conn.local_window_size + increment)
+        self._serialize()
+
+    def data_to_send(self) -> bytes:
+        self._serialize()
+        out = self._out
+        if not out:
+            return b""
+        data = b"".join(out) if len(out) > 1 else bytes(out[0])
+        out.clear()
+        return data
+
+    def take_output(self) -> list[Chunk]:
+        self._serialize()
+        out = self._out
+        if not out:
+            return out
+        self._out = []
+        return out
+
+    @property
+    def max_outbound_frame_size(self) -> int:
+        return self.remote_settings.max_frame_size
+
+    def get_next_available_stream_id(self) -> int:
+        return self._conn.next_stream_id
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        conn = self._conn
+        try:
+            window = conn.stream_remote_window_size(stream_id)
+        except ngh2.NGH2Error:
+            raise CodecStreamClosedError(stream_id) from None
+        connection = conn.remote_window_size
+        return window if window < connection else connection
+
+    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
+        if self._dead:
+            raise CodecUsageError("connection failed")
+        conn = self._conn
+        stream = self.streams.get(stream_id)
+        try:
+            if stream is None:
+                if not self.client_side or stream_id != conn.next_stream_id:
+                    raise CodecStreamClosedError(stream_id)
+                if len(self.streams) >= self.remote_settings.max_concurrent_streams:
+                    raise CodecUsageError("peer's MAX_CONCURRENT_STREAMS reached")
+                conn.send_request(headers, end_stream=end_stream)
+                stream = self.streams[stream_id] = _Stream(headers_sent=True)
+            elif not stream.local_open:
+                raise CodecStreamClosedError(stream_id)
+            elif stream.headers_sent:
+                conn.send_trailers(stream_id, headers)
+                end_stream = True
+            elif headers[0][1][:1] == b"1":  # informational: the final response follows
+                conn.send_informational_response(stream_id, headers)
+            else:
+                conn.send_response(stream_id, headers, end_stream=end_stream)
+                stream.headers_sent = True
+        except ngh2.NGH2Error as exc:
+            raise CodecStreamClosedError(stream_id) from exc
+        data = conn.data_to_send()
+        if data:
+            self._out.append(data)
+        if end_stream:
+            stream.local_open = False
+            if not stream.remote_open:
+                del self.streams[stream_id]
+
+    def send_data(self, stream_id: int, data: Chunk, end_stream: bool = False) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or not stream.local_open or self._dead:
+            raise CodecStreamClosedError(stream_id)
+        conn = self._conn
+        try:
+            conn.send_data(stream_id, data, end_stream=end_stream)
+        except ngh2.NGH2Error as exc:
+            raise CodecStreamClosedError(stream_id) from exc
+        out = conn.data_to_send()
+        if out:
+            self._out.append(out)
+        if end_stream:
+            stream.local_open = False
+            if not stream.remote_open:
+                del self.streams[stream_id]
+
+    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        if self.streams.pop(stream_id, None) is None:
+            raise CodecStreamClosedError(stream_id)
+        if self._dead:
+            return
+        try:  # RST_STREAM is serialized with what is taken next (``take_output``)
+            self._conn.reset_stream(stream_id, error_code)
+        except ngh2.NGH2Error as exc:  # already closed inside libnghttp2: nothing to send
+            raise CodecStreamClosedError(stream_id) from exc
+
+    def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
+        if self._dead:
+            return
+        if last_stream_id >= MAX_STREAM_ID and not error_code:
+            # The first of a graceful shutdown's two GOAWAYs: libnghttp2's own name for it,
+            # which (unlike a plain GOAWAY) leaves the second one possible.
+            self._conn.send_shutdown_notice()
+        else:
+            try:
+                self._conn.send_goaway(error_code, last_stream_id=last_stream_id)
+            except ngh2.ConnectionStateError:  # already closing: that GOAWAY stands
+                return
+        self._goaway_sent = True
+        self._serialize()
+
+    def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
+        """The application took these bytes. libnghttp2 returns them to the connection window
+        even when the stream has closed since, so no credit is lost to a reset."""
+        if acknowledged_size < 0:
+            raise ValueError("cannot acknowledge a negative size")
+        if self._dead or not acknowledged_size:
+            return
+        try:  # a WINDOW_UPDATE, when due, leaves with what is taken next (``take_output``)
+            self._conn.acknowledge_received_data(acknowledged_size, stream_id)
+        except ngh2.ConnectionStateError:  # closing (a GOAWAY went both ways): nothing to reopen
+            return
+
+    def _remote_ended(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.remote_open = False
+            if not stream.local_open:
+                del self.streams[stream_id]
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        return self.receive_data(self._buffer[:nbytes])
+
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
+        if self._dead:
+            return []
+        conn = self._conn
+        try:
+            conn.receive_data(data)
+        except ngh2.NGH2Error as exc:
+            # libnghttp2 gave up on the connection (a resource limit, such as the header list
+            # size): it may not have queued a GOAWAY, so one says why.
+            self._dead = True
+            code = ENHANCE_YOUR_CALM if isinstance(exc, ngh2.DenialOfServiceError) else (
+                PROTOCOL_ERROR
+            )
+            self._serialize()
+            self._out.append(goaway_frame(self.highest_inbound_stream_id, code))
+            raise CodecProtocolError(str(exc), code) from exc
+        self._serialize()  # acknowledgements (SETTINGS, PING) and libnghttp2's own GOAWAY
+        events: list[Event] = []
+        append = events.append
+        streams = self.streams
+        # The loop tests exact types (``is``), which mypy does not narrow by: events are Any.
+        incoming: list[Any] = conn.events()
+        for event in incoming:
+            kind = type(event)
+            if kind is _DATA:
+                payload = event.data
+                sid = event.stream_id
+                if event.end_stream:
+                    append(DataReceived(sid, payload, len(payload), True))
+                    self._remote_ended(sid)
+                else:
+                    append(DataReceived(sid, payload, len(payload), None))
+            elif kind is _REQUEST:
+                sid = event.stream_id
+                if sid > self.highest_inbound_stream_id:
+                    self.highest_inbound_stream_id = sid
+                stream = streams[sid] = _Stream(headers_sent=False)
+                if event.end_stream:
+                    stream.remote_open = False
+                    append(RequestReceived(sid, list(event.headers), True))
+                else:
+                    append(RequestReceived(sid, list(event.headers), None))
+            elif kind is _RESPONSE:
+                sid = event.stream_id
+                if event.end_stream:
+                    append(ResponseReceived(sid, list(event.headers), True))
+                    self._remote_ended(sid)
+                else:
+                    append(ResponseReceived(sid, list(event.headers), None))
+            elif kind is _CLOSED:
+                if streams.pop(event.stream_id, None) is not None:
+                    # Closed by libnghttp2 while we thought it open: it reset the stream (a
+                    # malformed message, a GOAWAY that left it unprocessed, a failed send).
+                    append(StreamReset(event.stream_id, event.error_code or CANCEL, False))
+            elif kind is _TRAILERS:
+                append(TrailersReceived(event.stream_id, list(event.headers)))
+                self._remote_ended(event.stream_id)
+            elif kind is _RESET:
+                if streams.pop(event.stream_id, None) is not None:
+                    append(StreamReset(event.stream_id, event.error_code))
+            elif kind is _WINDOW:
+                append(WindowUpdated(event.stream_id, event.increment))
+            elif kind is _SETTINGS:
+                changed = dict(event.settings)
+                self._remote_settings_changed(changed)
+                append(RemoteSettingsChanged(changed))
+            elif kind is _GOAWAY:
+                self._goaway_received = True
+                debug = event.debug_data or None
+                append(ConnectionTerminated(event.error_code, event.last_stream_id, debug))
+            elif kind is _CONNECTION_CLOSED and event.error_code and not self._goaway_received:
+                self._dead = True
+                raise CodecProtocolError(
+                    f"HTTP/2 connection error: {event.debug_data.decode(errors='replace')}",
+                    event.error_code or PROTOCOL_ERROR,
+                )
+        if not incoming and not (self._goaway_received or self._goaway_sent or conn.want_read):
+            # libnghttp2 queued GOAWAY for a connection error without an event for it yet.
+            self._dead = True
+            self._serialize()
+            raise CodecProtocolError("HTTP/2 connection error", PROTOCOL_ERROR)
+        return events
+
+    def _remote_settings_changed(self, changed: dict[int, int]) -> None:
+        settings = self.remote_settings
+        for code, value in changed.items():
+            if code == 1:
+                settings.header_table_size = value
+            elif code == 3:
+                settings.max_concurrent_streams = value
+            elif code == 4:
+                settings.initial_window_size = value
+            elif code == 5:
+                settings.max_frame_size = value
+            elif code == 6:
+                settings.max_header_list_size = value
