@@ -694,37 +694,12 @@ class Exchange:
             attempt.grpc_status = self.grpc_status = int(grpc_status)
         if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
             attempt.status = _grpc_as_http(int(grpc_status))
-        if grpc_status == b"4" and self.grpc:
-            kind = self._ours_timed_out(attempt)
-            if kind is TimerKind.DEADLINE:
-                self._on_deadline()
-                return
-            if kind is TimerKind.PER_TRY:
-                if attempt.timer is not None:
-                    attempt.timer.cancel()
-                self._per_try_timeout(attempt, grpc_status=4)
-                return
         outcome = None
-        if _header(headers, OVERLOADED_HEADER) is not None:
-            # The upstream's sidecar shed it before its app saw it: another host may take it.
-            # Its retry hint is for the caller, not for a retry on a different host.
-            outcome = Outcome(
-                http_status=status,
-                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
-                failure=Failure.SHED,
-                body_replayable=self.replay is not None,
-            )
-            if self._retry_response(attempt, outcome):
-                return
-        elif status >= 500 or (grpc_status is not None and grpc_status != b"0"):
-            outcome = response_outcome(
-                status,
-                grpc=self.grpc,
-                grpc_status=grpc_status,
-                pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
-                body_replayable=self.replay is not None,
-            )
-            if self._retry_response(attempt, outcome):
+        if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
+            # A failure: decide here whether another try may replace it (answers that succeed
+            # pay for none of this).
+            outcome = self._failure_outcome(attempt, headers, status, grpc_status)
+            if outcome is None or self._retry_response(attempt, outcome):
                 return
         throttle = self.cluster.resilience.throttle if self.cluster is not None else None
         if throttle is not None and (not self.grpc or end_stream):
@@ -737,6 +712,38 @@ class Exchange:
         if self.cluster is not None:
             self.cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
         self._forward_headers(headers, end_stream, status)
+
+    def _failure_outcome(
+        self, attempt: Attempt, headers: Headers, status: int, grpc_status: bytes | None
+    ) -> Outcome | None:
+        """What a failed response amounts to for the retry decision; None: it was one of our
+        own deadlines, and that is handled (answered or retried) already."""
+        if grpc_status == b"4" and self.grpc:
+            kind = self._ours_timed_out(attempt)
+            if kind is TimerKind.DEADLINE:
+                self._on_deadline()
+                return None
+            if kind is TimerKind.PER_TRY:
+                if attempt.timer is not None:
+                    attempt.timer.cancel()
+                self._per_try_timeout(attempt, grpc_status=4)
+                return None
+        if _header(headers, OVERLOADED_HEADER) is not None:
+            # The upstream's sidecar shed it before its app saw it: another host may take it.
+            # Its retry hint is for the caller, not for a retry on a different host.
+            return Outcome(
+                http_status=status,
+                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                failure=Failure.SHED,
+                body_replayable=self.replay is not None,
+            )
+        return response_outcome(
+            status,
+            grpc=self.grpc,
+            grpc_status=grpc_status,
+            pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
+            body_replayable=self.replay is not None,
+        )
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
         """Drop this response for another try when the retry policy says so."""
