@@ -45,6 +45,13 @@ from pilotfish.config.route_policy_yaml import (
     parse_load_shedding,
     parse_route_policy,
 )
+from pilotfish.config.security import (
+    SERVICE_SECURITY_KEYS,
+    SecurityConfig,
+    ServiceSecurity,
+    parse_security,
+    parse_service_security,
+)
 
 PROTOCOLS = ("grpc", "http2", "http1", "tcp")
 DEFAULT_TIMEOUT = 15.0
@@ -85,6 +92,9 @@ class MeshService:
     # Inbound: applies on the service's own sidecar (its inbound listener).
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
     listener_limits: ListenerLimits = ListenerLimits()
+    # Its workload identity is spiffe://<trust domain>/ns/<namespace>/sa/<service_account>.
+    service_account: str = ""
+    security: ServiceSecurity = ServiceSecurity()
     # Discovered in Kubernetes: the Service's pods, served beside the static endpoints, and
     # the other names callers use for it (``name.ns.svc.cluster.local:port``, ClusterIP:port).
     pods: tuple[PodEndpoint, ...] = ()
@@ -95,6 +105,7 @@ class MeshService:
 class Mesh:
     services: dict[str, MeshService]
     telemetry: MeshTelemetry = field(default_factory=MeshTelemetry)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_mesh_file(path: str | Path) -> Mesh:
@@ -112,7 +123,8 @@ def parse_mesh_text(text: str, source: str = "mesh file") -> Mesh:
 
 
 def parse_mesh(document: Any) -> Mesh:
-    root = Node("", document).mapping({"services", "telemetry"})
+    root = Node("", document).mapping({"services", "telemetry", "security"})
+    security = parse_security(root.get("security"))
     services_node = root.require("services").mapping()
     services: dict[str, MeshService] = {}
     for name, node in services_node.items():
@@ -121,12 +133,14 @@ def parse_mesh(document: Any) -> Mesh:
                 "service names are lower-case letters, digits, '-' and '.', "
                 "starting and ending with a letter or digit"
             )
-        services[name] = _parse_service(name, node)
+        services[name] = _parse_service(name, node, security)
     _check_references(services_node, services)
-    return Mesh(services=services, telemetry=parse_telemetry(root.get("telemetry")))
+    return Mesh(
+        services=services, telemetry=parse_telemetry(root.get("telemetry")), security=security
+    )
 
 
-def _parse_service(name: str, node: Node) -> MeshService:
+def _parse_service(name: str, node: Node, security: SecurityConfig) -> MeshService:
     if node.value is None:
         raise node.error("expected a mapping")
     node.mapping(
@@ -138,7 +152,9 @@ def _parse_service(name: str, node: Node) -> MeshService:
             "depends_on",
             "routes",
             "connect_timeout",
+            "service_account",
             *SERVICE_POLICY_KEYS,
+            *SERVICE_SECURITY_KEYS,
         }
     )
     protocol = node.get("protocol").as_choice(PROTOCOLS, "grpc")
@@ -171,7 +187,7 @@ def _parse_service(name: str, node: Node) -> MeshService:
     outlier = node.get("outlier_detection")
     return MeshService(
         name=name,
-        namespace=node.get("namespace").as_str("default"),
+        namespace=_identity_segment(node.get("namespace"), "default"),
         protocol=protocol,
         port=port,
         endpoints=endpoints,
@@ -187,7 +203,16 @@ def _parse_service(name: str, node: Node) -> MeshService:
         resilience=parse_cluster_resilience(node),
         load_shedding=parse_load_shedding(node.get("load_shedding"), protocol != "tcp"),
         listener_limits=parse_listener_limits(node),
+        service_account=_identity_segment(node.get("service_account"), name),
+        security=parse_service_security(node, security),
     )
+
+
+def _identity_segment(node: Node, default: str) -> str:
+    value = node.as_str(default)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in {".", ".."}:
+        raise node.error("expected letters, digits, '.', '-' and '_'")
+    return value
 
 
 def _default_route(service: str) -> MeshRoute:

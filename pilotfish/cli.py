@@ -47,6 +47,13 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default="",
         help="HOST:PORT serving only GET /ready, for kubelet probes (e.g. 0.0.0.0:15021)",
     )
+    mesh = p.add_argument_group("workload identity (mTLS listeners)")
+    mesh.add_argument(
+        "--ca-token-file", help="bootstrap or service-account token; turns the identity on"
+    )
+    mesh.add_argument("--ca", metavar="HOST:PORT", help="the CA (default: the --xds address)")
+    mesh.add_argument("--service-account", help="default: --service")
+    mesh.add_argument("--trust-domain", default="cluster.local")
 
 
 def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,6 +71,21 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         choices=("serve", "reject"),
         help="a proxy whose service is not in the mesh gets every service (serve) or is "
         "refused with PERMISSION_DENIED (reject)",
+    )
+    ca = p.add_argument_group("certificate authority (workload certificates)")
+    ca.add_argument("--ca-dir", help="directory of a self-signed root CA (made on first start)")
+    ca.add_argument("--ca-cert", help="an intermediate CA certificate (PEM) to sign with")
+    ca.add_argument("--ca-key", help="the intermediate CA's private key (PEM)")
+    ca.add_argument("--ca-roots", help="root certificates workloads should trust (PEM)")
+    ca.add_argument("--ca-chain", help="intermediates between --ca-cert and a root (PEM)")
+    ca.add_argument("--trust-domain", default="cluster.local")
+    ca.add_argument("--cert-ttl", default="24h", help="workload certificate lifetime")
+    ca.add_argument("--bootstrap-tokens", help="YAML file mapping tokens to services")
+    ca.add_argument(
+        "--ca-token-audience",
+        default="pilotfish-ca",
+        help="with --kubernetes: service-account tokens for this audience are checked through "
+        "TokenReview",
     )
     kube = p.add_argument_group("Kubernetes discovery")
     kube.add_argument(
@@ -142,6 +164,25 @@ def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _add_ca_root(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ca-root", help="rotate the CA's self-signed root in three steps")
+    p.add_argument("step", choices=("stage", "activate", "retire"))
+    p.add_argument("--ca-dir", required=True, help="the control plane's --ca-dir")
+    p.add_argument("--trust-domain", default="cluster.local")
+
+
+def _add_identity_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "identity-agent", help="keep a workload certificate fresh and serve it to Envoy over SDS"
+    )
+    p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the control plane's CA")
+    p.add_argument("--token-file", required=True, help="bootstrap or service-account token")
+    p.add_argument("--service-account", required=True)
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--sds-socket", required=True, help="Unix socket path for Envoy's SDS")
+    p.add_argument("--cert-ttl", default="", help="ask for a shorter lifetime than the CA's")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 def _add_inject(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "inject",
@@ -176,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_demo(sub)
     _add_iptables(sub)
+    _add_ca_root(sub)
+    _add_identity_agent(sub)
     _add_inject(sub)
     return parser
 
@@ -212,6 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.listen.iptables import run_iptables
 
         return run_iptables(args)
+    if args.command == "ca-root":
+        from control_plane.ca.cli import run_ca_root
+
+        return run_ca_root(args)
+    if args.command == "identity-agent":
+        from sidecar.security.agent import run_identity_agent
+
+        return run_identity_agent(args)
     if args.command == "inject":
         from control_plane.kube.inject_cli import run_inject
 

@@ -16,10 +16,12 @@ class GrpcStatus(enum.IntEnum):
     INVALID_ARGUMENT = 3
     DEADLINE_EXCEEDED = 4
     NOT_FOUND = 5
+    PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
     UNIMPLEMENTED = 12
     INTERNAL = 13
     UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class ResponseFlag(enum.Enum):
@@ -50,6 +52,8 @@ class ResponseFlag(enum.Enum):
     ADAPTIVE_THROTTLE = (
         "AT", 503, GrpcStatus.UNAVAILABLE, "upstream struggling: request throttled locally",
     )
+    RBAC_DENIED = ("RBAC", 403, GrpcStatus.PERMISSION_DENIED, "RBAC: access denied")
+    JWT_DENIED = ("JWT", 401, GrpcStatus.UNAUTHENTICATED, "JWT: missing or invalid token")
 
     def __init__(self, code: str, http_status: int, grpc_status: GrpcStatus, message: str) -> None:
         self.code = code

@@ -14,15 +14,20 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.bootstrap import load_bootstrap_file
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
+from pilotfish.identity import InvalidSpiffeId, SpiffeId
 from sidecar.admin import AdminServer
 from sidecar.listen.handoff import Acceptor, Receiver, WorkerTable, bind_listener
 from sidecar.observability.tracing_config import split_endpoint
 from sidecar.server import Sidecar
+
+if TYPE_CHECKING:
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger("pilotfish.sidecar")
 
@@ -47,6 +52,63 @@ class XdsOptions:
     metadata: dict[str, str]
 
 
+@dataclass(frozen=True)
+class IdentityOptions:
+    """Where the workload certificate comes from; each worker makes its own key."""
+
+    ca_address: str
+    token_file: str
+    identity: SpiffeId
+
+
+class IdentityUnavailable(Exception):
+    """The CA did not issue the first certificate (the message says why)."""
+
+
+async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificates, Any]:
+    # Loaded only when asked for: grpc and the CA's messages cost memory.
+    import grpc
+
+    from sidecar.security.workload import (
+        CertificateError,
+        GrpcCertificateSource,
+        WorkloadCertificates,
+        token_file,
+    )
+
+    channel = grpc.aio.insecure_channel(options.ca_address)
+    workload = WorkloadCertificates(
+        GrpcCertificateSource(channel, token_file(options.token_file)), options.identity
+    )
+    try:
+        await workload.start()
+    except CertificateError as exc:
+        await channel.close()
+        raise IdentityUnavailable(str(exc)) from None
+    except BaseException:
+        await channel.close()
+        raise
+    return workload, channel
+
+
+def identity_options(args: argparse.Namespace) -> IdentityOptions | None:
+    """From the flags; None without ``--ca-token-file``, ``ConfigError`` naming a bad flag."""
+    if not args.ca_token_file:
+        return None
+    address = args.ca or args.xds
+    if not address:
+        raise ConfigError("--ca", "required with --ca-token-file (or give --xds)")
+    parse_address("--ca", address)
+    account = args.service_account or args.service
+    if not account:
+        raise ConfigError("--service-account", "required with --ca-token-file (or --service)")
+    try:
+        identity = SpiffeId(args.trust_domain, args.namespace, account)
+    except InvalidSpiffeId as exc:
+        raise ConfigError("--service-account", str(exc)) from None
+    return IdentityOptions(address, args.ca_token_file, identity)
+
+
 def _install_event_loop_policy() -> None:
     try:
         import uvloop
@@ -63,6 +125,7 @@ async def serve(
     signals: bool = True,
     started: Callable[[Sidecar], None] | None = None,
     xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
     handoff: Handoff | None = None,
 ) -> int:
     sidecar = Sidecar(
@@ -71,6 +134,11 @@ async def serve(
         dynamic=xds is not None,
         handed_off=handoff.listeners if handoff is not None else None,
     )
+    started_identity: tuple[WorkloadCertificates, Any] | None = None
+    if identity is not None:
+        # Before the listeners open: an mTLS listener without a certificate refuses TLS.
+        started_identity = await _start_identity(identity)
+        sidecar.workload = started_identity[0]
     loop = asyncio.get_event_loop()
     receiver: Receiver | None = None
     if handoff is not None:
@@ -122,6 +190,10 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await xds_task
     admin_server.close()
+    if started_identity is not None:
+        workload, ca_channel = started_identity
+        await workload.stop()
+        await ca_channel.close()
     log.info("stopped")
     return 0
 
@@ -164,13 +236,25 @@ def _run_worker(
     admin: bool,
     reuse_port: bool,
     xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
     handoff: Handoff | None = None,
 ) -> int:
     _install_event_loop_policy()
     tune_malloc()
-    return asyncio.run(
-        serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds, handoff=handoff)
-    )
+    try:
+        return asyncio.run(
+            serve(
+                bootstrap,
+                admin=admin,
+                reuse_port=reuse_port,
+                xds=xds,
+                identity=identity,
+                handoff=handoff,
+            )
+        )
+    except IdentityUnavailable as exc:
+        print(f"pilotfish sidecar: no workload certificate: {exc}", file=sys.stderr)
+        return 1
 
 
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
@@ -238,13 +322,20 @@ def run_sidecar(args: argparse.Namespace) -> int:
                 "inbound_address": args.inbound_address,
             },
         )
+    try:
+        identity = identity_options(args)
+    except ConfigError as exc:
+        print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 2
     workers = max(1, int(args.concurrency))
     if workers == 1:
-        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds)
-    return _run_workers(bootstrap, workers, xds)
+        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds, identity=identity)
+    return _run_workers(bootstrap, workers, xds, identity)
 
 
-def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> int:
+def _run_workers(
+    bootstrap: Bootstrap, workers: int, xds: XdsOptions | None, identity: IdentityOptions | None
+) -> int:
     """Fork workers; this process accepts on the bootstrap's listeners and deals the
     connections out (``sidecar.listen.handoff``); worker 0 runs admin. Listeners added later
     by xDS are bound by each worker with SO_REUSEPORT."""
@@ -275,7 +366,12 @@ def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> 
                     sock.close()
                 handoff = Handoff(theirs, index, table, addresses)
                 code = _run_worker(
-                    bootstrap, admin=index == 0, reuse_port=True, xds=xds, handoff=handoff
+                    bootstrap,
+                    admin=index == 0,
+                    reuse_port=True,
+                    xds=xds,
+                    identity=identity,
+                    handoff=handoff,
                 )
             finally:
                 os._exit(code)

@@ -24,6 +24,7 @@ from sidecar.upstream.clusters import ClusterManager
 if TYPE_CHECKING:
     from sidecar.route.exchange import Exchange
     from sidecar.route.table import RouteDecision
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger("pilotfish.sidecar")
 
@@ -74,6 +75,17 @@ class Sidecar:
         self._route_policies_by_key: dict[tuple[str, str, str], RoutePolicyRuntime] = {}
         self._route_policies: dict[int, RoutePolicyRuntime] = {}
         self._cpu_task: asyncio.Task[None] | None = None
+        self._workload: WorkloadCertificates | None = None
+
+    @property
+    def workload(self) -> WorkloadCertificates | None:
+        """The workload certificate for mTLS listeners and clusters; None: they refuse TLS."""
+        return self._workload
+
+    @workload.setter
+    def workload(self, workload: WorkloadCertificates | None) -> None:
+        self._workload = workload
+        self.clusters.workload = workload
 
     # -- config ----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import ngh2
 
-from sidecar.codec.connection import RemoteSettings
+from sidecar.codec.connection import Budget, RemoteSettings
 from sidecar.codec.errors import (
     CANCEL,
     ENHANCE_YOUR_CALM,
@@ -92,7 +92,11 @@ class Ngh2Codec:
         max_concurrent_streams: int = 100,
         max_header_list_size: int = 64 * 1024,
         max_frame_size: int = 16384,
+        budget: Budget | None = None,
     ) -> None:
+        # ``budget`` is not consulted yet: libnghttp2's own limits stand in for it (a reset
+        # rate limit and caps on queued control frames), which is why ngh2 is not the default.
+        del budget
         config = ngh2.Configuration(
             auto_window_update=False,
             max_inbound_header_list_size=max_header_list_size,

@@ -245,6 +245,8 @@ class Exchange:
     bytes_in = 0
     bytes_out = 0
     trace: SpanHandle | None = None
+    # Set by a filter in front of the exchange (authorization) to answer with a local reply.
+    refused: ResponseFlag | None = None
 
     def __init__(self, listener: ExchangeHost, downstream: StreamSink) -> None:
         self.listener = listener
@@ -291,6 +293,9 @@ class Exchange:
         listener.streams_gauge.value += 1
         if listener.draining:
             self.local_reply(ResponseFlag.DRAINING)
+            return
+        if self.refused is not None:
+            self.local_reply(self.refused)
             return
         shedder = listener.shedder
         if shedder is not None:

@@ -66,6 +66,7 @@ from sidecar.xds.route_policy import (
     translate_load_shedding,
     translate_route_policy,
 )
+from sidecar.xds.security import translate_inbound_mtls
 from sidecar.xds.telemetry import hcm_telemetry
 from sidecar.xds.telemetry import translate_telemetry as translate_telemetry
 
@@ -100,15 +101,11 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     if not socket.address or not 0 < socket.port_value < 65536:
         raise ConfigError(f"{path}.address.socket_address", "needs an address and a port")
     _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
-                                  "metadata"})
+                                  "metadata", "listener_filters"})
     load_shedding = translate_load_shedding(listener, path)
     listener_limits = translate_listener_limits(listener, path)
-    if len(listener.filter_chains) != 1:
-        raise ConfigError(f"{path}.filter_chains", "exactly one filter chain is supported")
+    chain, mtls = translate_inbound_mtls(listener, path)
     chain_path = f"{path}.filter_chains[0]"
-    chain = listener.filter_chains[0]
-    if chain.HasField("filter_chain_match") or chain.HasField("transport_socket"):
-        raise ConfigError(chain_path, "filter_chain_match and transport_socket are not supported")
     if len(chain.filters) != 1:
         raise ConfigError(f"{chain_path}.filters", "exactly one network filter is supported")
     packed = chain.filters[0].typed_config
@@ -138,6 +135,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         mode="tcp" if passthrough is not None else "auto",
         load_shedding=load_shedding,
         listener_limits=listener_limits,
+        mtls=mtls,
         limits=limits,
     )
 
