@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +32,6 @@ from control_plane.kube.inject import InjectOptions
 from control_plane.kube.options import DEFAULT_CLUSTER_DOMAIN, KubernetesOptions
 from control_plane.mesh import load_mesh_file
 from control_plane.metrics import ControlPlaneMetrics
-from control_plane.proxyless import ignored_by_proxyless
 from control_plane.status_service import StatusServicer
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds.cache import SnapshotCache
@@ -164,7 +165,9 @@ async def start_control_plane(
         metrics.kube_watch = kube.watcher.stats.by_name
         state = kube.state
         metrics.kube_services = lambda: state.service_count
-    server = grpc.aio.server()
+    # grpc sets SO_REUSEPORT by default, so a second control plane on a busy port would start
+    # and share the port silently; without it, a busy port is an error that says so.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes), server
     )
@@ -180,15 +183,24 @@ async def start_control_plane(
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{address}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{address}:{port}")
+    except RuntimeError:  # grpc says "Failed to bind", not why
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}:{port}")
+        raise OSError(f"xDS: cannot listen on {address}:{port}: {_bind_failure(address, port)}")
     await server.start()
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_server = None
     if metrics_address is not None:
-        metrics_server = await start_plain_http(metrics.handle, *metrics_address)
+        try:
+            metrics_server = await start_plain_http(metrics.handle, *metrics_address)
+        except OSError as exc:
+            await server.stop(None)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            host, metrics_port = metrics_address
+            raise OSError(f"metrics: cannot listen on {host}:{metrics_port}: {reason}") from None
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
     webhook_runner = None
     if webhook is not None and tls is not None:
@@ -220,6 +232,17 @@ async def start_control_plane(
         ca_servicer,
         review_api,
     )
+
+
+def _bind_failure(address: str, port: int) -> str:
+    """Why grpc could not bind: found by binding a plain socket, since grpc does not say."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address.strip("[]"), port))
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return "grpc could not bind it"
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -281,17 +304,25 @@ def run_control_plane(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    """Check a mesh file offline, including that every proxy view is consistent."""
+    """Check a mesh file (or a sidecar bootstrap) offline: every error, with its line."""
+    from control_plane.validate import validate_file
+
     try:
-        mesh = load_mesh_file(args.file)
-        SnapshotCache(mesh)
+        report = validate_file(args.file)
     except OSError as exc:
         print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
-    except (ConfigError, InconsistentSnapshot) as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+    except UnicodeDecodeError as exc:
+        print(f"{args.file}: not UTF-8 text: {exc.reason}", file=sys.stderr)
         return 1
-    print(f"{args.file}: ok ({len(mesh.services)} services)")
-    for line in ignored_by_proxyless(mesh):
-        print(f"{args.file}: proxyless gRPC clients ignore {line}")
+    for finding in report.findings:
+        print(finding.format(args.file), file=sys.stderr)
+    if report.findings:
+        count = len(report.findings)
+        plural = "s" if count > 1 else ""
+        print(f"{args.file}: {count} error{plural} ({report.kind})", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({report.kind}: {report.summary})")
+    for line in report.notes:
+        print(f"{args.file}: {line}")
     return 0

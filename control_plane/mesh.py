@@ -26,7 +26,7 @@ from pilotfish.config.cluster_policy import (
     parse_outlier_detection,
 )
 from pilotfish.config.errors import ConfigError
-from pilotfish.config.fields import Node
+from pilotfish.config.fields import Node, yaml_error
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import Endpoint, PathMatch, RouteMatch, WeightedCluster
 from pilotfish.config.route_policy import (
@@ -118,7 +118,7 @@ def parse_mesh_text(text: str, source: str = "mesh file") -> Mesh:
     except yaml_loader.DuplicateKeyError as exc:
         raise ConfigError("", f"{source}: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{source}: not valid YAML: {exc}") from None
+        raise yaml_error(source, exc) from None
     return parse_mesh(document)
 
 

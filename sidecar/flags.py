@@ -28,6 +28,11 @@ class ResponseFlag(enum.Enum):
     """``(code, http status, grpc status, message)`` for each reason of a local reply."""
 
     NO_ROUTE = ("NR", 404, GrpcStatus.UNIMPLEMENTED, "no route matched the request")
+    # Before an xDS-driven sidecar's first config (Envoy keeps its listeners closed until then;
+    # ours are open for the app from the start, so the reply says why nothing routes).
+    NO_CONFIG_YET = (
+        "NCY", 503, GrpcStatus.UNAVAILABLE, "no config received yet from the control plane",
+    )
     NO_CLUSTER = ("NC", 503, GrpcStatus.UNAVAILABLE, "the route's cluster does not exist")
     NO_HEALTHY_UPSTREAM = ("UH", 503, GrpcStatus.UNAVAILABLE, "no healthy upstream")
     UPSTREAM_CONNECT_FAILURE = ("UF", 503, GrpcStatus.UNAVAILABLE, "upstream connect failure")

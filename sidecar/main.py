@@ -24,7 +24,7 @@ from pilotfish.identity import InvalidSpiffeId, SpiffeId
 from sidecar.admin import AdminServer
 from sidecar.listen.handoff import Acceptor, Receiver, WorkerTable, bind_listener
 from sidecar.observability.tracing_config import split_endpoint
-from sidecar.server import Sidecar
+from sidecar.server import ApplyError, Sidecar
 
 if TYPE_CHECKING:
     from sidecar.security.workload import WorkloadCertificates
@@ -43,6 +43,10 @@ class Handoff:
     index: int
     table: WorkerTable
     listeners: dict[str, tuple[str, int]]
+
+
+class StartError(Exception):
+    """The sidecar could not start (a port is busy); the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -153,15 +157,32 @@ async def serve(
         # is delivered now, to the handler.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     admin_server = AdminServer(sidecar)
-    if admin:
-        await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
-        log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
-        if bootstrap.admin.prometheus is not None:
-            await admin_server.start_prometheus(*bootstrap.admin.prometheus)
-        if bootstrap.admin.health is not None:
-            await admin_server.start_health(*bootstrap.admin.health)
-            log.info("health probes on http://%s:%d/ready", *bootstrap.admin.health)
-    await sidecar.start()
+    where: tuple[str, str, int] | None = None
+    try:
+        if admin:
+            where = "admin", bootstrap.admin.host, bootstrap.admin.port
+            await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
+            log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
+            if bootstrap.admin.prometheus is not None:
+                where = "admin prometheus_address", *bootstrap.admin.prometheus
+                await admin_server.start_prometheus(*bootstrap.admin.prometheus)
+            if bootstrap.admin.health is not None:
+                where = "admin health_address", *bootstrap.admin.health
+                await admin_server.start_health(*bootstrap.admin.health)
+                log.info("health probes on http://%s:%d/ready", *bootstrap.admin.health)
+        where = None
+        await sidecar.start()
+    except OSError as exc:
+        if where is None:
+            raise
+        # asyncio's message repeats the address as a tuple; the reason is the errno's.
+        admin_server.close()
+        name, host, port = where
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartError(f"{name}: cannot listen on {host}:{port}: {reason}") from exc
+    except ApplyError as exc:
+        admin_server.close()
+        raise StartError(str(exc)) from exc
     if receiver is not None:
         receiver.start(loop)
     xds_task: asyncio.Task[None] | None = None
@@ -252,6 +273,9 @@ def _run_worker(
                 handoff=handoff,
             )
         )
+    except StartError as exc:
+        print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 1
     except IdentityUnavailable as exc:
         print(f"pilotfish sidecar: no workload certificate: {exc}", file=sys.stderr)
         return 1
@@ -316,6 +340,9 @@ def run_sidecar(args: argparse.Namespace) -> int:
             address=args.xds,
             node_id=args.node_id or bootstrap.node_id or socket.gethostname(),
             metadata={
+                # For `pilotfish proxy-config NODE`, which finds the admin through the control
+                # plane.
+                "admin_address": f"{bootstrap.admin.host}:{bootstrap.admin.port}",
                 "service": args.service,
                 "namespace": args.namespace,
                 "app_address": args.app_address,
@@ -339,11 +366,19 @@ def _run_workers(
     """Fork workers; this process accepts on the bootstrap's listeners and deals the
     connections out (``sidecar.listen.handoff``); worker 0 runs admin. Listeners added later
     by xDS are bound by each worker with SO_REUSEPORT."""
-    try:
-        sockets = {c.name: bind_listener(c.host, c.port) for c in bootstrap.listeners}
-    except OSError as exc:
-        print(f"pilotfish sidecar: cannot listen: {exc}", file=sys.stderr)
-        return 2
+    sockets = {}
+    for config in bootstrap.listeners:
+        try:
+            sockets[config.name] = bind_listener(config.host, config.port)
+        except OSError as exc:
+            for sock in sockets.values():
+                sock.close()
+            print(
+                f"pilotfish sidecar: listener {config.name}: cannot listen on "
+                f"{config.host}:{config.port}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
     table = WorkerTable(workers)
     acceptor = Acceptor(sockets, table)
     addresses = {c.name: (c.host, c.port) for c in bootstrap.listeners}

@@ -52,6 +52,8 @@ class Sidecar:
         self.handoff_closed: Callable[[], None] | None = None
         # Dynamic (xDS) sidecars are not ready until their first complete config arrives.
         self.dynamic = dynamic
+        # Until the first complete xDS config: routing misses are "no config yet", not NR.
+        self.awaiting_config = dynamic
         self.stats = StatsStore()
         self.metrics = MeshMetrics()
         self.clusters = ClusterManager(self.stats, self.metrics)
@@ -146,7 +148,8 @@ class Sidecar:
                 for sock in bound.values():
                     sock.close()
                 raise ApplyError(
-                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: {exc}"
+                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: "
+                    f"{exc.strerror or exc}"
                 ) from exc
         return bound
 
@@ -325,11 +328,7 @@ class Sidecar:
         }
         self._update_route_policies(self.bootstrap)
         self._cpu_task = asyncio.get_event_loop().create_task(self._sample_cpu())
-        bound = {
-            config.name: self._bind(config)
-            for config in self.bootstrap.listeners
-            if not self._is_handed_off(config)
-        }
+        bound = self._bind_new_listeners(self.bootstrap)  # ApplyError names a busy listener
         self._started = True
         self._sync_listeners(bound)
         await asyncio.sleep(0)  # let the listeners start serving

@@ -16,7 +16,7 @@ from pilotfish.config.cluster_policy import (
     parse_outlier_detection,
 )
 from pilotfish.config.errors import ConfigError
-from pilotfish.config.fields import Node, parse_address
+from pilotfish.config.fields import Node, parse_address, yaml_error
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import (
     AdminConfig,
@@ -61,7 +61,7 @@ def load_bootstrap_file(path: str | Path) -> Bootstrap:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path}: not valid YAML: {exc}") from None
+        raise yaml_error(str(path), exc) from None
     return parse_bootstrap(document)
 
 

@@ -78,6 +78,11 @@ class SidecarServices(Protocol):
 
     def route_policy(self, decision: RouteDecision) -> RoutePolicyRuntime: ...
 
+    @property
+    def awaiting_config(self) -> bool:
+        """An xDS-driven sidecar before its first config: a routing miss is NCY, not NR."""
+        ...
+
 
 class ExchangeHost(Protocol):
     """What an exchange needs of the listener its request came in on: the route table and the
@@ -316,7 +321,11 @@ class Exchange:
             headers, route=decision.route.name if decision is not None else None
         )
         if decision is None:
-            self.local_reply(ResponseFlag.NO_ROUTE)
+            self.local_reply(
+                ResponseFlag.NO_CONFIG_YET
+                if listener.sidecar.awaiting_config
+                else ResponseFlag.NO_ROUTE
+            )
             return
         self.decision = decision
         policy = listener.sidecar.route_policy(decision)
