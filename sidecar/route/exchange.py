@@ -21,10 +21,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from sidecar.flags import ResponseFlag
+from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
-from sidecar.route.policy.deadline import RequestDeadline
+from sidecar.route.policy.bulkhead import OVERFLOW_COUNTER as BULKHEAD_OVERFLOW_COUNTER
+from sidecar.route.policy.bulkhead import OVERFLOW_FLAG as BULKHEAD_OVERFLOW_FLAG
+from sidecar.route.policy.deadline import RequestDeadline, TimerKind, upstream_deadline_kind
 from sidecar.route.policy.fallback import FallbackCluster, trigger_for
 from sidecar.route.policy.reply import LocalReply
 from sidecar.route.policy.retry import (
@@ -34,6 +36,7 @@ from sidecar.route.policy.retry import (
     RetryState,
     response_outcome,
 )
+from sidecar.route.policy.shedding import OVERLOADED_HEADER
 from sidecar.route.table import LazyHeaderMap, apply_mutation
 from sidecar.upstream.policy.breaker import Permit
 from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from pilotfish.config.model import ListenerConfig
     from sidecar.observability.registry import GaugeChild
     from sidecar.observability.tracing import SpanHandle, Tracer
+    from sidecar.route.policy.bulkhead import BulkheadSlot
     from sidecar.route.policy.runtime import RoutePolicyRuntime
     from sidecar.route.policy.shedding import InFlight, LoadShedder
     from sidecar.route.table import RouteDecision, RouteTable
@@ -136,6 +140,7 @@ class Attempt:
     __slots__ = (
         "cancelled", "exchange", "flag", "grpc_status", "host", "http_status", "index",
         "pending_permit", "retry_permit", "span", "started", "status", "stream", "timer",
+        "try_expires_at",
     )  # fmt: skip
 
     def __init__(self, exchange: Exchange, host: UpstreamHost, index: int) -> None:
@@ -146,6 +151,7 @@ class Attempt:
         self.cancelled = False
         self.started = time.monotonic()
         self.timer: WheelTimer | None = None
+        self.try_expires_at: float | None = None  # loop time of the per-try timeout
         self.pending_permit: Permit | None = None
         self.retry_permit: Permit | None = None
         self.status: int | None = None  # what the upstream said, for outlier detection
@@ -229,6 +235,7 @@ class Exchange:
     request_permit: Permit | None = None
     retry_permit: Permit | None = None  # for the try a retry will start
     inflight: InFlight | None = None
+    route_slot: BulkheadSlot | None = None
     in_fallback = False
     replay_size = 0
     request_trailers: Headers | None = None
@@ -300,7 +307,7 @@ class Exchange:
             self.inflight = shedder.try_admit()
             if self.inflight is None:
                 listener.scope.inc("downstream_rq_overload_shed")
-                self.local_reply(ResponseFlag.OVERLOAD_SHED)
+                self.send_reply(shedder.reply)
                 return
         table = listener.route_table()
         lazy_headers = LazyHeaderMap(headers)
@@ -328,6 +335,12 @@ class Exchange:
             if not verdict.allowed:
                 listener.scope.inc("downstream_rq_rate_limited")
                 self.send_reply(verdict.local_reply(self.grpc))
+                return
+        if policy.bulkhead is not None:
+            self.route_slot = policy.bulkhead.try_enter()
+            if self.route_slot is None:
+                listener.scope.inc(BULKHEAD_OVERFLOW_COUNTER)
+                self.local_reply(BULKHEAD_OVERFLOW_FLAG)
                 return
         now = self.loop.time()
         self.deadline = RequestDeadline(now, decision.route.action.timeout, grpc_timeout)
@@ -515,6 +528,7 @@ class Exchange:
         if per_try:
             timers = self.listener.sidecar.timers
             attempt.timer = timers.call_later(per_try, self._per_try_timeout, attempt)
+            attempt.try_expires_at = self.loop.time() + per_try
         attempt.pending_permit = cluster.resilience.breakers.try_acquire_pending()
         if attempt.pending_permit is None:
             attempt.end()  # the breaker counted the overflow
@@ -607,7 +621,8 @@ class Exchange:
             failure, flag = Failure.RESET, ResponseFlag.UPSTREAM_RESET
         self._try_failed(attempt, Outcome(failure=failure), flag)
 
-    def _per_try_timeout(self, attempt: Attempt) -> None:
+    def _per_try_timeout(self, attempt: Attempt, grpc_status: int | None = None) -> None:
+        """``grpc_status`` 4: the upstream's DEADLINE_EXCEEDED beat the timer to it."""
         attempt.timer = None
         if attempt is not self.attempt or self.done or self.response_started:
             return
@@ -615,7 +630,16 @@ class Exchange:
         self.cluster.scope.inc("upstream_rq_per_try_timeout")
         self.cluster.metrics.timeouts.value += 1
         self._try_failed(
-            attempt, Outcome(failure=Failure.PER_TRY_TIMEOUT), ResponseFlag.UPSTREAM_TIMEOUT
+            attempt,
+            Outcome(failure=Failure.PER_TRY_TIMEOUT, grpc_status=grpc_status),
+            ResponseFlag.UPSTREAM_TIMEOUT,
+        )
+
+    def _ours_timed_out(self, attempt: Attempt) -> TimerKind | None:
+        """Whether an upstream DEADLINE_EXCEEDED read now is one of our deadlines firing."""
+        assert self.deadline is not None
+        return upstream_deadline_kind(
+            self.loop.time(), attempt.try_expires_at, self.deadline.expires_at
         )
 
     def _try_failed(self, attempt: Attempt, outcome: Outcome, flag: ResponseFlag) -> None:
@@ -686,14 +710,10 @@ class Exchange:
             attempt.status = _grpc_as_http(int(grpc_status))
         outcome = None
         if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
-            outcome = response_outcome(
-                status,
-                grpc=self.grpc,
-                grpc_status=grpc_status,
-                pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
-                body_replayable=self.replay is not None,
-            )
-            if self._retry_response(attempt, outcome):
+            # A failure: decide here whether another try may replace it (answers that succeed
+            # pay for none of this).
+            outcome = self._failure_outcome(attempt, headers, status, grpc_status)
+            if outcome is None or self._retry_response(attempt, outcome):
                 return
         throttle = self.cluster.resilience.throttle if self.cluster is not None else None
         if throttle is not None and (not self.grpc or end_stream):
@@ -706,6 +726,38 @@ class Exchange:
         if self.cluster is not None:
             self.cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
         self._forward_headers(headers, end_stream, status)
+
+    def _failure_outcome(
+        self, attempt: Attempt, headers: Headers, status: int, grpc_status: bytes | None
+    ) -> Outcome | None:
+        """What a failed response amounts to for the retry decision; None: it was one of our
+        own deadlines, and that is handled (answered or retried) already."""
+        if grpc_status == b"4" and self.grpc:
+            kind = self._ours_timed_out(attempt)
+            if kind is TimerKind.DEADLINE:
+                self._on_deadline()
+                return None
+            if kind is TimerKind.PER_TRY:
+                if attempt.timer is not None:
+                    attempt.timer.cancel()
+                self._per_try_timeout(attempt, grpc_status=4)
+                return None
+        if _header(headers, OVERLOADED_HEADER) is not None:
+            # The upstream's sidecar shed it before its app saw it: another host may take it.
+            # Its retry hint is for the caller, not for a retry on a different host.
+            return Outcome(
+                http_status=status,
+                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                failure=Failure.SHED,
+                body_replayable=self.replay is not None,
+            )
+        return response_outcome(
+            status,
+            grpc=self.grpc,
+            grpc_status=grpc_status,
+            pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
+            body_replayable=self.replay is not None,
+        )
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
         """Drop this response for another try when the retry policy says so."""
@@ -750,6 +802,10 @@ class Exchange:
                 attempt.status = _grpc_as_http(int(grpc_status))
             if self.cluster is not None and self.cluster.resilience.throttle is not None:
                 self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)).accepted)
+            if grpc_status == b"4" and self._ours_timed_out(attempt) is not None:
+                # Too late to answer ourselves (the headers are out): flag the trailers.
+                self.flags.append(ResponseFlag.UPSTREAM_TIMEOUT.code)
+                trailers = [*trailers, (RESPONSE_FLAGS_HEADER, b"UT")]
         self.downstream.send_trailers(trailers)
         self._complete()
 
@@ -803,6 +859,12 @@ class Exchange:
         self._cancel_attempt(CANCEL)
         if self.response_started:
             self.downstream.reset(CANCEL)
+        elif self.grpc and reply.grpc_response is not None:
+            headers, message, trailers = reply.grpc_message_parts()
+            self.downstream.send_headers(headers, False)
+            self.bytes_out += len(message)
+            self.downstream.send_data(message, False, None)
+            self.downstream.send_trailers(trailers)
         else:
             body = reply.http_body(self.grpc, self.method)
             self.downstream.send_headers(reply.headers(self.grpc), not body)
@@ -868,6 +930,9 @@ class Exchange:
         if self.inflight is not None:
             self.inflight.done()
             self.inflight = None
+        if self.route_slot is not None:
+            self.route_slot.release()
+            self.route_slot = None
         self.status = status
         listener = self.listener
         scope = listener.scope
