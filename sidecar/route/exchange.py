@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
+from sidecar.route.attempt import Attempt
 from sidecar.route.policy.bulkhead import OVERFLOW_COUNTER as BULKHEAD_OVERFLOW_COUNTER
 from sidecar.route.policy.bulkhead import OVERFLOW_FLAG as BULKHEAD_OVERFLOW_FLAG
 from sidecar.route.policy.deadline import RequestDeadline, TimerKind, upstream_deadline_kind
@@ -51,8 +52,7 @@ if TYPE_CHECKING:
     from sidecar.route.table import RouteDecision, RouteTable
     from sidecar.stats import Scope
     from sidecar.timer_wheel import TimerWheel, WheelTimer
-    from sidecar.upstream.clusters import ClusterManager, ClusterRuntime, Upstream, UpstreamHost
-    from sidecar.upstream.pool import PooledConnection
+    from sidecar.upstream.clusters import ClusterManager, ClusterRuntime, Upstream
 
 log = logging.getLogger("pilotfish.router")
 
@@ -134,89 +134,6 @@ def flag_reply(flag: ResponseFlag, message: str | None = None) -> LocalReply:
     )
 
 
-class Attempt:
-    """One try of an exchange against one upstream host."""
-
-    __slots__ = (
-        "cancelled", "exchange", "flag", "grpc_status", "host", "http_status", "index",
-        "pending_permit", "retry_permit", "span", "started", "status", "stream", "timer",
-        "try_expires_at",
-    )  # fmt: skip
-
-    def __init__(self, exchange: Exchange, host: UpstreamHost, index: int) -> None:
-        self.exchange = exchange
-        self.host = host
-        self.index = index
-        self.stream: StreamSink | None = None
-        self.cancelled = False
-        self.started = time.monotonic()
-        self.timer: WheelTimer | None = None
-        self.try_expires_at: float | None = None  # loop time of the per-try timeout
-        self.pending_permit: Permit | None = None
-        self.retry_permit: Permit | None = None
-        self.status: int | None = None  # what the upstream said, for outlier detection
-        self.http_status = 0
-        self.grpc_status: int | None = None
-        self.flag: str | None = None  # why this try failed, for its span
-        self.span: SpanHandle | None = None
-
-    # Waiter (pool) side
-    def on_connection(self, conn: PooledConnection) -> None:
-        self._pending_done()
-        self.exchange.attempt_connected(self, conn)  # type: ignore[arg-type]
-
-    def on_pool_failure(self, flag: ResponseFlag) -> None:
-        self._pending_done()
-        self.exchange.attempt_failed(self, flag)
-
-    def _pending_done(self) -> None:
-        if self.pending_permit is not None:
-            self.pending_permit.release()
-            self.pending_permit = None
-
-    # StreamHandler side: the upstream's response
-    def on_headers(self, headers: Headers, end_stream: bool) -> None:
-        if not self.cancelled:
-            self.exchange.response_headers(self, headers, end_stream)
-
-    def on_data(self, data: bytes, flow_len: int, end_stream: bool) -> None:
-        if self.cancelled:
-            if self.stream is not None:
-                self.stream.ack(flow_len)
-            return
-        self.exchange.response_data(self, data, flow_len, end_stream)
-
-    def on_trailers(self, trailers: Headers) -> None:
-        if not self.cancelled:
-            self.exchange.response_trailers(self, trailers)
-
-    def on_reset(self, reason: ResetReason, code: int) -> None:
-        if not self.cancelled:
-            self.exchange.attempt_reset(self, reason, code)
-
-    def end(self) -> None:
-        """This try is over: release what it holds and tell the cluster how it went."""
-        if self.cancelled:
-            return
-        self.cancelled = True
-        self._pending_done()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.retry_permit is not None:
-            self.retry_permit.release()
-            self.retry_permit = None
-        if self.stream is not None:
-            self.host.active_requests -= 1
-        self.host.cluster.request_finished(
-            self.index, self.host, time.monotonic() - self.started, self.status
-        )
-        if self.span is not None:
-            self.exchange.listener.sidecar.tracer.end(
-                self.span, self.http_status, grpc_status=self.grpc_status, flag=self.flag
-            )
-
-
 class Exchange:
     """One downstream request (a ``StreamHandler`` for the downstream stream)."""
 
@@ -266,6 +183,11 @@ class Exchange:
         self.replay: list[bytes] | None = []
         self.flags: list[str] = []
         self.protocol = "HTTP/2" if getattr(downstream, "stream_id", None) else "HTTP/1.1"
+
+    def end_try_span(
+        self, span: SpanHandle, http_status: int, grpc_status: int | None, flag: str | None
+    ) -> None:
+        self.listener.sidecar.tracer.end(span, http_status, grpc_status=grpc_status, flag=flag)
 
     # -- downstream events -----------------------------------------------------------------
 
