@@ -378,4 +378,6 @@ def run_validate(args: argparse.Namespace) -> int:
         for warning in mesh_warnings(load_mesh_file(args.file)):
             print(f"{args.file}: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({report.kind}: {report.summary})")
+    for line in report.notes:
+        print(f"{args.file}: {line}")
     return 0

@@ -47,14 +47,17 @@ class Failure(enum.Enum):
     BEYOND_GOAWAY = "beyond_goaway"  # never processed (stream id above GOAWAY last_stream_id)
     RESET = "reset"  # reset or connection lost after the request was sent
     PER_TRY_TIMEOUT = "per_try_timeout"
+    SHED = "shed"  # the upstream's sidecar shed it unprocessed (x-pilotfish-overloaded)
     PEER_NOT_PROCESSED = "peer_not_processed"  # a peer sidecar answered itself (UF, UH, NR, DR)
 
 
 NEVER_REACHED = frozenset({
-    Failure.CONNECT_FAILURE, Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY,
+    Failure.CONNECT_FAILURE, Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY, Failure.SHED,
     Failure.PEER_NOT_PROCESSED,
 })
-TRANSPARENT = NEVER_REACHED
+# A shed never reached the app either, but counts as a try: an overloaded host is not retried
+# for free.
+TRANSPARENT = NEVER_REACHED - {Failure.SHED}
 ON_ANOTHER_HOST = frozenset({Failure.CONNECT_FAILURE, Failure.PEER_NOT_PROCESSED})
 """Transparent only if another host is left to try: the same host would likely fail again
 (and a connect timeout would cost the caller another ``connect_timeout``)."""
@@ -143,7 +146,9 @@ _FAILURE_CONDITIONS = {
     RetryOn.GATEWAY_ERROR: frozenset({Failure.PER_TRY_TIMEOUT}),
     RetryOn.RESET: frozenset({Failure.RESET, Failure.PER_TRY_TIMEOUT}),
     RetryOn.CONNECT_FAILURE: frozenset({Failure.CONNECT_FAILURE, Failure.PEER_NOT_PROCESSED}),
-    RetryOn.REFUSED_STREAM: frozenset({Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY}),
+    RetryOn.REFUSED_STREAM: frozenset(
+        {Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY, Failure.SHED}
+    ),
 }
 
 
