@@ -6,17 +6,27 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane.ca.service import CA_SERVICE, CertificateServicer
+from control_plane.ca.settings import (
+    CaSettings,
+    build_authenticator,
+    build_authority,
+    ca_settings_from_args,
+)
 from control_plane.kube.discovery import MeshSources
 from control_plane.kube.inject import InjectOptions
 from control_plane.kube.options import DEFAULT_CLUSTER_DOMAIN, KubernetesOptions
@@ -30,6 +40,7 @@ from control_plane.xds.server import AdsServicer, ProxyRegistry
 from control_plane.xds.snapshot import InconsistentSnapshot
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
+from pilotfish.gen.pilotfish.ca.v1 import ca_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.plainhttp import start_plain_http
 
@@ -71,8 +82,12 @@ class ControlPlane:
     metrics_server: asyncio.AbstractServer | None = None
     kube: KubeDiscovery | None = None
     webhook: web.AppRunner | None = None
+    ca: CertificateServicer | None = None
+    ca_api: Any = None  # the Kubernetes client of the CA's TokenReviews
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        if self.ca_api is not None:
+            await self.ca_api.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.webhook is not None:
@@ -97,14 +112,16 @@ async def start_control_plane(
     unknown_nodes: str = "serve",
     kubernetes: KubernetesOptions | None = None,
     webhook: WebhookOptions | None = None,
+    ca: CaSettings | None = None,
 ) -> ControlPlane:
-    """Load the mesh file and serve it; raises ``ConfigError`` if the file is bad.
+    """Load the mesh file and serve it; raises ``ConfigError`` if the file or the CA is bad.
 
     With ``kubernetes``, Services and their pods are added as the watch finds them (the mesh
     file alone is served until the first list arrives).
     """
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
+    authority = build_authority(ca, time.time) if ca is not None else None
     try:
         cache = SnapshotCache(mesh)
     except InconsistentSnapshot as exc:
@@ -120,6 +137,17 @@ async def start_control_plane(
         from control_plane.kube.runner import KubeDiscovery
 
         kube = await KubeDiscovery.connect(kubernetes)
+    ca_servicer = None
+    review_api = None
+    if ca is not None and authority is not None:
+        reviewer = None
+        if ca.token_audiences and kubernetes is not None:
+            from control_plane.ca.token_review import KubeTokenReviewer
+            from control_plane.kube.watch import api_client
+
+            review_api = await api_client(kubernetes.kubeconfig)
+            reviewer = KubeTokenReviewer(review_api)
+        ca_servicer = CertificateServicer(authority, build_authenticator(ca, reviewer))
     sources = MeshSources(
         mesh,
         cache.set_mesh,
@@ -131,31 +159,48 @@ async def start_control_plane(
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
     metrics.reload_errors = lambda: watcher.errors
+    if ca_servicer is not None:
+        metrics.ca_outcomes = ca_servicer.counters.as_dict
     if kube is not None:
         metrics.kube_watch = kube.watcher.stats.by_name
         state = kube.state
         metrics.kube_services = lambda: state.service_count
-    server = grpc.aio.server()
+    # grpc sets SO_REUSEPORT by default, so a second control plane on a busy port would start
+    # and share the port silently; without it, a busy port is an error that says so.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes), server
     )
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
     )
+    services = [ADS_SERVICE, STATUS_SERVICE]
+    if ca_servicer is not None:
+        ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca_servicer, server)
+        services.append(CA_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (ADS_SERVICE, STATUS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{address}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{address}:{port}")
+    except RuntimeError:  # grpc says "Failed to bind", not why
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}:{port}")
+        raise OSError(f"xDS: cannot listen on {address}:{port}: {_bind_failure(address, port)}")
     await server.start()
-    for name in ("", ADS_SERVICE, STATUS_SERVICE):
+    for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_server = None
     if metrics_address is not None:
-        metrics_server = await start_plain_http(metrics.handle, *metrics_address)
+        try:
+            metrics_server = await start_plain_http(metrics.handle, *metrics_address)
+        except OSError as exc:
+            await server.stop(None)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            host, metrics_port = metrics_address
+            raise OSError(f"metrics: cannot listen on {host}:{metrics_port}: {reason}") from None
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
     webhook_runner = None
     if webhook is not None and tls is not None:
@@ -184,7 +229,20 @@ async def start_control_plane(
         metrics_server,
         kube,
         webhook_runner,
+        ca_servicer,
+        review_api,
     )
+
+
+def _bind_failure(address: str, port: int) -> str:
+    """Why grpc could not bind: found by binding a plain socket, since grpc does not say."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address.strip("[]"), port))
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return "grpc could not bind it"
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -223,6 +281,7 @@ async def _serve(args: argparse.Namespace) -> int:
             unknown_nodes=args.unknown_nodes,
             kubernetes=kubernetes,
             webhook=webhook,
+            ca=ca_settings_from_args(args),
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)
@@ -245,15 +304,23 @@ def run_control_plane(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    """Check a mesh file offline, including that every proxy view is consistent."""
+    """Check a mesh file (or a sidecar bootstrap) offline: every error, with its line."""
+    from control_plane.validate import validate_file
+
     try:
-        mesh = load_mesh_file(args.file)
-        SnapshotCache(mesh)
+        report = validate_file(args.file)
     except OSError as exc:
         print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
-    except (ConfigError, InconsistentSnapshot) as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+    except UnicodeDecodeError as exc:
+        print(f"{args.file}: not UTF-8 text: {exc.reason}", file=sys.stderr)
         return 1
-    print(f"{args.file}: ok ({len(mesh.services)} services)")
+    for finding in report.findings:
+        print(finding.format(args.file), file=sys.stderr)
+    if report.findings:
+        count = len(report.findings)
+        plural = "s" if count > 1 else ""
+        print(f"{args.file}: {count} error{plural} ({report.kind})", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({report.kind}: {report.summary})")
     return 0

@@ -25,7 +25,7 @@ from pilotfish.config.cluster_policy import (
     parse_outlier_detection,
 )
 from pilotfish.config.errors import ConfigError
-from pilotfish.config.fields import Node
+from pilotfish.config.fields import Node, yaml_error
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import Endpoint, PathMatch, RouteMatch, WeightedCluster
 from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
@@ -36,6 +36,13 @@ from pilotfish.config.route_policy_yaml import (
     parse_cluster_resilience,
     parse_load_shedding,
     parse_route_policy,
+)
+from pilotfish.config.security import (
+    SERVICE_SECURITY_KEYS,
+    SecurityConfig,
+    ServiceSecurity,
+    parse_security,
+    parse_service_security,
 )
 
 PROTOCOLS = ("grpc", "http2", "http1", "tcp")
@@ -77,6 +84,9 @@ class MeshService:
     resilience: ClusterResilience = ClusterResilience()
     # Inbound: applies on the service's own sidecar (its inbound listener).
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
+    # Its workload identity is spiffe://<trust domain>/ns/<namespace>/sa/<service_account>.
+    service_account: str = ""
+    security: ServiceSecurity = ServiceSecurity()
     # Discovered in Kubernetes: the Service's pods, served beside the static endpoints, and
     # the other names callers use for it (``name.ns.svc.cluster.local:port``, ClusterIP:port).
     pods: tuple[PodEndpoint, ...] = ()
@@ -87,6 +97,7 @@ class MeshService:
 class Mesh:
     services: dict[str, MeshService]
     telemetry: MeshTelemetry = field(default_factory=MeshTelemetry)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_mesh_file(path: str | Path) -> Mesh:
@@ -98,12 +109,13 @@ def parse_mesh_text(text: str, source: str = "mesh file") -> Mesh:
         # libyaml's loader when present: the pure-Python one takes ~1 s for 1,000 services.
         document = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{source}: not valid YAML: {exc}") from None
+        raise yaml_error(source, exc) from None
     return parse_mesh(document)
 
 
 def parse_mesh(document: Any) -> Mesh:
-    root = Node("", document).mapping({"services", "telemetry"})
+    root = Node("", document).mapping({"services", "telemetry", "security"})
+    security = parse_security(root.get("security"))
     services_node = root.require("services").mapping()
     services: dict[str, MeshService] = {}
     for name, node in services_node.items():
@@ -112,12 +124,14 @@ def parse_mesh(document: Any) -> Mesh:
                 "service names are lower-case letters, digits, '-' and '.', "
                 "starting and ending with a letter or digit"
             )
-        services[name] = _parse_service(name, node)
+        services[name] = _parse_service(name, node, security)
     _check_references(services_node, services)
-    return Mesh(services=services, telemetry=parse_telemetry(root.get("telemetry")))
+    return Mesh(
+        services=services, telemetry=parse_telemetry(root.get("telemetry")), security=security
+    )
 
 
-def _parse_service(name: str, node: Node) -> MeshService:
+def _parse_service(name: str, node: Node, security: SecurityConfig) -> MeshService:
     if node.value is None:
         raise node.error("expected a mapping")
     node.mapping(
@@ -129,7 +143,9 @@ def _parse_service(name: str, node: Node) -> MeshService:
             "depends_on",
             "routes",
             "connect_timeout",
+            "service_account",
             *SERVICE_POLICY_KEYS,
+            *SERVICE_SECURITY_KEYS,
         }
     )
     protocol = node.get("protocol").as_choice(PROTOCOLS, "grpc")
@@ -162,7 +178,7 @@ def _parse_service(name: str, node: Node) -> MeshService:
     outlier = node.get("outlier_detection")
     return MeshService(
         name=name,
-        namespace=node.get("namespace").as_str("default"),
+        namespace=_identity_segment(node.get("namespace"), "default"),
         protocol=protocol,
         port=port,
         endpoints=endpoints,
@@ -176,7 +192,16 @@ def _parse_service(name: str, node: Node) -> MeshService:
         outlier_detection=parse_outlier_detection(outlier) if outlier.value is not None else None,
         resilience=parse_cluster_resilience(node),
         load_shedding=parse_load_shedding(node.get("load_shedding")),
+        service_account=_identity_segment(node.get("service_account"), name),
+        security=parse_service_security(node, security),
     )
+
+
+def _identity_segment(node: Node, default: str) -> str:
+    value = node.as_str(default)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in {".", ".."}:
+        raise node.error("expected letters, digits, '.', '-' and '_'")
+    return value
 
 
 def _default_route(service: str) -> MeshRoute:

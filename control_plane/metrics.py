@@ -10,6 +10,8 @@ pilotfish_xds_push_latency_seconds        histogram  (none): mesh change to resp
 pilotfish_xds_nacks_total                 counter    type
 pilotfish_mesh_generation                 gauge      (none): bumps on every accepted edit
 pilotfish_mesh_reload_errors_total        counter    (none): edits rejected as invalid
+pilotfish_ca_requests_total               counter    outcome (issued, unauthenticated,
+                                                     denied, invalid, unavailable); with a CA
 pilotfish_kubernetes_watch_total          counter    what: list, watch, event, bookmark,
                                                      gone (410, relisted), failure,
                                                      malformed (with ``--kubernetes``)
@@ -69,6 +71,9 @@ class ControlPlaneMetrics(Callbacks):
                    self._generation)  # fmt: skip
         r.callback("pilotfish_mesh_reload_errors_total", "Mesh edits rejected.", "counter",
                    self._reload_errors)  # fmt: skip
+        self.ca_outcomes: Callable[[], dict[str, int]] = dict
+        r.callback("pilotfish_ca_requests_total", "Certificate requests by outcome.", "counter",
+                   self._ca_outcomes, ("outcome",))  # fmt: skip
         r.callback("pilotfish_kubernetes_watch_total", "Kubernetes list/watch activity.",
                    "counter", self._kube_watch, ("what",))  # fmt: skip
         r.callback("pilotfish_kubernetes_services", "Kubernetes Services discovered.", "gauge",
@@ -88,6 +93,10 @@ class ControlPlaneMetrics(Callbacks):
 
     def _reload_errors(self) -> Iterator[Sample]:
         yield (), float(self.reload_errors())
+
+    def _ca_outcomes(self) -> Iterator[Sample]:
+        for outcome, count in self.ca_outcomes().items():
+            yield (outcome,), float(count)
 
     def on_stream_open(self, stream_id: int, kind: str) -> None:
         self._kinds[stream_id] = kind

@@ -39,6 +39,7 @@ class StatusServicer(status_pb2_grpc.ControlPlaneStatusServicer):  # type: ignor
         message.node_id = proxy.identity.node_id
         message.service = proxy.identity.service
         message.namespace = proxy.identity.namespace
+        message.admin_address = proxy.identity.admin_address
         types = proxy.protocol.status(self._cache.snapshot(proxy.identity.view))
         for t in types:
             message.resources.add(
@@ -48,6 +49,10 @@ class StatusServicer(status_pb2_grpc.ControlPlaneStatusServicer):  # type: ignor
                 last_nack_version=t.nacked_version,
                 last_nack_message=t.nack_message,
                 in_sync=t.in_sync,
+                current_version=t.current_version,
+                added=t.diff.added,
+                removed=t.diff.removed,
+                changed=t.diff.changed,
             )
         message.in_sync = all(t.in_sync for t in types)
         return message

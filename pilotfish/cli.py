@@ -3,16 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 
-def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default when it has one worth showing (not None, '' or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "", False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that suggests the nearest name for a misspelled command, choice or flag.
+
+    Each subcommand checks its own leftovers, so a misspelled flag is reported with that
+    subcommand's usage rather than the top-level one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is not None and value not in choices:
+            names = [str(choice) for choice in choices]
+            close = difflib.get_close_matches(str(value), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(names)}"
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} ({hint})")
+        super()._check_value(action, value)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            self.unrecognized(extras)
+        return parsed, extras
+
+    def unrecognized(self, extras: list[str]) -> NoReturn:
+        known = [flag for action in self._actions for flag in action.option_strings]
+        hints = []
+        for extra in extras:
+            if extra.startswith("-"):
+                close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1)
+                if close:
+                    hints.append(f"{extra.split('=', 1)[0]}: did you mean {close[0]}?")
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        self.error("; ".join([message, *hints]))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("sidecar", help="run the sidecar proxy")
     p.add_argument("--config", help="static bootstrap YAML (listeners, routes, clusters, admin)")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (SO_REUSEPORT)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level", default="info", choices=LOG_LEVELS, help="verbosity"
+    )
     p.add_argument(
         "--otlp-endpoint",
         help="export traces here (turns tracing on); wins over the bootstrap and the control plane",
@@ -24,7 +79,7 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     xds.add_argument("--xds", metavar="HOST:PORT", help="control plane address")
     xds.add_argument("--node-id", help="this proxy's xDS node id (default: the host name)")
     xds.add_argument("--service", default="", help="the service this sidecar runs beside")
-    xds.add_argument("--namespace", default="default")
+    xds.add_argument("--namespace", default="default", help="the service's namespace")
     xds.add_argument("--app-address", default="", help="HOST:PORT of the local app (inbound)")
     xds.add_argument("--inbound-address", default="", help="HOST:PORT for inbound calls")
     xds.add_argument(
@@ -47,23 +102,45 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default="",
         help="HOST:PORT serving only GET /ready, for kubelet probes (e.g. 0.0.0.0:15021)",
     )
+    mesh = p.add_argument_group("workload identity (mTLS listeners)")
+    mesh.add_argument(
+        "--ca-token-file", help="bootstrap or service-account token; turns the identity on"
+    )
+    mesh.add_argument("--ca", metavar="HOST:PORT", help="the CA (default: the --xds address)")
+    mesh.add_argument("--service-account", help="default: --service")
+    mesh.add_argument("--trust-domain", default="cluster.local")
 
 
-def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("control-plane", help="run the xDS control plane")
     p.add_argument("--config", required=True, help="mesh file (YAML)")
-    p.add_argument("--port", type=int, default=15010)
-    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=15010, help="xDS gRPC port")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on")
     p.add_argument(
         "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="verbosity")
     p.add_argument(
         "--unknown-nodes",
         default="serve",
         choices=("serve", "reject"),
         help="a proxy whose service is not in the mesh gets every service (serve) or is "
         "refused with PERMISSION_DENIED (reject)",
+    )
+    ca = p.add_argument_group("certificate authority (workload certificates)")
+    ca.add_argument("--ca-dir", help="directory of a self-signed root CA (made on first start)")
+    ca.add_argument("--ca-cert", help="an intermediate CA certificate (PEM) to sign with")
+    ca.add_argument("--ca-key", help="the intermediate CA's private key (PEM)")
+    ca.add_argument("--ca-roots", help="root certificates workloads should trust (PEM)")
+    ca.add_argument("--ca-chain", help="intermediates between --ca-cert and a root (PEM)")
+    ca.add_argument("--trust-domain", default="cluster.local")
+    ca.add_argument("--cert-ttl", default="24h", help="workload certificate lifetime")
+    ca.add_argument("--bootstrap-tokens", help="YAML file mapping tokens to services")
+    ca.add_argument(
+        "--ca-token-audience",
+        default="pilotfish-ca",
+        help="with --kubernetes: service-account tokens for this audience are checked through "
+        "TokenReview",
     )
     kube = p.add_argument_group("Kubernetes discovery")
     kube.add_argument(
@@ -95,18 +172,47 @@ def _add_control_plane(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
 
 
-def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("validate", help="check a mesh file offline")
-    p.add_argument("file")
+def _add_validate(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "validate", help="check a mesh file or a sidecar bootstrap offline (every error)"
+    )
+    p.add_argument("file", help="mesh file or sidecar bootstrap (YAML); which one is recognised")
 
 
-def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_status(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("status", help="show the proxies connected to a control plane")
     p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds")
 
 
-def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_proxy_status(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "proxy-status",
+        help="each proxy's acked xDS versions against the control plane's, and what differs",
+        description="Per proxy and xDS type: SYNCED (acked what the control plane has now), "
+        "STALE or NACKED, and for each type not in sync the resources added (+), changed (~) "
+        "or removed (-) since the version it acked. Exit code 3 when a proxy is not in sync.",
+    )
+    p.add_argument("node", nargs="?", help="only this proxy (node id)")
+    p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+
+
+def _add_proxy_config(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "proxy-config",
+        help="one sidecar's listeners, routes, clusters and endpoints with their health",
+        description="Finds the node's admin interface through the control plane (or --admin) "
+        "and shows what the sidecar runs.",
+    )
+    p.add_argument("node", help="the proxy's node id")
+    p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
+    p.add_argument("--admin", default="", help="HOST:PORT of the sidecar's admin (skips the "
+                   "control plane)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+
+
+def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
     p.add_argument("--rate", type=float, default=50.0, help="calls per second")
@@ -116,9 +222,12 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="trace every call and export the sidecars' spans over OTLP/gRPC to URL, e.g. "
         "http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
     )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the folder of configs and logs after the run"
+    )
 
 
-def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_iptables(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "iptables",
         help="send a pod's TCP through its sidecar (nat rules; needs NET_ADMIN)",
@@ -142,7 +251,28 @@ def _add_iptables(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
-def _add_inject(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_ca_root(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("ca-root", help="rotate the CA's self-signed root in three steps")
+    p.add_argument("step", choices=("stage", "activate", "retire"))
+    p.add_argument("--ca-dir", required=True, help="the control plane's --ca-dir")
+    p.add_argument("--trust-domain", default="cluster.local")
+
+
+def _add_identity_agent(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "identity-agent", help="keep a workload certificate fresh and serve it to Envoy over SDS"
+    )
+    p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the control plane's CA")
+    p.add_argument("--token-file", required=True, help="bootstrap or service-account token")
+    p.add_argument("--service-account", required=True)
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--sds-socket", required=True, help="Unix socket path for Envoy's SDS")
+    p.add_argument("--cert-ttl", default="", help="ask for a shorter lifetime than the CA's")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="verbosity")
+
+
+def _add_inject(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "inject",
         help="print Kubernetes manifests with the sidecar added",
@@ -163,30 +293,43 @@ def _add_inject(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="the sidecar as an ordinary container (clusters before 1.29; Jobs never finish)",
     )
     p.add_argument(
-        "--proxy-log-level", default="info", choices=("debug", "info", "warning", "error")
+        "--proxy-log-level", default="info", choices=LOG_LEVELS, help="the sidecar's verbosity"
     )
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("pilotfish")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from pilotfish import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pilotfish", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pilotfish", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pilotfish {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_sidecar(sub)
     _add_control_plane(sub)
     _add_validate(sub)
     _add_status(sub)
+    _add_proxy_status(sub)
+    _add_proxy_config(sub)
     _add_demo(sub)
     _add_iptables(sub)
+    _add_ca_root(sub)
+    _add_identity_agent(sub)
     _add_inject(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pilotfish.deps import check_dependencies
+    from pilotfish.otlp_protos import install
 
-    problem = check_dependencies()
-    if problem is not None:
-        print(problem, file=sys.stderr)
-        return 3
+    install()  # before anything imports opentelemetry.proto (see pilotfish/otlp_protos.py)
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(
@@ -208,10 +351,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.status_cli import run_status
 
         return run_status(args)
+    if args.command == "proxy-status":
+        from control_plane.status_cli import run_proxy_status
+
+        return run_proxy_status(args)
+    if args.command == "proxy-config":
+        from control_plane.proxy_config_cli import run_proxy_config
+
+        return run_proxy_config(args)
     if args.command == "iptables":
         from sidecar.listen.iptables import run_iptables
 
         return run_iptables(args)
+    if args.command == "ca-root":
+        from control_plane.ca.cli import run_ca_root
+
+        return run_ca_root(args)
+    if args.command == "identity-agent":
+        from sidecar.security.agent import run_identity_agent
+
+        return run_identity_agent(args)
     if args.command == "inject":
         from control_plane.kube.inject_cli import run_inject
 

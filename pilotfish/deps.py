@@ -1,78 +1,65 @@
-"""Detect (and repair) a broken OpenTelemetry install before anything else runs.
+"""Check (and repair) the OpenTelemetry protobuf modules that the SDK's OTLP exporters import.
 
-``xds-protos`` ships an old copy of ``opentelemetry/proto/*`` that overwrites the files of
-``opentelemetry-proto`` when pip installs it second (grpc/grpc#42926, open upstream). The OTLP
-exporter then fails to import with ``cannot import name 'InstrumentationScope'``. Reinstalling
-``opentelemetry-proto`` puts the right files back; ``python -m pilotfish.deps --repair`` does it.
+``xds-protos`` ships an old copy of ``opentelemetry/proto/*`` (every release, 1.58 to 1.85,
+from before ``InstrumentationScope``), at the same paths as ``opentelemetry-proto``
+(grpc/grpc#42926, open upstream). Whichever of the two pip installs last owns the files, and
+in a single ``pip install`` it is always ``xds-protos``: pip installs a package before its
+dependents and, among independent ones, the fewer levels of dependencies first, and
+``opentelemetry-proto`` (on protobuf alone) is a level below ``xds-protos`` (on grpcio too).
+The older files then break ``from opentelemetry.exporter.otlp.proto.grpc.trace_exporter
+import OTLPSpanExporter`` with ``cannot import name 'InstrumentationScope'``. They are
+overwritten in place: opentelemetry-proto's own copy is gone from the disk.
 
-Every ``pilotfish`` command checks at start, cheaply: it reads the generated ``common_pb2.py``
-instead of importing it, so a command that never exports a span does not load the OTLP
-modules for the check. ``python -m pilotfish.deps`` also imports it, as the sidecar's OTLP
-exporter (the OpenTelemetry SDK's) and the tests do.
+No ``pilotfish`` command refuses to start over it. A wheel of Pilotfish carries the
+descriptors of the real modules and serves them in place of the overwritten files
+(``pilotfish/otlp_protos.py``), so the OTLP exporters, which the sidecar exports spans with,
+import after a plain ``pip install``. ``python -m pilotfish.deps`` says whether the modules
+work and how; ``--repair`` reinstalls opentelemetry-proto over an overwritten copy (what a
+source tree or an editable install, which carry no descriptors, need).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
+from importlib import metadata
 
-COMMON_PB2 = "opentelemetry.proto.common.v1.common_pb2"
+from pilotfish.otlp_protos import DISTRIBUTION, bundled_version, replaced_files
 
 
 def fix_command() -> list[str]:
-    from importlib import metadata
-
     try:
-        version = metadata.version("opentelemetry-proto")
+        version = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "pip", "install", "opentelemetry-proto"]
+        return [sys.executable, "-m", "pip", "install", DISTRIBUTION]
     return [
         sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps",
-        f"opentelemetry-proto=={version}",
+        f"{DISTRIBUTION}=={version}",
     ]
 
 
-def check_dependencies(*, import_modules: bool = False) -> str | None:
-    """Return a message saying how to repair the install, or None when it is sound.
-
-    ``import_modules`` also imports the generated module, as its users do (slower, and it
-    loads the protobuf runtime)."""
-    problem = _stale_proto_file()
-    if problem is None and import_modules:
-        try:
-            from opentelemetry.proto.common.v1 import common_pb2
-
-            common_pb2.InstrumentationScope  # noqa: B018 - the attribute is what xds-protos breaks
-        except (ImportError, AttributeError) as exc:
-            problem = str(exc)
-    if problem is None:
+def check_dependencies() -> str | None:
+    """Why the OTLP exporters cannot import here, with the fix; None when they can (their files
+    are sound, or overwritten but served from the descriptors this wheel carries)."""
+    replaced = replaced_files()
+    if replaced is None:
+        problem = f"{DISTRIBUTION} is not installed"
+    elif replaced:
+        if bundled_version() == metadata.version(DISTRIBUTION):
+            return None
+        problem = (
+            f"{len(replaced)} of {DISTRIBUTION}'s modules were overwritten, e.g. {replaced[0]} "
+            "(xds-protos ships older copies at the same paths, grpc/grpc#42926), and this "
+            "install of pilotfish carries no descriptors for this version"
+        )
+    else:
         return None
     return (
-        f"pilotfish: the OpenTelemetry protobuf files are broken ({problem}).\n"
-        "xds-protos overwrote opentelemetry-proto's files (grpc/grpc#42926). Fix it with:\n"
+        f"pilotfish: the OpenTelemetry protobuf modules do not work: {problem}.\n"
+        "The sidecar exports spans with the OpenTelemetry OTLP exporters, which need them. "
+        "Fix with:\n"
         f"    {' '.join(fix_command())}"
     )
-
-
-def _stale_proto_file() -> str | None:
-    """Why ``common_pb2`` is not opentelemetry-proto's own, read from its source: the copy
-    xds-protos leaves predates ``InstrumentationScope``, whose name the current one embeds in
-    its serialized descriptor."""
-    try:
-        spec = importlib.util.find_spec(COMMON_PB2)
-    except (ImportError, ValueError) as exc:
-        return f"cannot find {COMMON_PB2}: {exc}"
-    if spec is None or spec.origin is None:
-        return f"no module named {COMMON_PB2!r}"
-    try:
-        source = Path(spec.origin).read_bytes()
-    except OSError as exc:
-        return f"cannot read {spec.origin}: {exc}"
-    if b"InstrumentationScope" not in source:
-        return f"{spec.origin} has no InstrumentationScope"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,11 +72,28 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*fix_command(), "--quiet"], check=True)
         # The check must run in a fresh interpreter: this one may have imported the old files.
         return subprocess.run([sys.executable, "-m", "pilotfish.deps"], check=False).returncode
-    problem = check_dependencies(import_modules=True)
+    from pilotfish.otlp_protos import install
+
+    served = install()
+    problem = check_dependencies()
+    if problem is None:
+        # The proof users need: the import that the clobbered files break.
+        try:
+            from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+        except ImportError as exc:
+            problem = f"pilotfish: the OpenTelemetry protobuf modules do not import: {exc}"
+        else:
+            del InstrumentationScope
     if problem is not None:
         print(problem, file=sys.stderr)
         return 1
-    print("pilotfish: dependencies OK (the OpenTelemetry protobuf modules import)")
+    how = (
+        f" (served from the descriptors bundled with pilotfish: xds-protos overwrote "
+        f"{len(replaced_files() or ())} of {DISTRIBUTION}'s files)"
+        if served
+        else ""
+    )
+    print(f"pilotfish: dependencies OK (the OpenTelemetry protobuf modules import){how}")
     return 0
 
 

@@ -16,16 +16,23 @@ class GrpcStatus(enum.IntEnum):
     INVALID_ARGUMENT = 3
     DEADLINE_EXCEEDED = 4
     NOT_FOUND = 5
+    PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
     UNIMPLEMENTED = 12
     INTERNAL = 13
     UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class ResponseFlag(enum.Enum):
     """``(code, http status, grpc status, message)`` for each reason of a local reply."""
 
     NO_ROUTE = ("NR", 404, GrpcStatus.UNIMPLEMENTED, "no route matched the request")
+    # Before an xDS-driven sidecar's first config (Envoy keeps its listeners closed until then;
+    # ours are open for the app from the start, so the reply says why nothing routes).
+    NO_CONFIG_YET = (
+        "NCY", 503, GrpcStatus.UNAVAILABLE, "no config received yet from the control plane",
+    )
     NO_CLUSTER = ("NC", 503, GrpcStatus.UNAVAILABLE, "the route's cluster does not exist")
     NO_HEALTHY_UPSTREAM = ("UH", 503, GrpcStatus.UNAVAILABLE, "no healthy upstream")
     UPSTREAM_CONNECT_FAILURE = ("UF", 503, GrpcStatus.UNAVAILABLE, "upstream connect failure")
@@ -45,6 +52,8 @@ class ResponseFlag(enum.Enum):
     ADAPTIVE_THROTTLE = (
         "AT", 503, GrpcStatus.UNAVAILABLE, "upstream struggling: request throttled locally",
     )
+    RBAC_DENIED = ("RBAC", 403, GrpcStatus.PERMISSION_DENIED, "RBAC: access denied")
+    JWT_DENIED = ("JWT", 401, GrpcStatus.UNAUTHENTICATED, "JWT: missing or invalid token")
 
     def __init__(self, code: str, http_status: int, grpc_status: GrpcStatus, message: str) -> None:
         self.code = code

@@ -14,15 +14,20 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.bootstrap import load_bootstrap_file
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
+from pilotfish.identity import InvalidSpiffeId, SpiffeId
 from sidecar.admin import AdminServer
 from sidecar.listen.handoff import Acceptor, Receiver, WorkerTable, bind_listener
 from sidecar.observability.tracing_config import split_endpoint
-from sidecar.server import Sidecar
+from sidecar.server import ApplyError, Sidecar
+
+if TYPE_CHECKING:
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger("pilotfish.sidecar")
 
@@ -40,11 +45,72 @@ class Handoff:
     listeners: dict[str, tuple[str, int]]
 
 
+class StartError(Exception):
+    """The sidecar could not start (a port is busy); the message says which and why."""
+
+
 @dataclass(frozen=True)
 class XdsOptions:
     address: str
     node_id: str
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class IdentityOptions:
+    """Where the workload certificate comes from; each worker makes its own key."""
+
+    ca_address: str
+    token_file: str
+    identity: SpiffeId
+
+
+class IdentityUnavailable(Exception):
+    """The CA did not issue the first certificate (the message says why)."""
+
+
+async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificates, Any]:
+    # Loaded only when asked for: grpc and the CA's messages cost memory.
+    import grpc
+
+    from sidecar.security.workload import (
+        CertificateError,
+        GrpcCertificateSource,
+        WorkloadCertificates,
+        token_file,
+    )
+
+    channel = grpc.aio.insecure_channel(options.ca_address)
+    workload = WorkloadCertificates(
+        GrpcCertificateSource(channel, token_file(options.token_file)), options.identity
+    )
+    try:
+        await workload.start()
+    except CertificateError as exc:
+        await channel.close()
+        raise IdentityUnavailable(str(exc)) from None
+    except BaseException:
+        await channel.close()
+        raise
+    return workload, channel
+
+
+def identity_options(args: argparse.Namespace) -> IdentityOptions | None:
+    """From the flags; None without ``--ca-token-file``, ``ConfigError`` naming a bad flag."""
+    if not args.ca_token_file:
+        return None
+    address = args.ca or args.xds
+    if not address:
+        raise ConfigError("--ca", "required with --ca-token-file (or give --xds)")
+    parse_address("--ca", address)
+    account = args.service_account or args.service
+    if not account:
+        raise ConfigError("--service-account", "required with --ca-token-file (or --service)")
+    try:
+        identity = SpiffeId(args.trust_domain, args.namespace, account)
+    except InvalidSpiffeId as exc:
+        raise ConfigError("--service-account", str(exc)) from None
+    return IdentityOptions(address, args.ca_token_file, identity)
 
 
 def _install_event_loop_policy() -> None:
@@ -63,6 +129,7 @@ async def serve(
     signals: bool = True,
     started: Callable[[Sidecar], None] | None = None,
     xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
     handoff: Handoff | None = None,
 ) -> int:
     sidecar = Sidecar(
@@ -71,6 +138,11 @@ async def serve(
         dynamic=xds is not None,
         handed_off=handoff.listeners if handoff is not None else None,
     )
+    started_identity: tuple[WorkloadCertificates, Any] | None = None
+    if identity is not None:
+        # Before the listeners open: an mTLS listener without a certificate refuses TLS.
+        started_identity = await _start_identity(identity)
+        sidecar.workload = started_identity[0]
     loop = asyncio.get_event_loop()
     receiver: Receiver | None = None
     if handoff is not None:
@@ -85,15 +157,32 @@ async def serve(
         # is delivered now, to the handler.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     admin_server = AdminServer(sidecar)
-    if admin:
-        await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
-        log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
-        if bootstrap.admin.prometheus is not None:
-            await admin_server.start_prometheus(*bootstrap.admin.prometheus)
-        if bootstrap.admin.health is not None:
-            await admin_server.start_health(*bootstrap.admin.health)
-            log.info("health probes on http://%s:%d/ready", *bootstrap.admin.health)
-    await sidecar.start()
+    where: tuple[str, str, int] | None = None
+    try:
+        if admin:
+            where = "admin", bootstrap.admin.host, bootstrap.admin.port
+            await admin_server.start(bootstrap.admin.host, bootstrap.admin.port)
+            log.info("admin on http://%s:%d/", bootstrap.admin.host, bootstrap.admin.port)
+            if bootstrap.admin.prometheus is not None:
+                where = "admin prometheus_address", *bootstrap.admin.prometheus
+                await admin_server.start_prometheus(*bootstrap.admin.prometheus)
+            if bootstrap.admin.health is not None:
+                where = "admin health_address", *bootstrap.admin.health
+                await admin_server.start_health(*bootstrap.admin.health)
+                log.info("health probes on http://%s:%d/ready", *bootstrap.admin.health)
+        where = None
+        await sidecar.start()
+    except OSError as exc:
+        if where is None:
+            raise
+        # asyncio's message repeats the address as a tuple; the reason is the errno's.
+        admin_server.close()
+        name, host, port = where
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartError(f"{name}: cannot listen on {host}:{port}: {reason}") from exc
+    except ApplyError as exc:
+        admin_server.close()
+        raise StartError(str(exc)) from exc
     if receiver is not None:
         receiver.start(loop)
     xds_task: asyncio.Task[None] | None = None
@@ -122,6 +211,10 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await xds_task
     admin_server.close()
+    if started_identity is not None:
+        workload, ca_channel = started_identity
+        await workload.stop()
+        await ca_channel.close()
     log.info("stopped")
     return 0
 
@@ -164,13 +257,28 @@ def _run_worker(
     admin: bool,
     reuse_port: bool,
     xds: XdsOptions | None = None,
+    identity: IdentityOptions | None = None,
     handoff: Handoff | None = None,
 ) -> int:
     _install_event_loop_policy()
     tune_malloc()
-    return asyncio.run(
-        serve(bootstrap, admin=admin, reuse_port=reuse_port, xds=xds, handoff=handoff)
-    )
+    try:
+        return asyncio.run(
+            serve(
+                bootstrap,
+                admin=admin,
+                reuse_port=reuse_port,
+                xds=xds,
+                identity=identity,
+                handoff=handoff,
+            )
+        )
+    except StartError as exc:
+        print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 1
+    except IdentityUnavailable as exc:
+        print(f"pilotfish sidecar: no workload certificate: {exc}", file=sys.stderr)
+        return 1
 
 
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
@@ -232,27 +340,45 @@ def run_sidecar(args: argparse.Namespace) -> int:
             address=args.xds,
             node_id=args.node_id or bootstrap.node_id or socket.gethostname(),
             metadata={
+                # For `pilotfish proxy-config NODE`, which finds the admin through the control
+                # plane.
+                "admin_address": f"{bootstrap.admin.host}:{bootstrap.admin.port}",
                 "service": args.service,
                 "namespace": args.namespace,
                 "app_address": args.app_address,
                 "inbound_address": args.inbound_address,
             },
         )
+    try:
+        identity = identity_options(args)
+    except ConfigError as exc:
+        print(f"pilotfish sidecar: {exc}", file=sys.stderr)
+        return 2
     workers = max(1, int(args.concurrency))
     if workers == 1:
-        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds)
-    return _run_workers(bootstrap, workers, xds)
+        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds, identity=identity)
+    return _run_workers(bootstrap, workers, xds, identity)
 
 
-def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> int:
+def _run_workers(
+    bootstrap: Bootstrap, workers: int, xds: XdsOptions | None, identity: IdentityOptions | None
+) -> int:
     """Fork workers; this process accepts on the bootstrap's listeners and deals the
     connections out (``sidecar.listen.handoff``); worker 0 runs admin. Listeners added later
     by xDS are bound by each worker with SO_REUSEPORT."""
-    try:
-        sockets = {c.name: bind_listener(c.host, c.port) for c in bootstrap.listeners}
-    except OSError as exc:
-        print(f"pilotfish sidecar: cannot listen: {exc}", file=sys.stderr)
-        return 2
+    sockets = {}
+    for config in bootstrap.listeners:
+        try:
+            sockets[config.name] = bind_listener(config.host, config.port)
+        except OSError as exc:
+            for sock in sockets.values():
+                sock.close()
+            print(
+                f"pilotfish sidecar: listener {config.name}: cannot listen on "
+                f"{config.host}:{config.port}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
     table = WorkerTable(workers)
     acceptor = Acceptor(sockets, table)
     addresses = {c.name: (c.host, c.port) for c in bootstrap.listeners}
@@ -275,7 +401,12 @@ def _run_workers(bootstrap: Bootstrap, workers: int, xds: XdsOptions | None) -> 
                     sock.close()
                 handoff = Handoff(theirs, index, table, addresses)
                 code = _run_worker(
-                    bootstrap, admin=index == 0, reuse_port=True, xds=xds, handoff=handoff
+                    bootstrap,
+                    admin=index == 0,
+                    reuse_port=True,
+                    xds=xds,
+                    identity=identity,
+                    handoff=handoff,
                 )
             finally:
                 os._exit(code)

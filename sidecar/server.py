@@ -24,6 +24,7 @@ from sidecar.upstream.clusters import ClusterManager
 if TYPE_CHECKING:
     from sidecar.route.exchange import Exchange
     from sidecar.route.table import RouteDecision
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger("pilotfish.sidecar")
 
@@ -51,6 +52,8 @@ class Sidecar:
         self.handoff_closed: Callable[[], None] | None = None
         # Dynamic (xDS) sidecars are not ready until their first complete config arrives.
         self.dynamic = dynamic
+        # Until the first complete xDS config: routing misses are "no config yet", not NR.
+        self.awaiting_config = dynamic
         self.stats = StatsStore()
         self.metrics = MeshMetrics()
         self.clusters = ClusterManager(self.stats, self.metrics)
@@ -74,6 +77,17 @@ class Sidecar:
         self._route_policies_by_key: dict[tuple[str, str, str], RoutePolicyRuntime] = {}
         self._route_policies: dict[int, RoutePolicyRuntime] = {}
         self._cpu_task: asyncio.Task[None] | None = None
+        self._workload: WorkloadCertificates | None = None
+
+    @property
+    def workload(self) -> WorkloadCertificates | None:
+        """The workload certificate for mTLS listeners and clusters; None: they refuse TLS."""
+        return self._workload
+
+    @workload.setter
+    def workload(self, workload: WorkloadCertificates | None) -> None:
+        self._workload = workload
+        self.clusters.workload = workload
 
     # -- config ----------------------------------------------------------------------------
 
@@ -134,7 +148,8 @@ class Sidecar:
                 for sock in bound.values():
                     sock.close()
                 raise ApplyError(
-                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: {exc}"
+                    f"listener {config.name}: cannot listen on {config.host}:{config.port}: "
+                    f"{exc.strerror or exc}"
                 ) from exc
         return bound
 
@@ -303,11 +318,7 @@ class Sidecar:
         }
         self._update_route_policies(self.bootstrap)
         self._cpu_task = asyncio.get_event_loop().create_task(self._sample_cpu())
-        bound = {
-            config.name: self._bind(config)
-            for config in self.bootstrap.listeners
-            if not self._is_handed_off(config)
-        }
+        bound = self._bind_new_listeners(self.bootstrap)  # ApplyError names a busy listener
         self._started = True
         self._sync_listeners(bound)
         await asyncio.sleep(0)  # let the listeners start serving

@@ -4,12 +4,15 @@ end to end (sidecars included) as a user runs it."""
 from __future__ import annotations
 
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -356,6 +359,39 @@ def test_demo_runs_the_mesh_and_every_call_succeeds() -> None:
         roots = [s for s in spans if s.parent_span_id not in ids]
         assert len(roots) == 1  # under the load driver's span, which is not exported
         assert roots[0].resource["service.name"] == "demo-client"
+    # What the sidecars say they exported is what the collector received: 8 spans for each of
+    # the 60 calls and the first call that checks the path before traffic.
+    exported = re.search(r"^spans: (\d+) exported to \S+, 0 dropped$", out, re.M)
+    assert exported and int(exported.group(1)) == len(receiver.spans) >= 61 * 8, out
+
+
+def test_spans_sent_nowhere_are_reported_dropped_and_the_folder_kept() -> None:
+    result = subprocess.run(
+        [*DEMO, "--duration", "1", "--rate", "10", "--otlp-endpoint", f"http://127.0.0.1:{_closed_port()}",
+         "--keep"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    dropped = re.search(r"^spans: 0 exported to \S+, (\d+) dropped$", result.stdout, re.M)
+    assert dropped, result.stdout
+    assert int(dropped.group(1)) >= 11 * 8 and int(dropped.group(1)) % 8 == 0, result.stdout
+    assert "nothing was accepted: is a collector listening at" in result.stdout
+    kept = re.search(r"^configs and logs are kept in (\S+)$", result.stdout, re.M)
+    assert kept, result.stdout
+    folder = Path(kept.group(1))
+    try:
+        assert (folder / "greeter-1-sidecar.log").is_file()
+        assert (folder / "greeter-1.yaml").is_file()
+    finally:
+        shutil.rmtree(folder)
+
+
+def _closed_port() -> int:
+    """A loopback port with nothing listening (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def test_ctrl_c_prints_the_summary_so_far_and_stops_every_process() -> None:

@@ -34,15 +34,17 @@ class ProxyIdentity:
     service: str
     namespace: str
     view: ViewKey
+    # Where the proxy's admin interface listens, if it said (``pilotfish proxy-config``).
+    admin_address: str = ""
 
 
 def identify(node: base_pb2.Node, mesh: Mesh) -> ProxyIdentity:
     """Who a proxy says it is (node id and metadata) and therefore which view it gets.
 
-    Metadata fields: ``service``, ``namespace`` and, for a sidecar, ``app_address`` (where its
-    app listens) and ``inbound_address`` (where the sidecar listens for inbound calls). A proxy
-    whose service is not in the mesh, or in another namespace, sees every service (unless the
-    server refuses such proxies: ``--unknown-nodes reject``).
+    Metadata fields: ``service``, ``namespace``, ``admin_address`` and, for a sidecar,
+    ``app_address`` (where its app listens) and ``inbound_address`` (where the sidecar listens
+    for inbound calls). A proxy whose service is not in the mesh, or in another namespace, sees
+    every service (unless the server refuses such proxies: ``--unknown-nodes reject``).
     """
     fields = node.metadata.fields
 
@@ -71,6 +73,7 @@ def identify(node: base_pb2.Node, mesh: Mesh) -> ProxyIdentity:
         node_id=node.id,
         service=service,
         namespace=namespace,
+        admin_address=text("admin_address"),
         view=ViewKey(
             service=view_service,
             app_address=app if view_service else None,

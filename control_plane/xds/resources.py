@@ -44,10 +44,13 @@ from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import route_policy_xds as route_policy
 from control_plane.xds.policy_blocks import load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
+from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
 from control_plane.xds.telemetry_xds import apply_telemetry
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
 from pilotfish.config.route_policy import LoadSheddingConfig
+from pilotfish.config.security import MtlsMode, SecurityConfig
+from pilotfish.identity import SpiffeId
 
 INBOUND_PREFIX = "inbound|"
 DEFAULT_INBOUND_ADDRESS = ("0.0.0.0", 15006)
@@ -106,7 +109,7 @@ def build_view(
                 listener_variant,
             )
             add(ROUTE, name, partial(route_configuration, service, mesh))
-        add(CLUSTER, name, partial(eds_cluster, service))
+        add(CLUSTER, name, partial(eds_cluster, service, mesh.security))
         add(ENDPOINT, name, partial(load_assignment, name, service.endpoints, service.pods))
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
@@ -114,7 +117,13 @@ def build_view(
         view[LISTENER][inbound] = Resource.of(
             inbound,
             inbound_listener(
-                inbound, key.inbound_address, own.load_shedding, mesh.telemetry, own.name
+                inbound,
+                key.inbound_address,
+                own.load_shedding,
+                mesh.telemetry,
+                own.name,
+                mesh.security.mtls.effective(own.namespace, own.security.mtls),
+                mesh.security.trust_domain,
             ),
         )
         view[ROUTE][inbound] = Resource.of(inbound, inbound_route_configuration(inbound))
@@ -185,6 +194,8 @@ def inbound_listener(
     load_shedding: LoadSheddingConfig = LoadSheddingConfig(),
     telemetry: MeshTelemetry | None = None,
     own_service: str | None = None,
+    mtls: MtlsMode | None = None,
+    trust_domain: str = "cluster.local",
 ) -> listener_pb2.Listener:
     hcm = http_connection_manager(name, telemetry=telemetry, own_service=own_service)
     listener = listener_pb2.Listener(
@@ -202,6 +213,8 @@ def inbound_listener(
         listener.metadata.filter_metadata[METADATA_KEY].update(
             {"load_shedding": load_shedding_block(load_shedding)}
         )
+    if mtls is not None:
+        apply_inbound_mtls(listener, mtls, trust_domain)
     return listener
 
 
@@ -321,7 +334,13 @@ def _metadata(service: MeshService) -> base_pb2.Metadata:
     return metadata
 
 
-def eds_cluster(service: MeshService) -> cluster_pb2.Cluster:
+def workload_identity(service: MeshService, trust_domain: str) -> SpiffeId:
+    return SpiffeId(trust_domain, service.namespace, service.service_account or service.name)
+
+
+def eds_cluster(
+    service: MeshService, security: SecurityConfig | None = None
+) -> cluster_pb2.Cluster:
     cluster = cluster_pb2.Cluster(
         name=service.name,
         type=cluster_pb2.Cluster.EDS,
@@ -348,6 +367,16 @@ def eds_cluster(service: MeshService) -> cluster_pb2.Cluster:
     metadata = _metadata(service)
     metadata.filter_metadata[METADATA_KEY].update(extra)
     cluster.metadata.CopyFrom(metadata)
+    # Callers originate mTLS to every service that takes it, PERMISSIVE ones too, so turning a
+    # service STRICT later breaks no caller. Sidecar-to-sidecar mTLS is HTTP/2.
+    if (
+        security is not None
+        and service.protocol in ("grpc", "http2")
+        and security.mtls.effective(service.namespace, service.security.mtls) is not None
+    ):
+        cluster.transport_socket.CopyFrom(
+            upstream_tls(workload_identity(service, security.trust_domain))
+        )
     return cluster
 
 

@@ -43,6 +43,24 @@ class NackReceived:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceDiff:
+    """How the resources a client acked differ from what the control plane has for it now."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    @classmethod
+    def between(cls, acked: dict[str, str], current: dict[str, str]) -> ResourceDiff:
+        return cls(
+            added=tuple(sorted(current.keys() - acked.keys())),
+            removed=tuple(sorted(acked.keys() - current.keys())),
+            changed=tuple(sorted(n for n in current.keys() & acked.keys()
+                                 if current[n] != acked[n])),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TypeStatus:
     type_url: str
     acked_version: str
@@ -50,6 +68,9 @@ class TypeStatus:
     nacked_version: str
     nack_message: str
     in_sync: bool
+    # What the control plane would send this client now, and how the acked set differs.
+    current_version: str = ""
+    diff: ResourceDiff = ResourceDiff()
 
 
 @dataclass(slots=True)
@@ -80,6 +101,9 @@ def _update_names(sub: _Subscription, names: list[str], first: bool) -> None:
 class _SotwType(_Subscription):
     sent_version: str = ""
     sent_nonce: str = ""
+    # name -> resource version, of the response in flight and of the one last acked.
+    sent_resources: dict[str, str] = field(default_factory=dict)
+    acked_resources: dict[str, str] = field(default_factory=dict)
     # The version this client rejected, kept back until something newer exists.
     held_back: str = ""
 
@@ -113,6 +137,8 @@ class SotwStream:
                 state.held_back = state.sent_version
             else:
                 state.acked_version = request.version_info
+                if request.version_info == state.sent_version:
+                    state.acked_resources = state.sent_resources
         _update_names(state, list(request.resource_names), first)
         response = self._maybe_respond(type_url, state, snapshot)
         return ([response] if response else []), nacks
@@ -135,6 +161,7 @@ class SotwStream:
         if version in (state.sent_version, state.held_back):
             return None
         state.sent_version, state.sent_nonce = version, str(next(self._nonces))
+        state.sent_resources = {r.name: r.version for r in resources}
         state.held_back = ""
         return discovery_pb2.DiscoveryResponse(
             version_info=version,
@@ -147,7 +174,8 @@ class SotwStream:
     def status(self, snapshot: Snapshot) -> list[TypeStatus]:
         result = []
         for type_url, state in self._types.items():
-            current = content_version(snapshot.select(type_url, state.wanted()))
+            resources = snapshot.select(type_url, state.wanted())
+            current = content_version(resources)
             result.append(TypeStatus(
                 type_url=type_url,
                 acked_version=state.acked_version,
@@ -155,6 +183,10 @@ class SotwStream:
                 nacked_version=state.nacked_version,
                 nack_message=state.nack_message,
                 in_sync=state.acked_version == state.sent_version == current,
+                current_version=current,
+                diff=ResourceDiff.between(
+                    state.acked_resources, {r.name: r.version for r in resources}
+                ),
             ))
         return result
 
@@ -165,6 +197,8 @@ class _Pending:
     sent: dict[str, str]
     # What the client had before this response, to restore if it rejects it.
     previous: dict[str, str | None]
+    # What this response removed, with the versions the client had (for status only).
+    removed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -279,10 +313,9 @@ class DeltaStream:
         for r in changed:
             state.client_versions[r.name] = r.version
             state.held_back.pop(r.name, None)
-        for name in removed:
-            del state.client_versions[name]
+        gone = {name: state.client_versions.pop(name) for name in removed}
         state.pending[nonce] = _Pending(system_version, {r.name: r.version for r in changed},
-                                        previous)
+                                        previous, gone)
         state.sent_version = system_version
         return discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=system_version,
@@ -305,6 +338,16 @@ class DeltaStream:
                 name in available and available[name].version == version
                 for name, version in state.held_back.items()
             )
+            # What the client acked: what it holds, less the responses it has not answered.
+            acked = dict(state.client_versions)
+            for pending in state.pending.values():
+                for name, old in pending.previous.items():
+                    if old is None:
+                        acked.pop(name, None)
+                    else:
+                        acked[name] = old
+                acked.update(pending.removed)
+            wanted = set(available) if state.wildcard else state.names & set(available)
             result.append(TypeStatus(
                 type_url=type_url,
                 acked_version=state.acked_version,
@@ -312,5 +355,9 @@ class DeltaStream:
                 nacked_version=state.nacked_version,
                 nack_message=state.nack_message,
                 in_sync=not state.pending and not changed and not removed and not blocked,
+                current_version=snapshot.version(type_url),
+                diff=ResourceDiff.between(
+                    acked, {n: available[n].version for n in sorted(wanted)}
+                ),
             ))
         return result

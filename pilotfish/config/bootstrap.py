@@ -16,7 +16,7 @@ from pilotfish.config.cluster_policy import (
     parse_outlier_detection,
 )
 from pilotfish.config.errors import ConfigError
-from pilotfish.config.fields import Node, parse_address
+from pilotfish.config.fields import Node, parse_address, yaml_error
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.model import (
     AdminConfig,
@@ -44,6 +44,13 @@ from pilotfish.config.route_policy_yaml import (
     parse_load_shedding,
     parse_route_policy,
 )
+from pilotfish.config.security import (
+    AuthorizationPolicy,
+    MtlsMode,
+    parse_authorization,
+    parse_listener_jwt,
+    parse_upstream_mtls,
+)
 from sidecar.observability.access_log import ALL_FIELDS, AccessLogConfig
 from sidecar.observability.tracing_config import PROTOCOLS, TracingConfig, split_endpoint
 
@@ -53,7 +60,7 @@ def load_bootstrap_file(path: str | Path) -> Bootstrap:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path}: not valid YAML: {exc}") from None
+        raise yaml_error(str(path), exc) from None
     return parse_bootstrap(document)
 
 
@@ -249,6 +256,9 @@ def parse_listener(node: Node) -> ListenerConfig:
             "max_request_headers",
             "http1_idle_timeout",
             "direction",
+            "mtls",
+            "authorization",
+            "jwt",
             "limits",
             "backlog",
             *LISTENER_POLICY_KEYS,
@@ -276,6 +286,9 @@ def parse_listener(node: Node) -> ListenerConfig:
     mode = node.get("mode").as_choice(("auto", "tcp"), "auto")
     if mode == "tcp" and not has_passthrough:
         raise node.get("mode").error("mode tcp needs tcp_passthrough")
+    if mode == "tcp" and node.has("mtls"):
+        # mode tcp relays before reading a byte, so it could not tell TLS from plaintext.
+        raise node.get("mtls").error("not with mode tcp")
     route_config = node.get("route_config").as_str() if node.has("route_config") else None
     if route_config is None and mode == "auto" and not has_passthrough:
         raise node.get("route_config").error("a listener needs route_config or tcp_passthrough")
@@ -298,7 +311,28 @@ def parse_listener(node: Node) -> ListenerConfig:
         direction=node.get("direction").as_choice(("inbound", "outbound"), "")
         if node.has("direction")
         else "",
+        mtls=MtlsMode(node.get("mtls").as_choice(("STRICT", "PERMISSIVE")))
+        if node.has("mtls")
+        else None,
+        authorization=_listener_authorization(node),
+        jwt=parse_listener_jwt(node.get("jwt")) if node.has("jwt") else None,
     )
+
+
+def _listener_authorization(node: Node) -> AuthorizationPolicy | None:
+    if not node.has("authorization"):
+        return None
+    policy = parse_authorization(node.get("authorization"))
+    if node.has("jwt"):
+        return policy
+    for kind, rules in (("allow", policy.allow), ("deny", policy.deny)):
+        for i, rule in enumerate(rules):
+            if rule.claims:
+                raise ConfigError(
+                    f"{node.get('authorization').path}.{kind}[{i}].when",
+                    "matches JWT claims, but the listener has no jwt",
+                )
+    return policy
 
 
 def parse_endpoint(node: Node) -> Endpoint:
@@ -323,10 +357,14 @@ def parse_cluster(node: Node) -> ClusterConfig:
             "load_balancing",
             "health_check",
             "outlier_detection",
+            "mtls",
             *CLUSTER_RESILIENCE_KEYS,
         }
     )
     protocol = node.get("protocol").as_choice(tuple(p.value for p in Protocol), "http2")
+    mtls = parse_upstream_mtls(node.get("mtls")) if node.has("mtls") else None
+    if mtls is not None and protocol != Protocol.HTTP2.value:
+        raise node.get("mtls").error("mTLS between sidecars speaks HTTP/2: needs protocol http2")
     health_check = (
         parse_health_check(node.get("health_check")) if node.has("health_check") else None
     )
@@ -344,6 +382,7 @@ def parse_cluster(node: Node) -> ClusterConfig:
         health_check=health_check,
         outlier_detection=outlier_detection,
         resilience=parse_cluster_resilience(node),
+        mtls=mtls,
     )
 
 

@@ -35,6 +35,24 @@ def parse_address(path: str, value: object) -> tuple[str, int]:
     raise ConfigError(path, "expected an address like 127.0.0.1:8080")
 
 
+def yaml_error_location(exc: Exception) -> tuple[int, int, str]:
+    """(line, column, message) of a PyYAML error, 1-based (0, 0 when it has no position); the
+    message without PyYAML's ``in "<unicode string>"`` lines, since the caller names the file."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    message = f"not valid YAML: {problem}" + (f" ({context})" if context else "")
+    if mark is None:
+        return 0, 0, message
+    return mark.line + 1, mark.column + 1, message
+
+
+def yaml_error(source: str, exc: Exception) -> ConfigError:
+    line, column, message = yaml_error_location(exc)
+    where = f"{source}:{line}:{column}" if line else source
+    return ConfigError("", f"{where}: {message}")
+
+
 class Node:
     """A value inside a YAML document, together with its path for error messages."""
 

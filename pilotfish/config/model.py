@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
 from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
+from pilotfish.config.security import AuthorizationPolicy, ListenerJwt, MtlsMode, UpstreamMtls
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 
@@ -50,6 +51,8 @@ class ClusterConfig:
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig | None = None
     resilience: ClusterResilience = ClusterResilience()
+    # mTLS with the workload certificate to every endpoint, checking its SPIFFE ID.
+    mtls: UpstreamMtls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,13 @@ class ListenerConfig:
     limits: ConnectionLimits = ConnectionLimits()
     # The kernel's accept queue (capped by net.core.somaxconn).
     backlog: int = 1024
+    # Inbound mTLS with the workload certificate: None plaintext only; PERMISSIVE both (told
+    # apart by the first bytes); STRICT only mTLS with a mesh certificate.
+    mtls: MtlsMode | None = None
+    # Allow/deny rules for requests on this listener (inbound), by peer identity and request.
+    authorization: AuthorizationPolicy | None = None
+    # Requests must carry a valid JWT of one of these providers (401 / UNAUTHENTICATED if not).
+    jwt: ListenerJwt | None = None
 
 
 @dataclass(frozen=True, slots=True)

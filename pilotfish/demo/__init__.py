@@ -29,6 +29,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     return run(
         DemoOptions(
-            duration=args.duration, rate=args.rate, otlp_endpoint=otlp_endpoint(args.otlp_endpoint)
+            duration=args.duration,
+            rate=args.rate,
+            otlp_endpoint=otlp_endpoint(args.otlp_endpoint),
+            keep=args.keep,
         )
     )

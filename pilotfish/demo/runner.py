@@ -7,6 +7,7 @@ is stopped before this returns.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import sys
@@ -61,6 +62,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 # A sidecar may be ready before it has connected upstream; the first call may need a retry.
 FIRST_CALL_WINDOW = 5.0
 PROGRESS_INTERVAL = 1.0
+# Drain (1 s) plus the tracer's bounded flush (5 s at most).
+SPAN_FLUSH_GRACE = 8.0
 
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -73,6 +76,7 @@ class DemoOptions:
     quotes: int = 2
     ready_timeout: float = 10.0
     otlp_endpoint: str | None = None  # where the sidecars export spans; None: no tracing
+    keep: bool = False  # keep the folder of configs and logs
     sidecar_argv: tuple[str, ...] = (sys.executable, "-m", "pilotfish", "sidecar")
 
     @property
@@ -101,7 +105,13 @@ def run(options: DemoOptions) -> int:
             print(f"configs and logs are kept in {workdir}", file=sys.stderr)
             return EXIT_STARTUP_FAILED
         print_mesh(topology, workdir)
-        return drive(topology, options, children)
+        code = drive(topology, options, children)
+        if options.otlp_endpoint is not None:
+            sidecar_logs = [c.log_path for c in children if c.name.endswith("-sidecar")]
+            # The sidecars drain (1 s), flush their spans and log what became of them.
+            children.stop_all(grace=SPAN_FLUSH_GRACE)
+            print(format_span_report(span_counts(sidecar_logs), options.otlp_endpoint))
+        return code
     except KeyboardInterrupt:
         print("\npilotfish demo: interrupted before traffic started", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -113,8 +123,46 @@ def run(options: DemoOptions) -> int:
         finally:
             _restore(signal.SIGINT, previous_sigint)
             _restore(signal.SIGTERM, previous_sigterm)
-            if not keep_workdir:
+            if options.keep:
+                print(f"configs and logs are kept in {workdir}")
+            elif not keep_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
+
+
+_SPANS_LINE = re.compile(r"tracing: (\d+) spans exported to \S+, (\d+) dropped")
+
+
+@dataclass(frozen=True, slots=True)
+class SpanCounts:
+    exported: int
+    dropped: int
+    unreported: int  # sidecars that stopped without saying (killed before their flush ended)
+
+
+def span_counts(sidecar_logs: list[Path]) -> SpanCounts:
+    """What the sidecars logged, on their way out, about the spans they exported or lost."""
+    exported = dropped = unreported = 0
+    for path in sidecar_logs:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        found = _SPANS_LINE.findall(text)
+        if not found:
+            unreported += 1
+        for done, lost in found:
+            exported += int(done)
+            dropped += int(lost)
+    return SpanCounts(exported, dropped, unreported)
+
+
+def format_span_report(counts: SpanCounts, endpoint: str) -> str:
+    line = f"spans: {counts.exported} exported to {endpoint}, {counts.dropped} dropped"
+    if counts.unreported:
+        line += f" ({counts.unreported} sidecars stopped before reporting theirs)"
+    if counts.exported == 0 and counts.dropped:
+        line += f"\n  nothing was accepted: is a collector listening at {endpoint}?"
+    return line
 
 
 def _restore(signum: signal.Signals, handler: Handler) -> None:

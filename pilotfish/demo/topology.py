@@ -27,6 +27,7 @@ QUOTES_PREFIX = "/pilotfish.demo.v1.Quotes/"
 # The client's deadline is longer than the greeter's budget for quotes (services.py), so a slow
 # quotes instance shows up as the greeter's DEADLINE_EXCEEDED rather than the client's.
 GREETER_ROUTE_TIMEOUT = "5s"
+DRAIN_TIMEOUT = "1s"
 QUOTES_ROUTE_TIMEOUT = "2s"
 
 
@@ -185,6 +186,8 @@ def sidecar_bootstrap(
 
     bootstrap: dict[str, Any] = {
         "node_id": sidecar.node_id,
+        # The demo stops every process at once: nothing is left to drain after a second.
+        "drain_timeout": DRAIN_TIMEOUT,
         "admin": {"address": LOOPBACK, "port": sidecar.admin_port},
         "listeners": listeners,
         "route_configs": route_configs,

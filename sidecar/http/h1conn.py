@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
 from sidecar.codec.validate import field_value_problem
 from sidecar.http.streams import ConnectionOwner, Headers, OnSent, ResetReason, StreamHandler
 from sidecar.idle import IdleTimer
+
+if TYPE_CHECKING:
+    from pilotfish.identity import SpiffeId
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +273,7 @@ class H1ServerConnection(_H1Base):
         self.stream: H1ServerStream | None = None
         self.draining = False
         self.discarding = False
+        self.peer: SpiffeId | None = None  # set by the listener after an mTLS handshake
         self.idle_timer = IdleTimer(
             asyncio.get_event_loop(), listener.config.http1_idle_timeout, self.close
         )
@@ -359,7 +363,7 @@ class H1ServerConnection(_H1Base):
         )
         stream = H1ServerStream(self, request.method == b"HEAD", has_body)
         self.stream = stream
-        stream.handler = self.listener.new_exchange(stream)
+        stream.handler = self.listener.new_exchange(stream, self.peer)
         stream.handler.on_headers(headers, not has_body)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:

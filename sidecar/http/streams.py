@@ -16,6 +16,7 @@ from sidecar.codec.events import Headers as Headers  # the codecs' type, re-expo
 
 if TYPE_CHECKING:
     from pilotfish.config.model import ListenerConfig
+    from pilotfish.identity import SpiffeId
     from sidecar.stats import Scope
 
 OnSent = Callable[[], None] | None
@@ -82,7 +83,9 @@ class ConnectionOwner(Protocol):
     def scope(self) -> Scope:
         """The listener's stats, for what connections enforce (timeouts, refused requests)."""
 
-    def new_exchange(self, downstream: StreamSink) -> StreamHandler: ...
+    def new_exchange(
+        self, downstream: StreamSink, peer: SpiffeId | None = None
+    ) -> StreamHandler: ...
 
     def connection_opened(self, conn: Any) -> None: ...
 

@@ -22,6 +22,8 @@ import h2.events
 import h2.exceptions
 
 from pilotfish.config.model import ListenerConfig
+from pilotfish.config.security import MtlsMode
+from pilotfish.identity import SpiffeId
 from sidecar import codec
 from sidecar.http.h1conn import H1ServerConnection
 from sidecar.http.h2conn import LINGER_SECONDS, MAX_STREAM_ID, H2Connection, H2Stream
@@ -36,7 +38,9 @@ from sidecar.http.streams import (
     StreamSink,
 )
 from sidecar.listen.authority import Unreadable, first_authority
+from sidecar.listen.inbound import InboundSecurity
 from sidecar.listen.original_dst import OriginalDestinationError, original_destination
+from sidecar.listen.tls import looks_like_tls, terminate
 from sidecar.route.exchange import Exchange, SidecarServices
 from sidecar.route.policy.shedding import LoadShedder
 from sidecar.stats import Scope
@@ -45,6 +49,8 @@ from sidecar.upstream.tcp import ClusterTarget, OriginalDestination, RelayTarget
 if TYPE_CHECKING:
     from sidecar.observability.metrics import MeshMetrics
     from sidecar.route.table import RouteTable
+    from sidecar.security.jwt_filter import JwtAuthenticator
+    from sidecar.security.workload import WorkloadCertificates
     from sidecar.stats import StatsStore
     from sidecar.upstream.clusters import ClusterManager
 
@@ -98,6 +104,9 @@ class ListenerHost(SidecarServices, Protocol):
 
     def access_log(self, listener: ListenerRuntime, exchange: Exchange) -> None: ...
 
+    @property
+    def workload(self) -> WorkloadCertificates | None: ...
+
 
 class ListenerRuntime:
     """What connections of one listener share: config, routes, clusters, stats."""
@@ -115,6 +124,7 @@ class ListenerRuntime:
         self.random: Callable[[], float] = random.random
         self.server: asyncio.AbstractServer | None = None
         self.shedder: LoadShedder | None = None
+        self.jwt: JwtAuthenticator | None = None
         self.update(config)
         metrics = sidecar.metrics
         self.connections_gauge = metrics.active_connections.labels(self.direction)
@@ -130,7 +140,14 @@ class ListenerRuntime:
     def update(self, config: ListenerConfig) -> None:
         """Take a new config; the load shedder keeps its windows if its config is the same."""
         old = self.config.load_shedding if self.shedder is not None else None
+        old_jwt = self.config.jwt if self.jwt is not None else None
         self.config = config
+        if config.jwt is None:
+            self.jwt = None
+        elif config.jwt != old_jwt:  # an unchanged config keeps its fetched keys
+            from sidecar.security.jwt_filter import JwtAuthenticator
+
+            self.jwt = JwtAuthenticator(config.jwt.providers, config.jwt.required)
         shedding = config.load_shedding
         if not shedding.enabled:
             self.shedder = None
@@ -145,8 +162,14 @@ class ListenerRuntime:
         name = self.config.route_config
         return self.sidecar.route_tables.get(name) if name is not None else None
 
-    def new_exchange(self, downstream: StreamSink) -> StreamHandler:
-        return Exchange(self, downstream)
+    def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
+        exchange = Exchange(self, downstream)
+        config = self.config
+        if config.mtls is None and config.authorization is None and self.jwt is None:
+            return exchange
+        return InboundSecurity(
+            exchange, peer, config.authorization, self.scope, config.mtls is not None, self.jwt
+        )
 
     def exchange_done(self, exchange: Exchange) -> None:
         self.sidecar.access_log(self, exchange)
@@ -194,6 +217,7 @@ class H2ServerConnection(H2Connection):
         self.listener = listener
         self.draining = False
         self.last_stream_id = MAX_STREAM_ID
+        self.peer: SpiffeId | None = None  # set by the listener after an mTLS handshake
         self.hold_reading_while_write_paused = True
         # Only servers receive requests (both codecs refuse them on client connections).
         self._dispatch[h2.events.RequestReceived] = self._on_request
@@ -219,7 +243,7 @@ class H2ServerConnection(H2Connection):
             self.reset_stream(stream, REFUSED_STREAM)
             return
         self.guard.stream_opened()
-        handler = self.listener.new_exchange(stream)
+        handler = self.listener.new_exchange(stream, self.peer)
         stream.handler = handler
         handler.on_headers(event.headers, event.stream_ended is not None)
 
@@ -348,11 +372,16 @@ class H2ServerConnection(H2Connection):
 class SniffingProtocol(asyncio.Protocol):
     """Holds the first bytes of a connection until the protocol is known, then hands over."""
 
-    def __init__(self, listener: ListenerRuntime) -> None:
+    def __init__(
+        self, listener: ListenerRuntime, peer: SpiffeId | None = None, decrypted: bool = False
+    ) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.head = b""
         self.timer: asyncio.TimerHandle | None = None
+        # Inside an mTLS session: the verified peer (None for PERMISSIVE without a certificate).
+        self.peer = peer
+        self.decrypted = decrypted
         # HTTP, waiting for the first request's authority to choose mesh or passthrough.
         self.http: str | None = None
 
@@ -367,6 +396,17 @@ class SniffingProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.head += data
+        mtls = self.listener.config.mtls
+        if mtls is not None and not self.decrypted:
+            tls = looks_like_tls(self.head)
+            if tls is None:
+                return
+            if tls:
+                self._terminate_tls(mtls)
+                return
+            if mtls is MtlsMode.STRICT:
+                self._refuse("plaintext on a STRICT mTLS listener")
+                return
         protocol = self.http or detect_protocol(self.head)
         if protocol in ("h1", "h2") and self.listener.config.tcp_passthrough_original_destination:
             self.http = protocol
@@ -415,11 +455,59 @@ class SniffingProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self.timer = None
+        if self.listener.config.mtls is MtlsMode.STRICT and not self.decrypted:
+            self._refuse("client sent nothing on a STRICT mTLS listener")
         if self.http is not None:
             # An HTTP/1.1 request head that takes this long: handled by the mesh.
             self._hand_over(self.http)
             return
         self._hand_over("tcp" if not self.head else "other")
+
+    def _refuse(self, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        listener = self.listener
+        assert self.transport is not None
+        log.info(
+            "listener %s: closing connection from %s: %s",
+            listener.config.name,
+            self.transport.get_extra_info("peername"),
+            reason,
+        )
+        listener.scope.inc("downstream_cx_mtls_refused")
+        self.transport.close()
+
+    def _terminate_tls(self, mtls: MtlsMode) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        workload = self.listener.sidecar.workload
+        if workload is None:
+            self._refuse("TLS, but this sidecar has no workload certificate")
+            return
+        assert self.transport is not None
+        strict = mtls is MtlsMode.STRICT
+        head, self.head = self.head, b""
+        terminate(
+            self.transport,
+            head,
+            workload.server_context(strict),
+            workload.identity.trust_domain,
+            strict,
+            self._decrypted,
+            self._tls_refused,
+        )
+
+    def _decrypted(self, transport: asyncio.Transport, peer: SpiffeId | None) -> None:
+        self.listener.scope.inc("downstream_cx_mtls")
+        inner = SniffingProtocol(self.listener, peer, decrypted=True)
+        transport.set_protocol(inner)
+        inner.connection_made(transport)
+
+    def _tls_refused(self, reason: str) -> None:
+        log.info("listener %s: mTLS refused: %s", self.listener.config.name, reason)
+        self.listener.scope.inc("downstream_cx_mtls_refused")
 
     def _hand_over(self, protocol: str) -> None:
         if self.timer is not None:
@@ -431,8 +519,10 @@ class SniffingProtocol(asyncio.Protocol):
         new: asyncio.Protocol | H2ServerConnection  # the latter reads into its own buffer
         if protocol == "h2":
             new = H2ServerConnection(listener)
+            new.peer = self.peer
         elif protocol == "h1":
             new = H1ServerConnection(listener)
+            new.peer = self.peer
         else:
             target = self._passthrough_target(transport)
             if target is None:

@@ -21,7 +21,8 @@ ABORT_GRACE_S = 1.0
 
 
 class DropCounter:
-    """A thread-safe count of lost spans (read by the metrics at scrape time)."""
+    """A thread-safe count of spans (lost ones, or exported ones; read by the metrics at scrape
+    time)."""
 
     __slots__ = ("_lock", "value")
 
@@ -76,10 +77,17 @@ class _Admission:
 class _CountingExporter(SpanExporter):
     """Wraps the real exporter: batches leaving the queue, failures counted as drops."""
 
-    def __init__(self, inner: SpanExporter, admission: _Admission, drops: DropCounter) -> None:
+    def __init__(
+        self,
+        inner: SpanExporter,
+        admission: _Admission,
+        drops: DropCounter,
+        exported: DropCounter,
+    ) -> None:
         self.inner = inner
         self.admission = admission
         self.drops = drops
+        self.exported = exported
         self._in_flight = 0  # spans of the export under way, not yet counted either way
         self._lock = threading.Lock()
         self._shut = False
@@ -97,7 +105,9 @@ class _CountingExporter(SpanExporter):
         finally:
             with self._lock:
                 unsent, self._in_flight = self._in_flight, 0
-            if not delivered:
+            if delivered:
+                self.exported.add(unsent)
+            else:
                 self.drops.add(unsent)
 
     def abandon(self) -> None:
@@ -125,14 +135,16 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         exporter: SpanExporter,
         drops: DropCounter,
         *,
+        exported: DropCounter | None = None,
         max_queue_size: int = 2048,
         max_export_batch_size: int = 512,
         schedule_delay_s: float = 1.0,
         shutdown_timeout_s: float = 5.0,
     ) -> None:
         self.drops = drops
+        self.exported = exported if exported is not None else DropCounter()
         self._admission = _Admission(max_queue_size)
-        self._counting = _CountingExporter(exporter, self._admission, drops)
+        self._counting = _CountingExporter(exporter, self._admission, drops, self.exported)
         self._shutdown_timeout_s = shutdown_timeout_s
         self._closed = False
         if hasattr(os, "register_at_fork"):

@@ -63,6 +63,9 @@ def otlp_exporter(config: TracingConfig) -> SpanExporter:
     """The exporter ``config`` asks for. Raises ``ValueError`` for an endpoint that is no URL
     and ``OSError`` for certificate files that cannot be read, so a bad config is refused when
     the tracer is built rather than at the first export."""
+    from pilotfish.otlp_protos import install
+
+    install()  # the exporters' protobuf modules, where xds-protos overwrote them
     endpoint = Endpoint.of(config)
     files = _read_tls_files(config) if endpoint.secure else _TlsFiles()
     timeout = max(config.export_timeout_s, MIN_TIMEOUT_S)

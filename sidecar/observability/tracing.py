@@ -12,6 +12,7 @@ collector loses spans (counted in ``dropped_spans``), never requests.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping
 
@@ -35,6 +36,8 @@ from sidecar.observability.semconv import (
     split_host_port,
 )
 from sidecar.observability.tracing_config import TracingConfig
+
+log = logging.getLogger("pilotfish.tracing")
 
 Attrs = Mapping[str, AttrValue]
 
@@ -132,6 +135,7 @@ class Tracer:
         # The module's generator by default: it is reseeded in a forked child.
         self._bits = rng.getrandbits if rng is not None else random.getrandbits
         self.drops = DropCounter()
+        self.exported = DropCounter()
         self._provider: TracerProvider | None = None
         self._processor: CountingBatchSpanProcessor | None = None
         self._ids = _PresetIdGenerator()
@@ -148,6 +152,7 @@ class Tracer:
         self._processor = CountingBatchSpanProcessor(
             exporter,
             self.drops,
+            exported=self.exported,
             max_queue_size=config.max_queue_size,
             max_export_batch_size=config.max_export_batch_size,
             schedule_delay_s=config.schedule_delay_s,
@@ -165,6 +170,11 @@ class Tracer:
     def dropped_spans(self) -> int:
         """Spans lost: queue full, export failed, or ended after shutdown."""
         return self.drops.value
+
+    @property
+    def exported_spans(self) -> int:
+        """Spans the collector accepted."""
+        return self.exported.value
 
     # -- the request path -------------------------------------------------------------------
 
@@ -341,6 +351,11 @@ class Tracer:
         if self._provider is not None:
             self._provider.shutdown()
             self._provider = None
+            # What a user needs to tell "exported" from "sent nowhere" (the demo reads it).
+            log.info(
+                "tracing: %d spans exported to %s, %d dropped",
+                self.exported.value, self.config.export_endpoint, self.drops.value,
+            )
 
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         """Export everything queued now (blocking; for tests and shutdown paths)."""

@@ -74,6 +74,11 @@ class SidecarServices(Protocol):
 
     def route_policy(self, decision: RouteDecision) -> RoutePolicyRuntime: ...
 
+    @property
+    def awaiting_config(self) -> bool:
+        """An xDS-driven sidecar before its first config: a routing miss is NCY, not NR."""
+        ...
+
 
 class ExchangeHost(Protocol):
     """What an exchange needs of the listener its request came in on: the route table and the
@@ -238,6 +243,8 @@ class Exchange:
     bytes_in = 0
     bytes_out = 0
     trace: SpanHandle | None = None
+    # Set by a filter in front of the exchange (authorization) to answer with a local reply.
+    refused: ResponseFlag | None = None
 
     def __init__(self, listener: ExchangeHost, downstream: StreamSink) -> None:
         self.listener = listener
@@ -285,6 +292,9 @@ class Exchange:
         if listener.draining:
             self.local_reply(ResponseFlag.DRAINING)
             return
+        if self.refused is not None:
+            self.local_reply(self.refused)
+            return
         shedder = listener.shedder
         if shedder is not None:
             self.inflight = shedder.try_admit()
@@ -304,7 +314,11 @@ class Exchange:
             headers, route=decision.route.name if decision is not None else None
         )
         if decision is None:
-            self.local_reply(ResponseFlag.NO_ROUTE)
+            self.local_reply(
+                ResponseFlag.NO_CONFIG_YET
+                if listener.sidecar.awaiting_config
+                else ResponseFlag.NO_ROUTE
+            )
             return
         self.decision = decision
         policy = listener.sidecar.route_policy(decision)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from pilotfish.config.cluster_policy import LbKind
 from pilotfish.config.model import ClusterConfig, Endpoint, Protocol
@@ -21,6 +23,7 @@ from sidecar.http.streams import Headers, ResetReason, StreamHandler
 from sidecar.idle import IdleTimer
 from sidecar.observability.metrics import ClusterStats, MeshMetrics
 from sidecar.stats import Scope, StatsStore
+from sidecar.upstream.mtls import UpstreamPeerRejected, connect_mtls
 from sidecar.upstream.policy.breaker import Permit
 from sidecar.upstream.policy.cluster import ClusterBalancer
 from sidecar.upstream.policy.health import HealthChanged, HostBecameHealthy
@@ -29,6 +32,10 @@ from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
 from sidecar.upstream.policy.outlier import HostEjected
 from sidecar.upstream.policy.resilience import ClusterResilienceRuntime
 from sidecar.upstream.pool import ConnectionPool, PooledConnection
+
+if TYPE_CHECKING:
+    from pilotfish.config.security import UpstreamMtls
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,12 @@ class UpstreamHost:
             conn = H1ClientConnection(self, UPSTREAM_STREAM_WINDOW, config.idle_timeout)
         try:
             async with asyncio.timeout(config.connect_timeout):
-                await loop.create_connection(lambda: conn, self.endpoint.host, self.endpoint.port)
+                if config.mtls is None:
+                    await loop.create_connection(
+                        lambda: conn, self.endpoint.host, self.endpoint.port
+                    )
+                else:
+                    await self._connect_mtls(conn, config.mtls)
                 if isinstance(conn, H2ClientConnection):
                     await conn.ready
         except TimeoutError:
@@ -198,6 +210,22 @@ class UpstreamHost:
             else:
                 conn.arm_idle_timer()
 
+    async def _connect_mtls(self, conn: Upstream, mtls: UpstreamMtls) -> None:
+        workload = self.cluster.workload
+        if workload is None:
+            self.scope.inc("upstream_cx_mtls_unavailable")
+            raise ConnectionRefusedError("mTLS cluster, but this sidecar has no certificate")
+        try:
+            await connect_mtls(
+                lambda: conn, self.endpoint.host, self.endpoint.port, workload, mtls.identities
+            )
+        except UpstreamPeerRejected:
+            self.scope.inc("upstream_cx_mtls_peer_rejected")
+            raise
+        except ssl.SSLError:
+            self.scope.inc("upstream_cx_mtls_handshake_failed")
+            raise
+
     def released(self, conn: PooledConnection) -> None:
         self.pool.released(conn)
         if self.pool.draining and conn.is_idle():
@@ -224,6 +252,8 @@ class ClusterRuntime:
         self.config = config
         self.scope: Scope = stats.scope(f"cluster.{config.name}")
         self.metrics: ClusterStats = metrics.cluster(config.name)
+        # The workload certificate for mTLS clusters; kept current by the ClusterManager.
+        self.workload: WorkloadCertificates | None = None
         self.hosts: list[UpstreamHost] = [UpstreamHost(self, e) for e in config.endpoints]
         self.balancer = self._new_balancer(config)
         loop = asyncio.get_event_loop()
@@ -348,9 +378,10 @@ class ClusterRuntime:
         new.metrics = self.metrics
         new.resilience = self.resilience
         new.resilience.update(config.resilience)
-        same_shape = (config.protocol, config.max_concurrent_streams) == (
+        same_shape = (config.protocol, config.max_concurrent_streams, config.mtls) == (
             self.config.protocol,
             self.config.max_concurrent_streams,
+            self.config.mtls,
         )
         old_hosts = {h.endpoint.address: h for h in self.hosts} if same_shape else {}
         hosts: list[UpstreamHost] = []
@@ -409,6 +440,17 @@ class ClusterManager:
         self.metrics = metrics
         self.clusters: dict[str, ClusterRuntime] = {}
         self.running = False
+        self._workload: WorkloadCertificates | None = None
+
+    @property
+    def workload(self) -> WorkloadCertificates | None:
+        return self._workload
+
+    @workload.setter
+    def workload(self, workload: WorkloadCertificates | None) -> None:
+        self._workload = workload
+        for cluster in self.clusters.values():
+            cluster.workload = workload
 
     def apply(self, configs: dict[str, ClusterConfig]) -> None:
         clusters: dict[str, ClusterRuntime] = {}
@@ -423,6 +465,8 @@ class ClusterManager:
         for name, old in self.clusters.items():
             if name not in clusters:
                 old.drain()
+        for cluster in clusters.values():
+            cluster.workload = self._workload
         self.clusters = clusters
         if self.running:
             for cluster in clusters.values():

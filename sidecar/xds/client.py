@@ -23,6 +23,8 @@ from google.protobuf import struct_pb2
 
 from pilotfish.config.model import Bootstrap
 from sidecar.server import ApplyError, Sidecar
+from sidecar.xds.changes import describe_changes
+from sidecar.xds.config_dump import envoy_configs
 from sidecar.xds.state import SHORT, AdsClientState, XdsSnapshot
 
 log = logging.getLogger("pilotfish.xds")
@@ -53,6 +55,14 @@ def merge(static: Bootstrap, snapshot: XdsSnapshot) -> Bootstrap:
     )
 
 
+def describe_failure(exc: BaseException | None) -> str:
+    """One line for a failed attempt: an ``AioRpcError``'s own string is a five-line dump."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        details = " ".join((exc.details() or "").split())
+        return f"{exc.code().name}: {details}" if details else exc.code().name
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class _StreamEnded(Exception):
     """The ADS stream closed; ``progressed`` when it delivered at least one response."""
 
@@ -74,6 +84,7 @@ class XdsClient:
         self.sidecar = sidecar
         self.static = static
         self.address = address
+        self.node = node
         self.state = AdsClientState(node, check_listeners=sidecar.check_listeners)
         self.max_backoff = max_backoff
         self.connected = False
@@ -103,12 +114,17 @@ class XdsClient:
             return not exc.progressed
         return isinstance(exc, (grpc.aio.AioRpcError, OSError))
 
-    @staticmethod
-    def _log_retry(retry_state: tenacity.RetryCallState) -> None:
+    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
         outcome = retry_state.outcome
         reason = outcome.exception() if outcome is not None else None
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        log.warning("control plane unreachable (%s); retrying in %.2fs", reason, delay)
+        log.warning(
+            "control plane %s unreachable (attempt %d: %s); retrying in %.2fs",
+            self.address,
+            retry_state.attempt_number,
+            describe_failure(reason),
+            delay,
+        )
 
     async def _stream_once(self) -> None:
         queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
@@ -157,21 +173,27 @@ class XdsClient:
             if not self.sidecar.initialized:
                 log.info("first complete config applied; ready")
             self.sidecar.initialized = True
+            self.sidecar.awaiting_config = False
         return actions.requests
 
     def _apply(self, snapshot: XdsSnapshot) -> str | None:
+        before = self.sidecar.bootstrap
+        after = merge(self.static, snapshot)
         try:
-            self.sidecar.apply(merge(self.static, snapshot))
+            self.sidecar.apply(after)
         except ApplyError as exc:
             return str(exc)
         except Exception as exc:  # a bug of ours: NACK it rather than lose the xDS stream
             log.exception("applying a config failed")
             return f"internal error applying the config: {exc!r}"
+        log.info("config applied: %s", describe_changes(before, after))
         return None
 
     def dump(self) -> dict[str, Any]:
         state = self.state
         return {
+            # Envoy's shape, for tools that read Envoy's /config_dump; the rest is our own.
+            "configs": envoy_configs(self.node, state.received, self.last_update),
             "xds": {
                 "control_plane": self.address,
                 "connected": self.connected,

@@ -11,6 +11,7 @@ from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import ClusterConfig, Endpoint, Protocol
 from sidecar.xds.cluster_policy import translate_cluster_policies
 from sidecar.xds.common import METADATA_KEY, seconds, unpack
+from sidecar.xds.security import translate_upstream_mtls
 
 HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _SERVING = frozenset({health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY,
@@ -39,6 +40,9 @@ def translate_cluster(
     else:
         endpoints = translate_endpoints(cluster.load_assignment, f"{path}.load_assignment")
     protocol, max_streams = _protocol(cluster, path)
+    mtls = translate_upstream_mtls(cluster, path)
+    if mtls is not None and protocol is not Protocol.HTTP2:
+        raise ConfigError(f"{path}.transport_socket", "mTLS between sidecars needs HTTP/2")
     policies = translate_cluster_policies(cluster, path)
     connect_timeout = (seconds(cluster.connect_timeout)
                        if cluster.HasField("connect_timeout") else 5.0)
@@ -54,6 +58,7 @@ def translate_cluster(
         health_check=policies.health_check,
         outlier_detection=policies.outlier_detection,
         resilience=policies.resilience,
+        mtls=mtls,
     )
 
 

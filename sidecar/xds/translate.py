@@ -65,6 +65,7 @@ from sidecar.xds.route_policy import (
     translate_load_shedding,
     translate_route_policy,
 )
+from sidecar.xds.security import translate_inbound_mtls
 from sidecar.xds.telemetry import hcm_telemetry
 from sidecar.xds.telemetry import translate_telemetry as translate_telemetry
 
@@ -99,14 +100,10 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     if not socket.address or not 0 < socket.port_value < 65536:
         raise ConfigError(f"{path}.address.socket_address", "needs an address and a port")
     _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
-                                  "metadata"})
+                                  "metadata", "listener_filters"})
     load_shedding = translate_load_shedding(listener, path)
-    if len(listener.filter_chains) != 1:
-        raise ConfigError(f"{path}.filter_chains", "exactly one filter chain is supported")
+    chain, mtls = translate_inbound_mtls(listener, path)
     chain_path = f"{path}.filter_chains[0]"
-    chain = listener.filter_chains[0]
-    if chain.HasField("filter_chain_match") or chain.HasField("transport_socket"):
-        raise ConfigError(chain_path, "filter_chain_match and transport_socket are not supported")
     if len(chain.filters) != 1:
         raise ConfigError(f"{chain_path}.filters", "exactly one network filter is supported")
     packed = chain.filters[0].typed_config
@@ -135,6 +132,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         tcp_passthrough_cluster=passthrough,
         mode="tcp" if passthrough is not None else "auto",
         load_shedding=load_shedding,
+        mtls=mtls,
         limits=limits,
     )
 

@@ -26,7 +26,7 @@ def test_validate_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     path = tmp_path / "mesh.yaml"
     path.write_text(MESH_YAML)
     assert run_validate(Namespace(file=str(path))) == 0
-    assert capsys.readouterr().out == f"{path}: ok (3 services)\n"
+    assert capsys.readouterr().out == f"{path}: ok (mesh file: 3 services)\n"
 
 
 def test_validate_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,7 +34,8 @@ def test_validate_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixt
     path.write_text(MESH_YAML.replace("timeout: 2s", "timeout: 2"))
     assert run_validate(Namespace(file=str(path))) == 1
     assert capsys.readouterr().err == (
-        f"{path}: services.greeter.routes[0].timeout: expected a duration like 250ms\n"
+        f"{path}:10:9: services.greeter.routes[0].timeout: expected a duration like 250ms\n"
+        f"{path}: 1 error (mesh file)\n"
     )
 
 

@@ -76,9 +76,9 @@ services:
          "services.a.routes[0].match.path: expected a path starting with /"),
         ("services: {a: {endpoints: [127.0.0.1:1], color: red}}",
          "services.a.color: unknown field (expected one of: adaptive_throttling, "
-         "circuit_breakers, connect_timeout, depends_on, endpoints, health_check, "
-         "load_balancing, load_shedding, namespace, outlier_detection, port, protocol, "
-         "retry_budget, routes)"),
+         "authorization, circuit_breakers, connect_timeout, depends_on, endpoints, "
+         "health_check, jwt, load_balancing, load_shedding, mtls, namespace, "
+         "outlier_detection, port, protocol, retry_budget, routes, service_account)"),
         ("services: {a: {}}", "services.a.endpoints: required field is missing"),
         ("services: {A_b: {endpoints: []}}",
          "services.A_b: service names are lower-case letters, digits, '-' and '.', "
@@ -90,7 +90,7 @@ services:
         ("services: {a: {endpoints: [127.0.0.1:1], routes: [{match: {headers: [{name: x, "
          "exact: y, prefix: z}], prefix: /}}]}}",
          "services.a.routes[0].match.headers[0]: at most one of exact, prefix, regex, present"),
-        ("servces: {}", "servces: unknown field (expected one of: services, telemetry)"),
+        ("servces: {}", "servces: unknown field (expected one of: security, services, telemetry)"),
         ("[1, 2]", "expected a mapping"),
     ],
 )

@@ -153,7 +153,7 @@ def test_response_trailers_with_a_content_length_keep_the_connection() -> None:
 
     async def run() -> tuple[ServerTransport, H1ServerConnection]:
         listener = listener_for(simple_config(["127.0.0.1:1"]))
-        listener.new_exchange = lambda stream: Handler()  # type: ignore[method-assign,assignment]
+        listener.new_exchange = lambda stream, peer=None: Handler()  # type: ignore[method-assign,assignment]
         conn = H1ServerConnection(listener)
         transport = ServerTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -174,7 +174,7 @@ def test_response_trailers_with_a_content_length_keep_the_connection() -> None:
 def test_response_trailers_reach_an_http11_client_in_chunked_framing() -> None:
     async def run() -> ServerTransport:
         listener = listener_for(simple_config(["127.0.0.1:1"]))
-        listener.new_exchange = lambda stream: Handler()  # type: ignore[method-assign,assignment]
+        listener.new_exchange = lambda stream, peer=None: Handler()  # type: ignore[method-assign,assignment]
         conn = H1ServerConnection(listener)
         transport = ServerTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -220,7 +220,7 @@ def test_keep_alive_resumes_reading_paused_by_the_previous_request() -> None:
 
     async def run() -> tuple[ServerTransport, H1ServerConnection, list[Any]]:
         listener = listener_for(simple_config(["127.0.0.1:1"]))
-        listener.new_exchange = lambda stream: Handler()  # type: ignore[method-assign,assignment]
+        listener.new_exchange = lambda stream, peer=None: Handler()  # type: ignore[method-assign,assignment]
         conn = H1ServerConnection(listener)
         transport = ServerTransport()
         resumed: list[Any] = []

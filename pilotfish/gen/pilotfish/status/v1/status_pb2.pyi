@@ -24,7 +24,7 @@ class ListProxiesResponse(_message.Message):
     def __init__(self, proxies: _Optional[_Iterable[_Union[ProxyStatus, _Mapping]]] = ..., mesh_generation: _Optional[int] = ..., mesh_error: _Optional[str] = ...) -> None: ...
 
 class ProxyStatus(_message.Message):
-    __slots__ = ("node_id", "service", "namespace", "stream_kind", "connected_since", "resources", "in_sync")
+    __slots__ = ("node_id", "service", "namespace", "stream_kind", "connected_since", "resources", "in_sync", "admin_address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class ProxyStatus(_message.Message):
     CONNECTED_SINCE_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     service: str
     namespace: str
@@ -39,20 +40,29 @@ class ProxyStatus(_message.Message):
     connected_since: _timestamp_pb2.Timestamp
     resources: _containers.RepeatedCompositeFieldContainer[ResourceTypeStatus]
     in_sync: bool
-    def __init__(self, node_id: _Optional[str] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., stream_kind: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resources: _Optional[_Iterable[_Union[ResourceTypeStatus, _Mapping]]] = ..., in_sync: _Optional[bool] = ...) -> None: ...
+    admin_address: str
+    def __init__(self, node_id: _Optional[str] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., stream_kind: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resources: _Optional[_Iterable[_Union[ResourceTypeStatus, _Mapping]]] = ..., in_sync: _Optional[bool] = ..., admin_address: _Optional[str] = ...) -> None: ...
 
 class ResourceTypeStatus(_message.Message):
-    __slots__ = ("type_url", "acked_version", "sent_version", "last_nack_version", "last_nack_message", "in_sync")
+    __slots__ = ("type_url", "acked_version", "sent_version", "last_nack_version", "last_nack_message", "in_sync", "current_version", "added", "removed", "changed")
     TYPE_URL_FIELD_NUMBER: _ClassVar[int]
     ACKED_VERSION_FIELD_NUMBER: _ClassVar[int]
     SENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
     type_url: str
     acked_version: str
     sent_version: str
     last_nack_version: str
     last_nack_message: str
     in_sync: bool
-    def __init__(self, type_url: _Optional[str] = ..., acked_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., last_nack_version: _Optional[str] = ..., last_nack_message: _Optional[str] = ..., in_sync: _Optional[bool] = ...) -> None: ...
+    current_version: str
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, type_url: _Optional[str] = ..., acked_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., last_nack_version: _Optional[str] = ..., last_nack_message: _Optional[str] = ..., in_sync: _Optional[bool] = ..., current_version: _Optional[str] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""The mesh certificate authority: workload certificates with SPIFFE IDs."""

@@ -1,0 +1,198 @@
+"""The sidecar's workload certificate: fetched from the CA, rotated at half lifetime.
+
+``WorkloadCertificates`` holds the current certificate and the TLS contexts built from it. A
+rotation swaps in new contexts: connections accepted or opened afterwards use the new
+certificate, while connections already established keep the old one (their TLS session already
+holds it) until they close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from google.protobuf import duration_pb2
+
+from pilotfish.gen.pilotfish.ca.v1 import ca_pb2, ca_pb2_grpc
+from pilotfish.identity import SpiffeId
+from sidecar.security.csr import build_csr, generate_key
+from sidecar.security.rotation import RenewalSchedule
+from sidecar.security.tls import Svid, client_context, server_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SignedCertificate:
+    chain_pem: bytes
+    bundle_pem: bytes
+    spiffe_id: str
+    not_after: float
+
+
+class CertificateError(Exception):
+    """The CA refused or could not be reached; the message says which and why."""
+
+
+class CertificateSource(Protocol):
+    async def sign(self, csr_pem: bytes, ttl: float | None) -> SignedCertificate: ...
+
+
+class GrpcCertificateSource:
+    """``pilotfish.ca.v1.CertificateAuthority`` on the control plane.
+
+    ``token`` is called for every request: a projected service-account token is refreshed on
+    disk by the kubelet, so it is read afresh each time rather than once at start.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        token: Callable[[], str],
+        timeout: float = 10.0,
+    ) -> None:
+        self._stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+        self._token = token
+        self._timeout = timeout
+
+    async def sign(self, csr_pem: bytes, ttl: float | None) -> SignedCertificate:
+        request = ca_pb2.SignCertificateRequest(csr_pem=csr_pem.decode())
+        if ttl is not None:
+            request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl), nanos=int(ttl % 1 * 1e9)))
+        try:
+            token = self._token()
+        except OSError as exc:
+            raise CertificateError(f"cannot read the CA token: {exc}") from None
+        try:
+            response = await self._stub.SignCertificate(
+                request,
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CertificateError(f"CA: {exc.code().name}: {exc.details()}") from None
+        return SignedCertificate(
+            chain_pem=response.certificate_chain_pem.encode(),
+            bundle_pem=response.trust_bundle_pem.encode(),
+            spiffe_id=response.spiffe_id,
+            not_after=response.not_after.ToNanoseconds() / 1e9,
+        )
+
+
+def token_file(path: str | Path) -> Callable[[], str]:
+    return lambda: Path(path).read_text().strip()
+
+
+class WorkloadCertificates:
+    """The current certificate of ``identity`` and the TLS contexts made from it."""
+
+    def __init__(
+        self,
+        source: CertificateSource,
+        identity: SpiffeId,
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self._source = source
+        self._ttl = ttl
+        self._clock = clock
+        self._schedule = RenewalSchedule()
+        self._svid: Svid | None = None
+        self._server_strict: ssl.SSLContext | None = None
+        self._server_permissive: ssl.SSLContext | None = None
+        self._client: ssl.SSLContext | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.rotations = 0
+        self.failures = 0
+        self.last_error = ""
+        self.on_change: list[Callable[[Svid], None]] = []
+        """Called with every new certificate (the first one too), e.g. to push it over SDS."""
+
+    @property
+    def svid(self) -> Svid:
+        if self._svid is None:
+            raise RuntimeError("no workload certificate yet; await start() first")
+        return self._svid
+
+    def server_context(self, strict: bool) -> ssl.SSLContext:
+        context = self._server_strict if strict else self._server_permissive
+        if context is None:
+            raise RuntimeError("no workload certificate yet; await start() first")
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        if self._client is None:
+            raise RuntimeError("no workload certificate yet; await start() first")
+        return self._client
+
+    async def fetch(self) -> Svid:
+        """Get a certificate for a new key and make it current; ``CertificateError`` if not."""
+        key = generate_key()  # a new key for every certificate: an old key is worth nothing
+        signed = await self._source.sign(build_csr(key, self.identity), self._ttl)
+        if signed.spiffe_id != self.identity.uri:
+            raise CertificateError(
+                f"the CA issued {signed.spiffe_id}, we asked for {self.identity}"
+            )
+        svid = Svid(
+            identity=self.identity,
+            key=key,
+            chain_pem=signed.chain_pem,
+            bundle_pem=signed.bundle_pem,
+            not_after=signed.not_after,
+            received_at=self._clock(),
+        )
+        try:
+            strict = server_context(svid, require_client_certificate=True)
+            permissive = server_context(svid, require_client_certificate=False)
+            client = client_context(svid)
+        except (ssl.SSLError, ValueError) as exc:
+            raise CertificateError(f"the CA's certificate is unusable: {exc}") from None
+        # Swapped together, so no connection pairs a new server context with an old client one.
+        self._svid, self._server_strict, self._server_permissive, self._client = (
+            svid,
+            strict,
+            permissive,
+            client,
+        )
+        for callback in self.on_change:
+            callback(svid)
+        return svid
+
+    async def start(self) -> None:
+        """Fetch the first certificate (raising if that fails), then keep it fresh."""
+        svid = await self.fetch()
+        self._schedule.issued(svid.received_at, svid.not_after)
+        self._task = asyncio.create_task(self._rotate(), name="workload-certificate")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _rotate(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.0, self._schedule.next_attempt - self._clock()))
+            try:
+                svid = await self.fetch()
+            except CertificateError as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+                current = self._svid.not_after if self._svid is not None else None
+                now = self._clock()
+                retry = self._schedule.failed(now, current) - now
+                log.warning("certificate rotation failed (retry in %.1fs): %s", retry, exc)
+                continue
+            self.rotations += 1
+            self._schedule.issued(svid.received_at, svid.not_after)
+            log.info("workload certificate rotated; valid until %.0f", svid.not_after)
