@@ -21,10 +21,13 @@ What it keeps itself, and why:
 
 The hostile-client defences are the same as our codec's, shared where they are code:
 
-- Frames per turn: a read is walked frame header by frame header (9 bytes each, payloads
-  skipped) before libnghttp2 sees it; after ``max_frames_per_turn`` frames the rest waits in
-  ``_pending`` (``backlogged``), as in ``sidecar.codec.receive``. Reads under
-  ``9 * max_frames_per_turn`` bytes cannot hold more frames than that and pass in one go.
+- Frames per turn: a client's read is walked frame header by frame header (9 bytes each,
+  payloads skipped) before libnghttp2 sees it; after ``max_frames_per_turn`` frames the rest
+  waits in ``_pending`` (``backlogged``), as in ``sidecar.codec.receive``. Reads under
+  ``9 * max_frames_per_turn`` bytes cannot hold more frames than that and are not counted.
+  An upstream's reads (``client_side``) go to libnghttp2 whole, unwalked: upstreams are the
+  mesh's own services, and the Python work a read makes is per event (messages and their
+  DATA), which the walk would not make cheaper, while it costs every read.
 - The ``Budget``: frames that carry no request (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, empty
   DATA, unknown types) are charged during that walk, so a flood ends with GOAWAY
   ENHANCE_YOUR_CALM before libnghttp2 parses it; RST_STREAM is charged on its event, once it
@@ -424,6 +427,8 @@ class Ngh2Codec:
         self.backlogged = False
         if self._dead:
             return []
+        if self.client_side:  # an upstream of ours: its reads go to libnghttp2 whole
+            return self._receive(self._rbuf.view[:nbytes])
         end = self._filled + nbytes
         pos = self._skip
         cut = end
