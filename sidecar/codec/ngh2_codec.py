@@ -43,7 +43,9 @@ The hostile-client defences are the same as our codec's, shared where they are c
 - ``header_block_open`` comes from the walk: the last frame header read was HEADERS or
   CONTINUATION without END_HEADERS.
 
-Differences from our codec, none of which the proxy relies on: a header block libnghttp2
+Differences from our codec, none of which the proxy relies on: a client that opens a stream
+past a MAX_CONCURRENT_STREAMS it has acknowledged gets GOAWAY PROTOCOL_ERROR (as nghttpx
+answers it), where ours refuses that stream alone; a header block libnghttp2
 rejects resets its stream without an event (ours does the same for streams the application
 never saw); streams opened past our final GOAWAY are ignored rather than refused (RFC 9113
 section 6.8 allows either); WINDOW_UPDATE is sent when half a window was acknowledged.

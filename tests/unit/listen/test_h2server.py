@@ -20,7 +20,7 @@ from tests.codec.factory import REQUEST, Peer
 from tests.support import simple_config
 from tests.unit.sidecar_fakes import listener_for
 
-lean_only = pytest.mark.skipif(H2_CODEC != "python", reason="our codec only")
+lean_only = pytest.mark.skipif(H2_CODEC == "h2", reason="PILOTFISH_H2_CODEC=h2")
 
 
 class Transport:
