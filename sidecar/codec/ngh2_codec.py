@@ -208,6 +208,9 @@ class Ngh2Codec:
         self._streams_completed = 0  # streams that ended without a reset: each earns a reset
         # Streams the application knew that ended in a reset, as ``H2Codec.streams_reset``.
         self.streams_reset = 0
+        # Streams reset already counted (by us, or by the peer while open), until libnghttp2's
+        # close event for them: any other reset it reports was its own, for the peer's fault.
+        self._settled: set[int] = set()
         self._goaway_received = False
         self._goaway_sent = False
         self._dead = False
@@ -324,6 +327,7 @@ class Ngh2Codec:
             raise CodecStreamClosedError(stream_id)
         if self._dead:
             return
+        self._settled.add(stream_id)
         try:  # RST_STREAM is serialized with what is taken next (``take_output``)
             self._conn.reset_stream(stream_id, error_code)
         except ngh2.NGH2Error as exc:  # already closed inside libnghttp2: nothing to send
@@ -404,6 +408,7 @@ class Ngh2Codec:
         stream the application knew gets a ``StreamReset``."""
         with contextlib.suppress(ngh2.NGH2Error):  # already closed there: nothing to send
             self._conn.reset_stream(stream_id, PROTOCOL_ERROR)
+        self._settled.add(stream_id)
         if self.streams.pop(stream_id, None) is not None:
             self.streams_reset += 1
             events.append(StreamReset(stream_id, PROTOCOL_ERROR, False))
@@ -550,6 +555,12 @@ class Ngh2Codec:
                     append(StreamReset(event.stream_id, event.error_code or CANCEL, False))
                     if event.error_code != NO_ERROR:
                         self._reset_charged()  # as we charge a reset we make for the peer
+                elif event.stream_id in self._settled:
+                    self._settled.discard(event.stream_id)
+                elif event.error_code != NO_ERROR:
+                    # libnghttp2 reset a stream before the application saw it (a request it
+                    # found malformed, a stream past the limit): charged as our own refusals.
+                    self._reset_charged()
             elif kind is _TRAILERS:
                 sid = event.stream_id
                 if _problem(validate.TRAILERS, event.headers) is not None:
@@ -560,6 +571,7 @@ class Ngh2Codec:
             elif kind is _RESET:
                 if streams.pop(event.stream_id, None) is not None:
                     self.streams_reset += 1
+                    self._settled.add(event.stream_id)
                     append(StreamReset(event.stream_id, event.error_code))
                     self._reset_charged()
                 else:
