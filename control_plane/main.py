@@ -323,4 +323,6 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"{args.file}: {count} error{plural} ({report.kind})", file=sys.stderr)
         return 1
     print(f"{args.file}: ok ({report.kind}: {report.summary})")
+    for line in report.notes:
+        print(f"{args.file}: {line}")
     return 0

@@ -104,6 +104,8 @@ def format_status(reply: Any) -> str:
     lines = [f"mesh generation {reply.mesh_generation}"]
     if reply.mesh_error:
         lines.append(f"MESH FILE ERROR (last good mesh still served): {reply.mesh_error}")
+    for ignored in reply.proxyless_ignored:
+        lines.append(f"proxyless gRPC clients ignore {ignored}")
     if not reply.proxies:
         lines.append("no proxies connected")
         return "\n".join(lines) + "\n"

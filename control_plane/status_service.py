@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
+from control_plane.proxyless import ignored_by_proxyless
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.server import ConnectedProxy, ProxyRegistry
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
@@ -28,6 +29,7 @@ class StatusServicer(status_pb2_grpc.ControlPlaneStatusServicer):  # type: ignor
             proxies=[self._proxy_status(p) for p in self._registry.proxies()],
             mesh_generation=self._cache.generation,
             mesh_error=self._mesh_error() or "",
+            proxyless_ignored=ignored_by_proxyless(self._cache.mesh),
         )
 
     def _proxy_status(self, proxy: ConnectedProxy) -> Any:

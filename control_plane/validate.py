@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from pilotfish.config import yaml_loader
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import yaml_error_location
 
@@ -45,6 +46,8 @@ class Report:
     kind: str  # "mesh file" or "sidecar bootstrap"
     findings: tuple[Finding, ...]
     summary: str  # what a clean file holds, e.g. "3 services"
+    notes: tuple[str, ...] = ()
+    """Not errors: what gRPC's proxyless clients ignore of a clean mesh file."""
 
 
 def yaml_error_finding(exc: yaml.YAMLError) -> Finding:
@@ -188,7 +191,8 @@ def is_bootstrap(document: Any) -> bool:
 def validate_text(text: str) -> Report:
     try:
         tree = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text)
+        # Refuses a key written twice (naming both lines): YAML would keep only the last.
+        document = yaml_loader.load(text)
     except yaml.YAMLError as exc:
         return Report("YAML file", (yaml_error_finding(exc),), "")
     positions: dict[str, tuple[int, int]] = {}
@@ -199,7 +203,14 @@ def validate_text(text: str) -> Report:
     if not isinstance(document, dict):
         return Report("mesh file", (Finding(1, 1, "", "expected a mapping with `services`"),), "")
     findings, summary = _collect(document, _parse_mesh, _set_aside_mesh, positions)
-    return Report("mesh file", tuple(findings), summary)
+    notes: tuple[str, ...] = ()
+    if not findings:
+        from control_plane.mesh import parse_mesh
+        from control_plane.proxyless import ignored_by_proxyless
+
+        lines = ignored_by_proxyless(parse_mesh(document))
+        notes = tuple(f"proxyless gRPC clients ignore {line}" for line in lines)
+    return Report("mesh file", tuple(findings), summary, notes)
 
 
 def validate_file(path: str | Path) -> Report:

@@ -48,7 +48,12 @@ class ResponseFlag(enum.Enum):
     UPSTREAM_PROTOCOL_ERROR = ("UPE", 502, GrpcStatus.INTERNAL, "upstream protocol error")
     DOWNSTREAM_PROTOCOL_ERROR = ("DPE", 400, GrpcStatus.INTERNAL, "downstream protocol error")
     DRAINING = ("DR", 503, GrpcStatus.UNAVAILABLE, "the proxy is shutting down")
-    OVERLOAD_SHED = ("OM", 503, GrpcStatus.UNAVAILABLE, "overloaded: request shed")
+    OVERLOAD_SHED = (
+        "OM", 503, GrpcStatus.RESOURCE_EXHAUSTED, "overloaded: request shed, not processed",
+    )
+    ROUTE_OVERFLOW = (
+        "RO", 503, GrpcStatus.UNAVAILABLE, "the route's concurrency limit (bulkhead) is reached",
+    )
     ADAPTIVE_THROTTLE = (
         "AT", 503, GrpcStatus.UNAVAILABLE, "upstream struggling: request throttled locally",
     )

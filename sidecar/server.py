@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.model import Bootstrap, ListenerConfig, TelemetryConfig
+from sidecar.listen.cgroup_cpu import CgroupCpu
 from sidecar.listen.listener import ListenerRuntime, SniffingProtocol
 from sidecar.observability.access_log import AccessEntry, AccessLog
 from sidecar.observability.metrics import MeshMetrics
@@ -292,17 +292,27 @@ class Sidecar:
         return runtime
 
     async def _sample_cpu(self) -> None:
-        """Feed the load shedders this process's CPU use, four times a second."""
+        """Feed each load shedder that names a cgroup its pod's CPU use, four times a second.
+
+        Not this process's CPU: the sidecar is busy relaying, which says nothing of whether
+        the app behind it is saturated."""
         loop = asyncio.get_event_loop()
-        last_cpu, last_wall = sum(os.times()[:2]), loop.time()
+        readers: dict[str, CgroupCpu] = {}
         while True:
             await asyncio.sleep(CPU_SAMPLE_INTERVAL)
-            cpu, wall = sum(os.times()[:2]), loop.time()
-            usage = (cpu - last_cpu) / max(wall - last_wall, 1e-6)
-            last_cpu, last_wall = cpu, wall
+            now = loop.time()
+            usage: dict[str, float | None] = {}
             for runtime in self.listeners.values():
-                if runtime.shedder is not None:
-                    runtime.shedder.record_cpu(min(usage, 1.0))
+                shedder = runtime.shedder
+                directory = shedder.config.cgroup if shedder is not None else None
+                if shedder is None or directory is None:
+                    continue
+                if directory not in usage:
+                    reader = readers.setdefault(directory, CgroupCpu(directory))
+                    usage[directory] = reader.sample(now)
+                sample = usage[directory]
+                if sample is not None:
+                    shedder.record_cpu(sample)
 
     @property
     def ready(self) -> bool:

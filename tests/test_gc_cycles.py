@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from sidecar.route.exchange import Attempt, Exchange
+from sidecar.route.attempt import Attempt
+from sidecar.route.exchange import Exchange
 from tests.h2_upstream import H2Upstream
 from tests.support import (
     GrpcServer,

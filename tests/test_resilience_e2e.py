@@ -63,6 +63,7 @@ class Behaviour:
     act: Act = Act.ANSWER
     code: grpc.StatusCode = UNAVAILABLE
     seconds: float = 0.0
+    trailers: tuple[tuple[str, str], ...] = ()  # sent with a FAIL
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,8 @@ class FlakyUpstream:
         else:
             self._wait(context, behaviour.seconds)
         if behaviour.act is Act.FAIL:
+            if behaviour.trailers:
+                context.set_trailing_metadata(behaviour.trailers)
             context.abort(behaviour.code, f"{self.name} told to fail")
         if behaviour.act is Act.RESET:
             # grpcio cannot reset a stream: context.cancel() and server.stop() both answer a
@@ -819,51 +822,7 @@ def test_rate_limit_per_caller_buckets() -> None:
         assert call(channel, metadata=[("x-caller", "alice")]).code is OK
 
 
-# --- load shedding and adaptive throttling ------------------------------------------------------
-
-
-@contextlib.contextmanager
-def busy_cpu() -> Iterator[None]:
-    """Keep this process (which hosts the threaded sidecar) on a CPU."""
-    stop = threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            sum(range(1000))
-
-    thread = threading.Thread(target=spin, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(5)
-
-
-def test_load_shedding_sheds_past_capacity_under_cpu_pressure() -> None:
-    # The threaded sidecar samples its process's CPU, so a spinning thread here is real
-    # pressure. Threshold 1% and no smoothing: pressure is on from the next sample (250 ms).
-    # With no completed history the sustainable concurrency is 1: a third call is over it.
-    shedding = {"enabled": True, "cpu_threshold": 1, "cpu_decay": 0, "cool_down": "100ms"}
-    with (
-        upstreams("a") as (a,),
-        proxied(mesh([a.address], listener={"load_shedding": shedding})) as (sc, channel),
-    ):
-        a.always(Behaviour(Act.HANG))
-        with busy_cpu():
-            time.sleep(0.6)
-            held = start_calls(channel, 1)
-            assert wait_for(lambda: a.in_flight == 1, 3)
-            held += start_calls(channel, 1)
-            assert wait_for(lambda: a.in_flight == 2, 3)
-
-            shed = call(channel)
-
-        assert shed.code is UNAVAILABLE and shed.flags == "OM"
-        assert a.calls == 2
-        assert sc.stat("http.ingress.downstream_rq_overload_shed") == 1
-        a.release_all()
-        assert codes(settle_all(held)) == [OK, OK]
+# --- adaptive throttling (load shedding: test_protection_e2e.py) ----------------------------------
 
 
 def test_adaptive_throttling_rejects_locally_when_the_upstream_fails_everything() -> None:
@@ -876,7 +835,7 @@ def test_adaptive_throttling_rejects_locally_when_the_upstream_fails_everything(
 
         assert codes(replies) == [UNAVAILABLE] * 40
         throttled = [r for r in replies if r.flags == "AT"]
-        # Nothing is thrown before min_requests; then p = n / (n + 1) with no accepts.
+        # Nothing is thrown before min_requests; then p = n / (n + 1) with no accepts, at most 0.8.
         assert all(r.flags is None for r in replies[:5])
         assert len(throttled) >= 20
         assert a.calls == 40 - len(throttled)

@@ -8,7 +8,7 @@ load_balancing.policy       ``lb_policy``: weighted_round_robin → ROUND_ROBIN 
                             random → RANDOM, ring_hash → RING_HASH, maglev → MAGLEV. The
                             variants Envoy lacks use the nearest one and say which in
                             metadata: round_robin (unweighted) → ROUND_ROBIN, weighted_random
-                            → RANDOM, peak_ewma → LEAST_REQUEST.
+                            → RANDOM, peak_ewma and least_connections → LEAST_REQUEST.
 choice_count, bias          ``least_request_lb_config``
 ring sizes                  ``ring_hash_lb_config``
 maglev_table_size           ``maglev_lb_config.table_size``
@@ -58,6 +58,7 @@ LB_ENUM: dict[LbKind, int] = {
     LbKind.ROUND_ROBIN: Cluster.ROUND_ROBIN,
     LbKind.LEAST_REQUEST: Cluster.LEAST_REQUEST,
     LbKind.PEAK_EWMA: Cluster.LEAST_REQUEST,
+    LbKind.LEAST_CONNECTIONS: Cluster.LEAST_REQUEST,
     LbKind.RANDOM: Cluster.RANDOM,
     LbKind.WEIGHTED_RANDOM: Cluster.RANDOM,
     LbKind.RING_HASH: Cluster.RING_HASH,

@@ -9,11 +9,14 @@ parsers want durations with a unit.
 
 from __future__ import annotations
 
+import base64
+
 from pilotfish.config.matchers import HeaderMatcher
 from pilotfish.config.route_policy import (
     AdaptiveThrottlingConfig,
     FallbackConfig,
     FaultConfig,
+    ListenerLimits,
     LoadSheddingConfig,
     RateLimitConfig,
 )
@@ -89,6 +92,9 @@ def fallback_block(fallback: FallbackConfig) -> dict[str, object]:
     }
     if response.grpc_status is not None:
         reply["grpc_status"] = response.grpc_status
+    if response.grpc_response is not None:
+        # JSON was encoded when the mesh file was read: the sidecar needs no descriptors.
+        reply["grpc_response"] = {"base64": base64.b64encode(response.grpc_response).decode()}
     block["response"] = reply
     return block
 
@@ -99,13 +105,15 @@ def adaptive_throttling_block(config: AdaptiveThrottlingConfig) -> dict[str, obj
         "k": config.k,
         "window": duration_text(config.window),
         "buckets": config.buckets,
+        "max_rejection_probability": round(config.max_rejection_probability * 100, 9),
         "min_requests": config.min_requests,
     }
 
 
 def load_shedding_block(config: LoadSheddingConfig) -> dict[str, object]:
-    return {
+    block: dict[str, object] = {
         "enabled": config.enabled,
+        "max_queue_delay": duration_text(config.max_queue_delay),
         # The file says percent; the model holds a fraction.
         "cpu_threshold": round(config.cpu_threshold * 100, 9),
         "window": duration_text(config.window),
@@ -113,3 +121,15 @@ def load_shedding_block(config: LoadSheddingConfig) -> dict[str, object]:
         "cool_down": duration_text(config.cool_down),
         "cpu_decay": config.cpu_decay,
     }
+    if config.cgroup is not None:
+        block["cgroup"] = config.cgroup
+    return block
+
+
+def listener_limits_block(limits: ListenerLimits) -> dict[str, object]:
+    block: dict[str, object] = {}
+    if limits.max_downstream_connections is not None:
+        block["max_downstream_connections"] = limits.max_downstream_connections
+    if limits.max_requests_per_connection is not None:
+        block["max_requests_per_connection"] = limits.max_requests_per_connection
+    return block

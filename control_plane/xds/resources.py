@@ -3,8 +3,10 @@
 Shapes follow what both gRPC's proxyless xDS client and Envoy accept:
 
 * per service an ``api_listener`` Listener named exactly after the service (a gRPC client
-  dialling ``xds:///<service>`` asks for that name), whose HttpConnectionManager fetches the
-  RouteConfiguration of the same name over ADS, with the router filter last;
+  dialling ``xds:///<service>`` asks for that name), and a second one named
+  ``<service>:<port>`` when the mesh gives a port (for ``xds:///<service>:<port>``), whose
+  HttpConnectionManager fetches the RouteConfiguration named after the service over ADS, with
+  the router filter last;
 * a RouteConfiguration with one virtual host whose domains are ``<service>`` and, when the mesh
   gives a port, ``<service>:<port>`` (gRPC matches the dial target's authority against them);
 * an EDS Cluster per service, and its ClusterLoadAssignment with one locality that carries a
@@ -42,13 +44,13 @@ from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
 from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import route_policy_xds as route_policy
-from control_plane.xds.policy_blocks import load_shedding_block
+from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
 from control_plane.xds.telemetry_xds import apply_telemetry
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
-from pilotfish.config.route_policy import LoadSheddingConfig
+from pilotfish.config.route_policy import ListenerLimits, LoadSheddingConfig
 from pilotfish.config.security import MtlsMode, SecurityConfig
 from pilotfish.identity import SpiffeId
 
@@ -108,6 +110,15 @@ def build_view(
                 partial(api_listener, service, mesh.telemetry, own_name),
                 listener_variant,
             )
+            if service.port is not None:
+                # `xds:///greeter:50051` asks for the Listener `greeter:50051`.
+                with_port = f"{name}:{service.port}"
+                add(
+                    LISTENER,
+                    with_port,
+                    partial(api_listener, service, mesh.telemetry, own_name, with_port),
+                    listener_variant,
+                )
             add(ROUTE, name, partial(route_configuration, service, mesh))
         add(CLUSTER, name, partial(eds_cluster, service, mesh.security))
         add(ENDPOINT, name, partial(load_assignment, name, service.endpoints, service.pods))
@@ -124,6 +135,7 @@ def build_view(
                 own.name,
                 mesh.security.mtls.effective(own.namespace, own.security.mtls),
                 mesh.security.trust_domain,
+                limits=own.listener_limits,
             ),
         )
         view[ROUTE][inbound] = Resource.of(inbound, inbound_route_configuration(inbound))
@@ -178,12 +190,16 @@ def http_connection_manager(
 
 
 def api_listener(
-    service: MeshService, telemetry: MeshTelemetry | None = None, own_service: str | None = None
+    service: MeshService,
+    telemetry: MeshTelemetry | None = None,
+    own_service: str | None = None,
+    name: str | None = None,
 ) -> listener_pb2.Listener:
+    """``name``: the service's name (the default), or ``<service>:<port>``."""
     fault, rate_limit = route_policy.uses_filters([r.policy for r in service.routes])
     hcm = http_connection_manager(service.name, fault, rate_limit, telemetry, own_service)
     return listener_pb2.Listener(
-        name=service.name,
+        name=name or service.name,
         api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm)),
     )
 
@@ -196,6 +212,7 @@ def inbound_listener(
     own_service: str | None = None,
     mtls: MtlsMode | None = None,
     trust_domain: str = "cluster.local",
+    limits: ListenerLimits = ListenerLimits(),
 ) -> listener_pb2.Listener:
     hcm = http_connection_manager(name, telemetry=telemetry, own_service=own_service)
     listener = listener_pb2.Listener(
@@ -212,6 +229,11 @@ def inbound_listener(
         # Envoy's overload manager is process-wide; per-listener shedding is ours alone.
         listener.metadata.filter_metadata[METADATA_KEY].update(
             {"load_shedding": load_shedding_block(load_shedding)}
+        )
+    if limits != ListenerLimits():
+        # Envoy's are process-wide (overload manager) or per HCM; ours ride with the listener.
+        listener.metadata.filter_metadata[METADATA_KEY].update(
+            {"listener_limits": listener_limits_block(limits)}
         )
     if mtls is not None:
         apply_inbound_mtls(listener, mtls, trust_domain)

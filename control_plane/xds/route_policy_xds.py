@@ -150,6 +150,9 @@ def route_metadata(policy: RoutePolicy) -> dict[str, object]:
             metadata["fault_abort_http_status"] = abort.http_status
     if policy.fallback is not None:
         metadata["fallback"] = fallback_block(policy.fallback)
+    if policy.max_concurrent_requests is not None:
+        # Envoy has no per-route concurrency limit: our metadata carries the bulkhead.
+        metadata["max_concurrent_requests"] = policy.max_concurrent_requests
     return metadata
 
 

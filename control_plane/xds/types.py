@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from control_plane.xds import pgv
+
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -42,6 +44,8 @@ class Resource:
 
     @classmethod
     def of(cls, name: str, message: Message) -> Resource:
+        """Raises ``ConfigError`` if ``message`` breaks one of Envoy's validation rules."""
+        pgv.check(message, f"{message.DESCRIPTOR.name}[{name}]")
         packed = any_pb2.Any()
         packed.Pack(message, deterministic=True)
         return cls(name=name, version=content_version(packed.value), packed=packed)

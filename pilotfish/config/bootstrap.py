@@ -41,6 +41,7 @@ from pilotfish.config.route_policy_yaml import (
     LISTENER_POLICY_KEYS,
     ROUTE_POLICY_KEYS,
     parse_cluster_resilience,
+    parse_listener_limits,
     parse_load_shedding,
     parse_route_policy,
 )
@@ -306,6 +307,7 @@ def parse_listener(node: Node) -> ListenerConfig:
         max_request_headers_bytes=node.get("max_request_headers").as_int(60 * 1024, minimum=1024),
         http1_idle_timeout=node.get("http1_idle_timeout").as_duration(300.0),
         load_shedding=parse_load_shedding(node.get("load_shedding")),
+        listener_limits=parse_listener_limits(node),
         limits=parse_connection_limits(node.get("limits")),
         backlog=node.get("backlog").as_int(1024, minimum=1, maximum=65535),
         direction=node.get("direction").as_choice(("inbound", "outbound"), "")

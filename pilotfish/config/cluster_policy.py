@@ -8,7 +8,8 @@ Envoy's where Envoy has one. Proposed YAML shape, under a service (mesh file) or
 
     load_balancing:
       policy: ring_hash          # round_robin | weighted_round_robin | least_request |
-                                 # peak_ewma | random | weighted_random | ring_hash | maglev
+                                 # least_connections | peak_ewma | random | weighted_random |
+                                 # ring_hash | maglev
       hash_on: header            # source_ip | source_ip_port | header | cookie (hash policies)
       hash_key: x-user-id        # the header or cookie name; required for header and cookie
       minimum_ring_size: 1024    # ring_hash
@@ -65,6 +66,7 @@ class LbKind(enum.Enum):
     ROUND_ROBIN = "round_robin"
     WEIGHTED_ROUND_ROBIN = "weighted_round_robin"
     LEAST_REQUEST = "least_request"
+    LEAST_CONNECTIONS = "least_connections"
     PEAK_EWMA = "peak_ewma"
     RANDOM = "random"
     WEIGHTED_RANDOM = "weighted_random"
@@ -97,6 +99,9 @@ class LbPolicy:
     - ``minimum_ring_size``: 1024 ring entries (Envoy's default).
     - ``maximum_ring_size``: 8388608 ring entries (Envoy's default).
     - ``maglev_table_size``: 65537 (Envoy's default); must be prime.
+    - ``least_connections``: the endpoint with the fewest open connections from this sidecar
+      (per unit of weight), as HAProxy's leastconn. Meant for HTTP/1.1 and TCP, where a
+      connection carries one request or session; over HTTP/2 ``least_request`` sees more.
     - ``choice_count``: 2 random candidates per pick for ``least_request`` and ``peak_ewma``.
     - ``active_request_bias``: 1.0; ``least_request`` with unequal weights uses the effective
       weight ``weight / (active_requests + 1) ** bias`` (Envoy's).

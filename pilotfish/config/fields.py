@@ -9,8 +9,12 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import re2
+
 from pilotfish.config.errors import ConfigError
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # errors come back as exceptions; RE2's own log is noise
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -33,6 +37,16 @@ def parse_address(path: str, value: object) -> tuple[str, int]:
             if 0 < port < 65536:
                 return host.strip("[]"), port
     raise ConfigError(path, "expected an address like 127.0.0.1:8080")
+
+
+def re2_problem(pattern: str) -> str | None:
+    """Why RE2 refuses ``pattern``, or None if it compiles."""
+    try:
+        re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        return reason.decode() if isinstance(reason, bytes) else str(reason)
+    return None
 
 
 def yaml_error_location(exc: Exception) -> tuple[int, int, str]:
@@ -136,11 +150,17 @@ class Node:
         return parse_duration(self.path, self.value)
 
     def as_regex(self) -> re.Pattern[str]:
+        """A regex in RE2 syntax (what Envoy and gRPC compile: no lookaround, no
+        backreferences), compiled by Python's ``re`` for the sidecar's own matching."""
         text = self.as_str()
         try:
-            return re.compile(text)
+            pattern = re.compile(text)
         except re.error as exc:
             raise self.error(f"invalid regular expression: {exc}") from None
+        problem = re2_problem(text)
+        if problem is not None:
+            raise self.error(f"not RE2 syntax, which Envoy and gRPC require: {problem}")
+        return pattern
 
     def as_choice(self, choices: tuple[str, ...], default: str | None = None) -> str:
         value = self.as_str(default)

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 from pilotfish.config.cluster_policy import HealthCheckConfig, LbPolicy, OutlierDetectionConfig
 from pilotfish.config.matchers import HeaderMatcher as HeaderMatcher  # re-exported
-from pilotfish.config.route_policy import ClusterResilience, LoadSheddingConfig, RoutePolicy
+from pilotfish.config.route_policy import (
+    ClusterResilience,
+    ListenerLimits,
+    LoadSheddingConfig,
+    RoutePolicy,
+)
 from pilotfish.config.security import AuthorizationPolicy, ListenerJwt, MtlsMode, UpstreamMtls
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
@@ -182,6 +187,7 @@ class ListenerConfig:
     mode: str = "auto"
     per_stream_buffer_bytes: int = 256 * 1024
     load_shedding: LoadSheddingConfig = LoadSheddingConfig()
+    listener_limits: ListenerLimits = ListenerLimits()
     # "inbound" (to the local app) or "outbound" (from it), for metrics; "" guesses by name.
     direction: str = ""
     max_request_headers_bytes: int = 60 * 1024

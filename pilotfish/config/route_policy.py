@@ -7,12 +7,13 @@ The YAML parsers live in ``pilotfish.config.route_policy_yaml``. Proposed shape 
         circuit_breakers: {max_connections: 1024, max_pending_requests: 1024,
                            max_requests: 1024, max_retries: 3}
         retry_budget: {percent: 20, min_concurrency: 3}     # or `retry_budget: off`
-        adaptive_throttling: {enabled: true, k: 2.0, window: 2m, buckets: 12,
-                              min_requests: 20}
-        load_shedding: {enabled: true, cpu_threshold: 80, window: 10s, buckets: 10,
+        adaptive_throttling: {enabled: true, k: 2.0, window: 5s, buckets: 10,
+                              max_rejection_probability: 80, min_requests: 20}
+        load_shedding: {enabled: true, max_queue_delay: 20ms, window: 10s, buckets: 40,
                         cool_down: 1s}                      # inbound, on the service's listener
         routes:
           - match: {prefix: /}
+            max_concurrent_requests: 100                     # the route's bulkhead
             retry: {attempts: 2, retry_on: [unavailable, reset, connect-failure],
                     per_try_timeout: 500ms, backoff: {base: 25ms, max: 250ms},
                     retriable_status_codes: [409], retry_non_idempotent: false}
@@ -25,6 +26,9 @@ The YAML parsers live in ``pilotfish.config.route_policy_yaml``. Proposed shape 
                        response: {status: 200, headers: {content-type: text/plain},
                                   body: "try again later",
                                   grpc_status: unavailable, grpc_message: "degraded"}}
+            # a gRPC OK carries a message: grpc_response: {base64: CAE=} or
+            #   {json: {status: SERVING}, type: grpc.health.v1.HealthCheckResponse,
+            #    descriptor_set: health.pb}
             # or  fallback: {cluster: quotes-cache}
 
 The keys avoid ``on``/``off``/``yes``/``no``: YAML 1.1 (PyYAML) reads them as booleans.
@@ -55,7 +59,7 @@ class RetryOn(enum.Enum):
     GATEWAY_ERROR = "gateway-error"  # 502, 503, 504, or a per-try timeout
     RESET = "reset"  # the upstream reset or dropped the stream, or the per-try timeout fired
     CONNECT_FAILURE = "connect-failure"
-    REFUSED_STREAM = "refused-stream"  # REFUSED_STREAM or beyond a GOAWAY's last stream id
+    REFUSED_STREAM = "refused-stream"  # REFUSED_STREAM, beyond a GOAWAY, or shed unprocessed
     RETRIABLE_STATUS_CODES = "retriable-status-codes"  # HTTP status in retriable_status_codes
     UNAVAILABLE = "unavailable"  # grpc-status 14
     CANCELLED = "cancelled"  # grpc-status 1
@@ -147,34 +151,60 @@ class RateLimitConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoadSheddingConfig:
-    """Inbound adaptive shedding (BBR-like): sheds only under CPU pressure and over capacity."""
+    """Inbound adaptive shedding (BBR-like) on the app's saturation: sheds only while the app
+    queues (or its pod's CPU is past the threshold) and more than it sustains is in flight."""
 
     enabled: bool = False
-    """``false``: opt in; the CPU reading must be trustworthy (container limits) to use it."""
+    """``true`` for a mesh service's inbound listener, ``false`` for a bootstrap listener."""
+    max_queue_delay: float = 0.02
+    """``20ms``: the app queues when its recent latency exceeds its best by more than this (and
+    by more than the best itself)."""
+    cgroup: str | None = None
+    """none: the pod's cgroup v2 directory (its ``cpu.stat`` and ``cpu.max``), e.g.
+    ``/sys/fs/cgroup`` when the sidecar shares the app's cgroup; then CPU past
+    ``cpu_threshold`` of the quota counts as saturation too."""
     cpu_threshold: float = 0.8
-    """``80`` (percent): below it nothing is shed (except during cool_down)."""
+    """``80`` (percent of the pod's CPU quota): only with ``cgroup``."""
     window: float = 10.0
     """``10s``: history of throughput and latency."""
-    buckets: int = 10
-    """``10``: so one bucket is 1s."""
+    buckets: int = 40
+    """``40``: so one bucket is 250 ms, and an estimate exists 250 ms after traffic starts
+    (until then nothing is shed, and an overloaded app's queue grows)."""
     cool_down: float = 1.0
-    """``1s``: after a shed, keep the limit this long even if CPU drops, to avoid flapping."""
+    """``1s``: after a shed, keep the limit this long even if the app calms down, to avoid
+    flapping; also the retry hint of a shed reply."""
     cpu_decay: float = 0.95
-    """``0.95``: EWMA weight of the old CPU value per sample (samples every ~250-500ms)."""
+    """``0.95``: EWMA weight of the old CPU value per sample (every 250 ms)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """Inbound isolation per listener: callers cannot hold more of it than these."""
+
+    max_downstream_connections: int | None = None
+    """none: a connection past it is closed at once (counted ``downstream_cx_overflow``)."""
+    max_requests_per_connection: int | None = None
+    """none: after this many requests a connection is drained (GOAWAY, or ``Connection:
+    close`` on HTTP/1.1), so long-lived clients reconnect and rebalance across instances."""
 
 
 @dataclass(frozen=True, slots=True)
 class AdaptiveThrottlingConfig:
-    """Client-side throttling (Google SRE book): reject locally with p = (req - k*acc)/(req + 1)."""
+    """Client-side throttling (Google SRE book): reject locally with p = (req - k*acc)/(req + 1),
+    at most ``max_rejection_probability``."""
 
     enabled: bool = False
     """``false``: opt in per upstream service."""
     k: float = 2.0
     """``2.0``: the backend may reject up to half the requests before the client throttles."""
-    window: float = 120.0
-    """``2m``: history of requests and accepts."""
-    buckets: int = 12
-    """``12``: 10s buckets."""
+    window: float = 5.0
+    """``5s``: history of requests and accepts; admission recovers within about one window of
+    the backend recovering (a longer window throttles more steadily and recovers more slowly)."""
+    buckets: int = 10
+    """``10``: half-second buckets."""
+    max_rejection_probability: float = 0.8
+    """``80`` (percent): at least a fifth of the requests still reach a failing backend, so its
+    recovery is seen (Envoy's admission control has the same cap and default)."""
     min_requests: int = 20
     """``20``: no throttling until this many requests in the window (no coin toss on 1 error)."""
 
@@ -218,8 +248,11 @@ class StaticResponse:
     headers: tuple[tuple[str, str], ...] = ()
     body: str = ""
     grpc_status: int | None = None
-    """none: gRPC requests do not get this fallback (an OK needs a protobuf message)."""
+    """none (``0`` when ``grpc_response`` is given): gRPC requests do not get this fallback."""
     grpc_message: str = ""
+    grpc_response: bytes | None = None
+    """none: the serialized protobuf message of a gRPC OK (required with ``grpc_status: 0``:
+    a unary OK without a message is an invalid response)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +274,9 @@ class RoutePolicy:
     """none: no local rate limit."""
     fault: FaultConfig | None = None
     fallback: FallbackConfig | None = None
+    max_concurrent_requests: int | None = None
+    """none: the route's requests in flight are bounded only by its cluster's breakers; a
+    number is the route's bulkhead (past it: 503 / UNAVAILABLE, flag RO)."""
 
 
 @dataclass(frozen=True, slots=True)

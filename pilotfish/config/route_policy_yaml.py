@@ -10,6 +10,7 @@ node that has other keys too; add ``ROUTE_POLICY_KEYS`` / ``CLUSTER_RESILIENCE_K
 from __future__ import annotations
 
 from pilotfish.config.fields import Node
+from pilotfish.config.grpc_message import parse_grpc_message
 from pilotfish.config.matchers import parse_header_matcher
 from pilotfish.config.route_policy import (
     GRPC_STATUS_NAMES,
@@ -21,6 +22,7 @@ from pilotfish.config.route_policy import (
     FaultAbort,
     FaultConfig,
     FaultDelay,
+    ListenerLimits,
     LoadSheddingConfig,
     RateLimitConfig,
     RetryBackoff,
@@ -31,11 +33,17 @@ from pilotfish.config.route_policy import (
     StaticResponse,
 )
 
-ROUTE_POLICY_KEYS = frozenset({"retry", "rate_limit", "fault", "fallback"})
+ROUTE_POLICY_KEYS = frozenset(
+    {"retry", "rate_limit", "fault", "fallback", "max_concurrent_requests"}
+)
 CLUSTER_RESILIENCE_KEYS = frozenset({"circuit_breakers", "retry_budget", "adaptive_throttling"})
-LISTENER_POLICY_KEYS = frozenset({"load_shedding"})
+LISTENER_POLICY_KEYS = frozenset(
+    {"load_shedding", "max_downstream_connections", "max_requests_per_connection"}
+)
 """Inbound: on a service (its sidecar's inbound listener) or a bootstrap listener."""
 MAX_RETRY_ATTEMPTS = 10
+MIN_FILL_INTERVAL = 0.05
+"""Envoy's local rate limit refuses a token bucket that fills more often than every 50 ms."""
 _MAX_LIMIT = 1_000_000
 
 
@@ -161,10 +169,15 @@ def parse_rate_limit(node: Node) -> RateLimitConfig:
             raise caller.get("source_address").error("expected true (or leave per_caller out)")
         else:
             per_source = True
+    fill_interval = as_positive_duration(node.get("fill_interval"), 1.0)
+    if fill_interval < MIN_FILL_INTERVAL:
+        raise node.get("fill_interval").error(
+            "expected at least 50ms (Envoy refuses a faster token bucket)"
+        )
     return RateLimitConfig(
         max_tokens=max_tokens,
         tokens_per_fill=node.get("tokens_per_fill").as_int(max_tokens, 1, _MAX_LIMIT),
-        fill_interval=as_positive_duration(node.get("fill_interval"), 1.0),
+        fill_interval=fill_interval,
         per_caller_header=header,
         per_source=per_source,
         max_callers=node.get("max_callers").as_int(10_000, minimum=1, maximum=_MAX_LIMIT),
@@ -224,7 +237,7 @@ def parse_fallback(node: Node) -> FallbackConfig:
 
 
 def parse_static_response(node: Node) -> StaticResponse:
-    node.mapping({"status", "headers", "body", "grpc_status", "grpc_message"})
+    node.mapping({"status", "headers", "body", "grpc_status", "grpc_message", "grpc_response"})
     headers: list[tuple[str, str]] = []
     if node.has("headers"):
         for name, value in node.get("headers").items():
@@ -239,12 +252,25 @@ def parse_static_response(node: Node) -> StaticResponse:
     message = node.get("grpc_message")
     if message.value is not None and not isinstance(message.value, str):
         raise message.error("expected a string")
+    grpc_status = as_grpc_status(node.get("grpc_status")) if node.has("grpc_status") else None
+    grpc_response = None
+    if node.has("grpc_response"):
+        grpc_response = parse_grpc_message(node.get("grpc_response"))
+        if grpc_status not in (None, 0):
+            raise node.get("grpc_response").error("a message goes only with grpc_status ok (0)")
+        grpc_status = 0
+    elif grpc_status == 0:
+        raise node.get("grpc_status").error(
+            "an OK needs a response message: add grpc_response {base64: ...} or"
+            " {json: ..., type: ..., descriptor_set: ...}"
+        )
     return StaticResponse(
         status=as_http_status(node.get("status"), 200),
         headers=tuple(headers),
         body=body.value or "",
-        grpc_status=as_grpc_status(node.get("grpc_status")) if node.has("grpc_status") else None,
+        grpc_status=grpc_status,
         grpc_message=message.value or "",
+        grpc_response=grpc_response,
     )
 
 
@@ -255,7 +281,14 @@ def parse_route_policy(route: Node) -> RoutePolicy:
         rate_limit=parse_rate_limit(route.get("rate_limit")) if route.has("rate_limit") else None,
         fault=parse_fault(route.get("fault")) if route.has("fault") else None,
         fallback=parse_fallback(route.get("fallback")) if route.has("fallback") else None,
+        max_concurrent_requests=parse_max_concurrent_requests(
+            route.get("max_concurrent_requests")
+        ),
     )
+
+
+def parse_max_concurrent_requests(node: Node) -> int | None:
+    return node.as_int(minimum=1, maximum=_MAX_LIMIT) if node.value is not None else None
 
 
 # -- per cluster and per listener -------------------------------------------------------------
@@ -296,12 +329,17 @@ def parse_adaptive_throttling(node: Node) -> AdaptiveThrottlingConfig:
         return default
     if node.value is True:
         return AdaptiveThrottlingConfig(enabled=True)
-    node.mapping({"enabled", "k", "window", "buckets", "min_requests"})
+    node.mapping({"enabled", "k", "window", "buckets", "max_rejection_probability", "min_requests"})
+    # The file says percent, as Envoy's max_rejection_probability; the model holds a fraction.
+    cap_percent = as_percentage(
+        node.get("max_rejection_probability"), default.max_rejection_probability * 100
+    )
     return AdaptiveThrottlingConfig(
         enabled=node.get("enabled").as_bool(True),
         k=as_number(node.get("k"), default.k, minimum=1.0, maximum=100.0),
         window=as_positive_duration(node.get("window"), default.window),
         buckets=node.get("buckets").as_int(default.buckets, 1, 1000),
+        max_rejection_probability=cap_percent / 100.0,
         min_requests=node.get("min_requests").as_int(default.min_requests, 0, _MAX_LIMIT),
     )
 
@@ -315,18 +353,35 @@ def parse_cluster_resilience(service: Node) -> ClusterResilience:
     )
 
 
-def parse_load_shedding(node: Node) -> LoadSheddingConfig:
+def parse_load_shedding(node: Node, on_by_default: bool = False) -> LoadSheddingConfig:
+    """``on_by_default``: a mesh service's inbound listener sheds unless told ``off``."""
     default = LoadSheddingConfig()
-    if node.value is None or _is_off(node):
+    if _is_off(node):
         return default
+    if node.value is None:
+        return LoadSheddingConfig(enabled=on_by_default)
     if node.value is True:
         return LoadSheddingConfig(enabled=True)
-    node.mapping({"enabled", "cpu_threshold", "window", "buckets", "cool_down", "cpu_decay"})
+    node.mapping(
+        {"enabled", "max_queue_delay", "cgroup", "cpu_threshold", "window", "buckets",
+         "cool_down", "cpu_decay"}
+    )  # fmt: skip
     return LoadSheddingConfig(
         enabled=node.get("enabled").as_bool(True),
+        max_queue_delay=node.get("max_queue_delay").as_duration(default.max_queue_delay),
+        cgroup=node.get("cgroup").as_str() if node.has("cgroup") else None,
         cpu_threshold=as_number(node.get("cpu_threshold"), 80.0, 1.0, 100.0) / 100.0,
         window=as_positive_duration(node.get("window"), default.window),
         buckets=node.get("buckets").as_int(default.buckets, 1, 1000),
         cool_down=node.get("cool_down").as_duration(default.cool_down),
         cpu_decay=as_number(node.get("cpu_decay"), default.cpu_decay, 0.0, 0.999),
     )
+
+
+def parse_listener_limits(listener: Node) -> ListenerLimits:
+    """The limit keys of a listener or service node (which has other keys too)."""
+    values = {}
+    for key in ("max_downstream_connections", "max_requests_per_connection"):
+        node = listener.get(key)
+        values[key] = node.as_int(minimum=1, maximum=_MAX_LIMIT) if node.value is not None else None
+    return ListenerLimits(**values)

@@ -273,6 +273,7 @@ class H1ServerConnection(_H1Base):
         self.stream: H1ServerStream | None = None
         self.draining = False
         self.discarding = False
+        self.requests = 0
         self.peer: SpiffeId | None = None  # set by the listener after an mTLS handshake
         self.idle_timer = IdleTimer(
             asyncio.get_event_loop(), listener.config.http1_idle_timeout, self.close
@@ -363,6 +364,9 @@ class H1ServerConnection(_H1Base):
         )
         stream = H1ServerStream(self, request.method == b"HEAD", has_body)
         self.stream = stream
+        self.requests += 1
+        if self.listener.request_started_on(self.requests):
+            self.draining = True  # this response says Connection: close
         stream.handler = self.listener.new_exchange(stream, self.peer)
         stream.handler.on_headers(headers, not has_body)
 

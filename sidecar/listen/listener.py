@@ -174,6 +174,26 @@ class ListenerRuntime:
     def exchange_done(self, exchange: Exchange) -> None:
         self.sidecar.access_log(self, exchange)
 
+    def admit_connection(self) -> bool:
+        """Whether a new connection fits ``max_downstream_connections`` (counted if not).
+
+        Connections still sniffing their protocol are not counted: they last at most
+        ``protocol_detect_timeout``, and then count or close."""
+        limit = self.config.listener_limits.max_downstream_connections
+        if limit is not None and len(self.connections) >= limit:
+            self.scope.inc("downstream_cx_overflow")
+            return False
+        return True
+
+    def request_started_on(self, requests_so_far: int) -> bool:
+        """Whether the connection that has carried ``requests_so_far`` (this one included)
+        should now drain, by ``max_requests_per_connection``; counted once when it should."""
+        limit = self.config.listener_limits.max_requests_per_connection
+        if limit is not None and requests_so_far == limit:
+            self.scope.inc("downstream_cx_max_requests_reached")
+            return True
+        return False
+
     def connection_opened(self, conn: Any) -> None:
         self.connections.add(conn)
         self.scope.inc("downstream_cx_total")
@@ -216,6 +236,7 @@ class H2ServerConnection(H2Connection):
         )
         self.listener = listener
         self.draining = False
+        self.requests = 0
         self.last_stream_id = MAX_STREAM_ID
         self.peer: SpiffeId | None = None  # set by the listener after an mTLS handshake
         self.hold_reading_while_write_paused = True
@@ -246,6 +267,9 @@ class H2ServerConnection(H2Connection):
         handler = self.listener.new_exchange(stream, self.peer)
         stream.handler = handler
         handler.on_headers(event.headers, event.stream_ended is not None)
+        self.requests += 1
+        if self.listener.request_started_on(self.requests):
+            self.start_drain()
 
     def screen_resets(self, events: list[Any]) -> list[Any]:
         """Drop requests reset within the read that opened them, by the client or by the codec
@@ -387,6 +411,9 @@ class SniffingProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if not self.listener.admit_connection():
+            self.transport.close()
+            return
         config = self.listener.config
         if config.mode == "tcp":
             self._hand_over("tcp")

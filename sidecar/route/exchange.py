@@ -21,10 +21,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from sidecar.flags import ResponseFlag
+from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
-from sidecar.route.policy.deadline import RequestDeadline
+from sidecar.route.attempt import Attempt
+from sidecar.route.policy.bulkhead import OVERFLOW_COUNTER as BULKHEAD_OVERFLOW_COUNTER
+from sidecar.route.policy.bulkhead import OVERFLOW_FLAG as BULKHEAD_OVERFLOW_FLAG
+from sidecar.route.policy.deadline import RequestDeadline, TimerKind, upstream_deadline_kind
 from sidecar.route.policy.fallback import FallbackCluster, trigger_for
 from sidecar.route.policy.reply import LocalReply
 from sidecar.route.policy.retry import (
@@ -34,6 +37,7 @@ from sidecar.route.policy.retry import (
     RetryState,
     response_outcome,
 )
+from sidecar.route.policy.shedding import OVERLOADED_HEADER
 from sidecar.route.table import LazyHeaderMap, apply_mutation
 from sidecar.upstream.policy.breaker import Permit
 from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
@@ -42,13 +46,13 @@ if TYPE_CHECKING:
     from pilotfish.config.model import ListenerConfig
     from sidecar.observability.registry import GaugeChild
     from sidecar.observability.tracing import SpanHandle, Tracer
+    from sidecar.route.policy.bulkhead import BulkheadSlot
     from sidecar.route.policy.runtime import RoutePolicyRuntime
     from sidecar.route.policy.shedding import InFlight, LoadShedder
     from sidecar.route.table import RouteDecision, RouteTable
     from sidecar.stats import Scope
     from sidecar.timer_wheel import TimerWheel, WheelTimer
-    from sidecar.upstream.clusters import ClusterManager, ClusterRuntime, Upstream, UpstreamHost
-    from sidecar.upstream.pool import PooledConnection
+    from sidecar.upstream.clusters import ClusterManager, ClusterRuntime, Upstream
 
 log = logging.getLogger("pilotfish.router")
 
@@ -130,87 +134,6 @@ def flag_reply(flag: ResponseFlag, message: str | None = None) -> LocalReply:
     )
 
 
-class Attempt:
-    """One try of an exchange against one upstream host."""
-
-    __slots__ = (
-        "cancelled", "exchange", "flag", "grpc_status", "host", "http_status", "index",
-        "pending_permit", "retry_permit", "span", "started", "status", "stream", "timer",
-    )  # fmt: skip
-
-    def __init__(self, exchange: Exchange, host: UpstreamHost, index: int) -> None:
-        self.exchange = exchange
-        self.host = host
-        self.index = index
-        self.stream: StreamSink | None = None
-        self.cancelled = False
-        self.started = time.monotonic()
-        self.timer: WheelTimer | None = None
-        self.pending_permit: Permit | None = None
-        self.retry_permit: Permit | None = None
-        self.status: int | None = None  # what the upstream said, for outlier detection
-        self.http_status = 0
-        self.grpc_status: int | None = None
-        self.flag: str | None = None  # why this try failed, for its span
-        self.span: SpanHandle | None = None
-
-    # Waiter (pool) side
-    def on_connection(self, conn: PooledConnection) -> None:
-        self._pending_done()
-        self.exchange.attempt_connected(self, conn)  # type: ignore[arg-type]
-
-    def on_pool_failure(self, flag: ResponseFlag) -> None:
-        self._pending_done()
-        self.exchange.attempt_failed(self, flag)
-
-    def _pending_done(self) -> None:
-        if self.pending_permit is not None:
-            self.pending_permit.release()
-            self.pending_permit = None
-
-    # StreamHandler side: the upstream's response
-    def on_headers(self, headers: Headers, end_stream: bool) -> None:
-        if not self.cancelled:
-            self.exchange.response_headers(self, headers, end_stream)
-
-    def on_data(self, data: bytes, flow_len: int, end_stream: bool) -> None:
-        if self.cancelled:
-            if self.stream is not None:
-                self.stream.ack(flow_len)
-            return
-        self.exchange.response_data(self, data, flow_len, end_stream)
-
-    def on_trailers(self, trailers: Headers) -> None:
-        if not self.cancelled:
-            self.exchange.response_trailers(self, trailers)
-
-    def on_reset(self, reason: ResetReason, code: int) -> None:
-        if not self.cancelled:
-            self.exchange.attempt_reset(self, reason, code)
-
-    def end(self) -> None:
-        """This try is over: release what it holds and tell the cluster how it went."""
-        if self.cancelled:
-            return
-        self.cancelled = True
-        self._pending_done()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.retry_permit is not None:
-            self.retry_permit.release()
-            self.retry_permit = None
-        if self.stream is not None:
-            self.host.active_requests -= 1
-        self.host.cluster.request_finished(
-            self.index, self.host, time.monotonic() - self.started, self.status
-        )
-        if self.span is not None:
-            self.exchange.listener.sidecar.tracer.end(
-                self.span, self.http_status, grpc_status=self.grpc_status, flag=self.flag
-            )
-
-
 class Exchange:
     """One downstream request (a ``StreamHandler`` for the downstream stream)."""
 
@@ -229,6 +152,7 @@ class Exchange:
     request_permit: Permit | None = None
     retry_permit: Permit | None = None  # for the try a retry will start
     inflight: InFlight | None = None
+    route_slot: BulkheadSlot | None = None
     in_fallback = False
     replay_size = 0
     request_trailers: Headers | None = None
@@ -259,6 +183,11 @@ class Exchange:
         self.replay: list[bytes] | None = []
         self.flags: list[str] = []
         self.protocol = "HTTP/2" if getattr(downstream, "stream_id", None) else "HTTP/1.1"
+
+    def end_try_span(
+        self, span: SpanHandle, http_status: int, grpc_status: int | None, flag: str | None
+    ) -> None:
+        self.listener.sidecar.tracer.end(span, http_status, grpc_status=grpc_status, flag=flag)
 
     # -- downstream events -----------------------------------------------------------------
 
@@ -300,7 +229,7 @@ class Exchange:
             self.inflight = shedder.try_admit()
             if self.inflight is None:
                 listener.scope.inc("downstream_rq_overload_shed")
-                self.local_reply(ResponseFlag.OVERLOAD_SHED)
+                self.send_reply(shedder.reply)
                 return
         table = listener.route_table()
         lazy_headers = LazyHeaderMap(headers)
@@ -328,6 +257,12 @@ class Exchange:
             if not verdict.allowed:
                 listener.scope.inc("downstream_rq_rate_limited")
                 self.send_reply(verdict.local_reply(self.grpc))
+                return
+        if policy.bulkhead is not None:
+            self.route_slot = policy.bulkhead.try_enter()
+            if self.route_slot is None:
+                listener.scope.inc(BULKHEAD_OVERFLOW_COUNTER)
+                self.local_reply(BULKHEAD_OVERFLOW_FLAG)
                 return
         now = self.loop.time()
         self.deadline = RequestDeadline(now, decision.route.action.timeout, grpc_timeout)
@@ -515,6 +450,7 @@ class Exchange:
         if per_try:
             timers = self.listener.sidecar.timers
             attempt.timer = timers.call_later(per_try, self._per_try_timeout, attempt)
+            attempt.try_expires_at = self.loop.time() + per_try
         attempt.pending_permit = cluster.resilience.breakers.try_acquire_pending()
         if attempt.pending_permit is None:
             attempt.end()  # the breaker counted the overflow
@@ -607,7 +543,8 @@ class Exchange:
             failure, flag = Failure.RESET, ResponseFlag.UPSTREAM_RESET
         self._try_failed(attempt, Outcome(failure=failure), flag)
 
-    def _per_try_timeout(self, attempt: Attempt) -> None:
+    def _per_try_timeout(self, attempt: Attempt, grpc_status: int | None = None) -> None:
+        """``grpc_status`` 4: the upstream's DEADLINE_EXCEEDED beat the timer to it."""
         attempt.timer = None
         if attempt is not self.attempt or self.done or self.response_started:
             return
@@ -615,7 +552,16 @@ class Exchange:
         self.cluster.scope.inc("upstream_rq_per_try_timeout")
         self.cluster.metrics.timeouts.value += 1
         self._try_failed(
-            attempt, Outcome(failure=Failure.PER_TRY_TIMEOUT), ResponseFlag.UPSTREAM_TIMEOUT
+            attempt,
+            Outcome(failure=Failure.PER_TRY_TIMEOUT, grpc_status=grpc_status),
+            ResponseFlag.UPSTREAM_TIMEOUT,
+        )
+
+    def _ours_timed_out(self, attempt: Attempt) -> TimerKind | None:
+        """Whether an upstream DEADLINE_EXCEEDED read now is one of our deadlines firing."""
+        assert self.deadline is not None
+        return upstream_deadline_kind(
+            self.loop.time(), attempt.try_expires_at, self.deadline.expires_at
         )
 
     def _try_failed(self, attempt: Attempt, outcome: Outcome, flag: ResponseFlag) -> None:
@@ -686,14 +632,10 @@ class Exchange:
             attempt.status = _grpc_as_http(int(grpc_status))
         outcome = None
         if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
-            outcome = response_outcome(
-                status,
-                grpc=self.grpc,
-                grpc_status=grpc_status,
-                pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
-                body_replayable=self.replay is not None,
-            )
-            if self._retry_response(attempt, outcome):
+            # A failure: decide here whether another try may replace it (answers that succeed
+            # pay for none of this).
+            outcome = self._failure_outcome(attempt, headers, status, grpc_status)
+            if outcome is None or self._retry_response(attempt, outcome):
                 return
         throttle = self.cluster.resilience.throttle if self.cluster is not None else None
         if throttle is not None and (not self.grpc or end_stream):
@@ -706,6 +648,38 @@ class Exchange:
         if self.cluster is not None:
             self.cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
         self._forward_headers(headers, end_stream, status)
+
+    def _failure_outcome(
+        self, attempt: Attempt, headers: Headers, status: int, grpc_status: bytes | None
+    ) -> Outcome | None:
+        """What a failed response amounts to for the retry decision; None: it was one of our
+        own deadlines, and that is handled (answered or retried) already."""
+        if grpc_status == b"4" and self.grpc:
+            kind = self._ours_timed_out(attempt)
+            if kind is TimerKind.DEADLINE:
+                self._on_deadline()
+                return None
+            if kind is TimerKind.PER_TRY:
+                if attempt.timer is not None:
+                    attempt.timer.cancel()
+                self._per_try_timeout(attempt, grpc_status=4)
+                return None
+        if _header(headers, OVERLOADED_HEADER) is not None:
+            # The upstream's sidecar shed it before its app saw it: another host may take it.
+            # Its retry hint is for the caller, not for a retry on a different host.
+            return Outcome(
+                http_status=status,
+                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                failure=Failure.SHED,
+                body_replayable=self.replay is not None,
+            )
+        return response_outcome(
+            status,
+            grpc=self.grpc,
+            grpc_status=grpc_status,
+            pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
+            body_replayable=self.replay is not None,
+        )
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
         """Drop this response for another try when the retry policy says so."""
@@ -750,6 +724,10 @@ class Exchange:
                 attempt.status = _grpc_as_http(int(grpc_status))
             if self.cluster is not None and self.cluster.resilience.throttle is not None:
                 self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)).accepted)
+            if grpc_status == b"4" and self._ours_timed_out(attempt) is not None:
+                # Too late to answer ourselves (the headers are out): flag the trailers.
+                self.flags.append(ResponseFlag.UPSTREAM_TIMEOUT.code)
+                trailers = [*trailers, (RESPONSE_FLAGS_HEADER, b"UT")]
         self.downstream.send_trailers(trailers)
         self._complete()
 
@@ -803,6 +781,12 @@ class Exchange:
         self._cancel_attempt(CANCEL)
         if self.response_started:
             self.downstream.reset(CANCEL)
+        elif self.grpc and reply.grpc_response is not None:
+            headers, message, trailers = reply.grpc_message_parts()
+            self.downstream.send_headers(headers, False)
+            self.bytes_out += len(message)
+            self.downstream.send_data(message, False, None)
+            self.downstream.send_trailers(trailers)
         else:
             body = reply.http_body(self.grpc, self.method)
             self.downstream.send_headers(reply.headers(self.grpc), not body)
@@ -868,6 +852,9 @@ class Exchange:
         if self.inflight is not None:
             self.inflight.done()
             self.inflight = None
+        if self.route_slot is not None:
+            self.route_slot.release()
+            self.route_slot = None
         self.status = status
         listener = self.listener
         scope = listener.scope

@@ -255,6 +255,8 @@ class ClusterRuntime:
         # The workload certificate for mTLS clusters; kept current by the ClusterManager.
         self.workload: WorkloadCertificates | None = None
         self.hosts: list[UpstreamHost] = [UpstreamHost(self, e) for e in config.endpoints]
+        # Filled in place: a balancer kept across updates still reads the current hosts.
+        self._host_of: dict[str, UpstreamHost] = {}
         self.balancer = self._new_balancer(config)
         loop = asyncio.get_event_loop()
         self.resilience = ClusterResilienceRuntime(
@@ -273,9 +275,16 @@ class ClusterRuntime:
             outlier_detection=config.outlier_detection,
             clock=loop.time,
             rng=random.Random(),
+            connections=self._open_connections,
         )
 
+    def _open_connections(self, key: str) -> int:
+        host = self._host_of.get(key)
+        return host.pool.total_connections if host is not None else 0
+
     def _set_hosts(self) -> None:
+        self._host_of.clear()
+        self._host_of.update((h.endpoint.address, h) for h in self.hosts)
         self.balancer.set_hosts([(h.endpoint.address, h.endpoint.weight) for h in self.hosts])
         self.scope.gauges["membership_total"] = len(self.hosts)
         self._update_health_gauges()
@@ -398,6 +407,7 @@ class ClusterRuntime:
             if id(host) not in kept:
                 host.drain()
         new.hosts = hosts
+        new._host_of = self._host_of
         same_policy = (config.lb_policy, config.health_check, config.outlier_detection) == (
             self.config.lb_policy,
             self.config.health_check,

@@ -44,9 +44,9 @@ _ENUM_KIND = {
 }
 # What our metadata may refine each Envoy policy into.
 _REFINES = {
-    LbKind.WEIGHTED_ROUND_ROBIN: LbKind.ROUND_ROBIN,
-    LbKind.RANDOM: LbKind.WEIGHTED_RANDOM,
-    LbKind.LEAST_REQUEST: LbKind.PEAK_EWMA,
+    LbKind.WEIGHTED_ROUND_ROBIN: (LbKind.ROUND_ROBIN,),
+    LbKind.RANDOM: (LbKind.WEIGHTED_RANDOM,),
+    LbKind.LEAST_REQUEST: (LbKind.PEAK_EWMA, LbKind.LEAST_CONNECTIONS),
 }
 _TYPED_KIND = {
     round_robin_pb2.RoundRobin: LbKind.WEIGHTED_ROUND_ROBIN,
@@ -120,9 +120,9 @@ def _lb_policy(cluster: cluster_pb2.Cluster, path: str, ours: OurMetadata) -> Lb
             {"policy", "hash_on", "hash_key", "ewma_decay", "ewma_default_rtt"}
         )
         if block.has("policy"):
-            choices = tuple(k.value for k in _REFINES.values())
+            choices = tuple(k.value for kinds in _REFINES.values() for k in kinds)
             refined = LbKind(block.get("policy").as_choice(choices))
-            if _REFINES.get(kind) is not refined:
+            if refined not in _REFINES.get(kind, ()):
                 raise block.get("policy").error(f"{refined.value} does not refine {kind.value}")
             kind = refined
         if block.has("hash_on") or block.has("hash_key"):

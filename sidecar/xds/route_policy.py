@@ -24,6 +24,7 @@ from pilotfish.config.route_policy import (
     FaultAbort,
     FaultConfig,
     FaultDelay,
+    ListenerLimits,
     LoadSheddingConfig,
     RateLimitConfig,
     RetryBackoff,
@@ -34,7 +35,9 @@ from pilotfish.config.route_policy import (
 from pilotfish.config.route_policy_yaml import (
     parse_fallback,
     parse_fault,
+    parse_listener_limits,
     parse_load_shedding,
+    parse_max_concurrent_requests,
     parse_rate_limit,
 )
 from sidecar.xds.common import OurMetadata, percent, seconds, type_name, unpack, unsupported
@@ -44,7 +47,8 @@ FAULT_TYPE = fault_pb2.HTTPFault.DESCRIPTOR.full_name
 RATE_LIMIT_TYPE = local_rate_limit_pb2.LocalRateLimit.DESCRIPTOR.full_name
 FILTER_CONFIG_TYPE = route_components_pb2.FilterConfig.DESCRIPTOR.full_name
 ROUTE_METADATA_KEYS = {"retry_non_idempotent", "rate_limit", "fault", "fault_abort_http_status",
-                       "fallback"}
+                       "fallback", "max_concurrent_requests"}
+LISTENER_METADATA_KEYS = {"load_shedding", "listener_limits"}
 _RETRY_ON = {c.value: c for c in RetryOn}
 
 
@@ -110,6 +114,10 @@ def translate_route_policy(
         rate_limit=limit,
         fault=fault,
         fallback=_fallback(ours) if ours.has("fallback") else None,
+        max_concurrent_requests=(
+            parse_max_concurrent_requests(ours.node("max_concurrent_requests"))
+            if ours.has("max_concurrent_requests") else None
+        ),
     )
 
 
@@ -267,8 +275,18 @@ def _fallback(ours: OurMetadata) -> FallbackConfig:
 # ---------------------------------------------------------------- per listener
 
 
+def translate_listener_limits(listener: listener_pb2.Listener, path: str) -> ListenerLimits:
+    ours = OurMetadata(listener.metadata, path, LISTENER_METADATA_KEYS)
+    if not ours.has("listener_limits"):
+        return ListenerLimits()
+    block = ours.node("listener_limits").mapping(
+        {"max_downstream_connections", "max_requests_per_connection"}
+    )
+    return parse_listener_limits(block)
+
+
 def translate_load_shedding(listener: listener_pb2.Listener, path: str) -> LoadSheddingConfig:
-    ours = OurMetadata(listener.metadata, path, {"load_shedding"})
+    ours = OurMetadata(listener.metadata, path, LISTENER_METADATA_KEYS)
     if not ours.has("load_shedding"):
         return LoadSheddingConfig()
     return parse_load_shedding(ours.node("load_shedding"))

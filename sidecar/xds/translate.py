@@ -62,6 +62,7 @@ from sidecar.xds.common import unpack as _unpack
 from sidecar.xds.common import unsupported as _unsupported
 from sidecar.xds.route_policy import (
     check_http_filters,
+    translate_listener_limits,
     translate_load_shedding,
     translate_route_policy,
 )
@@ -102,6 +103,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
                                   "metadata", "listener_filters"})
     load_shedding = translate_load_shedding(listener, path)
+    listener_limits = translate_listener_limits(listener, path)
     chain, mtls = translate_inbound_mtls(listener, path)
     chain_path = f"{path}.filter_chains[0]"
     if len(chain.filters) != 1:
@@ -132,6 +134,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         tcp_passthrough_cluster=passthrough,
         mode="tcp" if passthrough is not None else "auto",
         load_shedding=load_shedding,
+        listener_limits=listener_limits,
         mtls=mtls,
         limits=limits,
     )
@@ -408,6 +411,7 @@ def translate_all(
         translated_clusters[cluster.name] = translate_cluster(cluster, assignment)
     socket_listeners: list[ListenerConfig] = []
     outbound: list[VirtualHost] = []
+    gathered: set[str] = set()
     tracing: TracingConfig | None = None
     access_log: AccessLogConfig | None = None
     for listener in sorted(listeners, key=lambda item: str(item.name)):
@@ -419,7 +423,10 @@ def translate_all(
         if route_name is not None and route_name not in routes:
             raise ConfigError(f"listener[{listener.name}]", f"no route config {route_name!r}")
         if isinstance(translated, ApiListener):
-            outbound.extend(routes[translated.route_config].virtual_hosts)
+            # `greeter` and `greeter:50051` share a route config: gather its hosts once.
+            if translated.route_config not in gathered:
+                gathered.add(translated.route_config)
+                outbound.extend(routes[translated.route_config].virtual_hosts)
         else:
             socket_listeners.append(translated)
     for rc in routes.values():

@@ -26,7 +26,12 @@ def test_validate_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     path = tmp_path / "mesh.yaml"
     path.write_text(MESH_YAML)
     assert run_validate(Namespace(file=str(path))) == 0
-    assert capsys.readouterr().out == f"{path}: ok (mesh file: 3 services)\n"
+    assert capsys.readouterr().out == (
+        f"{path}: ok (mesh file: 3 services)\n"
+        # Endpoint weights 1 and 3: the sidecars honour them, gRPC's round_robin does not.
+        f"{path}: proxyless gRPC clients ignore services.greeter.endpoints: weights are"
+        " ignored by gRPC's round_robin: proxyless clients spread calls evenly\n"
+    )
 
 
 def test_validate_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

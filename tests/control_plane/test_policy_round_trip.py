@@ -17,6 +17,7 @@ from pilotfish.config.bootstrap import parse_cluster, parse_listener, parse_rout
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import Node
 from pilotfish.config.model import ClusterConfig, ListenerConfig, RouteEntry
+from pilotfish.config.route_policy_yaml import LISTENER_POLICY_KEYS
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 from sidecar.xds.translate import XdsConfig, translate_all
@@ -30,6 +31,7 @@ SERVICE_POLICIES = [
     "load_balancing: {policy: least_request, choice_count: 3, active_request_bias: 0.5,"
     " panic_threshold: 30}",
     "load_balancing: {policy: peak_ewma, choice_count: 4, ewma_decay: 5s, ewma_default_rtt: 50ms}",
+    "load_balancing: {policy: least_connections}",
     "load_balancing: {policy: random}",
     "load_balancing: {policy: weighted_random}",
     "load_balancing: {policy: ring_hash, hash_on: header, hash_key: X-User,"
@@ -57,6 +59,10 @@ SERVICE_POLICIES = [
     "adaptive_throttling: {k: 1.5, window: 30s, buckets: 6, min_requests: 5}",
     "adaptive_throttling: {enabled: false, k: 3}",
     "load_shedding: true",
+    "load_shedding: off",
+    "load_shedding: {max_queue_delay: 5ms, cgroup: /sys/fs/cgroup/pod}",
+    "max_downstream_connections: 100",
+    "max_requests_per_connection: 1000\n    max_downstream_connections: 5",
     "load_shedding: {cpu_threshold: 75.5, window: 5s, buckets: 5, cool_down: 0s, cpu_decay: 0.9}",
 ]
 
@@ -82,9 +88,11 @@ ROUTE_POLICIES = [
     "fault: {header: {name: x-fault, regex: 'a.*', invert: true}, delay: {duration: 10ms},"
     " abort: {http_status: 500, grpc_status: internal, percentage: 1}}",
     "fallback: {cluster: other}",
+    "max_concurrent_requests: 7",
     'fallback: {when: [circuit-open], response: {status: 503, headers: {b: "2", a: "1"},'
     ' body: "x", grpc_status: unavailable, grpc_message: "m"}}',
     "fallback: {response: {body: sorry}}",
+    "fallback: {response: {grpc_response: {base64: CAE=}, grpc_message: cached}}",
 ]
 
 
@@ -119,7 +127,7 @@ def _block(text: str) -> dict[str, Any]:
 
 
 def _bootstrap_cluster(service_policy: str) -> ClusterConfig:
-    block = {k: v for k, v in _block(service_policy).items() if k != "load_shedding"}
+    block = {k: v for k, v in _block(service_policy).items() if k not in LISTENER_POLICY_KEYS}
     return parse_cluster(Node("clusters[0]", {"name": "svc", "endpoints": [], **block}))
 
 
@@ -130,7 +138,9 @@ def _bootstrap_route(route_policy: str) -> RouteEntry:
 
 
 def _bootstrap_listener(service_policy: str) -> ListenerConfig:
-    block = {k: v for k, v in _block(service_policy).items() if k == "load_shedding"}
+    block = {k: v for k, v in _block(service_policy).items() if k in LISTENER_POLICY_KEYS}
+    # A mesh service sheds on its inbound listener unless told otherwise; a bootstrap opts in.
+    block.setdefault("load_shedding", True)
     return parse_listener(Node("l", {"address": "0.0.0.0:1", "route_config": "x", **block}))
 
 
@@ -145,6 +155,7 @@ def test_cluster_and_listener_policies_survive_the_trip(service_policy: str) -> 
     assert cluster.resilience == expected.resilience
     [inbound] = config.listeners
     assert inbound.load_shedding == _bootstrap_listener(service_policy).load_shedding
+    assert inbound.listener_limits == _bootstrap_listener(service_policy).listener_limits
 
 
 @pytest.mark.parametrize("route_policy", ROUTE_POLICIES)

@@ -22,7 +22,8 @@ class TestStateOfTheWorld:
         assert response.type_url == LISTENER
         assert response.nonce == "1"
         assert response.version_info
-        assert len(response.resources) == 3  # legacy wildcard: every listener in the view
+        # Legacy wildcard: every listener in the view (greeter has a port: `greeter:50051` too).
+        assert len(response.resources) == 4
 
         [clusters], _ = stream.handle_request(sotw(CLUSTER), snap)
         assert clusters.nonce == "2"
@@ -203,7 +204,7 @@ class TestDelta:
     def test_unsubscribe_wildcard(self) -> None:
         stream, snap = DeltaStream(), snapshot()
         [first], _ = stream.handle_request(delta(LISTENER, ["*"]), snap)
-        assert len(first.resources) == 3
+        assert len(first.resources) == 4  # with `greeter:50051`
         stream.handle_request(delta(LISTENER, ["quotes"], ["*"], nonce=first.nonce), snap)
         assert stream.handle_snapshot(snapshot(EDITED)) == []
 

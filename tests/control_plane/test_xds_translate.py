@@ -25,6 +25,7 @@ from pilotfish.config.model import (
     Protocol,
     WeightedCluster,
 )
+from pilotfish.config.route_policy import LoadSheddingConfig
 from sidecar.route.table import RouteTable
 from sidecar.xds.translate import (
     ApiListener,
@@ -115,8 +116,10 @@ def test_round_trip_inbound() -> None:
                   inbound_address=("127.0.0.1", 15006))
     view = _view(key)
     listener = translate_listener(view[LISTENER]["inbound|api"])
+    # A mesh service's inbound listener sheds on its app's saturation by default.
     assert listener == ListenerConfig(name="inbound|api", host="127.0.0.1", port=15006,
-                                      route_config="inbound|api")
+                                      route_config="inbound|api",
+                                      load_shedding=LoadSheddingConfig(enabled=True))
     rc = translate_route_config(view[ROUTE]["inbound|api"])
     [vhost] = rc.virtual_hosts
     assert vhost.domains == ("*",)

@@ -6,6 +6,11 @@ downstream request has ended, as Envoy does, so a long upload is not cut) and th
 them). Each try gets ``min(per-try timeout, time left)`` and is told so upstream through its own
 ``grpc-timeout``. When the whole deadline passes the request ends with 504 / DEADLINE_EXCEEDED
 (flag UT) and is never retried; a per-try timeout is an ordinary, retriable failure.
+
+The upstream, told the same budget, races the proxy's own timer: on a busy loop its
+DEADLINE_EXCEEDED can be read before the timer's callback runs. Such an answer, arriving at one
+of the proxy's deadlines, is that deadline firing (``upstream_deadline_kind``), so the caller
+never sees an unflagged deadline failure and a per-try timeout stays retriable.
 """
 
 from __future__ import annotations
@@ -59,6 +64,25 @@ def format_grpc_timeout(seconds: float) -> bytes:
 class TimerKind(enum.Enum):
     PER_TRY = "per_try"  # the try failed (retriable under `reset`, `5xx`, `gateway-error`)
     DEADLINE = "deadline"  # the request is over: local reply with DEADLINE_FLAG
+
+
+DEADLINE_SLACK = 0.01
+"""Seconds before one of the proxy's deadlines from which an upstream DEADLINE_EXCEEDED counts
+as that deadline: the upstream's clock started later and its budget was rounded up, so an
+answer to the same budget arrives at or after the deadline; the slack covers the timer wheel
+(up to a tick early) and a loop time read before the callback."""
+
+
+def upstream_deadline_kind(
+    now: float, try_expires_at: float | None, request_expires_at: float | None
+) -> TimerKind | None:
+    """Which of the proxy's deadlines an upstream DEADLINE_EXCEEDED read at ``now`` stands for;
+    None: it came early, so it is the upstream's own (a deadline of its own calls) to pass on."""
+    if request_expires_at is not None and now >= request_expires_at - DEADLINE_SLACK:
+        return TimerKind.DEADLINE
+    if try_expires_at is not None and now >= try_expires_at - DEADLINE_SLACK:
+        return TimerKind.PER_TRY
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from sidecar.flags import ResponseFlag
 from sidecar.route.policy.reply import LocalReply
 
 FLAG_CODE = "FB"
-"""Not an Envoy flag: the lead adds it to ``ResponseFlag`` (status comes from the config)."""
+"""Not an Envoy flag (status comes from the config)."""
 _TRIGGER_OF_FLAG = {
     ResponseFlag.NO_HEALTHY_UPSTREAM: FallbackTrigger.NO_HEALTHY_UPSTREAM,
     ResponseFlag.UPSTREAM_OVERFLOW: FallbackTrigger.CIRCUIT_OPEN,
@@ -59,6 +59,7 @@ def static_reply(response: StaticResponse) -> LocalReply:
         extra_headers=tuple(extra),
         body=response.body.encode(),
         content_type=content_type,
+        grpc_response=response.grpc_response,
     )
 
 

@@ -51,6 +51,8 @@ class LocalReply:
     body: bytes | None = None
     """The HTTP body; None: the message and a newline, as text/plain."""
     content_type: bytes = b"text/plain"
+    grpc_response: bytes | None = None
+    """A serialized protobuf message: the gRPC form is then headers, the message, trailers."""
 
     @classmethod
     def from_statuses(
@@ -77,6 +79,23 @@ class LocalReply:
         if grpc or method == "HEAD":
             return b""
         return self.body if self.body is not None else f"{self.message}\n".encode()
+
+    def grpc_message_parts(
+        self,
+    ) -> tuple[list[tuple[bytes, bytes]], bytes, list[tuple[bytes, bytes]]]:
+        """Headers, the length-prefixed message and trailers of a gRPC reply with a message."""
+        assert self.grpc_response is not None
+        headers = [
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            *self.extra_headers,
+            (RESPONSE_FLAGS_HEADER, self.flag_code.encode()),
+        ]
+        frame = b"\x00" + len(self.grpc_response).to_bytes(4, "big") + self.grpc_response
+        trailers = [(b"grpc-status", str(self.grpc_status).encode())]
+        if self.message:
+            trailers.append((b"grpc-message", grpc_message(self.message)))
+        return headers, frame, trailers
 
     def headers(self, grpc: bool) -> list[tuple[bytes, bytes]]:
         """Send with end_stream when ``http_body`` is empty (gRPC: a trailers-only response)."""

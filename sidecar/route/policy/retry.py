@@ -41,9 +41,12 @@ class Failure(enum.Enum):
     BEYOND_GOAWAY = "beyond_goaway"  # never processed (stream id above GOAWAY last_stream_id)
     RESET = "reset"  # reset or connection lost after the request was sent
     PER_TRY_TIMEOUT = "per_try_timeout"
+    SHED = "shed"  # the upstream's sidecar shed it unprocessed (x-pilotfish-overloaded)
 
 
-NEVER_REACHED = frozenset({Failure.CONNECT_FAILURE, Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY})
+NEVER_REACHED = frozenset(
+    {Failure.CONNECT_FAILURE, Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY, Failure.SHED}
+)
 TRANSPARENT = frozenset({Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY})
 OVERLOAD_HTTP = frozenset({429, 503})
 OVERLOAD_GRPC = frozenset({8, 14})  # RESOURCE_EXHAUSTED, UNAVAILABLE
@@ -121,7 +124,8 @@ _FAILURE_CONDITIONS = {
     RetryOn.GATEWAY_ERROR: frozenset({Failure.PER_TRY_TIMEOUT}),
     RetryOn.RESET: frozenset({Failure.RESET, Failure.PER_TRY_TIMEOUT}),
     RetryOn.CONNECT_FAILURE: frozenset({Failure.CONNECT_FAILURE}),
-    RetryOn.REFUSED_STREAM: TRANSPARENT,
+    # A shed is refused too, but counts as a try: an overloaded host is not retried for free.
+    RetryOn.REFUSED_STREAM: TRANSPARENT | {Failure.SHED},
 }
 
 

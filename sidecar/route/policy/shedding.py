@@ -1,15 +1,21 @@
-"""Adaptive inbound load shedding, after the idea of Kratos' BBR limiter.
+"""Inbound load shedding on the app's saturation, as the sidecar sees it from the outside.
 
-Little's law gives the concurrency the service sustains at its best: the highest throughput
-seen (``max_pass`` requests in one bucket, times buckets per second) times the lowest latency
-seen (``min_rt``, the lowest per-bucket mean). While the CPU is busy past the threshold, a
-request arriving when more than that many are already in flight is shed (503 / UNAVAILABLE), so
-the queue stops growing instead of every request getting slower. After a shed the limit stays
-in force for ``cool_down`` even if the CPU dips, so it does not flap; then it lifts by itself.
+The sidecar in front of an app sees every request the app serves: when each started, when it
+ended. From that, as BBR does for a network path, it estimates what the app sustains at its
+best: the highest delivery rate (completions per second, over completed buckets of the
+window) times the lowest latency (``min_rt``, the lowest per-bucket mean) is the concurrency
+the app serves without queueing (Little's law). Past that, more in flight only waits.
 
-Only completed buckets count (the current one is still filling). The CPU reading is fed in by
-the I/O side (``record_cpu``, a fraction 0..1, e.g. from /proc/stat or psutil every ~250 ms)
-and smoothed here by an EWMA.
+The app is *saturated* when its requests queue: the recent latency (an EWMA over completions)
+exceeds ``min_rt`` by more than ``max(max_queue_delay, min_rt)``; or, when the pod's cgroup v2
+is given (``cgroup``), its CPU use is past ``cpu_threshold`` of its quota. While saturated, a
+request arriving with the estimate already in flight is shed: answered at once, so the queue
+stops growing instead of every request getting slower. After a shed the limit stays in force
+for ``cool_down`` even if the signals calm down (shedding itself calms them), then lifts.
+
+The sidecar's own CPU is no signal: it is busy relaying, not serving. A shed request never
+reached the app: the reply says so (``x-pilotfish-overloaded``), so a caller's sidecar can retry
+it on another host, and it carries a retry hint (``retry-after`` / ``grpc-retry-pushback-ms``).
 """
 
 from __future__ import annotations
@@ -18,28 +24,47 @@ import math
 from dataclasses import dataclass
 
 from pilotfish.config.route_policy import LoadSheddingConfig
+from sidecar.flags import ResponseFlag
 from sidecar.route.policy import Clock
 from sidecar.route.policy.reply import LocalReply
 
-HTTP_STATUS = 503
-GRPC_STATUS = 14  # UNAVAILABLE: the caller may retry elsewhere
-RESPONSE_FLAG_CODE = "OM"
-"""Envoy's flag for overload-manager rejections: the lead adds it to ``ResponseFlag``."""
-SHED_REPLY = LocalReply(
-    http_status=HTTP_STATUS,
-    grpc_status=GRPC_STATUS,
-    message="overloaded: request shed",
-    flag_code=RESPONSE_FLAG_CODE,
-)
+OVERLOADED_HEADER = b"x-pilotfish-overloaded"
+"""On a shed reply: the request was not processed (Envoy says ``x-envoy-overloaded``)."""
+HEADROOM = 2.0
+"""The limit is this times the estimate, as BBR's congestion window is twice the path's: with
+exactly the estimate in flight an app idles between a reply and the next call, the delivery
+rate measured then is lower, and an estimate fed by its own limit only shrinks. Twice keeps
+the app busy with at most about one service time of queue."""
+LATENCY_EWMA_WEIGHT = 0.1
+"""Weight of each completion in the recent latency: about the last ten requests."""
+
+
+def shed_reply(config: LoadSheddingConfig) -> LocalReply:
+    """503 for HTTP, RESOURCE_EXHAUSTED for gRPC, flag OM, and when to come back."""
+    flag = ResponseFlag.OVERLOAD_SHED
+    hint = max(1, math.ceil(config.cool_down))
+    return LocalReply(
+        http_status=flag.http_status,
+        grpc_status=int(flag.grpc_status),
+        message=flag.message,
+        flag_code=flag.code,
+        extra_headers=(
+            (OVERLOADED_HEADER, b"true"),
+            (b"retry-after", str(hint).encode()),
+            (b"grpc-retry-pushback-ms", str(hint * 1000).encode()),
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ShedStats:
-    cpu: float
+    cpu: float | None
     in_flight: int
-    max_pass: int
+    max_rate: float
     min_rt: float
-    max_in_flight: int
+    recent_rt: float
+    max_in_flight: int | None
+    saturated: bool
     cooling_down: bool
     admitted_total: int
     shed_total: int
@@ -70,19 +95,25 @@ class LoadShedder:
         self._bucket_ids = [-1] * config.buckets
         self._passes = [0] * config.buckets
         self._rt_sums = [0.0] * config.buckets
-        self.cpu = 0.0
+        self.cpu: float | None = None
+        self.recent_rt: float | None = None
         self.in_flight = 0
         self._last_shed: float | None = None
         self.admitted_total = 0
         self.shed_total = 0
+        self.reply = shed_reply(config)
 
     def record_cpu(self, usage: float) -> None:
-        """A CPU usage sample, 0..1 (of the CPUs the process may use)."""
+        """A sample of the pod's CPU use, 0..1 of its quota (from its cgroup)."""
+        usage = min(max(usage, 0.0), 1.0)
+        if self.cpu is None:
+            self.cpu = usage
+            return
         decay = self.config.cpu_decay
-        self.cpu = self.cpu * decay + min(max(usage, 0.0), 1.0) * (1.0 - decay)
+        self.cpu = self.cpu * decay + usage * (1.0 - decay)
 
     def try_admit(self) -> InFlight | None:
-        """An ``InFlight`` to finish later, or None: shed this request."""
+        """An ``InFlight`` to finish later, or None: shed this request (``reply``)."""
         now = self._clock()
         if self.config.enabled and self._should_shed(now):
             self.shed_total += 1
@@ -92,21 +123,35 @@ class LoadShedder:
         return InFlight(self, now)
 
     def _should_shed(self, now: float) -> bool:
-        if self.cpu <= self.config.cpu_threshold:
-            if self._last_shed is None:
-                return False
-            if now - self._last_shed <= self.config.cool_down:
-                return self.in_flight > self.max_in_flight(now)
-            self._last_shed = None
-            return False
-        shed = self.in_flight > self.max_in_flight(now)
-        if shed:
+        limit = self.max_in_flight(now)
+        if limit is None or self.in_flight < limit:
+            return False  # no estimate yet, or room under it
+        if self.saturated(now):
             self._last_shed = now
-        return shed
+            return True
+        if self._last_shed is not None and now - self._last_shed <= self.config.cool_down:
+            return True
+        self._last_shed = None
+        return False
+
+    def saturated(self, now: float) -> bool:
+        cpu = self.cpu
+        if cpu is not None and cpu > self.config.cpu_threshold:
+            return True
+        estimate = self._estimate(now)
+        if estimate is None or self.recent_rt is None:
+            return False
+        _, min_rt = estimate
+        return self.recent_rt - min_rt > max(self.config.max_queue_delay, min_rt)
 
     def _completed(self, started: float) -> None:
         now = self._clock()
         self.in_flight -= 1
+        rt = max(0.0, now - started)
+        recent = self.recent_rt
+        self.recent_rt = (
+            rt if recent is None else recent + LATENCY_EWMA_WEIGHT * (rt - recent)
+        )
         bucket = math.floor(now / self._width)
         slot = bucket % self.config.buckets
         if self._bucket_ids[slot] != bucket:
@@ -114,7 +159,7 @@ class LoadShedder:
             self._passes[slot] = 0
             self._rt_sums[slot] = 0.0
         self._passes[slot] += 1
-        self._rt_sums[slot] += max(0.0, now - started)
+        self._rt_sums[slot] += rt
 
     def _full_buckets(self, now: float) -> list[int]:
         current = math.floor(now / self._width)
@@ -125,25 +170,36 @@ class LoadShedder:
             if oldest < bucket < current and self._passes[slot]
         ]
 
-    def max_in_flight(self, now: float) -> int:
-        """The sustainable concurrency: max_pass * min_rt * buckets per second, at least 1."""
+    def _estimate(self, now: float) -> tuple[float, float] | None:
+        """(max delivery rate per second, min mean latency) over completed buckets."""
         slots = self._full_buckets(now)
         if not slots:
-            return 1
-        max_pass = max(self._passes[s] for s in slots)
+            return None
+        max_rate = max(self._passes[s] for s in slots) / self._width
         min_rt = min(self._rt_sums[s] / self._passes[s] for s in slots)
-        # Rounded first so that 100 requests x 0.05 s is 5, not 6 through float error.
-        return max(1, math.ceil(round(max_pass * min_rt / self._width, 6)))
+        return max_rate, min_rt
+
+    def max_in_flight(self, now: float) -> int | None:
+        """The concurrency the app sustains (max rate x min latency) with ``HEADROOM``, at least
+        1; None while nothing has completed in a full bucket of the window."""
+        estimate = self._estimate(now)
+        if estimate is None:
+            return None
+        max_rate, min_rt = estimate
+        # Rounded first so that 100 requests/s x 0.05 s is 5, not 6 through float error.
+        return max(1, math.ceil(round(max_rate * min_rt * HEADROOM, 6)))
 
     def stats(self) -> ShedStats:
         now = self._clock()
-        slots = self._full_buckets(now)
+        estimate = self._estimate(now)
         return ShedStats(
             cpu=self.cpu,
             in_flight=self.in_flight,
-            max_pass=max((self._passes[s] for s in slots), default=0),
-            min_rt=min((self._rt_sums[s] / self._passes[s] for s in slots), default=0.0),
+            max_rate=estimate[0] if estimate else 0.0,
+            min_rt=estimate[1] if estimate else 0.0,
+            recent_rt=self.recent_rt or 0.0,
             max_in_flight=self.max_in_flight(now),
+            saturated=self.saturated(now),
             cooling_down=self._last_shed is not None
             and now - self._last_shed <= self.config.cool_down,
             admitted_total=self.admitted_total,

@@ -89,6 +89,40 @@ class _ActiveRequests(BalancerBase):
             self.active[key] -= 1
 
 
+class LeastConnections(BalancerBase):
+    """The host with the fewest open connections per unit of weight (HAProxy's leastconn).
+
+    Connections are counted by the caller's pools (``connections`` of a host key), so the
+    balancer holds no count that could drift from them. Ties go round robin: a cold cluster,
+    with no connection anywhere yet, spreads its first requests instead of piling on host 0.
+    """
+
+    def __init__(self, connections: Callable[[str], int]) -> None:
+        super().__init__()
+        self._connections = connections
+        self._next = 0
+
+    def choose(self, ctx: LbContext, exclude: Collection[int] = ()) -> int | None:
+        candidates = self._candidates(exclude)
+        n = len(candidates)
+        if n == 0:
+            return None
+        best: LbHost | None = None
+        best_load = math.inf
+        for step in range(n):
+            host = candidates[(self._next + step) % n]
+            load = (self._connections(host.key) + 1) / max(host.weight, 1)
+            if load < best_load:
+                best, best_load = host, load
+        self._next = (self._next + 1) % n
+        assert best is not None
+        return best.index
+
+
+def _no_connections(key: str) -> int:
+    return 0
+
+
 def _sample(rng: random.Random, candidates: Sequence[LbHost], count: int) -> list[LbHost]:
     return rng.sample(list(candidates), min(count, len(candidates)))
 
@@ -248,8 +282,15 @@ def _cumulative(hosts: Sequence[LbHost]) -> list[int]:
     return out
 
 
-def make_balancer(policy: LbPolicy, rng: random.Random, clock: Callable[[], float]) -> LoadBalancer:
-    """The balancer for ``policy``, still without hosts: call ``set_hosts`` next."""
+def make_balancer(
+    policy: LbPolicy,
+    rng: random.Random,
+    clock: Callable[[], float],
+    connections: Callable[[str], int] = _no_connections,
+) -> LoadBalancer:
+    """The balancer for ``policy``, still without hosts: call ``set_hosts`` next.
+
+    ``connections``: open connections to a host (by key), for ``least_connections``."""
     kind = policy.kind
     if kind is LbKind.ROUND_ROBIN:
         return RoundRobin()
@@ -257,6 +298,8 @@ def make_balancer(policy: LbPolicy, rng: random.Random, clock: Callable[[], floa
         return SmoothWeightedRoundRobin()
     if kind is LbKind.LEAST_REQUEST:
         return LeastRequest(rng, policy.choice_count, policy.active_request_bias)
+    if kind is LbKind.LEAST_CONNECTIONS:
+        return LeastConnections(connections)
     if kind is LbKind.PEAK_EWMA:
         return PeakEwma(
             rng,

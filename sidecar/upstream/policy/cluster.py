@@ -32,9 +32,14 @@ class ClusterBalancer:
         outlier_detection: OutlierDetectionConfig | None = None,
         clock: Callable[[], float],
         rng: random.Random,
+        connections: Callable[[str], int] | None = None,
     ) -> None:
         self.policy = policy
-        self.balancer: LoadBalancer = make_balancer(policy, rng, clock)
+        self.balancer: LoadBalancer = (
+            make_balancer(policy, rng, clock, connections)
+            if connections is not None
+            else make_balancer(policy, rng, clock)
+        )
         self.health_checker = (
             HealthChecker(health_check, clock, rng) if health_check is not None else None
         )

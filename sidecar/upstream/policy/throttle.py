@@ -4,12 +4,18 @@ Over a sliding window the client counts ``requests`` (everything the application
 including what was rejected here) and ``accepts`` (what the backend answered with anything but
 an overload signal). A new request is rejected locally with probability
 
-    max(0, (requests - k * accepts) / (requests + 1))
+    min(max_rejection_probability, max(0, (requests - k * accepts) / (requests + 1)))
 
 so a healthy backend (accepts ≈ requests) sees no throttling, and a backend rejecting most work
 stops receiving most of it: the rejections cost the client nothing to make. Rejected requests
 still count as requests, which keeps some traffic probing the backend, and recovery comes as
 accepts grow back. One throttle per upstream cluster; count every try (retries included).
+
+Uncapped, the probability tends to requests / (requests + 1) during an outage, so almost nothing
+probes the recovered backend and the accepts that would lower it trickle in: with a 2-minute
+window half the calls were admitted again only minutes after recovery. The cap (80% by default,
+as Envoy's admission control) keeps a fifth of the traffic flowing, and the short default window
+(5 s) forgets the outage soon after it ends.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from pilotfish.config.route_policy import AdaptiveThrottlingConfig
 from sidecar.upstream.policy import Clock, RandomSource
 
 
-def reject_probability(requests: int, accepts: int, k: float) -> float:
-    return max(0.0, (requests - k * accepts) / (requests + 1))
+def reject_probability(requests: int, accepts: int, k: float, cap: float = 1.0) -> float:
+    return min(cap, max(0.0, (requests - k * accepts) / (requests + 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +76,9 @@ class AdaptiveThrottle:
         requests, accepts = self._totals(self._clock())
         if not self.config.enabled or requests < self.config.min_requests:
             return 0.0
-        return reject_probability(requests, accepts, self.config.k)
+        return reject_probability(
+            requests, accepts, self.config.k, self.config.max_rejection_probability
+        )
 
     def try_admit(self) -> bool:
         """Count one request; False: reject it locally (503 / UNAVAILABLE)."""

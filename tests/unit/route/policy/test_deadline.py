@@ -11,6 +11,7 @@ from sidecar.route.policy.deadline import (
     TimerKind,
     format_grpc_timeout,
     parse_grpc_timeout,
+    upstream_deadline_kind,
 )
 
 
@@ -137,3 +138,22 @@ def test_expiry_is_deadline_exceeded_not_unavailable() -> None:
     assert DEADLINE_FLAG.http_status == 504
     assert DEADLINE_FLAG.grpc_status is GrpcStatus.DEADLINE_EXCEEDED
     assert DEADLINE_FLAG.code == "UT"
+
+
+@pytest.mark.parametrize(
+    ("now", "try_expires_at", "request_expires_at", "kind"),
+    [
+        (10.0, 10.0, None, TimerKind.PER_TRY),  # the upstream answered at the per-try deadline
+        (9.995, 10.0, None, TimerKind.PER_TRY),  # a moment before the timer's callback ran
+        (9.9, 10.0, None, None),  # early: a deadline of the upstream's own, passed on
+        (10.0, 10.0, 10.0, TimerKind.DEADLINE),  # the request's deadline wins: no retry
+        (10.0, None, 20.0, None),
+        (19.995, None, 20.0, TimerKind.DEADLINE),
+        (5.0, None, None, None),  # nothing bounds the request
+    ],
+)
+def test_an_upstream_deadline_exceeded_at_our_deadline_is_ours(
+    now: float, try_expires_at: float | None, request_expires_at: float | None,
+    kind: TimerKind | None,
+) -> None:  # fmt: skip
+    assert upstream_deadline_kind(now, try_expires_at, request_expires_at) is kind

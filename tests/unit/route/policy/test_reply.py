@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from pilotfish.config.route_policy import LoadSheddingConfig
 from sidecar.flags import ResponseFlag
 from sidecar.route.policy.reply import LocalReply, grpc_message, grpc_to_http, http_to_grpc
-from sidecar.route.policy.shedding import SHED_REPLY
+from sidecar.route.policy.shedding import shed_reply
 
 
 def test_status_mappings() -> None:
@@ -44,8 +45,7 @@ def test_grpc_message_encoding() -> None:
 
 
 def test_overload_replies() -> None:
-    assert (SHED_REPLY.http_status, SHED_REPLY.grpc_status, SHED_REPLY.flag_code) == (
-        503, 14, "OM",
-    )  # fmt: skip
+    shed = shed_reply(LoadSheddingConfig())
+    assert (shed.http_status, shed.grpc_status, shed.flag_code) == (503, 8, "OM")
     throttled = ResponseFlag.ADAPTIVE_THROTTLE
     assert (throttled.http_status, throttled.grpc_status, throttled.code) == (503, 14, "AT")

@@ -14,14 +14,16 @@ class ListProxiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListProxiesResponse(_message.Message):
-    __slots__ = ("proxies", "mesh_generation", "mesh_error")
+    __slots__ = ("proxies", "mesh_generation", "mesh_error", "proxyless_ignored")
     PROXIES_FIELD_NUMBER: _ClassVar[int]
     MESH_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MESH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROXYLESS_IGNORED_FIELD_NUMBER: _ClassVar[int]
     proxies: _containers.RepeatedCompositeFieldContainer[ProxyStatus]
     mesh_generation: int
     mesh_error: str
-    def __init__(self, proxies: _Optional[_Iterable[_Union[ProxyStatus, _Mapping]]] = ..., mesh_generation: _Optional[int] = ..., mesh_error: _Optional[str] = ...) -> None: ...
+    proxyless_ignored: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, proxies: _Optional[_Iterable[_Union[ProxyStatus, _Mapping]]] = ..., mesh_generation: _Optional[int] = ..., mesh_error: _Optional[str] = ..., proxyless_ignored: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProxyStatus(_message.Message):
     __slots__ = ("node_id", "service", "namespace", "stream_kind", "connected_since", "resources", "in_sync", "admin_address")
