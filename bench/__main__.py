@@ -18,7 +18,7 @@ from bench.workloads import WORKLOADS, Settings
 TARGETS: dict[str, Target] = {
     "direct": Direct(),
     "pilotfish": Pilotfish(workers=1),
-    "pilotfish-ngh2-codec": Pilotfish(workers=1, codec="ngh2"),
+    "pilotfish-python-codec": Pilotfish(workers=1, codec="python"),
     "pilotfish2": Pilotfish(workers=2),
     "pilotfish2-all-cpus": Pilotfish(workers=2, all_cpus=True),
     "pilotfish-tcp": PilotfishTcp(),

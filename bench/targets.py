@@ -143,7 +143,7 @@ class Pilotfish:
     # Let the workers use every core instead of the proxy's one: the scaling question. The
     # load side still runs on its core, so the proxy's workers share that one with it.
     all_cpus: bool = False
-    # The HTTP/2 codec (PILOTFISH_H2_CODEC); None: the default, our own.
+    # The HTTP/2 codec (PILOTFISH_H2_CODEC); None: the default, ngh2 when it is installed.
     codec: str | None = None
 
     @property

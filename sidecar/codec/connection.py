@@ -16,6 +16,7 @@ RST_STREAM and, if the application knew the stream, yields a ``StreamReset``.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Protocol
 
 from sidecar.codec import frames as f
@@ -340,6 +341,14 @@ class H2Codec(FrameReceiver):
                 self._out.append(f.window_update_frame(stream_id, processed))
             else:
                 stream.processed = processed
+
+    def progress_mark(self, stream_id: int) -> Hashable:
+        """A value that changes when the stream moves (bytes either way, a window given), or
+        None for a stream that is closed: what a stalled-stream sweep compares."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return None
+        return (stream.send_window, stream.recv_window, stream.processed)
 
     # -- receiving -------------------------------------------------------------------------
 

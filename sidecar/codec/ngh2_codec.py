@@ -19,7 +19,33 @@ What it keeps itself, and why:
   the streams a received GOAWAY leaves unprocessed (REFUSED_STREAM): the adapter has already
   closed them as refused on the GOAWAY event (the replay), so those closes are dropped here.
 
-Differences from our codec, none of which the proxy relies on: a header block libnghttp2
+The hostile-client defences are the same as our codec's, shared where they are code:
+
+- Frames per turn: a client's read is walked frame header by frame header (9 bytes each,
+  payloads skipped) before libnghttp2 sees it; after ``max_frames_per_turn`` frames the rest
+  waits in ``_pending`` (``backlogged``), as in ``sidecar.codec.receive``. Reads under
+  ``9 * max_frames_per_turn`` bytes cannot hold more frames than that and are not counted.
+  An upstream's reads (``client_side``) go to libnghttp2 whole, unwalked: upstreams are the
+  mesh's own services, and the Python work a read makes is per event (messages and their
+  DATA), which the walk would not make cheaper, while it costs every read.
+- The ``Budget``: frames that carry no request (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, empty
+  DATA, unknown types) are charged during that walk, so a flood ends with GOAWAY
+  ENHANCE_YOUR_CALM before libnghttp2 parses it; RST_STREAM is charged on its event, once it
+  is known whether the stream was open (a reset) or closed (a control frame). libnghttp2's own
+  limits (its reset rate limit, "glitch" limit and queued-ACK cap) stay on as a backstop above
+  the budget's defaults, so the budget (configurable per listener, and counted in stats)
+  decides first.
+- Header blocks are checked by ``sidecar.codec.validate.problem``, as our codec checks them
+  (libnghttp2 accepts some that RFC 9110 forbids: a lower case method, raw bytes in
+  ``:path``); a bad request is reset with PROTOCOL_ERROR before the application sees it.
+  Content-length against the body, both ways, is libnghttp2's own HTTP messaging check: the
+  stream is reset with PROTOCOL_ERROR and the excess DATA never delivered.
+- ``header_block_open`` comes from the walk: the last frame header read was HEADERS or
+  CONTINUATION without END_HEADERS.
+
+Differences from our codec, none of which the proxy relies on: a client that opens a stream
+past a MAX_CONCURRENT_STREAMS it has acknowledged gets GOAWAY PROTOCOL_ERROR (as nghttpx
+answers it), where ours refuses that stream alone; a header block libnghttp2
 rejects resets its stream without an event (ours does the same for streams the application
 never saw); streams opened past our final GOAWAY are ignored rather than refused (RFC 9113
 section 6.8 allows either); WINDOW_UPDATE is sent when half a window was acknowledged.
@@ -27,14 +53,19 @@ section 6.8 allows either); WINDOW_UPDATE is sent when half a window was acknowl
 
 from __future__ import annotations
 
+import contextlib
+import struct
+from collections.abc import Hashable
 from typing import Any
 
 import ngh2
 
+from sidecar.codec import validate
 from sidecar.codec.connection import Budget, RemoteSettings
 from sidecar.codec.errors import (
     CANCEL,
     ENHANCE_YOUR_CALM,
+    NO_ERROR,
     PROTOCOL_ERROR,
     CodecProtocolError,
     CodecStreamClosedError,
@@ -53,7 +84,7 @@ from sidecar.codec.events import (
     WindowUpdated,
 )
 from sidecar.codec.frames import DEFAULT_WINDOW, Chunk, goaway_frame
-from sidecar.codec.receive import thread_receive_buffer
+from sidecar.codec.receive import MAX_CONTINUATIONS, MAX_FRAMES_PER_TURN, thread_receive_buffer
 
 VERSION = ngh2.__version__
 MAX_STREAM_ID = 2**31 - 1
@@ -69,18 +100,52 @@ _SETTINGS = ngh2.SettingsReceived
 _GOAWAY = ngh2.GoAwayReceived
 _CONNECTION_CLOSED = ngh2.ConnectionClosed
 
+_unpack_header = struct.Struct(">BHBB").unpack_from  # length (high, low), type, flags
+_END_STREAM = _ACK = 0x1
+_END_HEADERS = 0x4
+_HEADERS, _CONTINUATION = 0x1, 0x9
+# What a frame costs the peer's budget, by type, when it is walked: nothing (it carries a
+# request, or its cost is decided on its event: RST_STREAM), always, unless it is an ACK
+# (SETTINGS, PING), or when it is empty without END_STREAM (DATA). Unknown types always cost.
+_FREE, _ALWAYS, _UNLESS_ACK, _IF_EMPTY = 0, 1, 2, 3
+_CHARGE = bytes([_IF_EMPTY, _FREE, _ALWAYS, _FREE, _UNLESS_ACK, _FREE, _UNLESS_ACK, _FREE])
+_CHARGE += bytes([_ALWAYS, _FREE]) + bytes([_ALWAYS]) * 246
+# libnghttp2's limits when the budget is ours: ten times its defaults, a backstop only.
+_BACKSTOP_RESETS = (10_000, 330)
+_BACKSTOP_GLITCHES = (100_000, 3_300)
+PREFACE_SIZE = 24
+
+# Verdicts on header blocks seen lately, by the block: a client or upstream sends the same
+# block again and again, and ``validate.problem`` is the costliest part of handling one.
+_VERDICT_CACHE_SIZE = 512
+_verdicts: dict[tuple[int, tuple[Any, ...]], str | None] = {}
+
+
+def _problem(kind: int, headers: tuple[Any, ...]) -> str | None:
+    key = (kind, headers)
+    try:
+        return _verdicts[key]
+    except KeyError:
+        pass
+    found = validate.problem(kind, headers)
+    if len(_verdicts) >= _VERDICT_CACHE_SIZE:
+        _verdicts.clear()
+    _verdicts[key] = found
+    return found
+
 
 class _Stream:
     """Which halves are open: a stream leaves ``Ngh2Codec.streams`` when both are closed
     (so one found there is never ``closed``, the attribute ``h2conn`` asks)."""
 
-    __slots__ = ("headers_sent", "local_open", "remote_open")
+    __slots__ = ("acked", "headers_sent", "local_open", "remote_open")
     closed = False
 
     def __init__(self, headers_sent: bool) -> None:
         self.local_open = True
         self.remote_open = True
         self.headers_sent = headers_sent
+        self.acked = 0  # bytes the application took: progress, even without a WINDOW_UPDATE
 
 
 class Ngh2Codec:
@@ -93,14 +158,24 @@ class Ngh2Codec:
         max_header_list_size: int = 64 * 1024,
         max_frame_size: int = 16384,
         budget: Budget | None = None,
+        max_frames_per_turn: int = MAX_FRAMES_PER_TURN,
     ) -> None:
-        # ``budget`` is not consulted yet: libnghttp2's own limits stand in for it (a reset
-        # rate limit and caps on queued control frames), which is why ngh2 is not the default.
-        del budget
-        config = ngh2.Configuration(
-            auto_window_update=False,
-            max_inbound_header_list_size=max_header_list_size,
-        )
+        if budget is None:
+            config = ngh2.Configuration(
+                auto_window_update=False,
+                max_inbound_header_list_size=max_header_list_size,
+                max_continuations=MAX_CONTINUATIONS,
+            )
+        else:
+            config = ngh2.Configuration(
+                auto_window_update=False,
+                max_inbound_header_list_size=max_header_list_size,
+                max_continuations=MAX_CONTINUATIONS,
+                stream_reset_rate_limit=_BACKSTOP_RESETS,
+                glitch_rate_limit=_BACKSTOP_GLITCHES,
+                # A turn acknowledges at most this many SETTINGS and PINGs, all sent with it.
+                max_outbound_ack=max(max_frames_per_turn, 1000),
+            )
         self.client_side = client_side
         self._conn = ngh2.Connection(
             ngh2.Role.CLIENT if client_side else ngh2.Role.SERVER, config
@@ -119,7 +194,23 @@ class Ngh2Codec:
         self._out: list[Chunk] = []
         # libnghttp2 consumes all input before ``receive_data`` returns (DATA payloads are
         # copied into their events), so reads share the thread's buffer as with our codec.
-        self._buffer = thread_receive_buffer().view
+        self._rbuf = thread_receive_buffer()
+        self._pending = b""  # whole frames left for a later turn, or a frame header's start
+        self._filled = 0
+        # Bytes before the next frame header: the client's preface, or the rest of a payload.
+        self._skip = 0 if client_side else PREFACE_SIZE
+        self._walk_free = 9 * max_frames_per_turn  # reads this small need no frame count
+        self.budget = budget
+        self.max_frames_per_turn = max_frames_per_turn
+        self.backlogged = False
+        self.header_block_open = False  # a header block waits for its CONTINUATION frames
+        self._data_sends = 0  # DATA sends so far: each earns the peer control frames
+        self._streams_completed = 0  # streams that ended without a reset: each earns a reset
+        # Streams the application knew that ended in a reset, as ``H2Codec.streams_reset``.
+        self.streams_reset = 0
+        # Streams reset already counted (by us, or by the peer while open), until libnghttp2's
+        # close event for them: any other reset it reports was its own, for the peer's fault.
+        self._settled: set[int] = set()
         self._goaway_received = False
         self._goaway_sent = False
         self._dead = False
@@ -210,6 +301,7 @@ class Ngh2Codec:
             stream.local_open = False
             if not stream.remote_open:
                 del self.streams[stream_id]
+                self._streams_completed += 1
 
     def send_data(self, stream_id: int, data: Chunk, end_stream: bool = False) -> None:
         stream = self.streams.get(stream_id)
@@ -220,6 +312,7 @@ class Ngh2Codec:
             conn.send_data(stream_id, data, end_stream=end_stream)
         except ngh2.NGH2Error as exc:
             raise CodecStreamClosedError(stream_id) from exc
+        self._data_sends += 1
         out = conn.data_to_send()
         if out:
             self._out.append(out)
@@ -227,12 +320,14 @@ class Ngh2Codec:
             stream.local_open = False
             if not stream.remote_open:
                 del self.streams[stream_id]
+                self._streams_completed += 1
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
         if self.streams.pop(stream_id, None) is None:
             raise CodecStreamClosedError(stream_id)
         if self._dead:
             return
+        self._settled.add(stream_id)
         try:  # RST_STREAM is serialized with what is taken next (``take_output``)
             self._conn.reset_stream(stream_id, error_code)
         except ngh2.NGH2Error as exc:  # already closed inside libnghttp2: nothing to send
@@ -260,6 +355,9 @@ class Ngh2Codec:
             raise ValueError("cannot acknowledge a negative size")
         if self._dead or not acknowledged_size:
             return
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.acked += acknowledged_size
         try:  # a WINDOW_UPDATE, when due, leaves with what is taken next (``take_output``)
             self._conn.acknowledge_received_data(acknowledged_size, stream_id)
         except ngh2.ConnectionStateError:  # closing (a GOAWAY went both ways): nothing to reopen
@@ -271,16 +369,129 @@ class Ngh2Codec:
             stream.remote_open = False
             if not stream.local_open:
                 del self.streams[stream_id]
+                self._streams_completed += 1
+
+    def progress_mark(self, stream_id: int) -> Hashable:
+        """A value that changes when the stream moves: bytes either way, a window given."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return None
+        conn = self._conn
+        try:
+            sent = conn.stream_remote_window_size(stream_id)
+            received = conn.stream_local_window_size(stream_id)
+        except ngh2.NGH2Error:
+            return None
+        return (sent, received, stream.acked)
+
+    # -- the budget ------------------------------------------------------------------------
+
+    def _control_frame(self) -> None:
+        budget = self.budget
+        if budget is not None and not budget.control_frame(self._data_sends):
+            self._give_up(CodecProtocolError("too many control frames", ENHANCE_YOUR_CALM))
+
+    def _reset_charged(self) -> None:
+        budget = self.budget
+        if budget is not None and not budget.stream_reset(self._streams_completed):
+            self._give_up(CodecProtocolError("too many stream resets", ENHANCE_YOUR_CALM))
+
+    def _give_up(self, exc: CodecProtocolError) -> None:
+        """A connection error of ours: GOAWAY with its code after what is queued, then stop."""
+        self._dead = True
+        self._serialize()
+        self._out.append(goaway_frame(self.highest_inbound_stream_id, exc.error_code))
+        raise exc
+
+    def _refuse(self, stream_id: int, events: list[Event]) -> None:
+        """A malformed message: RST_STREAM PROTOCOL_ERROR, as ``H2Codec`` answers one; a
+        stream the application knew gets a ``StreamReset``."""
+        with contextlib.suppress(ngh2.NGH2Error):  # already closed there: nothing to send
+            self._conn.reset_stream(stream_id, PROTOCOL_ERROR)
+        self._settled.add(stream_id)
+        if self.streams.pop(stream_id, None) is not None:
+            self.streams_reset += 1
+            events.append(StreamReset(stream_id, PROTOCOL_ERROR, False))
+        self._reset_charged()
 
     # -- receiving -------------------------------------------------------------------------
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        return self._buffer
+        """Room for the next read, behind what a previous turn left (``backlogged``)."""
+        pending = self._pending
+        view = self._rbuf.view
+        if not pending:
+            self._filled = 0
+            return view
+        size = len(pending)
+        view[:size] = pending
+        self._filled = size
+        return view[size:]
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
-        return self.receive_data(self._buffer[:nbytes])
+        """Events for the ``nbytes`` just read into the space ``get_buffer`` lent; at most
+        ``max_frames_per_turn`` frames are handled, the rest waits (``backlogged``)."""
+        self.backlogged = False
+        if self._dead:
+            return []
+        if self.client_side:  # an upstream of ours: its reads go to libnghttp2 whole
+            return self._receive(self._rbuf.view[:nbytes])
+        end = self._filled + nbytes
+        pos = self._skip
+        cut = end
+        if pos >= end:
+            self._skip = pos - end
+        else:
+            buf = self._rbuf.data
+            quota = self.max_frames_per_turn if end - pos > self._walk_free else -1
+            charge = _CHARGE if self.budget is not None else b""
+            ftype = flags = -1
+            while pos + 9 <= end:
+                if not quota:
+                    self.backlogged = True
+                    break
+                quota -= 1
+                hi, lo, ftype, flags = _unpack_header(buf, pos)
+                pos += 9 + (hi << 16 | lo)
+                if charge:
+                    kind = charge[ftype]
+                    if kind and (
+                        kind == _ALWAYS
+                        or (kind == _UNLESS_ACK and not flags & _ACK)
+                        or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
+                    ):
+                        self._control_frame()
+            if ftype >= 0:
+                self.header_block_open = ftype in (_HEADERS, _CONTINUATION) and not (
+                    flags & _END_HEADERS
+                )
+            if pos <= end:  # at a frame boundary: the rest is whole frames or a header's start
+                cut = pos
+                self._skip = 0
+            else:
+                self._skip = pos - end
+        view = self._rbuf.view
+        self._pending = view[cut:end].tobytes() if cut < end else b""
+        return self._receive(view[:cut])
 
     def receive_data(self, data: bytes | memoryview) -> list[Event]:
+        """Events for ``data``, bytes in hand (reads use ``get_buffer``/``buffer_updated``)."""
+        events: list[Event] = []
+        view = memoryview(data)
+        total = len(view)
+        pos = 0
+        while pos < total:
+            room = self.get_buffer()
+            size = min(len(room), total - pos)
+            room[:size] = view[pos : pos + size]
+            pos += size
+            events += self.buffer_updated(size)
+            while self.backlogged:
+                self.get_buffer()
+                events += self.buffer_updated(0)
+        return events
+
+    def _receive(self, data: memoryview) -> list[Event]:
         if self._dead:
             return []
         conn = self._conn
@@ -307,7 +518,9 @@ class Ngh2Codec:
             if kind is _DATA:
                 payload = event.data
                 sid = event.stream_id
-                if event.end_stream:
+                if sid not in streams:  # refused here, in this read: nobody takes the bytes
+                    conn.acknowledge_received_data(len(payload), sid)
+                elif event.end_stream:
                     append(DataReceived(sid, payload, len(payload), True))
                     self._remote_ended(sid)
                 else:
@@ -316,6 +529,9 @@ class Ngh2Codec:
                 sid = event.stream_id
                 if sid > self.highest_inbound_stream_id:
                     self.highest_inbound_stream_id = sid
+                if _problem(validate.REQUEST, event.headers) is not None:
+                    self._refuse(sid, events)
+                    continue
                 stream = streams[sid] = _Stream(headers_sent=False)
                 if event.end_stream:
                     stream.remote_open = False
@@ -324,7 +540,9 @@ class Ngh2Codec:
                     append(RequestReceived(sid, list(event.headers), None))
             elif kind is _RESPONSE:
                 sid = event.stream_id
-                if event.end_stream:
+                if _problem(validate.RESPONSE, event.headers) is not None:
+                    self._refuse(sid, events)
+                elif event.end_stream:
                     append(ResponseReceived(sid, list(event.headers), True))
                     self._remote_ended(sid)
                 else:
@@ -333,13 +551,31 @@ class Ngh2Codec:
                 if streams.pop(event.stream_id, None) is not None:
                     # Closed by libnghttp2 while we thought it open: it reset the stream (a
                     # malformed message, a GOAWAY that left it unprocessed, a failed send).
+                    self.streams_reset += 1
                     append(StreamReset(event.stream_id, event.error_code or CANCEL, False))
+                    if event.error_code != NO_ERROR:
+                        self._reset_charged()  # as we charge a reset we make for the peer
+                elif event.stream_id in self._settled:
+                    self._settled.discard(event.stream_id)
+                elif event.error_code != NO_ERROR:
+                    # libnghttp2 reset a stream before the application saw it (a request it
+                    # found malformed, a stream past the limit): charged as our own refusals.
+                    self._reset_charged()
             elif kind is _TRAILERS:
-                append(TrailersReceived(event.stream_id, list(event.headers)))
-                self._remote_ended(event.stream_id)
+                sid = event.stream_id
+                if _problem(validate.TRAILERS, event.headers) is not None:
+                    self._refuse(sid, events)
+                else:
+                    append(TrailersReceived(sid, list(event.headers)))
+                    self._remote_ended(sid)
             elif kind is _RESET:
                 if streams.pop(event.stream_id, None) is not None:
+                    self.streams_reset += 1
+                    self._settled.add(event.stream_id)
                     append(StreamReset(event.stream_id, event.error_code))
+                    self._reset_charged()
+                else:
+                    self._control_frame()  # a reset of a closed stream does nothing
             elif kind is _WINDOW:
                 append(WindowUpdated(event.stream_id, event.increment))
             elif kind is _SETTINGS:

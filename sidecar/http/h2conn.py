@@ -56,13 +56,11 @@ H2_LIBRARY_READ_SIZE = 64 * 1024
 
 
 def _choose_codec(name: str | None) -> str:
-    """Which HTTP/2 implementation drives the connections: ``python`` (``sidecar.codec``, ours,
-    the default; ``lean`` is its older name), ``ngh2`` (libnghttp2, compiled, from the ``fast``
-    extra) or ``h2`` (the library, slowest). ngh2 is not the default yet: the per-connection
-    budgets against floods and rapid reset, and the content-length checks, are enforced by our
-    codec only."""
+    """Which HTTP/2 implementation drives the connections: ``ngh2`` (libnghttp2, compiled; the
+    default when the ``fast`` extra is installed), ``python`` (``sidecar.codec``, ours, the
+    tested fallback; ``lean`` is its older name) or ``h2`` (the library, slowest)."""
     if name is None:
-        return "python"
+        return "ngh2" if importlib.util.find_spec("ngh2") is not None else "python"
     if name == "lean":
         return "python"
     if name not in ("ngh2", "python", "h2"):

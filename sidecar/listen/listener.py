@@ -312,12 +312,12 @@ class H2ServerConnection(H2Connection):
     def progress_marks(self) -> dict[int, Hashable]:
         marks: dict[int, Hashable] = {}
         if not self._lean:
-            return marks  # only our codec's streams say how far they got
-        h2streams = cast(codec.H2Codec, self.h2).streams
+            return marks  # only our codecs (ours, ngh2) say how far a stream got
+        progress_mark = cast(codec.H2Codec, self.h2).progress_mark
         for sid in self.streams:
-            s = h2streams.get(sid)
-            if s is not None:
-                marks[sid] = (s.send_window, s.recv_window, s.processed)
+            mark = progress_mark(sid)
+            if mark is not None:
+                marks[sid] = mark
         return marks
 
     def header_block_open(self) -> bool:

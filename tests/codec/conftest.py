@@ -1,7 +1,8 @@
-"""The codec conformance suite (test_server_side, test_client_side) runs on every HTTP/2 codec
-installed: ours (``python``) and, with the ``fast`` extra, ngh2 (libnghttp2). A test marked
-``ours_only`` checks a property of our codec's implementation (how it batches, when it applies
-its own SETTINGS), not behaviour the proxy relies on, and runs on ours alone."""
+"""The codec conformance suite (test_server_side, test_client_side, and the hostile-input
+limits of test_limits) runs on every HTTP/2 codec installed: ours (``python``) and, with the
+``fast`` extra, ngh2 (libnghttp2). A test marked ``ours_only`` checks a property of our codec's
+implementation (how it batches, when it applies its own SETTINGS), not behaviour the proxy
+relies on, and runs on ours alone."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from sidecar.codec import H2Codec
 from tests.codec import factory
 
-CONFORMANCE_MODULES = ("test_server_side", "test_client_side")
+CONFORMANCE_MODULES = ("test_server_side", "test_client_side", "test_limits")
 CODECS = ["python"] + (["ngh2"] if importlib.util.find_spec("ngh2") is not None else [])
 
 

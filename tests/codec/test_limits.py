@@ -14,7 +14,7 @@ from sidecar.codec.errors import ENHANCE_YOUR_CALM, PROTOCOL_ERROR
 from sidecar.codec.validate import REQUEST, problem
 from sidecar.http.budget import FrameBudget
 from tests.codec.factory import REQUEST as GET
-from tests.codec.factory import Peer, server
+from tests.codec.factory import Peer, on_ngh2, server
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -132,7 +132,10 @@ def test_body_that_agrees_with_content_length_passes() -> None:
     post = [(b":method", b"POST"), *GET[1:], (b"content-length", b"4")]
     codec.receive_data(peer.headers(1, post, end_stream=False))
     events = codec.receive_data(peer.data(1, b"12") + peer.data(1, b"34", end_stream=True))
-    assert [e.data for e in events if isinstance(e, DataReceived)] == [b"1234"]
+    relayed = [e.data for e in events if isinstance(e, DataReceived)]
+    assert b"".join(relayed) == b"1234"
+    if not on_ngh2():  # libnghttp2 gives an event per DATA frame
+        assert relayed == [b"1234"]
     assert not [e for e in events if isinstance(e, StreamReset)]
 
 

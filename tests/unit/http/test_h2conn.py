@@ -253,16 +253,15 @@ def test_large_header_values_are_sent_as_plain_literals() -> None:
         assert value in b"".join(fragments)
 
 
-def test_codec_choice_defaults_to_ours_and_names_the_variable_on_error(
+def test_codec_choice_defaults_to_ngh2_when_installed_and_names_the_variable_on_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert h2conn._choose_codec(None) == "python"  # even where ngh2 is installed, as here
-    assert h2conn._choose_codec("ngh2") == "ngh2"
+    assert h2conn._choose_codec(None) == "ngh2"  # the dev install has it
     assert h2conn._choose_codec("lean") == "python"  # the older name of ours
     assert h2conn._choose_codec("h2") == "h2"
     with pytest.raises(ValueError, match="PILOTFISH_H2_CODEC must be ngh2, python or h2"):
         h2conn._choose_codec("nghttp2")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert h2conn._choose_codec(None) == "python"
+    assert h2conn._choose_codec(None) == "python"  # the fallback without the fast extra
     with pytest.raises(ValueError, match=r"ngh2 is not installed \(pip install 'pilotfish\[fast"):
         h2conn._choose_codec("ngh2")
