@@ -31,7 +31,17 @@ from control_plane.kube.discovery import MeshSources
 from control_plane.kube.inject import InjectOptions
 from control_plane.kube.options import DEFAULT_CLUSTER_DOMAIN, KubernetesOptions
 from control_plane.mesh import load_mesh_file
+from control_plane.mesh_warnings import mesh_warnings
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.registry.core import DEFAULT_HEARTBEAT_INTERVAL, Registry
+from control_plane.registry.service import RegistryServicer, expire_leases
+from control_plane.registry.store import (
+    EtcdStore,
+    MemoryStore,
+    RegistryStore,
+    StoreUnavailable,
+    parse_store_url,
+)
 from control_plane.status_service import StatusServicer
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds.cache import SnapshotCache
@@ -41,6 +51,7 @@ from control_plane.xds.snapshot import InconsistentSnapshot
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.gen.pilotfish.ca.v1 import ca_pb2_grpc
+from pilotfish.gen.pilotfish.registry.v1 import registry_pb2, registry_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.plainhttp import start_plain_http
 
@@ -54,6 +65,7 @@ log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["ControlPlaneStatus"].full_name
+REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,9 @@ class ControlPlane:
     _watch_task: asyncio.Task[None]
     metrics: ControlPlaneMetrics
     sources: MeshSources
+    service_registry: Registry
+    registry_store: RegistryStore
+    _expiry_task: asyncio.Task[None]
     metrics_server: asyncio.AbstractServer | None = None
     kube: KubeDiscovery | None = None
     webhook: web.AppRunner | None = None
@@ -92,14 +107,16 @@ class ControlPlane:
             self.metrics_server.close()
         if self.webhook is not None:
             await self.webhook.cleanup()
-        self._watch_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._watch_task
+        for task in (self._watch_task, self._expiry_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.kube is not None:
             await self.kube.stop()
         self.sources.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.registry_store.close()
 
 
 async def start_control_plane(
@@ -113,17 +130,24 @@ async def start_control_plane(
     kubernetes: KubernetesOptions | None = None,
     webhook: WebhookOptions | None = None,
     ca: CaSettings | None = None,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    registry_store: str | None = None,
 ) -> ControlPlane:
     """Load the mesh file and serve it; raises ``ConfigError`` if the file or the CA is bad.
 
     With ``kubernetes``, Services and their pods are added as the watch finds them (the mesh
-    file alone is served until the first list arrives).
+    file alone is served until the first list arrives). ``heartbeat_interval``: how often
+    registered instances must renew their lease (they are evicted after three missed
+    heartbeats). ``registry_store``: ``etcd://HOST:PORT`` keeps registrations in etcd (shared
+    by every control plane on it); None keeps them here.
     """
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
     authority = build_authority(ca, time.time) if ca is not None else None
+    clock = asyncio.get_running_loop().time
+    service_registry = Registry(clock, heartbeat_interval=heartbeat_interval)
     try:
-        cache = SnapshotCache(mesh)
+        cache = SnapshotCache(mesh, service_registry)
     except InconsistentSnapshot as exc:
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
@@ -155,6 +179,20 @@ async def start_control_plane(
         cluster_domain=kubernetes.cluster_domain if kubernetes else DEFAULT_CLUSTER_DOMAIN,
     )
     watcher = MeshFileWatcher(config, sources.set_file_mesh, digest=MeshFileWatcher.digest_of(data))
+    store: RegistryStore
+    if registry_store:
+        try:
+            etcd_host, etcd_port = parse_store_url(registry_store)
+        except ValueError as exc:
+            raise ConfigError("--registry-store", str(exc)) from None
+        etcd = EtcdStore(service_registry, etcd_host, etcd_port)
+        try:
+            await etcd.start()
+        except StoreUnavailable as exc:
+            raise OSError(f"--registry-store {registry_store}: {exc}") from None
+        store = etcd
+    else:
+        store = MemoryStore(service_registry)
 
     metrics = ControlPlaneMetrics(callbacks)
     metrics.generation = lambda: cache.generation
@@ -174,7 +212,10 @@ async def start_control_plane(
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
     )
-    services = [ADS_SERVICE, STATUS_SERVICE]
+    registry_pb2_grpc.add_RegistryServicer_to_server(
+        RegistryServicer(service_registry, store, cache, registry), server
+    )
+    services = [ADS_SERVICE, STATUS_SERVICE, REGISTRY_SERVICE]
     if ca_servicer is not None:
         ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca_servicer, server)
         services.append(CA_SERVICE)
@@ -209,6 +250,8 @@ async def start_control_plane(
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
     if kube is not None:
         kube.start(sources.discovery_changed)
+    # With etcd, etcd's leases are the TTL; the core's own leases never run out.
+    expiry = asyncio.create_task(expire_leases(service_registry, clock), name="registry-expiry")
     log.info(
         "control plane serving %s (%d services) on %s:%d",
         config,
@@ -226,6 +269,9 @@ async def start_control_plane(
         task,
         metrics,
         sources,
+        service_registry,
+        store,
+        expiry,
         metrics_server,
         kube,
         webhook_runner,
@@ -252,6 +298,9 @@ async def _serve(args: argparse.Namespace) -> int:
             if args.metrics_address
             else None
         )
+        heartbeat = args.registry_heartbeat_interval
+        if heartbeat <= 0:
+            raise ConfigError("--registry-heartbeat-interval", "expected a number of seconds > 0")
         kubernetes = None
         if args.kubernetes:
             kubernetes = KubernetesOptions(
@@ -282,6 +331,8 @@ async def _serve(args: argparse.Namespace) -> int:
             kubernetes=kubernetes,
             webhook=webhook,
             ca=ca_settings_from_args(args),
+            heartbeat_interval=heartbeat,
+            registry_store=args.registry_store or None,
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)
@@ -322,6 +373,10 @@ def run_validate(args: argparse.Namespace) -> int:
         plural = "s" if count > 1 else ""
         print(f"{args.file}: {count} error{plural} ({report.kind})", file=sys.stderr)
         return 1
+    if report.kind == "mesh file":
+        # Valid, but maybe not what it seems to say (a retry policy that never fires...).
+        for warning in mesh_warnings(load_mesh_file(args.file)):
+            print(f"{args.file}: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({report.kind}: {report.summary})")
     for line in report.notes:
         print(f"{args.file}: {line}")

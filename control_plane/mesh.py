@@ -54,6 +54,8 @@ from pilotfish.config.security import (
 )
 
 PROTOCOLS = ("grpc", "http2", "http1", "tcp")
+# Where a service's endpoints come from: the file, the registry, or both.
+DISCOVERY = ("static", "registry", "mixed")
 DEFAULT_TIMEOUT = 15.0
 # Service names become listener, route and cluster names and the host part of `xds:///<name>`.
 SERVICE_POLICY_KEYS = frozenset(
@@ -99,6 +101,20 @@ class MeshService:
     # the other names callers use for it (``name.ns.svc.cluster.local:port``, ClusterIP:port).
     pods: tuple[PodEndpoint, ...] = ()
     aliases: tuple[str, ...] = ()
+    discovery: str = "static"
+    registry: RegistrySelector | None = None
+    """Which registered instances are endpoints; None unless ``discovery`` names the registry."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySelector:
+    """Registered instances of ``service`` whose labels include all of ``labels``."""
+
+    service: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def selects(self, service: str, labels: tuple[tuple[str, str], ...]) -> bool:
+        return service == self.service and set(self.labels) <= set(labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +168,26 @@ def _parse_service(name: str, node: Node, security: SecurityConfig) -> MeshServi
             "depends_on",
             "routes",
             "connect_timeout",
+            "discovery",
+            "registry",
             "service_account",
             *SERVICE_POLICY_KEYS,
             *SERVICE_SECURITY_KEYS,
         }
     )
     protocol = node.get("protocol").as_choice(PROTOCOLS, "grpc")
-    endpoints = tuple(parse_endpoint(e) for e in node.require("endpoints").elements())
+    discovery = node.get("discovery").as_choice(DISCOVERY, "static")
+    registry = _parse_registry(name, node, discovery)
+    if discovery == "registry":
+        if node.has("endpoints"):
+            raise node.get("endpoints").error(
+                "not with discovery: registry (use discovery: mixed for both)"
+            )
+        endpoints: tuple[Endpoint, ...] = ()
+    elif discovery == "mixed" and not node.has("endpoints"):
+        endpoints = ()
+    else:
+        endpoints = tuple(parse_endpoint(e) for e in node.require("endpoints").elements())
     seen: set[str] = set()
     for i, endpoint in enumerate(endpoints):
         if endpoint.address in seen:
@@ -205,6 +234,8 @@ def _parse_service(name: str, node: Node, security: SecurityConfig) -> MeshServi
         listener_limits=parse_listener_limits(node),
         service_account=_identity_segment(node.get("service_account"), name),
         security=parse_service_security(node, security),
+        discovery=discovery,
+        registry=registry,
     )
 
 
@@ -213,6 +244,28 @@ def _identity_segment(node: Node, default: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in {".", ".."}:
         raise node.error("expected letters, digits, '.', '-' and '_'")
     return value
+
+
+def _parse_registry(name: str, node: Node, discovery: str) -> RegistrySelector | None:
+    """``registry: {service: NAME, labels: {version: v2}}``; by default the service itself."""
+    if discovery == "static":
+        if node.has("registry"):
+            raise node.get("registry").error("needs discovery: registry or mixed")
+        return None
+    if not node.has("registry"):
+        return RegistrySelector(name)
+    selector = node.get("registry")
+    selector.mapping({"service", "labels"})
+    service = selector.get("service").as_str(name)
+    if not _SERVICE_NAME.match(service):
+        raise selector.get("service").error("not a service name")
+    labels: list[tuple[str, str]] = []
+    if selector.has("labels"):
+        for key, value in selector.get("labels").mapping().items():
+            if not isinstance(value.value, str | int | float) or isinstance(value.value, bool):
+                raise value.error("expected a label value (a string)")
+            labels.append((key, str(value.value)))
+    return RegistrySelector(service, tuple(sorted(labels)))
 
 
 def _default_route(service: str) -> MeshRoute:

@@ -109,6 +109,28 @@ def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
     mesh.add_argument("--ca", metavar="HOST:PORT", help="the CA (default: the --xds address)")
     mesh.add_argument("--service-account", help="default: --service")
     mesh.add_argument("--trust-domain", default="cluster.local")
+    reg = p.add_argument_group(
+        "registration (the app joins the control plane's registry once it is healthy)"
+    )
+    reg.add_argument("--register", action="store_true", help="register the app as --service")
+    reg.add_argument(
+        "--register-address", default="", metavar="HOST:PORT",
+        help="where callers reach this instance (default: --inbound-address)",
+    )
+    reg.add_argument("--register-weight", type=int, default=1, help="1 to 128")
+    reg.add_argument("--register-zone", default="")
+    reg.add_argument(
+        "--register-label", action="append", default=[], metavar="KEY=VALUE",
+        help="e.g. version=v2 (repeatable); routes select subsets by labels",
+    )
+    reg.add_argument(
+        "--register-health", default="grpc", metavar="grpc|http:PATH",
+        help="how the app's health is checked before and while registered (default grpc)",
+    )
+    reg.add_argument(
+        "--register-health-interval", type=float, default=1.0, metavar="SECONDS",
+        help="seconds between health checks of the app (default 1)",
+    )
 
 
 def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -118,6 +140,14 @@ def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--address", default="127.0.0.1", help="address to listen on")
     p.add_argument(
         "--metrics-address", default="", help="HOST:PORT for Prometheus (e.g. 0.0.0.0:15014)"
+    )
+    p.add_argument(
+        "--registry-heartbeat-interval", type=float, default=2.0, metavar="SECONDS",
+        help="how often registered instances renew; three missed heartbeats evict (default 2)",
+    )
+    p.add_argument(
+        "--registry-store", default="", metavar="etcd://HOST:PORT",
+        help="keep registrations in etcd, shared by every control plane on it (default: memory)",
     )
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="verbosity")
     p.add_argument(

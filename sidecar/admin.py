@@ -6,9 +6,11 @@ GET  /stats               counters and gauges, ``name: value``
 GET  /stats/prometheus    the same in Prometheus text format
 GET  /clusters            per host: connections, requests, weight, health
 GET  /config_dump         the config in force, as JSON
-POST /healthcheck/fail    start failing /ready (take this instance out of rotation)
+POST /healthcheck/fail    start failing /ready (take this instance out of rotation); with
+                          --register, the instance is DRAINING in the registry too
 POST /healthcheck/ok      stop failing it
-POST /quitquitquit        drain and exit
+POST /quitquitquit        drain and exit (with --register: deregister first, and wait for
+                          the callers' proxies to drop this instance)
 
 Every POST (everything that changes state) is refused with 403 unless it comes from a
 loopback address, so an admin bound beyond loopback still cannot be told to fail its health
@@ -186,11 +188,11 @@ class AdminServer:
         return 200, "application/json", json.dumps(dump, indent=2).encode()
 
     def healthcheck_fail(self) -> Response:
-        self.sidecar.health_check_failed = True
+        self.sidecar.set_health_check_failed(True)
         return 200, "text/plain", b"OK\n"
 
     def healthcheck_ok(self) -> Response:
-        self.sidecar.health_check_failed = False
+        self.sidecar.set_health_check_failed(False)
         return 200, "text/plain", b"OK\n"
 
     def quit(self) -> Response:

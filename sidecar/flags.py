@@ -68,3 +68,7 @@ class ResponseFlag(enum.Enum):
 
 
 RESPONSE_FLAGS_HEADER = b"x-pilotfish-response-flags"
+"""Set on every local reply, so that the caller's sidecar knows whether the app saw the request
+(UF, UH, NR and DR say it did not: retried on another host at no cost)."""
+RETRY_LIMIT_EXCEEDED = "URX"
+"""An access log and span flag: the request failed with retries left to want but none allowed."""

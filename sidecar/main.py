@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.bootstrap import load_bootstrap_file
+from pilotfish.config.cluster_policy import HealthCheckConfig, HealthCheckType
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 from pilotfish.config.model import AdminConfig, Bootstrap, ListenerConfig
@@ -27,6 +29,7 @@ from sidecar.observability.tracing_config import split_endpoint
 from sidecar.server import ApplyError, Sidecar
 
 if TYPE_CHECKING:
+    from sidecar.register.agent import RegistrationOptions
     from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger("pilotfish.sidecar")
@@ -131,6 +134,7 @@ async def serve(
     xds: XdsOptions | None = None,
     identity: IdentityOptions | None = None,
     handoff: Handoff | None = None,
+    register: RegistrationOptions | None = None,
 ) -> int:
     sidecar = Sidecar(
         bootstrap,
@@ -201,6 +205,13 @@ async def serve(
                 sidecar.initialized = False  # stop reporting ready on a config that is frozen
 
         xds_task.add_done_callback(xds_ended)
+    if register is not None:
+        from sidecar.register.agent import RegistrationAgent
+
+        agent = RegistrationAgent(register, ready=lambda: sidecar.initialized)
+        sidecar.before_drain = agent.leave
+        sidecar.on_health_check = agent.set_draining
+        agent.start()
     if started is not None:
         started(sidecar)
     await sidecar.stopped.wait()
@@ -259,6 +270,7 @@ def _run_worker(
     xds: XdsOptions | None = None,
     identity: IdentityOptions | None = None,
     handoff: Handoff | None = None,
+    register: RegistrationOptions | None = None,
 ) -> int:
     _install_event_loop_policy()
     tune_malloc()
@@ -271,6 +283,7 @@ def _run_worker(
                 xds=xds,
                 identity=identity,
                 handoff=handoff,
+                register=register,
             )
         )
     except StartError as exc:
@@ -279,6 +292,53 @@ def _run_worker(
     except IdentityUnavailable as exc:
         print(f"pilotfish sidecar: no workload certificate: {exc}", file=sys.stderr)
         return 1
+
+
+def registration_options(args: argparse.Namespace) -> RegistrationOptions:
+    """``--register`` and its flags; ``ConfigError`` names the flag that is wrong."""
+    from sidecar.register.agent import RegistrationOptions
+
+    if not args.xds or not args.service:
+        raise ConfigError("--register", "needs --xds (the registry) and --service")
+    if not args.app_address:
+        raise ConfigError("--register", "needs --app-address (the app whose health gates it)")
+    if int(args.concurrency) != 1:
+        raise ConfigError("--register", "works with --concurrency 1 only")
+    flag = "--register-address" if args.register_address else "--inbound-address"
+    address = args.register_address or args.inbound_address
+    if not address:
+        raise ConfigError("--register-address", "required when --inbound-address is not given")
+    host, port = parse_address(flag, address)
+    if host in ("0.0.0.0", "::"):
+        raise ConfigError(flag, "a wildcard address cannot be called: give --register-address")
+    app_host, app_port = parse_address("--app-address", args.app_address)
+    labels: dict[str, str] = {}
+    for label in args.register_label:
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise ConfigError("--register-label", f"expected KEY=VALUE, got {label!r}")
+        labels[key] = value
+    if not 1 <= args.register_weight <= 128:
+        raise ConfigError("--register-weight", "expected 1 to 128")
+    if args.register_health_interval <= 0:
+        raise ConfigError("--register-health-interval", "expected seconds > 0")
+    kind, _, path = args.register_health.partition(":")
+    if kind == "grpc" and not path:
+        health = HealthCheckConfig(type=HealthCheckType.GRPC)
+    elif kind == "http" and path.startswith("/"):
+        health = HealthCheckConfig(type=HealthCheckType.HTTP, path=path)
+    else:
+        raise ConfigError("--register-health", "expected grpc or http:/PATH")
+    # One failure pulls the endpoint: a caller's retry is cheaper than a call to a dying app.
+    health = dataclasses.replace(
+        health, interval=args.register_health_interval, unhealthy_threshold=1,
+        healthy_threshold=1, timeout=min(1.0, args.register_health_interval),
+    )
+    return RegistrationOptions(
+        registry=args.xds, service=args.service, host=host, port=port, app_host=app_host,
+        app_port=app_port, weight=args.register_weight, zone=args.register_zone, labels=labels,
+        health=health,
+    )
 
 
 def xds_bootstrap(args: argparse.Namespace) -> Bootstrap:
@@ -331,6 +391,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
             parse_address("--app-address", args.app_address)
         if args.inbound_address:
             parse_address("--inbound-address", args.inbound_address)
+        register = registration_options(args) if args.register else None
     except (ConfigError, OSError) as exc:
         print(f"pilotfish sidecar: invalid config: {exc}", file=sys.stderr)
         return 2
@@ -356,7 +417,10 @@ def run_sidecar(args: argparse.Namespace) -> int:
         return 2
     workers = max(1, int(args.concurrency))
     if workers == 1:
-        return _run_worker(bootstrap, admin=True, reuse_port=False, xds=xds, identity=identity)
+        return _run_worker(
+            bootstrap, admin=True, reuse_port=False, xds=xds, identity=identity,
+            register=register,
+        )
     return _run_workers(bootstrap, workers, xds, identity)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pilotfish.config.model import Bootstrap, ListenerConfig, TelemetryConfig
@@ -66,6 +66,10 @@ class Sidecar:
         self.config_updated_at = 0.0
         self.stopped = asyncio.Event()
         self.config_dump_extra: Callable[[], dict[str, Any]] | None = None
+        # Registration hooks: leave the registry before draining, and tell it about
+        # /healthcheck/fail and /healthcheck/ok.
+        self.before_drain: Callable[[], Awaitable[None]] | None = None
+        self.on_health_check: Callable[[bool], None] | None = None
         self.telemetry = bootstrap.telemetry
         self.tracer = Tracer.create(bootstrap.telemetry.tracing)
         self.metrics.read_span_drops(lambda: self.tracer.dropped_spans)
@@ -314,6 +318,11 @@ class Sidecar:
                 if sample is not None:
                     shedder.record_cpu(sample)
 
+    def set_health_check_failed(self, failed: bool) -> None:
+        self.health_check_failed = failed
+        if self.on_health_check is not None:
+            self.on_health_check(failed)
+
     @property
     def ready(self) -> bool:
         return self.initialized and not self.draining and not self.health_check_failed
@@ -347,7 +356,11 @@ class Sidecar:
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, GOAWAY everyone, let streams finish within the drain timeout."""
-        self.draining = True
+        self.draining = True  # /ready fails from now on
+        if self.before_drain is not None:
+            # Leave the registry first, and keep serving until the callers' proxies have
+            # dropped this instance: a GOAWAY before that would only turn into retries.
+            await self.before_drain()
         log.info("draining (up to %.1fs)", self.bootstrap.drain_timeout)
         for runtime in self.listeners.values():
             if runtime.server is not None:

@@ -310,7 +310,8 @@ def test_a_call_across_two_sidecars_is_one_trace_with_nested_spans(
         if s.kind == SERVER and s.attributes["url.path"] == "/pilotfish.test.Down/Get"
     ]
     assert down_server.trace_id != a_server.trace_id
-    assert down_server.attributes["pilotfish.response_flags"] == "UF"
+    # UF, and URX: the one host was tried again (an ordinary connect-failure retry), in vain.
+    assert down_server.attributes["pilotfish.response_flags"] == "UF,URX"
     assert down_server.attributes["rpc.grpc.status_code"] == 14
     assert down_server.attributes["pilotfish.route"] == "down"
     assert down_server.status_code == STATUS_ERROR
@@ -730,7 +731,7 @@ def test_access_log_lines_are_json_with_the_documented_fields(
     assert not_sampled["trace_id"] == f"{unsampled_trace:032x}"
     assert not_sampled["trace_id"] not in server_traces
 
-    assert down_line["response_flags"] == "UF"
+    assert down_line["response_flags"] == "UF,URX"
     assert (down_line["status"], down_line["grpc_status"]) == (200, 14)
     assert down_line["upstream_host"] == down
     assert down_line["attempts"] >= 1

@@ -491,16 +491,20 @@ def test_unavailable_once_is_retried_when_the_route_allows_it() -> None:
         assert sidecar.stat("cluster.app.upstream_rq_retry") == 1
 
 
-def test_default_policy_does_not_repeat_a_grpc_call_that_reached_the_upstream() -> None:
+def test_default_policy_retries_a_grpc_unavailable_once_as_istio_does() -> None:
     with upstreams("a") as (a,), proxied(mesh([a.address])) as (sidecar, channel):
         a.fail_next(1)
+        assert call(channel).code is OK
+        assert a.calls == 2
+        assert sidecar.stat("cluster.app.upstream_rq_retry") == 1
 
+        a.fail_next(2)
         reply = call(channel)
 
         assert reply.code is UNAVAILABLE
         assert reply.flags is None  # the upstream's own answer, passed through
-        assert a.calls == 1
-        assert sidecar.stat("cluster.app.upstream_rq_retry") == 0
+        assert a.calls == 4
+        assert sidecar.stat("cluster.app.upstream_rq_retry") == 2
 
 
 def test_connection_reset_is_uc_by_default_and_retried_under_a_reset_policy() -> None:
@@ -670,9 +674,12 @@ OUTLIER = {
 
 def test_outlier_detection_ejects_a_failing_host_and_lets_it_back() -> None:
     cluster = {"outlier_detection": OUTLIER}
+    no_retry = {"retry": {"attempts": 0}}  # the failures reach the caller, to be counted
     with (
         upstreams("a", "b", "bad") as (a, b, bad),
-        proxied(mesh([a.address, b.address, bad.address], cluster=cluster)) as (sc, channel),
+        proxied(
+            mesh([a.address, b.address, bad.address], cluster=cluster, route=no_retry)
+        ) as (sc, channel),
     ):
         bad.always(Behaviour(Act.FAIL))
 
@@ -828,7 +835,11 @@ def test_rate_limit_per_caller_buckets() -> None:
 def test_adaptive_throttling_rejects_locally_when_the_upstream_fails_everything() -> None:
     throttling = {"enabled": True, "window": "10s", "buckets": 10, "min_requests": 5}
     cluster = {"adaptive_throttling": throttling}
-    with upstreams("a") as (a,), proxied(mesh([a.address], cluster=cluster)) as (sc, channel):
+    no_retry = {"retry": {"attempts": 0}}  # one try per call, for the arithmetic below
+    with (
+        upstreams("a") as (a,),
+        proxied(mesh([a.address], cluster=cluster, route=no_retry)) as (sc, channel),
+    ):
         a.always(Behaviour(Act.FAIL))
 
         replies = [call(channel) for _ in range(40)]

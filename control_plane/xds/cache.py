@@ -14,14 +14,18 @@ from dataclasses import dataclass
 from envoy.config.core.v3 import base_pb2
 
 from control_plane.mesh import Mesh, service_view
+from control_plane.registry.core import Instance, Registry
 from control_plane.xds.resources import (
     DEFAULT_INBOUND_ADDRESS,
+    Registered,
     ResourceMemo,
     ViewKey,
     build_view,
     listener_depends_on_proxy,
+    service_load_assignment,
 )
 from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.types import ENDPOINT, Resource
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.fields import parse_address
 
@@ -93,23 +97,86 @@ def _address(node_id: str, key: str, value: str) -> tuple[str, int] | None:
 
 
 class SnapshotCache:
-    def __init__(self, mesh: Mesh) -> None:
+    """``registry``: where services with ``discovery: registry`` or ``mixed`` find endpoints."""
+
+    def __init__(self, mesh: Mesh, registry: Registry | None = None) -> None:
+        self._registry = registry
         self._mesh = mesh
         self._views = self._build_known_views(mesh)
         self._listeners: list[Callable[[], None]] = []
         self.generation = 1
+        # Increases with every change a proxy may see, mesh or registry: a proxy that acked a
+        # response built at revision r holds everything that changed up to r.
+        self.revision = 1
         self.changed_at = time.monotonic()
+        if registry is not None:
+            registry.on_change(self._registry_changed)
 
     @property
     def mesh(self) -> Mesh:
         return self._mesh
 
-    @staticmethod
-    def _build_known_views(mesh: Mesh) -> dict[ViewKey, Snapshot]:
+    def _registered(
+        self, mesh: Mesh, only: frozenset[str] | None = None
+    ) -> dict[str, list[Instance]]:
+        """Registered instances by mesh service (of registry services in ``only``, if given)."""
+        if self._registry is None:
+            return {}
+        result: dict[str, list[Instance]] = {}
+        by_service: dict[str, list[Instance]] = {}
+        for name, service in mesh.services.items():
+            selector = service.registry
+            if selector is None or (only is not None and selector.service not in only):
+                continue
+            instances = by_service.get(selector.service)
+            if instances is None:
+                instances = by_service[selector.service] = self._registry.instances(
+                    selector.service
+                )
+            result[name] = [i for i in instances if selector.selects(i.service, i.labels)]
+        return result
+
+    def _registry_changed(self, services: frozenset[str]) -> None:
+        """Swap the changed services' endpoints into every view that holds them."""
+        mesh = self._mesh
+        fresh = {
+            name: Resource.of(name, service_load_assignment(mesh.services[name], instances))
+            for name, instances in self._registered(mesh, services).items()
+        }
+        if not fresh:
+            return
+        for key, snapshot in list(self._views.items()):
+            endpoints = snapshot.of_type(ENDPOINT)
+            if not any(name in endpoints for name in fresh):
+                continue
+            resources = dict(snapshot.resources)
+            resources[ENDPOINT] = {
+                name: fresh.get(name, resource) for name, resource in endpoints.items()
+            }
+            # Same names as before, so the snapshot stays consistent without a new check.
+            self._views[key] = Snapshot(resources)
+        self._notify()
+
+    def endpoint_names(self, registry_service: str) -> set[str]:
+        """The EDS resources (mesh services) that registered instances of a service feed."""
+        return {
+            name
+            for name, service in self._mesh.services.items()
+            if service.registry is not None and service.registry.service == registry_service
+        }
+
+    def _notify(self) -> None:
+        self.revision += 1
+        self.changed_at = time.monotonic()
+        for listener in list(self._listeners):
+            listener()
+
+    def _build_known_views(self, mesh: Mesh) -> dict[ViewKey, Snapshot]:
         # Building every service's view up front proves the new mesh yields consistent
         # snapshots before any proxy sees it; views with an inbound side are built on demand.
         keys = [ViewKey(), *(ViewKey(service=name) for name in mesh.services)]
         memo: ResourceMemo = {}
+        registered: Registered = self._registered(mesh)
         per_proxy = listener_depends_on_proxy(mesh)
         distinct: dict[tuple[tuple[str, ...], str | None], Snapshot] = {}
         views = {}
@@ -125,7 +192,9 @@ class SnapshotCache:
             shape = (names, key.service if per_proxy else None)
             snapshot = distinct.get(shape)
             if snapshot is None:
-                snapshot = distinct[shape] = Snapshot.build(build_view(mesh, key, memo))
+                snapshot = distinct[shape] = Snapshot.build(
+                    build_view(mesh, key, memo, registered)
+                )
             views[key] = snapshot
         return views
 
@@ -134,14 +203,13 @@ class SnapshotCache:
         views = self._build_known_views(mesh)
         self._mesh, self._views = mesh, views
         self.generation += 1
-        self.changed_at = time.monotonic()
-        for listener in list(self._listeners):
-            listener()
+        self._notify()
 
     def snapshot(self, key: ViewKey) -> Snapshot:
         snapshot = self._views.get(key)
         if snapshot is None:
-            snapshot = Snapshot.build(build_view(self._mesh, key))
+            registered = self._registered(self._mesh)
+            snapshot = Snapshot.build(build_view(self._mesh, key, registered=registered))
             self._views[key] = snapshot
         return snapshot
 

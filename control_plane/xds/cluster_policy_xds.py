@@ -73,6 +73,7 @@ ENUM_KIND: dict[int, LbKind] = {
     Cluster.MAGLEV: LbKind.MAGLEV,
 }
 ACTIVE_REQUEST_BIAS_KEY = "pilotfish.lb.active_request_bias"
+SLOW_START_AGGRESSION_KEY = "pilotfish.lb.slow_start_aggression"
 
 
 def apply_lb_policy(
@@ -103,6 +104,13 @@ def apply_lb_policy(
         metadata["load_balancing"] = ours
     if lb.panic_threshold != LbPolicy().panic_threshold:
         cluster.common_lb_config.healthy_panic_threshold.value = lb.panic_threshold
+    if lb.slow_start is not None:
+        slow = cluster.round_robin_lb_config.slow_start_config
+        slow.slow_start_window.CopyFrom(duration(lb.slow_start.window))
+        slow.aggression.CopyFrom(base_pb2.RuntimeDouble(
+            default_value=lb.slow_start.aggression, runtime_key=SLOW_START_AGGRESSION_KEY
+        ))
+        slow.min_weight_percent.value = lb.slow_start.min_weight_percent
     typed = _typed_policy(lb)
     if typed is not None:
         for name, config in ((typed[0], typed[1]), ("envoy.load_balancing_policies.round_robin",
@@ -193,6 +201,9 @@ def outlier_detection(config: OutlierDetectionConfig) -> outlier_detection_pb2.O
     od = outlier_detection_pb2.OutlierDetection()
     for name in OutlierDetectionConfig.__slots__:
         value = getattr(config, name)
+        if isinstance(value, bool):  # a plain bool in the proto, not a wrapper
+            setattr(od, name, value)
+            continue
         target = getattr(od, name)
         if isinstance(value, float):
             target.CopyFrom(duration(value))

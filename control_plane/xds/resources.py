@@ -20,7 +20,7 @@ sending everything to the STATIC cluster ``inbound|<service>`` whose one endpoin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -42,6 +42,7 @@ from google.protobuf.message import Message
 from control_plane.kube.state import PodEndpoint
 from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
+from control_plane.registry.core import Instance, InstanceState
 from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import route_policy_xds as route_policy
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
@@ -79,14 +80,23 @@ def listener_depends_on_proxy(mesh: Mesh) -> bool:
     return tracing is not None and not tracing.service_name
 
 
+Registered = Mapping[str, Sequence[Instance]]
+"""Registered instances by the mesh service whose endpoints they are."""
+
+
 def build_view(
-    mesh: Mesh, key: ViewKey, memo: ResourceMemo | None = None
+    mesh: Mesh,
+    key: ViewKey,
+    memo: ResourceMemo | None = None,
+    registered: Registered | None = None,
 ) -> dict[str, dict[str, Resource]]:
     """All resources of one view, by type URL and then by name.
 
     ``memo`` (one per mesh) shares a service's resources between the views that hold it:
     they are the same bytes in every view, except listeners when tracing names the proxy.
+    ``registered``: the registry's instances for services with ``discovery`` other than static.
     """
+    registered = registered or {}
     view: dict[str, dict[str, Resource]] = {t: {} for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
     memo = {} if memo is None else memo
 
@@ -121,7 +131,7 @@ def build_view(
                 )
             add(ROUTE, name, partial(route_configuration, service, mesh))
         add(CLUSTER, name, partial(eds_cluster, service, mesh.security))
-        add(ENDPOINT, name, partial(load_assignment, name, service.endpoints, service.pods))
+        add(ENDPOINT, name, partial(service_load_assignment, service, registered.get(name, ())))
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
         # Per proxy (its app address): not shared, so not memoised.
@@ -446,7 +456,7 @@ def load_assignment(
     if endpoints:
         localities.append(
             endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(region="pilotfish", zone="local"),
+                locality=base_pb2.Locality(region="pilotfish", zone=DEFAULT_ZONE),
                 lb_endpoints=[_lb_endpoint(e.host, e.port, e.weight) for e in endpoints],
                 load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
             )
@@ -468,8 +478,50 @@ def load_assignment(
         # An empty service keeps its one (empty) locality, as before pods were known.
         localities.append(
             endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(region="pilotfish", zone="local"),
+                locality=base_pb2.Locality(region="pilotfish", zone=DEFAULT_ZONE),
                 load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
             )
         )
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=localities)
+
+
+DEFAULT_ZONE = "local"
+ENDPOINT_LABELS_KEY = "envoy.lb"
+"""Endpoint metadata that Envoy's subset load balancer matches on: instance labels go here."""
+
+
+def service_load_assignment(
+    service: MeshService, instances: Sequence[Instance] = ()
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """A service's endpoints: from the mesh file, Kubernetes, the registry (``discovery``)."""
+    cla = load_assignment(service.name, service.endpoints, service.pods)
+    if service.discovery == "static" or not instances:
+        return cla
+    static = {(e.host, e.port) for e in service.endpoints}
+    by_zone: dict[str, list[Instance]] = {}
+    for instance in instances:
+        if (instance.host, instance.port) not in static:  # the file wins over the registry
+            by_zone.setdefault(instance.zone or DEFAULT_ZONE, []).append(instance)
+    # One locality per zone: a locality named twice is rejected (gRPC's EDS validation), so
+    # instances without a zone join the static endpoints' own.
+    localities = {
+        (loc.locality.region, loc.locality.zone, loc.locality.sub_zone): loc
+        for loc in cla.endpoints
+    }
+    for zone in sorted(by_zone):
+        locality = localities.get(("pilotfish", zone, ""))
+        if locality is None:
+            locality = cla.endpoints.add(
+                locality=base_pb2.Locality(region="pilotfish", zone=zone),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+            localities["pilotfish", zone, ""] = locality
+        for instance in by_zone[zone]:
+            lb = _lb_endpoint(
+                instance.host, instance.port, instance.weight,
+                draining=instance.state is InstanceState.DRAINING,
+            )
+            if instance.labels:
+                lb.metadata.filter_metadata[ENDPOINT_LABELS_KEY].update(dict(instance.labels))
+            locality.lb_endpoints.append(lb)
+    return cla

@@ -28,7 +28,7 @@ from control_plane.xds.stream_state import (
     SotwStream,
     TypeStatus,
 )
-from control_plane.xds.types import SHORT_NAMES
+from control_plane.xds.types import ENDPOINT, SHORT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class _Protocol(Protocol[_ReqIn, _RespOut]):
 
     def status(self, snapshot: Snapshot) -> list[TypeStatus]: ...
 
+    def subscribed(self, type_url: str, name: str) -> bool: ...
+
 
 @dataclass(eq=False)
 class ConnectedProxy:
@@ -72,17 +74,46 @@ class ConnectedProxy:
     protocol: SotwStream | DeltaStream
     identity: ProxyIdentity | None = None
     nacks: list[NackReceived] = field(default_factory=list)
+    eds_acked_revision: int = 0
+    """The cache revision of the newest EDS response this proxy acknowledged."""
+    eds_sent: dict[str, int] = field(default_factory=dict)
+    """Cache revision of each EDS response not acknowledged yet, by nonce."""
+
+    def eds_sent_at(self, nonce: str, revision: int) -> None:
+        self.eds_sent[nonce] = revision
+
+    def eds_acked(self, nonce: str) -> bool:
+        """The proxy accepted the EDS response with this nonce; True if that is news."""
+        revision = self.eds_sent.pop(nonce, None)
+        if revision is None or revision <= self.eds_acked_revision:
+            return False
+        self.eds_acked_revision = revision
+        # An ACK covers what came before it: older responses need no answer any more.
+        for older in [n for n, r in self.eds_sent.items() if r <= revision]:
+            del self.eds_sent[older]
+        return True
 
 
 class ProxyRegistry:
     def __init__(self) -> None:
         self._proxies: dict[int, ConnectedProxy] = {}
+        self._watchers: list[Callable[[], None]] = []
 
     def add(self, proxy: ConnectedProxy) -> None:
         self._proxies[proxy.stream_id] = proxy
 
     def remove(self, stream_id: int) -> None:
-        self._proxies.pop(stream_id, None)
+        if self._proxies.pop(stream_id, None) is not None:
+            self.changed()
+
+    def watch(self, watcher: Callable[[], None]) -> Callable[[], None]:
+        """Call ``watcher`` when a proxy acks EDS or leaves; returns the function that stops it."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher)
+
+    def changed(self) -> None:
+        for watcher in list(self._watchers):
+            watcher()
 
     def proxies(self) -> list[ConnectedProxy]:
         return sorted(self._proxies.values(), key=lambda p: p.stream_id)
@@ -106,6 +137,7 @@ class _Stream(Generic[Req, Resp]):
     proxy: ConnectedProxy
     protocol: _Protocol[Req, Resp]
     callbacks: Callbacks
+    acked: Callable[[], None]
     reject_unknown: bool = False
     node: base_pb2.Node | None = None
 
@@ -132,6 +164,13 @@ class _Stream(Generic[Req, Resp]):
             log.info("stream %d (%s): node %r service %r namespace %r", self.proxy.stream_id,
                      self.proxy.kind, self.node.id, self.proxy.identity.service,
                      self.proxy.identity.namespace)
+        if (
+            request.type_url == ENDPOINT
+            and request.response_nonce
+            and not request.HasField("error_detail")
+            and self.proxy.eds_acked(request.response_nonce)
+        ):
+            self.acked()
         responses, nacks = self.protocol.handle_request(request, self.snapshot())
         for nack in nacks:
             log.warning("node %r rejected %s version %s: %s", self.node.id,
@@ -191,7 +230,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         assert isinstance(protocol, SotwStream | DeltaStream)
         proxy = ConnectedProxy(next(self._ids), kind, time.time(), protocol)
         stream: _Stream[Req, Resp] = _Stream(
-            self._cache, proxy, protocol, self._callbacks, self._reject_unknown
+            self._cache, proxy, protocol, self._callbacks, self._registry.changed,
+            self._reject_unknown,
         )
         queue: asyncio.Queue[Req | _MeshChanged | _ClientDone] = asyncio.Queue()
         stop_watching = self._cache.on_change(lambda: queue.put_nowait(_MESH_CHANGED))
@@ -219,6 +259,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
                 for response in responses:
+                    if response.type_url == ENDPOINT:
+                        proxy.eds_sent_at(response.nonce, self._cache.revision)
                     self._callbacks.on_response(proxy.stream_id, response.type_url, changed_at)
                     yield response
         finally:

@@ -81,6 +81,9 @@ class _Subscription:
     nacked_version: str = ""
     nack_message: str = ""
 
+    def wants(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
     def wanted(self) -> set[str] | None:
         """Names to send; ``None`` for everything of the type."""
         return None if self.wildcard else self.names
@@ -114,6 +117,11 @@ class SotwStream:
     def __init__(self) -> None:
         self._types: dict[str, _SotwType] = {}
         self._nonces = itertools.count(1)
+
+    def subscribed(self, type_url: str, name: str) -> bool:
+        """Whether the client asked for this resource (by name or by wildcard)."""
+        state = self._types.get(type_url)
+        return state is not None and state.wants(name)
 
     def handle_request(
         self, request: discovery_pb2.DiscoveryRequest, snapshot: Snapshot
@@ -216,6 +224,11 @@ class DeltaStream:
     def __init__(self) -> None:
         self._types: dict[str, _DeltaType] = {}
         self._nonces = itertools.count(1)
+
+    def subscribed(self, type_url: str, name: str) -> bool:
+        """Whether the client asked for this resource (by name or by wildcard)."""
+        state = self._types.get(type_url)
+        return state is not None and state.wants(name)
 
     def handle_request(
         self, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot

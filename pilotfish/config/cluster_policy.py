@@ -109,6 +109,8 @@ class LbPolicy:
     - ``ewma_default_rtt``: 30 ms, the latency assumed for an endpoint never measured.
     - ``panic_threshold``: 50 (percent, Envoy's ``healthy_panic_threshold``); when fewer than
       this share of the endpoints is healthy, balance over all of them. 0 disables panic mode.
+    - ``slow_start``: none. For ``weighted_round_robin``: an endpoint that joins an existing
+      cluster ramps up its weight over a window instead of taking its full share at once.
     """
 
     kind: LbKind = LbKind.WEIGHTED_ROUND_ROBIN
@@ -122,6 +124,30 @@ class LbPolicy:
     ewma_decay: float = 10.0
     ewma_default_rtt: float = 0.030
     panic_threshold: float = 50.0
+    slow_start: SlowStartConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlowStartConfig:
+    """Envoy's ``slow_start_config``: a new endpoint's weight is its weight times
+    ``max(min_weight_percent / 100, (time since it joined / window) ** (1 / aggression))``
+    until ``window`` has passed.
+
+    - ``window``: required, above 0.
+    - ``aggression``: 1.0, a linear ramp; above 1 ramps faster at first.
+    - ``min_weight_percent``: 10.
+    """
+
+    window: float
+    aggression: float = 1.0
+    min_weight_percent: float = 10.0
+
+    def factor(self, elapsed: float) -> float:
+        """The share of its weight an endpoint that joined ``elapsed`` seconds ago gets."""
+        if elapsed >= self.window:
+            return 1.0
+        ramp = max(elapsed, 0.0) / self.window
+        return max(self.min_weight_percent / 100.0, float(ramp ** (1.0 / self.aggression)))
 
 
 class HealthCheckType(enum.Enum):
@@ -192,6 +218,14 @@ class OutlierDetectionConfig:
     - ``failure_percentage_threshold``: 85; eject at this failure percentage or above.
     - ``failure_percentage_minimum_hosts``: 5.
     - ``failure_percentage_request_volume``: 50.
+    - ``split_external_local_origin_errors``: true (Envoy: false). Failures of the proxy's own
+      making (connect failure, timeout, reset) count apart from the host's answers, so a
+      host that cannot be reached is ejected after ``consecutive_local_origin_failure``.
+    - ``consecutive_local_origin_failure``: 5.
+    - ``enforcing_consecutive_local_origin_failure``: 100.
+
+    A cluster without ``outlier_detection`` still gets ``LOCAL_ORIGIN_ONLY``: unreachable
+    hosts are ejected, nothing else is.
     """
 
     interval: float = 10.0
@@ -210,6 +244,14 @@ class OutlierDetectionConfig:
     failure_percentage_threshold: int = 85
     failure_percentage_minimum_hosts: int = 5
     failure_percentage_request_volume: int = 50
+    split_external_local_origin_errors: bool = True
+    consecutive_local_origin_failure: int = 5
+    enforcing_consecutive_local_origin_failure: int = 100
+
+
+LOCAL_ORIGIN_ONLY = OutlierDetectionConfig(enforcing_consecutive_5xx=0, enforcing_success_rate=0)
+"""What a cluster without ``outlier_detection`` gets: 5 consecutive connect failures, timeouts
+or resets eject a host (base 30 s); answers, good or bad, eject nothing."""
 
 
 def _as_float(node: Node, default: float, minimum: float, maximum: float | None = None) -> float:
@@ -245,6 +287,7 @@ _LB_FIELD_KINDS: dict[str, tuple[LbKind, ...]] = {
     "ewma_decay": (LbKind.PEAK_EWMA,),
     "ewma_default_rtt": (LbKind.PEAK_EWMA,),
     "panic_threshold": tuple(LbKind),
+    "slow_start": (LbKind.WEIGHTED_ROUND_ROBIN,),
 }
 
 
@@ -288,6 +331,22 @@ def parse_lb_policy(node: Node) -> LbPolicy:
         ewma_decay=node.get("ewma_decay").as_duration(d.ewma_decay),
         ewma_default_rtt=node.get("ewma_default_rtt").as_duration(d.ewma_default_rtt),
         panic_threshold=_as_float(node.get("panic_threshold"), d.panic_threshold, 0.0, 100.0),
+        slow_start=parse_slow_start(node.get("slow_start")) if node.has("slow_start") else None,
+    )
+
+
+def parse_slow_start(node: Node) -> SlowStartConfig:
+    node.mapping({"window", "aggression", "min_weight_percent"})
+    window = node.require("window").as_duration()
+    if window <= 0:
+        raise node.get("window").error("expected a duration above 0s")
+    aggression = _as_float(node.get("aggression"), 1.0, 0.0)
+    if aggression <= 0:
+        raise node.get("aggression").error("expected a number above 0")
+    return SlowStartConfig(
+        window=window,
+        aggression=aggression,
+        min_weight_percent=_as_float(node.get("min_weight_percent"), 10.0, 0.0, 100.0),
     )
 
 
@@ -407,6 +466,13 @@ def parse_outlier_detection(node: Node) -> OutlierDetectionConfig:
         failure_percentage_threshold=percent("failure_percentage_threshold"),
         failure_percentage_minimum_hosts=count("failure_percentage_minimum_hosts"),
         failure_percentage_request_volume=count("failure_percentage_request_volume"),
+        split_external_local_origin_errors=node.get("split_external_local_origin_errors").as_bool(
+            d.split_external_local_origin_errors
+        ),
+        consecutive_local_origin_failure=count("consecutive_local_origin_failure"),
+        enforcing_consecutive_local_origin_failure=percent(
+            "enforcing_consecutive_local_origin_failure"
+        ),
     )
     if config.max_ejection_time < config.base_ejection_time:
         raise node.get("max_ejection_time").error("must not be below base_ejection_time")

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from sidecar.flags import RESPONSE_FLAGS_HEADER, ResponseFlag
+from sidecar.flags import RESPONSE_FLAGS_HEADER, RETRY_LIMIT_EXCEEDED, ResponseFlag
 from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
 from sidecar.observability.propagation import TRACE_HEADERS
 from sidecar.route.attempt import Attempt
@@ -35,6 +35,8 @@ from sidecar.route.policy.retry import (
     Failure,
     Outcome,
     RetryState,
+    Verdict,
+    peer_not_processed,
     response_outcome,
 )
 from sidecar.route.policy.shedding import OVERLOADED_HEADER
@@ -161,6 +163,7 @@ class Exchange:
     done = False
     timer: WheelTimer | None = None
     retry_timer: asyncio.TimerHandle | None = None
+    retries_exhausted = False  # flagged URX at the end, after the flag of the failure itself
     status = 0
     grpc_status: int | None = None
     upstream_host = ""
@@ -581,11 +584,14 @@ class Exchange:
             outcome,
             remaining=self.deadline.remaining(self.loop.time()),
             admit=cluster.resilience.breakers.try_acquire_retry,
+            other_host=cluster.has_untried_host(self.tried),
         )
         throttle = cluster.resilience.throttle
         if throttle is not None:
             throttle.record(outcome.accepted)
         if not decision.retry:
+            if decision.verdict is Verdict.EXHAUSTED:
+                self.retries_exhausted = True
             return False  # a retry the breaker refused was counted there
         cluster.scope.inc("upstream_rq_retry")
         cluster.metrics.retries.value += 1
@@ -631,7 +637,8 @@ class Exchange:
         if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
             attempt.status = _grpc_as_http(int(grpc_status))
         outcome = None
-        if status >= 500 or (grpc_status is not None and grpc_status != b"0"):
+        failed = grpc_status is not None and grpc_status != b"0"
+        if status >= 500 or failed or (status == 404 and self._from_idle_peer(headers)):
             # A failure: decide here whether another try may replace it (answers that succeed
             # pay for none of this).
             outcome = self._failure_outcome(attempt, headers, status, grpc_status)
@@ -664,6 +671,14 @@ class Exchange:
                     attempt.timer.cancel()
                 self._per_try_timeout(attempt, grpc_status=4)
                 return None
+        if self._from_idle_peer(headers):
+            # A peer sidecar's own reply that its app never saw: retried like a connect failure.
+            return Outcome(
+                http_status=status,
+                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                failure=Failure.PEER_NOT_PROCESSED,
+                body_replayable=self.replay is not None,
+            )
         if _header(headers, OVERLOADED_HEADER) is not None:
             # The upstream's sidecar shed it before its app saw it: another host may take it.
             # Its retry hint is for the caller, not for a retry on a different host.
@@ -680,6 +695,12 @@ class Exchange:
             pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
             body_replayable=self.replay is not None,
         )
+
+    @staticmethod
+    def _from_idle_peer(headers: Headers) -> bool:
+        """A local reply of the called service's sidecar that says its app never saw it."""
+        flags = _header(headers, RESPONSE_FLAGS_HEADER)
+        return flags is not None and peer_not_processed(flags)
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
         """Drop this response for another try when the retry policy says so."""
@@ -856,6 +877,8 @@ class Exchange:
             self.route_slot.release()
             self.route_slot = None
         self.status = status
+        if self.retries_exhausted:
+            self.flags.append(RETRY_LIMIT_EXCEEDED)
         listener = self.listener
         scope = listener.scope
         scope.gauges["downstream_rq_active"] -= 1

@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from pilotfish.config.cluster_policy import LbKind
+from pilotfish.config.cluster_policy import LOCAL_ORIGIN_ONLY, LbKind
 from pilotfish.config.model import ClusterConfig, Endpoint, Protocol
 from sidecar.flags import ResponseFlag
 from sidecar.http.h1conn import H1ClientConnection
@@ -265,6 +265,7 @@ class ClusterRuntime:
         self.scope.sources["circuit_breakers"] = self.resilience.breakers.gauges
         self._health_runner: HealthCheckRunner | None = None
         self._outlier_timer: asyncio.TimerHandle | None = None
+        self._ramp_timer: asyncio.TimerHandle | None = None
         self._set_hosts()
 
     def _new_balancer(self, config: ClusterConfig) -> ClusterBalancer:
@@ -272,7 +273,7 @@ class ClusterRuntime:
         return ClusterBalancer(
             config.lb_policy,
             health_check=config.health_check,
-            outlier_detection=config.outlier_detection,
+            outlier_detection=config.outlier_detection or LOCAL_ORIGIN_ONLY,
             clock=loop.time,
             rng=random.Random(),
             connections=self._open_connections,
@@ -288,6 +289,19 @@ class ClusterRuntime:
         self.balancer.set_hosts([(h.endpoint.address, h.endpoint.weight) for h in self.hosts])
         self.scope.gauges["membership_total"] = len(self.hosts)
         self._update_health_gauges()
+        self._schedule_ramp()
+
+    def _schedule_ramp(self) -> None:
+        """While endpoints are in slow start, raise their weights a step at a time."""
+        when = self.balancer.next_ramp_at
+        if when is None or self._ramp_timer is not None:
+            return
+        self._ramp_timer = asyncio.get_event_loop().call_at(when, self._ramp)
+
+    def _ramp(self) -> None:
+        self._ramp_timer = None
+        self.balancer.ramp()
+        self._schedule_ramp()
 
     def start(self) -> None:
         """Start health checking and outlier sweeps (they need a running loop)."""
@@ -352,6 +366,10 @@ class ClusterRuntime:
             return None
         return index, self.hosts[index]
 
+    def has_untried_host(self, tried: Collection[int]) -> bool:
+        """Whether a retry could go to an eligible host this request has not tried yet."""
+        return any(h.index not in tried for h in self.balancer.eligible)
+
     def request_started(self, index: int) -> None:
         self.balancer.request_started(self.hosts[index].endpoint.address)
 
@@ -359,14 +377,13 @@ class ClusterRuntime:
         self, index: int, host: UpstreamHost, latency: float, status: int | None
     ) -> None:
         """``status`` is what the upstream answered, None for a connect failure or reset."""
-        before = self.scope.gauges["outlier_detection.ejections_active"]
-        self.balancer.request_finished(host.endpoint.address, latency, status)
-        if self.balancer.outlier_detector is not None:
+        ejected = self.balancer.request_finished(host.endpoint.address, latency, status)
+        if ejected:
             self._update_health_gauges()
-            if self.scope.gauges["outlier_detection.ejections_active"] > before:
-                self.scope.inc("outlier_detection.ejections_enforced_total")
-                self.metrics.ejections.value += 1
-                log.info("outlier detection: %s ejected", host.endpoint.address)
+            self.scope.inc("outlier_detection.ejections_enforced_total")
+            self.metrics.ejections.value += 1
+            log.info("outlier detection: %s ejected", host.endpoint.address)
+        if self._outlier_timer is None and (ejected or self.balancer.sweeps_periodically):
             self._schedule_outlier_sweep()
 
     def host_health(self, index: int) -> str:
@@ -417,6 +434,10 @@ class ClusterRuntime:
         new.balancer = self.balancer if same_policy else new._new_balancer(config)
         new._health_runner = self._health_runner if same_policy else None
         new._outlier_timer = None
+        new._ramp_timer = None
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+            self._ramp_timer = None
         if not same_policy:
             self._stop_background()
         elif self._outlier_timer is not None:
@@ -429,6 +450,9 @@ class ClusterRuntime:
         if self._outlier_timer is not None:
             self._outlier_timer.cancel()
             self._outlier_timer = None
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+            self._ramp_timer = None
         runner, self._health_runner = self._health_runner, None
         if runner is not None:
             task = asyncio.get_event_loop().create_task(runner.close())

@@ -23,6 +23,7 @@ from pilotfish.config.cluster_policy import (
     LbKind,
     LbPolicy,
     OutlierDetectionConfig,
+    SlowStartConfig,
 )
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.route_policy import (
@@ -136,6 +137,9 @@ def _lb_policy(cluster: cluster_pb2.Cluster, path: str, ours: OurMetadata) -> Lb
                 if kind is not LbKind.PEAK_EWMA:
                     raise block.get(name).error("only for the peak_ewma policy")
                 values[name] = block.get(name).as_duration()
+    if values.get("slow_start") is not None and kind is not LbKind.WEIGHTED_ROUND_ROBIN:
+        raise ConfigError(f"{path}.round_robin_lb_config.slow_start_config",
+                          f"only for weighted_round_robin, not {kind.value}")
     policy = LbPolicy(kind=kind, hash_on=hash_on, hash_key=hash_key, **values)  # type: ignore[arg-type]
     if policy.choice_count < 2 and kind in (LbKind.LEAST_REQUEST, LbKind.PEAK_EWMA):
         raise ConfigError(f"{path}.least_request_lb_config.choice_count", "must be at least 2")
@@ -153,7 +157,13 @@ def _classic_configs(
         if cluster.HasField(name) and kind is not needs:
             raise ConfigError(f"{path}.{name}", f"only with lb_policy {needs.name}")
     if cluster.HasField("round_robin_lb_config"):
-        raise ConfigError(f"{path}.round_robin_lb_config", "not supported")
+        rr_path = f"{path}.round_robin_lb_config"
+        if kind is not LbKind.WEIGHTED_ROUND_ROBIN:
+            raise ConfigError(rr_path, "only with lb_policy ROUND_ROBIN")
+        unsupported(cluster.round_robin_lb_config, rr_path, {"slow_start_config"})
+        values["slow_start"] = _slow_start(
+            cluster.round_robin_lb_config.slow_start_config, f"{rr_path}.slow_start_config"
+        )
     if kind is LbKind.LEAST_REQUEST:
         _least_request(cluster.least_request_lb_config, f"{path}.least_request_lb_config", values)
     elif kind is LbKind.RING_HASH:
@@ -165,6 +175,22 @@ def _classic_configs(
         _ring_sizes(ring, values)
     elif kind is LbKind.MAGLEV and cluster.maglev_lb_config.HasField("table_size"):
         values["maglev_table_size"] = cluster.maglev_lb_config.table_size.value
+
+
+def _slow_start(config: cluster_pb2.Cluster.SlowStartConfig, path: str) -> SlowStartConfig:
+    unsupported(config, path, {"slow_start_window", "aggression", "min_weight_percent"})
+    window = seconds(config.slow_start_window)
+    if window <= 0:
+        raise ConfigError(f"{path}.slow_start_window", "must be above 0")
+    aggression = config.aggression.default_value if config.HasField("aggression") else 1.0
+    if aggression <= 0:
+        raise ConfigError(f"{path}.aggression", "must be above 0")
+    minimum = (
+        config.min_weight_percent.value if config.HasField("min_weight_percent") else 10.0
+    )
+    if not 0 <= minimum <= 100:
+        raise ConfigError(f"{path}.min_weight_percent", "must be 0 to 100")
+    return SlowStartConfig(window=window, aggression=aggression, min_weight_percent=minimum)
 
 
 def _least_request(
@@ -279,7 +305,9 @@ def _outlier_detection(
     unsupported(od, path, names)
     d = OutlierDetectionConfig()
     values: dict[str, float | int] = {}
-    for name in names:
+    # A plain bool: false when unset, Envoy's default (our control plane always sets it).
+    values["split_external_local_origin_errors"] = od.split_external_local_origin_errors
+    for name in names - {"split_external_local_origin_errors"}:
         if od.HasField(name):
             field = getattr(od, name)
             default = getattr(d, name)

@@ -44,6 +44,46 @@ def test_validate_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixt
     )
 
 
+RETRY_MESH = """
+services:
+  quotes:
+    protocol: grpc
+    endpoints: [127.0.0.1:50071]
+    routes:
+      - {match: {prefix: /a}, retry: {attempts: 2, retry_on: [reset, internal]}}
+      - {match: {prefix: /b}, retry: {attempts: 2, retry_on: [connect-failure]}}
+      - {match: {prefix: /c}, retry: {attempts: 2, retry_on: []}}
+      - {match: {prefix: /d}, retry: {attempts: 2, retry_on: [unavailable, connect-failure]}}
+      - {match: {prefix: /e}, retry: {attempts: 2, retry_on: [reset], retry_non_idempotent: true}}
+      - {match: {prefix: /f}, retry: {attempts: 0, retry_on: [reset]}}
+  web:
+    protocol: http1
+    endpoints: [127.0.0.1:8080]
+    routes:
+      - {match: {prefix: /}, retry: {attempts: 2, retry_on: [reset]}}
+"""
+
+
+def test_validate_warns_about_retry_policies_that_never_fire(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(RETRY_MESH)
+    assert run_validate(Namespace(file=str(path))) == 0  # warnings do not fail the file
+    out = capsys.readouterr()
+    assert out.out == f"{path}: ok (mesh file: 2 services)\n"
+    warnings = out.err.splitlines()
+    assert [w.split(": ")[2] for w in warnings] == [
+        "services.quotes.routes[0].retry",
+        "services.quotes.routes[1].retry",
+        "services.quotes.routes[2].retry",
+    ]
+    assert "never fires for gRPC calls: internal, reset may follow a call the app already ran" \
+        in warnings[0]
+    assert "connect failures and refused streams are retried on another host" in warnings[1]
+    assert "with an empty retry_on never retries" in warnings[2]
+
+
 def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_validate(Namespace(file=str(tmp_path / "nope.yaml"))) == 1
     assert "cannot read" in capsys.readouterr().err

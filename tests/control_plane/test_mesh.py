@@ -76,10 +76,10 @@ services:
          "services.a.routes[0].match.path: expected a path starting with /"),
         ("services: {a: {endpoints: [127.0.0.1:1], color: red}}",
          "services.a.color: unknown field (expected one of: adaptive_throttling, "
-         "authorization, circuit_breakers, connect_timeout, depends_on, endpoints, "
+         "authorization, circuit_breakers, connect_timeout, depends_on, discovery, endpoints, "
          "health_check, jwt, load_balancing, load_shedding, max_downstream_connections, "
          "max_requests_per_connection, mtls, namespace, outlier_detection, port, "
-         "protocol, retry_budget, routes, service_account)"),
+         "protocol, registry, retry_budget, routes, service_account)"),
         ("services: {a: {}}", "services.a.endpoints: required field is missing"),
         ("services: {A_b: {endpoints: []}}",
          "services.A_b: service names are lower-case letters, digits, '-' and '.', "

@@ -28,6 +28,10 @@ SERVICE_POLICIES = [
     "{}",
     "load_balancing: {policy: round_robin, panic_threshold: 0}",
     "load_balancing: {policy: weighted_round_robin}",
+    "load_balancing: {slow_start: {window: 30s}}",
+    "load_balancing: {slow_start: {window: 2s, aggression: 2.5, min_weight_percent: 5}}",
+    "outlier_detection: {split_external_local_origin_errors: false,"
+    " consecutive_local_origin_failure: 2, enforcing_consecutive_local_origin_failure: 50}",
     "load_balancing: {policy: least_request, choice_count: 3, active_request_bias: 0.5,"
     " panic_threshold: 30}",
     "load_balancing: {policy: peak_ewma, choice_count: 4, ewma_decay: 5s, ewma_default_rtt: 50ms}",
@@ -247,6 +251,12 @@ MESH_ERRORS = [
     ("load_balancing: {policy: round_robin, choice_count: 3}", "{}",
      "services.svc.load_balancing.choice_count: only for the least_request and peak_ewma "
      "policies"),
+    ("load_balancing: {policy: random, slow_start: {window: 1s}}", "{}",
+     "services.svc.load_balancing.slow_start: only for the weighted_round_robin policy"),
+    ("load_balancing: {slow_start: {window: 0s}}", "{}",
+     "services.svc.load_balancing.slow_start.window: expected a duration above 0s"),
+    ("load_balancing: {slow_start: {aggression: 2}}", "{}",
+     "services.svc.load_balancing.slow_start.window: required field is missing"),
     ("health_check: {type: grpc, path: /x}", "{}",
      "services.svc.health_check.path: not for grpc health checks"),
     ("outlier_detection: {max_ejection_percent: 101}", "{}",
@@ -327,9 +337,11 @@ def test_xds_policy_rejections_name_the_field() -> None:
         "cluster[svc].health_checks[0].tcp_health_check: not supported"
     )
     cluster = _svc_cluster("outlier_detection: {}")
-    cluster.outlier_detection.split_external_local_origin_errors = True
+    cluster.outlier_detection.consecutive_local_origin_failure.value = 3
+    cluster.outlier_detection.successful_active_health_check_uneject_host.value = False
     assert _error(translate_cluster, cluster) == (
-        "cluster[svc].outlier_detection.split_external_local_origin_errors: not supported"
+        "cluster[svc].outlier_detection.successful_active_health_check_uneject_host: "
+        "not supported"
     )
     cluster = _svc_cluster()
     cluster.metadata.filter_metadata["pilotfish"].update({"colour": "red"})

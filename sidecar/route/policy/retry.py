@@ -5,11 +5,17 @@ response went downstream: on a connect failure, a reset, a per-try timeout, or o
 headers it is holding back (a 5xx, or a gRPC trailers-only response with its grpc-status).
 A gRPC status arriving in trailers after data cannot be retried: the response has started.
 
-Safety first: a request that is not idempotent (POST, PATCH, every gRPC call unless the route
-says ``retry_non_idempotent``) is only retried when it provably never reached the upstream: a
-connect failure, a refused stream, a stream beyond a GOAWAY's last stream id, or no byte sent.
-Refused and beyond-GOAWAY tries are retried transparently (up to 3, not counted against
-``attempts``, whatever ``retry_on`` says): the upstream did no work for them.
+Tries that provably never reached an app are retried transparently, on another host, whatever
+``retry_on``, ``attempts``, the retry budget and idempotency say (up to 3 per request): a
+connect failure, a refused stream, a stream beyond a GOAWAY's last stream id, and a peer
+sidecar's own local reply saying it did not pass the request on (flags UF, UH, NR, DR in
+``x-pilotfish-response-flags``). The upstream did no work for them.
+
+Otherwise, safety first: a request that is not idempotent (POST, PATCH, every gRPC call unless
+the route says ``retry_non_idempotent``) is not repeated once it may have reached the app, with
+one exception taken from Istio's default: a gRPC trailers-only ``UNAVAILABLE`` (the server
+declined the call before answering) is retried when ``retry_on`` names ``unavailable``, within
+``attempts`` and the retry budget.
 """
 
 from __future__ import annotations
@@ -42,12 +48,28 @@ class Failure(enum.Enum):
     RESET = "reset"  # reset or connection lost after the request was sent
     PER_TRY_TIMEOUT = "per_try_timeout"
     SHED = "shed"  # the upstream's sidecar shed it unprocessed (x-pilotfish-overloaded)
+    PEER_NOT_PROCESSED = "peer_not_processed"  # a peer sidecar answered itself (UF, UH, NR, DR)
 
 
-NEVER_REACHED = frozenset(
-    {Failure.CONNECT_FAILURE, Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY, Failure.SHED}
-)
-TRANSPARENT = frozenset({Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY})
+NEVER_REACHED = frozenset({
+    Failure.CONNECT_FAILURE, Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY, Failure.SHED,
+    Failure.PEER_NOT_PROCESSED,
+})
+# A shed never reached the app either, but counts as a try: an overloaded host is not retried
+# for free.
+TRANSPARENT = NEVER_REACHED - {Failure.SHED}
+ON_ANOTHER_HOST = frozenset({Failure.CONNECT_FAILURE, Failure.PEER_NOT_PROCESSED})
+"""Transparent only if another host is left to try: the same host would likely fail again
+(and a connect timeout would cost the caller another ``connect_timeout``)."""
+PEER_NOT_PROCESSED_FLAGS = frozenset({b"UF", b"UH", b"NR", b"DR"})
+"""A peer sidecar's local reply with one of these never reached its app: no healthy host, a
+connect failure, no route, or shutting down."""
+GRPC_UNAVAILABLE = 14
+
+
+def peer_not_processed(flags: bytes) -> bool:
+    """Whether a peer's ``x-pilotfish-response-flags`` value says the app never saw the call."""
+    return any(flag.strip() in PEER_NOT_PROCESSED_FLAGS for flag in flags.split(b","))
 OVERLOAD_HTTP = frozenset({429, 503})
 OVERLOAD_GRPC = frozenset({8, 14})  # RESOURCE_EXHAUSTED, UNAVAILABLE
 
@@ -123,9 +145,10 @@ _FAILURE_CONDITIONS = {
     RetryOn.HTTP_5XX: frozenset(Failure),
     RetryOn.GATEWAY_ERROR: frozenset({Failure.PER_TRY_TIMEOUT}),
     RetryOn.RESET: frozenset({Failure.RESET, Failure.PER_TRY_TIMEOUT}),
-    RetryOn.CONNECT_FAILURE: frozenset({Failure.CONNECT_FAILURE}),
-    # A shed is refused too, but counts as a try: an overloaded host is not retried for free.
-    RetryOn.REFUSED_STREAM: TRANSPARENT | {Failure.SHED},
+    RetryOn.CONNECT_FAILURE: frozenset({Failure.CONNECT_FAILURE, Failure.PEER_NOT_PROCESSED}),
+    RetryOn.REFUSED_STREAM: frozenset(
+        {Failure.REFUSED_STREAM, Failure.BEYOND_GOAWAY, Failure.SHED}
+    ),
 }
 
 
@@ -182,7 +205,9 @@ class RetryDecision:
 class RetryState:
     """The retry bookkeeping of one downstream request."""
 
-    __slots__ = ("_idempotent", "_policy", "_random", "attempt", "retries", "transparent_retries")
+    __slots__ = (
+        "_grpc", "_idempotent", "_policy", "_random", "attempt", "retries", "transparent_retries",
+    )
 
     def __init__(
         self, policy: RetryPolicy, *, method: str, grpc: bool, random: RandomSource
@@ -190,6 +215,7 @@ class RetryState:
         self._policy = policy
         self._random = random
         self._idempotent = policy.retry_non_idempotent or is_idempotent(method, grpc)
+        self._grpc = grpc
         self.attempt = 1
         """The 1-based number of the current try."""
         self.retries = 0
@@ -208,15 +234,20 @@ class RetryState:
         *,
         remaining: float | None = None,
         admit: Callable[[], Permit | None] | None = None,
+        other_host: bool = True,
     ) -> RetryDecision:
         """Decide about the failed current try; on RETRY the state moves to the next try.
 
         ``remaining``: seconds left of the request's deadline (None: unbounded).
+        ``other_host``: whether an untried host is left (see ``ON_ANOTHER_HOST``).
         ``admit``: asked last, only for a retry that would otherwise happen: the cluster's
         ``CircuitBreakers.try_acquire_retry``; the permit comes back in the decision.
-        Transparent retries skip ``admit``: they cost the upstream nothing.
+        Transparent retries skip ``admit``: they cost the upstream nothing. Past their limit,
+        such failures are ordinary retries (``retry_on`` names them, ``admit`` is asked).
         """
-        transparent = outcome.failure in TRANSPARENT
+        transparent = outcome.failure in TRANSPARENT and (
+            other_host or outcome.failure not in ON_ANOTHER_HOST
+        )
         if transparent and self.transparent_retries < TRANSPARENT_RETRY_LIMIT:
             verdict = self._check_replay(outcome, remaining, 0.0)
             if verdict is Verdict.RETRY:
@@ -227,7 +258,9 @@ class RetryState:
             return RetryDecision(Verdict.NOT_RETRIABLE)
         if self.retries >= self._policy.attempts:
             return RetryDecision(Verdict.EXHAUSTED)
-        if not self._idempotent and not outcome.never_reached_upstream:
+        if not self._idempotent and not outcome.never_reached_upstream and not (
+            self._grpc and outcome.failure is None and outcome.grpc_status == GRPC_UNAVAILABLE
+        ):
             return RetryDecision(Verdict.NON_IDEMPOTENT)
         if outcome.pushback is not None and outcome.pushback < 0:
             return RetryDecision(Verdict.PUSHBACK)

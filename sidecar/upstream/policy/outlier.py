@@ -1,7 +1,9 @@
 """Outlier detection (passive health checking), as Envoy does it. Pure.
 
 The router reports each upstream response with ``report(key, status)``; ``status=None`` is a
-failure of our own making (connect failure, reset, timeout) and counts as a 503. Consecutive
+failure of our own making (connect failure, reset, timeout). With
+``split_external_local_origin_errors`` (our default) those count only towards
+``consecutive_local_origin_failure``; without it they count as a 503. Consecutive
 5xx and consecutive gateway failures (502, 503, 504, connect failures) eject inline. Every
 ``interval`` the owner calls ``evaluate()``, which
 
@@ -38,6 +40,7 @@ class EjectionReason(enum.Enum):
     CONSECUTIVE_GATEWAY_FAILURE = "consecutive_gateway_failure"
     SUCCESS_RATE = "success_rate"
     FAILURE_PERCENTAGE = "failure_percentage"
+    CONSECUTIVE_LOCAL_ORIGIN_FAILURE = "consecutive_local_origin_failure"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +62,7 @@ OutlierEvent = HostEjected | HostUnejected
 class HostMonitor:
     consecutive_5xx: int = 0
     consecutive_gateway_failures: int = 0
+    consecutive_local_origin_failures: int = 0
     # Counts of the current interval, for success rate and failure percentage.
     successes: int = 0
     failures: int = 0
@@ -95,6 +99,17 @@ class OutlierDetector:
         return monitor is not None and monitor.ejected
 
     @property
+    def periodic(self) -> bool:
+        """Whether sweeps judge rates (success rate, failure percentage), so must always run."""
+        config = self.config
+        return config.enforcing_success_rate > 0 or config.enforcing_failure_percentage > 0
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a sweep has an ejection to end or an ejection count to decay."""
+        return any(m.ejected or m.ejection_count for m in self.hosts.values())
+
+    @property
     def ejected_count(self) -> int:
         return sum(1 for m in self.hosts.values() if m.ejected)
 
@@ -111,11 +126,26 @@ class OutlierDetector:
         if monitor.ejected:
             # Requests still reach it in panic mode; they must not stack up new ejections.
             return None
+        config = self.config
+        if config.split_external_local_origin_errors:
+            if status is None:
+                # Ours, not the host's answer: counted apart (Envoy's split mode).
+                monitor.consecutive_local_origin_failures += 1
+                if (
+                    monitor.consecutive_local_origin_failures
+                    == config.consecutive_local_origin_failure
+                ):
+                    return self._eject(
+                        key,
+                        EjectionReason.CONSECUTIVE_LOCAL_ORIGIN_FAILURE,
+                        config.enforcing_consecutive_local_origin_failure,
+                    )
+                return None
+            monitor.consecutive_local_origin_failures = 0  # it answered
         if not failed:
             monitor.consecutive_5xx = 0
             monitor.consecutive_gateway_failures = 0
             return None
-        config = self.config
         monitor.consecutive_5xx += 1
         if status is None or status in GATEWAY_FAILURES:
             monitor.consecutive_gateway_failures += 1
@@ -147,6 +177,7 @@ class OutlierDetector:
                 monitor.ejected_until = None
                 monitor.consecutive_5xx = 0
                 monitor.consecutive_gateway_failures = 0
+                monitor.consecutive_local_origin_failures = 0
                 events.append(HostUnejected(key=key))
         events.extend(self._success_rate_ejections())
         events.extend(self._failure_percentage_ejections())

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from pilotfish.config.bootstrap import parse_bootstrap
+from pilotfish.config.cluster_policy import LbPolicy, SlowStartConfig
+from pilotfish.config.model import Endpoint
 from sidecar.flags import ResponseFlag
 from sidecar.observability.metrics import MeshMetrics
 from sidecar.stats import StatsStore
@@ -57,3 +60,28 @@ def test_a_connection_that_completes_after_its_host_left_is_closed() -> None:
     assert waiter.failure is ResponseFlag.NO_HEALTHY_UPSTREAM
     assert open_connections == 0
     assert cluster.resilience.breakers.active(Resource.CONNECTIONS) == 0
+
+
+def test_a_joining_endpoint_ramps_up_on_the_loop_until_its_window_ends() -> None:
+    async def run() -> list[list[int]]:
+        base = parse_bootstrap(simple_config(["127.0.0.1:1"])).clusters["app"]
+        slow = SlowStartConfig(window=1.0, min_weight_percent=10.0)
+        config = dataclasses.replace(base, lb_policy=LbPolicy(slow_start=slow))
+        cluster = ClusterRuntime(config, StatsStore(), MeshMetrics())
+        endpoints = (*config.endpoints, Endpoint("127.0.0.1", 2))
+        joined = dataclasses.replace(config, endpoints=endpoints)
+        cluster = cluster.updated(joined, StatsStore())
+        seen = [[h.weight for h in cluster.balancer.eligible]]
+        for _ in range(250):  # bounded: the window is 1 s, the ramp steps 50 ms
+            await asyncio.sleep(0.02)
+            seen.append([h.weight for h in cluster.balancer.eligible])
+            if seen[-1] == [100, 100]:
+                break
+        cluster.drain()
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen[0] == [100, 10]
+    assert seen[-1] == [100, 100]
+    ramp = [weights[1] for weights in seen]
+    assert ramp == sorted(ramp) and len(set(ramp)) > 2  # rose in steps, never fell

@@ -12,6 +12,7 @@ from sidecar.route.policy.retry import (
     RetryState,
     Verdict,
     matches,
+    peer_not_processed,
     response_outcome,
 )
 from sidecar.upstream.policy.breaker import CircuitBreakers, Permit
@@ -73,8 +74,11 @@ def test_attempts_are_counted_and_exhausted() -> None:
 
 def test_zero_attempts_never_retries_but_still_retries_transparently() -> None:
     s = state(RetryPolicy(attempts=0))
-    assert s.should_retry(CONNECT).verdict is Verdict.EXHAUSTED
+    assert s.should_retry(RESET).verdict is Verdict.EXHAUSTED
+    assert s.should_retry(CONNECT).retry
     assert s.should_retry(Outcome(failure=Failure.REFUSED_STREAM)).retry
+    assert s.should_retry(Outcome(failure=Failure.PEER_NOT_PROCESSED, grpc_status=14)).retry
+    assert s.retries == 0 and s.transparent_retries == 3
 
 
 def test_backoff_is_full_jitter_growing_to_the_cap() -> None:
@@ -100,9 +104,39 @@ def test_non_idempotent_only_when_it_never_reached_the_upstream() -> None:
     assert post.should_retry(CONNECT).retry
     assert post.should_retry(Outcome(failure=Failure.RESET, request_sent=False)).retry
     grpc = state(policy, method="POST", grpc=True)
-    assert grpc.should_retry(Outcome(grpc_status=14)).verdict is Verdict.NON_IDEMPOTENT
+    assert grpc.should_retry(Outcome(grpc_status=13)).verdict is Verdict.NON_IDEMPOTENT
+    assert grpc.should_retry(RESET).verdict is Verdict.NON_IDEMPOTENT
     get_over_grpc = state(policy, method="GET", grpc=True)  # gRPC is never idempotent by method
     assert get_over_grpc.should_retry(RESET).verdict is Verdict.NON_IDEMPOTENT
+
+
+def test_grpc_unavailable_is_retried_within_attempts_and_budget_as_istio_does() -> None:
+    """A trailers-only UNAVAILABLE: the server declined the call before answering it."""
+    s = state(RetryPolicy(attempts=1), method="POST", grpc=True)
+    unavailable = Outcome(http_status=200, grpc_status=14)
+    assert s.should_retry(unavailable, admit=lambda: None).verdict is Verdict.OVERFLOW
+    decision = s.should_retry(unavailable, admit=CircuitBreakers().try_acquire_retry)
+    assert decision.retry and decision.permit is not None
+    assert s.should_retry(unavailable).verdict is Verdict.EXHAUSTED
+    # Over HTTP, a POST answered 503 may have done its work: not repeated.
+    post = state(RetryPolicy(attempts=1, retry_on=frozenset(RetryOn)), method="POST")
+    assert post.should_retry(Outcome(http_status=503)).verdict is Verdict.NON_IDEMPOTENT
+
+
+def test_a_peer_sidecars_own_reply_is_retried_free_even_without_retry_on() -> None:
+    s = state(RetryPolicy(attempts=0, retry_on=frozenset()), method="POST", grpc=True)
+    peer = Outcome(http_status=200, grpc_status=14, failure=Failure.PEER_NOT_PROCESSED)
+    decision = s.should_retry(peer, admit=lambda: None)
+    assert decision.retry and decision.permit is None and decision.backoff == 0.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(b"UF", True), (b"UH", True), (b"NR", True), (b"DR", True), (b"URX,UF", True),
+     (b"UT", False), (b"UR", False), (b"FI", False), (b"", False), (b"UFX", False)],
+)
+def test_peer_flags_that_mean_the_app_never_saw_the_call(flags: bytes, expected: bool) -> None:
+    assert peer_not_processed(flags) is expected
 
 
 def test_route_opt_in_retries_non_idempotent_requests() -> None:
@@ -123,6 +157,16 @@ def test_transparent_retries_do_not_use_attempts_or_admission() -> None:
     assert decision.retry and decision.permit is not None
     assert s.retries == 1
     assert s.should_retry(Outcome(failure=Failure.BEYOND_GOAWAY)).verdict is Verdict.EXHAUSTED
+
+
+def test_connect_failures_are_free_only_with_another_host_to_try() -> None:
+    s = state(RetryPolicy(attempts=1), method="POST", grpc=True)
+    decision = s.should_retry(CONNECT, admit=lambda: None, other_host=False)
+    assert decision.verdict is Verdict.OVERFLOW  # an ordinary retry, asked to the budget
+    assert s.should_retry(CONNECT, admit=lambda: None, other_host=True).retry
+    # A refused stream costs nothing even on the same host: a new stream, maybe a new connection.
+    assert s.should_retry(Outcome(failure=Failure.REFUSED_STREAM), other_host=False).retry
+    assert s.transparent_retries == 2
 
 
 def test_body_not_replayable() -> None:

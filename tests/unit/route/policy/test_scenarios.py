@@ -121,8 +121,13 @@ def test_the_caller_deadline_ends_it_as_deadline_exceeded() -> None:
 def test_default_policy_does_not_repeat_a_grpc_call_that_reached_the_upstream() -> None:
     clock = FakeClock()
     cluster = ClusterResilienceRuntime(ClusterResilience(), clock, random.Random(1).random)
-    end, _ = drive(clock, cluster, RetryPolicy(), [Outcome(grpc_status=14)], grpc_timeout=None)
+    end, _ = drive(clock, cluster, RetryPolicy(), [Outcome(failure=Failure.RESET)],
+                   grpc_timeout=None)
     assert end == f"failed: {Verdict.NON_IDEMPOTENT.value}"
+    # A trailers-only UNAVAILABLE is the exception (as in Istio): retried once by default.
+    end, _ = drive(clock, cluster, RetryPolicy(),
+                   [Outcome(grpc_status=14), Outcome(grpc_status=14)], grpc_timeout=None)
+    assert end == f"failed: {Verdict.EXHAUSTED.value}"
     end, _ = drive(
         clock,
         cluster,

@@ -6,10 +6,12 @@ import random
 from collections import Counter
 
 from pilotfish.config.cluster_policy import (
+    LOCAL_ORIGIN_ONLY,
     HealthCheckConfig,
     LbKind,
     LbPolicy,
     OutlierDetectionConfig,
+    SlowStartConfig,
 )
 from sidecar.upstream.policy.cluster import ClusterBalancer
 from sidecar.upstream.policy.lb import NO_CONTEXT
@@ -104,3 +106,56 @@ def test_in_flight_counts_follow_the_host_through_a_membership_change() -> None:
     # index, the three ends would have gone to other and busy would look loaded for good.
     picks = Counter(cb.choose(NO_CONTEXT) for _ in range(20))
     assert picks == {0: 20}
+
+
+def test_slow_start_ramps_only_endpoints_that_join_later() -> None:
+    clock = FakeClock()
+    slow = SlowStartConfig(window=10.0, aggression=1.0, min_weight_percent=10.0)
+    cb = ClusterBalancer(LbPolicy(slow_start=slow), clock=clock, rng=random.Random(2))
+    cb.set_hosts(HOSTS[:2])
+    assert cb.next_ramp_at is None  # the first set is not ramped
+    assert [h.weight for h in cb.eligible] == [100, 100]
+    clock.now += 1
+    cb.set_hosts(HOSTS[:3])
+    assert [h.weight for h in cb.eligible] == [100, 100, 10]  # min_weight_percent
+    assert cb.next_ramp_at == clock.now + 0.5
+    picks = Counter(cb.choose(NO_CONTEXT) for _ in range(210))
+    assert picks == {0: 100, 1: 100, 2: 10}
+    clock.now += 5
+    cb.ramp()
+    assert [h.weight for h in cb.eligible] == [100, 100, 50]  # linear: half way
+    clock.now += 5
+    cb.ramp()
+    assert [h.weight for h in cb.eligible] == [100, 100, 100]
+    assert cb.next_ramp_at is None
+    cb.set_hosts(HOSTS[1:3])  # a host leaving starts nobody's ramp
+    assert cb.next_ramp_at is None
+
+
+def test_slow_start_aggression_ramps_faster_at_first() -> None:
+    slow = SlowStartConfig(window=100.0, aggression=2.0, min_weight_percent=0.0)
+    assert slow.factor(25.0) == 0.5 and slow.factor(0.0) == 0.0 and slow.factor(100.0) == 1.0
+    assert SlowStartConfig(window=100.0).factor(25.0) == 0.25
+
+
+def test_local_origin_detection_alone_needs_no_sweeps_until_it_ejects() -> None:
+    clock = FakeClock()
+    cb = ClusterBalancer(LbPolicy(), outlier_detection=LOCAL_ORIGIN_ONLY, clock=clock,
+                         rng=random.Random(2))
+    cb.set_hosts(HOSTS)
+    assert not cb.sweeps_periodically and cb.next_outlier_evaluation_at is None
+    for _ in range(50):
+        assert not cb.request_finished(HOSTS[0][0], 0.01, 503)  # answers never eject
+    assert cb.next_outlier_evaluation_at is None
+    ejected = [cb.request_finished(HOSTS[1][0], 0.01, None) for _ in range(5)]
+    assert ejected == [False] * 4 + [True]
+    assert cb.next_outlier_evaluation_at is not None
+    # Swept until it is back and its ejection count has decayed; then quiet again.
+    for _ in range(20):
+        when = cb.next_outlier_evaluation_at
+        if when is None:
+            break
+        clock.now = max(clock.now, when)
+        cb.evaluate_outliers()
+    assert cb.next_outlier_evaluation_at is None
+    assert 1 in chosen(cb)

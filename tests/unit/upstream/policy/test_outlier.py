@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from pilotfish.config.cluster_policy import OutlierDetectionConfig
+from pilotfish.config.cluster_policy import LOCAL_ORIGIN_ONLY, OutlierDetectionConfig
 from sidecar.upstream.policy.eligibility import (
     HostState,
     balancer_hosts,
@@ -53,9 +53,36 @@ def test_five_consecutive_5xx_eject_for_the_base_time() -> None:
     assert od.is_ejected(A)
 
 
-def test_connect_failures_count_as_5xx() -> None:
-    od = detector(FakeClock())
+def test_connect_failures_count_as_5xx_unless_split() -> None:
+    od = detector(FakeClock(), split_external_local_origin_errors=False)
     assert len(fail(od, A, 5, status=None)) == 1
+
+
+def test_local_origin_failures_count_apart_by_default() -> None:
+    clock = FakeClock()
+    od = detector(clock, max_ejection_percent=50)
+    assert fail(od, A, 4, status=500) == []
+    assert fail(od, A, 4, status=None) == []  # not part of the 5xx run...
+    assert fail(od, A, 1, status=500) == [
+        HostEjected(key=A, reason=EjectionReason.CONSECUTIVE_5XX, until=clock.now + 30.0)
+    ]
+    b = KEYS[1]
+    assert fail(od, b, 4, status=None) == []
+    assert od.report(b, 503) is None  # ...and any answer ends a local-origin run
+    assert fail(od, b, 4, status=None) == []
+    assert [e.reason for e in fail(od, b, 1, status=None)] == [
+        EjectionReason.CONSECUTIVE_LOCAL_ORIGIN_FAILURE
+    ]
+
+
+def test_clusters_without_outlier_detection_eject_only_unreachable_hosts() -> None:
+    od = OutlierDetector(LOCAL_ORIGIN_ONLY, FakeClock(), random.Random(9))
+    od.set_hosts(KEYS)
+    assert fail(od, A, 50, status=503) == []
+    for _ in range(20):
+        od.report(KEYS[1], 200)
+    od.report(KEYS[2], 200)
+    assert [e.key for e in fail(od, KEYS[3], 5, status=None)] == [KEYS[3]]
 
 
 def test_gateway_failures_are_detected_but_not_enforced_by_default() -> None:

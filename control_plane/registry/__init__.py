@@ -1,0 +1,1 @@
+"""The service registry: instances that join with heartbeats and become EDS endpoints."""

@@ -1,0 +1,1 @@
+"""Registering the app a sidecar fronts: health gating, heartbeats, and leaving gracefully."""
