@@ -17,7 +17,7 @@ from sidecar.route.policy.reply import LocalReply
 
 DELAY_FLAG_CODE = "DI"
 ABORT_FLAG_CODE = "FI"
-"""Envoy's flags for injected delays and aborts: the lead adds both to ``ResponseFlag``."""
+"""Envoy's flags for injected delays and aborts, carried by the replies themselves."""
 
 
 @dataclass(frozen=True, slots=True)

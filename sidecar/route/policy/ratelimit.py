@@ -22,7 +22,7 @@ from sidecar.route.policy.reply import LocalReply
 HTTP_STATUS = 429
 GRPC_STATUS = 8  # RESOURCE_EXHAUSTED
 RESPONSE_FLAG_CODE = "RL"
-"""Envoy's flag for a local rate limit: the lead adds it to ``ResponseFlag`` (429, 8)."""
+"""Envoy's flag for a local rate limit (429, RESOURCE_EXHAUSTED), carried by the reply itself."""
 
 
 @dataclass(frozen=True, slots=True)
