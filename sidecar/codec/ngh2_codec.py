@@ -84,7 +84,12 @@ from sidecar.codec.events import (
     WindowUpdated,
 )
 from sidecar.codec.frames import DEFAULT_WINDOW, Chunk, goaway_frame
-from sidecar.codec.receive import MAX_CONTINUATIONS, MAX_FRAMES_PER_TURN, thread_receive_buffer
+from sidecar.codec.receive import (
+    MAX_CONTINUATIONS,
+    MAX_FRAMES_PER_TURN,
+    feed,
+    thread_receive_buffer,
+)
 
 VERSION = ngh2.__version__
 MAX_STREAM_ID = 2**31 - 1
@@ -476,20 +481,7 @@ class Ngh2Codec:
 
     def receive_data(self, data: bytes | memoryview) -> list[Event]:
         """Events for ``data``, bytes in hand (reads use ``get_buffer``/``buffer_updated``)."""
-        events: list[Event] = []
-        view = memoryview(data)
-        total = len(view)
-        pos = 0
-        while pos < total:
-            room = self.get_buffer()
-            size = min(len(room), total - pos)
-            room[:size] = view[pos : pos + size]
-            pos += size
-            events += self.buffer_updated(size)
-            while self.backlogged:
-                self.get_buffer()
-                events += self.buffer_updated(0)
-        return events
+        return feed(self, data)
 
     def _receive(self, data: memoryview) -> list[Event]:
         if self._dead:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from typing import Protocol
 
 from sidecar.codec import frames as f
 from sidecar.codec.errors import (
@@ -74,6 +75,36 @@ def thread_receive_buffer() -> ReceiveBuffer:
     if buffer is None:
         buffer = _thread_buffer.buffer = ReceiveBuffer()
     return buffer
+
+
+class BufferedReader(Protocol):
+    """A codec read the way the event loop reads into it: a buffer lent, bytes announced."""
+
+    @property
+    def backlogged(self) -> bool: ...
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> list[Event]: ...
+
+
+def feed(reader: BufferedReader, data: bytes | memoryview) -> list[Event]:
+    """Events for ``data``, bytes in hand, pushed through ``reader``'s own receive buffer (and
+    its per-turn frame cap: a backlog is drained before the next bytes go in)."""
+    events: list[Event] = []
+    view = memoryview(data)
+    total = len(view)
+    pos = 0
+    while pos < total:
+        room = reader.get_buffer()
+        size = min(len(room), total - pos)
+        room[:size] = view[pos : pos + size]
+        pos += size
+        events += reader.buffer_updated(size)
+        while reader.backlogged:
+            reader.get_buffer()
+            events += reader.buffer_updated(0)
+    return events
 
 
 class FrameReceiver(abc.ABC):
@@ -212,20 +243,7 @@ class FrameReceiver(abc.ABC):
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Events for ``data``, bytes in hand (reads use ``get_buffer``/``buffer_updated``)."""
-        events: list[Event] = []
-        view = memoryview(data)
-        total = len(view)
-        pos = 0
-        while pos < total:
-            room = self.get_buffer()
-            size = min(len(room), total - pos)
-            room[:size] = view[pos : pos + size]
-            pos += size
-            events += self.buffer_updated(size)
-            while self.backlogged:
-                self.get_buffer()
-                events += self.buffer_updated(0)
-        return events
+        return feed(self, data)
 
     def _frame(
         self,
