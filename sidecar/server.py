@@ -81,16 +81,15 @@ class Sidecar:
         self._route_policies_by_key: dict[tuple[str, str, str], RoutePolicyRuntime] = {}
         self._route_policies: dict[int, RoutePolicyRuntime] = {}
         self._cpu_task: asyncio.Task[None] | None = None
-        self._workload: WorkloadCertificates | None = None
 
     @property
     def workload(self) -> WorkloadCertificates | None:
-        """The workload certificate for mTLS listeners and clusters; None: they refuse TLS."""
-        return self._workload
+        """The workload certificate for mTLS listeners and clusters; None: they refuse TLS.
+        Kept by the cluster manager, which hands it to every cluster."""
+        return self.clusters.workload
 
     @workload.setter
     def workload(self, workload: WorkloadCertificates | None) -> None:
-        self._workload = workload
         self.clusters.workload = workload
 
     # -- config ----------------------------------------------------------------------------
