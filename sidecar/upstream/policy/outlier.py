@@ -118,11 +118,15 @@ class OutlierDetector:
         monitor = self.hosts.get(key)
         if monitor is None:
             return None
-        failed = status is None or status >= 500
-        if failed:
-            monitor.failures += 1
-        else:
+        if status is not None and status < 500:
+            # The common case, kept short: an answer ends every run of failures.
             monitor.successes += 1
+            if not monitor.ejected:
+                monitor.consecutive_5xx = 0
+                monitor.consecutive_gateway_failures = 0
+                monitor.consecutive_local_origin_failures = 0
+            return None
+        monitor.failures += 1
         if monitor.ejected:
             # Requests still reach it in panic mode; they must not stack up new ejections.
             return None
@@ -141,11 +145,7 @@ class OutlierDetector:
                         config.enforcing_consecutive_local_origin_failure,
                     )
                 return None
-            monitor.consecutive_local_origin_failures = 0  # it answered
-        if not failed:
-            monitor.consecutive_5xx = 0
-            monitor.consecutive_gateway_failures = 0
-            return None
+            monitor.consecutive_local_origin_failures = 0  # it answered, with a 5xx
         monitor.consecutive_5xx += 1
         if status is None or status in GATEWAY_FAILURES:
             monitor.consecutive_gateway_failures += 1
