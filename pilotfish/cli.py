@@ -339,7 +339,10 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pilotfish", description=__doc__)
+    parser = _Parser(
+        prog="pilotfish",
+        description="Pilotfish, a service mesh: the sidecar proxy, the xDS control plane, tools.",
+    )
     parser.add_argument("--version", action="version", version=f"pilotfish {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_sidecar(sub)
