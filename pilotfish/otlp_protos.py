@@ -4,15 +4,16 @@ A single ``pip install`` of Pilotfish always leaves xds-protos's old copies of
 opentelemetry-proto's generated modules in place (``pilotfish/deps.py`` says why), and the
 OpenTelemetry OTLP exporters, which the sidecar exports spans with, cannot import them. The
 wheel carries the descriptors of the real modules (``setup.py`` takes them from
-opentelemetry-proto at build time). ``install()`` checks opentelemetry-proto's files against
-the hashes its own RECORD lists; only if they were overwritten, and only for the
+opentelemetry-proto at build time). ``install()`` looks at the one module the overwrite breaks
+and, only if that is an old copy, checks opentelemetry-proto's files against the hashes its
+own RECORD lists; only if they were overwritten, and only for the
 opentelemetry-proto version the descriptors came from, it puts an import hook first on
 ``sys.meta_path`` that builds each ``opentelemetry.proto.*_pb2`` module from its descriptor,
 as the generated module itself would. Nothing changes on disk.
 
 It must run before anything imports those modules (Envoy's OpenTelemetry tracer config, from
 xds-protos, imports them too): ``pilotfish``'s command line calls it first, as does the
-sidecar's exporter factory for embedders.
+sidecar's exporter factory (when the tracer is built, not the exporter) for embedders.
 """
 
 from __future__ import annotations
