@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from typing import Any
 
 import ngh2
@@ -71,18 +71,7 @@ from sidecar.codec.errors import (
     CodecStreamClosedError,
     CodecUsageError,
 )
-from sidecar.codec.events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    Headers,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
+from sidecar.codec.events import Event, EventList, EventSink, Headers
 from sidecar.codec.frames import DEFAULT_WINDOW, Chunk, goaway_frame
 from sidecar.codec.receive import (
     MAX_CONTINUATIONS,
@@ -104,11 +93,14 @@ _WINDOW = ngh2.WindowUpdated
 _SETTINGS = ngh2.SettingsReceived
 _GOAWAY = ngh2.GoAwayReceived
 _CONNECTION_CLOSED = ngh2.ConnectionClosed
+# Events that carry a request or a response: a read's last one is announced (``on_last_message``).
+_MESSAGES = frozenset({_REQUEST, _RESPONSE, _DATA, _TRAILERS})
+_NONE: frozenset[int] = frozenset()
 
 _unpack_header = struct.Struct(">BHBB").unpack_from  # length (high, low), type, flags
 _END_STREAM = _ACK = 0x1
 _END_HEADERS = 0x4
-_HEADERS, _CONTINUATION = 0x1, 0x9
+_HEADERS, _RST_STREAM, _CONTINUATION = 0x1, 0x3, 0x9
 # What a frame costs the peer's budget, by type, when it is walked: nothing (it carries a
 # request, or its cost is decided on its event: RST_STREAM), always, unless it is an ACK
 # (SETTINGS, PING), or when it is empty without END_STREAM (DATA). Unknown types always cost.
@@ -124,6 +116,18 @@ PREFACE_SIZE = 24
 # block again and again, and ``validate.problem`` is the costliest part of handling one.
 _VERDICT_CACHE_SIZE = 512
 _verdicts: dict[tuple[int, tuple[Any, ...]], str | None] = {}
+
+
+def _resets_in(frames: bytes) -> bool:
+    """Whether serialized ``frames`` hold an RST_STREAM."""
+    pos = 0
+    end = len(frames)
+    while pos + 9 <= end:
+        hi, lo, ftype, _ = _unpack_header(frames, pos)
+        if ftype == _RST_STREAM:
+            return True
+        pos += 9 + (hi << 16 | lo)
+    return False
 
 
 def _problem(kind: int, headers: tuple[Any, ...]) -> str | None:
@@ -219,16 +223,23 @@ class Ngh2Codec:
         self._goaway_received = False
         self._goaway_sent = False
         self._dead = False
+        # Events go straight to ``sink``, one call each; until an owner attaches itself there,
+        # they are collected as objects for ``buffer_updated`` to return.
+        self._collected = EventList()
+        self.sink: EventSink = self._collected
+        # Requests reset within the read that opened them are withheld (``on_request_withdrawn``).
+        self.screen_resets = False
 
     # -- sending ---------------------------------------------------------------------------
 
-    def _serialize(self) -> None:
+    def _serialize(self) -> bytes:
         try:
             data = self._conn.data_to_send()
         except ngh2.ConnectionStateError:  # failed: what it had to say is already out
-            return
+            return b""
         if data:
             self._out.append(data)
+        return data
 
     def initiate_connection(self) -> None:
         self._conn.initiate_connection(self._settings)
@@ -391,9 +402,9 @@ class Ngh2Codec:
 
     # -- the budget ------------------------------------------------------------------------
 
-    def _control_frame(self) -> None:
+    def _control_frames(self, frames: int) -> None:
         budget = self.budget
-        if budget is not None and not budget.control_frame(self._data_sends):
+        if budget is not None and not budget.control_frame(self._data_sends, frames):
             self._give_up(CodecProtocolError("too many control frames", ENHANCE_YOUR_CALM))
 
     def _reset_charged(self) -> None:
@@ -408,15 +419,15 @@ class Ngh2Codec:
         self._out.append(goaway_frame(self.highest_inbound_stream_id, exc.error_code))
         raise exc
 
-    def _refuse(self, stream_id: int, events: list[Event]) -> None:
+    def _refuse(self, stream_id: int) -> None:
         """A malformed message: RST_STREAM PROTOCOL_ERROR, as ``H2Codec`` answers one; a
-        stream the application knew gets a ``StreamReset``."""
+        stream the application knew is reported reset."""
         with contextlib.suppress(ngh2.NGH2Error):  # already closed there: nothing to send
             self._conn.reset_stream(stream_id, PROTOCOL_ERROR)
         self._settled.add(stream_id)
         if self.streams.pop(stream_id, None) is not None:
             self.streams_reset += 1
-            events.append(StreamReset(stream_id, PROTOCOL_ERROR, False))
+            self.sink.on_stream_reset(stream_id, PROTOCOL_ERROR, False)
         self._reset_charged()
 
     # -- receiving -------------------------------------------------------------------------
@@ -434,13 +445,25 @@ class Ngh2Codec:
         return view[size:]
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
-        """Events for the ``nbytes`` just read into the space ``get_buffer`` lent; at most
-        ``max_frames_per_turn`` frames are handled, the rest waits (``backlogged``)."""
+        """Events for the ``nbytes`` just read into the space ``get_buffer`` lent, as objects
+        (none when an owner has attached itself as ``sink``: they went to it)."""
+        try:
+            self.read(nbytes)
+        except CodecProtocolError:
+            self._collected.take()  # a failed read has no events
+            raise
+        return self._collected.take()
+
+    def read(self, nbytes: int) -> None:
+        """Deliver the events of the ``nbytes`` just read into the space ``get_buffer`` lent to
+        ``sink``; at most ``max_frames_per_turn`` frames are handled, the rest waits
+        (``backlogged``)."""
         self.backlogged = False
         if self._dead:
-            return []
+            return
         if self.client_side:  # an upstream of ours: its reads go to libnghttp2 whole
-            return self._receive(self._rbuf.view[:nbytes])
+            self._receive(self._rbuf.view[:nbytes])
+            return
         end = self._filled + nbytes
         pos = self._skip
         cut = end
@@ -450,6 +473,7 @@ class Ngh2Codec:
             buf = self._rbuf.data
             quota = self.max_frames_per_turn if end - pos > self._walk_free else -1
             charge = _CHARGE if self.budget is not None else b""
+            charged = 0
             ftype = flags = -1
             while pos + 9 <= end:
                 if not quota:
@@ -465,7 +489,11 @@ class Ngh2Codec:
                         or (kind == _UNLESS_ACK and not flags & _ACK)
                         or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
                     ):
-                        self._control_frame()
+                        charged += 1
+            if charged:
+                # Charged for the whole read at once, before libnghttp2 parses any of it: a
+                # flood still ends here, and a read of ten WINDOW_UPDATEs costs one charge.
+                self._control_frames(charged)
             if ftype >= 0:
                 self.header_block_open = ftype in (_HEADERS, _CONTINUATION) and not (
                     flags & _END_HEADERS
@@ -477,15 +505,15 @@ class Ngh2Codec:
                 self._skip = pos - end
         view = self._rbuf.view
         self._pending = view[cut:end].tobytes() if cut < end else b""
-        return self._receive(view[:cut])
+        self._receive(view[:cut])
 
     def receive_data(self, data: bytes | memoryview) -> list[Event]:
         """Events for ``data``, bytes in hand (reads use ``get_buffer``/``buffer_updated``)."""
         return feed(self, data)
 
-    def _receive(self, data: memoryview) -> list[Event]:
+    def _receive(self, data: memoryview) -> None:
         if self._dead:
-            return []
+            return
         conn = self._conn
         try:
             conn.receive_data(data)
@@ -499,56 +527,90 @@ class Ngh2Codec:
             self._serialize()
             self._out.append(goaway_frame(self.highest_inbound_stream_id, code))
             raise CodecProtocolError(str(exc), code) from exc
-        self._serialize()  # acknowledgements (SETTINGS, PING) and libnghttp2's own GOAWAY
-        events: list[Event] = []
-        append = events.append
-        streams = self.streams
+        # Acknowledgements (SETTINGS, PING), libnghttp2's own GOAWAY and RST_STREAMs.
+        answer = self._serialize()
         # The loop tests exact types (``is``), which mypy does not narrow by: events are Any.
         incoming: list[Any] = conn.events()
+        if not incoming:
+            if not (self._goaway_received or self._goaway_sent or conn.want_read):
+                # libnghttp2 queued GOAWAY for a connection error without an event for it yet.
+                self._dead = True
+                self._serialize()
+                raise CodecProtocolError("HTTP/2 connection error", PROTOCOL_ERROR)
+            return
+        sink = self.sink
+        streams = self.streams
+        doomed: Collection[int] = _NONE
+        withheld: Collection[int] = _NONE
+        if self.screen_resets:
+            # Streams close in most reads that carry requests, their responses sent: a read
+            # is searched for resets only if the peer reset a stream or libnghttp2 did (an
+            # RST_STREAM of its own in the answer).
+            kinds = set(map(type, incoming))
+            if _REQUEST in kinds and (
+                _RESET in kinds or (answer and _CLOSED in kinds and _resets_in(answer))
+            ):
+                doomed = self._reset_in(incoming)
+        last = None
+        for event in reversed(incoming):
+            if type(event) in _MESSAGES:
+                last = event
+                break
         for event in incoming:
+            if event is last:
+                sink.on_last_message()
             kind = type(event)
             if kind is _DATA:
                 payload = event.data
                 sid = event.stream_id
                 if sid not in streams:  # refused here, in this read: nobody takes the bytes
                     conn.acknowledge_received_data(len(payload), sid)
+                elif sid in withheld:  # as good as refused
+                    self.acknowledge_received_data(len(payload), sid)
+                    if event.end_stream:
+                        self._remote_ended(sid)
                 elif event.end_stream:
-                    append(DataReceived(sid, payload, len(payload), True))
                     self._remote_ended(sid)
+                    sink.on_data_received(sid, payload, len(payload), True)
                 else:
-                    append(DataReceived(sid, payload, len(payload), None))
+                    sink.on_data_received(sid, payload, len(payload), False)
             elif kind is _REQUEST:
                 sid = event.stream_id
                 if sid > self.highest_inbound_stream_id:
                     self.highest_inbound_stream_id = sid
                 if _problem(validate.REQUEST, event.headers) is not None:
-                    self._refuse(sid, events)
+                    self._refuse(sid)
                     continue
                 stream = streams[sid] = _Stream(headers_sent=False)
-                if event.end_stream:
+                end_stream = event.end_stream
+                if end_stream:
                     stream.remote_open = False
-                    append(RequestReceived(sid, list(event.headers), True))
+                if sid in doomed:
+                    withheld = {*withheld, sid}
+                    sink.on_request_withdrawn(sid)
                 else:
-                    append(RequestReceived(sid, list(event.headers), None))
+                    sink.on_request_received(sid, list(event.headers), end_stream)
             elif kind is _RESPONSE:
                 sid = event.stream_id
                 if _problem(validate.RESPONSE, event.headers) is not None:
-                    self._refuse(sid, events)
+                    self._refuse(sid)
                 elif event.end_stream:
-                    append(ResponseReceived(sid, list(event.headers), True))
                     self._remote_ended(sid)
+                    sink.on_response_received(sid, list(event.headers), True)
                 else:
-                    append(ResponseReceived(sid, list(event.headers), None))
+                    sink.on_response_received(sid, list(event.headers), False)
             elif kind is _CLOSED:
-                if streams.pop(event.stream_id, None) is not None:
+                sid = event.stream_id
+                if streams.pop(sid, None) is not None:
                     # Closed by libnghttp2 while we thought it open: it reset the stream (a
                     # malformed message, a GOAWAY that left it unprocessed, a failed send).
                     self.streams_reset += 1
-                    append(StreamReset(event.stream_id, event.error_code or CANCEL, False))
+                    if sid not in withheld:
+                        sink.on_stream_reset(sid, event.error_code or CANCEL, False)
                     if event.error_code != NO_ERROR:
                         self._reset_charged()  # as we charge a reset we make for the peer
-                elif event.stream_id in self._settled:
-                    self._settled.discard(event.stream_id)
+                elif sid in self._settled:
+                    self._settled.discard(sid)
                 elif event.error_code != NO_ERROR:
                     # libnghttp2 reset a stream before the application saw it (a request it
                     # found malformed, a stream past the limit): charged as our own refusals.
@@ -556,40 +618,45 @@ class Ngh2Codec:
             elif kind is _TRAILERS:
                 sid = event.stream_id
                 if _problem(validate.TRAILERS, event.headers) is not None:
-                    self._refuse(sid, events)
+                    self._refuse(sid)
                 else:
-                    append(TrailersReceived(sid, list(event.headers)))
                     self._remote_ended(sid)
+                    if sid not in withheld:
+                        sink.on_trailers_received(sid, list(event.headers))
             elif kind is _RESET:
-                if streams.pop(event.stream_id, None) is not None:
+                sid = event.stream_id
+                if streams.pop(sid, None) is not None:
                     self.streams_reset += 1
-                    self._settled.add(event.stream_id)
-                    append(StreamReset(event.stream_id, event.error_code))
+                    self._settled.add(sid)
+                    if sid not in withheld:
+                        sink.on_stream_reset(sid, event.error_code, True)
                     self._reset_charged()
                 else:
-                    self._control_frame()  # a reset of a closed stream does nothing
+                    self._control_frames(1)  # a reset of a closed stream does nothing
             elif kind is _WINDOW:
-                append(WindowUpdated(event.stream_id, event.increment))
+                sink.on_window_updated(event.stream_id, event.increment)
             elif kind is _SETTINGS:
                 changed = dict(event.settings)
                 self._remote_settings_changed(changed)
-                append(RemoteSettingsChanged(changed))
+                sink.on_settings_received(changed)
             elif kind is _GOAWAY:
                 self._goaway_received = True
                 debug = event.debug_data or None
-                append(ConnectionTerminated(event.error_code, event.last_stream_id, debug))
+                sink.on_goaway_received(event.error_code, event.last_stream_id, debug)
             elif kind is _CONNECTION_CLOSED and event.error_code and not self._goaway_received:
                 self._dead = True
                 raise CodecProtocolError(
                     f"HTTP/2 connection error: {event.debug_data.decode(errors='replace')}",
                     event.error_code or PROTOCOL_ERROR,
                 )
-        if not incoming and not (self._goaway_received or self._goaway_sent or conn.want_read):
-            # libnghttp2 queued GOAWAY for a connection error without an event for it yet.
-            self._dead = True
-            self._serialize()
-            raise CodecProtocolError("HTTP/2 connection error", PROTOCOL_ERROR)
-        return events
+
+    def _reset_in(self, incoming: list[Any]) -> set[int]:
+        """The streams a read resets: by the peer, or by libnghttp2 for a malformed message."""
+        return {
+            event.stream_id
+            for event in incoming
+            if type(event) is _RESET or (type(event) is _CLOSED and event.error_code)
+        }
 
     def _remote_settings_changed(self, changed: dict[int, int]) -> None:
         settings = self.remote_settings
