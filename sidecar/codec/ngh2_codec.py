@@ -116,6 +116,10 @@ PREFACE_SIZE = 24
 # block again and again, and ``validate.problem`` is the costliest part of handling one.
 _VERDICT_CACHE_SIZE = 512
 _verdicts: dict[tuple[int, tuple[Any, ...]], str | None] = {}
+_UNSEEN = ""  # not a verdict: a block not judged yet
+_REQUEST_BLOCK, _RESPONSE_BLOCK, _TRAILERS_BLOCK = validate.REQUEST, validate.RESPONSE, (
+    validate.TRAILERS
+)
 
 
 def _resets_in(frames: bytes) -> bool:
@@ -308,6 +312,10 @@ class Ngh2Codec:
             else:
                 conn.send_response(stream_id, headers, end_stream=end_stream)
                 stream.headers_sent = True
+                if not end_stream:
+                    # The stream exists and no window moved: the frame can wait for the
+                    # body's, or for ``take_output``.
+                    return
         except ngh2.NGH2Error as exc:
             raise CodecStreamClosedError(stream_id) from exc
         data = conn.data_to_send()
@@ -556,29 +564,45 @@ class Ngh2Codec:
             if type(event) in _MESSAGES:
                 last = event
                 break
+        settled = self._settled
+        # Branches in the order of how often they are taken; a stream that ends here leaves
+        # ``streams`` before its owner hears of it.
         for event in incoming:
-            if event is last:
-                sink.on_last_message()
             kind = type(event)
-            if kind is _DATA:
+            if kind is _CLOSED:
+                sid = event.stream_id
+                if event.error_code or settled or sid in streams:  # not a stream that completed
+                    self._closed(sid, event.error_code, withheld)
+            elif kind is _DATA:
+                if event is last:
+                    sink.on_last_message()
                 payload = event.data
                 sid = event.stream_id
-                if sid not in streams:  # refused here, in this read: nobody takes the bytes
+                stream = streams.get(sid)
+                if stream is None:  # refused here, in this read: nobody takes the bytes
                     conn.acknowledge_received_data(len(payload), sid)
                 elif sid in withheld:  # as good as refused
                     self.acknowledge_received_data(len(payload), sid)
                     if event.end_stream:
                         self._remote_ended(sid)
                 elif event.end_stream:
-                    self._remote_ended(sid)
+                    stream.remote_open = False
+                    if not stream.local_open:
+                        del streams[sid]
+                        self._streams_completed += 1
                     sink.on_data_received(sid, payload, len(payload), True)
                 else:
                     sink.on_data_received(sid, payload, len(payload), False)
             elif kind is _REQUEST:
+                if event is last:
+                    sink.on_last_message()
                 sid = event.stream_id
+                headers = event.headers
                 if sid > self.highest_inbound_stream_id:
                     self.highest_inbound_stream_id = sid
-                if _problem(validate.REQUEST, event.headers) is not None:
+                if _verdicts.get((_REQUEST_BLOCK, headers), _UNSEEN) is not None and (
+                    _problem(_REQUEST_BLOCK, headers) is not None
+                ):
                     self._refuse(sid)
                     continue
                 stream = streams[sid] = _Stream(headers_sent=False)
@@ -589,52 +613,46 @@ class Ngh2Codec:
                     withheld = {*withheld, sid}
                     sink.on_request_withdrawn(sid)
                 else:
-                    sink.on_request_received(sid, list(event.headers), end_stream)
+                    sink.on_request_received(sid, list(headers), end_stream)
             elif kind is _RESPONSE:
+                if event is last:
+                    sink.on_last_message()
                 sid = event.stream_id
-                if _problem(validate.RESPONSE, event.headers) is not None:
+                headers = event.headers
+                if _verdicts.get((_RESPONSE_BLOCK, headers), _UNSEEN) is not None and (
+                    _problem(_RESPONSE_BLOCK, headers) is not None
+                ):
                     self._refuse(sid)
                 elif event.end_stream:
                     self._remote_ended(sid)
-                    sink.on_response_received(sid, list(event.headers), True)
+                    sink.on_response_received(sid, list(headers), True)
                 else:
-                    sink.on_response_received(sid, list(event.headers), False)
-            elif kind is _CLOSED:
-                sid = event.stream_id
-                if streams.pop(sid, None) is not None:
-                    # Closed by libnghttp2 while we thought it open: it reset the stream (a
-                    # malformed message, a GOAWAY that left it unprocessed, a failed send).
-                    self.streams_reset += 1
-                    if sid not in withheld:
-                        sink.on_stream_reset(sid, event.error_code or CANCEL, False)
-                    if event.error_code != NO_ERROR:
-                        self._reset_charged()  # as we charge a reset we make for the peer
-                elif sid in self._settled:
-                    self._settled.discard(sid)
-                elif event.error_code != NO_ERROR:
-                    # libnghttp2 reset a stream before the application saw it (a request it
-                    # found malformed, a stream past the limit): charged as our own refusals.
-                    self._reset_charged()
+                    sink.on_response_received(sid, list(headers), False)
             elif kind is _TRAILERS:
+                if event is last:
+                    sink.on_last_message()
                 sid = event.stream_id
-                if _problem(validate.TRAILERS, event.headers) is not None:
+                headers = event.headers
+                if _verdicts.get((_TRAILERS_BLOCK, headers), _UNSEEN) is not None and (
+                    _problem(_TRAILERS_BLOCK, headers) is not None
+                ):
                     self._refuse(sid)
                 else:
                     self._remote_ended(sid)
                     if sid not in withheld:
-                        sink.on_trailers_received(sid, list(event.headers))
+                        sink.on_trailers_received(sid, list(headers))
+            elif kind is _WINDOW:
+                sink.on_window_updated(event.stream_id, event.increment)
             elif kind is _RESET:
                 sid = event.stream_id
                 if streams.pop(sid, None) is not None:
                     self.streams_reset += 1
-                    self._settled.add(sid)
+                    settled.add(sid)
                     if sid not in withheld:
                         sink.on_stream_reset(sid, event.error_code, True)
                     self._reset_charged()
                 else:
                     self._control_frames(1)  # a reset of a closed stream does nothing
-            elif kind is _WINDOW:
-                sink.on_window_updated(event.stream_id, event.increment)
             elif kind is _SETTINGS:
                 changed = dict(event.settings)
                 self._remote_settings_changed(changed)
@@ -649,6 +667,23 @@ class Ngh2Codec:
                     f"HTTP/2 connection error: {event.debug_data.decode(errors='replace')}",
                     event.error_code or PROTOCOL_ERROR,
                 )
+
+    def _closed(self, sid: int, error_code: int, withheld: Collection[int]) -> None:
+        """libnghttp2 closed a stream that did not simply complete."""
+        if self.streams.pop(sid, None) is not None:
+            # Closed by libnghttp2 while we thought it open: it reset the stream (a malformed
+            # message, a GOAWAY that left it unprocessed, a failed send).
+            self.streams_reset += 1
+            if sid not in withheld:
+                self.sink.on_stream_reset(sid, error_code or CANCEL, False)
+            if error_code != NO_ERROR:
+                self._reset_charged()  # as we charge a reset we make for the peer
+        elif sid in self._settled:
+            self._settled.discard(sid)
+        elif error_code != NO_ERROR:
+            # libnghttp2 reset a stream before the application saw it (a request it found
+            # malformed, a stream past the limit): charged as our own refusals.
+            self._reset_charged()
 
     def _reset_in(self, incoming: list[Any]) -> set[int]:
         """The streams a read resets: by the peer, or by libnghttp2 for a malformed message."""

@@ -128,7 +128,7 @@ _read_tail = _ReadTail()
 class H2Stream:
     """One HTTP/2 stream: a ``StreamSink`` for the other side, feeding a ``StreamHandler``."""
 
-    __slots__ = ("closed", "conn", "handler", "queue", "stream_id", "trailers")
+    __slots__ = ("closed", "conn", "handler", "queue", "stream_id")
 
     def __init__(self, conn: H2Connection, stream_id: int, handler: StreamHandler | None) -> None:
         self.conn = conn
@@ -136,20 +136,21 @@ class H2Stream:
         self.handler = handler
         self.queue: deque[list[Any]] = deque()  # [data, end_stream, on_sent] or [_TRAILERS, hdrs]
         self.closed = False
-        self.trailers: Headers | None = None
 
     def send_headers(self, headers: Headers, end_stream: bool) -> None:
         if self.closed:
             return
+        conn = self.conn
         try:
-            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
+            conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.debug("send_headers on stream %d failed: %s", self.stream_id, exc)
-            self.conn.reset_stream(self, CANCEL)
+            conn.reset_stream(self, CANCEL)
             return
-        self.conn.mark_dirty()
+        if not conn._flush_scheduled:
+            conn.mark_dirty()
         if end_stream:
-            self.conn.stream_send_ended(self)
+            conn.stream_send_ended(self)
 
     def send_data(self, data: bytes, end_stream: bool, on_sent: OnSent) -> None:
         if self.closed:
@@ -564,6 +565,11 @@ class H2Connection(asyncio.BufferedProtocol):
         self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: H2Stream) -> None:
+        if self._lean:
+            # Our codecs keep a stream in ``streams`` exactly as long as it is open.
+            if stream.stream_id not in self.h2.streams:
+                self._close_stream(stream, None, 0)
+            return
         try:
             h2stream = self.h2.streams.get(stream.stream_id)
         except h2.exceptions.StreamClosedError:
@@ -577,8 +583,10 @@ class H2Connection(asyncio.BufferedProtocol):
             return
         stream.closed = True
         self.streams.pop(stream.stream_id, None)
-        self._blocked.discard(stream)
-        stream.release_queue()
+        if self._blocked:
+            self._blocked.discard(stream)
+        if stream.queue:
+            stream.release_queue()
         if reason is not None and stream.handler is not None:
             stream.handler.on_reset(reason, code)
         self.on_stream_closed(stream)

@@ -131,18 +131,15 @@ class ListenerRuntime:
         self.connections_gauge = metrics.active_connections.labels(self.direction)
         self.streams_gauge = metrics.active_streams.labels(self.direction)
 
-    @property
-    def direction(self) -> str:
-        """ "inbound" (to the local app) or "outbound", for metrics."""
-        if self.config.direction:
-            return self.config.direction
-        return "inbound" if self.config.name.startswith("inbound") else "outbound"
-
     def update(self, config: ListenerConfig) -> None:
         """Take a new config; the load shedder keeps its windows if its config is the same."""
         old = self.config.load_shedding if self.shedder is not None else None
         old_jwt = self.config.jwt if self.jwt is not None else None
         self.config = config
+        # "inbound" (to the local app) or "outbound", for metrics: read by every request.
+        self.direction = config.direction or (
+            "inbound" if config.name.startswith("inbound") else "outbound"
+        )
         if config.jwt is None:
             self.jwt = None
         elif config.jwt != old_jwt:  # an unchanged config keeps its fetched keys
@@ -154,6 +151,10 @@ class ListenerRuntime:
             self.shedder = None
         elif shedding != old:
             self.shedder = LoadShedder(shedding, asyncio.get_event_loop().time)
+        # Requests need no inbound security filter: the Exchange handles them alone.
+        self._unfiltered = config.mtls is None and config.authorization is None and (
+            self.jwt is None
+        )
 
     @property
     def clusters(self) -> ClusterManager:
@@ -165,9 +166,9 @@ class ListenerRuntime:
 
     def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
         exchange = Exchange(self, downstream)
-        config = self.config
-        if config.mtls is None and config.authorization is None and self.jwt is None:
+        if self._unfiltered:
             return exchange
+        config = self.config
         return InboundSecurity(
             exchange, peer, config.authorization, self.scope, config.mtls is not None, self.jwt
         )
