@@ -107,6 +107,7 @@ _HEADERS, _RST_STREAM, _CONTINUATION = 0x1, 0x3, 0x9
 _FREE, _ALWAYS, _UNLESS_ACK, _IF_EMPTY = 0, 1, 2, 3
 _CHARGE = bytes([_IF_EMPTY, _FREE, _ALWAYS, _FREE, _UNLESS_ACK, _FREE, _UNLESS_ACK, _FREE])
 _CHARGE += bytes([_ALWAYS, _FREE]) + bytes([_ALWAYS]) * 246
+_NO_CHARGE = bytes(256)  # a connection without a budget
 # libnghttp2's limits when the budget is ours: ten times its defaults, a backstop only.
 _BACKSTOP_RESETS = (10_000, 330)
 _BACKSTOP_GLITCHES = (100_000, 3_300)
@@ -132,6 +133,39 @@ def _resets_in(frames: bytes) -> bool:
             return True
         pos += 9 + (hi << 16 | lo)
     return False
+
+
+def _walk(
+    buf: bytearray, pos: int, end: int, quota: int, charge: bytes
+) -> tuple[int, int, int, int]:
+    """Frame headers from ``pos`` to ``end``, at most ``quota`` of them (0: no limit): where
+    the walk stopped, how many frames ``charge`` charges, the last frame's type and flags."""
+    charged = 0
+    ftype = flags = -1
+    if quota:  # a large read: the frames after the quota wait for a later turn
+        while pos + 9 <= end and quota:
+            quota -= 1
+            hi, lo, ftype, flags = _unpack_header(buf, pos)
+            pos += 9 + (hi << 16 | lo)
+            kind = charge[ftype]
+            if kind and (
+                kind == _ALWAYS
+                or (kind == _UNLESS_ACK and not flags & _ACK)
+                or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
+            ):
+                charged += 1
+        return pos, charged, ftype, flags
+    while pos + 9 <= end:  # the same, without counting
+        hi, lo, ftype, flags = _unpack_header(buf, pos)
+        pos += 9 + (hi << 16 | lo)
+        kind = charge[ftype]
+        if kind and (
+            kind == _ALWAYS
+            or (kind == _UNLESS_ACK and not flags & _ACK)
+            or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
+        ):
+            charged += 1
+    return pos, charged, ftype, flags
 
 
 def _problem(kind: int, headers: tuple[Any, ...]) -> str | None:
@@ -478,26 +512,11 @@ class Ngh2Codec:
         if pos >= end:
             self._skip = pos - end
         else:
-            buf = self._rbuf.data
-            quota = self.max_frames_per_turn if end - pos > self._walk_free else -1
-            charge = _CHARGE if self.budget is not None else b""
-            charged = 0
-            ftype = flags = -1
-            while pos + 9 <= end:
-                if not quota:
-                    self.backlogged = True
-                    break
-                quota -= 1
-                hi, lo, ftype, flags = _unpack_header(buf, pos)
-                pos += 9 + (hi << 16 | lo)
-                if charge:
-                    kind = charge[ftype]
-                    if kind and (
-                        kind == _ALWAYS
-                        or (kind == _UNLESS_ACK and not flags & _ACK)
-                        or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
-                    ):
-                        charged += 1
+            quota = self.max_frames_per_turn if end - pos > self._walk_free else 0
+            charge = _CHARGE if self.budget is not None else _NO_CHARGE
+            pos, charged, ftype, flags = _walk(self._rbuf.data, pos, end, quota, charge)
+            if quota and pos + 9 <= end:
+                self.backlogged = True
             if charged:
                 # Charged for the whole read at once, before libnghttp2 parses any of it: a
                 # flood still ends here, and a read of ten WINDOW_UPDATEs costs one charge.

@@ -185,9 +185,11 @@ class H2Stream:
         self.conn.flush_stream(self)
 
     def ack(self, flow_len: int) -> None:
-        if flow_len and not self.conn.closed:
-            self.conn.h2.acknowledge_received_data(flow_len, self.stream_id)
-            self.conn.mark_dirty()
+        conn = self.conn
+        if flow_len and not conn.closed:
+            conn.h2.acknowledge_received_data(flow_len, self.stream_id)
+            if not conn._flush_scheduled:
+                conn.mark_dirty()
 
     def release_queue(self) -> None:
         """Hand back flow-control credit for bytes that will now never be sent."""
@@ -637,9 +639,12 @@ class H2Connection(asyncio.BufferedProtocol):
         self._close_stream(stream, reason, int(error_code))
 
     def on_window_updated(self, stream_id: int, delta: int) -> None:
+        # A stream with queued data is always among the blocked, so most updates (gRPC
+        # clients return both windows after every response) have nothing to do.
+        if not self._blocked:
+            return
         if stream_id == 0:
-            if self._blocked:
-                self._flush_blocked()
+            self._flush_blocked()
         else:
             stream = self.streams.get(stream_id)
             if stream is not None and stream.queue:
