@@ -1,17 +1,20 @@
 """``Ngh2Codec``: ``H2Codec``'s interface over ngh2 (libnghttp2, compiled, sans-IO).
 
 libnghttp2 parses frames, runs HPACK, validates messages (RFC 9113 section 8) and keeps both
-flow-control windows; this module only translates calls and events, so the connection adapter
-(``sidecar.http.h2conn``) and everything above it run unchanged on either codec.
+flow-control windows; this module translates calls, and delivers libnghttp2's events to its
+``sink`` (``EventSink``: the connection adapter, ``sidecar.http.h2conn``), one call per event,
+without event objects of ours; until a sink is attached they are collected as objects, which
+``buffer_updated`` and ``receive_data`` return as ``H2Codec``'s do.
 
 What it keeps itself, and why:
 
 - Which halves of each stream are open. ``h2conn`` asks ``streams.get(id)`` right after it
   sends or receives END_STREAM whether the stream is now closed; libnghttp2 only closes a stream
   when it has serialized the frame, and says so in an event of a later call.
-- Output is serialized at once (``data_to_send`` after every call that queues a frame): that
-  makes a new stream exist in libnghttp2 (it creates it when its HEADERS are serialized), keeps
-  the windows ``local_flow_control_window`` reports exact, and hands ``h2conn`` DATA only ever
+- Output is serialized at once (``data_to_send`` after every call that queues a frame, but
+  for a response's HEADERS without END_STREAM, which leave with what follows): that makes a
+  new stream exist in libnghttp2 (it creates it when its HEADERS are serialized), keeps the
+  windows ``local_flow_control_window`` reports exact, and hands ``h2conn`` DATA only ever
   within the window it was told of, so backpressure across the proxy works as with our codec:
   automatic WINDOW_UPDATEs are off and the receive windows reopen only through
   ``acknowledge_received_data``, when the other side has taken the bytes.
@@ -29,7 +32,8 @@ The hostile-client defences are the same as our codec's, shared where they are c
   mesh's own services, and the Python work a read makes is per event (messages and their
   DATA), which the walk would not make cheaper, while it costs every read.
 - The ``Budget``: frames that carry no request (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, empty
-  DATA, unknown types) are charged during that walk, so a flood ends with GOAWAY
+  DATA, unknown types) are counted during that walk and charged once per read, so a flood ends
+  with GOAWAY
   ENHANCE_YOUR_CALM before libnghttp2 parses it; RST_STREAM is charged on its event, once it
   is known whether the stream was open (a reset) or closed (a control frame). libnghttp2's own
   limits (its reset rate limit, "glitch" limit and queued-ACK cap) stay on as a backstop above
@@ -42,6 +46,10 @@ The hostile-client defences are the same as our codec's, shared where they are c
   stream is reset with PROTOCOL_ERROR and the excess DATA never delivered.
 - ``header_block_open`` comes from the walk: the last frame header read was HEADERS or
   CONTINUATION without END_HEADERS.
+- Requests reset within the read that opened them (the rapid reset attack) are withheld from
+  a sink that asks (``screen_resets``): never routed. Most reads that carry requests also
+  carry the closes of streams answered before, so a read is searched for resets only when the
+  peer reset a stream in it or libnghttp2 answered it with an RST_STREAM of its own.
 
 Differences from our codec, none of which the proxy relies on: a client that opens a stream
 past a MAX_CONCURRENT_STREAMS it has acknowledged gets GOAWAY PROTOCOL_ERROR (as nghttpx

@@ -482,17 +482,20 @@ class H2Connection(asyncio.BufferedProtocol):
         """Send ``data`` at once if the window has room for all of it; False leaves it to the
         stream's queue (a stream that cannot be sent on any more drops it: True)."""
         sid = stream.stream_id
+        h2conn = self.h2
         try:
-            if len(data) > self._window(sid):
+            window = h2conn.local_flow_control_window(sid) if self._lean else self._window(sid)
+            if len(data) > window:
                 return False
-            self.h2.send_data(sid, data, end_stream=end_stream)
+            h2conn.send_data(sid, data, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.debug("send on stream %d failed: %s", sid, exc)
             stream.release_queue()
             return True
         if end_stream:
             self.stream_send_ended(stream)
-        self.mark_dirty()
+        if not self._flush_scheduled:
+            self.mark_dirty()
         return True
 
     def flush_stream(self, stream: H2Stream) -> None:
