@@ -108,6 +108,11 @@ _MESSAGE_EVENTS = frozenset(
 )
 
 
+_DATA_EVENT = codec.DataReceived
+_RESPONSE_EVENT = codec.ResponseReceived
+_REQUEST_EVENT = codec.RequestReceived
+
+
 class _ReadTail:
     """Is the last message event of a read being handled right now?
 
@@ -364,9 +369,22 @@ class H2Connection(asyncio.BufferedProtocol):
             for index, event in enumerate(events):
                 if index == tail:
                     _read_tail.active = True
-                handler = dispatch.get(type(event))
-                if handler is not None:
-                    handler(event)
+                kind = type(event)
+                # Our codec's message events are taken apart here, the rest through the table.
+                if kind is _DATA_EVENT:
+                    ended = event.stream_ended is not None
+                    flow = event.flow_controlled_length
+                    self.on_data_received(event.stream_id, event.data, flow, ended)
+                elif kind is _RESPONSE_EVENT:
+                    ended = event.stream_ended is not None
+                    self.on_response_received(event.stream_id, event.headers, ended)
+                elif kind is _REQUEST_EVENT:
+                    ended = event.stream_ended is not None
+                    self.on_request_received(event.stream_id, event.headers, ended)
+                else:
+                    handler = dispatch.get(kind)
+                    if handler is not None:
+                        handler(event)
         finally:
             _read_tail.active = False
             self.flush()
