@@ -191,16 +191,16 @@ def _problem(kind: int, headers: tuple[Any, ...]) -> str | None:
 
 class _Stream:
     """Which halves are open: a stream leaves ``Ngh2Codec.streams`` when both are closed
-    (so one found there is never ``closed``, the attribute ``h2conn`` asks)."""
+    (so one found there is never ``closed``, the attribute ``h2conn`` asks).
 
-    __slots__ = ("acked", "headers_sent", "local_open", "remote_open")
+    Made for every request, so made without an ``__init__``: a new stream has the class's
+    values until one changes."""
+
     closed = False
-
-    def __init__(self, headers_sent: bool) -> None:
-        self.local_open = True
-        self.remote_open = True
-        self.headers_sent = headers_sent
-        self.acked = 0  # bytes the application took: progress, even without a WINDOW_UPDATE
+    local_open = True
+    remote_open = True
+    headers_sent = False
+    acked = 0  # bytes the application took: progress, even without a WINDOW_UPDATE
 
 
 class Ngh2Codec:
@@ -343,7 +343,8 @@ class Ngh2Codec:
                 if len(self.streams) >= self.remote_settings.max_concurrent_streams:
                     raise CodecUsageError("peer's MAX_CONCURRENT_STREAMS reached")
                 conn.send_request(headers, end_stream=end_stream)
-                stream = self.streams[stream_id] = _Stream(headers_sent=True)
+                stream = self.streams[stream_id] = _Stream()
+                stream.headers_sent = True
             elif not stream.local_open:
                 raise CodecStreamClosedError(stream_id)
             elif stream.headers_sent:
@@ -632,7 +633,7 @@ class Ngh2Codec:
                 ):
                     self._refuse(sid)
                     continue
-                stream = streams[sid] = _Stream(headers_sent=False)
+                stream = streams[sid] = _Stream()
                 end_stream = event.end_stream
                 if end_stream:
                     stream.remote_open = False
