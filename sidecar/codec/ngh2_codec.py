@@ -577,7 +577,7 @@ class Ngh2Codec:
         sink = self.sink
         streams = self.streams
         doomed: Collection[int] = _NONE
-        withheld: Collection[int] = _NONE
+        withheld: set[int] = set()
         if self.screen_resets:
             # Streams close in most reads that carry requests, their responses sent: a read
             # is searched for resets only if the peer reset a stream or libnghttp2 did (an
@@ -638,7 +638,7 @@ class Ngh2Codec:
                 if end_stream:
                     stream.remote_open = False
                 if sid in doomed:
-                    withheld = {*withheld, sid}
+                    withheld.add(sid)
                     sink.on_request_withdrawn(sid)
                 else:
                     sink.on_request_received(sid, list(headers), end_stream)
