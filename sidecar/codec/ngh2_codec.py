@@ -25,8 +25,9 @@ What it keeps itself, and why:
 The hostile-client defences are the same as our codec's, shared where they are code:
 
 - Frames per turn: a client's read is walked frame header by frame header (9 bytes each,
-  payloads skipped) before libnghttp2 sees it; after ``max_frames_per_turn`` frames the rest
-  waits in ``_pending`` (``backlogged``), as in ``sidecar.codec.receive``. Reads under
+  payloads skipped; ``sidecar.codec.walk``) before libnghttp2 sees it; after
+  ``max_frames_per_turn`` frames the rest waits in ``_pending`` (``backlogged``), as in
+  ``sidecar.codec.receive``. Reads under
   ``9 * max_frames_per_turn`` bytes cannot hold more frames than that and are not counted.
   An upstream's reads (``client_side``) go to libnghttp2 whole, unwalked: upstreams are the
   mesh's own services, and the Python work a read makes is per event (messages and their
@@ -62,7 +63,6 @@ section 6.8 allows either); WINDOW_UPDATE is sent when half a window was acknowl
 from __future__ import annotations
 
 import contextlib
-import struct
 from collections.abc import Collection, Hashable
 from typing import Any
 
@@ -87,6 +87,15 @@ from sidecar.codec.receive import (
     feed,
     thread_receive_buffer,
 )
+from sidecar.codec.walk import (
+    CHARGE,
+    CONTINUATION,
+    END_HEADERS,
+    HEADERS,
+    NO_CHARGE,
+    resets_in,
+    walk,
+)
 
 VERSION = ngh2.__version__
 MAX_STREAM_ID = 2**31 - 1
@@ -105,17 +114,6 @@ _CONNECTION_CLOSED = ngh2.ConnectionClosed
 _MESSAGES = frozenset({_REQUEST, _RESPONSE, _DATA, _TRAILERS})
 _NONE: frozenset[int] = frozenset()
 
-_unpack_header = struct.Struct(">BHBB").unpack_from  # length (high, low), type, flags
-_END_STREAM = _ACK = 0x1
-_END_HEADERS = 0x4
-_HEADERS, _RST_STREAM, _CONTINUATION = 0x1, 0x3, 0x9
-# What a frame costs the peer's budget, by type, when it is walked: nothing (it carries a
-# request, or its cost is decided on its event: RST_STREAM), always, unless it is an ACK
-# (SETTINGS, PING), or when it is empty without END_STREAM (DATA). Unknown types always cost.
-_FREE, _ALWAYS, _UNLESS_ACK, _IF_EMPTY = 0, 1, 2, 3
-_CHARGE = bytes([_IF_EMPTY, _FREE, _ALWAYS, _FREE, _UNLESS_ACK, _FREE, _UNLESS_ACK, _FREE])
-_CHARGE += bytes([_ALWAYS, _FREE]) + bytes([_ALWAYS]) * 246
-_NO_CHARGE = bytes(256)  # a connection without a budget
 # libnghttp2's limits when the budget is ours: ten times its defaults, a backstop only.
 _BACKSTOP_RESETS = (10_000, 330)
 _BACKSTOP_GLITCHES = (100_000, 3_300)
@@ -126,54 +124,9 @@ PREFACE_SIZE = 24
 _VERDICT_CACHE_SIZE = 512
 _verdicts: dict[tuple[int, tuple[Any, ...]], str | None] = {}
 _UNSEEN = ""  # not a verdict: a block not judged yet
-_REQUEST_BLOCK, _RESPONSE_BLOCK, _TRAILERS_BLOCK = validate.REQUEST, validate.RESPONSE, (
-    validate.TRAILERS
-)
-
-
-def _resets_in(frames: bytes) -> bool:
-    """Whether serialized ``frames`` hold an RST_STREAM."""
-    pos = 0
-    end = len(frames)
-    while pos + 9 <= end:
-        hi, lo, ftype, _ = _unpack_header(frames, pos)
-        if ftype == _RST_STREAM:
-            return True
-        pos += 9 + (hi << 16 | lo)
-    return False
-
-
-def _walk(
-    buf: bytearray, pos: int, end: int, quota: int, charge: bytes
-) -> tuple[int, int, int, int]:
-    """Frame headers from ``pos`` to ``end``, at most ``quota`` of them (0: no limit): where
-    the walk stopped, how many frames ``charge`` charges, the last frame's type and flags."""
-    charged = 0
-    ftype = flags = -1
-    if quota:  # a large read: the frames after the quota wait for a later turn
-        while pos + 9 <= end and quota:
-            quota -= 1
-            hi, lo, ftype, flags = _unpack_header(buf, pos)
-            pos += 9 + (hi << 16 | lo)
-            kind = charge[ftype]
-            if kind and (
-                kind == _ALWAYS
-                or (kind == _UNLESS_ACK and not flags & _ACK)
-                or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
-            ):
-                charged += 1
-        return pos, charged, ftype, flags
-    while pos + 9 <= end:  # the same, without counting
-        hi, lo, ftype, flags = _unpack_header(buf, pos)
-        pos += 9 + (hi << 16 | lo)
-        kind = charge[ftype]
-        if kind and (
-            kind == _ALWAYS
-            or (kind == _UNLESS_ACK and not flags & _ACK)
-            or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
-        ):
-            charged += 1
-    return pos, charged, ftype, flags
+_REQUEST_BLOCK = validate.REQUEST
+_RESPONSE_BLOCK = validate.RESPONSE
+_TRAILERS_BLOCK = validate.TRAILERS
 
 
 def _problem(kind: int, headers: tuple[Any, ...]) -> str | None:
@@ -522,8 +475,8 @@ class Ngh2Codec:
             self._skip = pos - end
         else:
             quota = self.max_frames_per_turn if end - pos > self._walk_free else 0
-            charge = _CHARGE if self.budget is not None else _NO_CHARGE
-            pos, charged, ftype, flags = _walk(self._rbuf.data, pos, end, quota, charge)
+            charge = CHARGE if self.budget is not None else NO_CHARGE
+            pos, charged, ftype, flags = walk(self._rbuf.data, pos, end, quota, charge)
             if quota and pos + 9 <= end:
                 self.backlogged = True
             if charged:
@@ -531,8 +484,8 @@ class Ngh2Codec:
                 # flood still ends here, and a read of ten WINDOW_UPDATEs costs one charge.
                 self._control_frames(charged)
             if ftype >= 0:
-                self.header_block_open = ftype in (_HEADERS, _CONTINUATION) and not (
-                    flags & _END_HEADERS
+                self.header_block_open = ftype in (HEADERS, CONTINUATION) and not (
+                    flags & END_HEADERS
                 )
             if pos <= end:  # at a frame boundary: the rest is whole frames or a header's start
                 cut = pos
@@ -584,7 +537,7 @@ class Ngh2Codec:
             # RST_STREAM of its own in the answer).
             kinds = set(map(type, incoming))
             if _REQUEST in kinds and (
-                _RESET in kinds or (answer and _CLOSED in kinds and _resets_in(answer))
+                _RESET in kinds or (answer and _CLOSED in kinds and resets_in(answer))
             ):
                 doomed = self._reset_in(incoming)
         last = None
