@@ -404,6 +404,12 @@ class Sidecar:
         )
         if self.access.enabled:
             trace = exchange.trace
+            request_id: bytes | None
+            if trace is not None:
+                trace_id, request_id = trace.trace_id_hex, trace.request_id
+            else:  # an unsampled new trace: no handle, only the ids
+                trace_id = f"{exchange.trace_id:032x}" if exchange.trace_id else ""
+                request_id = exchange.request_id
             self.access.log(
                 AccessEntry(
                     start_time=exchange.start_wall,
@@ -419,8 +425,8 @@ class Sidecar:
                     upstream_host=exchange.upstream_host or None,
                     attempts=exchange.attempts,
                     response_flags=flags or None,
-                    trace_id=trace.trace_id_hex or None if trace is not None else None,
-                    request_id=trace.request_id.decode("latin-1") if trace is not None else None,
+                    trace_id=trace_id or None,
+                    request_id=request_id.decode("latin-1") if request_id is not None else None,
                     listener=listener.config.name,
                     route=route or None,
                     cluster=service or None,

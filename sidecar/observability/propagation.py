@@ -105,6 +105,14 @@ def extract(headers: Headers, formats: Format = ALL_FORMATS) -> Extracted:
     return Extracted(None, hint, request_id)
 
 
+def request_id(headers: Headers) -> bytes | None:
+    """The caller's ``x-request-id``, if it sent one."""
+    for name, value in headers:
+        if name == REQUEST_ID:
+            return value
+    return None
+
+
 def parse_traceparent(value: bytes, tracestate: bytes = b"") -> RemoteParent | None:
     value = value.strip()
     m = _TRACEPARENT_RE.fullmatch(value)
