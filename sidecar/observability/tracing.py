@@ -231,12 +231,10 @@ class Tracer:
         trace_id = self._bits(128) or 1
         if (trace_id & _LOW64) < self._bound:
             return trace_id, None
-        context: Headers = []
-        if self.rewrites_context:
-            propagation.append_context(
-                context, self.inject_formats, trace_id, self._bits(64) or 1, False
-            )
-        return trace_id, context
+        if not self.rewrites_context:
+            return trace_id, []
+        span_id = self._bits(64) or 1
+        return trace_id, propagation.unsampled_context(self.inject_formats, trace_id, span_id)
 
     def _start_sampled(
         self,

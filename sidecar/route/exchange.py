@@ -81,6 +81,7 @@ _FIRST_ATTEMPT = (ATTEMPT_COUNT_HEADER, b"1")
 _UPSTREAM_CLASS = tuple(f"upstream_rq_{n}xx" for n in range(10))
 _DOWNSTREAM_CLASS = tuple(f"downstream_rq_{n}xx" for n in range(10))
 _NOTHING_TRIED: frozenset[int] = frozenset()
+_STATUS_CODES = {b"%d" % n: n for n in range(100, 600)}
 
 
 class SidecarServices(Protocol):
@@ -289,7 +290,7 @@ class Exchange:
             self.expires_at = deadline.expires_at
             self._arm_deadline()
         edit = plan.request_traced if tracer.rewrites_context else plan.request
-        upstream = edit.apply(headers)
+        upstream = edit.apply(headers, fields)
         if context:
             upstream.extend(context)
         if plan.rewrite:
@@ -658,13 +659,33 @@ class Exchange:
     def response_headers(self, attempt: Attempt, headers: Headers, end_stream: bool) -> None:
         if self.done:
             return
-        status_text = headers[0][1] if headers and headers[0][0] == b":status" else None
-        if status_text is None:
-            status_text = header(headers, b":status")
-        status = int(status_text) if status_text is not None and status_text.isdigit() else 0
+        name, status_text = headers[0] if headers else (b"", b"")
+        if name != b":status":
+            status_text = header(headers, b":status") or b""
+        status = _STATUS_CODES.get(status_text)
+        if status is None:
+            status = int(status_text) if status_text.isdigit() else 0
         if status < 200:
             return  # 1xx: interim
         attempt.status = attempt.http_status = status
+        cluster = self.cluster
+        assert cluster is not None
+        # Answers that succeed with headers to be followed by a body pay for none of this.
+        if (
+            (end_stream or status >= 404 or cluster.resilience.throttle is not None)
+            and self._judge_response(attempt, headers, end_stream, status)
+        ):  # fmt: skip
+            return
+        cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
+        self._forward_headers(headers, end_stream, status)
+
+    def _judge_response(
+        self, attempt: Attempt, headers: Headers, end_stream: bool, status: int
+    ) -> bool:
+        """A response that may be a failure (a 5xx, a gRPC status, a peer sidecar's reply), or
+        one the cluster's throttle counts: True when it is not passed on (retried, or one of our
+        own deadlines)."""
+        assert self.cluster is not None
         grpc_status = header(headers, b"grpc-status") if end_stream else None
         if grpc_status is not None and grpc_status.isdigit():
             attempt.grpc_status = self.grpc_status = int(grpc_status)
@@ -676,14 +697,11 @@ class Exchange:
             or (grpc_status is not None and grpc_status != b"0")
             or (status == 404 and from_idle_peer(headers))
         ):
-            # A failure: decide here whether another try may replace it (answers that succeed
-            # pay for none of this).
+            # A failure: decide here whether another try may replace it.
             outcome = self._failure_outcome(attempt, headers, status, grpc_status)
             if outcome is None or self._retry_response(attempt, outcome):
-                return
-        cluster = self.cluster
-        assert cluster is not None
-        throttle = cluster.resilience.throttle
+                return True
+        throttle = self.cluster.resilience.throttle
         if throttle is not None and (not self.grpc or end_stream):
             # A gRPC answer is judged by its trailers; anything else by its status here.
             throttle.record(
@@ -691,8 +709,7 @@ class Exchange:
                     outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
                 ).accepted
             )
-        cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
-        self._forward_headers(headers, end_stream, status)
+        return False
 
     def _failure_outcome(
         self, attempt: Attempt, headers: Headers, status: int, grpc_status: bytes | None
@@ -861,8 +878,12 @@ class Exchange:
         if self.pending or self.retry_timer is not None or self.retry is not None:
             self._release_slow()
         self.replay = None
-        if self.holds_request:
-            self._leave_cluster()
+        if self.holds_request:  # _leave_cluster, inline: every routed request comes here
+            self.holds_request = False
+            cluster = self.cluster
+            assert cluster is not None
+            cluster.resilience.breakers.release_request()
+            cluster.scope.gauges["upstream_rq_active"] -= 1
         if self.admitted is not None:
             self.admitted.release()
         listener = self.listener

@@ -9,6 +9,8 @@ budget when the whole timeout is left, and which policy stages the route needs a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pilotfish.config.model import HeaderMutation, RouteEntry, VirtualHost
 from sidecar.observability.propagation import TRACE_HEADERS
 from sidecar.route.policy.deadline import upstream_budget_header
@@ -38,10 +40,15 @@ class HeaderEdit:
         self.add = tuple(add)
         self.empty = not self.drop and not self.add
 
-    def apply(self, headers: list[Header]) -> list[Header]:
-        """A new list: ``headers`` without the dropped names, then the additions."""
+    def apply(self, headers: list[Header], names: Iterable[bytes] | None = None) -> list[Header]:
+        """A new list: ``headers`` without the dropped names, then the additions. ``names``:
+        the names in ``headers`` (a dict of them), when the caller has it: most requests
+        carry none of the names to drop, and then need no pass over their headers here."""
         drop = self.drop
-        out = [h for h in headers if h[0] not in drop] if drop else list(headers)
+        if drop and (names is None or not drop.isdisjoint(names)):
+            out = [h for h in headers if h[0] not in drop]
+        else:
+            out = list(headers)
         if self.add:
             out.extend(self.add)
         return out
