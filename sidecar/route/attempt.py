@@ -105,7 +105,8 @@ class Attempt:
         if self.cancelled:
             return
         self.cancelled = True
-        self._pending_done()
+        if self.pending:
+            self._pending_done()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -27,6 +27,7 @@ relay and ``_finish``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
     from sidecar.route.policy.shedding import LoadShedder
     from sidecar.route.table import RouteDecision, RouteTable
     from sidecar.stats import Scope
-    from sidecar.timer_wheel import TimerWheel, WheelTimer
+    from sidecar.timer_wheel import Bucket, TimerWheel
     from sidecar.upstream.clusters import ClusterManager, ClusterRuntime, Upstream
 
 __all__ = ["Exchange", "ExchangeHost", "SidecarServices", "flag_reply"]
@@ -172,7 +173,9 @@ class Exchange:
     request_ended = False
     response_started = False
     done = False
-    timer: WheelTimer | None = None
+    # The deadline's entry in the timer wheel is the exchange itself (``on_timer``).
+    deadline_bucket: Bucket | None = None
+    armed_expiry = math.inf
     retry_timer: TimerHandle | None = None
     status = 0
     grpc_status: int | None = None
@@ -281,8 +284,8 @@ class Exchange:
         grpc_timeout = get(b"grpc-timeout")
         if grpc_timeout is None and end_stream:
             if plan.timeout is not None:
-                expires = self.expires_at = now + plan.timeout
-                self.timer = timers.call_at(expires, self._on_deadline)
+                self.expires_at = expires = now + plan.timeout
+                self.deadline_bucket = timers.add(expires, self)
         else:
             deadline = self.deadline = RequestDeadline(now, plan.timeout, grpc_timeout)
             if end_stream:
@@ -852,14 +855,20 @@ class Exchange:
         expires = self.expires_at
         if self.done or expires is None:
             return
-        if self.timer is not None:
-            if self.timer.when() <= expires:
+        bucket = self.deadline_bucket
+        if bucket is not None:
+            if self.armed_expiry <= expires:
                 return
-            self.timer.cancel()
-        self.timer = self.listener.sidecar.timers.call_at(expires, self._on_deadline)
+            bucket.pop(self, None)
+        self.armed_expiry = expires
+        self.deadline_bucket = self.listener.sidecar.timers.add(expires, self)
+
+    def on_timer(self) -> None:
+        """The deadline's wheel entry fired."""
+        self.deadline_bucket = None
+        self._on_deadline()
 
     def _on_deadline(self) -> None:
-        self.timer = None
         if self.done:
             return
         if self.cluster is not None:
@@ -872,9 +881,8 @@ class Exchange:
             return
         self.done = True
         self.status = status
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline_bucket is not None:
+            self.deadline_bucket.pop(self, None)
         if self.pending or self.retry_timer is not None or self.retry is not None:
             self._release_slow()
         self.replay = None
