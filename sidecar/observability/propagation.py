@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 Headers = list[tuple[bytes, bytes]]
@@ -201,6 +203,28 @@ def append_context(
         out.append((B3_SAMPLED, flag))
     if request_id is not None:
         out.append((REQUEST_ID, request_id))
+
+
+def unsampled_writer(formats: Format) -> Callable[[int, int], Headers]:
+    """``unsampled_context`` for ``formats``, as a function of the trace and span ids; the
+    default formats (``tracecontext,b3multi``) get one with no tests of the formats."""
+    if formats == TRACECONTEXT | B3_MULTI:
+        return _unsampled_tracecontext_b3multi
+    return partial(unsampled_context, formats)
+
+
+_B3_NOT_SAMPLED = (B3_SAMPLED, b"0")
+
+
+def _unsampled_tracecontext_b3multi(trace_id: int, span_id: int) -> Headers:
+    trace_hex = b"%032x" % trace_id
+    span_hex = b"%016x" % span_id
+    return [
+        (TRACEPARENT, b"00-%s-%s-00" % (trace_hex, span_hex)),
+        (B3_TRACE_ID, trace_hex),
+        (B3_SPAN_ID, span_hex),
+        _B3_NOT_SAMPLED,
+    ]
 
 
 def unsampled_context(formats: Format, trace_id: int, span_id: int) -> Headers:

@@ -128,6 +128,7 @@ class Tracer:
         self.inject_formats = propagation.parse_formats(config.propagators)
         # Read every format a caller may use; write only the configured ones.
         self.extract_formats = propagation.ALL_FORMATS if self.inject_formats else 0
+        self._unsampled = propagation.unsampled_writer(self.inject_formats)
         # Whether ``add_context`` writes trace headers, so callers strip the caller's first.
         self.rewrites_context = bool(self.enabled and self.inject_formats)
         self.parent_based = config.parent_based
@@ -234,7 +235,7 @@ class Tracer:
         if not self.rewrites_context:
             return trace_id, []
         span_id = self._bits(64) or 1
-        return trace_id, propagation.unsampled_context(self.inject_formats, trace_id, span_id)
+        return trace_id, self._unsampled(trace_id, span_id)
 
     def _start_sampled(
         self,

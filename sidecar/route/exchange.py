@@ -463,8 +463,11 @@ class Exchange:
 
     # -- attempts ---------------------------------------------------------------------------
 
-    def _start_attempt(self) -> None:
+    def _retry_now(self) -> None:
         self.retry_timer = None
+        self._start_attempt()
+
+    def _start_attempt(self) -> None:
         if self.done:
             return
         cluster = self.cluster
@@ -648,7 +651,7 @@ class Exchange:
         )
         if backoff is None:
             return False
-        self.retry_timer = self.loop.call_later(backoff, self._start_attempt)
+        self.retry_timer = self.loop.call_later(backoff, self._retry_now)
         return True
 
     def _cancel_attempt(self, code: int) -> None:

@@ -16,7 +16,9 @@ from sidecar.observability.propagation import (
     TRACE_HEADERS,
     TRACECONTEXT,
     Headers,
+    append_context,
     extract,
+    unsampled_context,
 )
 from sidecar.observability.semconv import grpc_status_of, request_attributes, split_host_port
 from sidecar.observability.tracing import Tracer
@@ -208,6 +210,9 @@ def test_root_context_decides_as_start_server_span_and_makes_spans_only_when_sam
             continue
         parent = extract(context).parent
         assert parent is not None and not parent.sampled and parent.trace_id == trace_id
+        written: Headers = []  # what the general writer makes of the same ids
+        append_context(written, tracer.inject_formats, trace_id, parent.span_id, False)
+        assert context == written
         # The configured formats (tracecontext, b3multi), as inject would write them.
         assert {k for k, _ in context} == {b"traceparent", b"x-b3-traceid", b"x-b3-spanid",
                                            b"x-b3-sampled"}  # fmt: skip
@@ -322,3 +327,10 @@ def test_add_context_on_stripped_headers_matches_inject(
     tracer.end(client, 200)
     tracer.end(server, 200)
     tracer.shutdown()
+
+
+@pytest.mark.parametrize("formats", range(8))
+def test_unsampled_context_writes_what_append_context_does(formats: int) -> None:
+    written: Headers = []
+    append_context(written, formats, PARENT_TRACE, PARENT_SPAN, False)
+    assert unsampled_context(formats, PARENT_TRACE, PARENT_SPAN) == written
