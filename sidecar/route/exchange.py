@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.flags import RESPONSE_FLAGS_HEADER, RETRY_LIMIT_EXCEEDED, ResponseFlag
@@ -85,6 +85,7 @@ _DOWNSTREAM_CLASS = tuple(f"downstream_rq_{n}xx" for n in range(10))
 _UPSTREAM_BY_STATUS = {n: _UPSTREAM_CLASS[n // 100] for n in range(100, 600)}
 _DOWNSTREAM_BY_STATUS = {n: _DOWNSTREAM_CLASS[n // 100] for n in range(100, 600)}
 _NOTHING_TRIED: frozenset[int] = frozenset()
+_NO_HEADERS: Mapping[str, str] = {}
 _STATUS_CODES = {b"%d" % n: n for n in range(100, 600)}
 
 
@@ -238,10 +239,11 @@ class Exchange:
                 self._refuse(refusal)
                 return
         table = listener.route_table()
-        lazy_headers = LazyHeaderMap(headers)
         decision = None
         if table is not None:
-            decision = table.match(authority, path, method, lazy_headers, listener.random)
+            # The headers as a matcher reads them: made only for tables that match on them.
+            matched_on = LazyHeaderMap(headers) if table.matches_headers else _NO_HEADERS
+            decision = table.match(authority, path, method, matched_on, listener.random)
         sidecar = listener.sidecar
         tracer = sidecar.tracer
         if decision is None:
@@ -276,7 +278,8 @@ class Exchange:
             if policy.rate_limiter is not None or policy.bulkhead is not None:
                 held = self.admitted or Admitted()
                 self.admitted = held
-                refusal = admit_route(held, policy, lazy_headers, self._peer_ip, self.grpc)
+                lazy = LazyHeaderMap(headers)
+                refusal = admit_route(held, policy, lazy, self._peer_ip, self.grpc)
                 if refusal is not None:
                     self._refuse(refusal)
                     return
@@ -303,7 +306,8 @@ class Exchange:
             upstream = self._rewrite(upstream)
         self.request_headers = upstream
         if self.policy is not None and self.policy.faults is not None:
-            self._inject_fault(self.policy.faults.decide(lazy_headers, listener.random))
+            faults = self.policy.faults
+            self._inject_fault(faults.decide(LazyHeaderMap(headers), listener.random))
             return
         self._route_to(decision.cluster)
 

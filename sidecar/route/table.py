@@ -64,6 +64,10 @@ class RouteTable:
             for vhost in config.virtual_hosts
         }
         self._hosts: dict[str, VirtualHost | None] = {}
+        # Whether any route matches on headers: if none does, ``match`` never reads them.
+        self.matches_headers = any(
+            route.match.headers for vhost in config.virtual_hosts for route in vhost.routes
+        )
 
     def virtual_host(self, authority: str) -> VirtualHost | None:
         try:
