@@ -29,15 +29,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.flags import RESPONSE_FLAGS_HEADER, RETRY_LIMIT_EXCEEDED, ResponseFlag
-from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
+from sidecar.http.streams import CANCEL, Headers, ResetReason, StreamSink
 from sidecar.observability.propagation import REQUEST_ID, TRACE_HEADERS, new_request_id
 from sidecar.route.admission import Admitted, Refusal, admit_listener, admit_route
 from sidecar.route.attempt import Attempt
+from sidecar.route.body import RequestBody
 from sidecar.route.local_reply import fallback_for, flag_reply, write_reply
 from sidecar.route.policy.deadline import (
     RequestDeadline,
@@ -76,7 +76,6 @@ __all__ = ["Exchange", "ExchangeHost", "SidecarServices", "flag_reply"]
 
 log = logging.getLogger("pilotfish.router")
 
-REPLAY_LIMIT = 64 * 1024
 _FIRST_ATTEMPT = (ATTEMPT_COUNT_HEADER, b"1")
 # Counter names by status class (status // 100, 1 to 9: statuses are three digits), and by
 # status for the statuses that occur (one lookup instead of arithmetic per request).
@@ -168,12 +167,7 @@ class Exchange:
     expires_at: float | None = None
     headers_at = 0.0  # loop time of the request's headers
     in_fallback = False
-    # Request body: chunks not yet handed upstream, and everything kept for a replay (an empty
-    # tuple: nothing yet; None: too much to replay).
-    pending: deque[tuple[bytes, bool, int]] | None = None
-    replay: list[bytes] | tuple[()] | None = ()
-    replay_size = 0
-    request_trailers: Headers | None = None
+    body: RequestBody | None = None  # made at the request's first DATA frame or trailers
     request_ended = False
     response_started = False
     done = False
@@ -411,32 +405,28 @@ class Exchange:
             self.downstream.ack(flow_len)
             return
         self.bytes_in += len(data)
-        replay = self.replay
-        if replay is not None and data:
-            self.replay_size += len(data)
-            if self.replay_size > REPLAY_LIMIT:
-                self.replay = None
-            elif replay:
-                replay.append(data)
-            else:
-                self.replay = [data]
+        body = self.body
+        if body is None:
+            body = self.body = RequestBody(self.downstream)
+        body.keep(data)
         if end_stream:
             self._request_complete()
         attempt = self.attempt
-        if attempt is not None and attempt.stream is not None and not self.pending:
-            attempt.stream.send_data(data, end_stream, self._ack_downstream(flow_len))
-        elif self.pending is None:
-            self.pending = deque(((data, end_stream, flow_len),))
+        if attempt is not None and attempt.stream is not None and not body.pending:
+            attempt.stream.send_data(data, end_stream, body.credit(flow_len))
         else:
-            self.pending.append((data, end_stream, flow_len))
+            body.pending.append((data, end_stream, flow_len))
 
     def on_trailers(self, trailers: Headers) -> None:
         if self.done:
             return
-        self.request_trailers = trailers
+        body = self.body
+        if body is None:
+            body = self.body = RequestBody(self.downstream)
+        body.trailers = trailers
         self._request_complete()
         attempt = self.attempt
-        if attempt is not None and attempt.stream is not None and not self.pending:
+        if attempt is not None and attempt.stream is not None and not body.pending:
             attempt.stream.send_trailers(trailers)
 
     def _request_complete(self) -> None:
@@ -459,11 +449,9 @@ class Exchange:
         self._cancel_attempt(CANCEL)
         self._finish(0)
 
-    def _ack_downstream(self, flow_len: int) -> OnSent:
-        if not flow_len:
-            return None
-        downstream = self.downstream
-        return lambda: downstream.ack(flow_len)
+    def _replayable(self) -> bool:
+        """Whether a retry could send the request's body again (all of it was kept)."""
+        return self.body is None or self.body.replay is not None
 
     # -- attempts ---------------------------------------------------------------------------
 
@@ -543,32 +531,12 @@ class Exchange:
         if attempt is not self.attempt or self.done:
             attempt.host.pool.released(conn)
             return
-        pending = self.pending
-        headers_only = (
-            self.request_ended
-            and not pending
-            and not self.replay_size
-            and (self.request_trailers is None)
-        )
+        body = self.body
+        headers_only = self.request_ended and (body is None or body.empty)
         attempt.host.active_requests += 1
         attempt.stream = stream = conn.open_stream(self._attempt_headers(), headers_only, attempt)
-        if headers_only:
-            return
-        replay = self.replay
-        if self.attempts > 1 and replay:
-            # Bytes an earlier try took (and the downstream was credited for) go again.
-            unsent = sum(1 for data, _, _ in pending if data) if pending else 0
-            for chunk in replay[: len(replay) - unsent]:
-                stream.send_data(chunk, False, None)
-        ended = False
-        while pending:
-            data, end, flow_len = pending.popleft()
-            stream.send_data(data, end, self._ack_downstream(flow_len))
-            ended = end
-        if self.request_trailers is not None:
-            stream.send_trailers(self.request_trailers)
-        elif self.request_ended and not ended:
-            stream.send_data(b"", True, None)
+        if body is not None and not headers_only:
+            body.write_to(stream, resend=self.attempts > 1, request_ended=self.request_ended)
 
     def attempt_failed(self, attempt: Attempt, flag: ResponseFlag) -> None:
         """The pool could not give this try a stream."""
@@ -651,7 +619,7 @@ class Exchange:
             cluster,
             attempt.index,
             remaining=None if expires is None else max(0.0, expires - now),
-            replayable=self.replay is not None,
+            replayable=self._replayable(),
         )
         if backoff is None:
             return False
@@ -741,7 +709,7 @@ class Exchange:
                 self._per_try_timeout(attempt, grpc_status=4)
                 return None
         return response_failure(
-            headers, status, grpc_status, grpc=self.grpc, replayable=self.replay is not None
+            headers, status, grpc_status, grpc=self.grpc, replayable=self._replayable()
         )
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
@@ -894,9 +862,8 @@ class Exchange:
         self.status = status
         if self.deadline_bucket is not None:
             self.deadline_bucket.pop(self, None)
-        if self.pending or self.retry_timer is not None or self.retry is not None:
+        if self.body is not None or self.retry_timer is not None or self.retry is not None:
             self._release_slow()
-        self.replay = None
         if self.holds_request:  # _leave_cluster, inline: every routed request comes here
             self.holds_request = False
             cluster = self.cluster
@@ -920,15 +887,12 @@ class Exchange:
 
     def _release_slow(self) -> None:
         """What only some requests hold at their end: a retry's timer and permit, and body
-        the upstream never took (the client was not credited for it yet)."""
+        the upstream never took."""
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
-        pending = self.pending
-        while pending:
-            flow_len = pending.popleft()[2]
-            if flow_len:
-                self.downstream.ack(flow_len)
+        if self.body is not None:
+            self.body.release()
         retry = self.retry
         if retry is not None:
             retry.release()
