@@ -139,6 +139,10 @@ class VirtualHost:
 class RouteConfig:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
+    # (port, route config) pairs, from the control plane's per-port outbound listeners: a
+    # connection whose original destination (behind interception) is one of these ports is
+    # routed with that port's route config, and one to any other port is not the mesh's.
+    original_port_routes: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
