@@ -625,6 +625,9 @@ def test_ready_waits_for_the_first_config_and_config_dump_lists_every_resource(
 
     names = {"client", "echo", "quotes"}
     expected = {(kind, name) for kind in ("LDS", "RDS", "CDS", "EDS") for name in names}
+    # Envoy's outbound passthrough, served to every proxy (no service here has a port, so
+    # there are no per-port listeners).
+    expected |= {("LDS", "virtualOutbound"), ("CDS", "PassthroughCluster")}
     assert wait_for(lambda: in_sync(control_plane.status(), "n1"), 5)
     dump = sidecar.config_dump()
     resources = dump["dynamic_resources"]

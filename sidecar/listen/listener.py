@@ -478,7 +478,8 @@ class SniffingProtocol(asyncio.Protocol):
             assert destination is not None
             authority = f"{destination[0]}:{destination[1]}"
         if destination is not None and by_port:
-            port_routes = dict(by_port).get(destination[1])
+            ports = dict(by_port)
+            port_routes = ports.get(destination[1]) or ports.get(0)  # 0: every other port
             table = self.listener.route_table_named(port_routes) if port_routes else None
         if table is not None and authority and table.virtual_host(authority) is not None:
             return protocol

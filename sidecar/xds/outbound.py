@@ -30,6 +30,9 @@ from envoy.config.cluster.v3 import cluster_pb2
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import RouteConfig, VirtualHost
 
+OTHER_PORTS = 0
+"""In ``RouteConfig.original_port_routes``: the route config for every port not listed."""
+
 
 @dataclass(frozen=True, slots=True)
 class OutboundPort:
@@ -94,11 +97,19 @@ def outbound_route_configs(
         for vhost in kept:
             hosts.append(vhost)
             claimed.update(vhost.domains)
+    portless: list[VirtualHost] = []
     for rc_name in dict.fromkeys(api_route_configs):
         for vhost in routes[rc_name].virtual_hosts:
             if not claimed.issuperset(vhost.domains):
-                hosts.append(vhost)
+                portless.append(vhost)
                 claimed.update(vhost.domains)
+    if by_port and portless:
+        # A service without a port has no per-port route config: a connection to any port
+        # the others do not claim is looked up in these.
+        other = f"{name}|{OTHER_PORTS}"
+        result[other] = RouteConfig(other, tuple(portless))
+        by_port[OTHER_PORTS] = other
+    hosts += portless
     if hosts or by_port:
         result[name] = RouteConfig(name, tuple(hosts), tuple(sorted(by_port.items())))
     return result
