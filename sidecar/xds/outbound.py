@@ -18,6 +18,8 @@ Our sidecar's outbound listener is its own (``--outbound-address``), so it binds
 by authority: the per-port configurations' virtual hosts, then those of ``api_listener`` route
 configurations (what proxyless gRPC reads) for services the per-port ones do not cover (a
 service without a port), so a control plane that serves only ``api_listener``s still works.
+Those services also get a route config of their own, ``<name>|0``, for redirected connections to
+any port no per-port configuration claims.
 """
 
 from __future__ import annotations
