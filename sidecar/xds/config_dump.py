@@ -46,11 +46,18 @@ def _static(bootstrap: Bootstrap, updated: str | None) -> dict[str, list[dict[st
                   for n in sorted(bootstrap.clusters)],
         ROUTE: [{"route_config": _typed(static_route_config(bootstrap.route_configs[n])), **stamp}
                 for n in sorted(bootstrap.route_configs)],
+        # Envoy lists a static cluster's load assignment here too.
+        ENDPOINT: [
+            {"endpoint_config": _typed(static_cluster(bootstrap.clusters[n]).load_assignment),
+             **stamp}
+            for n in sorted(bootstrap.clusters)
+        ],
     }
 
 
 _STATIC_FIELD = {
-    LISTENER: "static_listeners", CLUSTER: "static_clusters", ROUTE: "static_route_configs"
+    LISTENER: "static_listeners", CLUSTER: "static_clusters", ROUTE: "static_route_configs",
+    ENDPOINT: "static_endpoint_configs",
 }
 
 

@@ -101,7 +101,9 @@ def test_a_static_bootstrap_in_envoys_static_shape() -> None:
     listeners, clusters, routes, endpoints = configs[1:]
     # No control plane: no dynamic lists at all, as Envoy prints a static-only config.
     assert set(listeners) == {"@type", "static_listeners"}
-    assert set(endpoints) == {"@type"}
+    assert set(endpoints) == {"@type", "static_endpoint_configs"}
+    assert [e["endpoint_config"]["cluster_name"] for e in endpoints["static_endpoint_configs"]] == [
+        "canary", "db", "greeter"]
     [ingress] = (entry["listener"] for entry in listeners["static_listeners"])
     assert listeners["static_listeners"][0]["last_updated"] == "2025-11-24T16:00:00.000Z"
     assert ingress["@type"] == "type.googleapis.com/envoy.config.listener.v3.Listener"
