@@ -16,7 +16,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from control_plane.kube.discovery import merge
@@ -252,10 +251,3 @@ def test_the_sidecar_refuses_what_it_cannot_do_with_envoys_shape() -> None:
     with pytest.raises(ConfigError, match=r"PassthroughCluster\]\.lb_policy: .*CLUSTER_PROVIDED"):
         _all(view)
 
-
-def test_resources_read_as_json_the_way_envoy_prints_them() -> None:
-    """A sanity check of the shape Envoy's admin would show: field names as in the protos."""
-    view = decoded(build_view(full_mesh(), ViewKey()))
-    body = json_format.MessageToDict(view[LISTENER]["0.0.0.0_80"],
-                                     preserving_proto_field_name=True)
-    assert body["bind_to_port"] is False and body["traffic_direction"] == "OUTBOUND"
