@@ -23,7 +23,7 @@ from control_plane.kube.state import DiscoveredService, PodEndpoint, ServiceInfo
 from control_plane.mesh import Mesh, load_mesh_file, parse_mesh_text
 from control_plane.xds import pgv
 from control_plane.xds.resources import ViewKey, build_view
-from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.snapshot import InconsistentSnapshot, Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from pilotfish.config.errors import ConfigError
 from sidecar.listen.iptables import InterceptionOptions
@@ -175,6 +175,13 @@ def test_per_port_route_configurations_carry_every_kubernetes_name() -> None:
     assert regex.WhichOneof("engine_type") is None
     header = routes["greeter"].virtual_hosts[0].routes[0].match.headers[2]
     assert header.string_match.safe_regex.WhichOneof("engine_type") is None
+
+
+def test_a_view_without_the_passthrough_cluster_is_inconsistent() -> None:
+    view = build_view(full_mesh(), ViewKey())
+    del view[CLUSTER]["PassthroughCluster"]
+    with pytest.raises(InconsistentSnapshot, match="'virtualOutbound' names missing cluster"):
+        Snapshot.build(view)
 
 
 def test_a_digits_only_service_name_is_refused() -> None:
