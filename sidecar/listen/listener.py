@@ -452,8 +452,8 @@ class SniffingProtocol(asyncio.Protocol):
         SETTINGS before sending a request, so there the address dialled decides: a known
         ``ip:port`` (a Kubernetes Service's ClusterIP) or a catch-all virtual host. When the
         control plane serves per-port outbound routes (Envoy's shape), a redirected connection
-        is looked up in its original destination port's routes only, as Envoy does; a port
-        with none is not the mesh's.
+        is looked up in its original destination port's routes only, as Envoy does; on a port
+        with none, only services without a port are the mesh's.
         """
         table = self.listener.route_table()
         by_port = table.config.original_port_routes if table is not None else ()
