@@ -46,6 +46,7 @@ from pilotfish.config.model import (
 )
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
+from sidecar.xds.authn import ListenerSecurity, translate_http_security
 from sidecar.xds.clusters import (
     eds_service_name as eds_service_name,
 )
@@ -61,6 +62,7 @@ from sidecar.xds.common import type_name as _type_name
 from sidecar.xds.common import unpack as _unpack
 from sidecar.xds.common import unsupported as _unsupported
 from sidecar.xds.route_policy import (
+    LISTENER_METADATA_KEYS,
     check_http_filters,
     translate_listener_limits,
     translate_load_shedding,
@@ -113,11 +115,15 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     route_config: str | None = None
     passthrough: str | None = None
     limits = ConnectionLimits()
+    security = ListenerSecurity()
     if _type_name(packed) == HCM_TYPE:
         hcm = hcm_pb2.HttpConnectionManager()
         _unpack(filter_path, packed, hcm)
         route_config = _hcm_route_config(hcm, filter_path)
         limits = _hcm_limits(hcm, filter_path)
+        security = translate_http_security(
+            hcm, listener, filter_path, LISTENER_METADATA_KEYS, _header
+        )
     elif _type_name(packed) == TCP_PROXY_TYPE:
         tcp = tcp_proxy_pb2.TcpProxy()
         _unpack(filter_path, packed, tcp)
@@ -137,6 +143,8 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         listener_limits=listener_limits,
         mtls=mtls,
         limits=limits,
+        jwt=security.jwt,
+        authorization=security.authorization,
     )
 
 
