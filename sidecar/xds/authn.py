@@ -55,6 +55,13 @@ class ListenerSecurity:
     authorization: AuthorizationPolicy | None = None
 
 
+def reject_http_security(hcm: hcm_pb2.HttpConnectionManager, path: str) -> None:
+    """An api_listener (a proxyless client's, or our outbound side) enforces no JWT or RBAC."""
+    for i, http_filter in enumerate(hcm.http_filters):
+        if type_name(http_filter.typed_config) in (JWT_TYPE, RBAC_TYPE):
+            raise ConfigError(f"{path}.http_filters[{i}]", "not supported on an api_listener")
+
+
 def translate_http_security(
     hcm: hcm_pb2.HttpConnectionManager,
     listener: listener_pb2.Listener,
@@ -100,6 +107,8 @@ def translate_http_security(
             allow = rules
             if not rules:
                 deny = (*(deny or ()), AuthzRule())
+    if jwt is None and OurMetadata(listener.metadata, path, metadata_keys).has("jwt_providers"):
+        raise ConfigError(f"{path}.http_filters", "jwt_providers metadata, but no jwt_authn filter")
     policy = None
     if deny is not None or allow is not None:
         policy = AuthorizationPolicy(allow=allow or (), deny=deny or ())

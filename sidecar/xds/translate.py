@@ -46,7 +46,11 @@ from pilotfish.config.model import (
 )
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
-from sidecar.xds.authn import ListenerSecurity, translate_http_security
+from sidecar.xds.authn import (
+    ListenerSecurity,
+    reject_http_security,
+    translate_http_security,
+)
 from sidecar.xds.clusters import (
     eds_service_name as eds_service_name,
 )
@@ -96,6 +100,7 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     if listener.HasField("api_listener"):
         hcm = hcm_pb2.HttpConnectionManager()
         _unpack(f"{path}.api_listener.api_listener", listener.api_listener.api_listener, hcm)
+        reject_http_security(hcm, f"{path}.api_listener.api_listener")
         return ApiListener(listener.name, _hcm_route_config(hcm, f"{path}.api_listener"))
     if not listener.address.HasField("socket_address"):
         raise ConfigError(f"{path}.address", "a socket_address is required")

@@ -267,3 +267,24 @@ def test_a_refused_policy_is_nacked_and_the_last_good_one_stays() -> None:
     kept = {listener.name: listener for listener in state.applied.listeners}
     assert kept["inbound|orders"].authorization == good["inbound|orders"].authorization
 
+
+
+def test_jwt_and_rbac_are_refused_where_they_would_be_ignored() -> None:
+    mesh = parse_mesh_text(EVERY)
+    view = build_view(mesh, ViewKey("single", ("127.0.0.1", 9000)))
+    # An api_listener (outbound) enforces nothing: a filter there would be a silent no-op.
+    api = listener_pb2.Listener()
+    assert view[LISTENER]["orders"].packed.Unpack(api)
+    hcm = hcm_pb2.HttpConnectionManager()
+    assert api.api_listener.api_listener.Unpack(hcm)
+    hcm.http_filters.insert(0, _hcm(_inbound(mesh, "single")).http_filters[1])
+    api.api_listener.api_listener.Pack(hcm)
+    with pytest.raises(ConfigError, match=r"http_filters\[0\]: not supported on an api_listener"):
+        translate_listener(api)
+    # Provider settings without the filter they belong to.
+    inbound = _inbound(mesh, "orders")
+    single = _hcm(inbound)
+    del single.http_filters[0:3]
+    inbound.filter_chains[0].filters[0].typed_config.Pack(single)
+    with pytest.raises(ConfigError, match="jwt_providers metadata, but no jwt_authn filter"):
+        translate_listener(inbound)
