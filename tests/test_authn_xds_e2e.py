@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,21 @@ def call(
         return grpc.StatusCode.OK
 
 
-def http1(address: str, method: str) -> int:
+def http1(address: str, method: str) -> tuple[int, str | None]:
+    """The status, and the response flags of a local reply."""
     host, port = address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         conn.request(method, "/status", body=b"" if method == "POST" else None)
         response = conn.getresponse()
         response.read()
-        return response.status
+        return response.status, response.getheader("x-pilotfish-response-flags")
     finally:
         conn.close()
+
+
+def is_ready(sidecar: Sidecar) -> bool:
+    return sidecar.admin("/ready")[0] == 200
 
 
 def billing_mesh(inbound: str, jwks_file: Path, scope: str) -> str:
@@ -166,8 +172,8 @@ def test_jwt_and_request_rules_from_the_mesh_file(tmp_path: Path) -> None:
         assert call(inbound, rotated, method="Other") == denied  # path
         assert call(inbound, rotated, extra=(("x-block", "yes"),)) == denied  # header
         assert call(inbound, None) == denied  # no token, no claim: only GET is allowed
-        assert http1(inbound, "POST") == 403
-        assert http1(inbound, "GET") != 403  # allowed: it reaches the app (which is not HTTP)
+        assert http1(inbound, "POST") == (403, "RBAC")
+        assert http1(inbound, "GET")[0] != 403  # allowed: it reaches the app (which is not HTTP)
         assert billing.stat(DENIED) == 5
 
         # A live edit: the claim rule now wants another scope; same sidecar process.
@@ -241,7 +247,9 @@ def test_identity_and_namespace_rules_over_strict_mtls(tmp_path: Path) -> None:
                 processes, xds, f"{who}-1", who, "--namespace", ns, "--ca-token-file", token
             )
         for sidecar in (billing, *sidecars.values()):
-            sidecar.wait_ready()
+            # Five processes making keys and fetching certificates at once: more than the
+            # usual 15 s on a loaded machine.
+            assert wait_for(partial(is_ready, sidecar), 60), sidecar.log()
 
         codes = {
             who: call(sidecar.outbound, None, authority="billing")
