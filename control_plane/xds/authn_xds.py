@@ -23,8 +23,11 @@ import math
 import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
-from envoy.config.core.v3 import http_uri_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, http_uri_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
@@ -32,6 +35,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import empty_pb2
 
@@ -58,9 +62,76 @@ _DEFAULT_REFRESH = 300.0
 _DEFAULT_MIN_REFETCH = 30.0
 
 
+JWKS_CLUSTER_PREFIX = "jwks|"
+# Where Debian and its derivatives keep the system's trusted roots, which an Envoy checks a
+# JWKS server's certificate against.
+SYSTEM_ROOTS = "/etc/ssl/certs/ca-certificates.crt"
+
+
 def jwks_cluster(provider: str) -> str:
     """The cluster an Envoy fetches a provider's remote JWKS through."""
-    return f"jwks|{provider}"
+    return f"{JWKS_CLUSTER_PREFIX}{provider}"
+
+
+def jwks_clusters(
+    service: ServiceSecurity, security: SecurityConfig
+) -> dict[str, cluster_pb2.Cluster]:
+    """For each ``uri`` JWKS the service's ``jwt`` names: a STRICT_DNS cluster to its host, with
+    TLS for ``https`` (SNI and the certificate checked against the host name and the system's
+    roots). A Pilotfish sidecar fetches the URL itself and skips these."""
+    clusters: dict[str, cluster_pb2.Cluster] = {}
+    if service.jwt is None:
+        return clusters
+    for name in service.jwt.providers:
+        uri = security.jwt_providers[name].jwks.uri
+        if uri is None:
+            continue
+        url = urlsplit(uri)
+        host = url.hostname or ""
+        https = url.scheme == "https"
+        port = url.port or (443 if https else 80)
+        cluster = cluster_pb2.Cluster(
+            name=jwks_cluster(name),
+            type=cluster_pb2.Cluster.STRICT_DNS,
+            connect_timeout=duration(JWKS_FETCH_TIMEOUT),
+            load_assignment=endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=jwks_cluster(name),
+                endpoints=[
+                    endpoint_components_pb2.LocalityLbEndpoints(
+                        lb_endpoints=[
+                            endpoint_components_pb2.LbEndpoint(
+                                endpoint=endpoint_components_pb2.Endpoint(
+                                    address=address_pb2.Address(
+                                        socket_address=address_pb2.SocketAddress(
+                                            address=host, port_value=port
+                                        )
+                                    )
+                                )
+                            )
+                        ]
+                    )
+                ],
+            ),
+        )
+        if https:
+            context = tls_pb2.UpstreamTlsContext(
+                sni=host,
+                common_tls_context=tls_pb2.CommonTlsContext(
+                    validation_context=common_pb2.CertificateValidationContext(
+                        trusted_ca=base_pb2.DataSource(filename=SYSTEM_ROOTS),
+                        match_typed_subject_alt_names=[
+                            common_pb2.SubjectAltNameMatcher(
+                                san_type=common_pb2.SubjectAltNameMatcher.DNS,
+                                matcher=string_pb2.StringMatcher(exact=host),
+                            )
+                        ],
+                    )
+                ),
+            )
+            cluster.transport_socket.name = "envoy.transport_sockets.tls"
+            cluster.transport_socket.typed_config.CopyFrom(pack(context))
+        clusters[cluster.name] = cluster
+    return clusters
 
 
 def namespace_regex(namespace: str) -> str:

@@ -45,7 +45,7 @@ from control_plane.mesh_telemetry import MeshTelemetry
 from control_plane.registry.core import Instance, InstanceState
 from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import route_policy_xds as route_policy
-from control_plane.xds.authn_xds import inbound_http_filters
+from control_plane.xds.authn_xds import inbound_http_filters, jwks_clusters
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
@@ -154,6 +154,8 @@ def build_view(
         view[CLUSTER][inbound] = Resource.of(
             inbound, inbound_cluster(inbound, own, key.app_address)
         )
+        for name, cluster in jwks_clusters(own.security, mesh.security).items():
+            view[CLUSTER][name] = Resource.of(name, cluster)
     return view
 
 

@@ -230,7 +230,8 @@ class AdsClientState:
         elif type_url == ROUTE:
             tr.translate_route_config(message)
         elif type_url == CLUSTER:
-            tr.translate_cluster(message)
+            if not tr.envoy_only(message):
+                tr.translate_cluster(message)
         else:
             tr.translate_endpoints(message)
 
@@ -300,6 +301,8 @@ class AdsClientState:
         endpoints = self._endpoints()
         clusters: dict[str, ClusterConfig] = {}
         for name, cluster in self._clusters().items():
+            if tr.envoy_only(cluster):
+                continue
             eds_name = tr.eds_service_name(cluster)
             if eds_name is not None and eds_name not in endpoints:
                 return None

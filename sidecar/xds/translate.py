@@ -80,6 +80,7 @@ HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConn
 TCP_PROXY_TYPE = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
 DEFAULT_ROUTE_TIMEOUT = 15.0  # Envoy's default when a route sets none
+JWKS_CLUSTER_PREFIX = "jwks|"  # the clusters control_plane.xds.authn_xds.jwks_clusters makes
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +387,12 @@ def _mutation(add: Iterable[Any], remove: Iterable[str], path: str) -> HeaderMut
 # ---------------------------------------------------------------- a whole set
 
 
+def envoy_only(cluster: cluster_pb2.Cluster) -> bool:
+    """A cluster an Envoy needs and the sidecar does without: the way to a JWKS URL, which the
+    sidecar fetches itself."""
+    return str(cluster.name).startswith(JWKS_CLUSTER_PREFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class XdsConfig:
     """Everything received, in model form; merge it into the static ``Bootstrap``."""
@@ -417,6 +424,8 @@ def translate_all(
     by_eds_name = {cla.cluster_name: cla for cla in assignments}
     translated_clusters: dict[str, ClusterConfig] = {}
     for cluster in clusters:
+        if envoy_only(cluster):
+            continue
         eds_name = eds_service_name(cluster)
         if eds_name is not None and eds_name not in by_eds_name:
             raise ConfigError(f"cluster[{cluster.name}]", f"no endpoints {eds_name!r} received")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -18,12 +19,13 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from control_plane.mesh import Mesh, parse_mesh_text
 from control_plane.xds.resources import ViewKey, build_view
-from control_plane.xds.types import LISTENER
+from control_plane.xds.types import CLUSTER, LISTENER
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.model import ListenerConfig
 from pilotfish.config.security import ListenerJwt
@@ -149,6 +151,17 @@ def test_filters_in_envoys_shape_before_the_router() -> None:
     regex = namespace.authenticated.principal_name.safe_regex.regex
     assert regex == "spiffe://[^/]+/ns/sandbox/sa/[^/]+"
 
+    # An Envoy fetches the uri JWKS through a cluster of its own, over TLS to the host.
+    jwks = cluster_pb2.Cluster()
+    view = build_view(mesh, ViewKey("orders", ("127.0.0.1", 9000)))
+    assert view[CLUSTER][idp.remote_jwks.http_uri.cluster].packed.Unpack(jwks)
+    assert jwks.type == cluster_pb2.Cluster.STRICT_DNS
+    address = jwks.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("idp.example.org", 443)
+    tls = tls_pb2.UpstreamTlsContext()
+    assert jwks.transport_socket.typed_config.Unpack(tls) and tls.sni == "idp.example.org"
+    assert sorted(n for n in view[CLUSTER] if n.startswith("jwks|")) == ["jwks|idp"]
+
     single = _hcm(_inbound(mesh, "single"))
     assert [f.name for f in single.http_filters][1:] == [
         "envoy.filters.http.rbac",  # deny rules only: no ALLOW filter, which would refuse all
@@ -238,14 +251,17 @@ def test_a_refused_policy_is_nacked_and_the_last_good_one_stays() -> None:
     mesh = parse_mesh_text(EVERY)
     view = build_view(mesh, ViewKey("orders", ("127.0.0.1", 9000)))
     state = AdsClientState(base_pb2.Node(id="orders-1"))
+    assert "jwks|idp" in view[CLUSTER]  # for an Envoy; the sidecar fetches the URL itself
     for i, (type_url, by_name) in enumerate(view.items()):
         packed = [r.packed for r in by_name.values()]
-        state.on_response(
+        actions = state.on_response(
             discovery_pb2.DiscoveryResponse(
                 type_url=type_url, version_info="v1", resources=packed, nonce=f"n{i}"
             )
         )
+        assert actions.rejected is None
     assert state.applied is not None
+    assert "jwks|idp" not in state.applied.clusters
     good = {listener.name: listener for listener in state.applied.listeners}
     assert good["inbound|orders"].authorization == mesh.services["orders"].security.authorization
 
