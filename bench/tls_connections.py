@@ -9,10 +9,13 @@ upstream. The Pilotfish mTLS client is what a calling sidecar is: its TLS client
 server; the server sidecar gets its own certificate from a control plane's CA, as in a mesh.
 nghttpx gets a self-signed test certificate (its clients present none).
 
-``count`` is the meter around each phase: ``bench.tls_handshake`` passes one that zeroes and
-dumps callgrind's counters in the target (run under valgrind), giving instructions per new
-connection and per request; tests pass ``None`` and get only the counts of what succeeded, so
-the harness is checked without valgrind.
+A *meter* wraps each phase and says what the target spent on it: ``bench.tls_handshake`` has
+one that zeroes and dumps callgrind's counters in the target (run under valgrind), giving
+instructions per new connection and per request, and ``clock_meter`` reads the target's CPU
+time and the wall clock (CPU per connection and per request, and connections per second from
+one client opening them one after another: a handshake rate bound by the round trips, for a
+quiet machine only). Tests use ``unmetered`` and get the counts of what succeeded, so the
+harness is checked without valgrind and without timing anything.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ import h2.config
 import h2.connection
 import h2.events
 
-from bench.procs import Pinning, Spawned, free_port, wait_until_serving
+from bench.procs import (
+    Pinning,
+    Spawned,
+    cpu_seconds,
+    free_port,
+    process_tree,
+    wait_until_serving,
+)
 from bench.targets import (
     NGHTTPX,
     REPO,
@@ -45,13 +55,26 @@ TRUST_DOMAIN = "cluster.local"
 SERVER_ACCOUNT = "bench-server"
 CLIENT_ACCOUNT = "bench-client"
 
-Meter = Callable[[Callable[[], int]], tuple[int, int | None]]
+Figures = dict[str, float]
+Meter = Callable[[Callable[[], int]], tuple[int, Figures]]
 """Runs a phase (which returns how many of its operations succeeded) and returns that count
-with the instructions the target spent on it (None when nothing counts them)."""
+with what the target spent on it, by unit (``instructions``, ``cpu_s``, ``wall_s``)."""
 
 
-def unmetered(phase: Callable[[], int]) -> tuple[int, int | None]:
-    return phase(), None
+def unmetered(phase: Callable[[], int]) -> tuple[int, Figures]:
+    return phase(), {}
+
+
+def clock_meter(proc: Spawned, workdir: Path) -> Meter:
+    """The target's CPU seconds (its whole process tree) and the wall clock, around a phase."""
+
+    def meter(phase: Callable[[], int]) -> tuple[int, Figures]:
+        pids = process_tree(proc.pid)
+        cpu, wall = cpu_seconds(pids), time.perf_counter()
+        done = phase()
+        return done, {"cpu_s": cpu_seconds(pids) - cpu, "wall_s": time.perf_counter() - wall}
+
+    return meter
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +94,9 @@ class Cost:
     connections_ok: int
     requests: int
     requests_ok: int
-    instructions_per_connection: float | None
-    instructions_per_request: float | None
+    # By unit (``instructions``, ``cpu_s``, ``wall_s``); empty when unmetered.
+    per_connection: Figures
+    per_request: Figures
 
 
 # ---------------------------------------------------------------- the client
@@ -149,19 +173,16 @@ def measure(
         lambda: sum(_session(server, 0, timeout) for _ in range(connections))
     )
     served, on_one = meter(lambda: _session(server, requests, timeout))
-    per_request = None
-    if per_connection is not None and on_one is not None and requests:
-        per_request = (on_one - per_connection / connections) / requests
+    # The requests' connection cost as much as any other: take it off.
+    each = {unit: value / connections for unit, value in per_connection.items()}
     return Cost(
         target=server.name,
         connections=connections,
         connections_ok=opened,
         requests=requests,
         requests_ok=served,
-        instructions_per_connection=(
-            per_connection / connections if per_connection is not None else None
-        ),
-        instructions_per_request=per_request,
+        per_connection=each,
+        per_request={unit: (on_one[unit] - each[unit]) / requests for unit in on_one},
     )
 
 

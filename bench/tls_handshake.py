@@ -3,7 +3,7 @@ and, with ``--proxies``, per new connection and per request in Pilotfish (plaint
 mTLS) beside nghttpx (cleartext and TLS), in one run.
 
     python -m bench.tls_handshake [--handshakes 200]
-    python -m bench.tls_handshake --proxies [--connections 100 --requests 1000]
+    python -m bench.tls_handshake --proxies [--connections 100 --requests 1000] [--clock]
 
 Builds a root CA and two workload certificates (P-256, as the sidecar makes them), then runs
 the handshakes in one process over socket pairs: client and server contexts from
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.procs import Spawned
-from bench.tls_connections import TARGETS, Cost, Meter, run
+from bench.tls_connections import TARGETS, Cost, Figures, Meter, clock_meter, run
 
 VALGRIND = "/usr/bin/valgrind"
 CALLGRIND_CONTROL = "/usr/bin/callgrind_control"
@@ -106,7 +106,7 @@ def _callgrind_wrap(name: str, workdir: Path) -> list[str]:
 def _callgrind_meter(proc: Spawned, workdir: Path) -> Meter:
     """Zero the target's counters, run the phase, dump them: its instructions in the phase."""
 
-    def meter(phase: Callable[[], int]) -> tuple[int, int | None]:
+    def meter(phase: Callable[[], int]) -> tuple[int, Figures]:
         _control("-z", proc.pid)
         done = phase()
         _control("-d", proc.pid)
@@ -114,7 +114,7 @@ def _callgrind_meter(proc: Spawned, workdir: Path) -> Meter:
         match = _TOTALS.search(dumps[-1].read_text(errors="replace"))
         if match is None:
             raise RuntimeError(f"no totals in {dumps[-1]}")
-        return done, int(match.group(1))
+        return done, {"instructions": float(match.group(1))}
 
     return meter
 
@@ -125,8 +125,10 @@ def _control(flag: str, pid: int) -> None:
     )
 
 
-def proxies(connections: int, requests: int) -> list[Cost]:
+def proxies(connections: int, requests: int, clock: bool) -> list[Cost]:
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
+        if clock:
+            return run(TARGETS, connections, requests, Path(tmp), meter=clock_meter)
         return run(
             TARGETS, connections, requests, Path(tmp), _callgrind_wrap, _callgrind_meter,
             startup_timeout=300.0, timeout=120.0,
@@ -134,14 +136,24 @@ def proxies(connections: int, requests: int) -> list[Cost]:
 
 
 def format_costs(costs: list[Cost]) -> str:
-    lines = ["target          new connection (instructions)   request (instructions)   ok"]
+    """One line per target: instructions, or CPU µs and rates, per connection and request."""
+    lines = []
     for c in costs:
-        per_conn = c.instructions_per_connection
-        per_req = c.instructions_per_request
-        lines.append(
-            f"{c.target:<15} {per_conn or 0:>30,.0f}   {per_req or 0:>22,.0f}   "
-            f"{c.connections_ok}/{c.connections} connections, {c.requests_ok}/{c.requests} requests"
-        )
+        conn, req = c.per_connection, c.per_request
+        if "instructions" in conn:
+            figures = (
+                f"{conn['instructions']:>13,.0f} instructions per new connection, "
+                f"{req['instructions']:>9,.0f} per request"
+            )
+        else:
+            figures = (
+                f"{conn['cpu_s'] * 1e6:>8,.0f} CPU µs per new connection "
+                f"({1 / conn['wall_s']:,.0f} connections/s from one client), "
+                f"{req['cpu_s'] * 1e6:>6,.0f} CPU µs per request"
+            )
+        ok = f"{c.connections_ok}/{c.connections} connections, "
+        ok += f"{c.requests_ok}/{c.requests} requests"
+        lines.append(f"{c.target:<15} {figures}; {ok}")
     return "\n".join(lines)
 
 
@@ -151,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxies", action="store_true", help="the four proxies, not contexts")
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument(
+        "--clock", action="store_true",
+        help="with --proxies: CPU time and connections/s instead of instructions (quiet machine)",
+    )
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run is not None:
         _handshakes(args.run)
         return 0
     if args.proxies:
-        print(format_costs(proxies(args.connections, args.requests)))
+        print(format_costs(proxies(args.connections, args.requests, args.clock)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         base = _instructions(0, Path(tmp))
