@@ -25,7 +25,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,26 +356,19 @@ def run(
             where = workdir / name
             where.mkdir()
             prefix = wrap(name, where)
-            with _control_plane(where, 20.0) if name == "pilotfish-mtls" else _nothing() as ca:
+            with ExitStack() as stack:
                 if name == "pilotfish":
                     server = _pilotfish(upstream.port, where, prefix, startup_timeout)
                 elif name == "pilotfish-mtls":
-                    assert ca is not None
+                    ca = stack.enter_context(_control_plane(where, 20.0))
                     server = _pilotfish_mtls(upstream.port, where, prefix, startup_timeout, ca)
                 else:
                     tls = name == "nghttpx-tls"
                     server = _nghttpx(upstream.port, where, prefix, startup_timeout, tls)
-                try:
-                    costs.append(
-                        measure(server, connections, requests, meter(server.proc, where), timeout)
-                    )
-                finally:
-                    server.proc.stop()
+                stack.callback(server.proc.stop)  # before the control plane stops
+                costs.append(
+                    measure(server, connections, requests, meter(server.proc, where), timeout)
+                )
     finally:
         upstream.proc.stop()
     return costs
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
