@@ -50,6 +50,7 @@ from control_plane.registry.core import Instance, InstanceState
 from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import outbound_xds as outbound
 from control_plane.xds import route_policy_xds as route_policy
+from control_plane.xds.authn_xds import inbound_http_filters, jwks_clusters
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
@@ -57,7 +58,7 @@ from control_plane.xds.telemetry_xds import apply_telemetry
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
 from pilotfish.config.route_policy import ListenerLimits, LoadSheddingConfig
-from pilotfish.config.security import MtlsMode, SecurityConfig
+from pilotfish.config.security import MtlsMode, SecurityConfig, ServiceSecurity
 from pilotfish.identity import SpiffeId
 
 INBOUND_PREFIX = "inbound|"
@@ -165,12 +166,15 @@ def build_view(
                 mesh.security.mtls.effective(own.namespace, own.security.mtls),
                 mesh.security.trust_domain,
                 limits=own.listener_limits,
+                security=(own.security, mesh.security),
             ),
         )
         view[ROUTE][inbound] = Resource.of(inbound, inbound_route_configuration(inbound))
         view[CLUSTER][inbound] = Resource.of(
             inbound, inbound_cluster(inbound, own, key.app_address)
         )
+        for name, cluster in jwks_clusters(own.security, mesh.security).items():
+            view[CLUSTER][name] = Resource.of(name, cluster)
     return view
 
 
@@ -187,9 +191,11 @@ def http_connection_manager(
     rate_limit: bool = False,
     telemetry: MeshTelemetry | None = None,
     own_service: str | None = None,
+    first: Sequence[hcm_pb2.HttpFilter] = (),
 ) -> hcm_pb2.HttpConnectionManager:
-    """``fault`` and ``rate_limit`` add those filters (no-ops until a route configures them)."""
-    filters: list[hcm_pb2.HttpFilter] = []
+    """``fault`` and ``rate_limit`` add those filters (no-ops until a route configures them);
+    ``first`` go before them (authentication and authorization)."""
+    filters: list[hcm_pb2.HttpFilter] = list(first)
     if fault:
         filters.append(
             hcm_pb2.HttpFilter(
@@ -261,8 +267,13 @@ def inbound_listener(
     mtls: MtlsMode | None = None,
     trust_domain: str = "cluster.local",
     limits: ListenerLimits = ListenerLimits(),
+    security: tuple[ServiceSecurity, SecurityConfig] | None = None,
 ) -> listener_pb2.Listener:
-    hcm = http_connection_manager(name, telemetry=telemetry, own_service=own_service)
+    """``security``: the service's JWT and authorization become HTTP filters."""
+    first, jwt_metadata = inbound_http_filters(*security) if security else ([], {})
+    hcm = http_connection_manager(
+        name, telemetry=telemetry, own_service=own_service, first=first
+    )
     listener = listener_pb2.Listener(
         name=name,
         address=_socket_address(*address),
@@ -283,6 +294,8 @@ def inbound_listener(
         listener.metadata.filter_metadata[METADATA_KEY].update(
             {"listener_limits": listener_limits_block(limits)}
         )
+    if jwt_metadata:
+        listener.metadata.filter_metadata[METADATA_KEY].update({"jwt_providers": jwt_metadata})
     if mtls is not None:
         apply_inbound_mtls(listener, mtls, trust_domain)
     return listener

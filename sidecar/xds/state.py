@@ -231,7 +231,7 @@ class AdsClientState:
         elif type_url == ROUTE:
             tr.translate_route_config(message)
         elif type_url == CLUSTER:
-            if not is_original_destination(message):
+            if not is_original_destination(message) and not tr.envoy_only(message):
                 tr.translate_cluster(message)
         else:
             tr.translate_endpoints(message)
@@ -302,6 +302,8 @@ class AdsClientState:
         clusters: dict[str, ClusterConfig] = {}
         passthrough: set[str] = set()
         for name, cluster in self._clusters().items():
+            if tr.envoy_only(cluster):
+                continue
             if is_original_destination(cluster):
                 passthrough.add(name)
                 continue

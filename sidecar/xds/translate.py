@@ -49,6 +49,11 @@ from pilotfish.config.model import (
 )
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
+from sidecar.xds.authn import (
+    ListenerSecurity,
+    reject_http_security,
+    translate_http_security,
+)
 from sidecar.xds.clusters import (
     eds_service_name as eds_service_name,
 )
@@ -70,6 +75,7 @@ from sidecar.xds.outbound import (
     outbound_route_configs,
 )
 from sidecar.xds.route_policy import (
+    LISTENER_METADATA_KEYS,
     check_http_filters,
     translate_listener_limits,
     translate_load_shedding,
@@ -83,6 +89,7 @@ HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConn
 TCP_PROXY_TYPE = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
 DEFAULT_ROUTE_TIMEOUT = 15.0  # Envoy's default when a route sets none
+JWKS_CLUSTER_PREFIX = "jwks|"  # the clusters control_plane.xds.authn_xds.jwks_clusters makes
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,7 @@ def translate_listener(listener: listener_pb2.Listener) -> TranslatedListener:
     if listener.HasField("api_listener"):
         hcm = hcm_pb2.HttpConnectionManager()
         _unpack(f"{path}.api_listener.api_listener", listener.api_listener.api_listener, hcm)
+        reject_http_security(hcm, f"{path}.api_listener.api_listener")
         return ApiListener(listener.name, _hcm_route_config(hcm, f"{path}.api_listener"))
     if not listener.address.HasField("socket_address"):
         raise ConfigError(f"{path}.address", "a socket_address is required")
@@ -129,11 +137,15 @@ def translate_listener(listener: listener_pb2.Listener) -> TranslatedListener:
     route_config: str | None = None
     passthrough: str | None = None
     limits = ConnectionLimits()
+    security = ListenerSecurity()
     if _type_name(packed) == HCM_TYPE:
         hcm = hcm_pb2.HttpConnectionManager()
         _unpack(filter_path, packed, hcm)
         route_config = _hcm_route_config(hcm, filter_path)
         limits = _hcm_limits(hcm, filter_path)
+        security = translate_http_security(
+            hcm, listener, filter_path, LISTENER_METADATA_KEYS, _header
+        )
     elif _type_name(packed) == TCP_PROXY_TYPE:
         tcp = tcp_proxy_pb2.TcpProxy()
         _unpack(filter_path, packed, tcp)
@@ -153,6 +165,8 @@ def translate_listener(listener: listener_pb2.Listener) -> TranslatedListener:
         listener_limits=listener_limits,
         mtls=mtls,
         limits=limits,
+        jwt=security.jwt,
+        authorization=security.authorization,
     )
 
 
@@ -421,6 +435,12 @@ def _mutation(add: Iterable[Any], remove: Iterable[str], path: str) -> HeaderMut
 # ---------------------------------------------------------------- a whole set
 
 
+def envoy_only(cluster: cluster_pb2.Cluster) -> bool:
+    """A cluster an Envoy needs and the sidecar does without: the way to a JWKS URL, which the
+    sidecar fetches itself."""
+    return str(cluster.name).startswith(JWKS_CLUSTER_PREFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class XdsConfig:
     """Everything received, in model form; merge it into the static ``Bootstrap``."""
@@ -453,6 +473,8 @@ def translate_all(
     translated_clusters: dict[str, ClusterConfig] = {}
     passthrough: set[str] = set()
     for cluster in clusters:
+        if envoy_only(cluster):
+            continue
         if is_original_destination(cluster):
             passthrough.add(cluster.name)
             continue
