@@ -172,6 +172,30 @@ def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="with --kubernetes: service-account tokens for this audience are checked through "
         "TokenReview",
     )
+    tls = p.add_argument_group(
+        "TLS ports (need the CA; the serving certificate comes from it and rotates)"
+    )
+    tls.add_argument(
+        "--ca-tls-port", type=int, metavar="PORT",
+        help="the CA over server-side TLS: workloads get their first certificate here",
+    )
+    tls.add_argument(
+        "--xds-mtls-port", type=int, metavar="PORT",
+        help="ADS (and the CA) over mutual TLS: a proxy gets the view of its certificate's "
+        "identity",
+    )
+    tls.add_argument(
+        "--tls-names", default="localhost", metavar="NAME[,NAME...]",
+        help="DNS names of the serving certificate: the names clients dial (default localhost)",
+    )
+    tls.add_argument(
+        "--plaintext-address", default="", metavar="ADDRESS",
+        help="where the plaintext --port listens (default --address; e.g. 127.0.0.1)",
+    )
+    tls.add_argument(
+        "--no-plaintext", action="store_true",
+        help="serve only the TLS ports (pilotfish status then has no port to read)",
+    )
     kube = p.add_argument_group("Kubernetes discovery")
     kube.add_argument(
         "--kubernetes",

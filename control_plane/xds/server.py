@@ -20,6 +20,12 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.xds.cache import ProxyIdentity, SnapshotCache, identify
 from control_plane.xds.callbacks import Callbacks
+from control_plane.xds.peer_view import (
+    AuthenticatedPeer,
+    IdentityMismatch,
+    PeerRefused,
+    bind_node,
+)
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.stream_state import (
     DeltaStream,
@@ -73,6 +79,8 @@ class ConnectedProxy:
     connected_since: float
     protocol: SotwStream | DeltaStream
     identity: ProxyIdentity | None = None
+    peer: AuthenticatedPeer | None = None
+    """The verified client certificate's identity, on the mTLS port; None on the others."""
     nacks: list[NackReceived] = field(default_factory=list)
     eds_acked_revision: int = 0
     """The cache revision of the newest EDS response this proxy acknowledged."""
@@ -142,7 +150,11 @@ class _Stream(Generic[Req, Resp]):
     node: base_pb2.Node | None = None
 
     def _identify(self, node: base_pb2.Node) -> ProxyIdentity:
-        identity = identify(node, self.cache.mesh)
+        mesh = self.cache.mesh
+        peer = self.proxy.peer
+        # On the mTLS port the view follows the certificate; metadata only picks among the
+        # services that identity runs (checked again when the mesh changes).
+        identity = identify(node if peer is None else bind_node(node, mesh, peer.spiffe_id), mesh)
         if self.reject_unknown and identity.view.service is None:
             raise UnknownNodeError(
                 f"node {node.id!r}: service {identity.service!r} in namespace "
@@ -194,7 +206,11 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         registry: ProxyRegistry,
         callbacks: Callbacks | None = None,
         unknown_nodes: str = "serve",
+        authenticate: Callable[[grpc.aio.ServicerContext[Any, Any]], AuthenticatedPeer] | None
+        = None,
     ) -> None:
+        """``authenticate``: on the mTLS port, the caller's verified identity from its call
+        context; it raises ``PeerRefused`` for a caller without an acceptable certificate."""
         if unknown_nodes not in UNKNOWN_NODE_POLICIES:
             raise ValueError(f"unknown_nodes must be one of {UNKNOWN_NODE_POLICIES}")
         self._cache = cache
@@ -202,6 +218,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._callbacks = callbacks or Callbacks()
         self._ids = itertools.count(1)
         self._reject_unknown = unknown_nodes == "reject"
+        self._authenticate = authenticate
 
     # grpc.aio recognises a streaming handler only if it is itself an async generator.
     async def StreamAggregatedResources(
@@ -229,6 +246,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     ) -> AsyncIterator[Resp]:
         assert isinstance(protocol, SotwStream | DeltaStream)
         proxy = ConnectedProxy(next(self._ids), kind, time.time(), protocol)
+        if self._authenticate is not None:
+            try:
+                proxy.peer = self._authenticate(context)
+            except PeerRefused as exc:
+                log.warning("stream %d refused: %s (peer %s)", proxy.stream_id, exc,
+                            context.peer())
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                return
         stream: _Stream[Req, Resp] = _Stream(
             self._cache, proxy, protocol, self._callbacks, self._registry.changed,
             self._reject_unknown,
@@ -250,7 +275,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                         changed_at = self._cache.changed_at
                     else:
                         responses = stream.on_request(item)
-                except UnknownNodeError as exc:
+                except (UnknownNodeError, IdentityMismatch) as exc:
                     log.warning("stream %d refused: %s", proxy.stream_id, exc)
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
                     return
