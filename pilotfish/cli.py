@@ -107,6 +107,11 @@ def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--ca-token-file", help="bootstrap or service-account token; turns the identity on"
     )
     mesh.add_argument("--ca", metavar="HOST:PORT", help="the CA (default: the --xds address)")
+    mesh.add_argument(
+        "--control-plane-roots", metavar="PEM_FILE",
+        help="the mesh's root certificates: the CA (--ca: its TLS port) is then called over "
+        "TLS and xDS (--xds: its mTLS port) over mutual TLS with the workload certificate",
+    )
     mesh.add_argument("--service-account", help="default: --service")
     mesh.add_argument("--trust-domain", default="cluster.local")
     reg = p.add_argument_group(
@@ -317,6 +322,10 @@ def _add_identity_agent(sub: argparse._SubParsersAction[_Parser]) -> None:
         "identity-agent", help="keep a workload certificate fresh and serve it to Envoy over SDS"
     )
     p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the control plane's CA")
+    p.add_argument(
+        "--control-plane-roots", metavar="PEM_FILE",
+        help="the mesh's roots: call the CA over TLS (its --ca-tls-port) rather than plaintext",
+    )
     p.add_argument("--token-file", required=True, help="bootstrap or service-account token")
     p.add_argument("--service-account", required=True)
     p.add_argument("--namespace", default="default")

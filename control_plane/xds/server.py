@@ -135,8 +135,13 @@ class _ClientDone:
     """Queue marker: the client half-closed or the read failed."""
 
 
+class _CertificateExpired:
+    """Queue marker: the client certificate the stream was opened with has expired."""
+
+
 _MESH_CHANGED = _MeshChanged()
 _CLIENT_DONE = _ClientDone()
+_CERTIFICATE_EXPIRED = _CertificateExpired()
 
 
 @dataclass(eq=False)
@@ -258,8 +263,19 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             self._cache, proxy, protocol, self._callbacks, self._registry.changed,
             self._reject_unknown,
         )
-        queue: asyncio.Queue[Req | _MeshChanged | _ClientDone] = asyncio.Queue()
+        queue: asyncio.Queue[Req | _MeshChanged | _ClientDone | _CertificateExpired] = (
+            asyncio.Queue()
+        )
         stop_watching = self._cache.on_change(lambda: queue.put_nowait(_MESH_CHANGED))
+        expiry: asyncio.TimerHandle | None = None
+        if proxy.peer is not None:
+            # A stream outlives no certificate: the proxy reconnects with its renewed one, so
+            # what the status reports (and what the view rests on) is never an expired proof.
+            loop = asyncio.get_running_loop()
+            expiry = loop.call_later(
+                max(0.0, proxy.peer.not_after - time.time()),
+                queue.put_nowait, _CERTIFICATE_EXPIRED,
+            )
         reader = asyncio.create_task(_read_requests(request_iterator, queue.put_nowait))
         self._registry.add(proxy)
         self._callbacks.on_stream_open(proxy.stream_id, kind)
@@ -267,6 +283,13 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             while True:
                 item = await queue.get()
                 if isinstance(item, _ClientDone):
+                    return
+                if isinstance(item, _CertificateExpired):
+                    log.info("stream %d: client certificate expired; closing", proxy.stream_id)
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "the client certificate has expired: reconnect with a renewed one",
+                    )
                     return
                 changed_at: float | None = None
                 try:
@@ -289,6 +312,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     self._callbacks.on_response(proxy.stream_id, response.type_url, changed_at)
                     yield response
         finally:
+            if expiry is not None:
+                expiry.cancel()
             stop_watching()
             reader.cancel()
             self._registry.remove(proxy.stream_id)

@@ -28,6 +28,8 @@ from sidecar.security.workload import (
     CertificateError,
     GrpcCertificateSource,
     WorkloadCertificates,
+    ca_channel,
+    read_roots,
     token_file,
 )
 
@@ -55,9 +57,12 @@ async def start_identity_agent(
     identity: SpiffeId,
     socket_path: str | Path,
     ttl: float | None = None,
+    control_plane_roots: bytes | None = None,
 ) -> IdentityAgent:
-    """Fetch the first certificate (``CertificateError`` if the CA refuses), then serve SDS."""
-    channel = grpc.aio.insecure_channel(ca_address)
+    """Fetch the first certificate (``CertificateError`` if the CA refuses), then serve SDS.
+
+    ``control_plane_roots``: the CA is called over TLS, verified against these roots."""
+    channel = ca_channel(ca_address, control_plane_roots)
     certificates = WorkloadCertificates(
         GrpcCertificateSource(channel, token_file(token_path)), identity, ttl
     )
@@ -99,8 +104,13 @@ def _identity(args: argparse.Namespace) -> SpiffeId:
 async def _serve(args: argparse.Namespace) -> int:
     try:
         ttl = parse_duration("--cert-ttl", args.cert_ttl) if args.cert_ttl else None
+        roots = (
+            read_roots("--control-plane-roots", args.control_plane_roots)
+            if args.control_plane_roots
+            else None
+        )
         agent = await start_identity_agent(
-            args.ca, args.token_file, _identity(args), args.sds_socket, ttl
+            args.ca, args.token_file, _identity(args), args.sds_socket, ttl, roots
         )
     except (ConfigError, CertificateError, OSError) as exc:
         print(f"pilotfish identity-agent: {exc}", file=sys.stderr)

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import duration_pb2
 
+from pilotfish.config.errors import ConfigError
 from pilotfish.gen.pilotfish.ca.v1 import ca_pb2, ca_pb2_grpc
 from pilotfish.identity import SpiffeId
 from sidecar.security.csr import build_csr, generate_key
@@ -91,6 +93,26 @@ def token_file(path: str | Path) -> Callable[[], str]:
     return lambda: Path(path).read_text().strip()
 
 
+def ca_channel(address: str, roots_pem: bytes | None) -> grpc.aio.Channel:
+    """The channel to the CA: server-side TLS verified against ``roots_pem`` (the mesh's roots,
+    given to the workload beforehand: it has no certificate yet to learn them from), or
+    plaintext without roots. Over TLS the bearer token cannot be read on the way."""
+    if roots_pem is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(roots_pem))
+
+
+def read_roots(flag: str, path: str) -> bytes:
+    """PEM roots from ``path``; ``ConfigError`` naming ``flag`` if unreadable or not PEM."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(flag, f"{path}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(flag, f"{path}: no PEM certificate in it")
+    return data
+
+
 class WorkloadCertificates:
     """The current certificate of ``identity`` and the TLS contexts made from it."""
 
@@ -128,6 +150,17 @@ class WorkloadCertificates:
         if context is None:
             raise RuntimeError("no workload certificate yet; await start() first")
         return context
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """mTLS to the control plane's xDS port with the current certificate, trusting the
+        mesh's bundle; asked for on each connection, so a reconnect uses the newest one."""
+        svid = self.svid
+        key_pem = svid.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return grpc.ssl_channel_credentials(svid.bundle_pem, key_pem, svid.chain_pem)
 
     def client_context(self) -> ssl.SSLContext:
         if self._client is None:
