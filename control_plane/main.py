@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +188,14 @@ async def start_control_plane(
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
     webhook_tls = None
+    if webhook is not None and webhook.inject.ca_address:
+        if authority is None:
+            raise ConfigError("--inject-ca-address", "needs a CA (--ca-dir or --ca-cert)")
+        # Injected pods trust the control plane through these roots until their first
+        # certificate brings the current bundle.
+        webhook = replace(
+            webhook, inject=replace(webhook.inject, ca_roots_pem=authority.bundle.pem().decode())
+        )
     if webhook is not None:
         from control_plane.kube.webhook import start_webhook, tls_context
 
@@ -444,6 +452,9 @@ async def _serve(args: argparse.Namespace) -> int:
                     image=args.inject_image,
                     xds_address=args.inject_xds_address,
                     native=not args.inject_classic,
+                    ca_address=args.inject_ca_address,
+                    ca_token_audience=args.ca_token_audience,
+                    trust_domain=args.trust_domain,
                 ),
             )
         tls = tls_ports_from_args(args)

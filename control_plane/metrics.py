@@ -128,6 +128,11 @@ class ControlPlaneMetrics(Callbacks):
         self.inner.on_response(stream_id, type_url, mesh_changed_at)
 
     def handle(self, method: str, target: str) -> Response:
-        if method == "GET" and target.split("?", 1)[0] in ("/metrics", "/stats/prometheus"):
+        path = target.split("?", 1)[0]
+        if method == "GET" and path in ("/metrics", "/stats/prometheus"):
             return 200, CONTENT_TYPE, self.registry.render().encode()
-        return 404, "text/plain", b"GET /metrics\n"
+        if method == "GET" and path == "/ready":
+            # For the kubelet, whose probes cannot speak TLS to the gRPC ports: this port
+            # opens only once every gRPC port is serving.
+            return 200, "text/plain", b"ready\n"
+        return 404, "text/plain", b"GET /metrics or /ready\n"

@@ -229,6 +229,12 @@ def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
     hook.add_argument(
         "--inject-classic", action="store_true", help="inject classic (not native) sidecars"
     )
+    hook.add_argument(
+        "--inject-ca-address", default="", metavar="HOST:PORT",
+        help="the CA's TLS port as sidecars reach it: injected sidecars get a projected token "
+        "(--ca-token-audience), the CA's roots, and hold xDS over mTLS (--inject-xds-address "
+        "is then the --xds-mtls-port)",
+    )
 
 
 def _add_validate(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -358,6 +364,14 @@ def _add_inject(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--proxy-log-level", default="info", choices=LOG_LEVELS, help="the sidecar's verbosity"
     )
+    p.add_argument(
+        "--ca-address", default="", metavar="HOST:PORT",
+        help="the CA's TLS port: sidecars get a workload identity and use mTLS to xDS "
+        "(--xds-address is then the control plane's mTLS port); needs --ca-roots",
+    )
+    p.add_argument("--ca-roots", default="", metavar="PEM_FILE", help="the mesh's roots")
+    p.add_argument("--ca-token-audience", default="pilotfish-ca")
+    p.add_argument("--trust-domain", default="cluster.local")
 
 
 def _version() -> str:
