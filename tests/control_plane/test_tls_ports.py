@@ -25,12 +25,15 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.ca.authority import CertificateAuthority, Signer, TrustBundle, create_root
 from control_plane.ca.settings import CaSettings
-from control_plane.main import ControlPlane, TlsPorts, start_control_plane
+from control_plane.main import ControlPlane, TlsPorts, start_control_plane, tls_ports_from_args
 from control_plane.status_cli import run_status
 from control_plane.xds.types import CLUSTER
+from pilotfish.cli import build_parser
+from pilotfish.config.errors import ConfigError
 from pilotfish.gen.pilotfish.ca.v1 import ca_pb2, ca_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.identity import SpiffeId
+from sidecar.main import identity_options
 from sidecar.security.csr import build_csr, generate_key
 from tests.control_plane.helpers import node
 
@@ -303,3 +306,49 @@ def test_status_table_shows_identity_and_expiry(tmp_path: Path) -> None:
             assert CHECKOUT.uri in row and expiry in row
 
     run(test)
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag", "message"),
+    [
+        (["--no-plaintext"], "--no-plaintext", "needs a TLS port"),
+        (["--xds-mtls-port", "70000"], "--xds-mtls-port", "70000 is not a port"),
+        (["--ca-tls-port", "1", "--tls-names", " , "], "--tls-names", "at least one"),
+    ],
+)
+def test_bad_tls_flags_name_the_flag(extra: list[str], flag: str, message: str) -> None:
+    args = build_parser().parse_args(["control-plane", "--config", "m.yaml", *extra])
+    with pytest.raises(ConfigError) as error:
+        tls_ports_from_args(args)
+    assert error.value.path == flag and message in str(error.value)
+
+
+def test_tls_ports_without_a_ca_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text(MESH)
+
+    async def test() -> None:
+        with pytest.raises(ConfigError) as error:
+            await start_control_plane(tmp_path / "mesh.yaml", tls=TlsPorts(xds_port=0))
+        assert error.value.path == "--xds-mtls-port"
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag", "message"),
+    [
+        (["--control-plane-roots", "r.pem"], "--control-plane-roots", "needs --ca-token-file"),
+        (["--control-plane-roots", "r.pem", "--ca-token-file", "t"], "--ca", "TLS port"),
+        (
+            ["--control-plane-roots", "/nonexistent.pem", "--ca-token-file", "t", "--ca", "h:1"],
+            "--control-plane-roots", "No such file",
+        ),
+    ],
+)
+def test_bad_sidecar_tls_flags_name_the_flag(extra: list[str], flag: str, message: str) -> None:
+    args = build_parser().parse_args(
+        ["sidecar", "--xds", "localhost:1", "--service", "web", *extra]
+    )
+    with pytest.raises(ConfigError) as error:
+        identity_options(args)
+    assert error.value.path == flag and message in str(error.value)
