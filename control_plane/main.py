@@ -20,6 +20,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane.ca.authority import CsrRejected
 from control_plane.ca.service import CA_SERVICE, CertificateServicer
 from control_plane.ca.serving import DEFAULT_SERVING_NAMES, ServingCertificate
 from control_plane.ca.settings import (
@@ -384,7 +385,13 @@ async def _renew_serving(serving: ServingCertificate) -> None:
     """Renew the serving certificate at half its lifetime, for as long as the server runs."""
     while True:
         await asyncio.sleep(serving.seconds_to_renewal())
-        serving.renew()
+        try:
+            serving.renew()
+        except CsrRejected as exc:
+            # The CA itself has expired (or is not valid yet): keep serving the current
+            # certificate while it lasts, and try again, loudly.
+            log.error("cannot renew the serving certificate: %s; retrying in 30s", exc)
+            await asyncio.sleep(30)
 
 
 def _bind_failure(address: str, port: int) -> str:

@@ -16,7 +16,6 @@ connections without a restart, and established streams keep theirs.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +59,6 @@ class ServingCertificate:
         self._authority = authority
         self.dns_names = tuple(dns_names)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._served: ServingPair | None = None
         self.rotations = 0
         self.current = self._issue()
 
@@ -76,10 +73,11 @@ class ServingCertificate:
         return ServingPair(key_pem, issued.chain_pem, issued.not_after, self._clock())
 
     def renew(self) -> ServingPair:
+        """Issue a new certificate and make it current (one assignment: grpc's threads read
+        ``current`` without a lock and see the old pair or the new one)."""
         pair = self._issue()
-        with self._lock:
-            self.current = pair
-            self.rotations += 1
+        self.current = pair
+        self.rotations += 1
         log.info("control plane serving certificate renewed; valid until %.0f", pair.not_after)
         return pair
 

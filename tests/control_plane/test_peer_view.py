@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
+import time
 
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from control_plane.ca.authority import CertificateAuthority, Signer, TrustBundle, create_root
 from control_plane.mesh import parse_mesh_text
 from control_plane.xds.cache import identify
-from control_plane.xds.peer_view import IdentityMismatch, bind_node
+from control_plane.xds.peer_view import (
+    IdentityMismatch,
+    PeerRefused,
+    authenticate_peer,
+    bind_node,
+)
 from pilotfish.identity import SpiffeId
+from sidecar.security.csr import build_csr, generate_key
 from tests.control_plane.helpers import node
 
 MESH = parse_mesh_text("""
@@ -73,3 +84,38 @@ def test_an_identity_without_a_service_gets_the_unknown_view() -> None:
     assert _view(STRANGER, service="not-in-mesh") is None
     # The identity's own name is no service either when the mesh gives that service an account.
     assert _view(SpiffeId("cluster.local", "shop", "cart")) is None
+
+
+class _Context:
+    """What ``authenticate_peer`` reads of a grpc call: the auth context grpc fills in."""
+
+    def __init__(self, auth: dict[str, list[bytes]]) -> None:
+        self._auth = auth
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_the_peer_is_the_spiffe_id_of_its_verified_certificate() -> None:
+    now = time.time()
+    root, key = create_root("cluster.local", now)
+    ca = CertificateAuthority(Signer(root, key), TrustBundle((root,)), "cluster.local", time.time)
+    leaf = ca.sign(build_csr(generate_key(), CART), CART).certificate
+    peer = authenticate_peer(_Context({"x509_pem_cert": [_pem(leaf)]}), "cluster.local")
+    assert peer.spiffe_id == CART
+    assert peer.not_after == leaf.not_valid_after_utc.timestamp()
+    serving = ca.issue_server(generate_key().public_key(), ["cp"]).certificate
+    refusals = {
+        "no client certificate": {},
+        "outside trust domain 'example.org'": {"x509_pem_cert": [_pem(leaf)]},
+        # The control plane's own serving certificate names DNS names only.
+        "0 URI SANs": {"x509_pem_cert": [_pem(serving)]},
+    }
+    for message, auth in refusals.items():
+        domain = "example.org" if "example.org" in message else "cluster.local"
+        with pytest.raises(PeerRefused, match=message):
+            authenticate_peer(_Context(auth), domain)
