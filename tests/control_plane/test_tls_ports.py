@@ -34,7 +34,9 @@ from pilotfish.gen.pilotfish.ca.v1 import ca_pb2, ca_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.identity import SpiffeId
 from sidecar.main import identity_options
+from sidecar.security.agent import start_identity_agent
 from sidecar.security.csr import build_csr, generate_key
+from sidecar.security.workload import CertificateError
 from tests.control_plane.helpers import node
 
 T = TypeVar("T")
@@ -352,3 +354,35 @@ def test_bad_sidecar_tls_flags_name_the_flag(extra: list[str], flag: str, messag
     with pytest.raises(ConfigError) as error:
         identity_options(args)
     assert error.value.path == flag and message in str(error.value)
+
+
+def test_identity_agent_over_the_ca_port_and_its_certificate_on_the_mtls_port(
+    tmp_path: Path,
+) -> None:
+    async def test() -> None:
+        async with control_plane(tmp_path) as plane:
+            token = tmp_path / "checkout.token"
+            token.write_text("checkout-token\n")
+            agent = await start_identity_agent(
+                f"localhost:{plane.ca_port}", token, CHECKOUT, tmp_path / "sds.sock",
+                control_plane_roots=_bundle(plane),
+            )
+            try:
+                assert agent.certificates.svid.identity == CHECKOUT
+                # What it serves Envoy over SDS is what an Envoy would present on the mTLS port.
+                async with grpc.aio.secure_channel(
+                    f"localhost:{plane.xds_port}", agent.certificates.channel_credentials()
+                ) as channel:
+                    assert await _first_clusters(channel, service="checkout") == {"cart"}
+            finally:
+                await agent.stop()
+            # Roots that did not sign the serving certificate: no token is sent, no certificate.
+            other, _ = create_root(DOMAIN, time.time())
+            with pytest.raises(CertificateError, match="UNAVAILABLE"):
+                await start_identity_agent(
+                    f"localhost:{plane.ca_port}", token, CHECKOUT, tmp_path / "sds2.sock",
+                    control_plane_roots=other.public_bytes(serialization.Encoding.PEM),
+                )
+            assert plane.ca is not None and plane.ca.counters.issued == 1
+
+    run(test)
