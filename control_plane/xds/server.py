@@ -106,6 +106,11 @@ class ProxyRegistry:
     def __init__(self) -> None:
         self._proxies: dict[int, ConnectedProxy] = {}
         self._watchers: list[Callable[[], None]] = []
+        # One sequence for every port's streams: the ids key this registry and the metrics.
+        self._ids = itertools.count(1)
+
+    def next_stream_id(self) -> int:
+        return next(self._ids)
 
     def add(self, proxy: ConnectedProxy) -> None:
         self._proxies[proxy.stream_id] = proxy
@@ -221,7 +226,6 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._cache = cache
         self._registry = registry
         self._callbacks = callbacks or Callbacks()
-        self._ids = itertools.count(1)
         self._reject_unknown = unknown_nodes == "reject"
         self._authenticate = authenticate
 
@@ -250,7 +254,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[Resp]:
         assert isinstance(protocol, SotwStream | DeltaStream)
-        proxy = ConnectedProxy(next(self._ids), kind, time.time(), protocol)
+        proxy = ConnectedProxy(self._registry.next_stream_id(), kind, time.time(), protocol)
         if self._authenticate is not None:
             try:
                 proxy.peer = self._authenticate(context)

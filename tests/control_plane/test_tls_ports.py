@@ -179,24 +179,31 @@ def test_first_certificate_from_the_ca_port_then_own_view_on_the_mtls_port(
                 )
             assert reply.spiffe_id == CHECKOUT.uri
             pair = (_key_pem(key), reply.certificate_chain_pem.encode())
-            async with _mtls_channel(plane, pair) as channel:
-                assert await _first_clusters(
-                    channel, service="checkout", namespace="shop"
-                ) == {"cart"}
-                # No metadata at all: the certificate alone names the view.
-                assert await _first_clusters(channel) == {"cart"}
-                async with (
-                    _open_stream(channel, "checkout-1", service="checkout"),
-                    grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as plain,
-                ):
-                    stub = status_pb2_grpc.ControlPlaneStatusStub(plain)
-                    status = await stub.ListProxies(status_pb2.ListProxiesRequest())
+            # The first stream of each port: their ids must not collide.
+            async with (
+                _mtls_channel(plane, pair) as channel,
+                grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as plain,
+                _open_stream(plain, "cart-1", service="cart", namespace="shop"),
+                _open_stream(channel, "checkout-1", service="checkout"),
+            ):
+                stub = status_pb2_grpc.ControlPlaneStatusStub(plain)
+                status = await stub.ListProxies(status_pb2.ListProxiesRequest())
+            # Streams of both ports, each listed once.
+            assert sorted(p.node_id for p in status.proxies) == ["cart-1", "checkout-1"]
+            [plain_proxy] = [p for p in status.proxies if p.node_id == "cart-1"]
+            assert plain_proxy.spiffe_id == "" and not plain_proxy.HasField("certificate_expires")
             [proxy] = [p for p in status.proxies if p.node_id == "checkout-1"]
             assert proxy.spiffe_id == CHECKOUT.uri
             assert (proxy.service, proxy.namespace) == ("checkout", "shop")
             leaf = x509.load_pem_x509_certificate(pair[1])
             expires = leaf.not_valid_after_utc.timestamp()
             assert proxy.certificate_expires.seconds == int(expires)
+            async with _mtls_channel(plane, pair) as channel:
+                assert await _first_clusters(
+                    channel, service="checkout", namespace="shop"
+                ) == {"cart"}
+                # No metadata at all: the certificate alone names the view.
+                assert await _first_clusters(channel) == {"cart"}
 
     run(test)
 
