@@ -329,11 +329,10 @@ async def start_control_plane(
         log.info("CA over TLS on %s:%d, xDS over mTLS on %s:%d (names %s)", address, ca_bound,
                  address, xds_bound, ",".join(serving.dns_names))
     log.info(
-        "control plane serving %s (%d services) on %s:%s",
+        "control plane serving %s (%d services) %s",
         config,
         len(mesh.services),
-        plaintext_address,
-        bound or "(plaintext off)",
+        f"on {plaintext_address}:{bound}" if bound else "on its TLS ports only (plaintext off)",
     )
     return ControlPlane(
         server,
