@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -251,9 +252,8 @@ async def start_control_plane(
     # grpc sets SO_REUSEPORT by default, so a second control plane on a busy port would start
     # and share the port silently; without it, a busy port is an error that says so.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes), server
-    )
+    ads_servicers = [AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes)]
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads_servicers[0], server)
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
     )
@@ -286,18 +286,22 @@ async def start_control_plane(
         if tls.xds_port is not None:
             trust_domain = ca.trust_domain
             xds_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            ads_servicers.append(AdsServicer(
+                cache, registry, metrics, unknown_nodes=unknown_nodes,
+                authenticate=lambda context: authenticate_peer(context, trust_domain),
+            ))
             ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-                AdsServicer(
-                    cache, registry, metrics, unknown_nodes=unknown_nodes,
-                    authenticate=lambda context: authenticate_peer(context, trust_domain),
-                ),
-                xds_server,
+                ads_servicers[-1], xds_server
             )
             ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca_servicer, xds_server)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, xds_server)
             xds_bound = _bind(xds_server, "xDS (mTLS)", address, tls.xds_port,
                               serving.credentials(require_client_certificate=True))
             tls_servers.append(xds_server)
+    metrics.xds_refused = lambda: dict(sum((a.refused for a in ads_servicers), Counter()))
+    if serving is not None:
+        certificate = serving
+        metrics.serving_expiry = lambda: certificate.current.not_after
     bound = 0
     if tls is None or tls.plaintext:
         bound = _bind(server, "xDS", plaintext_address, port, None)

@@ -7,6 +7,7 @@ queue: requests read from the client, and "the mesh changed" from the snapshot c
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -228,6 +229,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._callbacks = callbacks or Callbacks()
         self._reject_unknown = unknown_nodes == "reject"
         self._authenticate = authenticate
+        # Streams ended by the control plane, by reason, for the metrics.
+        self.refused: collections.Counter[str] = collections.Counter()
 
     # grpc.aio recognises a streaming handler only if it is itself an async generator.
     async def StreamAggregatedResources(
@@ -259,6 +262,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             try:
                 proxy.peer = self._authenticate(context)
             except PeerRefused as exc:
+                self.refused["unauthenticated"] += 1
                 log.warning("stream %d refused: %s (peer %s)", proxy.stream_id, exc,
                             context.peer())
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
@@ -289,6 +293,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 if isinstance(item, _ClientDone):
                     return
                 if isinstance(item, _CertificateExpired):
+                    self.refused["certificate_expired"] += 1
                     log.info("stream %d: client certificate expired; closing", proxy.stream_id)
                     await context.abort(
                         grpc.StatusCode.UNAUTHENTICATED,
@@ -303,6 +308,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     else:
                         responses = stream.on_request(item)
                 except (UnknownNodeError, IdentityMismatch) as exc:
+                    reason = "unknown_node" if isinstance(exc, UnknownNodeError) else "identity"
+                    self.refused[reason] += 1
                     log.warning("stream %d refused: %s", proxy.stream_id, exc)
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
                     return

@@ -223,6 +223,8 @@ def test_a_proxy_claiming_another_service_is_refused(tmp_path: Path) -> None:
                     assert CHECKOUT.uri in (refused.value.details() or "")
                 # The same certificate still gets its own view afterwards.
                 assert await _first_clusters(channel, service="checkout") == {"cart"}
+            text = plane.metrics.registry.render()
+            assert 'pilotfish_xds_streams_refused_total{reason="identity"} 3' in text
             # Over plaintext, the claim is all there is: cart's view (for development).
             async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as plain:
                 assert await _first_clusters(plain, service="cart", namespace="shop") == {
@@ -253,6 +255,8 @@ def test_callers_without_a_mesh_certificate_are_refused(tmp_path: Path) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await _first_clusters(channel)
                 assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            text = plane.metrics.registry.render()
+            assert 'pilotfish_xds_streams_refused_total{reason="unknown_node"} 1' in text
             # A client that does not trust the mesh bundle does not talk to the CA port.
             other_roots = root.public_bytes(serialization.Encoding.PEM)
             async with grpc.aio.secure_channel(
@@ -290,6 +294,10 @@ def test_serving_certificate_names_and_rotation(tmp_path: Path) -> None:
                 await asyncio.sleep(0.5)
             assert time.time() > first_expiry + 1, "the loop ended before the expiry"
             assert plane.serving.rotations >= 2
+            # The gauge follows the renewals; the kubelet's probe path answers without TLS.
+            gauge = f"pilotfish_serving_certificate_expiry {plane.serving.current.not_after}"
+            assert gauge in plane.metrics.registry.render()
+            assert plane.metrics.handle("GET", "/ready")[0] == 200
             assert connected >= 4
 
     run(test)
