@@ -17,7 +17,6 @@ from cryptography import x509
 from envoy.config.core.v3 import base_pb2
 
 from control_plane.mesh import Mesh, MeshService
-from control_plane.xds.resources import workload_identity
 from control_plane.xds.stream_state import ProtocolError
 from pilotfish.identity import InvalidSpiffeId, SpiffeId
 
@@ -38,13 +37,23 @@ class AuthenticatedPeer:
     not_after: float
 
 
+# The services of each (namespace, service account), for the latest mesh only: every stream
+# binds again on every mesh change, and a scan of the mesh per stream would make a change cost
+# services x streams.
+_by_account: tuple[Mesh, dict[tuple[str, str], list[MeshService]]] | None = None
+
+
 def services_of(identity: SpiffeId, mesh: Mesh) -> list[MeshService]:
     """The mesh services whose workload identity is ``identity``, sorted by name."""
-    return sorted(
-        (s for s in mesh.services.values()
-         if workload_identity(s, identity.trust_domain) == identity),
-        key=lambda s: s.name,
-    )
+    global _by_account
+    if _by_account is None or _by_account[0] is not mesh:
+        index: dict[tuple[str, str], list[MeshService]] = {}
+        for service in sorted(mesh.services.values(), key=lambda s: s.name):
+            # As ``workload_identity`` names it, without building (and validating) the ID.
+            account = service.service_account or service.name
+            index.setdefault((service.namespace, account), []).append(service)
+        _by_account = (mesh, index)
+    return list(_by_account[1].get((identity.namespace, identity.service_account), ()))
 
 
 def bind_node(node: base_pb2.Node, mesh: Mesh, identity: SpiffeId) -> base_pb2.Node:
