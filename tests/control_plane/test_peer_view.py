@@ -119,3 +119,18 @@ def test_the_peer_is_the_spiffe_id_of_its_verified_certificate() -> None:
         domain = "example.org" if "example.org" in message else "cluster.local"
         with pytest.raises(PeerRefused, match=message):
             authenticate_peer(_Context(auth), domain)
+
+
+def test_a_new_mesh_rebinds() -> None:
+    assert _view(CART) == "cart"
+    moved = parse_mesh_text("""
+services:
+  cart:
+    namespace: shop
+    service_account: other-sa
+    endpoints: [127.0.0.1:3]
+""")
+    # cart now runs as another account: the same certificate no longer gets its view.
+    with pytest.raises(IdentityMismatch, match="runs no service of the mesh"):
+        bind_node(node("n", service="cart"), moved, CART)
+    assert _view(CART) == "cart"  # and the first mesh still binds as before
