@@ -76,7 +76,10 @@ def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--trace-sampling", type=float, help="fraction of requests to trace, 0 to 1 (e.g. 0.01)"
     )
     xds = p.add_argument_group("live config from a control plane (xDS)")
-    xds.add_argument("--xds", metavar="HOST:PORT", help="control plane address")
+    xds.add_argument(
+        "--xds", metavar="HOST:PORT",
+        help="control plane address (its mTLS port with --control-plane-roots)",
+    )
     xds.add_argument("--node-id", help="this proxy's xDS node id (default: the host name)")
     xds.add_argument("--service", default="", help="the service this sidecar runs beside")
     xds.add_argument("--namespace", default="default", help="the service's namespace")
