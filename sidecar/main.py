@@ -88,6 +88,7 @@ async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificate
     workload = WorkloadCertificates(
         GrpcCertificateSource(channel, token_file(options.token_file)), options.identity
     )
+    workload.on_change.append(lambda svid: channel.trust(svid.bundle_pem))
     try:
         await workload.start()
     except CertificateError as exc:

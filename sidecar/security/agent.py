@@ -25,6 +25,7 @@ from pilotfish.config.fields import parse_duration
 from pilotfish.identity import InvalidSpiffeId, SpiffeId
 from sidecar.security.sds import SecretDiscovery, SecretSource
 from sidecar.security.workload import (
+    CaChannel,
     CertificateError,
     GrpcCertificateSource,
     WorkloadCertificates,
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class IdentityAgent:
     certificates: WorkloadCertificates
     server: grpc.aio.Server
-    channel: grpc.aio.Channel
+    channel: CaChannel
     socket_path: Path
 
     async def stop(self) -> None:
@@ -66,6 +67,7 @@ async def start_identity_agent(
     certificates = WorkloadCertificates(
         GrpcCertificateSource(channel, token_file(token_path)), identity, ttl
     )
+    certificates.on_change.append(lambda svid: channel.trust(svid.bundle_pem))
     try:
         await certificates.start()
     except BaseException:

@@ -57,11 +57,11 @@ class GrpcCertificateSource:
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channel: grpc.aio.Channel | CaChannel,
         token: Callable[[], str],
         timeout: float = 10.0,
     ) -> None:
-        self._stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+        self._channel = channel
         self._token = token
         self._timeout = timeout
 
@@ -73,8 +73,10 @@ class GrpcCertificateSource:
             token = self._token()
         except OSError as exc:
             raise CertificateError(f"cannot read the CA token: {exc}") from None
+        channel = self._channel.current if isinstance(self._channel, CaChannel) else self._channel
+        stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
         try:
-            response = await self._stub.SignCertificate(
+            response = await stub.SignCertificate(
                 request,
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=self._timeout,
@@ -93,13 +95,44 @@ def token_file(path: str | Path) -> Callable[[], str]:
     return lambda: Path(path).read_text().strip()
 
 
-def ca_channel(address: str, roots_pem: bytes | None) -> grpc.aio.Channel:
-    """The channel to the CA: server-side TLS verified against ``roots_pem`` (the mesh's roots,
-    given to the workload beforehand: it has no certificate yet to learn them from), or
-    plaintext without roots. Over TLS the bearer token cannot be read on the way."""
-    if roots_pem is None:
-        return grpc.aio.insecure_channel(address)
-    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(roots_pem))
+class CaChannel:
+    """The channel to the CA: server-side TLS verified against roots, or plaintext without.
+
+    Over TLS the bearer token cannot be read on the way. The first call trusts the roots given
+    to the workload beforehand (it has no certificate yet to learn them from); every
+    certificate then brings the mesh's current bundle (``trust``), and the channel is rebuilt
+    to trust it too, so the CA stays reachable after a root rotation retires the roots the
+    workload started with.
+    """
+
+    def __init__(self, address: str, roots_pem: bytes | None) -> None:
+        self._address = address
+        self._roots = roots_pem
+        self._trusted = roots_pem
+        self._retired: list[grpc.aio.Channel] = []
+        self.current = self._connect(roots_pem)
+
+    def _connect(self, roots: bytes | None) -> grpc.aio.Channel:
+        if roots is None:
+            return grpc.aio.insecure_channel(self._address)
+        return grpc.aio.secure_channel(self._address, grpc.ssl_channel_credentials(roots))
+
+    def trust(self, bundle_pem: bytes) -> None:
+        """Trust the given roots and ``bundle_pem`` from the next call on (TLS only)."""
+        if self._roots is None or self._roots + bundle_pem == self._trusted:
+            return
+        self._trusted = self._roots + bundle_pem
+        # A call may still be running on the old channel: it is closed with this one.
+        self._retired.append(self.current)
+        self.current = self._connect(self._trusted)
+
+    async def close(self) -> None:
+        for channel in (*self._retired, self.current):
+            await channel.close()
+
+
+def ca_channel(address: str, roots_pem: bytes | None) -> CaChannel:
+    return CaChannel(address, roots_pem)
 
 
 def read_roots(flag: str, path: str) -> bytes:

@@ -36,7 +36,7 @@ from pilotfish.identity import SpiffeId
 from sidecar.main import identity_options
 from sidecar.security.agent import start_identity_agent
 from sidecar.security.csr import build_csr, generate_key
-from sidecar.security.workload import CertificateError
+from sidecar.security.workload import CaChannel, CertificateError, GrpcCertificateSource
 from tests.control_plane.helpers import node
 
 T = TypeVar("T")
@@ -399,5 +399,28 @@ def test_identity_agent_over_the_ca_port_and_its_certificate_on_the_mtls_port(
                     control_plane_roots=other.public_bytes(serialization.Encoding.PEM),
                 )
             assert plane.ca is not None and plane.ca.counters.issued == 1
+
+    run(test)
+
+
+def test_the_ca_channel_comes_to_trust_the_bundle_the_ca_sends(tmp_path: Path) -> None:
+    """After a root rotation the roots a workload started with may no longer be the serving
+    certificate's: each certificate's bundle is trusted from then on."""
+
+    async def test() -> None:
+        async with control_plane(tmp_path) as plane:
+            retired, _ = create_root(DOMAIN, time.time())
+            channel = CaChannel(
+                f"localhost:{plane.ca_port}", retired.public_bytes(serialization.Encoding.PEM)
+            )
+            source = GrpcCertificateSource(channel, lambda: "checkout-token")
+            csr = build_csr(generate_key(), CHECKOUT)
+            try:
+                with pytest.raises(CertificateError, match="UNAVAILABLE"):
+                    await source.sign(csr, None)
+                channel.trust(_bundle(plane))  # what a certificate's response carries
+                assert (await source.sign(csr, None)).spiffe_id == CHECKOUT.uri
+            finally:
+                await channel.close()
 
     run(test)
