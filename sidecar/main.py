@@ -77,14 +77,14 @@ class IdentityUnavailable(Exception):
 async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificates, Any]:
     # Loaded only when asked for: grpc and the CA's messages cost memory.
     from sidecar.security.workload import (
+        CaChannel,
         CertificateError,
         GrpcCertificateSource,
         WorkloadCertificates,
-        ca_channel,
         token_file,
     )
 
-    channel = ca_channel(options.ca_address, options.control_plane_roots)
+    channel = CaChannel(options.ca_address, options.control_plane_roots)
     workload = WorkloadCertificates(
         GrpcCertificateSource(channel, token_file(options.token_file)), options.identity
     )

@@ -29,7 +29,6 @@ from sidecar.security.workload import (
     CertificateError,
     GrpcCertificateSource,
     WorkloadCertificates,
-    ca_channel,
     read_roots,
     token_file,
 )
@@ -63,7 +62,7 @@ async def start_identity_agent(
     """Fetch the first certificate (``CertificateError`` if the CA refuses), then serve SDS.
 
     ``control_plane_roots``: the CA is called over TLS, verified against these roots."""
-    channel = ca_channel(ca_address, control_plane_roots)
+    channel = CaChannel(ca_address, control_plane_roots)
     certificates = WorkloadCertificates(
         GrpcCertificateSource(channel, token_file(token_path)), identity, ttl
     )

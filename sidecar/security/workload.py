@@ -131,10 +131,6 @@ class CaChannel:
             await channel.close()
 
 
-def ca_channel(address: str, roots_pem: bytes | None) -> CaChannel:
-    return CaChannel(address, roots_pem)
-
-
 def read_roots(flag: str, path: str) -> bytes:
     """PEM roots from ``path``; ``ConfigError`` naming ``flag`` if unreadable or not PEM."""
     try:
