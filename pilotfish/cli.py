@@ -76,7 +76,10 @@ def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--trace-sampling", type=float, help="fraction of requests to trace, 0 to 1 (e.g. 0.01)"
     )
     xds = p.add_argument_group("live config from a control plane (xDS)")
-    xds.add_argument("--xds", metavar="HOST:PORT", help="control plane address")
+    xds.add_argument(
+        "--xds", metavar="HOST:PORT",
+        help="control plane address (its mTLS port with --control-plane-roots)",
+    )
     xds.add_argument("--node-id", help="this proxy's xDS node id (default: the host name)")
     xds.add_argument("--service", default="", help="the service this sidecar runs beside")
     xds.add_argument("--namespace", default="default", help="the service's namespace")
@@ -107,6 +110,11 @@ def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--ca-token-file", help="bootstrap or service-account token; turns the identity on"
     )
     mesh.add_argument("--ca", metavar="HOST:PORT", help="the CA (default: the --xds address)")
+    mesh.add_argument(
+        "--control-plane-roots", metavar="PEM_FILE",
+        help="the mesh's root certificates: the CA (--ca: its TLS port) is then called over "
+        "TLS and xDS (--xds: its mTLS port) over mutual TLS with the workload certificate",
+    )
     mesh.add_argument("--service-account", help="default: --service")
     mesh.add_argument("--trust-domain", default="cluster.local")
     reg = p.add_argument_group(
@@ -172,6 +180,30 @@ def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="with --kubernetes: service-account tokens for this audience are checked through "
         "TokenReview",
     )
+    tls = p.add_argument_group(
+        "TLS ports (need the CA; the serving certificate comes from it and rotates)"
+    )
+    tls.add_argument(
+        "--ca-tls-port", type=int, metavar="PORT",
+        help="the CA over server-side TLS: workloads get their first certificate here",
+    )
+    tls.add_argument(
+        "--xds-mtls-port", type=int, metavar="PORT",
+        help="ADS (and the CA) over mutual TLS: a proxy gets the view of its certificate's "
+        "identity",
+    )
+    tls.add_argument(
+        "--tls-names", default="localhost", metavar="NAME[,NAME...]",
+        help="DNS names of the serving certificate: the names clients dial (default localhost)",
+    )
+    tls.add_argument(
+        "--plaintext-address", default="", metavar="ADDRESS",
+        help="where the plaintext --port listens (default --address; e.g. 127.0.0.1)",
+    )
+    tls.add_argument(
+        "--no-plaintext", action="store_true",
+        help="serve only the TLS ports (pilotfish status then has no port to read)",
+    )
     kube = p.add_argument_group("Kubernetes discovery")
     kube.add_argument(
         "--kubernetes",
@@ -199,6 +231,12 @@ def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     hook.add_argument(
         "--inject-classic", action="store_true", help="inject classic (not native) sidecars"
+    )
+    hook.add_argument(
+        "--inject-ca-address", default="", metavar="HOST:PORT",
+        help="the CA's TLS port as sidecars reach it: injected sidecars get a projected token "
+        "(--ca-token-audience), the CA's roots, and hold xDS over mTLS (--inject-xds-address "
+        "is then the --xds-mtls-port)",
     )
 
 
@@ -293,6 +331,10 @@ def _add_identity_agent(sub: argparse._SubParsersAction[_Parser]) -> None:
         "identity-agent", help="keep a workload certificate fresh and serve it to Envoy over SDS"
     )
     p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the control plane's CA")
+    p.add_argument(
+        "--control-plane-roots", metavar="PEM_FILE",
+        help="the mesh's roots: call the CA over TLS (its --ca-tls-port) rather than plaintext",
+    )
     p.add_argument("--token-file", required=True, help="bootstrap or service-account token")
     p.add_argument("--service-account", required=True)
     p.add_argument("--namespace", default="default")
@@ -325,6 +367,14 @@ def _add_inject(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--proxy-log-level", default="info", choices=LOG_LEVELS, help="the sidecar's verbosity"
     )
+    p.add_argument(
+        "--ca-address", default="", metavar="HOST:PORT",
+        help="the CA's TLS port: sidecars get a workload identity and use mTLS to xDS "
+        "(--xds-address is then the control plane's mTLS port); needs --ca-roots",
+    )
+    p.add_argument("--ca-roots", default="", metavar="PEM_FILE", help="the mesh's roots")
+    p.add_argument("--ca-token-audience", default="pilotfish-ca")
+    p.add_argument("--trust-domain", default="cluster.local")
 
 
 class _VersionAction(argparse.Action):
