@@ -242,6 +242,33 @@ def _add_proxy_config(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds")
 
 
+def _add_top(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "top",
+        help="live success rate, requests/s and p50/p99 per service and route, from the "
+        "sidecars' metrics",
+        description="Scrapes each sidecar's /stats/prometheus every --interval seconds and shows "
+        "what happened in between: rates from the counters' growth, p50 and p99 from the "
+        "growth of the latency histogram's buckets. Sidecars come from --admin, else from the "
+        "control plane (each sidecar reports its admin address). A success is a response that "
+        "is neither a 5xx nor a gRPC status other than OK.",
+    )
+    p.add_argument(
+        "--admin", action="append", metavar="HOST:PORT[,HOST:PORT...]",
+        help="a sidecar's admin address (repeatable; default: ask the control plane)",
+    )
+    p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
+    p.add_argument("-n", "--interval", type=float, default=2.0, help="seconds between scrapes")
+    p.add_argument(
+        "--direction", default="outbound", choices=("outbound", "inbound", "all"),
+        help="outbound: as the callers' sidecars saw the calls (failures the service never "
+        "saw included); inbound: as the service's own sidecar saw them",
+    )
+    p.add_argument("--once", action="store_true", help="scrape twice, print one table, exit")
+    p.add_argument("-o", "--output", default="table", choices=("table", "json"))
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds, per request")
+
+
 def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
@@ -351,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_proxy_status(sub)
     _add_proxy_config(sub)
+    _add_top(sub)
     _add_demo(sub)
     _add_iptables(sub)
     _add_ca_root(sub)
@@ -392,6 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.proxy_config_cli import run_proxy_config
 
         return run_proxy_config(args)
+    if args.command == "top":
+        from pilotfish.top.run import run_top
+
+        return run_top(args)
     if args.command == "iptables":
         from sidecar.listen.iptables import run_iptables
 
