@@ -270,8 +270,21 @@ def _add_top(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
+    p = sub.add_parser(
+        "demo",
+        help="run a small local mesh with its control plane, change its policy while traffic "
+        "flows, and show the effect of each change",
+        description="Starts a control plane on a mesh file in the run folder and two sample gRPC "
+        "services (greeter calls quotes), every instance behind a sidecar that takes its config "
+        "over ADS and registers its app. While calls flow, it rewrites the mesh file phase by "
+        "phase (round robin; a 90/10 canary split; a 10%% fault absorbed by retries; an "
+        "instance drained with SIGTERM) and shows each change acked by the sidecars and its "
+        "effect, measured from the traffic. Exit code 1 when a phase does not show its effect.",
+    )
+    p.add_argument(
+        "--duration", type=float, default=16.0,
+        help="seconds of measured traffic, split evenly over the four phases",
+    )
     p.add_argument("--rate", type=float, default=50.0, help="calls per second")
     p.add_argument(
         "--otlp-endpoint",
@@ -280,7 +293,7 @@ def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
         "http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
     )
     p.add_argument(
-        "--keep", action="store_true", help="keep the folder of configs and logs after the run"
+        "--keep", action="store_true", help="keep the run folder (mesh file, logs) after the run"
     )
 
 

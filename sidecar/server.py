@@ -393,7 +393,12 @@ class Sidecar:
         flags = ",".join(exchange.flags)
         decision = exchange.decision
         route = decision.route.name if decision is not None else ""
-        service = exchange.cluster.config.name if exchange.cluster is not None else ""
+        if exchange.cluster is not None:
+            service = exchange.cluster.config.name
+        else:
+            # Answered before an upstream was picked (a fault, a rate limit, a breaker): still
+            # the service the route chose, so its error rate shows the failure.
+            service = decision.cluster if decision is not None else ""
         self.metrics.route(listener.direction, service, route).record(
             exchange.status,
             exchange.grpc_status,
