@@ -281,6 +281,11 @@ def test_a_phase_report_names_the_acked_versions() -> None:
         "within 0.2 s",
         "    greeter-1 acked RDS 6ff7150a (was 8a4c354a)",
     ]
+    first = Acked(
+        what="the mesh file as started", generation=1, in_sync=6, connected=6, seconds=0.0,
+        sample_node="greeter-1", changed=[("LDS", "", "f2c305a0aaaa"), ("RDS", "", "e53b99ef")],
+    )
+    assert format_acked(first)[1] == "    greeter-1 acked LDS f2c305a0, RDS e53b99ef"
 
 
 def test_each_call_starts_a_sampled_w3c_trace() -> None:
@@ -449,8 +454,9 @@ def test_demo_runs_every_phase_through_the_control_plane_and_shows_its_effect() 
     acks = re.findall(r"^  control plane: (.*); mesh generation (\d+), acked by (\d+)/(\d+)", out,
                       re.M)
     assert [(g, n, m) for _, g, n, m in acks] == [
-        ("2", "6", "6"), ("3", "6", "6"), ("4", "6", "6"), ("4", "5", "5")
+        ("1", "6", "6"), ("2", "6", "6"), ("3", "6", "6"), ("4", "6", "6"), ("4", "5", "5")
     ], out
+    assert acks[0][0] == "the mesh file as started"
     assert "quotes-2 deregistered itself on SIGTERM" in acks[-1][0]
     assert re.search(r"^    greeter-1 acked .*RDS [0-9a-f]{8} \(was [0-9a-f]{8}\)", out, re.M), out
     assert re.search(r"^    greeter-1 acked EDS [0-9a-f]{8}", out, re.M), out

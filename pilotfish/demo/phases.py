@@ -177,8 +177,10 @@ def format_acked(acked: Acked) -> list[str]:
         f"{acked.in_sync}/{acked.connected} sidecars within {acked.seconds:.1f} s"
     ]
     if acked.changed:
-        versions = ", ".join(f"{t} {now[:8]} (was {before[:8] or '-'})" for t, before, now in
-                             acked.changed)
+        versions = ", ".join(
+            f"{t} {now[:8]}" + (f" (was {before[:8]})" if before else "")
+            for t, before, now in acked.changed
+        )
         lines.append(f"    {acked.sample_node} acked {versions}")
     return lines
 
