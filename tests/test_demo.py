@@ -248,11 +248,11 @@ def _quotes_row(requests: float, success_rate: float) -> Row:
         (1, _calls(("quotes-1", 100), ("quotes-2", 100)), {}, False),  # the split did nothing
         (1, _calls(("quotes-1", 50), ("quotes-2", 50), ("quotes-3", 100)), {}, False),
         (2, _calls(("quotes-1", 200), failed=1),
-         {"rows": [_quotes_row(220, 0.9)], "retries": 21}, True),
-        (2, _calls(("quotes-1", 200)), {"rows": [_quotes_row(200, 1.0)], "retries": 0}, False),
-        (2, _calls(("quotes-1", 200)), {"rows": [_quotes_row(220, 0.9)], "retries": 0}, False),
+         {"rows": [_quotes_row(220, 0.9)], "quotes_failed": 22, "retries": 21}, True),
+        (2, _calls(("quotes-1", 200)), {"quotes_failed": 0, "retries": 0}, False),
+        (2, _calls(("quotes-1", 200)), {"quotes_failed": 22, "retries": 0}, False),
         (2, _calls(("quotes-1", 178), failed=22),
-         {"rows": [_quotes_row(220, 0.9)], "retries": 5}, False),  # nothing absorbed
+         {"quotes_failed": 22, "retries": 5}, False),  # nothing absorbed
         (3, _calls(("quotes-1", 180), ("quotes-3", 20)), {"drained": "quotes-2"}, True),
         (3, _calls(("quotes-1", 180), ("quotes-3", 19), failed=1), {"drained": "quotes-2"},
          False),

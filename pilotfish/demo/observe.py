@@ -113,9 +113,9 @@ def admin_get(admin: str, path: str, timeout: float = 2.0) -> str:
         return body.decode("utf-8", errors="replace")
 
 
-def cluster_hosts(admin: str, cluster: str) -> set[str] | None:
-    """The endpoints a sidecar holds for ``cluster`` now (``/clusters``); None if it does not
-    answer."""
+def upstream_hosts(admin: str) -> set[str] | None:
+    """Every endpoint a sidecar holds now, in any cluster (``/clusters``); None if it does not
+    answer. The instances' addresses are unique, so this needs no cluster name."""
     try:
         text = admin_get(admin, "/clusters")
     except (OSError, urllib.error.URLError):
@@ -123,7 +123,7 @@ def cluster_hosts(admin: str, cluster: str) -> set[str] | None:
     hosts = set()
     for line in text.splitlines():
         parts = line.split("::")
-        if len(parts) == 4 and parts[0] == cluster:
+        if len(parts) == 4:
             hosts.add(parts[1])
     return hosts
 

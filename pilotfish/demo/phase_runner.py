@@ -17,15 +17,15 @@ from pathlib import Path
 from pilotfish.demo.observe import (
     ControlPlaneStatus,
     MeshState,
-    cluster_hosts,
     sum_stats,
+    upstream_hosts,
     write_mesh,
 )
 from pilotfish.demo.phases import Acked, Observed, Phase, format_acked
 from pilotfish.demo.processes import Child, Children, describe_exit
 from pilotfish.demo.summary import OK, CallFinished, CallLog
-from pilotfish.demo.topology import QUOTES, V1, Topology, mesh_file
-from pilotfish.top.core import window_rows
+from pilotfish.demo.topology import V1, Topology, mesh_file
+from pilotfish.top.core import ALL_ROUTES, window_rows
 from pilotfish.top.run import Target, scrape_all
 
 PROGRESS_INTERVAL = 1.0
@@ -58,8 +58,8 @@ class PhaseRunner:
         self.expected_dead: set[str] = set()
         self.reported_dead: set[str] = set()
         self.targets = [Target(s.node_id, s.admin_address) for s in topology.sidecars]
-        callers_of_quotes = [g.name for g in topology.greeters]
-        self.sample_node = callers_of_quotes[0]
+        self.callers_of_quotes = [g.name for g in topology.greeters]
+        self.sample_node = self.callers_of_quotes[0]
 
     def run_phase(self, number: int, phase: Phase) -> Observed:
         acked: list[Acked] = []
@@ -97,7 +97,18 @@ class PhaseRunner:
             acked=acked,
             calls=calls,
             seconds=ended - started,
-            rows=window_rows(before, after, ["outbound"]) if before and after else (),
+            rows=window_rows(before, after, ["outbound"]),
+            # The greeters' sidecars call only quotes: their outbound failures are quotes calls
+            # that failed, whatever the metrics name the service.
+            quotes_failed=round(sum(
+                r.requests * (1 - (r.success_rate or 0.0))
+                for r in window_rows(
+                    {n: before[n] for n in self.callers_of_quotes if n in before},
+                    {n: after[n] for n in self.callers_of_quotes if n in after},
+                    ["outbound"],
+                )
+                if r.route == ALL_ROUTES
+            )),
             retries=retries,
             drained=drained,
             drained_after_removal=after_removal,
@@ -158,7 +169,7 @@ class PhaseRunner:
 
         def settled(state: MeshState) -> bool:
             dropped = all(
-                (hosts := cluster_hosts(admin, QUOTES)) is not None
+                (hosts := upstream_hosts(admin)) is not None
                 and gone.sidecar.inbound_address not in hosts
                 for admin in callers
             )

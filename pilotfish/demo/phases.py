@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pilotfish.demo.summary import OK, CallFinished, percentile
-from pilotfish.demo.topology import GREETER, QUOTES, QuotesPolicy, Topology
+from pilotfish.demo.topology import QuotesPolicy, Topology
 from pilotfish.top.core import ALL_ROUTES, Row
 
 CANARY_PERCENT = 10
@@ -72,6 +72,7 @@ class Observed:
     seconds: float  # the window's length
     rows: Sequence[Row] = ()  # the sidecars' outbound metrics over the window
     retries: int = 0  # tries the sidecars started again (all of them, every cluster)
+    quotes_failed: int = 0  # quotes calls that failed, as the greeters' sidecars counted them
     drained: str | None = None  # the quotes instance stopped in this phase
     drained_after_removal: int = 0  # its calls sent after every caller had dropped it
     drain_exit: str = ""  # how its sidecar ended, when it did within the window
@@ -97,10 +98,6 @@ class Shares:
 
 def quotes_shares(calls: Sequence[CallFinished]) -> Shares:
     return Shares(Counter(c.quotes or "?" for c in calls if c.status == OK))
-
-
-def _row(rows: Sequence[Row], service: str) -> Row | None:
-    return next((r for r in rows if r.service == service and r.route == ALL_ROUTES), None)
 
 
 def judge(observed: Observed, topology: Topology) -> Verdict:
@@ -129,10 +126,7 @@ def judge(observed: Observed, topology: Topology) -> Verdict:
             "it",
         )
     if policy.abort_percent:
-        quotes = _row(observed.rows, QUOTES)
-        injected = 0 if quotes is None or quotes.success_rate is None else round(
-            quotes.requests * (1 - quotes.success_rate)
-        )
+        injected = observed.quotes_failed
         if injected == 0:
             return Verdict(False, "no quotes call failed: the fault was not injected")
         if observed.retries == 0:
@@ -214,7 +208,7 @@ def format_phase(observed: Observed, topology: Topology, verdict: Verdict) -> st
                 for name in sorted(shares.counts)
             )
         )
-    metrics = [r for r in observed.rows if r.route == ALL_ROUTES and r.service in (GREETER, QUOTES)]
+    metrics = [r for r in observed.rows if r.route == ALL_ROUTES]
     if metrics:
         lines.append(
             "  sidecars' metrics (outbound): "

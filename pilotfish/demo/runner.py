@@ -24,7 +24,7 @@ from pilotfish.demo.api import demo_pb2_grpc
 from pilotfish.demo.observe import (
     ControlPlaneStatus,
     MeshNotSettled,
-    cluster_hosts,
+    upstream_hosts,
     write_mesh,
 )
 from pilotfish.demo.phase_runner import ACK_TIMEOUT, PhaseRunner
@@ -50,9 +50,7 @@ from pilotfish.demo.summary import (
     summarize,
 )
 from pilotfish.demo.topology import (
-    GREETER,
     LOOPBACK,
-    QUOTES,
     V1,
     SidecarPlan,
     Topology,
@@ -238,29 +236,31 @@ def start_mesh(
         probes.append((child, _sidecar_probe(sidecar.admin_port, sidecar.listener_ports)))
     wait_ready(probes, options.ready_timeout)
     # Each sidecar registers its app once the app is healthy; the callers learn it over EDS.
-    expected = _expected_endpoints(topology)
     sidecars = {child.name: child for child in mesh}
     wait_ready(
         [
-            (sidecars[f"{node}-sidecar"], _holds_probe(admin, cluster, hosts))
-            for node, admin, cluster, hosts in expected
+            (sidecars[f"{node}-sidecar"], _holds_probe(admin, hosts))
+            for node, admin, hosts in _expected_endpoints(topology)
         ],
         options.ready_timeout,
     )
 
 
-def _expected_endpoints(topology: Topology) -> list[tuple[str, str, str, set[str]]]:
-    """(node, admin, cluster, endpoints) that every caller must hold before traffic starts."""
+def _expected_endpoints(topology: Topology) -> list[tuple[str, str, set[str]]]:
+    """(node, admin, endpoints) that every caller must hold before traffic starts."""
     greeters = {g.sidecar.inbound_address for g in topology.greeters}
     quotes = {q.sidecar.inbound_address for q in topology.quotes_of(V1)}
-    wanted = [(topology.client.node_id, topology.client.admin_address, GREETER, greeters)]
-    wanted += [(g.name, g.sidecar.admin_address, QUOTES, quotes) for g in topology.greeters]
-    return [(node, admin, cluster, {h for h in hosts if h}) for node, admin, cluster, hosts
-            in wanted]
+    wanted = [(topology.client.node_id, topology.client.admin_address, greeters)]
+    wanted += [(g.name, g.sidecar.admin_address, quotes) for g in topology.greeters]
+    return [(node, admin, {h for h in hosts if h}) for node, admin, hosts in wanted]
 
 
-def _holds_probe(admin: str, cluster: str, hosts: set[str]) -> Callable[[], bool]:
-    return lambda: cluster_hosts(admin, cluster) == hosts
+def _holds_probe(admin: str, hosts: set[str]) -> Callable[[], bool]:
+    def holds() -> bool:
+        held = upstream_hosts(admin)
+        return held is not None and hosts <= held
+
+    return holds
 
 
 def _app_probe(port: int) -> Callable[[], bool]:
