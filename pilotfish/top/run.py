@@ -40,8 +40,10 @@ class Target:
 
 
 def admin_targets(values: Sequence[str]) -> list[Target]:
-    addresses = [a.strip() for value in values for a in value.split(",") if a.strip()]
-    return [Target(a, a.removeprefix("http://").rstrip("/")) for a in addresses]
+    addresses = [
+        a.strip().removeprefix("http://").rstrip("/") for value in values for a in value.split(",")
+    ]
+    return [Target(a, a) for a in addresses if a]
 
 
 def control_plane_targets(address: str, timeout: float) -> list[Target]:
@@ -106,7 +108,15 @@ def run_top(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return control_plane_targets(args.address, args.timeout)
 
     try:
-        before, _ = scrape_all(targets(), args.timeout)
+        found = targets()
+        if live:
+            # Numbers need two scrapes: say so rather than show a blank screen meanwhile.
+            stream.write(
+                f"{REDRAW}pilotfish top: {len(found)} sidecars, first numbers in "
+                f"{args.interval:g} s\n"
+            )
+            stream.flush()
+        before, _ = scrape_all(found, args.timeout)
         while True:
             time.sleep(args.interval)
             after, failed = scrape_all(targets(), args.timeout)

@@ -18,6 +18,7 @@ from pilotfish.top.core import (
     succeeded,
     window_rows,
 )
+from pilotfish.top.run import Target, admin_targets
 from pilotfish.top.view import Frame, format_json, format_table
 from sidecar.observability.metrics import MeshMetrics
 
@@ -201,3 +202,11 @@ def test_the_json() -> None:
 def test_an_empty_window_says_so() -> None:
     frame = Frame(rows=[], sidecars=[], unreachable=[], window=2.0, clock="12:00:00")
     assert format_table(frame).endswith("no requests in this window\n")
+
+
+def test_admin_addresses_repeated_or_comma_separated() -> None:
+    assert admin_targets(["127.0.0.1:15000,http://127.0.0.1:15100/", " 10.0.0.2:15000 "]) == [
+        Target("127.0.0.1:15000", "127.0.0.1:15000"),
+        Target("127.0.0.1:15100", "127.0.0.1:15100"),
+        Target("10.0.0.2:15000", "10.0.0.2:15000"),
+    ]
