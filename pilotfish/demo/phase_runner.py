@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pilotfish.demo.observe import (
@@ -25,7 +25,7 @@ from pilotfish.demo.phases import Acked, Observed, Phase, format_acked
 from pilotfish.demo.processes import Child, Children, describe_exit
 from pilotfish.demo.summary import OK, CallFinished, CallLog
 from pilotfish.demo.topology import V1, Topology, mesh_file
-from pilotfish.top.core import ALL_ROUTES, window_rows
+from pilotfish.top.core import ALL_ROUTES, Scrape, window_rows
 from pilotfish.top.run import Target, scrape_all
 
 PROGRESS_INTERVAL = 1.0
@@ -98,21 +98,26 @@ class PhaseRunner:
             calls=calls,
             seconds=ended - started,
             rows=window_rows(before, after, ["outbound"]),
-            # The greeters' sidecars call only quotes: their outbound failures are quotes calls
-            # that failed, whatever the metrics name the service.
-            quotes_failed=round(sum(
-                r.requests * (1 - (r.success_rate or 0.0))
-                for r in window_rows(
-                    {n: before[n] for n in self.callers_of_quotes if n in before},
-                    {n: after[n] for n in self.callers_of_quotes if n in after},
-                    ["outbound"],
-                )
-                if r.route == ALL_ROUTES
-            )),
+            quotes_failed=self.quotes_failed(before, after),
             retries=retries,
             drained=drained,
             drained_after_removal=after_removal,
             drain_exit=drain_exit,
+        )
+
+    def quotes_failed(self, before: Mapping[str, Scrape], after: Mapping[str, Scrape]) -> int:
+        """The quotes calls that failed in the window, as the greeters' sidecars counted them.
+
+        Those sidecars call nothing but quotes, so every outbound failure of theirs is one,
+        whatever name their metrics give the service."""
+        callers = self.callers_of_quotes
+        rows = window_rows(
+            {n: before[n] for n in callers if n in before},
+            {n: after[n] for n in callers if n in after},
+            ["outbound"],
+        )
+        return round(
+            sum(r.requests * (1 - (r.success_rate or 0.0)) for r in rows if r.route == ALL_ROUTES)
         )
 
     def child(self, name: str) -> Child:
