@@ -80,6 +80,12 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x"
 
 
+def _cpu_ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "—"
+    return f"{value / base:.1f}x"
+
+
 def _added(value: float | None, base: float | None) -> str:
     if value is None or base is None:
         return "—"
@@ -148,10 +154,15 @@ def _at_a_glance(result: BenchResult) -> list[str]:
     throughput = [
         w for w in result.workloads if not w.at_concurrency_1 and not _fixed_rate(w)
     ]
+    # CPU per request is read at full load and at the paced rates above one request at a time.
+    cpu = throughput + [
+        w for w in fixed_rate if isinstance(w, H2loadWorkload) and w.clients > 1
+    ]
     header = ["proxy"]
     header += [f"added p50 per hop µs, {w.key}" for w in latency]
     header += [f"added p99 per hop µs, {w.key}" for w in fixed_rate]
-    header += [f"CPU µs/req, {w.key}" for w in throughput]
+    header += [f"CPU µs/req, {w.key}" for w in cpu]
+    header += [f"CPU/req vs nghttpx, {w.key}" for w in cpu]
     header += [f"req/s vs nghttpx, {w.key}" for w in throughput]
     header += ["idle RSS MB", "max peak RSS MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -171,7 +182,14 @@ def _at_a_glance(result: BenchResult) -> list[str]:
             )
             for w in fixed_rate
         ]
-        row += [_num(medians(result, target.name, w.key).cpu_us_per_request, 1) for w in throughput]
+        row += [_num(medians(result, target.name, w.key).cpu_us_per_request, 1) for w in cpu]
+        row += [
+            _cpu_ratio(
+                medians(result, target.name, w.key).cpu_us_per_request,
+                medians(result, NGHTTPX, w.key).cpu_us_per_request,
+            )
+            for w in cpu
+        ]
         row += [
             _ratio(
                 medians(result, target.name, w.key).requests_per_s,
@@ -363,6 +381,15 @@ def render_markdown(result: BenchResult) -> str:
             if any(isinstance(t, PilotfishTcp) for t in result.targets)
             else []
         ),
+        *(
+            [
+                "- Codecs: `pilotfish` uses the default HTTP/2 codec (ngh2, libnghttp2, when it "
+                "is installed); a `-python-codec` target is the same sidecar on Pilotfish's "
+                "pure-Python codec (`PILOTFISH_H2_CODEC=python`)."
+            ]
+            if any(isinstance(t, Pilotfish) and t.codec is not None for t in result.targets)
+            else []
+        ),
         *(f"- {name} was taken as ready when its {how}." for name, how in result.readiness.items()),
         _noise_line(result),
         "",
@@ -375,7 +402,7 @@ def render_markdown(result: BenchResult) -> str:
         "(h2load `--log-file`; per call in the gRPC client), nearest-rank percentiles.",
         "- **added p50 per hop**: the target's p50 minus direct's p50, at concurrency 1.",
         "- **added p99 per hop**: the target's p99 minus direct's p99, at the same fixed rate"
-        " (`h2-small-1k`: 1,000 requests/s).",
+        " (`h2-small-1k`: 1,000 requests/s; `h2-small-5k`: 5,000 requests/s).",
         "- **proxy CPU µs/req**: utime+stime growth in `/proc/<pid>/stat` over the measured "
         "run, summed over the proxy's process tree, divided by the requests completed.",
         "- **proxy peak RSS**: the largest sum of RSS over the proxy's processes, sampled every "
