@@ -33,6 +33,7 @@ from sidecar.http.streams import (
     NO_ERROR,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
+    Headers,
     ResetReason,
     StreamHandler,
     StreamSink,
@@ -130,18 +131,15 @@ class ListenerRuntime:
         self.connections_gauge = metrics.active_connections.labels(self.direction)
         self.streams_gauge = metrics.active_streams.labels(self.direction)
 
-    @property
-    def direction(self) -> str:
-        """ "inbound" (to the local app) or "outbound", for metrics."""
-        if self.config.direction:
-            return self.config.direction
-        return "inbound" if self.config.name.startswith("inbound") else "outbound"
-
     def update(self, config: ListenerConfig) -> None:
         """Take a new config; the load shedder keeps its windows if its config is the same."""
         old = self.config.load_shedding if self.shedder is not None else None
         old_jwt = self.config.jwt if self.jwt is not None else None
         self.config = config
+        # "inbound" (to the local app) or "outbound", for metrics: read by every request.
+        self.direction = config.direction or (
+            "inbound" if config.name.startswith("inbound") else "outbound"
+        )
         if config.jwt is None:
             self.jwt = None
         elif config.jwt != old_jwt:  # an unchanged config keeps its fetched keys
@@ -153,6 +151,10 @@ class ListenerRuntime:
             self.shedder = None
         elif shedding != old:
             self.shedder = LoadShedder(shedding, asyncio.get_event_loop().time)
+        # Requests need no inbound security filter: the Exchange handles them alone.
+        self._unfiltered = config.mtls is None and config.authorization is None and (
+            self.jwt is None
+        )
 
     @property
     def clusters(self) -> ClusterManager:
@@ -164,9 +166,9 @@ class ListenerRuntime:
 
     def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
         exchange = Exchange(self, downstream)
-        config = self.config
-        if config.mtls is None and config.authorization is None and self.jwt is None:
+        if self._unfiltered:
             return exchange
+        config = self.config
         return InboundSecurity(
             exchange, peer, config.authorization, self.scope, config.mtls is not None, self.jwt
         )
@@ -221,6 +223,10 @@ class ListenerRuntime:
 class H2ServerConnection(H2Connection):
     """A downstream HTTP/2 connection, with the budgets and timeouts of ``H2ServerGuard``."""
 
+    # The rapid reset attack opens and resets streams in one go: such requests are never
+    # routed, never sent upstream.
+    screens_resets = True
+
     def __init__(self, listener: ListenerRuntime) -> None:
         config = listener.config
         self.guard = H2ServerGuard(self, config.limits, asyncio.get_event_loop())
@@ -240,9 +246,6 @@ class H2ServerConnection(H2Connection):
         self.last_stream_id = MAX_STREAM_ID
         self.peer: SpiffeId | None = None  # set by the listener after an mTLS handshake
         self.hold_reading_while_write_paused = True
-        # Only servers receive requests (both codecs refuse them on client connections).
-        self._dispatch[h2.events.RequestReceived] = self._on_request
-        self._dispatch[codec.RequestReceived] = self._on_request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Room for a window's worth of responses before the peer counts as not reading.
@@ -256,8 +259,7 @@ class H2ServerConnection(H2Connection):
         if not self.discarding:
             self.guard.after_read()
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        stream_id = event.stream_id
+    def on_request_received(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
         stream = H2Stream(self, stream_id, None)
         self.streams[stream_id] = stream
         if self.goaway_sent and stream_id > self.last_stream_id:
@@ -266,15 +268,19 @@ class H2ServerConnection(H2Connection):
         self.guard.stream_opened()
         handler = self.listener.new_exchange(stream, self.peer)
         stream.handler = handler
-        handler.on_headers(event.headers, event.stream_ended is not None)
+        handler.on_headers(headers, end_stream)
         self.requests += 1
         if self.listener.request_started_on(self.requests):
             self.start_drain()
 
+    def on_request_withdrawn(self, stream_id: int) -> None:
+        """The codec screened a request out (``screens_resets``)."""
+        self.listener.scope.inc("http2.reset_before_routing")
+
     def screen_resets(self, events: list[Any]) -> list[Any]:
         """Drop requests reset within the read that opened them, by the client or by the codec
-        (a body that broke its content-length): never routed, never sent upstream. The rapid
-        reset attack opens and resets streams in one go."""
+        (a body that broke its content-length), from a codec that returns events; ngh2 drops
+        them itself (``screens_resets``)."""
         reset = {e.stream_id for e in events if type(e) in _RESET_EVENTS}
         if not reset:
             return events
