@@ -27,6 +27,7 @@ from control_plane.ca.authority import CertificateAuthority, Signer, TrustBundle
 from control_plane.ca.settings import CaSettings
 from control_plane.main import ControlPlane, TlsPorts, start_control_plane, tls_ports_from_args
 from control_plane.status_cli import run_status
+from control_plane.xds.outbound_xds import PASSTHROUGH_CLUSTER
 from control_plane.xds.types import CLUSTER
 from pilotfish.cli import build_parser
 from pilotfish.config.errors import ConfigError
@@ -123,7 +124,8 @@ def _mtls_channel(plane: ControlPlane, key_chain: tuple[bytes, bytes] | None,
 
 
 async def _first_clusters(channel: grpc.aio.Channel, **metadata: str) -> set[str]:
-    """Open an ADS stream, ask for clusters, and return the names of the first response."""
+    """Open an ADS stream, ask for clusters, and return the names of the first response's
+    service clusters (every view also holds the passthrough cluster)."""
     stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
     request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=node("n1", **metadata))
     call = stub.StreamAggregatedResources(iter([request]), timeout=WAIT)
@@ -134,7 +136,7 @@ async def _first_clusters(channel: grpc.aio.Channel, **metadata: str) -> set[str
                 cluster = cluster_pb2.Cluster()
                 resource.Unpack(cluster)
                 names.add(cluster.name)
-            return names
+            return names - {PASSTHROUGH_CLUSTER}
     finally:
         call.cancel()
     raise AssertionError("the stream ended without a response")
