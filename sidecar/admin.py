@@ -29,11 +29,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
-
 from pilotfish.plainhttp import Response, start_plain_http
 from sidecar.server import Sidecar
-from sidecar.xds.config_dump import envoy_configs
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +187,12 @@ class AdminServer:
             dump.update(sc.config_dump_extra())
         else:
             # No control plane: everything is static, shown as Envoy shows its static parts.
+            # Imported here: the Envoy messages and protobuf (about 5 MB resident) are for an
+            # operator's /config_dump, not for every static sidecar from its start.
+            from envoy.config.core.v3 import base_pb2
+
+            from sidecar.xds.config_dump import envoy_configs
+
             node = base_pb2.Node(id=sc.bootstrap.node_id)
             loaded = sc.config_updated_at or sc.started_at
             dump["configs"] = envoy_configs(node, None, loaded, sc.bootstrap, loaded)
