@@ -294,7 +294,8 @@ def _principal(rule: AuthzRule) -> rbac_pb2.Principal:
 
 
 def _regex(pattern: str) -> regex_pb2.RegexMatcher:
-    return regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=pattern)
+    # No engine: RE2 is the default, and `google_re2` is deprecated since v3.0.
+    return regex_pb2.RegexMatcher(regex=pattern)
 
 
 def _header(h: HeaderMatcher) -> rbac_pb2.Permission:
