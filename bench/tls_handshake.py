@@ -1,6 +1,9 @@
-"""Instructions per mTLS handshake between two sidecars' TLS contexts, counted by callgrind.
+"""Instructions per mTLS handshake between two sidecars' TLS contexts, counted by callgrind;
+and, with ``--proxies``, per new connection and per request in Pilotfish (plaintext and STRICT
+mTLS) beside nghttpx (cleartext and TLS), in one run.
 
     python -m bench.tls_handshake [--handshakes 200]
+    python -m bench.tls_handshake --proxies [--connections 100 --requests 1000] [--clock]
 
 Builds a root CA and two workload certificates (P-256, as the sidecar makes them), then runs
 the handshakes in one process over socket pairs: client and server contexts from
@@ -9,6 +12,11 @@ mTLS cluster do. Runs that program twice under ``valgrind --tool=callgrind`` (N 
 and none) and divides the difference by N, so start-up and certificate making cancel out.
 The figure is what one new meshed connection costs in CPU, both ends together; requests on an
 established connection pay only the symmetric cipher. Needs Debian's valgrind.
+
+``--proxies`` runs each target as its own process under callgrind (``bench.tls_connections``
+says what the client does), zeroes the counters, opens the connections, dumps, and does the
+same for the requests on one connection: the server proxy's instructions only, the client's
+side not counted. Needs nghttp2-server and nghttp2-proxy too; takes a few minutes.
 """
 
 from __future__ import annotations
@@ -21,9 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from bench.procs import Spawned
+from bench.tls_connections import TARGETS, Cost, Figures, Meter, clock_meter, run
+
 VALGRIND = "/usr/bin/valgrind"
+CALLGRIND_CONTROL = "/usr/bin/callgrind_control"
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 
@@ -86,13 +99,81 @@ def _instructions(count: int, workdir: Path) -> int:
     return int(match.group(1))
 
 
+def _callgrind_wrap(name: str, workdir: Path) -> list[str]:
+    return [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.out"]
+
+
+def _callgrind_meter(proc: Spawned, workdir: Path) -> Meter:
+    """Zero the target's counters, run the phase, dump them: its instructions in the phase."""
+
+    def meter(phase: Callable[[], int]) -> tuple[int, Figures]:
+        _control("-z", proc.pid)
+        done = phase()
+        _control("-d", proc.pid)
+        dumps = sorted(workdir.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+        match = _TOTALS.search(dumps[-1].read_text(errors="replace"))
+        if match is None:
+            raise RuntimeError(f"no totals in {dumps[-1]}")
+        return done, {"instructions": float(match.group(1))}
+
+    return meter
+
+
+def _control(flag: str, pid: int) -> None:
+    subprocess.run(
+        [CALLGRIND_CONTROL, flag, str(pid)], capture_output=True, timeout=300, check=True
+    )
+
+
+def proxies(connections: int, requests: int, clock: bool) -> list[Cost]:
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
+        if clock:
+            return run(TARGETS, connections, requests, Path(tmp), meter=clock_meter)
+        return run(
+            TARGETS, connections, requests, Path(tmp), _callgrind_wrap, _callgrind_meter,
+            startup_timeout=300.0, timeout=120.0,
+        )  # fmt: skip
+
+
+def format_costs(costs: list[Cost]) -> str:
+    """One line per target: instructions, or CPU µs and rates, per connection and request."""
+    lines = []
+    for c in costs:
+        conn, req = c.per_connection, c.per_request
+        if "instructions" in conn:
+            figures = (
+                f"{conn['instructions']:>13,.0f} instructions per new connection, "
+                f"{req['instructions']:>9,.0f} per request"
+            )
+        else:
+            figures = (
+                f"{conn['cpu_s'] * 1e6:>8,.0f} CPU µs per new connection "
+                f"({1 / conn['wall_s']:,.0f} connections/s from one client), "
+                f"{req['cpu_s'] * 1e6:>6,.0f} CPU µs per request"
+            )
+        ok = f"{c.connections_ok}/{c.connections} connections, "
+        ok += f"{c.requests_ok}/{c.requests} requests"
+        lines.append(f"{c.target:<15} {figures}; {ok}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--handshakes", type=int, default=200)
+    parser.add_argument("--proxies", action="store_true", help="the four proxies, not contexts")
+    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument(
+        "--clock", action="store_true",
+        help="with --proxies: CPU time and connections/s instead of instructions (quiet machine)",
+    )
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run is not None:
         _handshakes(args.run)
+        return 0
+    if args.proxies:
+        print(format_costs(proxies(args.connections, args.requests, args.clock)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         base = _instructions(0, Path(tmp))

@@ -12,6 +12,10 @@ Shapes follow what both gRPC's proxyless xDS client and Envoy accept:
 * an EDS Cluster per service, and its ClusterLoadAssignment with one locality that carries a
   ``load_balancing_weight`` (gRPC drops localities without one) and per-endpoint weights.
 
+The outbound side an Envoy sidecar uses (``virtualOutbound``, per-port listeners and route
+configurations, ``PassthroughCluster``) is laid out by ``outbound_xds`` from the routes and
+HttpConnectionManagers built here.
+
 A proxy that is itself a mesh service and says where its app listens (node metadata
 ``app_address``) also gets its inbound side: a normal Listener ``inbound|<service>`` on
 ``inbound_address`` (default ``0.0.0.0:15006``), a RouteConfiguration ``inbound|<service>``
@@ -44,7 +48,9 @@ from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
 from control_plane.registry.core import Instance, InstanceState
 from control_plane.xds import cluster_policy_xds as cluster_policy
+from control_plane.xds import outbound_xds as outbound
 from control_plane.xds import route_policy_xds as route_policy
+from control_plane.xds.authn_xds import inbound_http_filters, jwks_clusters
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
@@ -52,7 +58,7 @@ from control_plane.xds.telemetry_xds import apply_telemetry
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
 from pilotfish.config.route_policy import ListenerLimits, LoadSheddingConfig
-from pilotfish.config.security import MtlsMode, SecurityConfig
+from pilotfish.config.security import MtlsMode, SecurityConfig, ServiceSecurity
 from pilotfish.identity import SpiffeId
 
 INBOUND_PREFIX = "inbound|"
@@ -111,7 +117,8 @@ def build_view(
     own = mesh.services.get(key.service) if key.service is not None else None
     own_name = own.name if own is not None else None
     listener_variant = own_name if listener_depends_on_proxy(mesh) else None
-    for name in service_view(mesh, key.service):
+    view_names = service_view(mesh, key.service)
+    for name in view_names:
         service = mesh.services[name]
         if service.protocol != "tcp":
             add(
@@ -132,6 +139,19 @@ def build_view(
             add(ROUTE, name, partial(route_configuration, service, mesh))
         add(CLUSTER, name, partial(eds_cluster, service, mesh.security))
         add(ENDPOINT, name, partial(service_load_assignment, service, registered.get(name, ())))
+    for port, group in outbound.outbound_ports(mesh, view_names).items():
+        # Which services share the port decides both resources: a view of other services
+        # has its own.
+        members = ",".join(s.name for s in group)
+        add(ROUTE, str(port), partial(_port_routes, port, group, mesh), members)
+        add(
+            LISTENER,
+            outbound.port_listener_name(port),
+            partial(_port_listener, port, group, mesh.telemetry, own_name),
+            f"{members}|{listener_variant or ''}",
+        )
+    add(LISTENER, outbound.VIRTUAL_OUTBOUND, outbound.virtual_outbound_listener)
+    add(CLUSTER, outbound.PASSTHROUGH_CLUSTER, outbound.passthrough_cluster)
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
         # Per proxy (its app address): not shared, so not memoised.
@@ -146,12 +166,15 @@ def build_view(
                 mesh.security.mtls.effective(own.namespace, own.security.mtls),
                 mesh.security.trust_domain,
                 limits=own.listener_limits,
+                security=(own.security, mesh.security),
             ),
         )
         view[ROUTE][inbound] = Resource.of(inbound, inbound_route_configuration(inbound))
         view[CLUSTER][inbound] = Resource.of(
             inbound, inbound_cluster(inbound, own, key.app_address)
         )
+        for name, cluster in jwks_clusters(own.security, mesh.security).items():
+            view[CLUSTER][name] = Resource.of(name, cluster)
     return view
 
 
@@ -168,9 +191,11 @@ def http_connection_manager(
     rate_limit: bool = False,
     telemetry: MeshTelemetry | None = None,
     own_service: str | None = None,
+    first: Sequence[hcm_pb2.HttpFilter] = (),
 ) -> hcm_pb2.HttpConnectionManager:
-    """``fault`` and ``rate_limit`` add those filters (no-ops until a route configures them)."""
-    filters: list[hcm_pb2.HttpFilter] = []
+    """``fault`` and ``rate_limit`` add those filters (no-ops until a route configures them);
+    ``first`` go before them (authentication and authorization)."""
+    filters: list[hcm_pb2.HttpFilter] = list(first)
     if fault:
         filters.append(
             hcm_pb2.HttpFilter(
@@ -214,6 +239,25 @@ def api_listener(
     )
 
 
+def _port_routes(
+    port: int, services: Sequence[MeshService], mesh: Mesh
+) -> route_pb2.RouteConfiguration:
+    routes = [(s, [mesh_route(r, mesh) for r in s.routes]) for s in services]
+    return outbound.port_route_configuration(port, routes, mesh.cluster_domain)
+
+
+def _port_listener(
+    port: int,
+    services: Sequence[MeshService],
+    telemetry: MeshTelemetry,
+    own_service: str | None,
+) -> listener_pb2.Listener:
+    policies = [r.policy for s in services for r in s.routes]
+    fault, rate_limit = route_policy.uses_filters(policies)
+    hcm = http_connection_manager(str(port), fault, rate_limit, telemetry, own_service)
+    return outbound.port_listener(port, hcm)
+
+
 def inbound_listener(
     name: str,
     address: tuple[str, int],
@@ -223,8 +267,13 @@ def inbound_listener(
     mtls: MtlsMode | None = None,
     trust_domain: str = "cluster.local",
     limits: ListenerLimits = ListenerLimits(),
+    security: tuple[ServiceSecurity, SecurityConfig] | None = None,
 ) -> listener_pb2.Listener:
-    hcm = http_connection_manager(name, telemetry=telemetry, own_service=own_service)
+    """``security``: the service's JWT and authorization become HTTP filters."""
+    first, jwt_metadata = inbound_http_filters(*security) if security else ([], {})
+    hcm = http_connection_manager(
+        name, telemetry=telemetry, own_service=own_service, first=first
+    )
     listener = listener_pb2.Listener(
         name=name,
         address=_socket_address(*address),
@@ -245,6 +294,8 @@ def inbound_listener(
         listener.metadata.filter_metadata[METADATA_KEY].update(
             {"listener_limits": listener_limits_block(limits)}
         )
+    if jwt_metadata:
+        listener.metadata.filter_metadata[METADATA_KEY].update({"jwt_providers": jwt_metadata})
     if mtls is not None:
         apply_inbound_mtls(listener, mtls, trust_domain)
     return listener
@@ -263,7 +314,7 @@ def route_configuration(
             route_components_pb2.VirtualHost(
                 name=service.name,
                 domains=domains,
-                routes=[_route(r, mesh) for r in service.routes],
+                routes=[mesh_route(r, mesh) for r in service.routes],
             )
         ],
     )
@@ -282,7 +333,7 @@ def inbound_route_configuration(name: str) -> route_pb2.RouteConfiguration:
     )
 
 
-def _route(route: MeshRoute, mesh: Mesh | None = None) -> route_components_pb2.Route:
+def mesh_route(route: MeshRoute, mesh: Mesh | None = None) -> route_components_pb2.Route:
     action = route_components_pb2.RouteAction()
     if len(route.clusters) == 1:
         action.cluster = route.clusters[0].name
@@ -332,7 +383,9 @@ def _route_match(
 
 
 def _regex(pattern: str) -> regex_pb2.RegexMatcher:
-    return regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=pattern)
+    # No engine: RE2 is the default, and `google_re2` is deprecated since v3.0. The mesh
+    # parser has already refused what RE2 would not take.
+    return regex_pb2.RegexMatcher(regex=pattern)
 
 
 def _header_matcher(h: HeaderMatcher) -> route_components_pb2.HeaderMatcher:

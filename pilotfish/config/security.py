@@ -362,12 +362,15 @@ def parse_rule(node: Node) -> AuthzRule:
         return items
 
     authenticated = listed(src, "authenticated")
+    paths = tuple(_path(p) for p in each(dst, "paths"))
+    if any(p.text == "*" for p in paths):
+        paths = ()  # any path: no constraint, the same rule as without `paths`
     return AuthzRule(
         principals=tuple(_principal(p) for p in each(src, "principals")),
         not_principals=tuple(_principal(p) for p in each(src, "not_principals")),
         namespaces=tuple(n.as_str() for n in each(src, "namespaces")),
         authenticated=authenticated.as_bool() if authenticated is not None else None,
-        paths=tuple(_path(p) for p in each(dst, "paths")),
+        paths=paths,
         not_paths=tuple(_path(p) for p in each(dst, "not_paths")),
         methods=tuple(m.as_str().upper() for m in each(dst, "methods")),
         headers=tuple(parse_header_matcher(h) for h in each(dst, "headers")),

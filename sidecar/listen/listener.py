@@ -164,6 +164,9 @@ class ListenerRuntime:
         name = self.config.route_config
         return self.sidecar.route_tables.get(name) if name is not None else None
 
+    def route_table_named(self, name: str) -> RouteTable | None:
+        return self.sidecar.route_tables.get(name)
+
     def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
         exchange = Exchange(self, downstream)
         if self._unfiltered:
@@ -453,17 +456,15 @@ class SniffingProtocol(asyncio.Protocol):
 
         HTTP/1.1 is decided by its first request's authority. HTTP/2 clients wait for our
         SETTINGS before sending a request, so there the address dialled decides: a known
-        ``ip:port`` (a Kubernetes Service's ClusterIP) or a catch-all virtual host.
+        ``ip:port`` (a Kubernetes Service's ClusterIP) or a catch-all virtual host. When the
+        control plane serves per-port outbound routes (Envoy's shape), a redirected connection
+        is looked up in its original destination port's routes only, as Envoy does; on a port
+        with none, only services without a port are the mesh's.
         """
         table = self.listener.route_table()
-        if protocol == "h2":
-            assert self.transport is not None
-            try:
-                host, port = original_destination(self.transport.get_extra_info("socket"))
-            except OriginalDestinationError:
-                return protocol  # not redirected: nothing else to go to
-            authority = f"{host}:{port}"
-        else:
+        by_port = table.config.original_port_routes if table is not None else ()
+        authority = ""
+        if protocol != "h2":
             try:
                 found = first_authority(self.head)
             except Unreadable:
@@ -471,6 +472,21 @@ class SniffingProtocol(asyncio.Protocol):
             if found is None:
                 return None
             authority = found
+        destination: tuple[str, int] | None = None
+        if protocol == "h2" or by_port:
+            assert self.transport is not None
+            try:
+                destination = original_destination(self.transport.get_extra_info("socket"))
+            except OriginalDestinationError:
+                if protocol == "h2":
+                    return protocol  # not redirected: nothing else to go to
+        if protocol == "h2":
+            assert destination is not None
+            authority = f"{destination[0]}:{destination[1]}"
+        if destination is not None and by_port:
+            ports = dict(by_port)
+            port_routes = ports.get(destination[1]) or ports.get(0)  # 0: every other port
+            table = self.listener.route_table_named(port_routes) if port_routes else None
         if table is not None and authority and table.virtual_host(authority) is not None:
             return protocol
         self.listener.scope.inc("downstream_cx_passthrough_unknown_authority")

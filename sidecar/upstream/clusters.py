@@ -308,7 +308,12 @@ class ClusterRuntime:
         checker = self.balancer.health_checker
         if checker is not None and self.config.health_check is not None:
             if self._health_runner is None:
-                probe = make_probe(self.config.health_check, self.config.name)
+                probe = make_probe(
+                    self.config.health_check,
+                    self.config.name,
+                    self.config.mtls,
+                    lambda: self.workload,
+                )
                 self._health_runner = HealthCheckRunner(checker, probe, self._health_changed)
             self._health_runner.set_hosts(
                 {h.endpoint.address: (h.endpoint.host, h.endpoint.port) for h in self.hosts}

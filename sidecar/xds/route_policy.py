@@ -40,6 +40,7 @@ from pilotfish.config.route_policy_yaml import (
     parse_max_concurrent_requests,
     parse_rate_limit,
 )
+from sidecar.xds.authn import JWT_TYPE, RBAC_TYPE
 from sidecar.xds.common import OurMetadata, percent, seconds, type_name, unpack, unsupported
 
 ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
@@ -48,7 +49,7 @@ RATE_LIMIT_TYPE = local_rate_limit_pb2.LocalRateLimit.DESCRIPTOR.full_name
 FILTER_CONFIG_TYPE = route_components_pb2.FilterConfig.DESCRIPTOR.full_name
 ROUTE_METADATA_KEYS = {"retry_non_idempotent", "rate_limit", "fault", "fault_abort_http_status",
                        "fallback", "max_concurrent_requests"}
-LISTENER_METADATA_KEYS = {"load_shedding", "listener_limits"}
+LISTENER_METADATA_KEYS = {"load_shedding", "listener_limits", "jwt_providers"}
 _RETRY_ON = {c.value: c for c in RetryOn}
 
 
@@ -57,7 +58,8 @@ _RETRY_ON = {c.value: c for c in RetryOn}
 
 def check_http_filters(hcm: hcm_pb2.HttpConnectionManager, path: str) -> None:
     """Router last; before it only the fault and local rate limit filters (configured per
-    route: a listener-wide fault or bucket has no place in the model), or optional ones."""
+    route: a listener-wide fault or bucket has no place in the model), JWT and RBAC (read by
+    ``sidecar.xds.authn``), or optional ones."""
     filters = list(hcm.http_filters)
     if not filters or type_name(filters[-1].typed_config) != ROUTER_TYPE:
         raise ConfigError(f"{path}.http_filters", "the last filter must be the router")
@@ -75,7 +77,7 @@ def check_http_filters(hcm: hcm_pb2.HttpConnectionManager, path: str) -> None:
             limit = local_rate_limit_pb2.LocalRateLimit()
             unpack(f_path, http_filter.typed_config, limit)
             unsupported(limit, f_path, {"stat_prefix"})
-        elif not http_filter.is_optional:
+        elif name not in (JWT_TYPE, RBAC_TYPE) and not http_filter.is_optional:
             raise ConfigError(f"{path}.http_filters[{i}]", f"unsupported filter {name!r}")
 
 

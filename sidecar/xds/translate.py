@@ -6,7 +6,10 @@ the xDS client sends that text back as the NACK's ``error_detail``. Silently dro
 would route traffic differently from what the control plane meant.
 
 An ``api_listener`` (what gRPC proxyless clients use, one per service, named after it) has no
-address; it becomes an ``ApiListener`` naming its route config. A listener with an address
+address; it becomes an ``ApiListener`` naming its route config. Envoy's outbound shape
+(``virtualOutbound`` with ``use_original_dst``, per-port listeners with ``bind_to_port: false``)
+becomes ``VirtualOutbound`` and ``OutboundPort`` (``sidecar/xds/outbound.py``): our own
+outbound listener routes with them, nothing is bound. Any other listener with an address
 becomes a ``ListenerConfig``.
 """
 
@@ -46,6 +49,11 @@ from pilotfish.config.model import (
 )
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
+from sidecar.xds.authn import (
+    ListenerSecurity,
+    reject_http_security,
+    translate_http_security,
+)
 from sidecar.xds.clusters import (
     eds_service_name as eds_service_name,
 )
@@ -60,7 +68,14 @@ from sidecar.xds.common import seconds as _seconds
 from sidecar.xds.common import type_name as _type_name
 from sidecar.xds.common import unpack as _unpack
 from sidecar.xds.common import unsupported as _unsupported
+from sidecar.xds.outbound import (
+    OutboundPort,
+    VirtualOutbound,
+    is_original_destination,
+    outbound_route_configs,
+)
 from sidecar.xds.route_policy import (
+    LISTENER_METADATA_KEYS,
     check_http_filters,
     translate_listener_limits,
     translate_load_shedding,
@@ -74,6 +89,7 @@ HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConn
 TCP_PROXY_TYPE = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
 DEFAULT_ROUTE_TIMEOUT = 15.0  # Envoy's default when a route sets none
+JWKS_CLUSTER_PREFIX = "jwks|"  # the clusters control_plane.xds.authn_xds.jwks_clusters makes
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,19 +103,27 @@ class ApiListener:
 # ---------------------------------------------------------------- listeners
 
 
-def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiListener:
+TranslatedListener = ListenerConfig | ApiListener | OutboundPort | VirtualOutbound
+
+
+def translate_listener(listener: listener_pb2.Listener) -> TranslatedListener:
     path = f"listener[{listener.name}]"
     if not listener.name:
         raise ConfigError(f"{path}.name", "required")
     if listener.HasField("api_listener"):
         hcm = hcm_pb2.HttpConnectionManager()
         _unpack(f"{path}.api_listener.api_listener", listener.api_listener.api_listener, hcm)
+        reject_http_security(hcm, f"{path}.api_listener.api_listener")
         return ApiListener(listener.name, _hcm_route_config(hcm, f"{path}.api_listener"))
     if not listener.address.HasField("socket_address"):
         raise ConfigError(f"{path}.address", "a socket_address is required")
     socket = listener.address.socket_address
     if not socket.address or not 0 < socket.port_value < 65536:
         raise ConfigError(f"{path}.address.socket_address", "needs an address and a port")
+    if listener.use_original_dst.value:
+        return _virtual_outbound(listener, path)
+    if listener.HasField("bind_to_port") and not listener.bind_to_port.value:
+        return _outbound_port(listener, path)
     _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
                                   "metadata", "listener_filters"})
     load_shedding = translate_load_shedding(listener, path)
@@ -113,11 +137,15 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     route_config: str | None = None
     passthrough: str | None = None
     limits = ConnectionLimits()
+    security = ListenerSecurity()
     if _type_name(packed) == HCM_TYPE:
         hcm = hcm_pb2.HttpConnectionManager()
         _unpack(filter_path, packed, hcm)
         route_config = _hcm_route_config(hcm, filter_path)
         limits = _hcm_limits(hcm, filter_path)
+        security = translate_http_security(
+            hcm, listener, filter_path, LISTENER_METADATA_KEYS, _header
+        )
     elif _type_name(packed) == TCP_PROXY_TYPE:
         tcp = tcp_proxy_pb2.TcpProxy()
         _unpack(filter_path, packed, tcp)
@@ -137,7 +165,41 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         listener_limits=listener_limits,
         mtls=mtls,
         limits=limits,
+        jwt=security.jwt,
+        authorization=security.authorization,
     )
+
+
+def _virtual_outbound(listener: listener_pb2.Listener, path: str) -> VirtualOutbound:
+    """Its filter chains may only relay (TCP proxy): what the mesh does not know goes where
+    the app sent it, which our outbound listener does itself."""
+    _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
+                                  "use_original_dst", "metadata"})
+    for i, chain in enumerate(listener.filter_chains):
+        for j, network_filter in enumerate(chain.filters):
+            filter_path = f"{path}.filter_chains[{i}].filters[{j}].typed_config"
+            if _type_name(network_filter.typed_config) != TCP_PROXY_TYPE:
+                raise ConfigError(filter_path, "only a TCP proxy (the passthrough) is supported")
+            _unpack(filter_path, network_filter.typed_config, tcp_proxy_pb2.TcpProxy())
+    return VirtualOutbound(listener.name)
+
+
+def _outbound_port(listener: listener_pb2.Listener, path: str) -> OutboundPort:
+    _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
+                                  "bind_to_port", "metadata"})
+    chains = listener.filter_chains
+    if len(chains) != 1 or len(chains[0].filters) != 1:
+        raise ConfigError(f"{path}.filter_chains",
+                          "a listener bound to no port needs one chain with one filter")
+    _unsupported(chains[0], f"{path}.filter_chains[0]", {"name", "filters"})
+    packed = chains[0].filters[0].typed_config
+    filter_path = f"{path}.filter_chains[0].filters[0].typed_config"
+    if _type_name(packed) != HCM_TYPE:
+        raise ConfigError(filter_path, "only an HttpConnectionManager is supported here")
+    hcm = hcm_pb2.HttpConnectionManager()
+    _unpack(filter_path, packed, hcm)
+    route_config = _hcm_route_config(hcm, filter_path)
+    return OutboundPort(listener.name, listener.address.socket_address.port_value, route_config)
 
 
 def _hcm_limits(hcm: hcm_pb2.HttpConnectionManager, path: str) -> ConnectionLimits:
@@ -373,6 +435,12 @@ def _mutation(add: Iterable[Any], remove: Iterable[str], path: str) -> HeaderMut
 # ---------------------------------------------------------------- a whole set
 
 
+def envoy_only(cluster: cluster_pb2.Cluster) -> bool:
+    """A cluster an Envoy needs and the sidecar does without: the way to a JWKS URL, which the
+    sidecar fetches itself."""
+    return str(cluster.name).startswith(JWKS_CLUSTER_PREFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class XdsConfig:
     """Everything received, in model form; merge it into the static ``Bootstrap``."""
@@ -395,23 +463,29 @@ def translate_all(
 ) -> XdsConfig:
     """Translate a complete set; every name a resource refers to must be in it.
 
-    The virtual hosts of every ``api_listener``'s route config are also gathered, in listener
-    name order, into one route config named ``outbound_route_config``: the one a sidecar's
-    outbound listener (from its static bootstrap) routes with. Their domains are the service
-    names, so they do not collide.
+    The virtual hosts of the per-port outbound route configs, then those of ``api_listener``
+    route configs not already covered (``outbound.outbound_route_configs``), are gathered into
+    one route config named ``outbound_route_config``: the one a sidecar's outbound listener
+    (from its static bootstrap) routes with.
     """
     routes = {rc.name: translate_route_config(rc) for rc in route_configs}
     by_eds_name = {cla.cluster_name: cla for cla in assignments}
     translated_clusters: dict[str, ClusterConfig] = {}
+    passthrough: set[str] = set()
     for cluster in clusters:
+        if envoy_only(cluster):
+            continue
+        if is_original_destination(cluster):
+            passthrough.add(cluster.name)
+            continue
         eds_name = eds_service_name(cluster)
         if eds_name is not None and eds_name not in by_eds_name:
             raise ConfigError(f"cluster[{cluster.name}]", f"no endpoints {eds_name!r} received")
         assignment = by_eds_name.get(eds_name) if eds_name is not None else None
         translated_clusters[cluster.name] = translate_cluster(cluster, assignment)
     socket_listeners: list[ListenerConfig] = []
-    outbound: list[VirtualHost] = []
-    gathered: set[str] = set()
+    api_routes: list[str] = []
+    ports: list[OutboundPort] = []
     tracing: TracingConfig | None = None
     access_log: AccessLogConfig | None = None
     for listener in sorted(listeners, key=lambda item: str(item.name)):
@@ -423,19 +497,19 @@ def translate_all(
         if route_name is not None and route_name not in routes:
             raise ConfigError(f"listener[{listener.name}]", f"no route config {route_name!r}")
         if isinstance(translated, ApiListener):
-            # `greeter` and `greeter:50051` share a route config: gather its hosts once.
-            if translated.route_config not in gathered:
-                gathered.add(translated.route_config)
-                outbound.extend(routes[translated.route_config].virtual_hosts)
-        else:
+            api_routes.append(translated.route_config)
+        elif isinstance(translated, OutboundPort):
+            ports.append(translated)
+        elif isinstance(translated, ListenerConfig):
             socket_listeners.append(translated)
+    routes.update(
+        outbound_route_configs(outbound_route_config, ports, api_routes, routes, passthrough)
+    )
     for rc in routes.values():
         for vhost in rc.virtual_hosts:
             for entry in vhost.routes:
                 for wc in entry.action.clusters:
-                    if wc.name not in translated_clusters:
+                    if wc.name not in translated_clusters and wc.name not in passthrough:
                         raise ConfigError(f"route_config[{rc.name}]",
                                           f"no cluster {wc.name!r} received")
-    if outbound:
-        routes[outbound_route_config] = RouteConfig(outbound_route_config, tuple(outbound))
     return XdsConfig(tuple(socket_listeners), routes, translated_clusters, tracing, access_log)

@@ -2,8 +2,9 @@
 
 ``HttpProbe`` sends ``GET <path>`` over a fresh HTTP/1.1 connection and judges the status
 line; ``GrpcProbe`` calls ``grpc.health.v1.Health/Check`` over one kept channel per host and
-wants ``SERVING``. Both bound a probe by ``config.timeout``. ``HealthCheckRunner`` keeps one
-task per host that sleeps until ``HealthChecker.next_check_at``, probes, and reports.
+wants ``SERVING``; an mTLS cluster's endpoints get either over mTLS (``mtls_probe``). All
+bound a probe by ``config.timeout``. ``HealthCheckRunner`` keeps one task per host that
+sleeps until ``HealthChecker.next_check_at``, probes, and reports.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from pilotfish.config.cluster_policy import HealthCheckConfig, HealthCheckType
 from sidecar.upstream.policy.health import HealthChanged, HealthChecker
 from sidecar.upstream.policy.probe import Probe, ProbeResult, log_task_failure
+
+if TYPE_CHECKING:
+    from pilotfish.config.security import UpstreamMtls
+    from sidecar.security.workload import WorkloadCertificates
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +80,18 @@ class HttpProbe:
                 await writer.wait_closed()
 
 
-def make_probe(config: HealthCheckConfig, authority: str) -> Probe:
-    """The probe ``config`` asks for; ``authority`` is the HTTP Host when none is set."""
+def make_probe(
+    config: HealthCheckConfig,
+    authority: str,
+    mtls: UpstreamMtls | None = None,
+    workload: Callable[[], WorkloadCertificates | None] = lambda: None,
+) -> Probe:
+    """The probe ``config`` asks for; ``authority`` is the HTTP Host when none is set. A cluster
+    with ``mtls`` is probed over mTLS with the ``workload`` certificate, as its requests are."""
+    if mtls is not None:
+        from sidecar.upstream.policy.mtls_probe import MtlsProbe
+
+        return MtlsProbe(config, authority, workload, mtls.identities)
     if config.type is HealthCheckType.GRPC:
         # grpc costs ~20 MB of memory: only sidecars that check over gRPC load it.
         from sidecar.upstream.policy.grpc_probe import GrpcProbe
