@@ -49,6 +49,7 @@ PROFILES = Path(__file__).with_name("profiles.md")
 CONTROL_PLANE = Path(__file__).with_name("control_plane.md")
 OVERLOAD = Path(__file__).with_name("overload.md")
 OTLP_EXPORT = Path(__file__).with_name("otlp_export.md")
+MEMORY = Path(__file__).with_name("memory.md")
 HOSTILE = Path(__file__).with_name("hostile.md")
 
 
@@ -438,7 +439,7 @@ def render_markdown(result: BenchResult) -> str:
             # Multi-line notes (a failure with its log) stand as paragraphs, the rest as items.
             lines += ["", note, ""] if "\n" in note else [f"- {note}"]
     lines += ["", "## Commands", "", *_commands(result), ""]
-    for extra in (CONTROL_PLANE, OVERLOAD, PROFILES, OTLP_EXPORT, HOSTILE):
+    for extra in (CONTROL_PLANE, OVERLOAD, PROFILES, OTLP_EXPORT, MEMORY, HOSTILE):
         # Measured by their own commands (named inside), kept beside the harness.
         if extra.exists():
             lines += ["", extra.read_text().strip(), ""]

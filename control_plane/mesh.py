@@ -101,6 +101,8 @@ class MeshService:
     # the other names callers use for it (``name.ns.svc.cluster.local:port``, ClusterIP:port).
     pods: tuple[PodEndpoint, ...] = ()
     aliases: tuple[str, ...] = ()
+    # The Kubernetes Service's ClusterIP, when discovered: callers that dial it by address.
+    cluster_ips: tuple[str, ...] = ()
     discovery: str = "static"
     registry: RegistrySelector | None = None
     """Which registered instances are endpoints; None unless ``discovery`` names the registry."""
@@ -122,6 +124,8 @@ class Mesh:
     services: dict[str, MeshService]
     telemetry: MeshTelemetry = field(default_factory=MeshTelemetry)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    # The DNS domain of ``name.ns.svc.<cluster_domain>``: the control plane's --cluster-domain.
+    cluster_domain: str = "cluster.local"
 
 
 def load_mesh_file(path: str | Path) -> Mesh:
@@ -149,6 +153,9 @@ def parse_mesh(document: Any) -> Mesh:
                 "service names are lower-case letters, digits, '-' and '.', "
                 "starting and ending with a letter or digit"
             )
+        if name.isdigit():
+            # Envoy's outbound route configuration for port N is named N.
+            raise node.error("a service name needs a letter (digits alone name a port)")
         services[name] = _parse_service(name, node, security)
     _check_references(services_node, services)
     return Mesh(

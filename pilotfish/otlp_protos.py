@@ -4,15 +4,16 @@ A single ``pip install`` of Pilotfish always leaves xds-protos's old copies of
 opentelemetry-proto's generated modules in place (``pilotfish/deps.py`` says why), and the
 OpenTelemetry OTLP exporters, which the sidecar exports spans with, cannot import them. The
 wheel carries the descriptors of the real modules (``setup.py`` takes them from
-opentelemetry-proto at build time). ``install()`` checks opentelemetry-proto's files against
-the hashes its own RECORD lists; only if they were overwritten, and only for the
+opentelemetry-proto at build time). ``install()`` looks at the one module the overwrite breaks
+and, only if that is an old copy, checks opentelemetry-proto's files against the hashes its
+own RECORD lists; only if they were overwritten, and only for the
 opentelemetry-proto version the descriptors came from, it puts an import hook first on
 ``sys.meta_path`` that builds each ``opentelemetry.proto.*_pb2`` module from its descriptor,
 as the generated module itself would. Nothing changes on disk.
 
 It must run before anything imports those modules (Envoy's OpenTelemetry tracer config, from
 xds-protos, imports them too): ``pilotfish``'s command line calls it first, as does the
-sidecar's exporter factory for embedders.
+sidecar's exporter factory (when the tracer is built, not the exporter) for embedders.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
-import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
-from importlib import metadata, resources
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader, MetaPathFinder
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,9 @@ def module_name(proto_file: str) -> str:
     return proto_file.removesuffix(".proto").replace("/", ".") + "_pb2"
 
 
-class _DescriptorFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+# Not derived from importlib.abc's classes, which import importlib.resources (tempfile, shutil,
+# lzma, bz2: 1 MB resident) into every process: the import system only calls these methods.
+class _DescriptorFinder:
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files  # module name -> serialized FileDescriptorProto
 
@@ -54,7 +60,8 @@ class _DescriptorFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in self.files:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self, origin=f"pilotfish:{DESCRIPTORS}")
+        loader = cast("Loader", self)
+        return importlib.machinery.ModuleSpec(fullname, loader, origin=f"pilotfish:{DESCRIPTORS}")
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return None  # the default module
@@ -76,6 +83,8 @@ class _DescriptorFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def replaced_files() -> list[str] | None:
     """opentelemetry-proto's modules whose bytes are no longer the ones it installed (from
     its RECORD's hashes); None when it is not installed."""
+    from importlib import metadata
+
     try:
         dist = metadata.distribution(DISTRIBUTION)
     except metadata.PackageNotFoundError:
@@ -95,10 +104,27 @@ def replaced_files() -> list[str] | None:
 
 
 def bundled_version() -> str | None:
+    from importlib import resources
+
     try:
         return resources.files("pilotfish").joinpath(VERSION).read_text().strip()
     except OSError:
         return None  # a source tree or an editable install: nothing bundled
+
+
+def _common_module_is_current() -> bool:
+    """Whether ``opentelemetry/proto/common/v1/common_pb2.py`` on disk defines
+    ``InstrumentationScope``, which xds-protos's older copies lack: the overwrite breaks exactly
+    that import. A file read, not the RECORD check of ``replaced_files``, because
+    ``importlib.metadata`` costs every process that loads it 2.4 MB resident."""
+    spec = importlib.util.find_spec("opentelemetry")
+    for root in (spec.submodule_search_locations or ()) if spec is not None else ():
+        try:
+            text = (Path(root) / "proto" / "common" / "v1" / "common_pb2.py").read_bytes()
+        except OSError:
+            continue
+        return b"InstrumentationScope" in text
+    return False
 
 
 def install() -> bool:
@@ -106,9 +132,13 @@ def install() -> bool:
     global _installed
     if _installed is not None:
         return True
+    if _common_module_is_current():
+        return False  # the common case, decided without importlib.metadata
     replaced = replaced_files()
     if not replaced:
         return False  # sound, or opentelemetry-proto is not installed at all
+    from importlib import metadata
+
     bundled = bundled_version()
     installed = metadata.version(DISTRIBUTION)
     if bundled != installed:
@@ -118,12 +148,14 @@ def install() -> bool:
         log.warning("opentelemetry.proto was imported before its overwritten files could be "
                     "bypassed; the OTLP exporters may fail to import")
         return False
+    from importlib import resources
+
     from google.protobuf import descriptor_pb2
 
     data = resources.files("pilotfish").joinpath(DESCRIPTORS).read_bytes()
     files = descriptor_pb2.FileDescriptorSet.FromString(data)
     _installed = _DescriptorFinder({module_name(f.name): f.SerializeToString() for f in files.file})
-    sys.meta_path.insert(0, _installed)
+    sys.meta_path.insert(0, cast("MetaPathFinder", _installed))
     return True
 
 

@@ -29,8 +29,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from envoy.config.core.v3 import base_pb2
+
 from pilotfish.plainhttp import Response, start_plain_http
 from sidecar.server import Sidecar
+from sidecar.xds.config_dump import envoy_configs
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,11 @@ class AdminServer:
         }
         if sc.config_dump_extra is not None:
             dump.update(sc.config_dump_extra())
+        else:
+            # No control plane: everything is static, shown as Envoy shows its static parts.
+            node = base_pb2.Node(id=sc.bootstrap.node_id)
+            loaded = sc.config_updated_at or sc.started_at
+            dump["configs"] = envoy_configs(node, None, loaded, sc.bootstrap, loaded)
         return 200, "application/json", json.dumps(dump, indent=2).encode()
 
     def healthcheck_fail(self) -> Response:

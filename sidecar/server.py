@@ -13,7 +13,7 @@ from pilotfish.config.model import Bootstrap, ListenerConfig, TelemetryConfig
 from sidecar.listen.cgroup_cpu import CgroupCpu
 from sidecar.listen.listener import ListenerRuntime, SniffingProtocol
 from sidecar.observability.access_log import AccessEntry, AccessLog
-from sidecar.observability.metrics import MeshMetrics
+from sidecar.observability.metrics import MeshMetrics, RouteStats
 from sidecar.observability.tracing import Tracer
 from sidecar.route.policy.runtime import RoutePolicyRuntime
 from sidecar.route.table import RouteTable
@@ -56,6 +56,9 @@ class Sidecar:
         self.awaiting_config = dynamic
         self.stats = StatsStore()
         self.metrics = MeshMetrics()
+        # Each request's metrics, by (listener, route plan, cluster): found once per
+        # combination, not per request. Emptied when listeners change (their direction may).
+        self._route_stats: dict[tuple[object, object, object], RouteStats] = {}
         self.clusters = ClusterManager(self.stats, self.metrics)
         self.route_tables: dict[str, RouteTable] = {}
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -198,6 +201,7 @@ class Sidecar:
         return sock
 
     def _sync_listeners(self, bound: dict[str, socket.socket]) -> None:
+        self._route_stats.clear()
         wanted = {config.name: config for config in self.bootstrap.listeners}
         for name in list(self.listeners):
             runtime = self.listeners[name]
@@ -387,14 +391,26 @@ class Sidecar:
 
     # -- logging ---------------------------------------------------------------------------
 
+    def _request_metrics(
+        self, key: tuple[object, object, object], listener: ListenerRuntime, exchange: Exchange
+    ) -> RouteStats:
+        if len(self._route_stats) >= 4096:  # plans and clusters of configs long replaced
+            self._route_stats.clear()
+        decision = exchange.decision
+        route = decision.route.name if decision is not None else ""
+        service = exchange.cluster.config.name if exchange.cluster is not None else ""
+        stats = self._route_stats[key] = self.metrics.route(listener.direction, service, route)
+        return stats
+
     def access_log(self, listener: ListenerRuntime, exchange: Exchange) -> None:
         """The end of a request: metrics, and its access log line."""
         duration = time.monotonic() - exchange.start
         flags = ",".join(exchange.flags)
-        decision = exchange.decision
-        route = decision.route.name if decision is not None else ""
-        service = exchange.cluster.config.name if exchange.cluster is not None else ""
-        self.metrics.route(listener.direction, service, route).record(
+        key = (listener, exchange.plan, exchange.cluster)
+        stats = self._route_stats.get(key)
+        if stats is None:
+            stats = self._request_metrics(key, listener, exchange)
+        stats.record(
             exchange.status,
             exchange.grpc_status,
             flags,
@@ -403,7 +419,16 @@ class Sidecar:
             exchange.bytes_out,
         )
         if self.access.enabled:
+            decision = exchange.decision
+            route = decision.route.name if decision is not None else ""
+            service = exchange.cluster.config.name if exchange.cluster is not None else ""
             trace = exchange.trace
+            request_id: bytes | None
+            if trace is not None:
+                trace_id, request_id = trace.trace_id_hex, trace.request_id
+            else:  # an unsampled new trace: no handle, only the ids
+                trace_id = f"{exchange.trace_id:032x}" if exchange.trace_id else ""
+                request_id = exchange.request_id
             self.access.log(
                 AccessEntry(
                     start_time=exchange.start_wall,
@@ -419,8 +444,8 @@ class Sidecar:
                     upstream_host=exchange.upstream_host or None,
                     attempts=exchange.attempts,
                     response_flags=flags or None,
-                    trace_id=trace.trace_id_hex or None if trace is not None else None,
-                    request_id=trace.request_id.decode("latin-1") if trace is not None else None,
+                    trace_id=trace_id or None,
+                    request_id=request_id.decode("latin-1") if request_id is not None else None,
                     listener=listener.config.name,
                     route=route or None,
                     cluster=service or None,

@@ -10,6 +10,11 @@ is pushed on the heap once however many timers come and go in it; when the loop 
 it passes over the emptied buckets to re-arm. Deadlines are cancelled long before they are
 due, so under load the loop timer sits far ahead and the wheel costs no wakeups of its own.
 
+A timer is either a ``WheelTimer`` (``call_at``, with ``cancel`` as on a loop timer) or any
+object with an ``on_timer`` method, entered with ``add``: the request path's deadlines are the
+exchanges themselves, so arming and cancelling one allocates nothing (the owner keeps the
+bucket ``add`` returns, and cancels with ``Bucket.pop(owner, None)``).
+
 A timer fires at the last tick boundary at or before its time, so up to ``TICK`` early and
 never later than a loop timer would. Early rather than late because the deadlines here are
 budgets also sent upstream (rounded up): the proxy's own expiry should come first, so the
@@ -22,9 +27,19 @@ import asyncio
 import heapq
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 TICK = 0.001
+
+
+class WheelEntry(Protocol):
+    """A timer that is its own owner (hashable, by identity)."""
+
+    def on_timer(self) -> None: ...
+
+
+Bucket = dict[Any, None]
+"""The timers due in one tick, in the order they were set."""
 
 
 class WheelTimer:
@@ -33,11 +48,11 @@ class WheelTimer:
     __slots__ = ("_args", "_bucket", "_callback", "_when")
 
     def __init__(
-        self, when: float, bucket: dict[WheelTimer, None], callback: Callable[..., object],
+        self, when: float, bucket: Bucket, callback: Callable[..., object],
         args: tuple[Any, ...],
     ) -> None:  # fmt: skip
         self._when = when
-        self._bucket: dict[WheelTimer, None] | None = bucket
+        self._bucket: Bucket | None = bucket
         self._callback = callback
         self._args = args
 
@@ -52,7 +67,7 @@ class WheelTimer:
         if bucket is not None:
             del bucket[self]
 
-    def _run(self) -> None:
+    def on_timer(self) -> None:
         self._bucket = None
         self._callback(*self._args)
 
@@ -64,7 +79,7 @@ class TimerWheel:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, tick: float = TICK) -> None:
         self._loop = loop
         self._tick = tick
-        self._buckets: dict[int, dict[WheelTimer, None]] = {}
+        self._buckets: dict[int, Bucket] = {}
         self._due: list[int] = []  # ticks that have a bucket, as a heap
         self._handle: asyncio.TimerHandle | None = None
         self._armed_tick: int | None = None
@@ -73,6 +88,22 @@ class TimerWheel:
         return sum(len(b) for b in self._buckets.values())
 
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> WheelTimer:
+        bucket = self._bucket(when)
+        timer = WheelTimer(when, bucket, callback, args)
+        bucket[timer] = None
+        return timer
+
+    def add(self, when: float, entry: WheelEntry) -> Bucket:
+        """``entry.on_timer()`` at ``when``; cancel with ``bucket.pop(entry, None)`` on the
+        bucket returned (an entry is in at most one bucket: the caller's to see to)."""
+        tick = math.floor(when / self._tick)
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._bucket(when)
+        bucket[entry] = None
+        return bucket
+
+    def _bucket(self, when: float) -> Bucket:
         tick = math.floor(when / self._tick)
         bucket = self._buckets.get(tick)
         if bucket is None:
@@ -80,9 +111,7 @@ class TimerWheel:
             heapq.heappush(self._due, tick)
             if self._armed_tick is None or tick < self._armed_tick:
                 self._arm(tick)
-        timer = WheelTimer(when, bucket, callback, args)
-        bucket[timer] = None
-        return timer
+        return bucket
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> WheelTimer:
         return self.call_at(self._clock().time() + delay, callback, *args)
@@ -120,8 +149,8 @@ class TimerWheel:
         while due and due[0] <= now_tick:
             bucket = buckets.pop(heapq.heappop(due))
             for timer in list(bucket):
-                if not timer.cancelled():  # an earlier callback may have cancelled it
-                    timer._run()
+                if timer in bucket:  # an earlier callback may have cancelled it
+                    timer.on_timer()
         while due and not buckets[due[0]]:  # ticks whose timers were all cancelled
             del buckets[heapq.heappop(due)]
         if due:

@@ -488,6 +488,16 @@ def test_admin_endpoints(h2_sidecar: ThreadedSidecar) -> None:
     status, dump = h2_sidecar.admin("/config_dump")
     assert status == 200
     assert json.loads(dump)["bootstrap"]["clusters"]["app"]["protocol"] == "http2"
+    # A static sidecar's parts in Envoy's shape too: static_* in typed dumps.
+    configs = {c["@type"].rsplit(".", 1)[1]: c for c in json.loads(dump)["configs"]}
+    [cluster] = configs["ClustersConfigDump"]["static_clusters"]
+    assert cluster["cluster"]["name"] == "app" and cluster["cluster"]["type"] == "STATIC"
+    assert cluster["last_updated"].endswith("Z")
+    listeners = configs["ListenersConfigDump"]["static_listeners"]
+    assert [e["listener"]["@type"] for e in listeners] == [
+        "type.googleapis.com/envoy.config.listener.v3.Listener"] * len(listeners) != []
+    assert configs["RoutesConfigDump"]["static_route_configs"] != []
+    assert "dynamic_listeners" not in configs["ListenersConfigDump"]
     status, clusters = h2_sidecar.admin("/clusters")
     assert "app::127.0.0.1:" in clusters and "::cx_active::1" in clusters
     status, prom = h2_sidecar.admin("/stats/prometheus")

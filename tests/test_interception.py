@@ -495,6 +495,26 @@ def test_xds_sidecar_routes_kubernetes_names(xds_world: World) -> None:
         assert seen["client"] == POD_IP
 
 
+def test_xds_sidecar_looks_a_host_up_in_the_routes_of_the_port_dialled(xds_world: World) -> None:
+    """The control plane serves a route configuration per port (Envoy's shape): a mesh host
+    dialled on a port that is not its own is not the mesh's there, and goes where the app
+    sent it, untouched, as in Envoy."""
+    w = xds_world
+    # quotes is on 7001: routed by the mesh there (once discovery has served it)...
+    wait_until("quotes on its port", lambda: _ok(
+        w.pod.get(f"http://{PEER_IP}:{KUBE_SERVICE_PORT}/own-port", host="quotes")))
+    counter = "http.outbound.downstream_cx_passthrough_unknown_authority"
+    before = w.stats().get(counter, 0)
+    assert _ok(w.pod.get(f"http://{PEER_IP}:{KUBE_SERVICE_PORT}/own-port", host="quotes"))
+    assert w.stats().get(counter, 0) == before
+    # ...but not on 8080, where the route configuration holds peer only.
+    reply = w.pod.get(f"http://{PEER_IP}:{PEER_HTTP_PORT}/other-port", host="quotes")
+    assert reply["status"] == 200, reply
+    seen = json.loads(reply["body"])
+    assert seen["server"] == "peer" and seen["path"] == "/other-port"
+    assert w.stats().get(counter, 0) == before + 1
+
+
 def test_xds_sidecar_decides_http2_by_the_address_dialled(xds_world: World) -> None:
     """gRPC-style HTTP/2 (prior knowledge) dialled to a Service's ClusterIP:port is routed by
     the mesh; dialled to an address the mesh does not know, it goes there untouched."""

@@ -625,6 +625,9 @@ def test_ready_waits_for_the_first_config_and_config_dump_lists_every_resource(
 
     names = {"client", "echo", "quotes"}
     expected = {(kind, name) for kind in ("LDS", "RDS", "CDS", "EDS") for name in names}
+    # Envoy's outbound passthrough, served to every proxy (no service here has a port, so
+    # there are no per-port listeners).
+    expected |= {("LDS", "virtualOutbound"), ("CDS", "PassthroughCluster")}
     assert wait_for(lambda: in_sync(control_plane.status(), "n1"), 5)
     dump = sidecar.config_dump()
     resources = dump["dynamic_resources"]
@@ -651,3 +654,30 @@ def test_inbound_listener_reaches_the_app(
             assert channel.unary_unary(METHOD)(b"", timeout=5) == b"app"
     assert backends["app"].calls == 2
     assert backends["a"].calls == 0
+
+
+def test_every_kubernetes_name_of_a_service_reaches_it_through_the_per_port_routes(
+    backends: dict[str, Backend], make_mesh: Callable[..., Mesh]
+) -> None:
+    """The control plane serves Envoy's outbound shape (a route configuration per port with
+    every name form); our sidecar routes with the same resources."""
+    services = basic_mesh(backends["a"].address)
+    services["echo"]["port"] = 50051
+    m = make_mesh(services)
+    held = {(r["type"], r["name"]) for r in m.sidecar.config_dump()["dynamic_resources"]}
+    assert {("LDS", "virtualOutbound"), ("LDS", "0.0.0.0_50051"), ("RDS", "50051")} <= held
+    names = ("echo", "echo:50051", "echo.default", "echo.default.svc:50051",
+             "echo.default.svc.cluster.local", "echo.default.svc.cluster.local:50051")
+    for authority in names:
+        options = [("grpc.default_authority", authority)]
+        with grpc.insecure_channel(m.sidecar.outbound, options=options) as channel:
+            assert channel.unary_unary(METHOD)(b"", timeout=5) == b"a", authority
+    assert backends["a"].calls == len(names)
+    # A name the mesh does not know is still no route.
+    options = [("grpc.default_authority", "echo.elsewhere")]
+    with (
+        grpc.insecure_channel(m.sidecar.outbound, options=options) as channel,
+        pytest.raises(grpc.RpcError) as failed,
+    ):
+        channel.unary_unary(METHOD)(b"", timeout=5)
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED

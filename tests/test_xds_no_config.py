@@ -92,9 +92,14 @@ def test_before_the_first_config_and_after(processes: Processes, tmp_path: Path)
     assert configs[0]["bootstrap"]["node"]["id"] == "client-1"
     (clusters,) = [c for c in configs if c["@type"].endswith(".ClustersConfigDump")]
     by_name = {c["cluster"]["name"]: c for c in clusters["dynamic_active_clusters"]}
-    assert set(by_name) == {"client", "quotes"}
+    # PassthroughCluster: for an Envoy sidecar; ours relays to the original destination itself.
+    assert set(by_name) == {"client", "quotes", "PassthroughCluster"}
     quotes = by_name["quotes"]
     assert quotes["cluster"]["@type"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
     assert re.fullmatch(r"\d+(\.\d+)?s", quotes["cluster"]["connect_timeout"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", quotes["last_updated"])
     assert quotes["version_info"]
+    # The outbound listener the flags made is static, shown beside what the control plane sent.
+    (listeners,) = [c for c in configs if c["@type"].endswith(".ListenersConfigDump")]
+    assert [e["listener"]["name"] for e in listeners["static_listeners"]] == ["outbound"]
+    assert "virtualOutbound" in {e["name"] for e in listeners["dynamic_listeners"]}

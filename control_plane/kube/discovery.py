@@ -84,7 +84,7 @@ def merge(
 ) -> Mesh:
     """The mesh file with every discovered Service's pods and names added."""
     if not discovered:
-        return mesh
+        return dataclasses.replace(mesh, cluster_domain=cluster_domain)
     services = dict(mesh.services)
     # A bare name is a caller's own namespace's Service: only unambiguous ones get it.
     short = Counter(d.info.name for d in discovered.values())
@@ -99,9 +99,11 @@ def merge(
         if short[info.name] == 1 and (info.name == key or info.name not in services):
             aliases[:0] = [info.name, f"{info.name}:{port.port}"]
         pods = d.endpoints_for(port)
+        cluster_ips = (info.cluster_ip,) if info.cluster_ip is not None else ()
         if entry is not None:
             services[key] = dataclasses.replace(
-                entry, port=entry.port or port.port, pods=pods, aliases=tuple(aliases)
+                entry, port=entry.port or port.port, pods=pods, aliases=tuple(aliases),
+                cluster_ips=cluster_ips,
             )
         else:
             protocol = protocol_of(port)
@@ -116,8 +118,9 @@ def merge(
                 connect_timeout=5.0,
                 pods=pods,
                 aliases=tuple(aliases),
+                cluster_ips=cluster_ips,
             )
-    return dataclasses.replace(mesh, services=services)
+    return dataclasses.replace(mesh, services=services, cluster_domain=cluster_domain)
 
 
 class MeshSources:

@@ -12,6 +12,10 @@ Shapes follow what both gRPC's proxyless xDS client and Envoy accept:
 * an EDS Cluster per service, and its ClusterLoadAssignment with one locality that carries a
   ``load_balancing_weight`` (gRPC drops localities without one) and per-endpoint weights.
 
+The outbound side an Envoy sidecar uses (``virtualOutbound``, per-port listeners and route
+configurations, ``PassthroughCluster``) is laid out by ``outbound_xds`` from the routes and
+HttpConnectionManagers built here.
+
 A proxy that is itself a mesh service and says where its app listens (node metadata
 ``app_address``) also gets its inbound side: a normal Listener ``inbound|<service>`` on
 ``inbound_address`` (default ``0.0.0.0:15006``), a RouteConfiguration ``inbound|<service>``
@@ -44,6 +48,7 @@ from control_plane.mesh import Mesh, MeshRoute, MeshService, service_view
 from control_plane.mesh_telemetry import MeshTelemetry
 from control_plane.registry.core import Instance, InstanceState
 from control_plane.xds import cluster_policy_xds as cluster_policy
+from control_plane.xds import outbound_xds as outbound
 from control_plane.xds import route_policy_xds as route_policy
 from control_plane.xds.authn_xds import inbound_http_filters, jwks_clusters
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
@@ -112,7 +117,8 @@ def build_view(
     own = mesh.services.get(key.service) if key.service is not None else None
     own_name = own.name if own is not None else None
     listener_variant = own_name if listener_depends_on_proxy(mesh) else None
-    for name in service_view(mesh, key.service):
+    view_names = service_view(mesh, key.service)
+    for name in view_names:
         service = mesh.services[name]
         if service.protocol != "tcp":
             add(
@@ -133,6 +139,19 @@ def build_view(
             add(ROUTE, name, partial(route_configuration, service, mesh))
         add(CLUSTER, name, partial(eds_cluster, service, mesh.security))
         add(ENDPOINT, name, partial(service_load_assignment, service, registered.get(name, ())))
+    for port, group in outbound.outbound_ports(mesh, view_names).items():
+        # Which services share the port decides both resources: a view of other services
+        # has its own.
+        members = ",".join(s.name for s in group)
+        add(ROUTE, str(port), partial(_port_routes, port, group, mesh), members)
+        add(
+            LISTENER,
+            outbound.port_listener_name(port),
+            partial(_port_listener, port, group, mesh.telemetry, own_name),
+            f"{members}|{listener_variant or ''}",
+        )
+    add(LISTENER, outbound.VIRTUAL_OUTBOUND, outbound.virtual_outbound_listener)
+    add(CLUSTER, outbound.PASSTHROUGH_CLUSTER, outbound.passthrough_cluster)
     if own is not None and key.app_address is not None and own.protocol != "tcp":
         inbound = INBOUND_PREFIX + own.name
         # Per proxy (its app address): not shared, so not memoised.
@@ -220,6 +239,25 @@ def api_listener(
     )
 
 
+def _port_routes(
+    port: int, services: Sequence[MeshService], mesh: Mesh
+) -> route_pb2.RouteConfiguration:
+    routes = [(s, [mesh_route(r, mesh) for r in s.routes]) for s in services]
+    return outbound.port_route_configuration(port, routes, mesh.cluster_domain)
+
+
+def _port_listener(
+    port: int,
+    services: Sequence[MeshService],
+    telemetry: MeshTelemetry,
+    own_service: str | None,
+) -> listener_pb2.Listener:
+    policies = [r.policy for s in services for r in s.routes]
+    fault, rate_limit = route_policy.uses_filters(policies)
+    hcm = http_connection_manager(str(port), fault, rate_limit, telemetry, own_service)
+    return outbound.port_listener(port, hcm)
+
+
 def inbound_listener(
     name: str,
     address: tuple[str, int],
@@ -276,7 +314,7 @@ def route_configuration(
             route_components_pb2.VirtualHost(
                 name=service.name,
                 domains=domains,
-                routes=[_route(r, mesh) for r in service.routes],
+                routes=[mesh_route(r, mesh) for r in service.routes],
             )
         ],
     )
@@ -295,7 +333,7 @@ def inbound_route_configuration(name: str) -> route_pb2.RouteConfiguration:
     )
 
 
-def _route(route: MeshRoute, mesh: Mesh | None = None) -> route_components_pb2.Route:
+def mesh_route(route: MeshRoute, mesh: Mesh | None = None) -> route_components_pb2.Route:
     action = route_components_pb2.RouteAction()
     if len(route.clusters) == 1:
         action.cluster = route.clusters[0].name
@@ -345,7 +383,9 @@ def _route_match(
 
 
 def _regex(pattern: str) -> regex_pb2.RegexMatcher:
-    return regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=pattern)
+    # No engine: RE2 is the default, and `google_re2` is deprecated since v3.0. The mesh
+    # parser has already refused what RE2 would not take.
+    return regex_pb2.RegexMatcher(regex=pattern)
 
 
 def _header_matcher(h: HeaderMatcher) -> route_components_pb2.HeaderMatcher:

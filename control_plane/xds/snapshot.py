@@ -11,6 +11,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from control_plane.xds.types import ALL_TYPES, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from control_plane.xds.types import content_version as _content_version
@@ -59,6 +60,19 @@ def _hcm_route_names(listener: listener_pb2.Listener) -> list[str]:
     return names
 
 
+def _tcp_proxy_clusters(listener: listener_pb2.Listener) -> list[str]:
+    chains = [*listener.filter_chains]
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    names = []
+    for chain in chains:
+        for network_filter in chain.filters:
+            proxy = tcp_proxy_pb2.TcpProxy()
+            if network_filter.typed_config.Unpack(proxy) and proxy.cluster:
+                names.append(proxy.cluster)
+    return names
+
+
 def check_consistency(snapshot: Snapshot) -> None:
     """Every route, cluster and endpoint name a resource refers to must be in the snapshot."""
     routes, clusters = snapshot.of_type(ROUTE), snapshot.of_type(CLUSTER)
@@ -69,6 +83,11 @@ def check_consistency(snapshot: Snapshot) -> None:
         for route_name in _hcm_route_names(listener):
             if route_name not in routes:
                 raise InconsistentSnapshot(f"listener {name!r} names missing route {route_name!r}")
+        for cluster_name in _tcp_proxy_clusters(listener):
+            if cluster_name not in clusters:
+                raise InconsistentSnapshot(
+                    f"listener {name!r} names missing cluster {cluster_name!r}"
+                )
     for name, res in routes.items():
         rc = route_pb2.RouteConfiguration()
         res.packed.Unpack(rc)

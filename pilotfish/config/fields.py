@@ -9,12 +9,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import re2
-
 from pilotfish.config.errors import ConfigError
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # errors come back as exceptions; RE2's own log is noise
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -41,8 +37,14 @@ def parse_address(path: str, value: object) -> tuple[str, int]:
 
 def re2_problem(pattern: str) -> str | None:
     """Why RE2 refuses ``pattern``, or None if it compiles."""
+    # Loaded with the first regex: RE2's library is 2.5 MB resident that a config without
+    # regexes (most sidecars) never needs.
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # errors come back as exceptions; RE2's own log is noise
     try:
-        re2.compile(pattern, _RE2_OPTIONS)
+        re2.compile(pattern, options)
     except re2.error as exc:
         reason = exc.args[0] if exc.args else exc
         return reason.decode() if isinstance(reason, bytes) else str(reason)

@@ -15,9 +15,6 @@ import binascii
 import json
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
-from google.protobuf.message import DecodeError
-
 from pilotfish.config.fields import Node
 
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -49,6 +46,11 @@ def _from_base64(node: Node) -> bytes:
 
 
 def _from_json(node: Node) -> bytes:
+    # The protobuf runtime (4 MB resident) only for a message written as JSON: the sidecar
+    # never needs it otherwise.
+    from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+    from google.protobuf.message import DecodeError
+
     type_name = node.require("type").as_str()
     path_node = node.require("descriptor_set")
     path = Path(path_node.as_str())

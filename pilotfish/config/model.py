@@ -139,6 +139,11 @@ class VirtualHost:
 class RouteConfig:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
+    # (port, route config) pairs, from the control plane's per-port outbound listeners: a
+    # connection whose original destination (behind interception) is one of these ports is
+    # routed with that port's route config; port 0 stands for every other port (services
+    # without a port), and without it a connection to any other port is not the mesh's.
+    original_port_routes: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

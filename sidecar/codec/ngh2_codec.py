@@ -1,17 +1,20 @@
 """``Ngh2Codec``: ``H2Codec``'s interface over ngh2 (libnghttp2, compiled, sans-IO).
 
 libnghttp2 parses frames, runs HPACK, validates messages (RFC 9113 section 8) and keeps both
-flow-control windows; this module only translates calls and events, so the connection adapter
-(``sidecar.http.h2conn``) and everything above it run unchanged on either codec.
+flow-control windows; this module translates calls, and delivers libnghttp2's events to its
+``sink`` (``EventSink``: the connection adapter, ``sidecar.http.h2conn``), one call per event,
+without event objects of ours; until a sink is attached they are collected as objects, which
+``buffer_updated`` and ``receive_data`` return as ``H2Codec``'s do.
 
 What it keeps itself, and why:
 
 - Which halves of each stream are open. ``h2conn`` asks ``streams.get(id)`` right after it
   sends or receives END_STREAM whether the stream is now closed; libnghttp2 only closes a stream
   when it has serialized the frame, and says so in an event of a later call.
-- Output is serialized at once (``data_to_send`` after every call that queues a frame): that
-  makes a new stream exist in libnghttp2 (it creates it when its HEADERS are serialized), keeps
-  the windows ``local_flow_control_window`` reports exact, and hands ``h2conn`` DATA only ever
+- Output is serialized at once (``data_to_send`` after every call that queues a frame, but
+  for a response's HEADERS without END_STREAM, which leave with what follows): that makes a
+  new stream exist in libnghttp2 (it creates it when its HEADERS are serialized), keeps the
+  windows ``local_flow_control_window`` reports exact, and hands ``h2conn`` DATA only ever
   within the window it was told of, so backpressure across the proxy works as with our codec:
   automatic WINDOW_UPDATEs are off and the receive windows reopen only through
   ``acknowledge_received_data``, when the other side has taken the bytes.
@@ -22,14 +25,16 @@ What it keeps itself, and why:
 The hostile-client defences are the same as our codec's, shared where they are code:
 
 - Frames per turn: a client's read is walked frame header by frame header (9 bytes each,
-  payloads skipped) before libnghttp2 sees it; after ``max_frames_per_turn`` frames the rest
-  waits in ``_pending`` (``backlogged``), as in ``sidecar.codec.receive``. Reads under
+  payloads skipped; ``sidecar.codec.walk``) before libnghttp2 sees it; after
+  ``max_frames_per_turn`` frames the rest waits in ``_pending`` (``backlogged``), as in
+  ``sidecar.codec.receive``. Reads under
   ``9 * max_frames_per_turn`` bytes cannot hold more frames than that and are not counted.
   An upstream's reads (``client_side``) go to libnghttp2 whole, unwalked: upstreams are the
   mesh's own services, and the Python work a read makes is per event (messages and their
   DATA), which the walk would not make cheaper, while it costs every read.
 - The ``Budget``: frames that carry no request (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, empty
-  DATA, unknown types) are charged during that walk, so a flood ends with GOAWAY
+  DATA, unknown types) are counted during that walk and charged once per read, so a flood ends
+  with GOAWAY
   ENHANCE_YOUR_CALM before libnghttp2 parses it; RST_STREAM is charged on its event, once it
   is known whether the stream was open (a reset) or closed (a control frame). libnghttp2's own
   limits (its reset rate limit, "glitch" limit and queued-ACK cap) stay on as a backstop above
@@ -42,6 +47,10 @@ The hostile-client defences are the same as our codec's, shared where they are c
   stream is reset with PROTOCOL_ERROR and the excess DATA never delivered.
 - ``header_block_open`` comes from the walk: the last frame header read was HEADERS or
   CONTINUATION without END_HEADERS.
+- Requests reset within the read that opened them (the rapid reset attack) are withheld from
+  a sink that asks (``screen_resets``): never routed. Most reads that carry requests also
+  carry the closes of streams answered before, so a read is searched for resets only when the
+  peer reset a stream in it or libnghttp2 answered it with an RST_STREAM of its own.
 
 Differences from our codec, none of which the proxy relies on: a client that opens a stream
 past a MAX_CONCURRENT_STREAMS it has acknowledged gets GOAWAY PROTOCOL_ERROR (as nghttpx
@@ -54,8 +63,7 @@ section 6.8 allows either); WINDOW_UPDATE is sent when half a window was acknowl
 from __future__ import annotations
 
 import contextlib
-import struct
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from typing import Any
 
 import ngh2
@@ -71,24 +79,22 @@ from sidecar.codec.errors import (
     CodecStreamClosedError,
     CodecUsageError,
 )
-from sidecar.codec.events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    Headers,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
+from sidecar.codec.events import Event, EventList, EventSink, Headers
 from sidecar.codec.frames import DEFAULT_WINDOW, Chunk, goaway_frame
 from sidecar.codec.receive import (
     MAX_CONTINUATIONS,
     MAX_FRAMES_PER_TURN,
     feed,
     thread_receive_buffer,
+)
+from sidecar.codec.walk import (
+    CHARGE,
+    CONTINUATION,
+    END_HEADERS,
+    HEADERS,
+    NO_CHARGE,
+    resets_in,
+    walk,
 )
 
 VERSION = ngh2.__version__
@@ -104,17 +110,10 @@ _WINDOW = ngh2.WindowUpdated
 _SETTINGS = ngh2.SettingsReceived
 _GOAWAY = ngh2.GoAwayReceived
 _CONNECTION_CLOSED = ngh2.ConnectionClosed
+# Events that carry a request or a response: a read's last one is announced (``on_last_message``).
+_MESSAGES = frozenset({_REQUEST, _RESPONSE, _DATA, _TRAILERS})
+_NONE: frozenset[int] = frozenset()
 
-_unpack_header = struct.Struct(">BHBB").unpack_from  # length (high, low), type, flags
-_END_STREAM = _ACK = 0x1
-_END_HEADERS = 0x4
-_HEADERS, _CONTINUATION = 0x1, 0x9
-# What a frame costs the peer's budget, by type, when it is walked: nothing (it carries a
-# request, or its cost is decided on its event: RST_STREAM), always, unless it is an ACK
-# (SETTINGS, PING), or when it is empty without END_STREAM (DATA). Unknown types always cost.
-_FREE, _ALWAYS, _UNLESS_ACK, _IF_EMPTY = 0, 1, 2, 3
-_CHARGE = bytes([_IF_EMPTY, _FREE, _ALWAYS, _FREE, _UNLESS_ACK, _FREE, _UNLESS_ACK, _FREE])
-_CHARGE += bytes([_ALWAYS, _FREE]) + bytes([_ALWAYS]) * 246
 # libnghttp2's limits when the budget is ours: ten times its defaults, a backstop only.
 _BACKSTOP_RESETS = (10_000, 330)
 _BACKSTOP_GLITCHES = (100_000, 3_300)
@@ -124,6 +123,10 @@ PREFACE_SIZE = 24
 # block again and again, and ``validate.problem`` is the costliest part of handling one.
 _VERDICT_CACHE_SIZE = 512
 _verdicts: dict[tuple[int, tuple[Any, ...]], str | None] = {}
+_UNSEEN = ""  # not a verdict: a block not judged yet
+_REQUEST_BLOCK = validate.REQUEST
+_RESPONSE_BLOCK = validate.RESPONSE
+_TRAILERS_BLOCK = validate.TRAILERS
 
 
 def _problem(kind: int, headers: tuple[Any, ...]) -> str | None:
@@ -141,16 +144,16 @@ def _problem(kind: int, headers: tuple[Any, ...]) -> str | None:
 
 class _Stream:
     """Which halves are open: a stream leaves ``Ngh2Codec.streams`` when both are closed
-    (so one found there is never ``closed``, the attribute ``h2conn`` asks)."""
+    (so one found there is never ``closed``, the attribute ``h2conn`` asks).
 
-    __slots__ = ("acked", "headers_sent", "local_open", "remote_open")
+    Made for every request, so made without an ``__init__``: a new stream has the class's
+    values until one changes."""
+
     closed = False
-
-    def __init__(self, headers_sent: bool) -> None:
-        self.local_open = True
-        self.remote_open = True
-        self.headers_sent = headers_sent
-        self.acked = 0  # bytes the application took: progress, even without a WINDOW_UPDATE
+    local_open = True
+    remote_open = True
+    headers_sent = False
+    acked = 0  # bytes the application took: progress, even without a WINDOW_UPDATE
 
 
 class Ngh2Codec:
@@ -219,16 +222,23 @@ class Ngh2Codec:
         self._goaway_received = False
         self._goaway_sent = False
         self._dead = False
+        # Events go straight to ``sink``, one call each; until an owner attaches itself there,
+        # they are collected as objects for ``buffer_updated`` to return.
+        self._collected = EventList()
+        self.sink: EventSink = self._collected
+        # Requests reset within the read that opened them are withheld (``on_request_withdrawn``).
+        self.screen_resets = False
 
     # -- sending ---------------------------------------------------------------------------
 
-    def _serialize(self) -> None:
+    def _serialize(self) -> bytes:
         try:
             data = self._conn.data_to_send()
         except ngh2.ConnectionStateError:  # failed: what it had to say is already out
-            return
+            return b""
         if data:
             self._out.append(data)
+        return data
 
     def initiate_connection(self) -> None:
         self._conn.initiate_connection(self._settings)
@@ -286,7 +296,8 @@ class Ngh2Codec:
                 if len(self.streams) >= self.remote_settings.max_concurrent_streams:
                     raise CodecUsageError("peer's MAX_CONCURRENT_STREAMS reached")
                 conn.send_request(headers, end_stream=end_stream)
-                stream = self.streams[stream_id] = _Stream(headers_sent=True)
+                stream = self.streams[stream_id] = _Stream()
+                stream.headers_sent = True
             elif not stream.local_open:
                 raise CodecStreamClosedError(stream_id)
             elif stream.headers_sent:
@@ -297,6 +308,10 @@ class Ngh2Codec:
             else:
                 conn.send_response(stream_id, headers, end_stream=end_stream)
                 stream.headers_sent = True
+                if not end_stream:
+                    # The stream exists and no window moved: the frame can wait for the
+                    # body's, or for ``take_output``.
+                    return
         except ngh2.NGH2Error as exc:
             raise CodecStreamClosedError(stream_id) from exc
         data = conn.data_to_send()
@@ -391,9 +406,9 @@ class Ngh2Codec:
 
     # -- the budget ------------------------------------------------------------------------
 
-    def _control_frame(self) -> None:
+    def _control_frames(self, frames: int) -> None:
         budget = self.budget
-        if budget is not None and not budget.control_frame(self._data_sends):
+        if budget is not None and not budget.control_frame(self._data_sends, frames):
             self._give_up(CodecProtocolError("too many control frames", ENHANCE_YOUR_CALM))
 
     def _reset_charged(self) -> None:
@@ -408,15 +423,15 @@ class Ngh2Codec:
         self._out.append(goaway_frame(self.highest_inbound_stream_id, exc.error_code))
         raise exc
 
-    def _refuse(self, stream_id: int, events: list[Event]) -> None:
+    def _refuse(self, stream_id: int) -> None:
         """A malformed message: RST_STREAM PROTOCOL_ERROR, as ``H2Codec`` answers one; a
-        stream the application knew gets a ``StreamReset``."""
+        stream the application knew is reported reset."""
         with contextlib.suppress(ngh2.NGH2Error):  # already closed there: nothing to send
             self._conn.reset_stream(stream_id, PROTOCOL_ERROR)
         self._settled.add(stream_id)
         if self.streams.pop(stream_id, None) is not None:
             self.streams_reset += 1
-            events.append(StreamReset(stream_id, PROTOCOL_ERROR, False))
+            self.sink.on_stream_reset(stream_id, PROTOCOL_ERROR, False)
         self._reset_charged()
 
     # -- receiving -------------------------------------------------------------------------
@@ -434,41 +449,43 @@ class Ngh2Codec:
         return view[size:]
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
-        """Events for the ``nbytes`` just read into the space ``get_buffer`` lent; at most
-        ``max_frames_per_turn`` frames are handled, the rest waits (``backlogged``)."""
+        """Events for the ``nbytes`` just read into the space ``get_buffer`` lent, as objects
+        (none when an owner has attached itself as ``sink``: they went to it)."""
+        try:
+            self.read(nbytes)
+        except CodecProtocolError:
+            self._collected.take()  # a failed read has no events
+            raise
+        return self._collected.take()
+
+    def read(self, nbytes: int) -> None:
+        """Deliver the events of the ``nbytes`` just read into the space ``get_buffer`` lent to
+        ``sink``; at most ``max_frames_per_turn`` frames are handled, the rest waits
+        (``backlogged``)."""
         self.backlogged = False
         if self._dead:
-            return []
+            return
         if self.client_side:  # an upstream of ours: its reads go to libnghttp2 whole
-            return self._receive(self._rbuf.view[:nbytes])
+            self._receive(self._rbuf.view[:nbytes])
+            return
         end = self._filled + nbytes
         pos = self._skip
         cut = end
         if pos >= end:
             self._skip = pos - end
         else:
-            buf = self._rbuf.data
-            quota = self.max_frames_per_turn if end - pos > self._walk_free else -1
-            charge = _CHARGE if self.budget is not None else b""
-            ftype = flags = -1
-            while pos + 9 <= end:
-                if not quota:
-                    self.backlogged = True
-                    break
-                quota -= 1
-                hi, lo, ftype, flags = _unpack_header(buf, pos)
-                pos += 9 + (hi << 16 | lo)
-                if charge:
-                    kind = charge[ftype]
-                    if kind and (
-                        kind == _ALWAYS
-                        or (kind == _UNLESS_ACK and not flags & _ACK)
-                        or (kind == _IF_EMPTY and not (hi or lo) and not flags & _END_STREAM)
-                    ):
-                        self._control_frame()
+            quota = self.max_frames_per_turn if end - pos > self._walk_free else 0
+            charge = CHARGE if self.budget is not None else NO_CHARGE
+            pos, charged, ftype, flags = walk(self._rbuf.data, pos, end, quota, charge)
+            if quota and pos + 9 <= end:
+                self.backlogged = True
+            if charged:
+                # Charged for the whole read at once, before libnghttp2 parses any of it: a
+                # flood still ends here, and a read of ten WINDOW_UPDATEs costs one charge.
+                self._control_frames(charged)
             if ftype >= 0:
-                self.header_block_open = ftype in (_HEADERS, _CONTINUATION) and not (
-                    flags & _END_HEADERS
+                self.header_block_open = ftype in (HEADERS, CONTINUATION) and not (
+                    flags & END_HEADERS
                 )
             if pos <= end:  # at a frame boundary: the rest is whole frames or a header's start
                 cut = pos
@@ -477,15 +494,15 @@ class Ngh2Codec:
                 self._skip = pos - end
         view = self._rbuf.view
         self._pending = view[cut:end].tobytes() if cut < end else b""
-        return self._receive(view[:cut])
+        self._receive(view[:cut])
 
     def receive_data(self, data: bytes | memoryview) -> list[Event]:
         """Events for ``data``, bytes in hand (reads use ``get_buffer``/``buffer_updated``)."""
         return feed(self, data)
 
-    def _receive(self, data: memoryview) -> list[Event]:
+    def _receive(self, data: memoryview) -> None:
         if self._dead:
-            return []
+            return
         conn = self._conn
         try:
             conn.receive_data(data)
@@ -499,97 +516,163 @@ class Ngh2Codec:
             self._serialize()
             self._out.append(goaway_frame(self.highest_inbound_stream_id, code))
             raise CodecProtocolError(str(exc), code) from exc
-        self._serialize()  # acknowledgements (SETTINGS, PING) and libnghttp2's own GOAWAY
-        events: list[Event] = []
-        append = events.append
-        streams = self.streams
+        # Acknowledgements (SETTINGS, PING), libnghttp2's own GOAWAY and RST_STREAMs.
+        answer = self._serialize()
         # The loop tests exact types (``is``), which mypy does not narrow by: events are Any.
         incoming: list[Any] = conn.events()
+        if not incoming:
+            if not (self._goaway_received or self._goaway_sent or conn.want_read):
+                # libnghttp2 queued GOAWAY for a connection error without an event for it yet.
+                self._dead = True
+                self._serialize()
+                raise CodecProtocolError("HTTP/2 connection error", PROTOCOL_ERROR)
+            return
+        sink = self.sink
+        streams = self.streams
+        doomed: Collection[int] = _NONE
+        withheld: set[int] = set()
+        if self.screen_resets:
+            # Streams close in most reads that carry requests, their responses sent: a read
+            # is searched for resets only if the peer reset a stream or libnghttp2 did (an
+            # RST_STREAM of its own in the answer).
+            kinds = set(map(type, incoming))
+            if _REQUEST in kinds and (
+                _RESET in kinds or (answer and _CLOSED in kinds and resets_in(answer))
+            ):
+                doomed = self._reset_in(incoming)
+        last = None
+        for event in reversed(incoming):
+            if type(event) in _MESSAGES:
+                last = event
+                break
+        settled = self._settled
+        # Branches in the order of how often they are taken; a stream that ends here leaves
+        # ``streams`` before its owner hears of it.
         for event in incoming:
             kind = type(event)
-            if kind is _DATA:
+            if kind is _CLOSED:
+                sid = event.stream_id
+                if event.error_code or settled or sid in streams:  # not a stream that completed
+                    self._closed(sid, event.error_code, withheld)
+            elif kind is _DATA:
+                if event is last:
+                    sink.on_last_message()
                 payload = event.data
                 sid = event.stream_id
-                if sid not in streams:  # refused here, in this read: nobody takes the bytes
+                stream = streams.get(sid)
+                if stream is None:  # refused here, in this read: nobody takes the bytes
                     conn.acknowledge_received_data(len(payload), sid)
+                elif sid in withheld:  # as good as refused
+                    self.acknowledge_received_data(len(payload), sid)
+                    if event.end_stream:
+                        self._remote_ended(sid)
                 elif event.end_stream:
-                    append(DataReceived(sid, payload, len(payload), True))
-                    self._remote_ended(sid)
+                    stream.remote_open = False
+                    if not stream.local_open:
+                        del streams[sid]
+                        self._streams_completed += 1
+                    sink.on_data_received(sid, payload, len(payload), True)
                 else:
-                    append(DataReceived(sid, payload, len(payload), None))
+                    sink.on_data_received(sid, payload, len(payload), False)
             elif kind is _REQUEST:
+                if event is last:
+                    sink.on_last_message()
                 sid = event.stream_id
+                headers = event.headers
                 if sid > self.highest_inbound_stream_id:
                     self.highest_inbound_stream_id = sid
-                if _problem(validate.REQUEST, event.headers) is not None:
-                    self._refuse(sid, events)
+                if _verdicts.get((_REQUEST_BLOCK, headers), _UNSEEN) is not None and (
+                    _problem(_REQUEST_BLOCK, headers) is not None
+                ):
+                    self._refuse(sid)
                     continue
-                stream = streams[sid] = _Stream(headers_sent=False)
-                if event.end_stream:
+                stream = streams[sid] = _Stream()
+                end_stream = event.end_stream
+                if end_stream:
                     stream.remote_open = False
-                    append(RequestReceived(sid, list(event.headers), True))
+                if sid in doomed:
+                    withheld.add(sid)
+                    sink.on_request_withdrawn(sid)
                 else:
-                    append(RequestReceived(sid, list(event.headers), None))
+                    sink.on_request_received(sid, list(headers), end_stream)
             elif kind is _RESPONSE:
+                if event is last:
+                    sink.on_last_message()
                 sid = event.stream_id
-                if _problem(validate.RESPONSE, event.headers) is not None:
-                    self._refuse(sid, events)
+                headers = event.headers
+                if _verdicts.get((_RESPONSE_BLOCK, headers), _UNSEEN) is not None and (
+                    _problem(_RESPONSE_BLOCK, headers) is not None
+                ):
+                    self._refuse(sid)
                 elif event.end_stream:
-                    append(ResponseReceived(sid, list(event.headers), True))
                     self._remote_ended(sid)
+                    sink.on_response_received(sid, list(headers), True)
                 else:
-                    append(ResponseReceived(sid, list(event.headers), None))
-            elif kind is _CLOSED:
-                if streams.pop(event.stream_id, None) is not None:
-                    # Closed by libnghttp2 while we thought it open: it reset the stream (a
-                    # malformed message, a GOAWAY that left it unprocessed, a failed send).
-                    self.streams_reset += 1
-                    append(StreamReset(event.stream_id, event.error_code or CANCEL, False))
-                    if event.error_code != NO_ERROR:
-                        self._reset_charged()  # as we charge a reset we make for the peer
-                elif event.stream_id in self._settled:
-                    self._settled.discard(event.stream_id)
-                elif event.error_code != NO_ERROR:
-                    # libnghttp2 reset a stream before the application saw it (a request it
-                    # found malformed, a stream past the limit): charged as our own refusals.
-                    self._reset_charged()
+                    sink.on_response_received(sid, list(headers), False)
             elif kind is _TRAILERS:
+                if event is last:
+                    sink.on_last_message()
                 sid = event.stream_id
-                if _problem(validate.TRAILERS, event.headers) is not None:
-                    self._refuse(sid, events)
+                headers = event.headers
+                if _verdicts.get((_TRAILERS_BLOCK, headers), _UNSEEN) is not None and (
+                    _problem(_TRAILERS_BLOCK, headers) is not None
+                ):
+                    self._refuse(sid)
                 else:
-                    append(TrailersReceived(sid, list(event.headers)))
                     self._remote_ended(sid)
+                    if sid not in withheld:
+                        sink.on_trailers_received(sid, list(headers))
+            elif kind is _WINDOW:
+                sink.on_window_updated(event.stream_id, event.increment)
             elif kind is _RESET:
-                if streams.pop(event.stream_id, None) is not None:
+                sid = event.stream_id
+                if streams.pop(sid, None) is not None:
                     self.streams_reset += 1
-                    self._settled.add(event.stream_id)
-                    append(StreamReset(event.stream_id, event.error_code))
+                    settled.add(sid)
+                    if sid not in withheld:
+                        sink.on_stream_reset(sid, event.error_code, True)
                     self._reset_charged()
                 else:
-                    self._control_frame()  # a reset of a closed stream does nothing
-            elif kind is _WINDOW:
-                append(WindowUpdated(event.stream_id, event.increment))
+                    self._control_frames(1)  # a reset of a closed stream does nothing
             elif kind is _SETTINGS:
                 changed = dict(event.settings)
                 self._remote_settings_changed(changed)
-                append(RemoteSettingsChanged(changed))
+                sink.on_settings_received(changed)
             elif kind is _GOAWAY:
                 self._goaway_received = True
                 debug = event.debug_data or None
-                append(ConnectionTerminated(event.error_code, event.last_stream_id, debug))
+                sink.on_goaway_received(event.error_code, event.last_stream_id, debug)
             elif kind is _CONNECTION_CLOSED and event.error_code and not self._goaway_received:
                 self._dead = True
                 raise CodecProtocolError(
                     f"HTTP/2 connection error: {event.debug_data.decode(errors='replace')}",
                     event.error_code or PROTOCOL_ERROR,
                 )
-        if not incoming and not (self._goaway_received or self._goaway_sent or conn.want_read):
-            # libnghttp2 queued GOAWAY for a connection error without an event for it yet.
-            self._dead = True
-            self._serialize()
-            raise CodecProtocolError("HTTP/2 connection error", PROTOCOL_ERROR)
-        return events
+
+    def _closed(self, sid: int, error_code: int, withheld: Collection[int]) -> None:
+        """libnghttp2 closed a stream that did not simply complete."""
+        if self.streams.pop(sid, None) is not None:
+            # Closed by libnghttp2 while we thought it open: it reset the stream (a malformed
+            # message, a GOAWAY that left it unprocessed, a failed send).
+            self.streams_reset += 1
+            if sid not in withheld:
+                self.sink.on_stream_reset(sid, error_code or CANCEL, False)
+            if error_code != NO_ERROR:
+                self._reset_charged()  # as we charge a reset we make for the peer
+        elif sid in self._settled:
+            self._settled.discard(sid)
+        elif error_code != NO_ERROR:
+            # libnghttp2 reset a stream before the application saw it (a request it found
+            # malformed, a stream past the limit): charged as our own refusals.
+            self._reset_charged()
+
+    def _reset_in(self, incoming: list[Any]) -> set[int]:
+        """The streams a read resets: by the peer, or by libnghttp2 for a malformed message."""
+        return {
+            event.stream_id
+            for event in incoming
+            if type(event) is _RESET or (type(event) is _CLOSED and event.error_code)
+        }
 
     def _remote_settings_changed(self, changed: dict[int, int]) -> None:
         settings = self.remote_settings

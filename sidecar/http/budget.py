@@ -39,19 +39,19 @@ class TokenBucket:
         self._clock = clock
         self._last = clock()
 
-    def take(self, credit: float = 0.0) -> bool:
-        """Spend one token (after adding ``credit``); False when none is left."""
+    def take(self, credit: float = 0.0, count: int = 1) -> bool:
+        """Spend ``count`` tokens (after adding ``credit``); False when fewer are left."""
         tokens = self.tokens
-        if tokens < 1.0 or credit:
+        if tokens < count or credit:
             now = self._clock()
             tokens += (now - self._last) * self.rate + credit
             self._last = now
             if tokens > self.burst:
                 tokens = self.burst
-        if tokens < 1.0:
+        if tokens < count:
             self.tokens = tokens
             return False
-        self.tokens = tokens - 1.0
+        self.tokens = tokens - count
         return True
 
 
@@ -79,12 +79,13 @@ class FrameBudget:
         self.tripped = RAPID_RESET
         return False
 
-    def control_frame(self, data_frames_sent: int) -> bool:
-        """A frame that carries no request; ``data_frames_sent`` counts the connection's DATA
-        sends so far (each earns ``CONTROL_FRAMES_PER_DATA_FRAME``)."""
+    def control_frame(self, data_frames_sent: int, frames: int = 1) -> bool:
+        """``frames`` frames that carry no request (a codec may charge a read's at once);
+        ``data_frames_sent`` counts the connection's DATA sends so far (each earns
+        ``CONTROL_FRAMES_PER_DATA_FRAME``)."""
         earned = (data_frames_sent - self._data_seen) * CONTROL_FRAMES_PER_DATA_FRAME
         self._data_seen = data_frames_sent
-        if self._control.take(earned):
+        if self._control.take(earned, frames):
             return True
         self.tripped = FLOOD
         return False

@@ -108,6 +108,11 @@ _MESSAGE_EVENTS = frozenset(
 )
 
 
+_DATA_EVENT = codec.DataReceived
+_RESPONSE_EVENT = codec.ResponseReceived
+_REQUEST_EVENT = codec.RequestReceived
+
+
 class _ReadTail:
     """Is the last message event of a read being handled right now?
 
@@ -128,7 +133,7 @@ _read_tail = _ReadTail()
 class H2Stream:
     """One HTTP/2 stream: a ``StreamSink`` for the other side, feeding a ``StreamHandler``."""
 
-    __slots__ = ("closed", "conn", "handler", "queue", "stream_id", "trailers")
+    __slots__ = ("closed", "conn", "handler", "queue", "stream_id")
 
     def __init__(self, conn: H2Connection, stream_id: int, handler: StreamHandler | None) -> None:
         self.conn = conn
@@ -136,20 +141,21 @@ class H2Stream:
         self.handler = handler
         self.queue: deque[list[Any]] = deque()  # [data, end_stream, on_sent] or [_TRAILERS, hdrs]
         self.closed = False
-        self.trailers: Headers | None = None
 
     def send_headers(self, headers: Headers, end_stream: bool) -> None:
         if self.closed:
             return
+        conn = self.conn
         try:
-            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
+            conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.debug("send_headers on stream %d failed: %s", self.stream_id, exc)
-            self.conn.reset_stream(self, CANCEL)
+            conn.reset_stream(self, CANCEL)
             return
-        self.conn.mark_dirty()
+        if not conn._flush_scheduled:
+            conn.mark_dirty()
         if end_stream:
-            self.conn.stream_send_ended(self)
+            conn.stream_send_ended(self)
 
     def send_data(self, data: bytes, end_stream: bool, on_sent: OnSent) -> None:
         if self.closed:
@@ -184,9 +190,11 @@ class H2Stream:
         self.conn.flush_stream(self)
 
     def ack(self, flow_len: int) -> None:
-        if flow_len and not self.conn.closed:
-            self.conn.h2.acknowledge_received_data(flow_len, self.stream_id)
-            self.conn.mark_dirty()
+        conn = self.conn
+        if flow_len and not conn.closed:
+            conn.h2.acknowledge_received_data(flow_len, self.stream_id)
+            if not conn._flush_scheduled:
+                conn.mark_dirty()
 
     def release_queue(self) -> None:
         """Hand back flow-control credit for bytes that will now never be sent."""
@@ -206,6 +214,11 @@ class H2Connection(asyncio.BufferedProtocol):
     _lend_buffer: Callable[[int], memoryview]
     _read_events: Callable[[int], list[Any]]
     _take_output: Callable[[], list[codec.Chunk]]
+    # A codec that calls this connection's ``on_*_received`` methods itself (ngh2): a read
+    # makes no event objects and no second dispatch.
+    _deliver: Callable[[int], None] | None = None
+    # Whether requests reset within the read that opened them are dropped (``screen_resets``).
+    screens_resets = False
 
     def __init__(
         self,
@@ -232,6 +245,11 @@ class H2Connection(asyncio.BufferedProtocol):
             self._lend_buffer = lean.get_buffer
             self._read_events = lean.buffer_updated
             self._take_output = lean.take_output
+            if H2_CODEC == "ngh2":
+                ngh2_codec = cast(Ngh2Codec, lean)
+                ngh2_codec.sink = self
+                ngh2_codec.screen_resets = self.screens_resets
+                self._deliver = ngh2_codec.read
         else:
             config = h2.config.H2Configuration(
                 client_side=client_side,
@@ -274,21 +292,24 @@ class H2Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._blocked: set[H2Stream] = set()  # streams with queued data waiting for window
         self._loop = asyncio.get_event_loop()
+        # Event objects (our codec's, the h2 library's), each to its ``on_*_received``.
         self._dispatch: dict[type, Callable[[Any], None]] = {
-            h2.events.ResponseReceived: self._on_response,
-            h2.events.DataReceived: self._on_data,
-            h2.events.TrailersReceived: self._on_trailers,
-            h2.events.StreamReset: self._on_stream_reset,
-            h2.events.WindowUpdated: self._on_window_updated,
-            h2.events.RemoteSettingsChanged: self._on_settings,
-            h2.events.ConnectionTerminated: self._on_goaway,
-            codec.ResponseReceived: self._on_response,
-            codec.DataReceived: self._on_data,
-            codec.TrailersReceived: self._on_trailers,
-            codec.StreamReset: self._on_stream_reset,
-            codec.WindowUpdated: self._on_window_updated,
-            codec.RemoteSettingsChanged: self._on_settings,
-            codec.ConnectionTerminated: self._on_goaway,
+            h2.events.RequestReceived: self._request_event,
+            h2.events.ResponseReceived: self._response_event,
+            h2.events.DataReceived: self._data_event,
+            h2.events.TrailersReceived: self._trailers_event,
+            h2.events.StreamReset: self._reset_event,
+            h2.events.WindowUpdated: self._window_event,
+            h2.events.RemoteSettingsChanged: self._settings_event,
+            h2.events.ConnectionTerminated: self._goaway_event,
+            codec.RequestReceived: self._request_event,
+            codec.ResponseReceived: self._response_event,
+            codec.DataReceived: self._data_event,
+            codec.TrailersReceived: self._trailers_event,
+            codec.StreamReset: self._reset_event,
+            codec.WindowUpdated: self._window_event,
+            codec.RemoteSettingsChanged: self._settings_event,
+            codec.ConnectionTerminated: self._goaway_event,
         }
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -306,6 +327,22 @@ class H2Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.discarding:
+            return
+        deliver = self._deliver
+        if deliver is not None:
+            # What the codec's calls queue on this connection leaves in the one flush below.
+            self._flush_scheduled = True
+            try:
+                deliver(nbytes)
+            except h2.exceptions.ProtocolError as exc:
+                _read_tail.active = False
+                self.protocol_error(exc)
+                return
+            finally:
+                _read_tail.active = False
+                self.flush()
+            if cast(Ngh2Codec, self.h2).backlogged:
+                self._hold_for_backlog()
             return
         try:
             events = self._read_events(nbytes)
@@ -332,9 +369,22 @@ class H2Connection(asyncio.BufferedProtocol):
             for index, event in enumerate(events):
                 if index == tail:
                     _read_tail.active = True
-                handler = dispatch.get(type(event))
-                if handler is not None:
-                    handler(event)
+                kind = type(event)
+                # Our codec's message events are taken apart here, the rest through the table.
+                if kind is _DATA_EVENT:
+                    ended = event.stream_ended is not None
+                    flow = event.flow_controlled_length
+                    self.on_data_received(event.stream_id, event.data, flow, ended)
+                elif kind is _RESPONSE_EVENT:
+                    ended = event.stream_ended is not None
+                    self.on_response_received(event.stream_id, event.headers, ended)
+                elif kind is _REQUEST_EVENT:
+                    ended = event.stream_ended is not None
+                    self.on_request_received(event.stream_id, event.headers, ended)
+                else:
+                    handler = dispatch.get(kind)
+                    if handler is not None:
+                        handler(event)
         finally:
             _read_tail.active = False
             self.flush()
@@ -450,17 +500,20 @@ class H2Connection(asyncio.BufferedProtocol):
         """Send ``data`` at once if the window has room for all of it; False leaves it to the
         stream's queue (a stream that cannot be sent on any more drops it: True)."""
         sid = stream.stream_id
+        h2conn = self.h2
         try:
-            if len(data) > self._window(sid):
+            window = h2conn.local_flow_control_window(sid) if self._lean else self._window(sid)
+            if len(data) > window:
                 return False
-            self.h2.send_data(sid, data, end_stream=end_stream)
+            h2conn.send_data(sid, data, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.debug("send on stream %d failed: %s", sid, exc)
             stream.release_queue()
             return True
         if end_stream:
             self.stream_send_ended(stream)
-        self.mark_dirty()
+        if not self._flush_scheduled:
+            self.mark_dirty()
         return True
 
     def flush_stream(self, stream: H2Stream) -> None:
@@ -535,6 +588,11 @@ class H2Connection(asyncio.BufferedProtocol):
         self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: H2Stream) -> None:
+        if self._lean:
+            # Our codecs keep a stream in ``streams`` exactly as long as it is open.
+            if stream.stream_id not in self.h2.streams:
+                self._close_stream(stream, None, 0)
+            return
         try:
             h2stream = self.h2.streams.get(stream.stream_id)
         except h2.exceptions.StreamClosedError:
@@ -548,8 +606,10 @@ class H2Connection(asyncio.BufferedProtocol):
             return
         stream.closed = True
         self.streams.pop(stream.stream_id, None)
-        self._blocked.discard(stream)
-        stream.release_queue()
+        if self._blocked:
+            self._blocked.discard(stream)
+        if stream.queue:
+            stream.release_queue()
         if reason is not None and stream.handler is not None:
             stream.handler.on_reset(reason, code)
         self.on_stream_closed(stream)
@@ -557,58 +617,98 @@ class H2Connection(asyncio.BufferedProtocol):
         # stream <-> exchange (or attempt) cycle, so the request is freed without the collector.
         stream.handler = None
 
-    # -- events ----------------------------------------------------------------------------
+    # -- events: the codec's ``EventSink`` ------------------------------------------------
 
-    def _on_response(self, event: h2.events.ResponseReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def on_request_received(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
+        """Only servers receive requests (both codecs refuse them on client connections)."""
+
+    def on_request_withdrawn(self, stream_id: int) -> None:
+        pass
+
+    def on_last_message(self) -> None:
+        _read_tail.active = True
+
+    def on_response_received(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
+        stream = self.streams.get(stream_id)
         if stream is not None and stream.handler is not None:
-            stream.handler.on_headers(event.headers, event.stream_ended is not None)
-            if event.stream_ended is not None:
+            stream.handler.on_headers(headers, end_stream)
+            if end_stream:
                 self._maybe_forget(stream)
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def on_data_received(
+        self, stream_id: int, data: bytes, flow_controlled_length: int, end_stream: bool
+    ) -> None:
+        stream = self.streams.get(stream_id)
         if stream is None or stream.handler is None:
-            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self.h2.acknowledge_received_data(flow_controlled_length, stream_id)
             return
-        ended = event.stream_ended is not None
-        stream.handler.on_data(event.data, event.flow_controlled_length, ended)
-        if ended:
+        stream.handler.on_data(data, flow_controlled_length, end_stream)
+        if end_stream:
             self._maybe_forget(stream)
 
-    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def on_trailers_received(self, stream_id: int, headers: Headers) -> None:
+        stream = self.streams.get(stream_id)
         if stream is not None and stream.handler is not None:
-            stream.handler.on_trailers(event.headers)
+            stream.handler.on_trailers(headers)
             self._maybe_forget(stream)
 
-    def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
-        stream = self.streams.get(event.stream_id)
+    def on_stream_reset(self, stream_id: int, error_code: int, remote_reset: bool) -> None:
+        stream = self.streams.get(stream_id)
         if stream is None:
             return
-        reason = (
-            ResetReason.REFUSED if event.error_code == REFUSED_STREAM else ResetReason.REMOTE_RESET
-        )
-        self._close_stream(stream, reason, int(event.error_code))
+        reason = ResetReason.REFUSED if error_code == REFUSED_STREAM else ResetReason.REMOTE_RESET
+        self._close_stream(stream, reason, int(error_code))
 
-    def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
-        if event.stream_id == 0:
-            if self._blocked:
-                self._flush_blocked()
+    def on_window_updated(self, stream_id: int, delta: int) -> None:
+        # A stream with queued data is always among the blocked, so most updates (gRPC
+        # clients return both windows after every response) have nothing to do.
+        if not self._blocked:
+            return
+        if stream_id == 0:
+            self._flush_blocked()
         else:
-            stream = self.streams.get(event.stream_id)
+            stream = self.streams.get(stream_id)
             if stream is not None and stream.queue:
                 self._blocked.discard(stream)
                 self.flush_stream(stream)
 
-    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
-        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+    def on_settings_received(self, changed_settings: dict[int, int]) -> None:
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed_settings:
             self._flush_blocked()
         self.on_settings_changed()
 
-    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+    def on_goaway_received(
+        self, error_code: int, last_stream_id: int, additional_data: bytes | None
+    ) -> None:
         self.goaway_received = True
-        self.on_goaway(event.last_stream_id, int(event.error_code or 0))
+        self.on_goaway(last_stream_id, int(error_code or 0))
+
+    # The same, from event objects.
+
+    def _request_event(self, event: Any) -> None:
+        self.on_request_received(event.stream_id, event.headers, event.stream_ended is not None)
+
+    def _response_event(self, event: Any) -> None:
+        self.on_response_received(event.stream_id, event.headers, event.stream_ended is not None)
+
+    def _data_event(self, event: Any) -> None:
+        ended = event.stream_ended is not None
+        self.on_data_received(event.stream_id, event.data, event.flow_controlled_length, ended)
+
+    def _trailers_event(self, event: Any) -> None:
+        self.on_trailers_received(event.stream_id, event.headers)
+
+    def _reset_event(self, event: Any) -> None:
+        self.on_stream_reset(event.stream_id, event.error_code, event.remote_reset)
+
+    def _window_event(self, event: Any) -> None:
+        self.on_window_updated(event.stream_id, event.delta)
+
+    def _settings_event(self, event: Any) -> None:
+        self.on_settings_received(event.changed_settings)
+
+    def _goaway_event(self, event: Any) -> None:
+        self.on_goaway_received(event.error_code, event.last_stream_id, event.additional_data)
 
     # -- hooks for the two sides -----------------------------------------------------------
 

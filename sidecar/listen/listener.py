@@ -33,6 +33,7 @@ from sidecar.http.streams import (
     NO_ERROR,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
+    Headers,
     ResetReason,
     StreamHandler,
     StreamSink,
@@ -130,18 +131,15 @@ class ListenerRuntime:
         self.connections_gauge = metrics.active_connections.labels(self.direction)
         self.streams_gauge = metrics.active_streams.labels(self.direction)
 
-    @property
-    def direction(self) -> str:
-        """ "inbound" (to the local app) or "outbound", for metrics."""
-        if self.config.direction:
-            return self.config.direction
-        return "inbound" if self.config.name.startswith("inbound") else "outbound"
-
     def update(self, config: ListenerConfig) -> None:
         """Take a new config; the load shedder keeps its windows if its config is the same."""
         old = self.config.load_shedding if self.shedder is not None else None
         old_jwt = self.config.jwt if self.jwt is not None else None
         self.config = config
+        # "inbound" (to the local app) or "outbound", for metrics: read by every request.
+        self.direction = config.direction or (
+            "inbound" if config.name.startswith("inbound") else "outbound"
+        )
         if config.jwt is None:
             self.jwt = None
         elif config.jwt != old_jwt:  # an unchanged config keeps its fetched keys
@@ -153,6 +151,10 @@ class ListenerRuntime:
             self.shedder = None
         elif shedding != old:
             self.shedder = LoadShedder(shedding, asyncio.get_event_loop().time)
+        # Requests need no inbound security filter: the Exchange handles them alone.
+        self._unfiltered = config.mtls is None and config.authorization is None and (
+            self.jwt is None
+        )
 
     @property
     def clusters(self) -> ClusterManager:
@@ -162,11 +164,14 @@ class ListenerRuntime:
         name = self.config.route_config
         return self.sidecar.route_tables.get(name) if name is not None else None
 
+    def route_table_named(self, name: str) -> RouteTable | None:
+        return self.sidecar.route_tables.get(name)
+
     def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
         exchange = Exchange(self, downstream)
-        config = self.config
-        if config.mtls is None and config.authorization is None and self.jwt is None:
+        if self._unfiltered:
             return exchange
+        config = self.config
         return InboundSecurity(
             exchange, peer, config.authorization, self.scope, config.mtls is not None, self.jwt
         )
@@ -221,6 +226,10 @@ class ListenerRuntime:
 class H2ServerConnection(H2Connection):
     """A downstream HTTP/2 connection, with the budgets and timeouts of ``H2ServerGuard``."""
 
+    # The rapid reset attack opens and resets streams in one go: such requests are never
+    # routed, never sent upstream.
+    screens_resets = True
+
     def __init__(self, listener: ListenerRuntime) -> None:
         config = listener.config
         self.guard = H2ServerGuard(self, config.limits, asyncio.get_event_loop())
@@ -240,9 +249,6 @@ class H2ServerConnection(H2Connection):
         self.last_stream_id = MAX_STREAM_ID
         self.peer: SpiffeId | None = None  # set by the listener after an mTLS handshake
         self.hold_reading_while_write_paused = True
-        # Only servers receive requests (both codecs refuse them on client connections).
-        self._dispatch[h2.events.RequestReceived] = self._on_request
-        self._dispatch[codec.RequestReceived] = self._on_request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Room for a window's worth of responses before the peer counts as not reading.
@@ -256,8 +262,7 @@ class H2ServerConnection(H2Connection):
         if not self.discarding:
             self.guard.after_read()
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        stream_id = event.stream_id
+    def on_request_received(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
         stream = H2Stream(self, stream_id, None)
         self.streams[stream_id] = stream
         if self.goaway_sent and stream_id > self.last_stream_id:
@@ -266,15 +271,19 @@ class H2ServerConnection(H2Connection):
         self.guard.stream_opened()
         handler = self.listener.new_exchange(stream, self.peer)
         stream.handler = handler
-        handler.on_headers(event.headers, event.stream_ended is not None)
+        handler.on_headers(headers, end_stream)
         self.requests += 1
         if self.listener.request_started_on(self.requests):
             self.start_drain()
 
+    def on_request_withdrawn(self, stream_id: int) -> None:
+        """The codec screened a request out (``screens_resets``)."""
+        self.listener.scope.inc("http2.reset_before_routing")
+
     def screen_resets(self, events: list[Any]) -> list[Any]:
         """Drop requests reset within the read that opened them, by the client or by the codec
-        (a body that broke its content-length): never routed, never sent upstream. The rapid
-        reset attack opens and resets streams in one go."""
+        (a body that broke its content-length), from a codec that returns events; ngh2 drops
+        them itself (``screens_resets``)."""
         reset = {e.stream_id for e in events if type(e) in _RESET_EVENTS}
         if not reset:
             return events
@@ -447,17 +456,15 @@ class SniffingProtocol(asyncio.Protocol):
 
         HTTP/1.1 is decided by its first request's authority. HTTP/2 clients wait for our
         SETTINGS before sending a request, so there the address dialled decides: a known
-        ``ip:port`` (a Kubernetes Service's ClusterIP) or a catch-all virtual host.
+        ``ip:port`` (a Kubernetes Service's ClusterIP) or a catch-all virtual host. When the
+        control plane serves per-port outbound routes (Envoy's shape), a redirected connection
+        is looked up in its original destination port's routes only, as Envoy does; on a port
+        with none, only services without a port are the mesh's.
         """
         table = self.listener.route_table()
-        if protocol == "h2":
-            assert self.transport is not None
-            try:
-                host, port = original_destination(self.transport.get_extra_info("socket"))
-            except OriginalDestinationError:
-                return protocol  # not redirected: nothing else to go to
-            authority = f"{host}:{port}"
-        else:
+        by_port = table.config.original_port_routes if table is not None else ()
+        authority = ""
+        if protocol != "h2":
             try:
                 found = first_authority(self.head)
             except Unreadable:
@@ -465,6 +472,21 @@ class SniffingProtocol(asyncio.Protocol):
             if found is None:
                 return None
             authority = found
+        destination: tuple[str, int] | None = None
+        if protocol == "h2" or by_port:
+            assert self.transport is not None
+            try:
+                destination = original_destination(self.transport.get_extra_info("socket"))
+            except OriginalDestinationError:
+                if protocol == "h2":
+                    return protocol  # not redirected: nothing else to go to
+        if protocol == "h2":
+            assert destination is not None
+            authority = f"{destination[0]}:{destination[1]}"
+        if destination is not None and by_port:
+            ports = dict(by_port)
+            port_routes = ports.get(destination[1]) or ports.get(0)  # 0: every other port
+            table = self.listener.route_table_named(port_routes) if port_routes else None
         if table is not None and authority and table.virtual_host(authority) is not None:
             return protocol
         self.listener.scope.inc("downstream_cx_passthrough_unknown_authority")

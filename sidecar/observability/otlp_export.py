@@ -9,17 +9,25 @@ must not override what the sidecar was configured with.
 Transient failures are retried by the exporters as the OTLP specification asks (gRPC
 ``UNAVAILABLE`` and the other retryable statuses, HTTP 429/502/503/504, connection errors: 1 s,
 2 s, 4 s… with jitter, or the delay the collector asks for) until the export timeout has
-passed. Each exporter, and grpcio or requests under it, is imported when the first tracer is
-built, so a sidecar without tracing loads neither.
+passed.
+
+Each exporter, and grpcio or requests and the protobuf runtime under it (13 to 17 MB resident),
+is imported and built when the first batch of spans leaves, in the span processor's thread: a
+sidecar without tracing, or with tracing on that has sampled nothing yet, loads none of it,
+and only the protocol configured is ever loaded. What can be wrong with the config (the
+endpoint, the certificate files) is checked when the tracer is built, as before.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from sidecar.observability.tracing_config import HTTP_TRACES_PATH, TracingConfig, split_endpoint
 
@@ -60,14 +68,63 @@ class Endpoint:
 
 
 def otlp_exporter(config: TracingConfig) -> SpanExporter:
-    """The exporter ``config`` asks for. Raises ``ValueError`` for an endpoint that is no URL
-    and ``OSError`` for certificate files that cannot be read, so a bad config is refused when
-    the tracer is built rather than at the first export."""
+    """The exporter ``config`` asks for, built when it first exports. Raises ``ValueError``
+    for an endpoint that is no URL and ``OSError`` for certificate files that cannot be read,
+    so a bad config is refused when the tracer is built rather than at the first export."""
     from pilotfish.otlp_protos import install
 
-    install()  # the exporters' protobuf modules, where xds-protos overwrote them
+    # Now, not when the exporter is built: it must come before anything imports the modules
+    # it serves (an xDS sidecar's Envoy tracing config does), and costs nothing where the
+    # files are sound.
+    install()
     endpoint = Endpoint.of(config)
     files = _read_tls_files(config) if endpoint.secure else _TlsFiles()
+    return DeferredExporter(config, endpoint, files)
+
+
+class DeferredExporter(SpanExporter):
+    """Builds the OTLP exporter on the first ``export``, so that a process that exports no
+    span never imports it. The span processor calls ``export`` from its own thread, off the
+    event loop; ``shutdown`` may come from any thread, and is final."""
+
+    def __init__(self, config: TracingConfig, endpoint: Endpoint, files: _TlsFiles) -> None:
+        self._config = config
+        self._endpoint = endpoint
+        self._files = files
+        self._inner: SpanExporter | None = None
+        self._shut = False
+        self._lock = threading.Lock()
+
+    @property
+    def built(self) -> bool:
+        return self._inner is not None
+
+    def _exporter(self) -> SpanExporter | None:
+        with self._lock:
+            if self._inner is None and not self._shut:
+                self._inner = build_exporter(self._config, self._endpoint, self._files)
+            return self._inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        inner = self._exporter()
+        if inner is None:
+            return SpanExportResult.FAILURE  # shut down
+        return inner.export(spans)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._shut = True
+            inner = self._inner
+        if inner is not None:
+            inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        inner = self._inner
+        return True if inner is None else inner.force_flush(timeout_millis)
+
+
+def build_exporter(config: TracingConfig, endpoint: Endpoint, files: _TlsFiles) -> SpanExporter:
+    """OpenTelemetry's exporter for ``config.protocol``, imported now."""
     timeout = max(config.export_timeout_s, MIN_TIMEOUT_S)
     if config.protocol == "grpc":
         import grpc

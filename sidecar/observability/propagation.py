@@ -11,8 +11,11 @@ B3's debug flag (``d`` / ``x-b3-flags: 1``) is read as "sampled" and not passed 
 
 from __future__ import annotations
 
+import os
 import random
 import re
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 Headers = list[tuple[bytes, bytes]]
@@ -105,6 +108,14 @@ def extract(headers: Headers, formats: Format = ALL_FORMATS) -> Extracted:
     return Extracted(None, hint, request_id)
 
 
+def request_id(headers: Headers) -> bytes | None:
+    """The caller's ``x-request-id``, if it sent one."""
+    for name, value in headers:
+        if name == REQUEST_ID:
+            return value
+    return None
+
+
 def parse_traceparent(value: bytes, tracestate: bytes = b"") -> RemoteParent | None:
     value = value.strip()
     m = _TRACEPARENT_RE.fullmatch(value)
@@ -194,14 +205,72 @@ def append_context(
         out.append((REQUEST_ID, request_id))
 
 
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+def unsampled_writer(formats: Format) -> Callable[[int, int], Headers]:
+    """``unsampled_context`` for ``formats``, as a function of the trace and span ids; the
+    default formats (``tracecontext,b3multi``) get one with no tests of the formats."""
+    if formats == TRACECONTEXT | B3_MULTI:
+        return _unsampled_tracecontext_b3multi
+    return partial(unsampled_context, formats)
 
 
-def new_request_id() -> bytes:
-    """A random (version 4) UUID, the form Envoy generates for ``x-request-id``.
+_B3_NOT_SAMPLED = (B3_SAMPLED, b"0")
 
-    From ``random`` (reseeded after fork), not ``uuid.uuid4()``: a request id must be unique,
-    not secret, and ``uuid4`` costs a system call and ~4 us per request."""
-    h = b"%032x" % ((random.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
-    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+def _unsampled_tracecontext_b3multi(trace_id: int, span_id: int) -> Headers:
+    trace_hex = b"%032x" % trace_id
+    span_hex = b"%016x" % span_id
+    return [
+        (TRACEPARENT, b"00-%s-%s-00" % (trace_hex, span_hex)),
+        (B3_TRACE_ID, trace_hex),
+        (B3_SPAN_ID, span_hex),
+        _B3_NOT_SAMPLED,
+    ]
+
+
+def unsampled_context(formats: Format, trace_id: int, span_id: int) -> Headers:
+    """``append_context`` for a new trace that is not sampled (no parent, no tracestate, no
+    request id): the form nearly every request takes, so it is spelled out."""
+    trace_hex = b"%032x" % trace_id
+    span_hex = b"%016x" % span_id
+    out: Headers = []
+    if formats & TRACECONTEXT:
+        out.append((TRACEPARENT, b"00-%s-%s-00" % (trace_hex, span_hex)))
+    if formats & B3_SINGLE:
+        out.append((B3, b"%s-%s-0" % (trace_hex, span_hex)))
+    if formats & B3_MULTI:
+        out += ((B3_TRACE_ID, trace_hex), (B3_SPAN_ID, span_hex), (B3_SAMPLED, b"0"))
+    return out
+
+
+class _RequestIds:
+    """Version 4 UUIDs, the form Envoy generates for ``x-request-id``: 74 random bits drawn
+    once per process (again in a forked child), then a 48-bit count.
+
+    A request id must be unique, not secret: the random part keeps processes apart, the count
+    keeps one process's requests apart, and an id costs a format instead of a random draw and
+    four slices (``uuid4`` would cost a system call and ~4 us per request)."""
+
+    def __init__(self) -> None:
+        self.prefix = b""
+        self.count = 0
+        self.reseed()
+
+    def reseed(self) -> None:
+        bits = random.getrandbits(64)
+        self.prefix = b"%08x-%04x-4%03x-%04x" % (
+            bits >> 32,
+            (bits >> 16) & 0xFFFF,
+            (bits >> 4) & 0xFFF,
+            0x8000 | ((bits & 0xF) << 10) | random.getrandbits(10),
+        )
+        self.count = random.getrandbits(47)  # far from wrapping around 48 bits
+
+    def next(self) -> bytes:
+        self.count = count = self.count + 1
+        return b"%s-%012x" % (self.prefix, count & 0xFFFFFFFFFFFF)
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.reseed)
+new_request_id = _request_ids.next
+"""A new ``x-request-id`` (a version 4 UUID, unique per process and across processes)."""

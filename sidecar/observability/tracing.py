@@ -128,6 +128,7 @@ class Tracer:
         self.inject_formats = propagation.parse_formats(config.propagators)
         # Read every format a caller may use; write only the configured ones.
         self.extract_formats = propagation.ALL_FORMATS if self.inject_formats else 0
+        self._unsampled = propagation.unsampled_writer(self.inject_formats)
         # Whether ``add_context`` writes trace headers, so callers strip the caller's first.
         self.rewrites_context = bool(self.enabled and self.inject_formats)
         self.parent_based = config.parent_based
@@ -185,16 +186,24 @@ class Tracer:
         *,
         route: str | None = None,
         name: str | None = None,
+        root_trace_id: int = 0,
     ) -> SpanHandle:
         """Read the caller's trace context and ``x-request-id``; start the SERVER span if the
         request is sampled. ``route`` (the matched route's name) becomes ``pilotfish.route`` on
         this span and its client spans; ``attrs`` are added to the standard ones taken from
-        ``headers``; ``name`` replaces the semantic-convention span name."""
-        found = propagation.extract(headers, self.extract_formats)
+        ``headers``; ``name`` replaces the semantic-convention span name. ``root_trace_id``:
+        the trace id ``root_context`` judged sampled, for a request without trace headers."""
+        if root_trace_id:
+            found = propagation.Extracted(None, None, propagation.request_id(headers))
+        else:
+            found = propagation.extract(headers, self.extract_formats)
         request_id = found.request_id
         generated = request_id is None
         if request_id is None:
             request_id = propagation.new_request_id()
+        if root_trace_id:
+            return self._start_sampled(headers, attrs, route, name, None, root_trace_id,
+                                       request_id, generated)  # fmt: skip
         if not self.enabled:
             return SpanHandle(request_id, generated)
         parent = found.parent
@@ -210,6 +219,35 @@ class Tracer:
             span_id = parent.span_id if parent is not None else self._bits(64) or 1
             tracestate = parent.tracestate if parent is not None else b""
             return SpanHandle(request_id, generated, trace_id, span_id, False, tracestate)
+        return self._start_sampled(
+            headers, attrs, route, name, parent, trace_id, request_id, generated
+        )
+
+    def root_context(self) -> tuple[int, Headers | None]:
+        """The sampling decision for a request that came with no trace headers (the caller
+        sent none of ``propagation.TRACE_HEADERS``): its new trace id, and either None (it is
+        sampled: pass the id to ``start_server_span`` as ``root_trace_id``) or the trace
+        context to send upstream for it, unsampled, so every later hop follows the decision.
+        No span and no handle are made for such a request. Tracing must be enabled."""
+        trace_id = self._bits(128) or 1
+        if (trace_id & _LOW64) < self._bound:
+            return trace_id, None
+        if not self.rewrites_context:
+            return trace_id, []
+        span_id = self._bits(64) or 1
+        return trace_id, self._unsampled(trace_id, span_id)
+
+    def _start_sampled(
+        self,
+        headers: Headers,
+        attrs: Attrs | None,
+        route: str | None,
+        name: str | None,
+        parent: propagation.RemoteParent | None,
+        trace_id: int,
+        request_id: bytes,
+        generated: bool,
+    ) -> SpanHandle:
         base = request_attributes(headers)
         base["pilotfish.request_id"] = request_id.decode("latin-1")
         if route is not None:

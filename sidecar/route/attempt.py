@@ -3,8 +3,8 @@
 In: a host the cluster's balancer chose, then a connection from that host's pool with room for
 one more stream. Out: the upstream response's events, each passed to the exchange the try
 belongs to (a ``TryOwner``), which decides what reaches the downstream and whether to retry.
-An attempt holds what one try takes from its host and cluster (a pending-request permit, a
-retry permit, a slot in the host's active requests) and gives all of it back in ``end``.
+An attempt holds what one try takes from its host and cluster (a pending-request slot of the
+breakers, a retry permit, a slot in the host's active requests) and gives all of it back in ``end``.
 """
 
 from __future__ import annotations
@@ -46,28 +46,25 @@ class TryOwner(Protocol):
 class Attempt:
     """One try of an exchange against one upstream host."""
 
-    __slots__ = (
-        "cancelled", "exchange", "flag", "grpc_status", "host", "http_status", "index",
-        "pending_permit", "retry_permit", "span", "started", "status", "stream", "timer",
-        "try_expires_at",
-    )  # fmt: skip
+    # Read from the class until a try sets its own: every attribute written in __init__ is
+    # paid for on every request, and most tries never set most of these.
+    cancelled = False
+    stream: StreamSink | None = None
+    timer: WheelTimer | None = None
+    try_expires_at: float | None = None  # loop time of the per-try timeout
+    pending = False  # holds a pending-request slot of the cluster's breakers
+    retry_permit: Permit | None = None
+    status: int | None = None  # what the upstream said, for outlier detection
+    http_status = 0
+    grpc_status: int | None = None
+    flag: str | None = None  # why this try failed, for its span
+    span: SpanHandle | None = None
 
     def __init__(self, exchange: TryOwner, host: UpstreamHost, index: int) -> None:
         self.exchange = exchange
         self.host = host
         self.index = index
-        self.stream: StreamSink | None = None
-        self.cancelled = False
         self.started = time.monotonic()
-        self.timer: WheelTimer | None = None
-        self.try_expires_at: float | None = None  # loop time of the per-try timeout
-        self.pending_permit: Permit | None = None
-        self.retry_permit: Permit | None = None
-        self.status: int | None = None  # what the upstream said, for outlier detection
-        self.http_status = 0
-        self.grpc_status: int | None = None
-        self.flag: str | None = None  # why this try failed, for its span
-        self.span: SpanHandle | None = None
 
     # Waiter (pool) side
     def on_connection(self, conn: PooledConnection) -> None:
@@ -79,9 +76,9 @@ class Attempt:
         self.exchange.attempt_failed(self, flag)
 
     def _pending_done(self) -> None:
-        if self.pending_permit is not None:
-            self.pending_permit.release()
-            self.pending_permit = None
+        if self.pending:
+            self.pending = False
+            self.host.cluster.resilience.breakers.release_pending()
 
     # StreamHandler side: the upstream's response
     def on_headers(self, headers: Headers, end_stream: bool) -> None:
@@ -108,7 +105,8 @@ class Attempt:
         if self.cancelled:
             return
         self.cancelled = True
-        self._pending_done()
+        if self.pending:
+            self._pending_done()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -1,71 +1,91 @@
 """The router: one ``Exchange`` per downstream request, from route match to the last byte.
 
-An exchange passes the listener's load shedder, matches the route, applies the route's rate
-limit and faults, takes a request permit from the cluster's circuit breakers, and then makes
-tries upstream, each an ``Attempt``: host choice, a stream from the host's pool, flow control
-tied across the proxy. The request's deadline (route timeout, or the caller's ``grpc-timeout``
-when smaller) bounds everything; its remainder travels upstream in ``grpc-timeout``.
+The exchange runs the request through stages, each in its own module and entered only when the
+request needs it:
 
-A try that fails before any of its response went downstream may be retried: the retry state
-decides (retry_on, attempts, idempotency, replayable body, backoff, budget). Responses that a
-retry could replace (5xx, a gRPC trailers-only error) are held back until that decision. When
-the exchange must answer itself, the route's fallback may answer instead.
+- admission (``admission``): draining, a filter's refusal, load shedding; after the route
+  match, the route's rate limit and bulkhead. Entered only when one is configured or set.
+- the route's plan (``plan``): baked per route when config changes: the merged header edits,
+  the timeout and the budget header, which policy stages the route has at all.
+- route policies: faults (entered only on routes that have them), the deadline (one timer
+  wheel entry; the caller's ``grpc-timeout``, or a body still to come, make a
+  ``RequestDeadline``), the cluster's breakers (counters).
+- the upstream try (``attempt``): host choice, a stream from the host's pool, flow control tied
+  across the proxy.
+- retries (``retrying``): made at the first failed try, never before. A try that fails before
+  any of its response went downstream may be retried; responses a retry could replace (5xx,
+  a gRPC trailers-only error) are held back until that decision.
+- local replies and the fallback (``local_reply``): when the exchange must answer itself.
+- the finish: counters, the tracer's spans (only for sampled requests), and the listener's
+  end-of-request call (metrics, and the access log when one is configured).
+
+The common request (routed, not sampled, no policy triggered, answered by the first try) runs
+only the fast path of ``on_headers``, ``_start_attempt``, ``attempt_connected``, the response
+relay and ``_finish``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.flags import RESPONSE_FLAGS_HEADER, RETRY_LIMIT_EXCEEDED, ResponseFlag
-from sidecar.http.streams import CANCEL, Headers, OnSent, ResetReason, StreamSink
-from sidecar.observability.propagation import TRACE_HEADERS
+from sidecar.http.streams import CANCEL, Headers, ResetReason, StreamSink
+from sidecar.observability.propagation import REQUEST_ID, TRACE_HEADERS, new_request_id
+from sidecar.route.admission import Admitted, Refusal, admit_listener, admit_route
 from sidecar.route.attempt import Attempt
-from sidecar.route.policy.bulkhead import OVERFLOW_COUNTER as BULKHEAD_OVERFLOW_COUNTER
-from sidecar.route.policy.bulkhead import OVERFLOW_FLAG as BULKHEAD_OVERFLOW_FLAG
-from sidecar.route.policy.deadline import RequestDeadline, TimerKind, upstream_deadline_kind
-from sidecar.route.policy.fallback import FallbackCluster, trigger_for
+from sidecar.route.body import RequestBody
+from sidecar.route.local_reply import fallback_for, flag_reply, write_reply
+from sidecar.route.policy.deadline import (
+    RequestDeadline,
+    TimerKind,
+    upstream_budget_header,
+    upstream_deadline_kind,
+)
+from sidecar.route.policy.fallback import FallbackCluster
 from sidecar.route.policy.reply import LocalReply
 from sidecar.route.policy.retry import (
     ATTEMPT_COUNT_HEADER,
     Failure,
     Outcome,
-    RetryState,
-    Verdict,
-    peer_not_processed,
     response_outcome,
 )
-from sidecar.route.policy.shedding import OVERLOADED_HEADER
-from sidecar.route.table import LazyHeaderMap, apply_mutation
-from sidecar.upstream.policy.breaker import Permit
+from sidecar.route.retrying import RetryStage, from_idle_peer, header, response_failure
+from sidecar.route.table import LazyHeaderMap
 from sidecar.upstream.policy.lb import NO_CONTEXT, LbContext
 
 if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop, TimerHandle
+
     from pilotfish.config.model import ListenerConfig
     from sidecar.observability.registry import GaugeChild
     from sidecar.observability.tracing import SpanHandle, Tracer
-    from sidecar.route.policy.bulkhead import BulkheadSlot
+    from sidecar.route.plan import RoutePlan
+    from sidecar.route.policy.fault import FaultDecision
     from sidecar.route.policy.runtime import RoutePolicyRuntime
-    from sidecar.route.policy.shedding import InFlight, LoadShedder
+    from sidecar.route.policy.shedding import LoadShedder
     from sidecar.route.table import RouteDecision, RouteTable
     from sidecar.stats import Scope
-    from sidecar.timer_wheel import TimerWheel, WheelTimer
+    from sidecar.timer_wheel import Bucket, TimerWheel
     from sidecar.upstream.clusters import ClusterManager, ClusterRuntime, Upstream
+
+__all__ = ["Exchange", "ExchangeHost", "SidecarServices", "flag_reply"]
 
 log = logging.getLogger("pilotfish.router")
 
-REPLAY_LIMIT = 64 * 1024
-_STRIPPED_UPSTREAM = frozenset({b"grpc-timeout", b"x-pilotfish-attempt-count"})
-# When the tracer writes its own trace context, the caller's goes too (Envoy does the same).
-_STRIPPED_UPSTREAM_TRACED = _STRIPPED_UPSTREAM | TRACE_HEADERS
 _FIRST_ATTEMPT = (ATTEMPT_COUNT_HEADER, b"1")
-# Counter names by status class (status // 100, 1 to 9: statuses are three digits).
+# Counter names by status class (status // 100, 1 to 9: statuses are three digits), and by
+# status for the statuses that occur (one lookup instead of arithmetic per request).
 _UPSTREAM_CLASS = tuple(f"upstream_rq_{n}xx" for n in range(10))
 _DOWNSTREAM_CLASS = tuple(f"downstream_rq_{n}xx" for n in range(10))
+_UPSTREAM_BY_STATUS = {n: _UPSTREAM_CLASS[n // 100] for n in range(100, 600)}
+_DOWNSTREAM_BY_STATUS = {n: _DOWNSTREAM_CLASS[n // 100] for n in range(100, 600)}
+_NOTHING_TRIED: frozenset[int] = frozenset()
+_NO_HEADERS: Mapping[str, str] = {}
+_STATUS_CODES = {b"%d" % n: n for n in range(100, 600)}
 
 
 class SidecarServices(Protocol):
@@ -120,22 +140,6 @@ class ExchangeHost(Protocol):
     def exchange_done(self, exchange: Exchange) -> None: ...
 
 
-def _header(headers: Headers, name: bytes) -> bytes | None:
-    for k, v in headers:
-        if k == name:
-            return v
-    return None
-
-
-def flag_reply(flag: ResponseFlag, message: str | None = None) -> LocalReply:
-    return LocalReply(
-        http_status=flag.http_status,
-        grpc_status=int(flag.grpc_status),
-        message=message or flag.message,
-        flag_code=flag.code,
-    )
-
-
 class Exchange:
     """One downstream request (a ``StreamHandler`` for the downstream stream)."""
 
@@ -145,31 +149,43 @@ class Exchange:
     path = ""
     authority = ""
     grpc = False
+    request_headers: Headers = []  # noqa: RUF012 (replaced by each request, never mutated)
+    loop: AbstractEventLoop  # the timer wheel's, set once the request is routed
     decision: RouteDecision | None = None
+    plan: RoutePlan | None = None
+    policy: RoutePolicyRuntime | None = None  # only on routes with rate limit, fault, fallback...
     cluster: ClusterRuntime | None = None
+    holds_request = False  # an active-request slot of the cluster's breakers
     attempt: Attempt | None = None
     attempts = 0
-    retry: RetryState | None = None
+    retry: RetryStage | None = None
+    admitted: Admitted | None = None
+    # The deadline: ``expires_at`` is the armed expiry (loop time; None: unbounded), set from
+    # the route timeout at the headers; a ``RequestDeadline`` only when the caller sent a
+    # ``grpc-timeout`` or the request has a body to come (its timeout starts when that ends).
     deadline: RequestDeadline | None = None
-    request_permit: Permit | None = None
-    retry_permit: Permit | None = None  # for the try a retry will start
-    inflight: InFlight | None = None
-    route_slot: BulkheadSlot | None = None
+    expires_at: float | None = None
+    headers_at = 0.0  # loop time of the request's headers
     in_fallback = False
-    replay_size = 0
-    request_trailers: Headers | None = None
+    body: RequestBody | None = None  # made at the request's first DATA frame or trailers
     request_ended = False
     response_started = False
     done = False
-    timer: WheelTimer | None = None
-    retry_timer: asyncio.TimerHandle | None = None
-    retries_exhausted = False  # flagged URX at the end, after the flag of the failure itself
+    # The deadline's entry in the timer wheel is the exchange itself (``on_timer``).
+    deadline_bucket: Bucket | None = None
+    armed_expiry = math.inf
+    retry_timer: TimerHandle | None = None
     status = 0
     grpc_status: int | None = None
     upstream_host = ""
     bytes_in = 0
     bytes_out = 0
+    flags: tuple[str, ...] = ()
+    # Tracing: a handle for a sampled request or one with the caller's trace context; an
+    # unsampled new trace has only its id (for the access log) and the request's id.
     trace: SpanHandle | None = None
+    trace_id = 0
+    request_id: bytes | None = None
     # Set by a filter in front of the exchange (authorization) to answer with a local reply.
     refused: ResponseFlag | None = None
 
@@ -177,15 +193,15 @@ class Exchange:
         self.listener = listener
         self.downstream = downstream
         self.start = time.monotonic()
-        self.start_wall = time.time()
-        self.loop = listener.sidecar.timers.loop
-        self.request_headers: Headers = []
-        self.tried: set[int] = set()
-        # Request body: chunks not yet handed upstream, and everything kept for a replay.
-        self.pending: deque[tuple[bytes, bool, int]] = deque()
-        self.replay: list[bytes] | None = []
-        self.flags: list[str] = []
-        self.protocol = "HTTP/2" if getattr(downstream, "stream_id", None) else "HTTP/1.1"
+
+    @property
+    def start_wall(self) -> float:
+        """Wall-clock time of the request's start (for the access log)."""
+        return time.time() - (time.monotonic() - self.start)
+
+    @property
+    def protocol(self) -> str:
+        return "HTTP/2" if getattr(self.downstream, "stream_id", None) else "HTTP/1.1"
 
     def end_try_span(
         self, span: SpanHandle, http_status: int, grpc_status: int | None, flag: str | None
@@ -195,105 +211,119 @@ class Exchange:
     # -- downstream events -----------------------------------------------------------------
 
     def on_headers(self, headers: Headers, end_stream: bool) -> None:
-        method = path = authority = b""
-        grpc_timeout: bytes | None = None
-        for name, value in headers:
-            if name[:1] != b":":
-                if name == b"content-type":
-                    self.grpc = value.startswith(b"application/grpc")
-                elif name == b"grpc-timeout":
-                    grpc_timeout = value
-                elif name == b"host" and not authority:
-                    authority = value
-                continue
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-        self.method = method.decode("latin-1")
-        self.path = path.decode("latin-1")
-        self.authority = authority.decode("latin-1")
+        fields = dict(headers)  # the last value of each name, as the pseudo-headers take it
+        get = fields.get
+        raw_authority = get(b":authority") or (b"host" in fields and header(headers, b"host"))
+        self.method = method = get(b":method", b"").decode("latin-1")
+        self.path = path = get(b":path", b"").decode("latin-1")
+        self.authority = authority = (raw_authority or b"").decode("latin-1")
+        content_type = get(b"content-type")
+        if content_type is not None and content_type.startswith(b"application/grpc"):
+            self.grpc = True
         self.request_ended = end_stream
         listener = self.listener
         scope = listener.scope
         scope.counters["downstream_rq_total"] += 1
         scope.gauges["downstream_rq_active"] += 1
         listener.streams_gauge.value += 1
-        if listener.draining:
-            self.local_reply(ResponseFlag.DRAINING)
-            return
-        if self.refused is not None:
-            self.local_reply(self.refused)
-            return
-        shedder = listener.shedder
-        if shedder is not None:
-            self.inflight = shedder.try_admit()
-            if self.inflight is None:
-                listener.scope.inc("downstream_rq_overload_shed")
-                self.send_reply(shedder.reply)
+        if listener.draining or self.refused is not None or listener.shedder is not None:
+            held = self.admitted = Admitted()
+            refusal = admit_listener(held, listener.draining, self.refused, listener.shedder)
+            if refusal is not None:
+                self._refuse(refusal)
                 return
         table = listener.route_table()
-        lazy_headers = LazyHeaderMap(headers)
         decision = None
         if table is not None:
-            decision = table.match(
-                self.authority, self.path, self.method, lazy_headers, listener.random
-            )
-        tracer = listener.sidecar.tracer
-        self.trace = tracer.start_server_span(
-            headers, route=decision.route.name if decision is not None else None
-        )
+            # The headers as a matcher reads them: made only for tables that match on them.
+            matched_on = LazyHeaderMap(headers) if table.matches_headers else _NO_HEADERS
+            decision = table.match(authority, path, method, matched_on, listener.random)
+        sidecar = listener.sidecar
+        tracer = sidecar.tracer
         if decision is None:
+            self.trace = tracer.start_server_span(headers, route=None)
             self.local_reply(
-                ResponseFlag.NO_CONFIG_YET
-                if listener.sidecar.awaiting_config
-                else ResponseFlag.NO_ROUTE
+                ResponseFlag.NO_CONFIG_YET if sidecar.awaiting_config else ResponseFlag.NO_ROUTE
             )
             return
         self.decision = decision
-        policy = listener.sidecar.route_policy(decision)
-        if policy.rate_limiter is not None:
-            caller = policy.rate_limiter.caller_key(lazy_headers, self._peer_ip())
-            verdict = policy.rate_limiter.check(caller)
-            if not verdict.allowed:
-                listener.scope.inc("downstream_rq_rate_limited")
-                self.send_reply(verdict.local_reply(self.grpc))
-                return
-        if policy.bulkhead is not None:
-            self.route_slot = policy.bulkhead.try_enter()
-            if self.route_slot is None:
-                listener.scope.inc(BULKHEAD_OVERFLOW_COUNTER)
-                self.local_reply(BULKHEAD_OVERFLOW_FLAG)
-                return
-        now = self.loop.time()
-        self.deadline = RequestDeadline(now, decision.route.action.timeout, grpc_timeout)
-        if end_stream:
-            self.deadline.request_ended(now)
-        stripped = _STRIPPED_UPSTREAM_TRACED if tracer.rewrites_context else _STRIPPED_UPSTREAM
-        headers = [h for h in headers if h[0] not in stripped]
-        headers = apply_mutation(headers, decision.virtual_host.request_headers)
-        headers = apply_mutation(headers, decision.route.request_headers)
-        action = decision.route.action
-        if action.prefix_rewrite is not None or action.host_rewrite is not None:
-            headers = self._rewrite(headers, action.prefix_rewrite, action.host_rewrite)
-        self.request_headers = headers
-        self._arm_deadline()
-        faults = policy.faults
-        if faults is not None:
-            fault = faults.decide(lazy_headers, listener.random)
-            if fault.delay is not None:
-                self.flags.append("DI")
-                abort = fault.abort
-                self.retry_timer = self.loop.call_later(
-                    fault.delay, lambda: self._after_fault_delay(abort)
+        plan = self.plan = decision.plan
+        # Tracing: the full tracer for a request with the caller's trace context; for a new
+        # trace, the sampling decision, and a span only if it is sampled.
+        context: Headers | None = None
+        if not TRACE_HEADERS.isdisjoint(fields):
+            self.trace = tracer.start_server_span(headers, route=plan.name)
+        elif tracer.enabled:
+            self.trace_id, context = tracer.root_context()
+            if context is None:
+                self.trace = tracer.start_server_span(
+                    headers, route=plan.name, root_trace_id=self.trace_id
                 )
-                return
-            if fault.abort is not None:
-                self.send_reply(fault.abort)
-                return
+        else:
+            context = []
+        if context is not None:  # no span: the request id is ours to see to
+            request_id = get(REQUEST_ID)
+            if request_id is None:
+                request_id = new_request_id()
+                context.append((REQUEST_ID, request_id))
+            self.request_id = request_id
+        if plan.policies:
+            policy = self.policy = sidecar.route_policy(decision)
+            if policy.rate_limiter is not None or policy.bulkhead is not None:
+                held = self.admitted or Admitted()
+                self.admitted = held
+                lazy = LazyHeaderMap(headers)
+                refusal = admit_route(held, policy, lazy, self._peer_ip, self.grpc)
+                if refusal is not None:
+                    self._refuse(refusal)
+                    return
+        # The deadline, as one entry of the timer wheel.
+        timers = sidecar.timers
+        loop = self.loop = timers.loop
+        self.headers_at = now = loop.time()
+        grpc_timeout = get(b"grpc-timeout")
+        if grpc_timeout is None and end_stream:
+            if plan.timeout is not None:
+                self.expires_at = expires = now + plan.timeout
+                self.deadline_bucket = timers.add(expires, self)
+        else:
+            deadline = self.deadline = RequestDeadline(now, plan.timeout, grpc_timeout)
+            if end_stream:
+                deadline.request_ended(now)
+            self.expires_at = deadline.expires_at
+            self._arm_deadline()
+        edit = plan.request_traced if tracer.rewrites_context else plan.request
+        upstream = edit.apply(headers, fields)
+        if context:
+            upstream.extend(context)
+        if plan.rewrite:
+            upstream = self._rewrite(upstream)
+        self.request_headers = upstream
+        if self.policy is not None and self.policy.faults is not None:
+            faults = self.policy.faults
+            self._inject_fault(faults.decide(LazyHeaderMap(headers), listener.random))
+            return
         self._route_to(decision.cluster)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        if refusal.counter is not None:
+            self.listener.scope.inc(refusal.counter)
+        answer = refusal.answer
+        self.send_reply(flag_reply(answer) if isinstance(answer, ResponseFlag) else answer)
+
+    def _inject_fault(self, fault: FaultDecision) -> None:
+        assert self.decision is not None
+        if fault.delay is not None:
+            self.flags += ("DI",)
+            abort = fault.abort
+            self.retry_timer = self.loop.call_later(
+                fault.delay, lambda: self._after_fault_delay(abort)
+            )
+            return
+        if fault.abort is not None:
+            self.send_reply(fault.abort)
+            return
+        self._route_to(self.decision.cluster)
 
     def _after_fault_delay(self, abort: LocalReply | None) -> None:
         self.retry_timer = None
@@ -310,31 +340,36 @@ class Exchange:
         if cluster is None:
             self.local_reply(ResponseFlag.NO_CLUSTER)
             return
-        self._leave_cluster()
-        if self.cluster is not None:
-            self.tried = set()  # a fallback cluster: its hosts are all untried
+        if self.cluster is not None:  # a fallback cluster: its hosts are all untried
+            self._leave_cluster()
+            if self.retry is not None:
+                self.retry.tried = set()
         self.cluster = cluster
-        cluster.scope.counters["upstream_rq_total"] += 1
-        self.request_permit = cluster.resilience.breakers.try_acquire_request()
-        if self.request_permit is None:
-            cluster.scope.inc("upstream_rq_overflow")
+        scope = cluster.scope
+        scope.counters["upstream_rq_total"] += 1
+        if not cluster.resilience.breakers.try_request():
+            scope.inc("upstream_rq_overflow")
             self._fail(ResponseFlag.UPSTREAM_OVERFLOW, None)
             return
-        cluster.scope.gauge_add("upstream_rq_active", 1)
+        self.holds_request = True
+        scope.gauges["upstream_rq_active"] += 1
         self._start_attempt()
 
     def _leave_cluster(self) -> None:
         """Give back what the request holds of its cluster (before a fallback, or at the end)."""
-        if self.request_permit is not None:
-            self.request_permit.release()
-            self.request_permit = None
-            if self.cluster is not None:
-                self.cluster.scope.gauge_add("upstream_rq_active", -1)
+        if self.holds_request:
+            self.holds_request = False
+            cluster = self.cluster
+            assert cluster is not None
+            cluster.resilience.breakers.release_request()
+            cluster.scope.gauges["upstream_rq_active"] -= 1
 
-    def _rewrite(self, headers: Headers, prefix: str | None, host: str | None) -> Headers:
-        out: Headers = []
+    def _rewrite(self, headers: Headers) -> Headers:
         assert self.decision is not None
+        action = self.decision.route.action
+        prefix, host = action.prefix_rewrite, action.host_rewrite
         match = self.decision.route.match.path
+        out: Headers = []
         for name, value in headers:
             if name == b":path" and prefix is not None and match.prefix is not None:
                 value = prefix.encode() + value[len(match.prefix) :]
@@ -370,33 +405,36 @@ class Exchange:
             self.downstream.ack(flow_len)
             return
         self.bytes_in += len(data)
-        if self.replay is not None and data:
-            self.replay_size += len(data)
-            if self.replay_size > REPLAY_LIMIT:
-                self.replay = None
-            else:
-                self.replay.append(data)
+        body = self.body
+        if body is None:
+            body = self.body = RequestBody(self.downstream)
+        body.keep(data)
         if end_stream:
             self._request_complete()
         attempt = self.attempt
-        if attempt is not None and attempt.stream is not None and not self.pending:
-            attempt.stream.send_data(data, end_stream, self._ack_downstream(flow_len))
+        if attempt is not None and attempt.stream is not None and not body.pending:
+            attempt.stream.send_data(data, end_stream, body.credit(flow_len))
         else:
-            self.pending.append((data, end_stream, flow_len))
+            body.pending.append((data, end_stream, flow_len))
 
     def on_trailers(self, trailers: Headers) -> None:
         if self.done:
             return
-        self.request_trailers = trailers
+        body = self.body
+        if body is None:
+            body = self.body = RequestBody(self.downstream)
+        body.trailers = trailers
         self._request_complete()
         attempt = self.attempt
-        if attempt is not None and attempt.stream is not None and not self.pending:
+        if attempt is not None and attempt.stream is not None and not body.pending:
             attempt.stream.send_trailers(trailers)
 
     def _request_complete(self) -> None:
         self.request_ended = True
-        if self.deadline is not None:
-            self.deadline.request_ended(self.loop.time())
+        deadline = self.deadline
+        if deadline is not None:
+            deadline.request_ended(self.loop.time())
+            self.expires_at = deadline.expires_at
             self._arm_deadline()
 
     def on_reset(self, reason: ResetReason, code: int) -> None:
@@ -411,34 +449,40 @@ class Exchange:
         self._cancel_attempt(CANCEL)
         self._finish(0)
 
-    def _ack_downstream(self, flow_len: int) -> OnSent:
-        if not flow_len:
-            return None
-        downstream = self.downstream
-        return lambda: downstream.ack(flow_len)
+    def _replayable(self) -> bool:
+        """Whether a retry could send the request's body again (all of it was kept)."""
+        return self.body is None or self.body.replay is not None
 
     # -- attempts ---------------------------------------------------------------------------
 
-    def _start_attempt(self) -> None:
+    def _retry_now(self) -> None:
         self.retry_timer = None
+        self._start_attempt()
+
+    def _start_attempt(self) -> None:
         if self.done:
             return
         cluster = self.cluster
-        assert cluster is not None and self.decision is not None
-        throttle = cluster.resilience.throttle
+        plan = self.plan
+        assert cluster is not None and plan is not None
+        resilience = cluster.resilience
+        throttle = resilience.throttle
         if throttle is not None and not throttle.try_admit():
             cluster.scope.inc("upstream_rq_throttled")
             self.local_reply(ResponseFlag.ADAPTIVE_THROTTLE)
             return
-        choice = cluster.choose_host(self.tried, self._lb_context(cluster))
+        retry = self.retry
+        choice = cluster.choose_host(
+            retry.tried if retry is not None else _NOTHING_TRIED,
+            self._lb_context(cluster) if cluster.needs_context else NO_CONTEXT,
+        )
         if choice is None:
             self._fail(ResponseFlag.NO_HEALTHY_UPSTREAM, None)
             return
         index, host = choice
-        self.tried.add(index)
         self.attempts += 1
         self.upstream_host = host.endpoint.address
-        attempt = Attempt(self, host, index)
+        attempt = self.attempt = Attempt(self, host, index)
         if self.trace is not None:
             attempt.span = self.listener.sidecar.tracer.start_client_span(
                 self.trace,
@@ -446,31 +490,36 @@ class Exchange:
                 upstream=host.endpoint.address,
                 cluster=cluster.config.name,
             )
-        attempt.retry_permit, self.retry_permit = self.retry_permit, None
-        self.attempt = attempt
+        if retry is not None and retry.permit is not None:
+            attempt.retry_permit, retry.permit = retry.permit, None
         cluster.request_started(index)
-        per_try = self.decision.route.policy.retry.per_try_timeout
+        per_try = plan.per_try_timeout
         if per_try:
             timers = self.listener.sidecar.timers
             attempt.timer = timers.call_later(per_try, self._per_try_timeout, attempt)
             attempt.try_expires_at = self.loop.time() + per_try
-        attempt.pending_permit = cluster.resilience.breakers.try_acquire_pending()
-        if attempt.pending_permit is None:
+        if not resilience.breakers.try_pending():
             attempt.end()  # the breaker counted the overflow
             self.attempt = None
             self._fail(ResponseFlag.UPSTREAM_OVERFLOW, None)
             return
+        attempt.pending = True
         host.pool.acquire(attempt)
 
     def _attempt_headers(self) -> Headers:
-        assert self.deadline is not None and self.decision is not None
+        plan = self.plan
+        assert plan is not None
         retry = self.retry
-        attempt_header = (
-            _FIRST_ATTEMPT if retry is None or retry.attempt == 1 else retry.attempt_header()
-        )
-        headers = [*self.request_headers, attempt_header]
-        per_try = self.decision.route.policy.retry.per_try_timeout
-        budget = self.deadline.upstream_header(self.loop.time(), per_try, self.grpc)
+        headers = [
+            *self.request_headers,
+            _FIRST_ATTEMPT if retry is None else retry.attempt_header(),
+        ]
+        now = self.loop.time()
+        if now == self.headers_at and self.deadline is None:
+            # The whole timeout is left: the budget header was made with the plan.
+            budget = plan.budget_grpc if self.grpc else plan.budget_http
+        else:
+            budget = upstream_budget_header(self.expires_at, now, plan.per_try_timeout, self.grpc)
         if budget is not None:
             headers.append(budget)
         span = self.attempt.span if self.attempt is not None else None
@@ -482,31 +531,12 @@ class Exchange:
         if attempt is not self.attempt or self.done:
             attempt.host.pool.released(conn)
             return
-        headers_only = (
-            self.request_ended
-            and not self.pending
-            and not self.replay_size
-            and (self.request_trailers is None)
-        )
+        body = self.body
+        headers_only = self.request_ended and (body is None or body.empty)
         attempt.host.active_requests += 1
-        attempt.stream = conn.open_stream(self._attempt_headers(), headers_only, attempt)
-        if headers_only:
-            return
-        stream = attempt.stream
-        if self.attempts > 1 and self.replay is not None:
-            # Bytes an earlier try took (and the downstream was credited for) go again.
-            unsent = sum(1 for data, _, _ in self.pending if data)
-            for chunk in self.replay[: len(self.replay) - unsent]:
-                stream.send_data(chunk, False, None)
-        ended = False
-        while self.pending:
-            data, end, flow_len = self.pending.popleft()
-            stream.send_data(data, end, self._ack_downstream(flow_len))
-            ended = end
-        if self.request_trailers is not None:
-            stream.send_trailers(self.request_trailers)
-        elif self.request_ended and not ended:
-            stream.send_data(b"", True, None)
+        attempt.stream = stream = conn.open_stream(self._attempt_headers(), headers_only, attempt)
+        if body is not None and not headers_only:
+            body.write_to(stream, resend=self.attempts > 1, request_ended=self.request_ended)
 
     def attempt_failed(self, attempt: Attempt, flag: ResponseFlag) -> None:
         """The pool could not give this try a stream."""
@@ -533,7 +563,7 @@ class Exchange:
             attempt.end()
             self.attempt = None
             self.downstream.reset(code or CANCEL)
-            self.flags.append(ResponseFlag.UPSTREAM_RESET.code)
+            self.flags += (ResponseFlag.UPSTREAM_RESET.code,)
             self._finish(0)
             return
         if reason is ResetReason.REFUSED:
@@ -562,55 +592,39 @@ class Exchange:
 
     def _ours_timed_out(self, attempt: Attempt) -> TimerKind | None:
         """Whether an upstream DEADLINE_EXCEEDED read now is one of our deadlines firing."""
-        assert self.deadline is not None
-        return upstream_deadline_kind(
-            self.loop.time(), attempt.try_expires_at, self.deadline.expires_at
-        )
+        return upstream_deadline_kind(self.loop.time(), attempt.try_expires_at, self.expires_at)
 
     def _try_failed(self, attempt: Attempt, outcome: Outcome, flag: ResponseFlag) -> None:
         """A try ended without a response to pass on: retry it, or answer ``flag``."""
         assert self.cluster is not None
         attempt.flag = flag.code
         self._cancel_attempt(CANCEL)
-        if self._maybe_retry(outcome):
+        if self._maybe_retry(attempt, outcome):
             return
         self._fail(flag, outcome)
 
-    def _maybe_retry(self, outcome: Outcome) -> bool:
-        assert self.cluster is not None and self.deadline is not None
-        outcome = _with_replay(outcome, self.replay is not None)
-        cluster = self.cluster
-        decision = self._retry_state().should_retry(
-            outcome,
-            remaining=self.deadline.remaining(self.loop.time()),
-            admit=cluster.resilience.breakers.try_acquire_retry,
-            other_host=cluster.has_untried_host(self.tried),
-        )
-        throttle = cluster.resilience.throttle
-        if throttle is not None:
-            throttle.record(outcome.accepted)
-        if not decision.retry:
-            if decision.verdict is Verdict.EXHAUSTED:
-                self.retries_exhausted = True
-            return False  # a retry the breaker refused was counted there
-        cluster.scope.inc("upstream_rq_retry")
-        cluster.metrics.retries.value += 1
-        self.retry_permit = decision.permit
-        self.retry_timer = self.loop.call_later(decision.backoff, self._start_attempt)
-        return True
-
-    def _retry_state(self) -> RetryState:
-        """Made at the first failed try: most requests never need one."""
+    def _maybe_retry(self, attempt: Attempt, outcome: Outcome) -> bool:
+        """Ask the retry stage (made now if this is the request's first failed try)."""
+        cluster, plan = self.cluster, self.plan
+        assert cluster is not None and plan is not None
         retry = self.retry
         if retry is None:
-            assert self.decision is not None
-            retry = self.retry = RetryState(
-                self.decision.route.policy.retry,
-                method=self.method,
-                grpc=self.grpc,
-                random=self.listener.random,
+            retry = self.retry = RetryStage(
+                plan.retry, method=self.method, grpc=self.grpc, random=self.listener.random
             )
-        return retry
+        expires = self.expires_at
+        now = self.loop.time()
+        backoff = retry.decide(
+            outcome,
+            cluster,
+            attempt.index,
+            remaining=None if expires is None else max(0.0, expires - now),
+            replayable=self._replayable(),
+        )
+        if backoff is None:
+            return False
+        self.retry_timer = self.loop.call_later(backoff, self._retry_now)
+        return True
 
     def _cancel_attempt(self, code: int) -> None:
         attempt, self.attempt = self.attempt, None
@@ -626,25 +640,50 @@ class Exchange:
     def response_headers(self, attempt: Attempt, headers: Headers, end_stream: bool) -> None:
         if self.done:
             return
-        status_text = _header(headers, b":status")
-        status = int(status_text) if status_text is not None and status_text.isdigit() else 0
+        name, status_text = headers[0] if headers else (b"", b"")
+        if name != b":status":
+            status_text = header(headers, b":status") or b""
+        status = _STATUS_CODES.get(status_text)
+        if status is None:
+            status = int(status_text) if status_text.isdigit() else 0
         if status < 200:
             return  # 1xx: interim
-        grpc_status = _header(headers, b"grpc-status") if end_stream else None
         attempt.status = attempt.http_status = status
+        cluster = self.cluster
+        assert cluster is not None
+        # Answers that succeed with headers to be followed by a body pay for none of this.
+        if (
+            (end_stream or status >= 404 or cluster.resilience.throttle is not None)
+            and self._judge_response(attempt, headers, end_stream, status)
+        ):  # fmt: skip
+            return
+        counter = _UPSTREAM_BY_STATUS.get(status) or _UPSTREAM_CLASS[min(status // 100, 9)]
+        cluster.scope.counters[counter] += 1
+        self._forward_headers(headers, end_stream, status)
+
+    def _judge_response(
+        self, attempt: Attempt, headers: Headers, end_stream: bool, status: int
+    ) -> bool:
+        """A response that may be a failure (a 5xx, a gRPC status, a peer sidecar's reply), or
+        one the cluster's throttle counts: True when it is not passed on (retried, or one of our
+        own deadlines)."""
+        assert self.cluster is not None
+        grpc_status = header(headers, b"grpc-status") if end_stream else None
         if grpc_status is not None and grpc_status.isdigit():
             attempt.grpc_status = self.grpc_status = int(grpc_status)
-        if grpc_status is not None and grpc_status.isdigit() and grpc_status != b"0":
-            attempt.status = _grpc_as_http(int(grpc_status))
+            if grpc_status != b"0":
+                attempt.status = _grpc_as_http(int(grpc_status))
         outcome = None
-        failed = grpc_status is not None and grpc_status != b"0"
-        if status >= 500 or failed or (status == 404 and self._from_idle_peer(headers)):
-            # A failure: decide here whether another try may replace it (answers that succeed
-            # pay for none of this).
+        if (
+            status >= 500
+            or (grpc_status is not None and grpc_status != b"0")
+            or (status == 404 and from_idle_peer(headers))
+        ):
+            # A failure: decide here whether another try may replace it.
             outcome = self._failure_outcome(attempt, headers, status, grpc_status)
             if outcome is None or self._retry_response(attempt, outcome):
-                return
-        throttle = self.cluster.resilience.throttle if self.cluster is not None else None
+                return True
+        throttle = self.cluster.resilience.throttle
         if throttle is not None and (not self.grpc or end_stream):
             # A gRPC answer is judged by its trailers; anything else by its status here.
             throttle.record(
@@ -652,9 +691,7 @@ class Exchange:
                     outcome or response_outcome(status, grpc=self.grpc, grpc_status=grpc_status)
                 ).accepted
             )
-        if self.cluster is not None:
-            self.cluster.scope.counters[_UPSTREAM_CLASS[min(status // 100, 9)]] += 1
-        self._forward_headers(headers, end_stream, status)
+        return False
 
     def _failure_outcome(
         self, attempt: Attempt, headers: Headers, status: int, grpc_status: bytes | None
@@ -671,40 +708,13 @@ class Exchange:
                     attempt.timer.cancel()
                 self._per_try_timeout(attempt, grpc_status=4)
                 return None
-        if self._from_idle_peer(headers):
-            # A peer sidecar's own reply that its app never saw: retried like a connect failure.
-            return Outcome(
-                http_status=status,
-                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
-                failure=Failure.PEER_NOT_PROCESSED,
-                body_replayable=self.replay is not None,
-            )
-        if _header(headers, OVERLOADED_HEADER) is not None:
-            # The upstream's sidecar shed it before its app saw it: another host may take it.
-            # Its retry hint is for the caller, not for a retry on a different host.
-            return Outcome(
-                http_status=status,
-                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
-                failure=Failure.SHED,
-                body_replayable=self.replay is not None,
-            )
-        return response_outcome(
-            status,
-            grpc=self.grpc,
-            grpc_status=grpc_status,
-            pushback_ms=_header(headers, b"grpc-retry-pushback-ms"),
-            body_replayable=self.replay is not None,
+        return response_failure(
+            headers, status, grpc_status, grpc=self.grpc, replayable=self._replayable()
         )
-
-    @staticmethod
-    def _from_idle_peer(headers: Headers) -> bool:
-        """A local reply of the called service's sidecar that says its app never saw it."""
-        flags = _header(headers, RESPONSE_FLAGS_HEADER)
-        return flags is not None and peer_not_processed(flags)
 
     def _retry_response(self, attempt: Attempt, outcome: Outcome) -> bool:
         """Drop this response for another try when the retry policy says so."""
-        if not self._maybe_retry(outcome):
+        if not self._maybe_retry(attempt, outcome):
             return False
         self._cancel_attempt(CANCEL)
         return True
@@ -712,12 +722,12 @@ class Exchange:
     def _forward_headers(self, headers: Headers, end_stream: bool, status: int) -> None:
         self.response_started = True
         self.status = status
-        if self.decision is not None:
-            headers = apply_mutation(headers, self.decision.route.response_headers)
-            headers = apply_mutation(headers, self.decision.virtual_host.response_headers)
+        plan = self.plan
+        if plan is not None and plan.response is not None:
+            headers = plan.response.apply(headers)
         if self.in_fallback:
-            headers.append((b"x-pilotfish-response-flags", b"FB"))
-            self.flags.append("FB")
+            headers.append((RESPONSE_FLAGS_HEADER, b"FB"))
+            self.flags += ("FB",)
         self.downstream.send_headers(headers, end_stream)
         if end_stream:
             self._complete()
@@ -737,17 +747,17 @@ class Exchange:
     def response_trailers(self, attempt: Attempt, trailers: Headers) -> None:
         if self.done:
             return
-        grpc_status = _header(trailers, b"grpc-status")
+        grpc_status = header(trailers, b"grpc-status")
         if grpc_status is not None and grpc_status.isdigit():
             attempt.grpc_status = self.grpc_status = int(grpc_status)
-        if grpc_status is not None and grpc_status.isdigit():
             if grpc_status != b"0":
                 attempt.status = _grpc_as_http(int(grpc_status))
-            if self.cluster is not None and self.cluster.resilience.throttle is not None:
-                self.cluster.resilience.throttle.record(Outcome(grpc_status=int(grpc_status)).accepted)
+            throttle = self.cluster.resilience.throttle if self.cluster is not None else None
+            if throttle is not None:
+                throttle.record(Outcome(grpc_status=int(grpc_status)).accepted)
             if grpc_status == b"4" and self._ours_timed_out(attempt) is not None:
                 # Too late to answer ourselves (the headers are out): flag the trailers.
-                self.flags.append(ResponseFlag.UPSTREAM_TIMEOUT.code)
+                self.flags += (ResponseFlag.UPSTREAM_TIMEOUT.code,)
                 trailers = [*trailers, (RESPONSE_FLAGS_HEADER, b"UT")]
         self.downstream.send_trailers(trailers)
         self._complete()
@@ -755,13 +765,13 @@ class Exchange:
     def _complete(self) -> None:
         attempt = self.attempt
         if attempt is not None:
+            self.attempt = None
             stream = attempt.stream
             attempt.end()
             if stream is not None and not self.request_ended:
                 # The upstream answered before the request finished (allowed for gRPC):
                 # stop sending, as Envoy does, with a reset that carries no error.
                 stream.reset(0x0)
-        self.attempt = None
         self._finish(self.status)
 
     # -- local replies and the end ----------------------------------------------------------
@@ -770,13 +780,10 @@ class Exchange:
         """No try will answer: the route's fallback may, else a local reply with ``flag``."""
         if flag is ResponseFlag.UPSTREAM_OVERFLOW and self.cluster is not None:
             self.cluster.metrics.overflows.value += 1
-        policy = (
-            self.listener.sidecar.route_policy(self.decision) if self.decision is not None else None
-        )
-        fallback = policy.fallback if policy is not None else None
-        if fallback is not None:
-            choice = fallback.decide(
-                trigger_for(flag),
+        if self.plan is not None and self.plan.policies:
+            choice = fallback_for(
+                self.policy,
+                flag,
                 grpc=self.grpc,
                 response_started=self.response_started,
                 in_fallback=self.in_fallback,
@@ -788,7 +795,7 @@ class Exchange:
                 return
             if choice is not None:
                 self.listener.scope.inc("downstream_rq_fallback")
-                self.flags.append(flag.code)
+                self.flags += (flag.code,)
                 self.send_reply(choice)
                 return
         self.local_reply(flag)
@@ -802,20 +809,12 @@ class Exchange:
         self._cancel_attempt(CANCEL)
         if self.response_started:
             self.downstream.reset(CANCEL)
-        elif self.grpc and reply.grpc_response is not None:
-            headers, message, trailers = reply.grpc_message_parts()
-            self.downstream.send_headers(headers, False)
-            self.bytes_out += len(message)
-            self.downstream.send_data(message, False, None)
-            self.downstream.send_trailers(trailers)
         else:
-            body = reply.http_body(self.grpc, self.method)
-            self.downstream.send_headers(reply.headers(self.grpc), not body)
-            self.bytes_out += len(body)
-            if body:
-                self.downstream.send_data(body, True, None)
+            self.bytes_out += write_reply(
+                self.downstream, reply, grpc=self.grpc, method=self.method
+            )
         self.response_started = True
-        self.flags.append(reply.flag_code)
+        self.flags += (reply.flag_code,)
         status = reply.http_status
         if self.grpc:
             self.grpc_status = reply.grpc_status
@@ -832,19 +831,23 @@ class Exchange:
             self.downstream.reset_when_sent(0x0)
 
     def _arm_deadline(self) -> None:
-        if self.done or self.deadline is None:
+        expires = self.expires_at
+        if self.done or expires is None:
             return
-        expires = self.deadline.expires_at
-        if expires is None:
-            return
-        if self.timer is not None:
-            if self.timer.when() <= expires:
+        bucket = self.deadline_bucket
+        if bucket is not None:
+            if self.armed_expiry <= expires:
                 return
-            self.timer.cancel()
-        self.timer = self.listener.sidecar.timers.call_at(expires, self._on_deadline)
+            bucket.pop(self, None)
+        self.armed_expiry = expires
+        self.deadline_bucket = self.listener.sidecar.timers.add(expires, self)
+
+    def on_timer(self) -> None:
+        """The deadline's wheel entry fired."""
+        self.deadline_bucket = None
+        self._on_deadline()
 
     def _on_deadline(self) -> None:
-        self.timer = None
         if self.done:
             return
         if self.cluster is not None:
@@ -856,53 +859,45 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        for timer in (self.timer, self.retry_timer):
-            if timer is not None:
-                timer.cancel()
-        self.timer = self.retry_timer = None
-        # Body the upstream never took: the client was not credited for it yet.
-        while self.pending:
-            flow_len = self.pending.popleft()[2]
-            if flow_len:
-                self.downstream.ack(flow_len)
-        self.replay = None
-        self._leave_cluster()
-        if self.retry_permit is not None:
-            self.retry_permit.release()
-            self.retry_permit = None
-        if self.inflight is not None:
-            self.inflight.done()
-            self.inflight = None
-        if self.route_slot is not None:
-            self.route_slot.release()
-            self.route_slot = None
         self.status = status
-        if self.retries_exhausted:
-            self.flags.append(RETRY_LIMIT_EXCEEDED)
+        if self.deadline_bucket is not None:
+            self.deadline_bucket.pop(self, None)
+        if self.body is not None or self.retry_timer is not None or self.retry is not None:
+            self._release_slow()
+        if self.holds_request:  # _leave_cluster, inline: every routed request comes here
+            self.holds_request = False
+            cluster = self.cluster
+            assert cluster is not None
+            cluster.resilience.breakers.release_request()
+            cluster.scope.gauges["upstream_rq_active"] -= 1
+        if self.admitted is not None:
+            self.admitted.release()
         listener = self.listener
         scope = listener.scope
         scope.gauges["downstream_rq_active"] -= 1
         listener.streams_gauge.value -= 1
         if status:
-            scope.counters[_DOWNSTREAM_CLASS[min(status // 100, 9)]] += 1
+            counter = _DOWNSTREAM_BY_STATUS.get(status) or _DOWNSTREAM_CLASS[min(status // 100, 9)]
+            scope.counters[counter] += 1
         if self.trace is not None:
             listener.sidecar.tracer.end(
                 self.trace, status, grpc_status=self.grpc_status, flag=",".join(self.flags) or None
             )
         listener.exchange_done(self)
 
-
-def _with_replay(outcome: Outcome, replayable: bool) -> Outcome:
-    if outcome.body_replayable == replayable:
-        return outcome
-    return Outcome(
-        http_status=outcome.http_status,
-        grpc_status=outcome.grpc_status,
-        failure=outcome.failure,
-        request_sent=outcome.request_sent,
-        body_replayable=replayable,
-        pushback=outcome.pushback,
-    )
+    def _release_slow(self) -> None:
+        """What only some requests hold at their end: a retry's timer and permit, and body
+        the upstream never took."""
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        if self.body is not None:
+            self.body.release()
+        retry = self.retry
+        if retry is not None:
+            retry.release()
+            if retry.exhausted:
+                self.flags += (RETRY_LIMIT_EXCEEDED,)
 
 
 def _grpc_as_http(grpc_status: int) -> int:

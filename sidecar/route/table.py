@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pilotfish.config.model import HeaderMutation, RouteConfig, RouteEntry, VirtualHost
+from sidecar.route.plan import RoutePlan
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -21,6 +22,7 @@ class RouteDecision:
     virtual_host: VirtualHost
     route: RouteEntry
     cluster: str
+    plan: RoutePlan
 
 
 def _strip_port(authority: str) -> str:
@@ -55,13 +57,17 @@ class RouteTable:
                     self._exact.setdefault(domain, vhost)
         self._suffix.sort(key=lambda item: -len(item[0]))
         self._prefix.sort(key=lambda item: -len(item[0]))
-        # Per virtual host, its routes with the decision made in advance where it never varies
-        # (one cluster): most requests then allocate nothing to be routed.
-        self._routes: dict[int, list[tuple[RouteEntry, RouteDecision | None]]] = {
-            id(vhost): [(route, _fixed_decision(vhost, route)) for route in vhost.routes]
+        # Per virtual host, its routes with their plans, and the decision made in advance where
+        # it never varies (one cluster): most requests then allocate nothing to be routed.
+        self._routes: dict[int, list[tuple[RouteEntry, RoutePlan, RouteDecision | None]]] = {
+            id(vhost): [_planned(vhost, route) for route in vhost.routes]
             for vhost in config.virtual_hosts
         }
         self._hosts: dict[str, VirtualHost | None] = {}
+        # Whether any route matches on headers: if none does, ``match`` never reads them.
+        self.matches_headers = any(
+            route.match.headers for vhost in config.virtual_hosts for route in vhost.routes
+        )
 
     def virtual_host(self, authority: str) -> VirtualHost | None:
         try:
@@ -99,7 +105,7 @@ class RouteTable:
         if vhost is None:
             return None
         bare_path = path.partition("?")[0] if "?" in path else path
-        for route, fixed in self._routes[id(vhost)]:
+        for route, plan, fixed in self._routes[id(vhost)]:
             m = route.match
             if not m.path.matches(bare_path):
                 continue
@@ -107,13 +113,17 @@ class RouteTable:
                 continue
             if m.headers and not all(h.matches(headers.get(h.name)) for h in m.headers):
                 continue
-            return fixed or RouteDecision(vhost, route, pick_weighted_cluster(route, rng))
+            return fixed or RouteDecision(vhost, route, pick_weighted_cluster(route, rng), plan)
         return None
 
 
-def _fixed_decision(vhost: VirtualHost, route: RouteEntry) -> RouteDecision | None:
+def _planned(
+    vhost: VirtualHost, route: RouteEntry
+) -> tuple[RouteEntry, RoutePlan, RouteDecision | None]:
+    plan = RoutePlan(vhost, route)
     clusters = route.action.clusters
-    return RouteDecision(vhost, route, clusters[0].name) if len(clusters) == 1 else None
+    fixed = RouteDecision(vhost, route, clusters[0].name, plan) if len(clusters) == 1 else None
+    return route, plan, fixed
 
 
 def pick_weighted_cluster(route: RouteEntry, rng: Callable[[], float]) -> str:

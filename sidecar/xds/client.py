@@ -193,7 +193,9 @@ class XdsClient:
         state = self.state
         return {
             # Envoy's shape, for tools that read Envoy's /config_dump; the rest is our own.
-            "configs": envoy_configs(self.node, state.received, self.last_update),
+            "configs": envoy_configs(
+                self.node, state.received, self.last_update, self.static, self.sidecar.started_at
+            ),
             "xds": {
                 "control_plane": self.address,
                 "connected": self.connected,

@@ -28,10 +28,11 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from pilotfish.config.errors import ConfigError
-from pilotfish.config.model import ClusterConfig, ListenerConfig, RouteConfig, VirtualHost
+from pilotfish.config.model import ClusterConfig, ListenerConfig, RouteConfig
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 from sidecar.xds import translate as tr
+from sidecar.xds.outbound import OutboundPort, is_original_destination, outbound_route_configs
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -230,7 +231,7 @@ class AdsClientState:
         elif type_url == ROUTE:
             tr.translate_route_config(message)
         elif type_url == CLUSTER:
-            if not tr.envoy_only(message):
+            if not tr.envoy_only(message) and not is_original_destination(message):
                 tr.translate_cluster(message)
         else:
             tr.translate_endpoints(message)
@@ -274,7 +275,8 @@ class AdsClientState:
         """The complete config, or None while something referred to has not arrived."""
         routes_received = self._routes()
         listeners: list[ListenerConfig] = []
-        outbound: list[VirtualHost] = []
+        api_routes: list[str] = []
+        ports: list[OutboundPort] = []
         route_configs: dict[str, RouteConfig] = {}
         tracing: TracingConfig | None = None
         access_log: AccessLogConfig | None = None
@@ -287,28 +289,33 @@ class AdsClientState:
             if route_name is not None:
                 if route_name not in routes_received:
                     return None
-                rc = tr.translate_route_config(routes_received[route_name])
-                route_configs[route_name] = rc
-                if isinstance(translated, tr.ApiListener):
-                    outbound.extend(rc.virtual_hosts)
-                    continue
-            if isinstance(translated, ListenerConfig):
+                route_configs[route_name] = tr.translate_route_config(
+                    routes_received[route_name]
+                )
+            if isinstance(translated, tr.ApiListener):
+                api_routes.append(translated.route_config)
+            elif isinstance(translated, OutboundPort):
+                ports.append(translated)
+            elif isinstance(translated, ListenerConfig):
                 listeners.append(translated)
-        if outbound:
-            route_configs[self.outbound_route_config] = RouteConfig(
-                self.outbound_route_config, tuple(outbound)
-            )
         endpoints = self._endpoints()
         clusters: dict[str, ClusterConfig] = {}
+        passthrough: set[str] = set()
         for name, cluster in self._clusters().items():
             if tr.envoy_only(cluster):
+                continue
+            if is_original_destination(cluster):
+                passthrough.add(name)
                 continue
             eds_name = tr.eds_service_name(cluster)
             if eds_name is not None and eds_name not in endpoints:
                 return None
             assignment = endpoints.get(eds_name) if eds_name is not None else None
             clusters[name] = tr.translate_cluster(cluster, assignment)
-        if not listeners and not outbound and not clusters:
+        route_configs.update(outbound_route_configs(
+            self.outbound_route_config, ports, api_routes, route_configs, passthrough
+        ))
+        if not listeners and self.outbound_route_config not in route_configs and not clusters:
             return None
         versions = {SHORT[t]: self.received[t].version_info for t in TYPES}
         return XdsSnapshot(

@@ -6,7 +6,10 @@ the xDS client sends that text back as the NACK's ``error_detail``. Silently dro
 would route traffic differently from what the control plane meant.
 
 An ``api_listener`` (what gRPC proxyless clients use, one per service, named after it) has no
-address; it becomes an ``ApiListener`` naming its route config. A listener with an address
+address; it becomes an ``ApiListener`` naming its route config. Envoy's outbound shape
+(``virtualOutbound`` with ``use_original_dst``, per-port listeners with ``bind_to_port: false``)
+becomes ``VirtualOutbound`` and ``OutboundPort`` (``sidecar/xds/outbound.py``): our own
+outbound listener routes with them, nothing is bound. Any other listener with an address
 becomes a ``ListenerConfig``.
 """
 
@@ -65,6 +68,12 @@ from sidecar.xds.common import seconds as _seconds
 from sidecar.xds.common import type_name as _type_name
 from sidecar.xds.common import unpack as _unpack
 from sidecar.xds.common import unsupported as _unsupported
+from sidecar.xds.outbound import (
+    OutboundPort,
+    VirtualOutbound,
+    is_original_destination,
+    outbound_route_configs,
+)
 from sidecar.xds.route_policy import (
     LISTENER_METADATA_KEYS,
     check_http_filters,
@@ -94,7 +103,10 @@ class ApiListener:
 # ---------------------------------------------------------------- listeners
 
 
-def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiListener:
+TranslatedListener = ListenerConfig | ApiListener | OutboundPort | VirtualOutbound
+
+
+def translate_listener(listener: listener_pb2.Listener) -> TranslatedListener:
     path = f"listener[{listener.name}]"
     if not listener.name:
         raise ConfigError(f"{path}.name", "required")
@@ -108,6 +120,10 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
     socket = listener.address.socket_address
     if not socket.address or not 0 < socket.port_value < 65536:
         raise ConfigError(f"{path}.address.socket_address", "needs an address and a port")
+    if listener.use_original_dst.value:
+        return _virtual_outbound(listener, path)
+    if listener.HasField("bind_to_port") and not listener.bind_to_port.value:
+        return _outbound_port(listener, path)
     _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
                                   "metadata", "listener_filters"})
     load_shedding = translate_load_shedding(listener, path)
@@ -152,6 +168,38 @@ def translate_listener(listener: listener_pb2.Listener) -> ListenerConfig | ApiL
         jwt=security.jwt,
         authorization=security.authorization,
     )
+
+
+def _virtual_outbound(listener: listener_pb2.Listener, path: str) -> VirtualOutbound:
+    """Its filter chains may only relay (TCP proxy): what the mesh does not know goes where
+    the app sent it, which our outbound listener does itself."""
+    _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
+                                  "use_original_dst", "metadata"})
+    for i, chain in enumerate(listener.filter_chains):
+        for j, network_filter in enumerate(chain.filters):
+            filter_path = f"{path}.filter_chains[{i}].filters[{j}].typed_config"
+            if _type_name(network_filter.typed_config) != TCP_PROXY_TYPE:
+                raise ConfigError(filter_path, "only a TCP proxy (the passthrough) is supported")
+            _unpack(filter_path, network_filter.typed_config, tcp_proxy_pb2.TcpProxy())
+    return VirtualOutbound(listener.name)
+
+
+def _outbound_port(listener: listener_pb2.Listener, path: str) -> OutboundPort:
+    _unsupported(listener, path, {"name", "address", "filter_chains", "traffic_direction",
+                                  "bind_to_port", "metadata"})
+    chains = listener.filter_chains
+    if len(chains) != 1 or len(chains[0].filters) != 1:
+        raise ConfigError(f"{path}.filter_chains",
+                          "a listener bound to no port needs one chain with one filter")
+    _unsupported(chains[0], f"{path}.filter_chains[0]", {"name", "filters"})
+    packed = chains[0].filters[0].typed_config
+    filter_path = f"{path}.filter_chains[0].filters[0].typed_config"
+    if _type_name(packed) != HCM_TYPE:
+        raise ConfigError(filter_path, "only an HttpConnectionManager is supported here")
+    hcm = hcm_pb2.HttpConnectionManager()
+    _unpack(filter_path, packed, hcm)
+    route_config = _hcm_route_config(hcm, filter_path)
+    return OutboundPort(listener.name, listener.address.socket_address.port_value, route_config)
 
 
 def _hcm_limits(hcm: hcm_pb2.HttpConnectionManager, path: str) -> ConnectionLimits:
@@ -415,16 +463,20 @@ def translate_all(
 ) -> XdsConfig:
     """Translate a complete set; every name a resource refers to must be in it.
 
-    The virtual hosts of every ``api_listener``'s route config are also gathered, in listener
-    name order, into one route config named ``outbound_route_config``: the one a sidecar's
-    outbound listener (from its static bootstrap) routes with. Their domains are the service
-    names, so they do not collide.
+    The virtual hosts of the per-port outbound route configs, then those of ``api_listener``
+    route configs not already covered (``outbound.outbound_route_configs``), are gathered into
+    one route config named ``outbound_route_config``: the one a sidecar's outbound listener
+    (from its static bootstrap) routes with.
     """
     routes = {rc.name: translate_route_config(rc) for rc in route_configs}
     by_eds_name = {cla.cluster_name: cla for cla in assignments}
     translated_clusters: dict[str, ClusterConfig] = {}
+    passthrough: set[str] = set()
     for cluster in clusters:
         if envoy_only(cluster):
+            continue
+        if is_original_destination(cluster):
+            passthrough.add(cluster.name)
             continue
         eds_name = eds_service_name(cluster)
         if eds_name is not None and eds_name not in by_eds_name:
@@ -432,8 +484,8 @@ def translate_all(
         assignment = by_eds_name.get(eds_name) if eds_name is not None else None
         translated_clusters[cluster.name] = translate_cluster(cluster, assignment)
     socket_listeners: list[ListenerConfig] = []
-    outbound: list[VirtualHost] = []
-    gathered: set[str] = set()
+    api_routes: list[str] = []
+    ports: list[OutboundPort] = []
     tracing: TracingConfig | None = None
     access_log: AccessLogConfig | None = None
     for listener in sorted(listeners, key=lambda item: str(item.name)):
@@ -445,19 +497,19 @@ def translate_all(
         if route_name is not None and route_name not in routes:
             raise ConfigError(f"listener[{listener.name}]", f"no route config {route_name!r}")
         if isinstance(translated, ApiListener):
-            # `greeter` and `greeter:50051` share a route config: gather its hosts once.
-            if translated.route_config not in gathered:
-                gathered.add(translated.route_config)
-                outbound.extend(routes[translated.route_config].virtual_hosts)
-        else:
+            api_routes.append(translated.route_config)
+        elif isinstance(translated, OutboundPort):
+            ports.append(translated)
+        elif isinstance(translated, ListenerConfig):
             socket_listeners.append(translated)
+    routes.update(
+        outbound_route_configs(outbound_route_config, ports, api_routes, routes, passthrough)
+    )
     for rc in routes.values():
         for vhost in rc.virtual_hosts:
             for entry in vhost.routes:
                 for wc in entry.action.clusters:
-                    if wc.name not in translated_clusters:
+                    if wc.name not in translated_clusters and wc.name not in passthrough:
                         raise ConfigError(f"route_config[{rc.name}]",
                                           f"no cluster {wc.name!r} received")
-    if outbound:
-        routes[outbound_route_config] = RouteConfig(outbound_route_config, tuple(outbound))
     return XdsConfig(tuple(socket_listeners), routes, translated_clusters, tracing, access_log)

@@ -51,12 +51,17 @@ def test_identify_picks_the_view() -> None:
 def test_views_differ_per_proxy_and_include_the_inbound_side() -> None:
     cache = SnapshotCache(mesh())
     everything = cache.snapshot(ViewKey())
-    assert sorted(everything.of_type(CLUSTER)) == ["greeter", "greeter-canary", "quotes"]
+    passthrough = "PassthroughCluster"  # every view has Envoy's outbound passthrough
+    assert sorted(everything.of_type(CLUSTER)) == [
+        passthrough, "greeter", "greeter-canary", "quotes"
+    ]
     greeter = cache.snapshot(ViewKey(service="greeter"))
-    assert sorted(greeter.of_type(CLUSTER)) == ["quotes"]
+    assert sorted(greeter.of_type(CLUSTER)) == [passthrough, "quotes"]
     sidecar = cache.snapshot(ViewKey(service="greeter", app_address=("127.0.0.1", 50061)))
-    assert sorted(sidecar.of_type(LISTENER)) == ["inbound|greeter", "quotes"]
-    assert sorted(sidecar.of_type(CLUSTER)) == ["inbound|greeter", "quotes"]
+    assert [n for n in sorted(sidecar.of_type(LISTENER)) if n[0].isalpha()] == [
+        "inbound|greeter", "quotes", "virtualOutbound"
+    ]
+    assert sorted(sidecar.of_type(CLUSTER)) == [passthrough, "inbound|greeter", "quotes"]
     assert sorted(sidecar.of_type(ENDPOINT)) == ["quotes"]  # the inbound cluster is STATIC
 
 

@@ -15,6 +15,7 @@ from pilotfish.config.errors import ConfigError
 from pilotfish.config.security import MtlsMode, UpstreamMtls
 from pilotfish.identity import SpiffeId
 from sidecar.xds.clusters import translate_cluster
+from sidecar.xds.outbound import is_original_destination
 from sidecar.xds.translate import translate_listener
 
 MESH = """
@@ -96,7 +97,8 @@ def _round_trip(text: str, service: str) -> tuple[Any, dict[str, Any]]:
     for name, resource in view[CLUSTER].items():
         message = cluster_pb2.Cluster()
         assert resource.packed.Unpack(message)
-        clusters[name] = translate_cluster(message)
+        if not is_original_destination(message):  # Envoy's passthrough: the listener's job
+            clusters[name] = translate_cluster(message)
     return listeners, clusters
 
 

@@ -177,8 +177,9 @@ def test_delta_subscribe_ack_nack_and_push(tmp_path: Path) -> None:
             client = Client(stub.DeltaAggregatedResources())
             await client.send(_with_node(delta(CLUSTER), service="greeter"))
             cds = await client.next()
-            # greeter depends on quotes only: its view holds just that service.
-            assert [r.name for r in cds.resources] == ["quotes"]
+            # greeter depends on quotes only: its view holds just that service (and Envoy's
+            # outbound passthrough).
+            assert [r.name for r in cds.resources] == ["PassthroughCluster", "quotes"]
             await client.send(delta(CLUSTER, nonce=cds.nonce))
             await client.send(delta(ENDPOINT, ["quotes"]))
             eds = await client.next()

@@ -22,8 +22,9 @@ class TestStateOfTheWorld:
         assert response.type_url == LISTENER
         assert response.nonce == "1"
         assert response.version_info
-        # Legacy wildcard: every listener in the view (greeter has a port: `greeter:50051` too).
-        assert len(response.resources) == 4
+        # Legacy wildcard: every listener in the view (greeter has a port: `greeter:50051` too,
+        # and Envoy's `0.0.0.0_50051`), and `virtualOutbound`.
+        assert len(response.resources) == 6
 
         [clusters], _ = stream.handle_request(sotw(CLUSTER), snap)
         assert clusters.nonce == "2"
@@ -120,7 +121,7 @@ class TestStateOfTheWorld:
     def test_wildcard_star_and_switch_to_names(self) -> None:
         stream, snap = SotwStream(), snapshot()
         [everything], _ = stream.handle_request(sotw(CLUSTER, ["*"]), snap)
-        assert len(everything.resources) == 3
+        assert len(everything.resources) == 4  # and PassthroughCluster
         [one], _ = stream.handle_request(
             sotw(CLUSTER, ["quotes"], everything.version_info, everything.nonce), snap
         )
@@ -135,7 +136,9 @@ class TestDelta:
     def test_wildcard_subscription_and_ack(self) -> None:
         stream, snap = DeltaStream(), snapshot()
         [response], _ = stream.handle_request(delta(CLUSTER), snap)
-        assert sorted(r.name for r in response.resources) == ["greeter", "greeter-canary", "quotes"]
+        assert sorted(r.name for r in response.resources) == [
+            "PassthroughCluster", "greeter", "greeter-canary", "quotes"
+        ]
         assert all(r.version for r in response.resources)
         assert stream.handle_request(delta(CLUSTER, nonce=response.nonce), snap) == ([], [])
         [status] = stream.status(snap)
@@ -204,7 +207,8 @@ class TestDelta:
     def test_unsubscribe_wildcard(self) -> None:
         stream, snap = DeltaStream(), snapshot()
         [first], _ = stream.handle_request(delta(LISTENER, ["*"]), snap)
-        assert len(first.resources) == 4  # with `greeter:50051`
+        # With `greeter:50051`, `0.0.0.0_50051` and `virtualOutbound`.
+        assert len(first.resources) == 6
         stream.handle_request(delta(LISTENER, ["quotes"], ["*"], nonce=first.nonce), snap)
         assert stream.handle_snapshot(snapshot(EDITED)) == []
 

@@ -18,17 +18,17 @@ from pathlib import Path
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from google.protobuf import duration_pb2, symbol_database
+from google.protobuf import duration_pb2
 
 from control_plane.main import run_validate, start_control_plane
 from control_plane.mesh import load_mesh_file, parse_mesh_text
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds import pgv
 from control_plane.xds.cache import SnapshotCache
-from control_plane.xds.resources import ViewKey, build_view, eds_cluster
+from control_plane.xds.resources import eds_cluster
 from pilotfish.config import yaml_loader
 from pilotfish.config.errors import ConfigError
-from tests.control_plane.test_authn_xds import EVERY as EVERY_SECURITY_FEATURE
+from tests.control_plane.test_outbound_xds import every_view
 from tests.control_plane.test_proxyless import (
     PROBE,
     Recorder,
@@ -153,17 +153,14 @@ def test_envoys_rules_catch_what_the_mesh_parser_might_miss() -> None:
 
 
 def test_what_we_generate_passes_envoys_rules() -> None:
+    """The edge values, in every resource of every view; a mesh using every feature is
+    checked the same way in test_outbound_xds.py."""
     mesh = parse_mesh_text(mesh_text())
     pgv.check(eds_cluster(mesh.services["echo"]), "Cluster[echo]")
-    # Every JWT and authorization feature, as jwt_authn and RBAC filters on inbound listeners.
-    security = parse_mesh_text(EVERY_SECURITY_FEATURE)
-    for service in security.services:
-        view = build_view(security, ViewKey(service, ("127.0.0.1", 9000)))
-        for by_name in view.values():
-            for name, resource in by_name.items():
-                message = symbol_database.Default().GetSymbol(resource.packed.TypeName())()
-                assert resource.packed.Unpack(message)
-                pgv.check(message, name)
+    for view in every_view(mesh):
+        for type_url, resources in view.items():
+            for name, message in resources.items():
+                pgv.check(message, f"{type_url}[{name}]")
 
 
 # --- a real gRPC client ACKs the edge values ---------------------------------------------------

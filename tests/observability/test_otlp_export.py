@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind
 from opentelemetry.trace.span import TraceFlags
 
-from sidecar.observability.otlp_export import Endpoint, otlp_exporter
+from sidecar.observability.otlp_export import DeferredExporter, Endpoint, otlp_exporter
 from sidecar.observability.tracing import Tracer
 from sidecar.observability.tracing_config import TracingConfig
 from tests.observability.certs import make_pki
@@ -308,3 +308,24 @@ def test_tracer_shutdown_is_bounded_and_counts_what_a_silent_collector_held(
             done.join(10)  # shutdown_timeout_s and a second's grace, not the 30 s export
             assert not done.is_alive()
             assert tracer.dropped_spans == 3
+
+
+# -- built with the first batch -------------------------------------------------------------
+
+
+def test_the_exporter_is_built_by_the_first_export_and_not_after_shutdown(
+    grpc_receiver: OtlpReceiver,
+) -> None:
+    e = exporter(grpc_receiver.endpoint)
+    assert isinstance(e, DeferredExporter) and not e.built
+    assert e.force_flush() is True  # nothing to flush: nothing is built for it
+    assert not e.built
+    assert e.export(spans(1)) is SpanExportResult.SUCCESS
+    assert e.built
+    assert len(grpc_receiver.wait_for(1)) == 1
+    e.shutdown()
+    never = exporter(grpc_receiver.endpoint)
+    never.shutdown()
+    assert never.export(spans(1)) is SpanExportResult.FAILURE  # counted as dropped upstream
+    assert not never.built
+    assert grpc_receiver.calls == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -145,3 +146,20 @@ def test_formats_and_request_ids() -> None:
     assert len(ids) == 1000
     pattern = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
     assert all(pattern.fullmatch(i) for i in ids)
+
+
+def test_request_ids_stay_unique_in_a_forked_child() -> None:
+    """Ids are a per-process random part and a count: a forked child must not repeat its
+    parent's sequence."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out without running the parent's cleanup
+        os.write(write, new_request_id())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64)
+    os.close(read)
+    parent = new_request_id()
+    assert len(child) == len(parent) == 36
+    assert child[:23] != parent[:23]  # the random part differs, so the sequences do

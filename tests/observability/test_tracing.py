@@ -16,7 +16,9 @@ from sidecar.observability.propagation import (
     TRACE_HEADERS,
     TRACECONTEXT,
     Headers,
+    append_context,
     extract,
+    unsampled_context,
 )
 from sidecar.observability.semconv import grpc_status_of, request_attributes, split_host_port
 from sidecar.observability.tracing import Tracer
@@ -193,6 +195,36 @@ def test_ratio_sampling_is_by_trace_id_and_ignores_parent_when_not_parent_based(
     tracer.shutdown()
 
 
+def test_root_context_decides_as_start_server_span_and_makes_spans_only_when_sampled() -> None:
+    """The fast path's decision for a request without trace headers: the same ratio test on
+    the same kind of trace id; unsampled, only the context to send on; sampled, one span."""
+    exporter = InMemorySpanExporter()
+    config = TracingConfig(enabled=True, sample_ratio=0.25, schedule_delay_s=0.01)
+    tracer = Tracer(config, exporter, rng=random.Random(11))
+    sampled = []
+    for _ in range(4000):
+        trace_id, context = tracer.root_context()
+        assert trace_id and (context is None) == tracer._ratio(trace_id)
+        if context is None:
+            sampled.append(trace_id)
+            continue
+        parent = extract(context).parent
+        assert parent is not None and not parent.sampled and parent.trace_id == trace_id
+        written: Headers = []  # what the general writer makes of the same ids
+        append_context(written, tracer.inject_formats, trace_id, parent.span_id, False)
+        assert context == written
+        # The configured formats (tracecontext, b3multi), as inject would write them.
+        assert {k for k, _ in context} == {b"traceparent", b"x-b3-traceid", b"x-b3-spanid",
+                                           b"x-b3-sampled"}  # fmt: skip
+    assert 800 < len(sampled) < 1200
+    handle = tracer.start_server_span(request(), root_trace_id=sampled[0])
+    assert handle.recording and handle.trace_id == sampled[0] and handle.request_id_generated
+    tracer.end(handle, 200)
+    tracer.force_flush()
+    assert [s.context.trace_id for s in exporter.get_finished_spans()] == [sampled[0]]
+    tracer.shutdown()
+
+
 def test_disabled_tracer_only_handles_request_id() -> None:
     tracer = Tracer(TracingConfig(enabled=False))
     headers = request(traceparent())
@@ -295,3 +327,10 @@ def test_add_context_on_stripped_headers_matches_inject(
     tracer.end(client, 200)
     tracer.end(server, 200)
     tracer.shutdown()
+
+
+@pytest.mark.parametrize("formats", range(8))
+def test_unsampled_context_writes_what_append_context_does(formats: int) -> None:
+    written: Headers = []
+    append_context(written, formats, PARENT_TRACE, PARENT_SPAN, False)
+    assert unsampled_context(formats, PARENT_TRACE, PARENT_SPAN) == written

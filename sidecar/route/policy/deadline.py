@@ -154,11 +154,23 @@ class RequestDeadline:
     def upstream_header(
         self, now: float, per_try_timeout: float | None, grpc: bool
     ) -> tuple[bytes, bytes] | None:
-        """The header that tells the upstream its budget: ``grpc-timeout`` for gRPC (replacing
-        the caller's), ``x-pilotfish-expected-rq-timeout-ms`` otherwise; None if unbounded."""
-        budget = self.upstream_budget(now, per_try_timeout)
-        if budget is None:
-            return None
-        if grpc:
-            return GRPC_TIMEOUT_HEADER, format_grpc_timeout(budget)
-        return EXPECTED_TIMEOUT_HEADER, str(math.ceil(budget * 1000)).encode()
+        """The header that tells the upstream its budget (``upstream_budget_header``)."""
+        return upstream_budget_header(self.expires_at, now, per_try_timeout, grpc)
+
+
+def upstream_budget_header(
+    expires_at: float | None, now: float, per_try_timeout: float | None, grpc: bool
+) -> tuple[bytes, bytes] | None:
+    """The header that tells the upstream what a try started at ``now`` may take, min(per-try
+    timeout, time left until ``expires_at``): ``grpc-timeout`` for gRPC (replacing the
+    caller's), ``x-pilotfish-expected-rq-timeout-ms`` otherwise; None if unbounded."""
+    remaining = None if expires_at is None else max(0.0, expires_at - now)
+    if per_try_timeout and (remaining is None or per_try_timeout < remaining):
+        budget: float | None = per_try_timeout
+    else:
+        budget = remaining
+    if budget is None:
+        return None
+    if grpc:
+        return GRPC_TIMEOUT_HEADER, format_grpc_timeout(budget)
+    return EXPECTED_TIMEOUT_HEADER, str(math.ceil(budget * 1000)).encode()

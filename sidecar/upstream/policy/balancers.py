@@ -74,6 +74,8 @@ class SmoothWeightedRoundRobin(BalancerBase):
 
 
 class _ActiveRequests(BalancerBase):
+    tracks_requests = True
+
     def __init__(self) -> None:
         super().__init__()
         self.active: dict[str, int] = {}
@@ -173,6 +175,8 @@ class PeakEwma(BalancerBase):
     host that was slow once is tried again. A failed request counts as at least
     ``failure_penalty`` seconds, or a host failing fast would attract all the traffic.
     """
+
+    tracks_requests = True
 
     def __init__(
         self,

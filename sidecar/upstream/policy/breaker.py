@@ -137,6 +137,32 @@ class CircuitBreakers:
         active[2] += 1
         return Permit(self, _REQUESTS)
 
+    # The request path's form of the two above: a count, and no permit to allocate. The caller
+    # keeps track of what it holds and gives it back exactly once.
+    def try_pending(self) -> bool:
+        """Take a pending-request slot (False: overflow, counted); ``release_pending`` it."""
+        active = self._active
+        if active[1] >= self.config.max_pending_requests:
+            self.counters[Resource.PENDING.overflow_counter] += 1
+            return False
+        active[1] += 1
+        return True
+
+    def release_pending(self) -> None:
+        self._active[1] -= 1
+
+    def try_request(self) -> bool:
+        """Take an active-request slot (False: overflow, counted); ``release_request`` it."""
+        active = self._active
+        if active[2] >= self.config.max_requests:
+            self.counters[Resource.REQUESTS.overflow_counter] += 1
+            return False
+        active[2] += 1
+        return True
+
+    def release_request(self) -> None:
+        self._active[2] -= 1
+
     def try_acquire_retry(self) -> Permit | None:
         """For ``RetryState.should_retry(admit=...)``; release when the retried try ends."""
         return self.try_acquire(Resource.RETRIES)

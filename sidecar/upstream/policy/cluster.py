@@ -44,6 +44,8 @@ class ClusterBalancer:
             if connections is not None
             else make_balancer(policy, rng, clock)
         )
+        # Most balancers ignore the request hooks: then no request calls them.
+        self._hooks = getattr(self.balancer, "tracks_requests", True)
         self.health_checker = (
             HealthChecker(health_check, clock, rng) if health_check is not None else None
         )
@@ -139,6 +141,8 @@ class ClusterBalancer:
         return self.balancer.choose(ctx, exclude)
 
     def request_started(self, key: str) -> None:
+        if not self._hooks:
+            return
         index = self._index_of.get(key)
         if index is not None:
             self.balancer.on_request_start(index)
@@ -151,9 +155,11 @@ class ClusterBalancer:
         flight may have given its index to another host, and the balancer's in-flight counts
         and the outlier detector must both see the host that served it.
         """
-        index = self._index_of.get(key)
-        if index is not None:
-            self.balancer.on_request_end(index, latency_s, status is not None and status < 500)
+        if self._hooks:
+            index = self._index_of.get(key)
+            if index is not None:
+                ok = status is not None and status < 500
+                self.balancer.on_request_end(index, latency_s, ok)
         od = self.outlier_detector
         if od is not None and od.report(key, status) is not None:
             self._refresh()

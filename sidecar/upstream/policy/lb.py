@@ -54,6 +54,10 @@ class LoadBalancer(Protocol):
 class BalancerBase:
     """Host bookkeeping shared by all balancers; the request hooks do nothing by default."""
 
+    tracks_requests = False
+    """Whether ``on_request_start``/``on_request_end`` do anything (a subclass that overrides
+    them says True), so callers can skip them per request."""
+
     def __init__(self) -> None:
         self.hosts: list[LbHost] = []
         self._key_of: dict[int, str] = {}

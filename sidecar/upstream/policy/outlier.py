@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import math
 import random
-import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -194,6 +193,10 @@ class OutlierDetector:
         candidates = self._in_service_with_volume(config.success_rate_request_volume)
         if len(candidates) < config.success_rate_minimum_hosts:
             return []
+        # Here, not at the top: statistics brings fractions and decimal (0.8 MB resident) into
+        # every sidecar, and only success-rate detection with enough hosts reaches this line.
+        import statistics
+
         rates = [m.successes / m.requests for _, m in candidates]
         mean = statistics.fmean(rates)
         threshold = mean - config.success_rate_stdev_factor / 1000.0 * statistics.pstdev(rates)

@@ -95,3 +95,20 @@ def test_resets_are_earned_by_streams_that_complete() -> None:
         else:
             completed += 1
     assert budget.tripped is None
+
+
+def test_a_reads_control_frames_charged_at_once_cost_what_they_would_one_by_one() -> None:
+    clock = Clock()
+    limits = ConnectionLimits(control_frame_burst=10, control_frame_rate=1.0)
+    one_by_one, at_once = FrameBudget(limits, clock), FrameBudget(limits, clock)
+    assert all(one_by_one.control_frame(0) for _ in range(10))
+    assert at_once.control_frame(0, frames=10)
+    assert not one_by_one.control_frame(0) and not at_once.control_frame(0)
+    assert at_once.tripped == one_by_one.tripped == FLOOD
+
+
+def test_a_read_with_more_control_frames_than_the_budget_holds_trips_it() -> None:
+    limits = ConnectionLimits(control_frame_burst=10, control_frame_rate=1.0)
+    budget = FrameBudget(limits, Clock())
+    assert not budget.control_frame(0, frames=11)
+    assert budget.tripped == FLOOD

@@ -121,6 +121,16 @@ def test_route_matching(
     assert (decision.cluster if decision else None) == expected
 
 
+def test_a_table_says_whether_any_route_reads_headers() -> None:
+    """The exchange hands a table that reads no headers none at all."""
+    assert ROUTES.matches_headers
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "a"}}
+    plain = table([{"name": "v", "domains": ["*"], "routes": [route]}])
+    assert not plain.matches_headers
+    decision = plain.match("any", "/x", "GET", {})
+    assert decision is not None and decision.cluster == "a"
+
+
 def test_weighted_clusters_follow_weights() -> None:
     rt = table(
         [

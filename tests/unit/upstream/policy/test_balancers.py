@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections import Counter
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pilotfish.config.cluster_policy import HashOn, LbKind, LbPolicy
+from sidecar.upstream.policy import balancers, hashing
 from sidecar.upstream.policy.balancers import (
     LeastRequest,
     PeakEwma,
@@ -19,7 +21,7 @@ from sidecar.upstream.policy.balancers import (
     WeightedRandom,
     make_balancer,
 )
-from sidecar.upstream.policy.lb import NO_CONTEXT, LbHost, LoadBalancer
+from sidecar.upstream.policy.lb import NO_CONTEXT, BalancerBase, LbHost, LoadBalancer
 from tests.unit.upstream.policy.support import FakeClock, client, make_hosts
 
 
@@ -284,3 +286,19 @@ def test_choice_is_eligible_and_avoids_exclude_when_it_can(
         assert choice in indices
         if indices - exclude:
             assert choice not in exclude
+
+
+def test_every_balancer_with_request_hooks_says_so() -> None:
+    """The cluster skips the hooks of a balancer whose ``tracks_requests`` is False: one that
+    overrides them without saying so would never hear of a request."""
+    seen = 0
+    for module in (balancers, hashing):
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BalancerBase) and cls is not BalancerBase:
+                hooks = (
+                    cls.on_request_start is not BalancerBase.on_request_start
+                    or cls.on_request_end is not BalancerBase.on_request_end
+                )
+                assert cls.tracks_requests == hooks, cls.__name__
+                seen += hooks
+    assert seen >= 2  # least-request and peak-EWMA

@@ -108,3 +108,19 @@ def test_gauges() -> None:
     assert gauges["circuit_breakers.default.remaining_pending"] == 1024
     assert gauges["circuit_breakers.default.remaining_retries"] == 3
     assert gauges["circuit_breakers.default.rq_retry_open"] == 0
+
+
+def test_the_request_paths_counters_share_the_permits_limits() -> None:
+    """``try_request``/``try_pending`` count the same resources as the permits, without one."""
+    counters: Counter[str] = Counter()
+    config = CircuitBreakerConfig(max_requests=2, max_pending_requests=1)
+    b = CircuitBreakers(config, None, counters)
+    assert b.try_request() and b.try_acquire_request() is not None
+    assert not b.try_request() and counters["upstream_rq_pending_overflow"] == 1
+    assert b.active(Resource.REQUESTS) == 2 and b.is_open(Resource.REQUESTS)
+    b.release_request()
+    assert b.try_request()
+    assert b.try_pending() and not b.try_pending() and b.try_acquire_pending() is None
+    assert counters["upstream_rq_pending_overflow"] == 3
+    b.release_pending()
+    assert b.active(Resource.PENDING) == 0 and b.gauges()["circuit_breakers.default.rq_open"] == 1
