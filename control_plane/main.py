@@ -11,7 +11,8 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,9 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane.ca.authority import CsrRejected
 from control_plane.ca.service import CA_SERVICE, CertificateServicer
+from control_plane.ca.serving import DEFAULT_SERVING_NAMES, ServingCertificate
 from control_plane.ca.settings import (
     CaSettings,
     build_authenticator,
@@ -46,6 +49,7 @@ from control_plane.status_service import StatusServicer
 from control_plane.watcher import MeshFileWatcher
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.callbacks import Callbacks
+from control_plane.xds.peer_view import authenticate_peer
 from control_plane.xds.server import AdsServicer, ProxyRegistry
 from control_plane.xds.snapshot import InconsistentSnapshot
 from pilotfish.config.errors import ConfigError
@@ -78,6 +82,24 @@ class WebhookOptions:
     inject: InjectOptions = InjectOptions()
 
 
+@dataclass(frozen=True, slots=True)
+class TlsPorts:
+    """The control plane's TLS ports (both need a CA, whose serving certificate they present).
+
+    ``ca_port``: server-side TLS, serving the CA (a workload's first certificate, with its
+    bearer token). ``xds_port``: mutual TLS, serving ADS (each stream's view bound to the
+    client certificate's SPIFFE ID) and the CA. ``plaintext``: whether the plaintext port
+    (everything, unauthenticated: for development, ``pilotfish status`` and clients without an
+    identity) is served too, on ``plaintext_address`` (default: the main address).
+    """
+
+    ca_port: int | None = None
+    xds_port: int | None = None
+    names: tuple[str, ...] = DEFAULT_SERVING_NAMES
+    plaintext: bool = True
+    plaintext_address: str | None = None
+
+
 @dataclass(eq=False)
 class ControlPlane:
     """A started control plane; ``port`` is the bound port (useful when asked for port 0)."""
@@ -99,8 +121,19 @@ class ControlPlane:
     webhook: web.AppRunner | None = None
     ca: CertificateServicer | None = None
     ca_api: Any = None  # the Kubernetes client of the CA's TokenReviews
+    ca_port: int = 0
+    """The bound server-side TLS port of the CA; 0 when off."""
+    xds_port: int = 0
+    """The bound mutual-TLS xDS port; 0 when off."""
+    serving: ServingCertificate | None = None
+    tls_servers: tuple[grpc.aio.Server, ...] = ()
+    _renewal_task: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        if self._renewal_task is not None:
+            self._renewal_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal_task
         if self.ca_api is not None:
             await self.ca_api.close()
         if self.metrics_server is not None:
@@ -115,7 +148,7 @@ class ControlPlane:
             await self.kube.stop()
         self.sources.close()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(*(s.stop(grace) for s in (self.server, *self.tls_servers)))
         await self.registry_store.close()
 
 
@@ -132,6 +165,7 @@ async def start_control_plane(
     ca: CaSettings | None = None,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     registry_store: str | None = None,
+    tls: TlsPorts | None = None,
 ) -> ControlPlane:
     """Load the mesh file and serve it; raises ``ConfigError`` if the file or the CA is bad.
 
@@ -139,8 +173,12 @@ async def start_control_plane(
     file alone is served until the first list arrives). ``heartbeat_interval``: how often
     registered instances must renew their lease (they are evicted after three missed
     heartbeats). ``registry_store``: ``etcd://HOST:PORT`` keeps registrations in etcd (shared
-    by every control plane on it); None keeps them here.
+    by every control plane on it); None keeps them here. ``tls``: the TLS ports (they need
+    ``ca``); ``port`` and ``address`` are then those of the plaintext port, if it is on.
     """
+    if tls is not None and ca is None:
+        flag = "--xds-mtls-port" if tls.xds_port is not None else "--ca-tls-port"
+        raise ConfigError(flag, "needs a CA (--ca-dir or --ca-cert)")
     data = Path(config).read_bytes()
     mesh = load_mesh_file(config)
     authority = build_authority(ca, time.time) if ca is not None else None
@@ -151,11 +189,19 @@ async def start_control_plane(
     except InconsistentSnapshot as exc:
         raise ConfigError("", f"{config}: {exc}") from None
     registry = ProxyRegistry()
-    tls = None
+    webhook_tls = None
+    if webhook is not None and webhook.inject.ca_address:
+        if authority is None:
+            raise ConfigError("--inject-ca-address", "needs a CA (--ca-dir or --ca-cert)")
+        # Injected pods trust the control plane through these roots until their first
+        # certificate brings the current bundle.
+        webhook = replace(
+            webhook, inject=replace(webhook.inject, ca_roots_pem=authority.bundle.pem().decode())
+        )
     if webhook is not None:
         from control_plane.kube.webhook import start_webhook, tls_context
 
-        tls = tls_context(webhook.cert, webhook.key)
+        webhook_tls = tls_context(webhook.cert, webhook.key)
     kube: KubeDiscovery | None = None
     if kubernetes is not None:
         from control_plane.kube.runner import KubeDiscovery
@@ -206,9 +252,8 @@ async def start_control_plane(
     # grpc sets SO_REUSEPORT by default, so a second control plane on a busy port would start
     # and share the port silently; without it, a busy port is an error that says so.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes), server
-    )
+    ads_servicers = [AdsServicer(cache, registry, metrics, unknown_nodes=unknown_nodes)]
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads_servicers[0], server)
     status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
         StatusServicer(cache, registry, lambda: watcher.last_error), server
     )
@@ -224,13 +269,43 @@ async def start_control_plane(
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    try:
-        bound = server.add_insecure_port(f"{address}:{port}")
-    except RuntimeError:  # grpc says "Failed to bind", not why
-        bound = 0
-    if bound == 0:
-        raise OSError(f"xDS: cannot listen on {address}:{port}: {_bind_failure(address, port)}")
-    await server.start()
+    serving = None
+    tls_servers: list[grpc.aio.Server] = []
+    ca_bound = xds_bound = 0
+    plaintext_address = address
+    if tls is not None and ca is not None and ca_servicer is not None:
+        plaintext_address = tls.plaintext_address or address
+        serving = ServingCertificate(ca_servicer.authority, tls.names, time.time)
+        if tls.ca_port is not None:
+            ca_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca_servicer, ca_server)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, ca_server)
+            ca_bound = _bind(ca_server, "CA (TLS)", address, tls.ca_port,
+                             serving.credentials(require_client_certificate=False))
+            tls_servers.append(ca_server)
+        if tls.xds_port is not None:
+            trust_domain = ca.trust_domain
+            xds_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            ads_servicers.append(AdsServicer(
+                cache, registry, metrics, unknown_nodes=unknown_nodes,
+                authenticate=lambda context: authenticate_peer(context, trust_domain),
+            ))
+            ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+                ads_servicers[-1], xds_server
+            )
+            ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca_servicer, xds_server)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, xds_server)
+            xds_bound = _bind(xds_server, "xDS (mTLS)", address, tls.xds_port,
+                              serving.credentials(require_client_certificate=True))
+            tls_servers.append(xds_server)
+    metrics.xds_refused = lambda: dict(sum((a.refused for a in ads_servicers), Counter()))
+    if serving is not None:
+        certificate = serving
+        metrics.serving_expiry = lambda: certificate.current.not_after
+    bound = 0
+    if tls is None or tls.plaintext:
+        bound = _bind(server, "xDS", plaintext_address, port, None)
+    await asyncio.gather(*(s.start() for s in (server, *tls_servers)))
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_server = None
@@ -238,26 +313,30 @@ async def start_control_plane(
         try:
             metrics_server = await start_plain_http(metrics.handle, *metrics_address)
         except OSError as exc:
-            await server.stop(None)
+            await asyncio.gather(*(s.stop(None) for s in (server, *tls_servers)))
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             host, metrics_port = metrics_address
             raise OSError(f"metrics: cannot listen on {host}:{metrics_port}: {reason}") from None
         log.info("metrics on http://%s:%d/metrics", *metrics_address)
     webhook_runner = None
-    if webhook is not None and tls is not None:
-        webhook_runner = await start_webhook(webhook.inject, *webhook.address, tls)
+    if webhook is not None and webhook_tls is not None:
+        webhook_runner = await start_webhook(webhook.inject, *webhook.address, webhook_tls)
         log.info("injection webhook on https://%s:%d/inject", *webhook.address)
     task = asyncio.create_task(watcher.run(poll_interval), name="mesh-file-watcher")
     if kube is not None:
         kube.start(sources.discovery_changed)
     # With etcd, etcd's leases are the TTL; the core's own leases never run out.
     expiry = asyncio.create_task(expire_leases(service_registry, clock), name="registry-expiry")
+    renewal = None
+    if serving is not None:
+        renewal = asyncio.create_task(_renew_serving(serving), name="serving-certificate")
+        log.info("CA over TLS on %s:%d, xDS over mTLS on %s:%d (names %s)", address, ca_bound,
+                 address, xds_bound, ",".join(serving.dns_names))
     log.info(
-        "control plane serving %s (%d services) on %s:%d",
+        "control plane serving %s (%d services) %s",
         config,
         len(mesh.services),
-        address,
-        bound,
+        f"on {plaintext_address}:{bound}" if bound else "on its TLS ports only (plaintext off)",
     )
     return ControlPlane(
         server,
@@ -277,7 +356,45 @@ async def start_control_plane(
         webhook_runner,
         ca_servicer,
         review_api,
+        ca_bound,
+        xds_bound,
+        serving,
+        tuple(tls_servers),
+        renewal,
     )
+
+
+def _bind(
+    server: grpc.aio.Server,
+    what: str,
+    address: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+) -> int:
+    where = f"{address}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(where)
+        else:
+            bound = server.add_secure_port(where, credentials)
+    except RuntimeError:  # grpc says "Failed to bind", not why
+        bound = 0
+    if bound == 0:
+        raise OSError(f"{what}: cannot listen on {where}: {_bind_failure(address, port)}")
+    return int(bound)
+
+
+async def _renew_serving(serving: ServingCertificate) -> None:
+    """Renew the serving certificate at half its lifetime, for as long as the server runs."""
+    while True:
+        await asyncio.sleep(serving.seconds_to_renewal())
+        try:
+            serving.renew()
+        except CsrRejected as exc:
+            # The CA itself has expired (or is not valid yet): keep serving the current
+            # certificate while it lasts, and try again, loudly.
+            log.error("cannot renew the serving certificate: %s; retrying in 30s", exc)
+            await asyncio.sleep(30)
 
 
 def _bind_failure(address: str, port: int) -> str:
@@ -289,6 +406,31 @@ def _bind_failure(address: str, port: int) -> str:
     except OSError as exc:
         return os.strerror(exc.errno) if exc.errno else str(exc)
     return "grpc could not bind it"
+
+
+def tls_ports_from_args(args: argparse.Namespace) -> TlsPorts | None:
+    """``--ca-tls-port``, ``--xds-mtls-port``, ``--tls-names``, ``--plaintext-address`` and
+    ``--no-plaintext``; None when no TLS port is asked for."""
+    ca_port, xds_port = args.ca_tls_port, args.xds_mtls_port
+    if ca_port is None and xds_port is None:
+        if args.no_plaintext:
+            raise ConfigError(
+                "--no-plaintext", "needs a TLS port (--ca-tls-port or --xds-mtls-port)"
+            )
+        return None
+    for flag, value in (("--ca-tls-port", ca_port), ("--xds-mtls-port", xds_port)):
+        if value is not None and not 0 <= value < 65536:
+            raise ConfigError(flag, f"{value} is not a port")
+    names = tuple(n.strip() for n in args.tls_names.split(",") if n.strip())
+    if not names:
+        raise ConfigError("--tls-names", "at least one DNS name is needed")
+    return TlsPorts(
+        ca_port=ca_port,
+        xds_port=xds_port,
+        names=names,
+        plaintext=not args.no_plaintext,
+        plaintext_address=args.plaintext_address or None,
+    )
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -320,8 +462,12 @@ async def _serve(args: argparse.Namespace) -> int:
                     image=args.inject_image,
                     xds_address=args.inject_xds_address,
                     native=not args.inject_classic,
+                    ca_address=args.inject_ca_address,
+                    ca_token_audience=args.ca_token_audience,
+                    trust_domain=args.trust_domain,
                 ),
             )
+        tls = tls_ports_from_args(args)
         plane = await start_control_plane(
             args.config,
             args.address,
@@ -333,6 +479,7 @@ async def _serve(args: argparse.Namespace) -> int:
             ca=ca_settings_from_args(args),
             heartbeat_interval=heartbeat,
             registry_store=args.registry_store or None,
+            tls=tls,
         )
     except ConfigError as exc:
         print(f"pilotfish control-plane: {exc}", file=sys.stderr)

@@ -12,6 +12,12 @@ pilotfish_mesh_generation                 gauge      (none): bumps on every acce
 pilotfish_mesh_reload_errors_total        counter    (none): edits rejected as invalid
 pilotfish_ca_requests_total               counter    outcome (issued, unauthenticated,
                                                      denied, invalid, unavailable); with a CA
+pilotfish_xds_streams_refused_total       counter    reason: unauthenticated (no acceptable
+                                                     certificate), identity (metadata
+                                                     contradicts it), unknown_node,
+                                                     certificate_expired (stream ended)
+pilotfish_serving_certificate_expiry      gauge      (none): Unix time the TLS ports'
+                                                     certificate expires (with TLS ports)
 pilotfish_kubernetes_watch_total          counter    what: list, watch, event, bookmark,
                                                      gone (410, relisted), failure,
                                                      malformed (with ``--kubernetes``)
@@ -74,6 +80,13 @@ class ControlPlaneMetrics(Callbacks):
         self.ca_outcomes: Callable[[], dict[str, int]] = dict
         r.callback("pilotfish_ca_requests_total", "Certificate requests by outcome.", "counter",
                    self._ca_outcomes, ("outcome",))  # fmt: skip
+        self.xds_refused: Callable[[], dict[str, int]] = dict
+        r.callback("pilotfish_xds_streams_refused_total", "ADS streams ended by the control "
+                   "plane, by reason.", "counter", self._xds_refused, ("reason",))  # fmt: skip
+        self.serving_expiry: Callable[[], float | None] = lambda: None
+        r.callback("pilotfish_serving_certificate_expiry", "When the serving certificate of "
+                   "the TLS ports expires (Unix seconds).", "gauge",
+                   self._serving_expiry)  # fmt: skip
         r.callback("pilotfish_kubernetes_watch_total", "Kubernetes list/watch activity.",
                    "counter", self._kube_watch, ("what",))  # fmt: skip
         r.callback("pilotfish_kubernetes_services", "Kubernetes Services discovered.", "gauge",
@@ -97,6 +110,15 @@ class ControlPlaneMetrics(Callbacks):
     def _ca_outcomes(self) -> Iterator[Sample]:
         for outcome, count in self.ca_outcomes().items():
             yield (outcome,), float(count)
+
+    def _xds_refused(self) -> Iterator[Sample]:
+        for reason, count in sorted(self.xds_refused().items()):
+            yield (reason,), float(count)
+
+    def _serving_expiry(self) -> Iterator[Sample]:
+        expiry = self.serving_expiry()
+        if expiry is not None:
+            yield (), expiry
 
     def on_stream_open(self, stream_id: int, kind: str) -> None:
         self._kinds[stream_id] = kind
@@ -128,6 +150,11 @@ class ControlPlaneMetrics(Callbacks):
         self.inner.on_response(stream_id, type_url, mesh_changed_at)
 
     def handle(self, method: str, target: str) -> Response:
-        if method == "GET" and target.split("?", 1)[0] in ("/metrics", "/stats/prometheus"):
+        path = target.split("?", 1)[0]
+        if method == "GET" and path in ("/metrics", "/stats/prometheus"):
             return 200, CONTENT_TYPE, self.registry.render().encode()
-        return 404, "text/plain", b"GET /metrics\n"
+        if method == "GET" and path == "/ready":
+            # For the kubelet, whose probes cannot speak TLS to the gRPC ports: this port
+            # opens only once every gRPC port is serving.
+            return 200, "text/plain", b"ready\n"
+        return 404, "text/plain", b"GET /metrics or /ready\n"

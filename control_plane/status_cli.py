@@ -100,6 +100,10 @@ def format_proxy_status(proxies: list[Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _utc(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def format_status(reply: Any) -> str:
     lines = [f"mesh generation {reply.mesh_generation}"]
     if reply.mesh_error:
@@ -109,12 +113,19 @@ def format_status(reply: Any) -> str:
     if not reply.proxies:
         lines.append("no proxies connected")
         return "\n".join(lines) + "\n"
-    rows = [("NODE", "SERVICE", "NAMESPACE", "STREAM", "CONNECTED", "TYPE", "ACKED", "SYNC",
-             "LAST NACK")]
+    rows = [("NODE", "SERVICE", "NAMESPACE", "IDENTITY", "CERT EXPIRES", "STREAM", "CONNECTED",
+             "TYPE", "ACKED", "SYNC", "LAST NACK")]
     for proxy in reply.proxies:
-        since = datetime.fromtimestamp(proxy.connected_since.seconds, UTC)
+        # IDENTITY is what the proxy proved with its certificate (mTLS port); "-" means it
+        # connected in plaintext and SERVICE is only what it claimed.
+        expires = (
+            _utc(proxy.certificate_expires.seconds)
+            if proxy.HasField("certificate_expires")
+            else "-"
+        )
         head = (proxy.node_id or "-", proxy.service or "-", proxy.namespace or "-",
-                proxy.stream_kind, since.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                proxy.spiffe_id or "-", expires, proxy.stream_kind,
+                _utc(proxy.connected_since.seconds))
         if not proxy.resources:
             rows.append((*head, "-", "-", "-", ""))
         for i, t in enumerate(proxy.resources):

@@ -36,6 +36,9 @@ class StatusServicer(status_pb2_grpc.ControlPlaneStatusServicer):  # type: ignor
         since = timestamp_pb2.Timestamp()
         since.FromNanoseconds(int(proxy.connected_since * 1e9))
         message = status_pb2.ProxyStatus(stream_kind=proxy.kind, connected_since=since)
+        if proxy.peer is not None:
+            message.spiffe_id = proxy.peer.spiffe_id.uri
+            message.certificate_expires.FromNanoseconds(int(proxy.peer.not_after * 1e9))
         if proxy.identity is None:
             return message  # connected, but no request yet
         message.node_id = proxy.identity.node_id

@@ -76,7 +76,10 @@ def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--trace-sampling", type=float, help="fraction of requests to trace, 0 to 1 (e.g. 0.01)"
     )
     xds = p.add_argument_group("live config from a control plane (xDS)")
-    xds.add_argument("--xds", metavar="HOST:PORT", help="control plane address")
+    xds.add_argument(
+        "--xds", metavar="HOST:PORT",
+        help="control plane address (its mTLS port with --control-plane-roots)",
+    )
     xds.add_argument("--node-id", help="this proxy's xDS node id (default: the host name)")
     xds.add_argument("--service", default="", help="the service this sidecar runs beside")
     xds.add_argument("--namespace", default="default", help="the service's namespace")
@@ -107,6 +110,11 @@ def _add_sidecar(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--ca-token-file", help="bootstrap or service-account token; turns the identity on"
     )
     mesh.add_argument("--ca", metavar="HOST:PORT", help="the CA (default: the --xds address)")
+    mesh.add_argument(
+        "--control-plane-roots", metavar="PEM_FILE",
+        help="the mesh's root certificates: the CA (--ca: its TLS port) is then called over "
+        "TLS and xDS (--xds: its mTLS port) over mutual TLS with the workload certificate",
+    )
     mesh.add_argument("--service-account", help="default: --service")
     mesh.add_argument("--trust-domain", default="cluster.local")
     reg = p.add_argument_group(
@@ -172,6 +180,30 @@ def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="with --kubernetes: service-account tokens for this audience are checked through "
         "TokenReview",
     )
+    tls = p.add_argument_group(
+        "TLS ports (need the CA; the serving certificate comes from it and rotates)"
+    )
+    tls.add_argument(
+        "--ca-tls-port", type=int, metavar="PORT",
+        help="the CA over server-side TLS: workloads get their first certificate here",
+    )
+    tls.add_argument(
+        "--xds-mtls-port", type=int, metavar="PORT",
+        help="ADS (and the CA) over mutual TLS: a proxy gets the view of its certificate's "
+        "identity",
+    )
+    tls.add_argument(
+        "--tls-names", default="localhost", metavar="NAME[,NAME...]",
+        help="DNS names of the serving certificate: the names clients dial (default localhost)",
+    )
+    tls.add_argument(
+        "--plaintext-address", default="", metavar="ADDRESS",
+        help="where the plaintext --port listens (default --address; e.g. 127.0.0.1)",
+    )
+    tls.add_argument(
+        "--no-plaintext", action="store_true",
+        help="serve only the TLS ports (pilotfish status then has no port to read)",
+    )
     kube = p.add_argument_group("Kubernetes discovery")
     kube.add_argument(
         "--kubernetes",
@@ -199,6 +231,12 @@ def _add_control_plane(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     hook.add_argument(
         "--inject-classic", action="store_true", help="inject classic (not native) sidecars"
+    )
+    hook.add_argument(
+        "--inject-ca-address", default="", metavar="HOST:PORT",
+        help="the CA's TLS port as sidecars reach it: injected sidecars get a projected token "
+        "(--ca-token-audience), the CA's roots, and hold xDS over mTLS (--inject-xds-address "
+        "is then the --xds-mtls-port)",
     )
 
 
@@ -242,9 +280,49 @@ def _add_proxy_config(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds")
 
 
+def _add_top(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "top",
+        help="live success rate, requests/s and p50/p99 per service and route, from the "
+        "sidecars' metrics",
+        description="Scrapes each sidecar's /stats/prometheus every --interval seconds and shows "
+        "what happened in between: rates from the counters' growth, p50 and p99 from the "
+        "growth of the latency histogram's buckets. Sidecars come from --admin, else from the "
+        "control plane (each sidecar reports its admin address). A success is a response that "
+        "is neither a 5xx nor a gRPC status other than OK.",
+    )
+    p.add_argument(
+        "--admin", action="append", metavar="HOST:PORT[,HOST:PORT...]",
+        help="a sidecar's admin address (repeatable; default: ask the control plane)",
+    )
+    p.add_argument("--address", default="127.0.0.1:15010", help="control plane gRPC address")
+    p.add_argument("-n", "--interval", type=float, default=2.0, help="seconds between scrapes")
+    p.add_argument(
+        "--direction", default="outbound", choices=("outbound", "inbound", "all"),
+        help="outbound: as the callers' sidecars saw the calls (failures the service never "
+        "saw included); inbound: as the service's own sidecar saw them",
+    )
+    p.add_argument("--once", action="store_true", help="scrape twice, print one table, exit")
+    p.add_argument("-o", "--output", default="table", choices=("table", "json"))
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds, per request")
+
+
 def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser("demo", help="run a small local mesh and drive traffic through it")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
+    p = sub.add_parser(
+        "demo",
+        help="run a small local mesh with its control plane, change its policy while traffic "
+        "flows, and show the effect of each change",
+        description="Starts a control plane on a mesh file in the run folder and two sample gRPC "
+        "services (greeter calls quotes), every instance behind a sidecar that takes its config "
+        "over ADS and registers its app. While calls flow, it rewrites the mesh file phase by "
+        "phase (round robin; a 90/10 canary split; a 10%% fault absorbed by retries; an "
+        "instance drained with SIGTERM) and shows each change acked by the sidecars and its "
+        "effect, measured from the traffic. Exit code 1 when a phase does not show its effect.",
+    )
+    p.add_argument(
+        "--duration", type=float, default=16.0,
+        help="seconds of measured traffic, split evenly over the four phases",
+    )
     p.add_argument("--rate", type=float, default=50.0, help="calls per second")
     p.add_argument(
         "--otlp-endpoint",
@@ -253,7 +331,7 @@ def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
         "http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
     )
     p.add_argument(
-        "--keep", action="store_true", help="keep the folder of configs and logs after the run"
+        "--keep", action="store_true", help="keep the run folder (mesh file, logs) after the run"
     )
 
 
@@ -293,6 +371,10 @@ def _add_identity_agent(sub: argparse._SubParsersAction[_Parser]) -> None:
         "identity-agent", help="keep a workload certificate fresh and serve it to Envoy over SDS"
     )
     p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the control plane's CA")
+    p.add_argument(
+        "--control-plane-roots", metavar="PEM_FILE",
+        help="the mesh's roots: call the CA over TLS (its --ca-tls-port) rather than plaintext",
+    )
     p.add_argument("--token-file", required=True, help="bootstrap or service-account token")
     p.add_argument("--service-account", required=True)
     p.add_argument("--namespace", default="default")
@@ -325,6 +407,14 @@ def _add_inject(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--proxy-log-level", default="info", choices=LOG_LEVELS, help="the sidecar's verbosity"
     )
+    p.add_argument(
+        "--ca-address", default="", metavar="HOST:PORT",
+        help="the CA's TLS port: sidecars get a workload identity and use mTLS to xDS "
+        "(--xds-address is then the control plane's mTLS port); needs --ca-roots",
+    )
+    p.add_argument("--ca-roots", default="", metavar="PEM_FILE", help="the mesh's roots")
+    p.add_argument("--ca-token-audience", default="pilotfish-ca")
+    p.add_argument("--trust-domain", default="cluster.local")
 
 
 class _VersionAction(argparse.Action):
@@ -363,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_proxy_status(sub)
     _add_proxy_config(sub)
+    _add_top(sub)
     _add_demo(sub)
     _add_iptables(sub)
     _add_ca_root(sub)
@@ -404,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.proxy_config_cli import run_proxy_config
 
         return run_proxy_config(args)
+    if args.command == "top":
+        from pilotfish.top.run import run_top
+
+        return run_top(args)
     if args.command == "iptables":
         from sidecar.listen.iptables import run_iptables
 

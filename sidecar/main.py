@@ -66,6 +66,8 @@ class IdentityOptions:
     ca_address: str
     token_file: str
     identity: SpiffeId
+    control_plane_roots: bytes | None = None
+    """The mesh's roots: the CA is then reached over TLS and xDS over mutual TLS."""
 
 
 class IdentityUnavailable(Exception):
@@ -74,19 +76,19 @@ class IdentityUnavailable(Exception):
 
 async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificates, Any]:
     # Loaded only when asked for: grpc and the CA's messages cost memory.
-    import grpc
-
     from sidecar.security.workload import (
+        CaChannel,
         CertificateError,
         GrpcCertificateSource,
         WorkloadCertificates,
         token_file,
     )
 
-    channel = grpc.aio.insecure_channel(options.ca_address)
+    channel = CaChannel(options.ca_address, options.control_plane_roots)
     workload = WorkloadCertificates(
         GrpcCertificateSource(channel, token_file(options.token_file)), options.identity
     )
+    workload.on_change.append(lambda svid: channel.trust(svid.bundle_pem))
     try:
         await workload.start()
     except CertificateError as exc:
@@ -101,7 +103,16 @@ async def _start_identity(options: IdentityOptions) -> tuple[WorkloadCertificate
 def identity_options(args: argparse.Namespace) -> IdentityOptions | None:
     """From the flags; None without ``--ca-token-file``, ``ConfigError`` naming a bad flag."""
     if not args.ca_token_file:
+        if args.control_plane_roots:
+            raise ConfigError(
+                "--control-plane-roots", "needs --ca-token-file (mTLS needs a certificate)"
+            )
         return None
+    if args.control_plane_roots and not args.ca:
+        raise ConfigError(
+            "--ca", "required with --control-plane-roots: the CA's TLS port (the xDS port "
+            "accepts only callers that already have a certificate)"
+        )
     address = args.ca or args.xds
     if not address:
         raise ConfigError("--ca", "required with --ca-token-file (or give --xds)")
@@ -113,7 +124,12 @@ def identity_options(args: argparse.Namespace) -> IdentityOptions | None:
         identity = SpiffeId(args.trust_domain, args.namespace, account)
     except InvalidSpiffeId as exc:
         raise ConfigError("--service-account", str(exc)) from None
-    return IdentityOptions(address, args.ca_token_file, identity)
+    roots = None
+    if args.control_plane_roots:
+        from sidecar.security.workload import read_roots
+
+        roots = read_roots("--control-plane-roots", args.control_plane_roots)
+    return IdentityOptions(address, args.ca_token_file, identity, roots)
 
 
 def _install_event_loop_policy() -> None:
@@ -194,7 +210,13 @@ async def serve(
         # The xDS messages (and grpc) cost memory: only xDS-driven sidecars load them.
         from sidecar.xds.client import XdsClient, make_node
 
-        client = XdsClient(sidecar, bootstrap, xds.address, make_node(xds.node_id, xds.metadata))
+        credentials = None
+        if started_identity is not None and identity is not None and identity.control_plane_roots:
+            credentials = started_identity[0].channel_credentials
+        client = XdsClient(
+            sidecar, bootstrap, xds.address, make_node(xds.node_id, xds.metadata),
+            credentials=credentials,
+        )
         xds_task = loop.create_task(client.run())
 
         def xds_ended(task: asyncio.Task[None]) -> None:

@@ -398,7 +398,15 @@ class Sidecar:
             self._route_stats.clear()
         decision = exchange.decision
         route = decision.route.name if decision is not None else ""
-        service = exchange.cluster.config.name if exchange.cluster is not None else ""
+        if exchange.cluster is not None:
+            service = exchange.cluster.config.name
+        elif decision is not None:
+            # Answered before an upstream was picked (a fault, a rate limit): still the service
+            # the route chose, so its error rate shows the failure. Not kept under this key,
+            # which a split route shares among its clusters; metrics.route has its own cache.
+            return self.metrics.route(listener.direction, decision.cluster, route)
+        else:
+            service = ""
         stats = self._route_stats[key] = self.metrics.route(listener.direction, service, route)
         return stats
 

@@ -13,18 +13,31 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 try:
     import psutil
 except ImportError:  # a dev dependency; without it the orphan checks are skipped
     psutil = None
 
-from pilotfish.config.bootstrap import parse_bootstrap
+from control_plane.mesh import MeshRoute, parse_mesh
+from control_plane.validate import validate_file
+from pilotfish.cli import build_parser
 from pilotfish.demo import otlp_endpoint
 from pilotfish.demo.api import demo_pb2_grpc
+from pilotfish.demo.phases import (
+    PHASES,
+    Acked,
+    Observed,
+    Phase,
+    format_acked,
+    format_phase,
+    judge,
+)
 from pilotfish.demo.processes import free_ports, tcp_accepts
 from pilotfish.demo.summary import (
     CallFinished,
@@ -36,14 +49,17 @@ from pilotfish.demo.summary import (
     summarize,
 )
 from pilotfish.demo.topology import (
-    GREETER,
     QUOTES,
-    SERVED_BY_HEADER,
+    QUOTES_CANARY,
+    Topology,
+    control_plane_args,
+    mesh_file,
     plan_topology,
     ports_needed,
-    sidecar_bootstrap,
+    sidecar_args,
 )
 from pilotfish.demo.traffic import call_greeter, callers_for, new_traceparent
+from pilotfish.top.core import Row
 from sidecar.observability.propagation import parse_traceparent
 from tests.observability.otlp_receiver import OtlpReceiver
 
@@ -77,17 +93,17 @@ def test_percentile_rejects_nonsense(values: list[float], q: float) -> None:
         percentile(values, q)
 
 
-def _ok(ms: float, greeter: str, quotes: str, sidecar: str | None = None) -> CallFinished:
+def _ok(ms: float, greeter: str, quotes: str, started: float = 0.0) -> CallFinished:
     return CallFinished(
-        status="OK", latency=ms / 1000, greeter=greeter, quotes=quotes, sidecar=sidecar
+        status="OK", latency=ms / 1000, greeter=greeter, quotes=quotes, started=started
     )
 
 
 def test_summarize_counts_statuses_latency_and_who_served() -> None:
     calls = [
-        _ok(1, "greeter-1", "quotes-1", "greeter-1"),
-        _ok(2, "greeter-1", "quotes-2", "greeter-1"),
-        _ok(3, "greeter-2", "quotes-2", "greeter-2"),
+        _ok(1, "greeter-1", "quotes-1"),
+        _ok(2, "greeter-1", "quotes-2"),
+        _ok(3, "greeter-2", "quotes-2"),
         _ok(4, "greeter-2", "quotes-2"),
         CallFinished(status="UNAVAILABLE", latency=0.010, detail="no healthy upstream"),
         CallFinished(status="UNAVAILABLE", latency=0.005, detail="connection reset"),
@@ -108,7 +124,6 @@ def test_summarize_counts_statuses_latency_and_who_served() -> None:
         ("greeter-1", "quotes-2"): 1,
         ("greeter-2", "quotes-2"): 2,
     }
-    assert summary.sidecars == {"greeter-1": 2, "greeter-2": 1}
 
 
 def test_format_summary_shows_the_served_by_matrix() -> None:
@@ -138,50 +153,139 @@ def test_callers_stay_few_but_keep_up_with_the_rate() -> None:
     assert callers_for(1e6) == 32
 
 
-# --- the topology, checked against the sidecar's own bootstrap loader --------------------------
+# --- the topology and the mesh file of each phase, checked against the real parsers ------------
 
 
-def test_every_sidecar_bootstrap_loads_and_points_at_the_right_ports() -> None:
-    topology = plan_topology(iter(range(20000, 20000 + ports_needed(2, 2))), greeters=2, quotes=2)
-    all_ports = [p for s in topology.sidecars for p in (s.admin_port, *s.listener_ports)]
-    all_ports += [a.port for a in topology.apps]
-    assert len(set(all_ports)) == len(all_ports) == ports_needed(2, 2)
+def _topology() -> Topology:
+    return plan_topology(iter(range(20000, 20000 + ports_needed(2, 3))), greeters=2, quotes=3)
 
-    boots = {s.node_id: parse_bootstrap(sidecar_bootstrap(topology, s)) for s in topology.sidecars}
 
-    client = boots["demo-client"]
-    assert [listener.name for listener in client.listeners] == ["outbound"]
-    assert {e.port for e in client.clusters[GREETER].endpoints} == {
-        g.sidecar.inbound_port for g in topology.greeters
-    }
-    for greeter in topology.greeters:
-        boot = boots[greeter.name]
-        assert {e.port for e in boot.clusters[QUOTES].endpoints} == {
-            q.sidecar.inbound_port for q in topology.quotes
-        }
-        assert [e.port for e in boot.clusters["local_app"].endpoints] == [greeter.port]
-        inbound = boot.route_configs["inbound"].virtual_hosts[0].routes[0]
-        assert inbound.response_headers.add == ((SERVED_BY_HEADER, greeter.name, False),)
-        outbound = boot.route_configs["outbound"].virtual_hosts[0]
-        assert outbound.domains == ("quotes", "quotes:*")
-    for quotes in topology.quotes:
-        boot = boots[quotes.name]
-        assert [listener.name for listener in boot.listeners] == ["inbound"]
-        assert set(boot.clusters) == {"local_app"}
+def test_every_process_gets_its_own_ports_and_the_last_quotes_is_the_canary() -> None:
+    topology = _topology()
+    ports = [topology.xds_port]
+    ports += [p for s in topology.sidecars for p in (s.admin_port, *s.listener_ports)]
+    ports += [a.port for a in topology.apps]
+    assert len(set(ports)) == len(ports) == ports_needed(2, 3)
+    assert [(q.name, q.version) for q in topology.quotes] == [
+        ("quotes-1", "v1"), ("quotes-2", "v1"), ("quotes-3", "v2")
+    ]
+    with pytest.raises(ValueError):
+        plan_topology(iter(range(100)), greeters=1, quotes=1)
+
+
+def test_every_sidecar_takes_its_config_over_xds_and_registers_its_app() -> None:
+    topology = _topology()
+    parser = build_parser()
     for sidecar in topology.sidecars:
-        assert boots[sidecar.node_id].admin.port == sidecar.admin_port
-        assert all(listener.host == "127.0.0.1" for listener in boots[sidecar.node_id].listeners)
+        args = parser.parse_args(["sidecar", *sidecar_args(topology, sidecar)])
+        assert (args.xds, args.node_id, args.service) == (
+            topology.xds_address, sidecar.node_id, sidecar.service
+        )
+        assert args.admin_address == sidecar.admin_address
+        assert args.outbound_address == f"127.0.0.1:{sidecar.outbound_port}"
+    for app in topology.apps:
+        args = parser.parse_args(["sidecar", *sidecar_args(topology, app.sidecar)])
+        assert args.register and args.register_label == [f"version={app.version}"]
+        assert args.app_address == f"127.0.0.1:{app.port}"
+        assert args.inbound_address == app.sidecar.inbound_address
+    client = parser.parse_args(["sidecar", *sidecar_args(topology, topology.client)])
+    assert not client.register and client.app_address == ""
+    plane = parser.parse_args(["control-plane", *control_plane_args(topology, "mesh.yaml")])
+    assert (plane.config, plane.port) == ("mesh.yaml", topology.xds_port)
 
 
-def test_sidecars_trace_only_when_an_otlp_endpoint_is_given() -> None:
-    topology = plan_topology(iter(range(20000, 20000 + ports_needed(1, 1))), greeters=1, quotes=1)
-    for sidecar in topology.sidecars:
-        plain = parse_bootstrap(sidecar_bootstrap(topology, sidecar))
-        assert not plain.telemetry.tracing.enabled
-        boot = sidecar_bootstrap(topology, sidecar, otlp_endpoint="http://127.0.0.1:4317")
-        tracing = parse_bootstrap(boot).telemetry.tracing
-        assert tracing.enabled and tracing.endpoint == "http://127.0.0.1:4317"
-        assert (tracing.sample_ratio, tracing.service_name) == (1.0, sidecar.node_id)
+def _quote_route(phase: Phase) -> MeshRoute:
+    mesh = parse_mesh(mesh_file(phase.policy))
+    (route,) = mesh.services[QUOTES].routes
+    return route
+
+
+def test_each_phase_is_a_valid_mesh_file_that_changes_what_it_says(tmp_path: Path) -> None:
+    baseline, canary, fault, drain = PHASES
+    for phase in PHASES:
+        path = tmp_path / "mesh.yaml"
+        path.write_text(yaml.safe_dump(mesh_file(phase.policy)), encoding="utf-8")
+        report = validate_file(path)
+        assert report.findings == (), report.findings  # Envoy's own rules included
+    def split(route: MeshRoute) -> dict[str, int]:
+        return {c.name: c.weight for c in route.clusters}
+
+    assert split(_quote_route(baseline)) == {QUOTES: 1}
+    assert split(_quote_route(canary)) == {QUOTES: 90, QUOTES_CANARY: 10}
+    assert _quote_route(canary).policy.fault is None
+    faults = _quote_route(fault).policy.fault
+    assert faults is not None and faults.abort is not None
+    assert (faults.abort.percentage, faults.abort.grpc_status) == (10, 14)
+    assert _quote_route(drain).policy.fault is None and drain.drain
+    mesh = parse_mesh(mesh_file(canary.policy))
+    selector = mesh.services[QUOTES_CANARY].registry
+    assert selector is not None
+    assert (selector.service, dict(selector.labels)) == (QUOTES, {"version": "v2"})
+
+
+# --- each phase's verdict, from the calls and the metrics of its window -----------------------
+
+
+def _calls(*served: tuple[str, int], failed: int = 0) -> list[CallFinished]:
+    calls = [_ok(5, "greeter-1", name) for name, n in served for _ in range(n)]
+    return calls + [CallFinished(status="UNAVAILABLE", latency=0.001)] * failed
+
+
+def _quotes_row(requests: float, success_rate: float) -> Row:
+    return Row(
+        direction="outbound", service=QUOTES, route="(all)", requests=requests, rps=50.0,
+        success_rate=success_rate, p50=0.005, p99=0.02,
+    )
+
+
+@pytest.mark.parametrize(
+    ("index", "calls", "extra", "ok"),
+    [
+        (0, _calls(("quotes-1", 100), ("quotes-2", 100)), {}, True),
+        (0, _calls(("quotes-1", 190), ("quotes-2", 10)), {}, False),  # not round robin
+        (0, _calls(("quotes-1", 99), ("quotes-2", 99), ("quotes-3", 2)), {}, False),
+        (1, _calls(("quotes-1", 90), ("quotes-2", 90), ("quotes-3", 20)), {}, True),
+        (1, _calls(("quotes-1", 100), ("quotes-2", 100)), {}, False),  # the split did nothing
+        (1, _calls(("quotes-1", 50), ("quotes-2", 50), ("quotes-3", 100)), {}, False),
+        (2, _calls(("quotes-1", 200), failed=1),
+         {"rows": [_quotes_row(220, 0.9)], "quotes_failed": 22, "retries": 21}, True),
+        (2, _calls(("quotes-1", 200)), {"quotes_failed": 0, "retries": 0}, False),
+        (2, _calls(("quotes-1", 200)), {"quotes_failed": 22, "retries": 0}, False),
+        (2, _calls(("quotes-1", 178), failed=22),
+         {"quotes_failed": 22, "retries": 5}, False),  # nothing absorbed
+        (3, _calls(("quotes-1", 180), ("quotes-3", 20)), {"drained": "quotes-2"}, True),
+        (3, _calls(("quotes-1", 180), ("quotes-3", 19), failed=1), {"drained": "quotes-2"},
+         False),
+        (3, _calls(("quotes-1", 180), ("quotes-3", 20)),
+         {"drained": "quotes-2", "drained_after_removal": 3}, False),
+        (0, [], {}, False),
+    ],
+)
+def test_a_phase_shows_its_effect_or_says_what_is_missing(
+    index: int, calls: list[CallFinished], extra: dict[str, Any], ok: bool
+) -> None:
+    observed = Observed(phase=PHASES[index], acked=(), calls=calls, seconds=4.0, **extra)
+    verdict = judge(observed, _topology())
+    assert verdict.ok is ok, verdict.text
+    text = format_phase(observed, _topology(), verdict)
+    assert text.endswith(": OK" if ok else ": NOT SHOWN")
+
+
+def test_a_phase_report_names_the_acked_versions() -> None:
+    acked = Acked(
+        what="mesh file rewritten", generation=3, in_sync=6, connected=6, seconds=0.25,
+        sample_node="greeter-1", changed=[("RDS", "8a4c354a11111111", "6ff7150a22222222")],
+    )
+    assert format_acked(acked) == [
+        "  control plane: mesh file rewritten; mesh generation 3, acked by 6/6 sidecars "
+        "within 0.2 s",
+        "    greeter-1 acked RDS 6ff7150a (was 8a4c354a)",
+    ]
+    first = Acked(
+        what="the mesh file as started", generation=1, in_sync=6, connected=6, seconds=0.0,
+        sample_node="greeter-1", changed=[("LDS", "", "f2c305a0aaaa"), ("RDS", "", "e53b99ef")],
+    )
+    assert format_acked(first)[1] == "    greeter-1 acked LDS f2c305a0, RDS e53b99ef"
 
 
 def test_each_call_starts_a_sampled_w3c_trace() -> None:
@@ -318,32 +422,58 @@ def _start_demo(*args: str) -> tuple[subprocess.Popen[str], list[str], list[int]
     pytest.fail(f"the demo exited with {demo.returncode} before traffic:\n{''.join(head)}{err}")
 
 
-def test_demo_runs_the_mesh_and_every_call_succeeds() -> None:
+def test_demo_runs_every_phase_through_the_control_plane_and_shows_its_effect() -> None:
     receiver = OtlpReceiver().start()
     try:
-        demo, head, children = _start_demo(
-            "--duration", "3", "--rate", "20", "--otlp-endpoint", receiver.endpoint
-        )
+        demo, head, children = _start_demo("--otlp-endpoint", receiver.endpoint, "--keep")
         try:
-            rest, err = demo.communicate(timeout=60)
+            rest, err = demo.communicate(timeout=120)
         finally:
             demo.kill()
     finally:
         receiver.stop()
     out = "".join(head) + rest
     assert demo.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
-    assert children is None or len(children) >= 9  # 4 services and 5 sidecars
+    # The control plane, 5 apps and 6 sidecars, all stopped at the end.
+    assert children is None or len(children) >= 12
     assert _alive(children) == []
+    kept = re.search(r"^the mesh file and logs are kept in (\S+)$", out, re.M)
+    assert kept, out
+    folder = Path(kept.group(1))
+    try:
+        assert (folder / "greeter-1-sidecar.log").is_file()
+        # The last phase's mesh file: the split stays, the fault is gone.
+        last = yaml.safe_load((folder / "mesh.yaml").read_text())
+        assert last == mesh_file(PHASES[-1].policy)
+    finally:
+        shutil.rmtree(folder)
 
-    assert re.search(r"^calls: 60 in [\d.]+ s \([\d.]+/s\), ok 60, failed 0$", out, re.M), out
-    assert re.search(r"^  OK +60  100\.0%$", out, re.M), out
+    assert "pilotfish demo: all 4 phases showed their effect" in out
+    assert len(re.findall(r"^  effect: .*: OK$", out, re.M)) == 4, out
+    # Each change is acked by every sidecar, with the versions a caller of quotes now runs.
+    acks = re.findall(r"^  control plane: (.*); mesh generation (\d+), acked by (\d+)/(\d+)", out,
+                      re.M)
+    assert [(g, n, m) for _, g, n, m in acks] == [
+        ("1", "6", "6"), ("2", "6", "6"), ("3", "6", "6"), ("4", "6", "6"), ("4", "5", "5")
+    ], out
+    assert acks[0][0] == "the mesh file as started"
+    assert "quotes-2 deregistered itself on SIGTERM" in acks[-1][0]
+    assert re.search(r"^    greeter-1 acked .*RDS [0-9a-f]{8} \(was [0-9a-f]{8}\)", out, re.M), out
+    assert re.search(r"^    greeter-1 acked EDS [0-9a-f]{8}", out, re.M), out
+    assert re.search(r"^  effect: v2 answered [\d.]+% of the quotes calls", out, re.M), out
+    # The fault, as the sidecars counted it: quotes calls failed, greeter calls hardly did.
+    fault = out.split("phase 3/4", 1)[1].split("phase 4/4", 1)[0]
+    quotes_ok = re.search(r"^  sidecars' metrics \(outbound\): greeter .*; quotes ([\d.]+)% ok",
+                          fault, re.M)
+    assert quotes_ok and float(quotes_ok.group(1)) < 100.0, fault
+    drain = out.split("phase 4/4", 1)[1]
+    assert re.search(r"^  traffic: \d+ calls in [\d.]+ s, (\d+) ok \(100\.0%\)", drain, re.M)
     table = _served_table(out)
-    assert table["total"]["quotes-1"] > 0 and table["total"]["quotes-2"] > 0, out
-    assert table["total"]["total"] == 60
+    assert all(table["total"][q] > 0 for q in ("quotes-1", "quotes-2", "quotes-3")), out
     assert {"greeter-1", "greeter-2"} <= set(table)
     # Every sidecar's admin address is printed, for users to poke at while it runs.
-    assert len(set(re.findall(r"http://127\.0\.0\.1:\d+", "".join(head)))) == 5
-    assert "/config_dump" in out
+    assert len(set(re.findall(r"http://127\.0\.0\.1:\d+", "".join(head)))) == 6
+    assert "pilotfish top --address 127.0.0.1:" in out
 
     # Each printed trace id is one trace through every hop: 4 sidecar listeners, a SERVER and a
     # CLIENT span each, nested, because the greeter forwards the trace headers to quotes.
@@ -353,37 +483,18 @@ def test_demo_runs_the_mesh_and_every_call_succeeds() -> None:
     for trace_id in shown:
         spans = [s for s in receiver.spans if f"{s.trace_id:032x}" == trace_id]
         assert len(spans) == 8, spans
-        services = sorted(str(s.resource["service.name"]).rstrip("12") for s in spans)
+        services = sorted(str(s.resource["service.name"]).rstrip("0123456789") for s in spans)
         assert services == ["demo-client"] * 2 + ["greeter-"] * 4 + ["quotes-"] * 2
         ids = {s.span_id for s in spans}
         roots = [s for s in spans if s.parent_span_id not in ids]
         assert len(roots) == 1  # under the load driver's span, which is not exported
         assert roots[0].resource["service.name"] == "demo-client"
-    # What the sidecars say they exported is what the collector received: 8 spans for each of
-    # the 60 calls and the first call that checks the path before traffic.
+    # What the sidecars say they exported is what the collector received: at least 8 spans for
+    # each successful call (retried ones have more).
+    ok = re.search(r"^calls: \d+ in [\d.]+ s \([\d.]+/s\), ok (\d+), failed \d+$", out, re.M)
     exported = re.search(r"^spans: (\d+) exported to \S+, 0 dropped$", out, re.M)
-    assert exported and int(exported.group(1)) == len(receiver.spans) >= 61 * 8, out
-
-
-def test_spans_sent_nowhere_are_reported_dropped_and_the_folder_kept() -> None:
-    result = subprocess.run(
-        [*DEMO, "--duration", "1", "--rate", "10", "--otlp-endpoint", f"http://127.0.0.1:{_closed_port()}",
-         "--keep"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    dropped = re.search(r"^spans: 0 exported to \S+, (\d+) dropped$", result.stdout, re.M)
-    assert dropped, result.stdout
-    assert int(dropped.group(1)) >= 11 * 8 and int(dropped.group(1)) % 8 == 0, result.stdout
-    assert "nothing was accepted: is a collector listening at" in result.stdout
-    kept = re.search(r"^configs and logs are kept in (\S+)$", result.stdout, re.M)
-    assert kept, result.stdout
-    folder = Path(kept.group(1))
-    try:
-        assert (folder / "greeter-1-sidecar.log").is_file()
-        assert (folder / "greeter-1.yaml").is_file()
-    finally:
-        shutil.rmtree(folder)
+    assert ok and exported, out
+    assert int(exported.group(1)) == len(receiver.spans) >= 8 * int(ok.group(1)), out
 
 
 def _closed_port() -> int:
@@ -395,18 +506,28 @@ def _closed_port() -> int:
 
 
 def test_ctrl_c_prints_the_summary_so_far_and_stops_every_process() -> None:
-    demo, _, children = _start_demo("--duration", "60", "--rate", "20")
+    # Spans go nowhere: the demo must say they were dropped, not exported, even when cut short.
+    nowhere = f"http://127.0.0.1:{_closed_port()}"
+    demo, _, children = _start_demo(
+        "--duration", "60", "--rate", "20", "--otlp-endpoint", nowhere
+    )
     try:
         assert demo.stdout is not None
         for line in demo.stdout:
-            if line.startswith("["):  # the first progress line
+            if line.lstrip().startswith("["):  # the first progress line
                 break
         demo.send_signal(signal.SIGINT)
-        rest, err = demo.communicate(timeout=30)
+        rest, err = demo.communicate(timeout=60)
     finally:
         demo.kill()
     assert demo.returncode == 130, err
     assert "summary (interrupted):" in rest
-    match = re.search(r"^calls: (\d+) in .*, failed 0$", rest, re.M)
+    match = re.search(r"^calls: (\d+) in .*, ok (\d+), failed 0$", rest, re.M)
     assert match and 0 < int(match.group(1)) < 1200, rest
     assert _alive(children) == []
+    dropped = re.search(r"^spans: 0 exported to \S+, (\d+) dropped$", rest, re.M)
+    assert dropped, rest
+    # 8 spans for each call, and for the first call that checks the path before traffic.
+    assert int(dropped.group(1)) >= 8 * (int(match.group(2)) + 1), rest
+    assert f"nothing was accepted: is a collector listening at {nowhere}?" in rest
+    assert "kept in" not in rest  # no --keep: the run folder is gone

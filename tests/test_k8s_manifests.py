@@ -16,6 +16,7 @@ import shlex
 import shutil
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from control_plane.ca.settings import CaSettings, build_authority
 from control_plane.kube.inject import (
     INIT,
     NAMESPACE_LABEL,
@@ -37,8 +39,11 @@ from control_plane.xds.cache import SnapshotCache
 from pilotfish.cli import build_parser
 from pilotfish.config.fields import parse_address
 from pilotfish.demo.services import STOP_GRACE
+from pilotfish.identity import SpiffeId
 from sidecar.listen.iptables import options_from_args
 from sidecar.main import xds_bootstrap
+from sidecar.security.csr import build_csr, generate_key
+from sidecar.security.tls import Svid, check_peer, client_context, server_context
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 CONTROL_NAMESPACE = "pilotfish"
@@ -99,11 +104,19 @@ def injection_namespaces() -> set[str]:
     }
 
 
+# Stands for the roots the control plane reads from --ca-roots (the Secret k8s/ca-cert.sh
+# makes); the webhook writes them into every injected pod.
+ROOTS_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
 def inject_options() -> InjectOptions:
     """What the control plane's webhook injects, from its flags."""
     args = build_parser().parse_args(control_plane_args())
     return InjectOptions(
-        image=args.inject_image, xds_address=args.inject_xds_address, native=not args.inject_classic
+        image=args.inject_image, xds_address=args.inject_xds_address,
+        native=not args.inject_classic, ca_address=args.inject_ca_address,
+        ca_roots_pem=ROOTS_PEM, ca_token_audience=args.ca_token_audience,
+        trust_domain=args.trust_domain,
     )
 
 
@@ -228,8 +241,128 @@ def test_injected_sidecars_agree_with_their_rules_app_and_control_plane() -> Non
         assert sidecar["restartPolicy"] == "Always"  # native: starts before the app
         xds_host, xds_port = parse_address("", args.xds)
         assert service_port(xds_host, xds_port, "demo"), args.xds
+        _check_identity(name, args, sidecar, spec)
         outbound = xds_bootstrap(args).listeners[0]
         assert outbound.tcp_passthrough_original_destination
+
+
+def _check_identity(name: str, args: Any, sidecar: dict[str, Any], spec: dict[str, Any]) -> None:
+    """The sidecar holds xDS over the control plane's mTLS port with the pod's identity: a
+    token projected for the CA's audience, the roots from the pod's annotation."""
+    plane = build_parser().parse_args(control_plane_args())
+    ca_host, ca_port = parse_address("", args.ca)
+    xds_host, xds_port = parse_address("", args.xds)
+    assert service_port(ca_host, ca_port, "demo"), args.ca
+    service = named("Service", "control-plane")
+    targets = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
+    ports = container_ports(pod_spec(named("Deployment", "control-plane")))
+    assert ports[targets[ca_port]] == plane.ca_tls_port
+    assert ports[targets[xds_port]] == plane.xds_mtls_port
+    # The names sidecars dial are in the serving certificate.
+    assert {ca_host, xds_host} <= set(plane.tls_names.split(","))
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    token_dir, token_file = args.ca_token_file.rsplit("/", 1)
+    roots_dir, roots_file = args.control_plane_roots.rsplit("/", 1)
+    sources = volumes[mounts[token_dir]]["projected"]["sources"]
+    (token,) = [s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s]
+    assert token["path"] == token_file
+    assert token["audience"] == plane.ca_token_audience == "pilotfish-ca"
+    assert token["expirationSeconds"] <= 3600
+    roots_volume = volumes[mounts[roots_dir]]["projected"]["sources"]
+    (downward,) = [s["downwardAPI"] for s in roots_volume if "downwardAPI" in s]
+    (item,) = [i for i in downward["items"] if i["path"] == roots_file]
+    annotation = item["fieldRef"]["fieldPath"].removeprefix("metadata.annotations['")
+    assert injected_annotations(name)[annotation.removesuffix("']")] == ROOTS_PEM
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
+    assert args.service_account == "$(POD_SERVICE_ACCOUNT)"
+    assert env["POD_SERVICE_ACCOUNT"] == "spec.serviceAccountName"
+    assert args.trust_domain == plane.trust_domain
+    # Its service account is its service's name: the identity the control plane binds
+    # the service's view to (the mesh names no other service_account).
+    assert spec["serviceAccountName"] == name
+    mesh = parse_mesh_text(
+        named("ConfigMap", "mesh")["data"]["mesh.yaml"]
+    )
+    assert (mesh.services[name].service_account or name) == spec["serviceAccountName"]
+
+
+def injected_annotations(deployment: str) -> dict[str, str]:
+    injected = inject_object(named("Deployment", deployment), inject_options())
+    annotations: dict[str, str] = injected["spec"]["template"]["metadata"]["annotations"]
+    return annotations
+
+
+def test_the_control_plane_reviews_tokens_and_keeps_plaintext_on_loopback() -> None:
+    binding = named("ClusterRoleBinding", "pilotfish-control-plane-auth-delegator")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+        "name": "system:auth-delegator",
+    }
+    (subject,) = binding["subjects"]
+    assert subject["name"] == pod_spec(named("Deployment", "control-plane"))["serviceAccountName"]
+    args = build_parser().parse_args(control_plane_args())
+    assert args.kubernetes  # TokenReview goes through the control plane's Kubernetes client
+    assert args.plaintext_address == "127.0.0.1"
+    assert args.ca_tls_port and args.xds_mtls_port
+    # The Service exposes the TLS ports and never the plaintext one.
+    service_ports = {p["port"] for p in named("Service", "control-plane")["spec"]["ports"]}
+    assert args.port not in service_ports
+    # Both replicas sign with the intermediate from the Secret k8s/ca-cert.sh makes.
+    (container,) = pod_spec(named("Deployment", "control-plane"))["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(named("Deployment", "control-plane"))["volumes"]}
+    for option in ("--ca-cert", "--ca-key", "--ca-roots"):
+        path = Path(flag(control_plane_args(), option))
+        secret = volumes[mounts[str(path.parent)]]["secret"]
+        assert secret["secretName"] == "pilotfish-ca"
+    script = (K8S / "ca-cert.sh").read_text()
+    assert 'SECRET="${SECRET:-pilotfish-ca}"' in script
+    assert "--from-file=ca.crt=" in script and "--from-file=roots.pem=" in script
+    # The kubelet probes a port that answers without TLS.
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/ready"
+    assert parse_address("", args.metrics_address)[1] == container_ports(
+        pod_spec(named("Deployment", "control-plane"))
+    )[probe["port"]]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_the_ca_script_makes_an_intermediate_the_control_plane_signs_with(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        ["bash", str(K8S / "ca-cert.sh"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    settings = CaSettings(
+        cert_file=tmp_path / "ca.crt", key_file=tmp_path / "ca.key",
+        roots_file=tmp_path / "roots.pem",
+    )
+    authority = build_authority(settings, time.time)
+    identity = SpiffeId("cluster.local", "demo", "greeter")
+    key = generate_key()
+    issued = authority.sign(build_csr(key, identity), identity)
+    svid = Svid(identity, key, issued.chain_pem, authority.bundle.pem(), issued.not_after,
+                time.time())
+    # The sidecars' own strict TLS contexts accept the chain (leaf + intermediate, root).
+    server, client = server_context(svid, True), client_context(svid)
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    tls_client = client.wrap_bio(c_in, c_out)
+    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
+    done_sides: set[str] = set()
+    for _ in range(10):
+        for side_name, side in (("client", tls_client), ("server", tls_server)):
+            try:
+                side.do_handshake()
+                done_sides.add(side_name)
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert done_sides == {"client", "server"}
+    assert check_peer(tls_server, "cluster.local") == identity
 
 
 def test_apps_keep_serving_while_their_endpoint_drains() -> None:
@@ -337,9 +470,11 @@ def test_the_webhook_configuration_reaches_the_control_plane() -> None:
     (container,) = pod_spec(deployment)["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
-    (tls_volume,) = [name for name, v in volumes.items() if "secret" in v]
-    for option in ("--webhook-cert", "--webhook-key"):
-        assert Path(flag(args, option)).parent == Path(mounts[tls_volume])
+    (tls_volume,) = [
+        name for name, path in mounts.items()
+        if Path(path) == Path(flag(args, "--webhook-cert")).parent
+    ]
+    assert Path(flag(args, "--webhook-key")).parent == Path(mounts[tls_volume])
     script = (K8S / "webhook-cert.sh").read_text()
     assert f'SECRET="${{SECRET:-{volumes[tls_volume]["secret"]["secretName"]}}}"' in script
     assert 'WEBHOOK="${WEBHOOK:-pilotfish-sidecar-injector}"' in script

@@ -107,7 +107,8 @@ class Signer:
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    identity: SpiffeId
+    identity: SpiffeId | None
+    """None for the control plane's serving certificate (DNS names only)."""
     certificate: x509.Certificate
     chain_pem: bytes
     """The leaf, then every intermediate; never the root (peers hold that in their bundle)."""
@@ -232,7 +233,31 @@ class CertificateAuthority:
             raise IdentityMismatch(f"the CSR asks for {wanted} but the caller is {authenticated}")
         return self._issue(leaf_key, authenticated, ttl)
 
-    def _issue(self, leaf_key: LeafKey, identity: SpiffeId, ttl: float | None) -> IssuedCertificate:
+    def issue_server(self, key: LeafKey, dns_names: Sequence[str]) -> IssuedCertificate:
+        """A serving certificate for the control plane itself: DNS names only, ``serverAuth``.
+
+        It carries no SPIFFE ID, so no sidecar takes it for a workload, and no workload
+        certificate (URI SAN only) passes a client's host name check as the control plane.
+        """
+        if not dns_names:
+            raise ValueError("a serving certificate needs at least one DNS name")
+        san = x509.SubjectAlternativeName([x509.DNSName(name) for name in dns_names])
+        return self._issue(key, None, None, san, [ExtendedKeyUsageOID.SERVER_AUTH])
+
+    def _issue(
+        self,
+        leaf_key: LeafKey,
+        identity: SpiffeId | None,
+        ttl: float | None,
+        san: x509.SubjectAlternativeName | None = None,
+        usages: Sequence[x509.ObjectIdentifier] = (
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        ),
+    ) -> IssuedCertificate:
+        if san is None:
+            assert identity is not None
+            san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)])
         now = self._clock()
         lifetime = self.leaf_ttl if ttl is None else max(MIN_LEAF_TTL, min(ttl, self.leaf_ttl))
         ca_cert = self.signer.certificate
@@ -269,16 +294,8 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-                critical=True,
-            )
+            .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+            .add_extension(san, critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),

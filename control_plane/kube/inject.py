@@ -29,6 +29,14 @@ Annotations on the pod (template) override the defaults:
 * ``pilotfish.io/service``: the mesh service name (default: the ``app.kubernetes.io/name`` or
   ``app`` label, else the workload's name).
 
+Workload identity. With ``ca_address`` set, the sidecar gets its certificate from the control
+plane's CA and holds its xDS stream over mutual TLS (``xds_address`` is then the mTLS port):
+a projected volume gives it a service-account token for the CA's audience (``pilotfish-ca``,
+short-lived and refreshed by the kubelet; the pod's own API token is not used) and the mesh's
+root certificates, which the injector writes into the pod's ``pilotfish.io/ca-roots``
+annotation and the volume exposes as a file (a new pod cannot learn them from the CA it has
+yet to trust). The identity is the pod's service account.
+
 Injection marks the pod with ``pilotfish.io/status: injected``; a marked pod, or one that
 already has a container named ``pilotfish``, is returned unchanged, so injecting twice is
 the same as injecting once. A ``hostNetwork`` pod is left alone (its network is the node's),
@@ -55,6 +63,11 @@ PROXY_MEMORY = "pilotfish.io/proxy-memory"
 PROXY_MEMORY_LIMIT = "pilotfish.io/proxy-memory-limit"
 LOG_LEVEL = "pilotfish.io/log-level"
 SERVICE = "pilotfish.io/service"
+CA_ROOTS_ANNOTATION = "pilotfish.io/ca-roots"
+IDENTITY_VOLUME = "pilotfish-identity"
+IDENTITY_DIR = "/var/run/secrets/pilotfish"
+TOKEN_FILE = "token"
+ROOTS_FILE = "ca-roots.pem"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Where the pod template lives in each kind we inject; other kinds pass through untouched.
@@ -93,6 +106,13 @@ class InjectOptions:
     exclude_outbound_cidrs: tuple[str, ...] = field(default=())
     # Seconds the classic-layout sidecar keeps serving after its pod is told to stop.
     drain_seconds: int = 10
+    # Workload identity: the CA's TLS port ("" leaves the sidecar without identity, talking
+    # plaintext xDS), the roots sidecars verify the control plane with, the token's audience.
+    ca_address: str = ""
+    ca_roots_pem: str = ""
+    ca_token_audience: str = "pilotfish-ca"
+    token_seconds: int = 3600
+    trust_domain: str = "cluster.local"
 
 
 def inject_documents(docs: Iterable[Any], options: InjectOptions) -> list[Any]:
@@ -166,6 +186,12 @@ def inject_pod(
     init = _init_container(options, sorted(probe_ports))
     sidecar = _sidecar_container(options, service, app_port)
     inits = list(spec.get("initContainers") or [])
+    identity: dict[str, str] = {}
+    if options.ca_address:
+        if not options.ca_roots_pem:
+            raise InjectError("the CA's root certificates are needed to inject an identity")
+        spec["volumes"] = [*(spec.get("volumes") or []), _identity_volume(options)]
+        identity[CA_ROOTS_ANNOTATION] = options.ca_roots_pem
     if options.native:
         sidecar["restartPolicy"] = "Always"
         spec["initContainers"] = [init, sidecar, *inits]
@@ -175,8 +201,31 @@ def inject_pod(
         # The classic sidecar fails readiness, then drains, before its SIGTERM.
         grace = spec.get("terminationGracePeriodSeconds", 30)
         spec["terminationGracePeriodSeconds"] = max(grace, options.drain_seconds + 10)
-    metadata["annotations"] = {**annotations, STATUS_ANNOTATION: "injected"}
+    metadata["annotations"] = {**annotations, **identity, STATUS_ANNOTATION: "injected"}
     return result
+
+
+def _identity_volume(options: InjectOptions) -> dict[str, Any]:
+    roots_field = f"metadata.annotations['{CA_ROOTS_ANNOTATION}']"
+    return {
+        "name": IDENTITY_VOLUME,
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": options.ca_token_audience,
+                        "expirationSeconds": options.token_seconds,
+                        "path": TOKEN_FILE,
+                    }
+                },
+                {
+                    "downwardAPI": {
+                        "items": [{"path": ROOTS_FILE, "fieldRef": {"fieldPath": roots_field}}]
+                    }
+                },
+            ],
+        },
+    }
 
 
 def _check_not_proxy_uid(spec: Mapping[str, Any], uid: int) -> None:
@@ -319,19 +368,31 @@ def _sidecar_container(
             "--inbound-address",
             f"0.0.0.0:{options.inbound_port}",
         ]
+    env = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    mounts = []
+    if options.ca_address:
+        args += [
+            "--ca", options.ca_address,
+            "--ca-token-file", f"{IDENTITY_DIR}/{TOKEN_FILE}",
+            "--control-plane-roots", f"{IDENTITY_DIR}/{ROOTS_FILE}",
+            "--service-account", "$(POD_SERVICE_ACCOUNT)",
+            "--trust-domain", options.trust_domain,
+        ]  # fmt: skip
+        env.append({
+            "name": "POD_SERVICE_ACCOUNT",
+            "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}},
+        })
+        mounts.append({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": True})
     ready = {"httpGet": {"path": "/ready", "port": options.health_port}}
     container: dict[str, Any] = {
         "name": SIDECAR,
         "image": options.image,
         "imagePullPolicy": options.image_pull_policy,
         "args": args,
-        "env": [
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {
-                "name": "POD_NAMESPACE",
-                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
-            },
-        ],
+        "env": env,
         "ports": [{"name": "pf-health", "containerPort": options.health_port}],
         "startupProbe": {**ready, "periodSeconds": 1, "failureThreshold": 60},
         "readinessProbe": {**ready, "periodSeconds": 2, "failureThreshold": 1},
@@ -348,6 +409,8 @@ def _sidecar_container(
             "limits": {"memory": options.memory_limit},
         },
     }
+    if mounts:
+        container["volumeMounts"] = mounts
     if not options.native:
         # A classic sidecar gets SIGTERM with the app: fail readiness first and keep serving
         # while the endpoint's removal spreads, then drain on SIGTERM.

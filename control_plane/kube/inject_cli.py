@@ -12,11 +12,26 @@ from control_plane.kube.inject import InjectError, InjectOptions, inject_object
 
 
 def options_from_args(args: argparse.Namespace) -> InjectOptions:
+    roots = ""
+    if args.ca_address:
+        if not args.ca_roots:
+            raise InjectError("--ca-address needs --ca-roots (the mesh's root certificates)")
+        try:
+            with open(args.ca_roots, encoding="ascii") as f:
+                roots = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InjectError(f"--ca-roots: {args.ca_roots}: cannot read: {exc}") from None
+        if "-----BEGIN CERTIFICATE-----" not in roots:
+            raise InjectError(f"--ca-roots: {args.ca_roots}: no PEM certificate in it")
     return InjectOptions(
         image=args.image,
         xds_address=args.xds_address,
         native=not args.classic,
         log_level=args.proxy_log_level,
+        ca_address=args.ca_address,
+        ca_roots_pem=roots,
+        ca_token_audience=args.ca_token_audience,
+        trust_domain=args.trust_domain,
     )
 
 
@@ -36,7 +51,11 @@ def run_inject(args: argparse.Namespace) -> int:
     except yaml.YAMLError as exc:
         print(f"pilotfish inject: {source}: not valid YAML: {exc}", file=sys.stderr)
         return 2
-    options = options_from_args(args)
+    try:
+        options = options_from_args(args)
+    except InjectError as exc:
+        print(f"pilotfish inject: {exc}", file=sys.stderr)
+        return 2
     out: list[Any] = []
     for index, doc in enumerate(docs):
         if doc is None:

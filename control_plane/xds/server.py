@@ -7,6 +7,7 @@ queue: requests read from the client, and "the mesh changed" from the snapshot c
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -20,6 +21,12 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.xds.cache import ProxyIdentity, SnapshotCache, identify
 from control_plane.xds.callbacks import Callbacks
+from control_plane.xds.peer_view import (
+    AuthenticatedPeer,
+    IdentityMismatch,
+    PeerRefused,
+    bind_node,
+)
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.stream_state import (
     DeltaStream,
@@ -73,6 +80,8 @@ class ConnectedProxy:
     connected_since: float
     protocol: SotwStream | DeltaStream
     identity: ProxyIdentity | None = None
+    peer: AuthenticatedPeer | None = None
+    """The verified client certificate's identity, on the mTLS port; None on the others."""
     nacks: list[NackReceived] = field(default_factory=list)
     eds_acked_revision: int = 0
     """The cache revision of the newest EDS response this proxy acknowledged."""
@@ -98,6 +107,11 @@ class ProxyRegistry:
     def __init__(self) -> None:
         self._proxies: dict[int, ConnectedProxy] = {}
         self._watchers: list[Callable[[], None]] = []
+        # One sequence for every port's streams: the ids key this registry and the metrics.
+        self._ids = itertools.count(1)
+
+    def next_stream_id(self) -> int:
+        return next(self._ids)
 
     def add(self, proxy: ConnectedProxy) -> None:
         self._proxies[proxy.stream_id] = proxy
@@ -127,8 +141,13 @@ class _ClientDone:
     """Queue marker: the client half-closed or the read failed."""
 
 
+class _CertificateExpired:
+    """Queue marker: the client certificate the stream was opened with has expired."""
+
+
 _MESH_CHANGED = _MeshChanged()
 _CLIENT_DONE = _ClientDone()
+_CERTIFICATE_EXPIRED = _CertificateExpired()
 
 
 @dataclass(eq=False)
@@ -142,7 +161,11 @@ class _Stream(Generic[Req, Resp]):
     node: base_pb2.Node | None = None
 
     def _identify(self, node: base_pb2.Node) -> ProxyIdentity:
-        identity = identify(node, self.cache.mesh)
+        mesh = self.cache.mesh
+        peer = self.proxy.peer
+        # On the mTLS port the view follows the certificate; metadata only picks among the
+        # services that identity runs (checked again when the mesh changes).
+        identity = identify(node if peer is None else bind_node(node, mesh, peer.spiffe_id), mesh)
         if self.reject_unknown and identity.view.service is None:
             raise UnknownNodeError(
                 f"node {node.id!r}: service {identity.service!r} in namespace "
@@ -194,14 +217,20 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         registry: ProxyRegistry,
         callbacks: Callbacks | None = None,
         unknown_nodes: str = "serve",
+        authenticate: Callable[[grpc.aio.ServicerContext[Any, Any]], AuthenticatedPeer] | None
+        = None,
     ) -> None:
+        """``authenticate``: on the mTLS port, the caller's verified identity from its call
+        context; it raises ``PeerRefused`` for a caller without an acceptable certificate."""
         if unknown_nodes not in UNKNOWN_NODE_POLICIES:
             raise ValueError(f"unknown_nodes must be one of {UNKNOWN_NODE_POLICIES}")
         self._cache = cache
         self._registry = registry
         self._callbacks = callbacks or Callbacks()
-        self._ids = itertools.count(1)
         self._reject_unknown = unknown_nodes == "reject"
+        self._authenticate = authenticate
+        # Streams ended by the control plane, by reason, for the metrics.
+        self.refused: collections.Counter[str] = collections.Counter()
 
     # grpc.aio recognises a streaming handler only if it is itself an async generator.
     async def StreamAggregatedResources(
@@ -228,13 +257,33 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[Resp]:
         assert isinstance(protocol, SotwStream | DeltaStream)
-        proxy = ConnectedProxy(next(self._ids), kind, time.time(), protocol)
+        proxy = ConnectedProxy(self._registry.next_stream_id(), kind, time.time(), protocol)
+        if self._authenticate is not None:
+            try:
+                proxy.peer = self._authenticate(context)
+            except PeerRefused as exc:
+                self.refused["unauthenticated"] += 1
+                log.warning("stream %d refused: %s (peer %s)", proxy.stream_id, exc,
+                            context.peer())
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                return
         stream: _Stream[Req, Resp] = _Stream(
             self._cache, proxy, protocol, self._callbacks, self._registry.changed,
             self._reject_unknown,
         )
-        queue: asyncio.Queue[Req | _MeshChanged | _ClientDone] = asyncio.Queue()
+        queue: asyncio.Queue[Req | _MeshChanged | _ClientDone | _CertificateExpired] = (
+            asyncio.Queue()
+        )
         stop_watching = self._cache.on_change(lambda: queue.put_nowait(_MESH_CHANGED))
+        expiry: asyncio.TimerHandle | None = None
+        if proxy.peer is not None:
+            # A stream outlives no certificate: the proxy reconnects with its renewed one, so
+            # what the status reports (and what the view rests on) is never an expired proof.
+            loop = asyncio.get_running_loop()
+            expiry = loop.call_later(
+                max(0.0, proxy.peer.not_after - time.time()),
+                queue.put_nowait, _CERTIFICATE_EXPIRED,
+            )
         reader = asyncio.create_task(_read_requests(request_iterator, queue.put_nowait))
         self._registry.add(proxy)
         self._callbacks.on_stream_open(proxy.stream_id, kind)
@@ -243,6 +292,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 item = await queue.get()
                 if isinstance(item, _ClientDone):
                     return
+                if isinstance(item, _CertificateExpired):
+                    self.refused["certificate_expired"] += 1
+                    log.info("stream %d: client certificate expired; closing", proxy.stream_id)
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "the client certificate has expired: reconnect with a renewed one",
+                    )
+                    return
                 changed_at: float | None = None
                 try:
                     if isinstance(item, _MeshChanged):
@@ -250,7 +307,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                         changed_at = self._cache.changed_at
                     else:
                         responses = stream.on_request(item)
-                except UnknownNodeError as exc:
+                except (UnknownNodeError, IdentityMismatch) as exc:
+                    reason = "unknown_node" if isinstance(exc, UnknownNodeError) else "identity"
+                    self.refused[reason] += 1
                     log.warning("stream %d refused: %s", proxy.stream_id, exc)
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
                     return
@@ -264,6 +323,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     self._callbacks.on_response(proxy.stream_id, response.type_url, changed_at)
                     yield response
         finally:
+            if expiry is not None:
+                expiry.cancel()
             stop_watching()
             reader.cancel()
             self._registry.remove(proxy.stream_id)

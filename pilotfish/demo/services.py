@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pilotfish.demo.api import demo_pb2, demo_pb2_grpc
 
@@ -116,7 +117,13 @@ class GreeterService:
 
 
 def serve(server: grpc.Server, port: int) -> None:
-    """Bind to loopback only, run until SIGTERM or SIGINT, then stop with a short grace."""
+    """Bind to loopback only, run until SIGTERM or SIGINT, then stop with a short grace.
+
+    The server answers ``grpc.health.v1`` as SERVING: a sidecar registers its app only once
+    that says so."""
+    checks = health.HealthServicer()
+    checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if bound != port:
         raise SystemExit(f"could not bind 127.0.0.1:{port}")

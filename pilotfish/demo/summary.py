@@ -25,9 +25,9 @@ class CallFinished:
     latency: float  # seconds
     greeter: str | None = None  # HelloReply.served_by
     quotes: str | None = None  # HelloReply.quote_served_by
-    sidecar: str | None = None  # x-served-by-sidecar, added by the greeter's inbound sidecar
     detail: str = ""  # the status details of a failed call
     trace_id: str | None = None  # 32 hex digits: the trace the load driver started for it
+    started: float = 0.0  # time.monotonic() when the call was sent
 
 
 class CallLog:
@@ -72,7 +72,6 @@ class Summary:
     statuses: dict[str, int]  # most common first
     latency: Latency | None  # None when no call finished
     served: dict[tuple[str, str], int]  # (greeter, quotes) -> OK calls
-    sidecars: dict[str, int]  # x-served-by-sidecar value -> OK calls
     details: dict[str, str]  # status -> the details of its first failed call
 
     @property
@@ -97,22 +96,18 @@ def summarize(calls: Iterable[CallFinished], elapsed: float) -> Summary:
         p50, p90, p99 = (percentile(latencies, q) for q in PERCENTILES)
         latency = Latency(p50=p50, p90=p90, p99=p99, max=latencies[-1])
     served: Counter[tuple[str, str]] = Counter()
-    sidecars: Counter[str] = Counter()
     details: dict[str, str] = {}
     for c in calls:
         if c.status != OK:
             details.setdefault(c.status, c.detail)
             continue
         served[(c.greeter or "?", c.quotes or "?")] += 1
-        if c.sidecar is not None:
-            sidecars[c.sidecar] += 1
     return Summary(
         calls=len(calls),
         elapsed=elapsed,
         statuses=dict(statuses.most_common()),
         latency=latency,
         served=dict(served),
-        sidecars=dict(sorted(sidecars.items())),
         details=details,
     )
 
@@ -159,9 +154,6 @@ def format_summary(summary: Summary) -> str:
         )
     lines += ["", "served by (OK calls, greeter x quotes):"]
     lines += _served_table(summary) or ["  (no successful calls)"]
-    if summary.sidecars:
-        lines += ["", "inbound sidecar seen by the client (x-served-by-sidecar):"]
-        lines += [f"  {name:<20} {count:7d}" for name, count in summary.sidecars.items()]
     return "\n".join(lines)
 
 

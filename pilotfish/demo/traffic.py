@@ -23,7 +23,7 @@ import grpc
 from pilotfish.demo.api import demo_pb2, demo_pb2_grpc
 from pilotfish.demo.services import client_channel_options
 from pilotfish.demo.summary import OK, CallFinished, CallLog
-from pilotfish.demo.topology import GREETER, SERVED_BY_HEADER
+from pilotfish.demo.topology import GREETER
 
 CALL_TIMEOUT = 5.0
 MIN_CALLERS = 4
@@ -46,9 +46,10 @@ def new_traceparent() -> tuple[str, str]:
 def call_greeter(stub: Any, name: str, timeout: float = CALL_TIMEOUT) -> CallFinished:
     trace_id, traceparent = new_traceparent()
     metadata = (("traceparent", traceparent),)
+    sent = time.monotonic()
     started = time.perf_counter()
     try:
-        reply, call = stub.SayHello.with_call(
+        reply = stub.SayHello(
             demo_pb2.HelloRequest(name=name), timeout=timeout, metadata=metadata
         )
     except grpc.RpcError as exc:
@@ -58,16 +59,16 @@ def call_greeter(stub: Any, name: str, timeout: float = CALL_TIMEOUT) -> CallFin
             latency=latency,
             detail=exc.details() or "",
             trace_id=trace_id,
+            started=sent,
         )
     latency = time.perf_counter() - started
-    sidecar = dict(call.initial_metadata() or ()).get(SERVED_BY_HEADER)
     return CallFinished(
         status=OK,
         latency=latency,
         greeter=reply.served_by,
         quotes=reply.quote_served_by,
-        sidecar=sidecar if isinstance(sidecar, str) else None,
         trace_id=trace_id,
+        started=sent,
     )
 
 

@@ -25,9 +25,11 @@ from pilotfish.config.fields import parse_duration
 from pilotfish.identity import InvalidSpiffeId, SpiffeId
 from sidecar.security.sds import SecretDiscovery, SecretSource
 from sidecar.security.workload import (
+    CaChannel,
     CertificateError,
     GrpcCertificateSource,
     WorkloadCertificates,
+    read_roots,
     token_file,
 )
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 class IdentityAgent:
     certificates: WorkloadCertificates
     server: grpc.aio.Server
-    channel: grpc.aio.Channel
+    channel: CaChannel
     socket_path: Path
 
     async def stop(self) -> None:
@@ -55,12 +57,16 @@ async def start_identity_agent(
     identity: SpiffeId,
     socket_path: str | Path,
     ttl: float | None = None,
+    control_plane_roots: bytes | None = None,
 ) -> IdentityAgent:
-    """Fetch the first certificate (``CertificateError`` if the CA refuses), then serve SDS."""
-    channel = grpc.aio.insecure_channel(ca_address)
+    """Fetch the first certificate (``CertificateError`` if the CA refuses), then serve SDS.
+
+    ``control_plane_roots``: the CA is called over TLS, verified against these roots."""
+    channel = CaChannel(ca_address, control_plane_roots)
     certificates = WorkloadCertificates(
         GrpcCertificateSource(channel, token_file(token_path)), identity, ttl
     )
+    certificates.on_change.append(lambda svid: channel.trust(svid.bundle_pem))
     try:
         await certificates.start()
     except BaseException:
@@ -99,8 +105,13 @@ def _identity(args: argparse.Namespace) -> SpiffeId:
 async def _serve(args: argparse.Namespace) -> int:
     try:
         ttl = parse_duration("--cert-ttl", args.cert_ttl) if args.cert_ttl else None
+        roots = (
+            read_roots("--control-plane-roots", args.control_plane_roots)
+            if args.control_plane_roots
+            else None
+        )
         agent = await start_identity_agent(
-            args.ca, args.token_file, _identity(args), args.sds_socket, ttl
+            args.ca, args.token_file, _identity(args), args.sds_socket, ttl, roots
         )
     except (ConfigError, CertificateError, OSError) as exc:
         print(f"pilotfish identity-agent: {exc}", file=sys.stderr)

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import duration_pb2
 
+from pilotfish.config.errors import ConfigError
 from pilotfish.gen.pilotfish.ca.v1 import ca_pb2, ca_pb2_grpc
 from pilotfish.identity import SpiffeId
 from sidecar.security.csr import build_csr, generate_key
@@ -55,11 +57,11 @@ class GrpcCertificateSource:
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channel: grpc.aio.Channel | CaChannel,
         token: Callable[[], str],
         timeout: float = 10.0,
     ) -> None:
-        self._stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+        self._channel = channel
         self._token = token
         self._timeout = timeout
 
@@ -71,8 +73,10 @@ class GrpcCertificateSource:
             token = self._token()
         except OSError as exc:
             raise CertificateError(f"cannot read the CA token: {exc}") from None
+        channel = self._channel.current if isinstance(self._channel, CaChannel) else self._channel
+        stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
         try:
-            response = await self._stub.SignCertificate(
+            response = await stub.SignCertificate(
                 request,
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=self._timeout,
@@ -89,6 +93,53 @@ class GrpcCertificateSource:
 
 def token_file(path: str | Path) -> Callable[[], str]:
     return lambda: Path(path).read_text().strip()
+
+
+class CaChannel:
+    """The channel to the CA: server-side TLS verified against roots, or plaintext without.
+
+    Over TLS the bearer token cannot be read on the way. The first call trusts the roots given
+    to the workload beforehand (it has no certificate yet to learn them from); every
+    certificate then brings the mesh's current bundle (``trust``), and the channel is rebuilt
+    to trust it too, so the CA stays reachable after a root rotation retires the roots the
+    workload started with.
+    """
+
+    def __init__(self, address: str, roots_pem: bytes | None) -> None:
+        self._address = address
+        self._roots = roots_pem
+        self._trusted = roots_pem
+        self._retired: list[grpc.aio.Channel] = []
+        self.current = self._connect(roots_pem)
+
+    def _connect(self, roots: bytes | None) -> grpc.aio.Channel:
+        if roots is None:
+            return grpc.aio.insecure_channel(self._address)
+        return grpc.aio.secure_channel(self._address, grpc.ssl_channel_credentials(roots))
+
+    def trust(self, bundle_pem: bytes) -> None:
+        """Trust the given roots and ``bundle_pem`` from the next call on (TLS only)."""
+        if self._roots is None or self._roots + bundle_pem == self._trusted:
+            return
+        self._trusted = self._roots + bundle_pem
+        # A call may still be running on the old channel: it is closed with this one.
+        self._retired.append(self.current)
+        self.current = self._connect(self._trusted)
+
+    async def close(self) -> None:
+        for channel in (*self._retired, self.current):
+            await channel.close()
+
+
+def read_roots(flag: str, path: str) -> bytes:
+    """PEM roots from ``path``; ``ConfigError`` naming ``flag`` if unreadable or not PEM."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(flag, f"{path}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(flag, f"{path}: no PEM certificate in it")
+    return data
 
 
 class WorkloadCertificates:
@@ -128,6 +179,17 @@ class WorkloadCertificates:
         if context is None:
             raise RuntimeError("no workload certificate yet; await start() first")
         return context
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """mTLS to the control plane's xDS port with the current certificate, trusting the
+        mesh's bundle; asked for on each connection, so a reconnect uses the newest one."""
+        svid = self.svid
+        key_pem = svid.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return grpc.ssl_channel_credentials(svid.bundle_pem, key_pem, svid.chain_pem)
 
     def client_context(self) -> ssl.SSLContext:
         if self._client is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -80,8 +80,12 @@ class XdsClient:
         node: base_pb2.Node,
         *,
         max_backoff: float = 10.0,
+        credentials: Callable[[], grpc.ChannelCredentials] | None = None,
     ) -> None:
+        """``credentials``: mutual TLS, asked for on every connection, so that a reconnect
+        presents the workload certificate current at that moment; None: plaintext."""
         self.sidecar = sidecar
+        self.credentials = credentials
         self.static = static
         self.address = address
         self.node = node
@@ -136,7 +140,12 @@ class XdsClient:
                 yield await queue.get()
 
         progressed = False
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        channel = (
+            grpc.aio.insecure_channel(self.address)
+            if self.credentials is None
+            else grpc.aio.secure_channel(self.address, self.credentials())
+        )
+        async with channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources(requests())
             try:
@@ -198,6 +207,7 @@ class XdsClient:
             ),
             "xds": {
                 "control_plane": self.address,
+                "tls": self.credentials is not None,
                 "connected": self.connected,
                 "versions": {SHORT[t]: r.version_info for t, r in state.received.items()},
                 "last_nack": {

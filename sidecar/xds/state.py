@@ -231,7 +231,7 @@ class AdsClientState:
         elif type_url == ROUTE:
             tr.translate_route_config(message)
         elif type_url == CLUSTER:
-            if not tr.envoy_only(message) and not is_original_destination(message):
+            if not is_original_destination(message) and not tr.envoy_only(message):
                 tr.translate_cluster(message)
         else:
             tr.translate_endpoints(message)

@@ -295,3 +295,26 @@ def test_refuses_to_issue_before_its_ca_is_valid() -> None:
     clock.now = T0 - 3600
     with pytest.raises(CsrRejected, match="not valid yet"):
         ca.sign(build_csr(generate_key(), ALICE), ALICE)
+
+
+def test_serving_certificate_is_for_dns_names_and_server_auth_only() -> None:
+    clock = FakeClock()
+    ca = _authority(clock, ttl=600)
+    key = generate_key()
+    issued = ca.issue_server(key.public_key(), ["control-plane.pilotfish.svc", "localhost"])
+    assert issued.identity is None and issued.not_after == T0 + 600
+    leaf = issued.certificate
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["control-plane.pilotfish.svc", "localhost"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == []
+    usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(ca.bundle.roots)))
+        .time(datetime.datetime.fromtimestamp(T0 + 10, tz=datetime.UTC))
+        .build_server_verifier(x509.DNSName("control-plane.pilotfish.svc"))
+    )
+    verifier.verify(leaf, [])
+    with pytest.raises(ValueError, match="at least one DNS name"):
+        ca.issue_server(key.public_key(), [])

@@ -28,6 +28,7 @@ from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.resources import eds_cluster
 from pilotfish.config import yaml_loader
 from pilotfish.config.errors import ConfigError
+from tests.control_plane.test_authn_xds import EVERY as EVERY_SECURITY_FEATURE
 from tests.control_plane.test_outbound_xds import every_view
 from tests.control_plane.test_proxyless import (
     PROBE,
@@ -158,6 +159,11 @@ def test_what_we_generate_passes_envoys_rules() -> None:
     mesh = parse_mesh_text(mesh_text())
     pgv.check(eds_cluster(mesh.services["echo"]), "Cluster[echo]")
     for view in every_view(mesh):
+        for type_url, resources in view.items():
+            for name, message in resources.items():
+                pgv.check(message, f"{type_url}[{name}]")
+    # Every JWT and authorization feature, as jwt_authn and RBAC filters on inbound listeners.
+    for view in every_view(parse_mesh_text(EVERY_SECURITY_FEATURE)):
         for type_url, resources in view.items():
             for name, message in resources.items():
                 pgv.check(message, f"{type_url}[{name}]")

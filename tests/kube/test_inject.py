@@ -204,3 +204,56 @@ def test_an_app_running_as_the_sidecar_uid_is_an_error() -> None:
 def test_host_network_pods_are_left_alone() -> None:
     pod = {"metadata": {}, "spec": {"hostNetwork": True, "containers": [{"name": "a"}]}}
     assert inject_pod(pod, InjectOptions(), "p") == pod
+
+
+def test_workload_identity_projects_a_ca_token_and_the_roots(
+    source: Path, tmp_path: Path
+) -> None:
+    roots = tmp_path / "roots.pem"
+    roots.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    done = inject(
+        "-f", str(source), "--ca-address", "control-plane.pilotfish.svc:15012",
+        "--xds-address", "control-plane.pilotfish.svc:15011", "--ca-roots", str(roots),
+    )
+    assert done.returncode == 0, done.stderr
+    objects = list(yaml.safe_load_all(done.stdout))
+    web = objects[0]
+    template = _template(web)
+    _, sidecar, _ = _containers(web)
+    assert _arg(sidecar, "--ca") == "control-plane.pilotfish.svc:15012"
+    assert _arg(sidecar, "--xds") == "control-plane.pilotfish.svc:15011"
+    assert _arg(sidecar, "--service-account") == "$(POD_SERVICE_ACCOUNT)"
+    token_path = _arg(sidecar, "--ca-token-file")
+    roots_path = _arg(sidecar, "--control-plane-roots")
+    (mount,) = sidecar["volumeMounts"]
+    assert mount["readOnly"] and token_path.startswith(mount["mountPath"] + "/")
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+    token, downward = volume["projected"]["sources"]
+    assert token["serviceAccountToken"] == {
+        "audience": "pilotfish-ca", "expirationSeconds": 3600,
+        "path": token_path.rsplit("/", 1)[1],
+    }
+    (item,) = downward["downwardAPI"]["items"]
+    assert item["path"] == roots_path.rsplit("/", 1)[1]
+    assert item["fieldRef"]["fieldPath"] == "metadata.annotations['pilotfish.io/ca-roots']"
+    assert template["metadata"]["annotations"]["pilotfish.io/ca-roots"] == roots.read_text()
+    # The app's own volumes are kept, and only the sidecar mounts the token.
+    for container in template["spec"]["containers"]:
+        assert all(m["name"] != mount["name"] for m in container.get("volumeMounts", []))
+    for obj in objects:
+        kubernetes_validate.validate(obj, VERSIONS[-1], strict=True)
+    twice = inject("-f", "-", "--ca-address", "x:1", "--ca-roots", str(roots), stdin=done.stdout)
+    assert twice.stdout == done.stdout
+
+
+def test_workload_identity_needs_the_roots(source: Path, tmp_path: Path) -> None:
+    done = inject("-f", str(source), "--ca-address", "control-plane.pilotfish.svc:15012")
+    assert done.returncode == 2
+    assert "--ca-address needs --ca-roots" in done.stderr
+    (tmp_path / "empty.pem").write_text("")
+    done = inject("-f", str(source), "--ca-address", "cp:15012",
+                  "--ca-roots", str(tmp_path / "empty.pem"))
+    assert done.returncode == 2 and "no PEM certificate" in done.stderr
+    with pytest.raises(InjectError, match="root certificates"):
+        inject_pod({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}},
+                   InjectOptions(ca_address="cp:15012"))

@@ -143,6 +143,11 @@ def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
                 str(certs.key),
                 "--inject-image",
                 "registry.example/pilotfish:1.0",
+                # Injected pods get an identity: the CA's roots travel in their annotation.
+                "--ca-dir",
+                str(directory / "ca"),
+                "--inject-ca-address",
+                "control-plane.pilotfish.svc:15012",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -178,7 +183,14 @@ def test_a_new_pod_gets_the_sidecar_by_json_patch(webhook: Webhook) -> None:
     assert args[args.index("--service") + 1] == "web"  # from the ReplicaSet's generateName
     init_args = inits["pilotfish-init"]["args"]
     assert init_args[init_args.index("--exclude-inbound-ports") + 1] == "15021,9090"
-    assert patched["metadata"]["annotations"] == {"pilotfish.io/status": "injected"}
+    roots = (webhook.log.parent / "ca" / "root-cert.pem").read_text()
+    assert patched["metadata"]["annotations"] == {
+        "pilotfish.io/status": "injected", "pilotfish.io/ca-roots": roots,
+    }
+    assert args[args.index("--ca") + 1] == "control-plane.pilotfish.svc:15012"
+    (volume,) = patched["spec"]["volumes"]
+    token = volume["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "pilotfish-ca"
     assert patched["spec"]["containers"] == original["spec"]["containers"]
     for version in VERSIONS:
         kubernetes_validate.validate(patched, version, strict=True)

@@ -21,7 +21,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         ("sidecar", "(default: 127.0.0.1:15001)"),
         ("sidecar", "verbosity (default: info)"),
         ("control-plane", "xDS gRPC port (default: 15010)"),
-        ("demo", "seconds of traffic (default: 10.0)"),
+        ("demo", "the four phases (default: 16.0)"),
+        ("top", "seconds between scrapes (default: 2.0)"),
         ("status", "(default: 127.0.0.1:15010)"),
     ],
 )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pilotfish/status/v1/status.proto\x12\x13pilotfish.status.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n\x12ListProxiesRequest\"\x90\x01\n\x13ListProxiesResponse\x12\x31\n\x07proxies\x18\x01 \x03(\x0b\x32 .pilotfish.status.v1.ProxyStatus\x12\x17\n\x0fmesh_generation\x18\x02 \x01(\x04\x12\x12\n\nmesh_error\x18\x03 \x01(\t\x12\x19\n\x11proxyless_ignored\x18\x04 \x03(\t\"\xf0\x01\n\x0bProxyStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x13\n\x0bstream_kind\x18\x04 \x01(\t\x12\x33\n\x0f\x63onnected_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\tresources\x18\x06 \x03(\x0b\x32\'.pilotfish.status.v1.ResourceTypeStatus\x12\x0f\n\x07in_sync\x18\x07 \x01(\x08\x12\x15\n\radmin_address\x18\x08 \x01(\t\"\xe4\x01\n\x12ResourceTypeStatus\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\x15\n\racked_version\x18\x02 \x01(\t\x12\x14\n\x0csent_version\x18\x03 \x01(\t\x12\x19\n\x11last_nack_version\x18\x04 \x01(\t\x12\x19\n\x11last_nack_message\x18\x05 \x01(\t\x12\x0f\n\x07in_sync\x18\x06 \x01(\x08\x12\x17\n\x0f\x63urrent_version\x18\x07 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x08 \x03(\t\x12\x0f\n\x07removed\x18\t \x03(\t\x12\x0f\n\x07\x63hanged\x18\n \x03(\t2v\n\x12\x43ontrolPlaneStatus\x12`\n\x0bListProxies\x12\'.pilotfish.status.v1.ListProxiesRequest\x1a(.pilotfish.status.v1.ListProxiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pilotfish/status/v1/status.proto\x12\x13pilotfish.status.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n\x12ListProxiesRequest\"\x90\x01\n\x13ListProxiesResponse\x12\x31\n\x07proxies\x18\x01 \x03(\x0b\x32 .pilotfish.status.v1.ProxyStatus\x12\x17\n\x0fmesh_generation\x18\x02 \x01(\x04\x12\x12\n\nmesh_error\x18\x03 \x01(\t\x12\x19\n\x11proxyless_ignored\x18\x04 \x03(\t\"\xbc\x02\n\x0bProxyStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x13\n\x0bstream_kind\x18\x04 \x01(\t\x12\x33\n\x0f\x63onnected_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\tresources\x18\x06 \x03(\x0b\x32\'.pilotfish.status.v1.ResourceTypeStatus\x12\x0f\n\x07in_sync\x18\x07 \x01(\x08\x12\x15\n\radmin_address\x18\x08 \x01(\t\x12\x11\n\tspiffe_id\x18\t \x01(\t\x12\x37\n\x13\x63\x65rtificate_expires\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe4\x01\n\x12ResourceTypeStatus\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\x15\n\racked_version\x18\x02 \x01(\t\x12\x14\n\x0csent_version\x18\x03 \x01(\t\x12\x19\n\x11last_nack_version\x18\x04 \x01(\t\x12\x19\n\x11last_nack_message\x18\x05 \x01(\t\x12\x0f\n\x07in_sync\x18\x06 \x01(\x08\x12\x17\n\x0f\x63urrent_version\x18\x07 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x08 \x03(\t\x12\x0f\n\x07removed\x18\t \x03(\t\x12\x0f\n\x07\x63hanged\x18\n \x03(\t2v\n\x12\x43ontrolPlaneStatus\x12`\n\x0bListProxies\x12\'.pilotfish.status.v1.ListProxiesRequest\x1a(.pilotfish.status.v1.ListProxiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPROXIESRESPONSE']._serialized_start=113
   _globals['_LISTPROXIESRESPONSE']._serialized_end=257
   _globals['_PROXYSTATUS']._serialized_start=260
-  _globals['_PROXYSTATUS']._serialized_end=500
-  _globals['_RESOURCETYPESTATUS']._serialized_start=503
-  _globals['_RESOURCETYPESTATUS']._serialized_end=731
-  _globals['_CONTROLPLANESTATUS']._serialized_start=733
-  _globals['_CONTROLPLANESTATUS']._serialized_end=851
+  _globals['_PROXYSTATUS']._serialized_end=576
+  _globals['_RESOURCETYPESTATUS']._serialized_start=579
+  _globals['_RESOURCETYPESTATUS']._serialized_end=807
+  _globals['_CONTROLPLANESTATUS']._serialized_start=809
+  _globals['_CONTROLPLANESTATUS']._serialized_end=927
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ class ListProxiesResponse(_message.Message):
     def __init__(self, proxies: _Optional[_Iterable[_Union[ProxyStatus, _Mapping]]] = ..., mesh_generation: _Optional[int] = ..., mesh_error: _Optional[str] = ..., proxyless_ignored: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProxyStatus(_message.Message):
-    __slots__ = ("node_id", "service", "namespace", "stream_kind", "connected_since", "resources", "in_sync", "admin_address")
+    __slots__ = ("node_id", "service", "namespace", "stream_kind", "connected_since", "resources", "in_sync", "admin_address", "spiffe_id", "certificate_expires")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class ProxyStatus(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     ADMIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     service: str
     namespace: str
@@ -43,7 +45,9 @@ class ProxyStatus(_message.Message):
     resources: _containers.RepeatedCompositeFieldContainer[ResourceTypeStatus]
     in_sync: bool
     admin_address: str
-    def __init__(self, node_id: _Optional[str] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., stream_kind: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resources: _Optional[_Iterable[_Union[ResourceTypeStatus, _Mapping]]] = ..., in_sync: _Optional[bool] = ..., admin_address: _Optional[str] = ...) -> None: ...
+    spiffe_id: str
+    certificate_expires: _timestamp_pb2.Timestamp
+    def __init__(self, node_id: _Optional[str] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., stream_kind: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resources: _Optional[_Iterable[_Union[ResourceTypeStatus, _Mapping]]] = ..., in_sync: _Optional[bool] = ..., admin_address: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ResourceTypeStatus(_message.Message):
     __slots__ = ("type_url", "acked_version", "sent_version", "last_nack_version", "last_nack_message", "in_sync", "current_version", "added", "removed", "changed")
