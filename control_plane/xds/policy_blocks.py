@@ -114,6 +114,8 @@ def load_shedding_block(config: LoadSheddingConfig) -> dict[str, object]:
     block: dict[str, object] = {
         "enabled": config.enabled,
         "max_queue_delay": duration_text(config.max_queue_delay),
+        "queue_interval": duration_text(config.queue_interval),
+        "min_concurrency": config.min_concurrency,
         # The file says percent; the model holds a fraction.
         "cpu_threshold": round(config.cpu_threshold * 100, 9),
         "window": duration_text(config.window),

@@ -159,6 +159,13 @@ class LoadSheddingConfig:
     max_queue_delay: float = 0.02
     """``20ms``: the app queues when its recent latency exceeds its best by more than this (and
     by more than the best itself)."""
+    queue_interval: float = 0.1
+    """``100ms``: the app queues only when every call completed over this long was late by
+    ``max_queue_delay`` (CoDel's interval): a burst, one slow call or a stall of the whole
+    machine is not a queue."""
+    min_concurrency: int = 3
+    """``3``: never shed with fewer in flight (Envoy's adaptive concurrency has the same floor):
+    an estimate taken while traffic is light is far under what the app can take."""
     cgroup: str | None = None
     """none: the pod's cgroup v2 directory (its ``cpu.stat`` and ``cpu.max``), e.g.
     ``/sys/fs/cgroup`` when the sidecar shares the app's cgroup; then CPU past

@@ -363,12 +363,14 @@ def parse_load_shedding(node: Node, on_by_default: bool = False) -> LoadShedding
     if node.value is True:
         return LoadSheddingConfig(enabled=True)
     node.mapping(
-        {"enabled", "max_queue_delay", "cgroup", "cpu_threshold", "window", "buckets",
-         "cool_down", "cpu_decay"}
+        {"enabled", "max_queue_delay", "queue_interval", "min_concurrency", "cgroup",
+         "cpu_threshold", "window", "buckets", "cool_down", "cpu_decay"}
     )  # fmt: skip
     return LoadSheddingConfig(
         enabled=node.get("enabled").as_bool(True),
         max_queue_delay=node.get("max_queue_delay").as_duration(default.max_queue_delay),
+        queue_interval=node.get("queue_interval").as_duration(default.queue_interval),
+        min_concurrency=node.get("min_concurrency").as_int(default.min_concurrency, 1, 1_000_000),
         cgroup=node.get("cgroup").as_str() if node.has("cgroup") else None,
         cpu_threshold=as_number(node.get("cpu_threshold"), 80.0, 1.0, 100.0) / 100.0,
         window=as_positive_duration(node.get("window"), default.window),

@@ -6,12 +6,16 @@ best: the highest delivery rate (completions per second, over completed buckets 
 window) times the lowest latency (``min_rt``, the lowest per-bucket mean) is the concurrency
 the app serves without queueing (Little's law). Past that, more in flight only waits.
 
-The app is *saturated* when its requests queue: the recent latency (an EWMA over completions)
-exceeds ``min_rt`` by more than ``max(max_queue_delay, min_rt)``; or, when the pod's cgroup v2
+The app is *saturated* when its requests queue: every call that completed over the last
+``queue_interval`` took longer than ``min_rt`` plus ``max(max_queue_delay, min_rt)`` (a
+standing queue, as CoDel tells one from a burst: one slow call, or a stall of the whole machine
+that delays the calls in flight and is over, is not saturation); or, when the pod's cgroup v2
 is given (``cgroup``), its CPU use is past ``cpu_threshold`` of its quota. While saturated, a
-request arriving with the estimate already in flight is shed: answered at once, so the queue
-stops growing instead of every request getting slower. After a shed the limit stays in force
-for ``cool_down`` even if the signals calm down (shedding itself calms them), then lifts.
+request arriving with the limit already in flight is shed: answered at once, so the queue
+stops growing instead of every request getting slower. The limit is twice the estimate, and
+never under ``min_concurrency``: an estimate taken while traffic was light says little of what
+the app can do. After a shed the limit stays in force for ``cool_down`` even if the signals
+calm down (shedding itself calms them), then lifts.
 
 The sidecar's own CPU is no signal: it is busy relaying, not serving. A shed request never
 reached the app: the reply says so (``x-pilotfish-overloaded``), so a caller's sidecar can retry
@@ -97,6 +101,11 @@ class LoadShedder:
         self._rt_sums = [0.0] * config.buckets
         self.cpu: float | None = None
         self.recent_rt: float | None = None
+        # A completion slower than this is queueing; recomputed as each bucket starts, so a
+        # completion costs a comparison, not a scan of the window. Infinite: no estimate yet.
+        self._slow_rt = math.inf
+        # When the current run of slow completions began; None: the last one was not slow.
+        self._slow_since: float | None = None
         self.in_flight = 0
         self._last_shed: float | None = None
         self.admitted_total = 0
@@ -138,11 +147,8 @@ class LoadShedder:
         cpu = self.cpu
         if cpu is not None and cpu > self.config.cpu_threshold:
             return True
-        estimate = self._estimate(now)
-        if estimate is None or self.recent_rt is None:
-            return False
-        _, min_rt = estimate
-        return self.recent_rt - min_rt > max(self.config.max_queue_delay, min_rt)
+        since = self._slow_since
+        return since is not None and now - since >= self.config.queue_interval
 
     def _completed(self, started: float) -> None:
         now = self._clock()
@@ -158,8 +164,17 @@ class LoadShedder:
             self._bucket_ids[slot] = bucket
             self._passes[slot] = 0
             self._rt_sums[slot] = 0.0
+            estimate = self._estimate(now)
+            self._slow_rt = (
+                math.inf if estimate is None
+                else estimate[1] + max(self.config.max_queue_delay, estimate[1])
+            )
         self._passes[slot] += 1
         self._rt_sums[slot] += rt
+        if rt <= self._slow_rt:
+            self._slow_since = None
+        elif self._slow_since is None:
+            self._slow_since = now
 
     def _full_buckets(self, now: float) -> list[int]:
         current = math.floor(now / self._width)
@@ -181,13 +196,15 @@ class LoadShedder:
 
     def max_in_flight(self, now: float) -> int | None:
         """The concurrency the app sustains (max rate x min latency) with ``HEADROOM``, at least
-        1; None while nothing has completed in a full bucket of the window."""
+        ``min_concurrency``; None while nothing has completed in a full bucket of the window."""
         estimate = self._estimate(now)
         if estimate is None:
             return None
         max_rate, min_rt = estimate
         # Rounded first so that 100 requests/s x 0.05 s is 5, not 6 through float error.
-        return max(1, math.ceil(round(max_rate * min_rt * HEADROOM, 6)))
+        return max(
+            self.config.min_concurrency, math.ceil(round(max_rate * min_rt * HEADROOM, 6))
+        )
 
     def stats(self) -> ShedStats:
         now = self._clock()

@@ -62,7 +62,9 @@ def test_queueing_app_sheds_over_the_estimate_then_lets_go_after_the_cool_down()
     clock = FakeClock()
     shedder = LoadShedder(CONFIG, clock)
     warm_up(shedder, clock, 3)
-    wave(shedder, clock, 20, 0.5)  # the app now takes 0.5 s: 0.4 s of queueing
+    wave(shedder, clock, 20, 0.5)  # the app now takes 0.5 s: 0.4 s of queueing...
+    assert not shedder.stats().saturated  # ...but one late wave may be a burst
+    wave(shedder, clock, 20, 0.5)  # still late 0.5 s later: a standing queue
     assert shedder.stats().saturated
     held = hold(shedder, LIMIT)  # up to the limit: admitted
     assert shedder.try_admit() is None  # one more is shed
@@ -76,6 +78,40 @@ def test_queueing_app_sheds_over_the_estimate_then_lets_go_after_the_cool_down()
     clock.advance(1.01)  # past it (counted from the last shed)
     assert shedder.try_admit() is not None
     assert not shedder.stats().cooling_down
+
+
+def test_a_stall_that_is_over_is_not_a_queue() -> None:
+    """The whole machine stops for 0.3 s: the calls in flight all end late, at once, and the
+    next ones are fast again. Nothing is shed, even with far more than the limit in flight."""
+    clock = FakeClock()
+    shedder = LoadShedder(CONFIG, clock)
+    warm_up(shedder, clock, 3)
+    wave(shedder, clock, LIMIT, 0.3)
+    held = hold(shedder, 3 * LIMIT)  # the callers' backlog arrives in one go
+    assert not shedder.stats().saturated and shedder.shed_total == 0
+    for ticket in held:
+        ticket.done()
+    wave(shedder, clock, 1, 0.1)
+    assert not shedder.stats().saturated
+
+
+def test_light_traffic_never_sheds_under_the_minimum_concurrency() -> None:
+    """10 calls/s of 10 ms estimate a concurrency of 0.2: far under what the app can take, so
+    the limit is the floor, not 1."""
+    clock = FakeClock()
+    shedder = LoadShedder(LoadSheddingConfig(enabled=True, window=10.0, buckets=10), clock)
+    for _ in range(30):
+        wave(shedder, clock, 1, 0.01)
+        clock.advance(0.09)
+    assert shedder.max_in_flight(clock()) == 3
+    for _ in range(3):
+        wave(shedder, clock, 1, 0.2)  # late for 0.4 s: saturated
+        clock.advance(0.0)
+    assert shedder.stats().saturated
+    held = hold(shedder, 3)  # up to the floor: admitted
+    assert shedder.try_admit() is None
+    for ticket in held:
+        ticket.done()
 
 
 def test_the_pods_cpu_past_its_threshold_is_saturation_too() -> None:
