@@ -11,6 +11,11 @@ values within a field ORed, so a policy has one principal (``and_ids`` of one ``
 field) and one permission (``and_rules`` likewise). ``sidecar/xds/authn.py`` reads exactly these
 shapes back; the mapping of each field is in ``docs/mesh-reference.md``.
 
+A route of the service with its own ``jwt`` or ``authorization`` goes on the inbound route with
+Envoy's per-route configs (``route_filter_configs``): a ``PerRouteConfig`` naming the route's
+entry in the JWT filter's ``requirement_map`` (or ``disabled``), and an ``RBACPerRoute`` for
+each RBAC filter, which is why the two filters have names of their own.
+
 What Envoy has no field for rides in the listener's ``pilotfish`` metadata under
 ``jwt_providers``: the JWKS ``refresh`` of a file (Envoy reads ``local_jwks`` once),
 ``min_refetch`` and ``algorithms`` (Envoy takes a key's algorithm from the JWKS), each only when

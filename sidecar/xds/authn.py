@@ -4,7 +4,8 @@ into the ``ListenerJwt`` and ``AuthorizationPolicy`` a static bootstrap gives a 
 The shapes are the ones ``control_plane/xds/authn_xds.py`` writes (and Envoy reads). Whatever
 our model cannot express raises ``ConfigError`` naming the field, so the update is NACKed and
 the listener keeps its last good policy: a filter half understood would let requests through
-that the control plane meant to refuse.
+that the control plane meant to refuse. A route's per-filter configs of the two filters become
+its ``RouteSecurity`` (``translate_route_security``).
 """
 
 from __future__ import annotations
