@@ -295,6 +295,17 @@ async def start_control_plane(
             )
             ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca_servicer, xds_server)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, xds_server)
+            # The status service reads only; the registry binds writes to the caller's identity.
+            status_pb2_grpc.add_ControlPlaneStatusServicer_to_server(
+                StatusServicer(cache, registry, lambda: watcher.last_error), xds_server
+            )
+            registry_pb2_grpc.add_RegistryServicer_to_server(
+                RegistryServicer(
+                    service_registry, store, cache, registry,
+                    authenticate=lambda context: authenticate_peer(context, trust_domain),
+                ),
+                xds_server,
+            )
             xds_bound = _bind(xds_server, "xDS (mTLS)", address, tls.xds_port,
                               serving.credentials(require_client_certificate=True))
             tls_servers.append(xds_server)

@@ -46,9 +46,13 @@ from pilotfish.config.route_policy_yaml import (
     parse_route_policy,
 )
 from pilotfish.config.security import (
+    ROUTE_SECURITY_KEYS,
     SERVICE_SECURITY_KEYS,
+    JwtRequirement,
+    MeshRouteSecurity,
     SecurityConfig,
     ServiceSecurity,
+    parse_route_security,
     parse_security,
     parse_service_security,
 )
@@ -74,6 +78,8 @@ class MeshRoute:
     # None: no timeout (written ``0s`` in the file).
     timeout: float | None
     policy: RoutePolicy = RoutePolicy()
+    # Enforced on the service's inbound side, for the requests this route matches.
+    security: MeshRouteSecurity = field(default_factory=MeshRouteSecurity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,11 +211,13 @@ def _parse_service(name: str, node: Node, security: SecurityConfig) -> MeshServi
     depends_on: tuple[str, ...] | None = None
     if node.has("depends_on"):
         depends_on = tuple(d.as_str() for d in node.get("depends_on").elements())
+    service_security = parse_service_security(node, security)
     if node.has("routes"):
         if protocol == "tcp":
             raise node.get("routes").error("a tcp service cannot have routes")
         routes = tuple(
-            _parse_route(name, r, i) for i, r in enumerate(node.get("routes").elements())
+            _parse_route(name, r, i, security, service_security.jwt)
+            for i, r in enumerate(node.get("routes").elements())
         )
     elif protocol == "tcp":
         routes = ()
@@ -240,7 +248,7 @@ def _parse_service(name: str, node: Node, security: SecurityConfig) -> MeshServi
         load_shedding=parse_load_shedding(node.get("load_shedding"), protocol != "tcp"),
         listener_limits=parse_listener_limits(node),
         service_account=_identity_segment(node.get("service_account"), name),
-        security=parse_service_security(node, security),
+        security=service_security,
         discovery=discovery,
         registry=registry,
     )
@@ -284,8 +292,16 @@ def _default_route(service: str) -> MeshRoute:
     )
 
 
-def _parse_route(service: str, node: Node, index: int) -> MeshRoute:
-    node.mapping({"name", "match", "timeout", "cluster", "split", *ROUTE_POLICY_KEYS})
+def _parse_route(
+    service: str,
+    node: Node,
+    index: int,
+    security: SecurityConfig,
+    service_jwt: JwtRequirement | None,
+) -> MeshRoute:
+    node.mapping(
+        {"name", "match", "timeout", "cluster", "split", *ROUTE_POLICY_KEYS, *ROUTE_SECURITY_KEYS}
+    )
     if node.has("cluster") and node.has("split"):
         raise node.error("at most one of cluster, split")
     clusters: tuple[WeightedCluster, ...]
@@ -309,6 +325,7 @@ def _parse_route(service: str, node: Node, index: int) -> MeshRoute:
         clusters=clusters,
         timeout=timeout,
         policy=parse_route_policy(node),
+        security=parse_route_security(node, security, service_jwt),
     )
 
 

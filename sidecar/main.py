@@ -230,7 +230,11 @@ async def serve(
     if register is not None:
         from sidecar.register.agent import RegistrationAgent
 
-        agent = RegistrationAgent(register, ready=lambda: sidecar.initialized)
+        tls = None
+        if started_identity is not None and identity is not None and identity.control_plane_roots:
+            # The registry is on the control plane's mTLS port, as xDS is.
+            tls = started_identity[0].channel_credentials
+        agent = RegistrationAgent(register, ready=lambda: sidecar.initialized, credentials=tls)
         sidecar.before_drain = agent.leave
         sidecar.on_health_check = agent.set_draining
         agent.start()

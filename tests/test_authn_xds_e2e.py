@@ -5,6 +5,8 @@ real grpcio app; real grpcio and HTTP/1.1 clients call it.
 - Tokens: valid, bad signature, expired, wrong audience; a key rotated in the JWKS file; a claim
   forwarded (the client's copy replaced). Rules: path with claim, method, header. A live edit of
   the mesh file changes the policy, and the sidecar process is the same one.
+- Per route: a route exempt from JWT (``jwt: off``) with its own allow-all rule answers without
+  a token, or with a refused one; a route with its own claim rule denies what the service allows.
 - Identities over STRICT mTLS: callers are three sidecars with their own certificates; one
   allowed by principal, one not listed, one listed but in a namespace a deny rule names.
 """
@@ -35,7 +37,8 @@ def sign(key: Any, kid: str, **claims: Any) -> str:
 
 
 class App:
-    """``test.Echo/Echo`` and ``test.Echo/Other``, recording each call's metadata."""
+    """``test.Echo/Echo``, ``test.Echo/Other`` and ``test.Echo/Health``, recording each call's
+    metadata."""
 
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []
@@ -47,7 +50,9 @@ class App:
         handler = grpc.unary_unary_rpc_method_handler(
             echo, request_deserializer=identity, response_serializer=identity
         )
-        self.server = GrpcServer("test.Echo", {"Echo": handler, "Other": handler})
+        self.server = GrpcServer(
+            "test.Echo", {"Echo": handler, "Other": handler, "Health": handler}
+        )
 
 
 def call(
@@ -115,6 +120,23 @@ def billing_mesh(inbound: str, jwks_file: Path, scope: str) -> str:
                             {"to": {"methods": ["GET"]}},
                         ],
                     },
+                    "routes": [
+                        {
+                            "name": "health",
+                            "match": {"path": "/test.Echo/Health"},
+                            "jwt": "off",
+                            "authorization": {"allow": [{}]},
+                        },
+                        {
+                            "name": "gold",
+                            "match": {
+                                "path": "/test.Echo/Echo",
+                                "headers": [{"name": "x-tier", "exact": "gold"}],
+                            },
+                            "authorization": {"allow": [{"when": {"claims": {"scope": ["gold"]}}}]},
+                        },
+                        {"name": "rest", "match": {"prefix": "/"}},
+                    ],
                 }
             },
         },
@@ -175,6 +197,17 @@ def test_jwt_and_request_rules_from_the_mesh_file(tmp_path: Path) -> None:
         assert http1(inbound, "POST") == (403, "RBAC")
         assert http1(inbound, "GET")[0] != 403  # allowed: it reaches the app (which is not HTTP)
         assert billing.stat(DENIED) == 5
+
+        # Per route. Exempt from JWT: no token, or one the service refuses (the retired key).
+        assert call(inbound, None, method="Health") == ok
+        assert call(inbound, good, method="Health") == ok
+        assert billing.stat(UNAUTHENTICATED) == 4  # the retired key, refused once above
+        # Its own rule wants another scope than the service's, which lets `rotated` in.
+        gold = (("x-tier", "gold"),)
+        assert call(inbound, rotated, extra=gold) == denied
+        assert call(inbound, sign(OTHER_EC_KEY, "e2", sub="carol", scope="gold"), extra=gold) == ok
+        assert app.metadata[-1]["x-user"] == "carol"
+        assert billing.stat(DENIED) == 6
 
         # A live edit: the claim rule now wants another scope; same sidecar process.
         mesh.write_text(billing_mesh(inbound, jwks_file, "echo.v2"))

@@ -4,8 +4,9 @@ The sidecar gets its first certificate from the CA's TLS port with a bootstrap t
 the mesh root it was given, then holds its ADS stream over mTLS with that certificate. With
 3 s certificates, both its own and the control plane's serving certificate rotate several times
 and the control plane ends each stream when its client certificate expires: the sidecar
-reconnects with its renewed certificate and keeps receiving config. A sidecar that names
-another service in its node metadata is refused.
+reconnects with its renewed certificate and keeps receiving config; its ``--register`` goes to
+the registry over the same mTLS port and keeps its lease across the rotations. A sidecar that
+names another service in its node metadata is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import yaml
 
+from pilotfish.gen.pilotfish.registry.v1 import registry_pb2, registry_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from tests.support import free_port, wait_for
 from tests.test_xds_e2e import Processes, Sidecar
@@ -38,6 +40,12 @@ def _proxies(address: str) -> list[status_pb2.ProxyStatus]:
             status_pb2.ListProxiesRequest(), timeout=5
         )
     return list(reply.proxies)
+
+
+def _registered(address: str) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        reply = registry_pb2_grpc.RegistryStub(channel).List(registry_pb2.ListRequest(), timeout=5)
+    return [i.id for i in reply.instances]
 
 
 def test_sidecar_over_the_mtls_port_across_certificate_rotations(tmp_path: Path) -> None:
@@ -65,9 +73,20 @@ def test_sidecar_over_the_mtls_port_across_certificate_rotations(tmp_path: Path)
             "--control-plane-roots", str(tmp_path / "ca" / "root-cert.pem"),
             "--ca-token-file", str(tmp_path / "web.token"),
         )
-        web = Sidecar(processes, f"localhost:{xds_port}", "web-1", "web", *secure)
+        inbound = f"127.0.0.1:{free_port()}"
+        # Its "app" is the control plane's plaintext port, whose gRPC health service answers
+        # SERVING: the registration agent needs a healthy app, and nothing calls it here.
+        web = Sidecar(
+            processes, f"localhost:{xds_port}", "web-1", "web", *secure,
+            "--app-address", f"127.0.0.1:{plain}", "--inbound-address", inbound,
+            "--register", "--register-health-interval", "0.2",
+        )  # fmt: skip
         web.wait_ready()
         assert web.config_dump()["xds"]["tls"] is True
+        # Registered over mTLS (the only registry port it was given), under its own service.
+        assert wait_for(lambda: f"web/{inbound}" in _registered(f"127.0.0.1:{plain}"), 15), (
+            web.log()
+        )
 
         # Seen from the control plane: the stream's identity and its certificate's expiry.
         # Each new expiry is a new stream, opened with a renewed certificate.
@@ -83,6 +102,8 @@ def test_sidecar_over_the_mtls_port_across_certificate_rotations(tmp_path: Path)
 
         assert wait_for(rotated_three_times, 20, interval=0.2), (expiries, web.log())
         assert "client certificate expired; closing" in plane.log()
+        # Heartbeats kept the lease through the rotations.
+        assert _registered(f"127.0.0.1:{plain}") == [f"web/{inbound}"]
 
         # Config still flows on the current stream: a new endpoint reaches the sidecar.
         second_endpoint = f"127.0.0.1:{free_port()}"

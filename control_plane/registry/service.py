@@ -22,6 +22,7 @@ from control_plane.registry.core import (
 )
 from control_plane.registry.store import RegistryStore, StoreUnavailable
 from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.peer_view import AuthenticatedPeer, PeerRefused, registrable_services
 from control_plane.xds.server import ProxyRegistry
 from control_plane.xds.types import ENDPOINT
 from pilotfish.gen.pilotfish.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -94,6 +95,11 @@ async def await_proxies(
         stop()
 
 
+def _service_of(instance_id: str) -> str:
+    """The service an instance id names (``<service>/<host>:<port>``, ``core.instance_id``)."""
+    return instance_id.partition("/")[0]
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc]
     """Writes go through ``store``; reads come from ``registry``, the view the cache serves."""
 
@@ -103,11 +109,36 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc
         store: RegistryStore,
         cache: SnapshotCache,
         proxies: ProxyRegistry,
+        authenticate: Callable[[grpc.aio.ServicerContext[Any, Any]], AuthenticatedPeer]
+        | None = None,
     ) -> None:
+        """``authenticate``: on the mTLS port, the caller's verified identity, to which every
+        write is bound: an instance may be registered, renewed or removed only under a service
+        that identity runs (as ``peer_view`` binds views)."""
+        self._authenticate = authenticate
         self._registry = registry
         self._store = store
         self._cache = cache
         self._proxies = proxies
+
+    async def _check_caller(
+        self, context: grpc.aio.ServicerContext[Any, Any], service: str, what: str
+    ) -> None:
+        if self._authenticate is None:
+            return
+        try:
+            identity = self._authenticate(context).spiffe_id
+        except PeerRefused as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise AssertionError("abort raises") from None
+        allowed = registrable_services(identity, self._cache.mesh)
+        if service not in allowed:
+            runs = ", ".join(allowed) or "no service of the mesh"
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{identity} may not {what} {service!r}: it runs {runs}",
+            )
+            raise AssertionError("abort raises")
 
     async def Register(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         wire = request.instance
@@ -120,6 +151,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc
         except InvalidInstance as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance.{exc}")
             raise AssertionError("abort raises") from None
+        await self._check_caller(context, instance.service, "register under")
         if not self._cache.endpoint_names(instance.service):
             # Accepted all the same: the mesh file may name it later. But say so once.
             log.warning("registered %s, but no mesh service takes endpoints from %r",
@@ -139,6 +171,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc
 
     async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         state = _STATES.get(request.state)
+        await self._check_caller(context, _service_of(request.id), "renew an instance of")
         try:
             before = self._registry.get(request.id)
             instance = await self._store.heartbeat(request.id, state)
@@ -158,6 +191,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc
         return registry_pb2.HeartbeatResponse()
 
     async def Deregister(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await self._check_caller(context, _service_of(request.id), "deregister an instance of")
         try:
             instance = await self._store.deregister(request.id)
         except StoreUnavailable as exc:

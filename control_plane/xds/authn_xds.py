@@ -11,6 +11,11 @@ values within a field ORed, so a policy has one principal (``and_ids`` of one ``
 field) and one permission (``and_rules`` likewise). ``sidecar/xds/authn.py`` reads exactly these
 shapes back; the mapping of each field is in ``docs/mesh-reference.md``.
 
+A route of the service with its own ``jwt`` or ``authorization`` goes on the inbound route with
+Envoy's per-route configs (``route_filter_configs``): a ``PerRouteConfig`` naming the route's
+entry in the JWT filter's ``requirement_map`` (or ``disabled``), and an ``RBACPerRoute`` for
+each RBAC filter, which is why the two filters have names of their own.
+
 What Envoy has no field for rides in the listener's ``pilotfish`` metadata under
 ``jwt_providers``: the JWKS ``refresh`` of a file (Envoy reads ``local_jwks`` once),
 ``min_refetch`` and ``algorithms`` (Envoy takes a key's algorithm from the JWKS), each only when
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +42,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
-from google.protobuf import empty_pb2
+from google.protobuf import any_pb2, empty_pb2
 
 from control_plane.xds.proto_util import duration, pack
 from pilotfish.config.matchers import HeaderMatcher
@@ -46,6 +51,8 @@ from pilotfish.config.security import (
     AuthorizationPolicy,
     AuthzRule,
     JwtProvider,
+    JwtRequirement,
+    MeshRouteSecurity,
     PathPattern,
     PrincipalPattern,
     SecurityConfig,
@@ -54,6 +61,10 @@ from pilotfish.config.security import (
 
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 RBAC_FILTER = "envoy.filters.http.rbac"
+# Envoy finds a route's per-filter config by the filter's name: the two RBAC filters have their
+# own, so that a route can replace each.
+RBAC_DENY_FILTER = f"{RBAC_FILTER}.deny"
+RBAC_ALLOW_FILTER = f"{RBAC_FILTER}.allow"
 # Where the jwt_authn filter leaves a verified token's claims (dynamic metadata of JWT_FILTER),
 # for the RBAC filter's claim matchers.
 PAYLOAD_KEY = "jwt_payload"
@@ -73,16 +84,25 @@ def jwks_cluster(provider: str) -> str:
     return f"{JWKS_CLUSTER_PREFIX}{provider}"
 
 
+def _provider_names(service: ServiceSecurity, routes: Sequence[MeshRouteSecurity]) -> list[str]:
+    """The providers the service's ``jwt`` and its routes' name, in order, once each."""
+    names: list[str] = list(service.jwt.providers) if service.jwt is not None else []
+    for route in routes:
+        if route.jwt is not None:
+            names += [name for name in route.jwt.providers if name not in names]
+    return names
+
+
 def jwks_clusters(
-    service: ServiceSecurity, security: SecurityConfig
+    service: ServiceSecurity,
+    security: SecurityConfig,
+    routes: Sequence[MeshRouteSecurity] = (),
 ) -> dict[str, cluster_pb2.Cluster]:
-    """For each ``uri`` JWKS the service's ``jwt`` names: a STRICT_DNS cluster to its host, with
-    TLS for ``https`` (SNI and the certificate checked against the host name and the system's
-    roots). A Pilotfish sidecar fetches the URL itself and skips these."""
+    """For each ``uri`` JWKS the service's (or its routes') ``jwt`` names: a STRICT_DNS cluster
+    to its host, with TLS for ``https`` (SNI and the certificate checked against the host name
+    and the system's roots). A Pilotfish sidecar fetches the URL itself and skips these."""
     clusters: dict[str, cluster_pb2.Cluster] = {}
-    if service.jwt is None:
-        return clusters
-    for name in service.jwt.providers:
+    for name in _provider_names(service, routes):
         uri = security.jwt_providers[name].jwks.uri
         if uri is None:
             continue
@@ -178,26 +198,39 @@ def _provider(p: JwtProvider) -> jwt_pb2.JwtProvider:
     return message
 
 
-def jwt_authn(providers: Sequence[JwtProvider], required: bool) -> jwt_pb2.JwtAuthentication:
-    """A token of any of ``providers`` on every path; without ``required`` a request with no
-    token passes (``allow_missing``: a bad token is still refused)."""
+def _requires(providers: Sequence[str], required: bool) -> jwt_pb2.JwtRequirement:
     if len(providers) == 1 and required:
-        requires = jwt_pb2.JwtRequirement(provider_name=providers[0].name)
-    else:
-        any_of = [jwt_pb2.JwtRequirement(provider_name=p.name) for p in providers]
-        if not required:
-            any_of.append(jwt_pb2.JwtRequirement(allow_missing=empty_pb2.Empty()))
-        requires = jwt_pb2.JwtRequirement(
-            requires_any=jwt_pb2.JwtRequirementOrList(requirements=any_of)
-        )
-    return jwt_pb2.JwtAuthentication(
-        providers={p.name: _provider(p) for p in providers},
-        rules=[
+        return jwt_pb2.JwtRequirement(provider_name=providers[0])
+    any_of = [jwt_pb2.JwtRequirement(provider_name=name) for name in providers]
+    if not required:
+        any_of.append(jwt_pb2.JwtRequirement(allow_missing=empty_pb2.Empty()))
+    return jwt_pb2.JwtRequirement(requires_any=jwt_pb2.JwtRequirementOrList(requirements=any_of))
+
+
+def jwt_authn(
+    providers: Sequence[JwtProvider],
+    required: bool,
+    requirements: Mapping[str, JwtRequirement] | None = None,
+    listener_wide: Sequence[str] | None = None,
+) -> jwt_pb2.JwtAuthentication:
+    """A token of any of ``listener_wide`` (default: all ``providers``) on every path; with
+    ``listener_wide`` empty, only routes that name one of ``requirements`` check tokens. Without
+    ``required`` a request with no token passes (``allow_missing``: a bad token is still
+    refused)."""
+    config = jwt_pb2.JwtAuthentication(providers={p.name: _provider(p) for p in providers})
+    wide = [p.name for p in providers] if listener_wide is None else list(listener_wide)
+    if wide:
+        config.rules.append(
             jwt_pb2.RequirementRule(
-                match=route_components_pb2.RouteMatch(prefix="/"), requires=requires
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                requires=_requires(wide, required),
             )
-        ],
-    )
+        )
+    for name, requirement in (requirements or {}).items():
+        config.requirement_map[name].CopyFrom(
+            _requires(requirement.providers, requirement.required)
+        )
+    return config
 
 
 def jwt_metadata(providers: Sequence[JwtProvider]) -> dict[str, Any]:
@@ -354,31 +387,72 @@ def _rbac(kind: str, rules: Sequence[AuthzRule], action: int) -> rbac_filter_pb2
     )
 
 
-def rbac_filters(policy: AuthorizationPolicy) -> list[hcm_pb2.HttpFilter]:
+def rbac_filters(
+    policy: AuthorizationPolicy, deny_filter: bool = False, allow_filter: bool = False
+) -> list[hcm_pb2.HttpFilter]:
+    """The DENY and ALLOW filters the policy needs, or that a route's policy needs to override
+    (``deny_filter``, ``allow_filter``): a DENY filter without rules refuses nothing, an ALLOW
+    filter without rules gets one that allows everything."""
     filters = []
-    if policy.deny:
+    if policy.deny or deny_filter:
         deny = _rbac("deny", policy.deny, rbac_pb2.RBAC.DENY)
-        filters.append(hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=pack(deny)))
-    if policy.allow:
-        allow = _rbac("allow", policy.allow, rbac_pb2.RBAC.ALLOW)
-        filters.append(hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=pack(allow)))
+        filters.append(hcm_pb2.HttpFilter(name=RBAC_DENY_FILTER, typed_config=pack(deny)))
+    if policy.allow or allow_filter:
+        allow = _rbac("allow", policy.allow or (AuthzRule(),), rbac_pb2.RBAC.ALLOW)
+        filters.append(hcm_pb2.HttpFilter(name=RBAC_ALLOW_FILTER, typed_config=pack(allow)))
     return filters
 
 
 # ---------------------------------------------------------------- one inbound listener
 
 
+def route_requirement(index: int) -> str:
+    """The ``requirement_map`` key of the service's route ``index``."""
+    return f"routes[{index}]"
+
+
 def inbound_http_filters(
-    service: ServiceSecurity, security: SecurityConfig
+    service: ServiceSecurity,
+    security: SecurityConfig,
+    routes: Sequence[MeshRouteSecurity] = (),
 ) -> tuple[list[hcm_pb2.HttpFilter], dict[str, Any]]:
-    """The filters that go before the router, and the ``jwt_providers`` metadata block."""
+    """The filters that go before the router, and the ``jwt_providers`` metadata block.
+
+    ``routes``: the service's routes' own security, by route index. A route can only override
+    a filter the listener has, so their needs add filters: the JWT filter with every provider
+    any of them names, and both RBAC filters when one overrides authorization."""
     filters: list[hcm_pb2.HttpFilter] = []
     metadata: dict[str, Any] = {}
-    if service.jwt is not None:
-        providers = [security.jwt_providers[name] for name in service.jwt.providers]
-        authn = jwt_authn(providers, service.jwt.required)
+    wide = service.jwt.providers if service.jwt is not None else ()
+    names = _provider_names(service, routes)
+    if names:
+        providers = [security.jwt_providers[name] for name in names]
+        requirements = {
+            route_requirement(i): route.jwt for i, route in enumerate(routes) if route.jwt
+        }
+        required = service.jwt.required if service.jwt is not None else True
+        authn = jwt_authn(providers, required, requirements, wide)
         filters.append(hcm_pb2.HttpFilter(name=JWT_FILTER, typed_config=pack(authn)))
         metadata = jwt_metadata(providers)
-    if service.authorization is not None:
-        filters.extend(rbac_filters(service.authorization))
+    overridden = any(route.authorization is not None for route in routes)
+    if service.authorization is not None or overridden:
+        policy = service.authorization or AuthorizationPolicy()
+        filters.extend(rbac_filters(policy, overridden, overridden))
     return filters, metadata
+
+
+def route_filter_configs(route: MeshRouteSecurity, index: int) -> dict[str, any_pb2.Any]:
+    """A route's ``typed_per_filter_config`` entries for its own JWT and authorization."""
+    configs: dict[str, any_pb2.Any] = {}
+    if route.jwt_off:
+        configs[JWT_FILTER] = pack(jwt_pb2.PerRouteConfig(disabled=True))
+    elif route.jwt is not None:
+        requirement = jwt_pb2.PerRouteConfig(requirement_name=route_requirement(index))
+        configs[JWT_FILTER] = pack(requirement)
+    policy = route.authorization
+    if policy is not None:
+        deny = _rbac("deny", policy.deny, rbac_pb2.RBAC.DENY)
+        allow = _rbac("allow", policy.allow or (AuthzRule(),), rbac_pb2.RBAC.ALLOW)
+        configs[RBAC_DENY_FILTER] = pack(rbac_filter_pb2.RBACPerRoute(rbac=deny))
+        configs[RBAC_ALLOW_FILTER] = pack(rbac_filter_pb2.RBACPerRoute(rbac=allow))
+    return configs

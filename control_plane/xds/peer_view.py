@@ -56,6 +56,17 @@ def services_of(identity: SpiffeId, mesh: Mesh) -> list[MeshService]:
     return list(_by_account[1].get((identity.namespace, identity.service_account), ()))
 
 
+def registrable_services(identity: SpiffeId, mesh: Mesh) -> list[str]:
+    """The registry names an instance of ``identity`` may register under: each service it runs,
+    and the registry service each of those takes its endpoints from (``registry.service``)."""
+    names: list[str] = []
+    for service in services_of(identity, mesh):
+        for name in (service.name, service.registry.service if service.registry else None):
+            if name is not None and name not in names:
+                names.append(name)
+    return names
+
+
 def bind_node(node: base_pb2.Node, mesh: Mesh, identity: SpiffeId) -> base_pb2.Node:
     """A copy of ``node`` whose ``service`` and ``namespace`` are those of ``identity``.
 

@@ -50,7 +50,11 @@ from control_plane.registry.core import Instance, InstanceState
 from control_plane.xds import cluster_policy_xds as cluster_policy
 from control_plane.xds import outbound_xds as outbound
 from control_plane.xds import route_policy_xds as route_policy
-from control_plane.xds.authn_xds import inbound_http_filters, jwks_clusters
+from control_plane.xds.authn_xds import (
+    inbound_http_filters,
+    jwks_clusters,
+    route_filter_configs,
+)
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
@@ -58,7 +62,7 @@ from control_plane.xds.telemetry_xds import apply_telemetry
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
 from pilotfish.config.route_policy import ListenerLimits, LoadSheddingConfig
-from pilotfish.config.security import MtlsMode, SecurityConfig, ServiceSecurity
+from pilotfish.config.security import MeshRouteSecurity, MtlsMode, SecurityConfig, ServiceSecurity
 from pilotfish.identity import SpiffeId
 
 INBOUND_PREFIX = "inbound|"
@@ -167,13 +171,17 @@ def build_view(
                 mesh.security.trust_domain,
                 limits=own.listener_limits,
                 security=(own.security, mesh.security),
+                routes=tuple(r.security for r in own.routes),
             ),
         )
-        view[ROUTE][inbound] = Resource.of(inbound, inbound_route_configuration(inbound))
+        view[ROUTE][inbound] = Resource.of(
+            inbound, inbound_route_configuration(inbound, own.routes)
+        )
         view[CLUSTER][inbound] = Resource.of(
             inbound, inbound_cluster(inbound, own, key.app_address)
         )
-        for name, cluster in jwks_clusters(own.security, mesh.security).items():
+        route_security = [r.security for r in own.routes]
+        for name, cluster in jwks_clusters(own.security, mesh.security, route_security).items():
             view[CLUSTER][name] = Resource.of(name, cluster)
     return view
 
@@ -268,9 +276,11 @@ def inbound_listener(
     trust_domain: str = "cluster.local",
     limits: ListenerLimits = ListenerLimits(),
     security: tuple[ServiceSecurity, SecurityConfig] | None = None,
+    routes: tuple[MeshRouteSecurity, ...] = (),
 ) -> listener_pb2.Listener:
-    """``security``: the service's JWT and authorization become HTTP filters."""
-    first, jwt_metadata = inbound_http_filters(*security) if security else ([], {})
+    """``security``: the service's JWT and authorization become HTTP filters, with what its
+    ``routes`` need to override them."""
+    first, jwt_metadata = inbound_http_filters(*security, routes) if security else ([], {})
     hcm = http_connection_manager(
         name, telemetry=telemetry, own_service=own_service, first=first
     )
@@ -320,16 +330,33 @@ def route_configuration(
     )
 
 
-def inbound_route_configuration(name: str) -> route_pb2.RouteConfiguration:
-    route = route_components_pb2.Route(
-        name="to-app",
-        match=route_components_pb2.RouteMatch(prefix="/"),
-        # The caller's sidecar already enforces the route timeout; 0 disables it here.
-        route=route_components_pb2.RouteAction(cluster=name, timeout=duration(0)),
+def inbound_route_configuration(
+    name: str, routes: tuple[MeshRoute, ...] = ()
+) -> route_pb2.RouteConfiguration:
+    """Everything to the app; first, the service's routes with their own JWT or authorization,
+    matched as the caller's sidecar matches them, each carrying its per-filter configs."""
+    # The caller's sidecar already enforces the route timeout; 0 disables it here.
+    action = route_components_pb2.RouteAction(cluster=name, timeout=duration(0))
+    secured = [
+        route_components_pb2.Route(
+            name=route.name,
+            match=_route_match(route.match.path, route.match.headers),
+            route=action,
+            typed_per_filter_config=route_filter_configs(route.security, i),
+        )
+        for i, route in enumerate(routes)
+        if route.security.overrides
+    ]
+    to_app = route_components_pb2.Route(
+        name="to-app", match=route_components_pb2.RouteMatch(prefix="/"), route=action
     )
     return route_pb2.RouteConfiguration(
         name=name,
-        virtual_hosts=[route_components_pb2.VirtualHost(name="app", domains=["*"], routes=[route])],
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name="app", domains=["*"], routes=[*secured, to_app]
+            )
+        ],
     )
 
 

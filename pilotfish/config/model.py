@@ -18,7 +18,13 @@ from pilotfish.config.route_policy import (
     LoadSheddingConfig,
     RoutePolicy,
 )
-from pilotfish.config.security import AuthorizationPolicy, ListenerJwt, MtlsMode, UpstreamMtls
+from pilotfish.config.security import (
+    AuthorizationPolicy,
+    ListenerJwt,
+    MtlsMode,
+    RouteSecurity,
+    UpstreamMtls,
+)
 from sidecar.observability.access_log import AccessLogConfig
 from sidecar.observability.tracing_config import TracingConfig
 
@@ -124,6 +130,8 @@ class RouteEntry:
     request_headers: HeaderMutation = HeaderMutation()
     response_headers: HeaderMutation = HeaderMutation()
     policy: RoutePolicy = RoutePolicy()
+    # On an inbound listener: JWT and authorization for this route instead of the listener's.
+    security: RouteSecurity | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +215,8 @@ class ListenerConfig:
     authorization: AuthorizationPolicy | None = None
     # Requests must carry a valid JWT of one of these providers (401 / UNAUTHENTICATED if not).
     jwt: ListenerJwt | None = None
+    # Named JWT requirements that routes choose instead of ``jwt`` (Envoy's requirement_map).
+    jwt_requirements: tuple[tuple[str, ListenerJwt], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -388,26 +388,94 @@ def parse_authorization(node: Node) -> AuthorizationPolicy:
 def parse_service_security(node: Node, security: SecurityConfig) -> ServiceSecurity:
     """The per-service keys (``SERVICE_SECURITY_KEYS``) of a service node with other keys too."""
     mtls = _mode(node.get("mtls")) if node.has("mtls") else None
-    jwt = None
-    if node.has("jwt"):
-        j = node.get("jwt").mapping({"providers", "required"})
-        providers = []
-        for p in j.require("providers").elements():
-            name = p.as_str()
-            if name not in security.jwt_providers:
-                known = ", ".join(sorted(security.jwt_providers)) or "none defined"
-                raise p.error(f"unknown JWT provider {name!r} (security.jwt_providers: {known})")
-            providers.append(name)
-        if not providers:
-            raise j.get("providers").error("expected a non-empty list")
-        jwt = JwtRequirement(tuple(providers), j.get("required").as_bool(True))
+    jwt = _jwt_requirement(node.get("jwt"), security) if node.has("jwt") else None
     authz = parse_authorization(node.get("authorization")) if node.has("authorization") else None
     if authz is not None and jwt is None:
-        for kind, rules in (("allow", authz.allow), ("deny", authz.deny)):
-            for i, rule in enumerate(rules):
-                if rule.claims:
-                    raise ConfigError(
-                        f"{node.get('authorization').path}.{kind}[{i}].when",
-                        "matches JWT claims, but the service has no jwt requirement",
-                    )
+        _check_claims(node, authz, "matches JWT claims, but the service has no jwt requirement")
     return ServiceSecurity(mtls=mtls, jwt=jwt, authorization=authz)
+
+
+# ---------------------------------------------------------------- per route
+
+ROUTE_SECURITY_KEYS = frozenset({"jwt", "authorization"})
+
+
+@dataclass(frozen=True, slots=True)
+class MeshRouteSecurity:
+    """A mesh route's own ``jwt`` and ``authorization``, replacing its service's for the
+    requests the route matches (on the service's inbound side)."""
+
+    jwt: JwtRequirement | None = None
+    """None: the service's requirement, unless ``jwt_off``."""
+    jwt_off: bool = False
+    authorization: AuthorizationPolicy | None = None
+    """None: the service's policy."""
+
+    @property
+    def overrides(self) -> bool:
+        return self.jwt is not None or self.jwt_off or self.authorization is not None
+
+
+def _jwt_requirement(node: Node, security: SecurityConfig) -> JwtRequirement:
+    j = node.mapping({"providers", "required"})
+    providers = []
+    for p in j.require("providers").elements():
+        name = p.as_str()
+        if name not in security.jwt_providers:
+            known = ", ".join(sorted(security.jwt_providers)) or "none defined"
+            raise p.error(f"unknown JWT provider {name!r} (security.jwt_providers: {known})")
+        providers.append(name)
+    if not providers:
+        raise j.get("providers").error("expected a non-empty list")
+    return JwtRequirement(tuple(providers), j.get("required").as_bool(True))
+
+
+def _check_claims(node: Node, authz: AuthorizationPolicy, problem: str) -> None:
+    for kind, rules in (("allow", authz.allow), ("deny", authz.deny)):
+        for i, rule in enumerate(rules):
+            if rule.claims:
+                raise ConfigError(f"{node.get('authorization').path}.{kind}[{i}].when", problem)
+
+
+def parse_route_security(
+    node: Node, security: SecurityConfig, service_jwt: JwtRequirement | None
+) -> MeshRouteSecurity:
+    """A route node's ``jwt`` (a requirement, or ``off``) and ``authorization``."""
+    jwt = None
+    jwt_off = False
+    if node.has("jwt"):
+        j = node.get("jwt")
+        # YAML 1.1 reads a bare `off` as false.
+        if j.value is False or j.value == "off":
+            jwt_off = True
+        elif isinstance(j.value, dict):
+            jwt = _jwt_requirement(j, security)
+        else:
+            raise j.error("expected {providers: [...], required: ...} or off")
+    authz = parse_authorization(node.get("authorization")) if node.has("authorization") else None
+    if authz is not None and (jwt_off or (jwt is None and service_jwt is None)):
+        _check_claims(node, authz, "matches JWT claims, but the route has no jwt requirement")
+    return MeshRouteSecurity(jwt=jwt, jwt_off=jwt_off, authorization=authz)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSecurity:
+    """A sidecar route's JWT and authorization, replacing its listener's (Envoy's per-route
+    configs of the ``jwt_authn`` and ``rbac`` filters)."""
+
+    jwt_requirement: str | None = None
+    """Names one of the listener's ``jwt_requirements``."""
+    jwt_disabled: bool = False
+    deny: tuple[AuthzRule, ...] | None = None
+    """None: the listener's deny rules."""
+    allow: tuple[AuthzRule, ...] | None = None
+    """None: the listener's allow rules."""
+
+    def policy(self, listener: AuthorizationPolicy | None) -> AuthorizationPolicy | None:
+        if self.deny is None and self.allow is None:
+            return listener
+        base = listener or AuthorizationPolicy()
+        return AuthorizationPolicy(
+            allow=self.allow if self.allow is not None else base.allow,
+            deny=self.deny if self.deny is not None else base.deny,
+        )

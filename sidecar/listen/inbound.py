@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pilotfish.config.security import IDENTITY_HEADER, AuthorizationPolicy
+from pilotfish.config.security import IDENTITY_HEADER, AuthorizationPolicy, RouteSecurity
 from pilotfish.identity import SpiffeId
 from sidecar.flags import ResponseFlag
 from sidecar.http.streams import Headers, ResetReason
@@ -29,7 +29,18 @@ from sidecar.stats import Scope
 
 if TYPE_CHECKING:
     from sidecar.route.exchange import Exchange
+    from sidecar.route.table import RouteTable
     from sidecar.security.jwt_filter import JwtAuthenticator
+
+
+class SecuredRoutes(Protocol):
+    """The listener whose routes may carry their own JWT and authorization."""
+
+    claim_headers: frozenset[bytes]
+
+    def route_table(self) -> RouteTable | None: ...
+
+    def jwt_requirement(self, name: str) -> JwtAuthenticator | None: ...
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +68,9 @@ def _pseudo(headers: Headers, name: bytes) -> str:
 class InboundSecurity:
     """A ``StreamHandler`` in front of one ``Exchange``."""
 
-    __slots__ = ("_exchange", "_jwt", "_peer", "_pending", "_policy", "_scope", "_strip")
+    __slots__ = (
+        "_exchange", "_jwt", "_peer", "_pending", "_policy", "_routes", "_scope", "_strip",
+    )
 
     def __init__(
         self,
@@ -67,8 +80,10 @@ class InboundSecurity:
         scope: Scope,
         strip_identity: bool,
         jwt: JwtAuthenticator | None = None,
+        routes: SecuredRoutes | None = None,
     ) -> None:
         self._exchange = exchange
+        self._routes = routes
         self._peer = peer
         self._policy = policy
         self._scope = scope
@@ -83,6 +98,14 @@ class InboundSecurity:
             if self._peer is not None:
                 headers.append((_IDENTITY_HEADER, self._peer.uri.encode()))
         jwt = self._jwt
+        routes = self._routes
+        if routes is not None:
+            security = self._route_security(routes, headers)
+            if security is not None:
+                jwt = self._override(routes, security)
+            stripped = routes.claim_headers
+            if stripped:
+                headers = [(n, v) for n, v in headers if n not in stripped]
         if jwt is None:
             self._authorize(headers, end_stream, None)
             return
@@ -115,6 +138,38 @@ class InboundSecurity:
         pending, self._pending = self._pending or [], None
         for event in pending:
             event()
+
+    @staticmethod
+    def _route_security(routes: SecuredRoutes, headers: Headers) -> RouteSecurity | None:
+        table = routes.route_table()
+        if table is None:
+            return None
+        fields = _fields(headers)
+        decision = table.match(
+            _pseudo(headers, b":authority") or fields.get("host", ""),
+            _pseudo(headers, b":path"),
+            _pseudo(headers, b":method"),
+            fields,
+        )
+        return decision.route.security if decision is not None else None
+
+    def _override(
+        self, routes: SecuredRoutes, security: RouteSecurity
+    ) -> JwtAuthenticator | None:
+        """Take the route's policy; return the JWT check it chooses."""
+        self._policy = security.policy(self._policy)
+        if security.jwt_disabled:
+            return None
+        name = security.jwt_requirement
+        if name is None:
+            return self._jwt
+        chosen = routes.jwt_requirement(name)
+        if chosen is None:
+            # The route names a requirement its listener lacks: refuse rather than skip it.
+            log.warning("route requires JWT requirement %r, which the listener lacks", name)
+            self._scope.inc("downstream_rq_jwt_denied")
+            self._exchange.refused = ResponseFlag.JWT_DENIED
+        return chosen
 
     def _authorize(
         self, headers: Headers, end_stream: bool, claims: Mapping[str, Any] | None

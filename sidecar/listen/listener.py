@@ -126,6 +126,7 @@ class ListenerRuntime:
         self.server: asyncio.AbstractServer | None = None
         self.shedder: LoadShedder | None = None
         self.jwt: JwtAuthenticator | None = None
+        self._jwt_named: dict[str, JwtAuthenticator] = {}
         self.update(config)
         metrics = sidecar.metrics
         self.connections_gauge = metrics.active_connections.labels(self.direction)
@@ -135,6 +136,8 @@ class ListenerRuntime:
         """Take a new config; the load shedder keeps its windows if its config is the same."""
         old = self.config.load_shedding if self.shedder is not None else None
         old_jwt = self.config.jwt if self.jwt is not None else None
+        if config.jwt_requirements != self.config.jwt_requirements:
+            self._jwt_named = {}  # an unchanged map keeps its authenticators and their keys
         self.config = config
         # "inbound" (to the local app) or "outbound", for metrics: read by every request.
         self.direction = config.direction or (
@@ -153,8 +156,20 @@ class ListenerRuntime:
             self.shedder = LoadShedder(shedding, asyncio.get_event_loop().time)
         # Requests need no inbound security filter: the Exchange handles them alone.
         self._unfiltered = config.mtls is None and config.authorization is None and (
-            self.jwt is None
+            self.jwt is None and not config.jwt_requirements
         )
+        # Routes may override JWT and authorization only where the listener has the filters
+        # (as in Envoy, whose per-route configs go to the listener's filters).
+        self._per_route = (
+            config.jwt is not None or bool(config.jwt_requirements)
+            or config.authorization is not None
+        )
+        stripped: set[bytes] = set(self.jwt.stripped) if self.jwt is not None else set()
+        for _, required in config.jwt_requirements:
+            for provider in required.providers:
+                stripped.update(header.encode() for _, header in provider.forward_claims)
+        # Claim headers a client may not send, whichever requirement a route chooses.
+        self.claim_headers = frozenset(stripped)
 
     @property
     def clusters(self) -> ClusterManager:
@@ -167,13 +182,34 @@ class ListenerRuntime:
     def route_table_named(self, name: str) -> RouteTable | None:
         return self.sidecar.route_tables.get(name)
 
+    def jwt_requirement(self, name: str) -> JwtAuthenticator | None:
+        """The authenticator of the listener's requirement ``name``; None if it has none."""
+        found = self._jwt_named.get(name)
+        if found is None:
+            required = dict(self.config.jwt_requirements).get(name)
+            if required is None:
+                return None
+            from sidecar.security.jwt_filter import JwtAuthenticator
+
+            found = self._jwt_named[name] = JwtAuthenticator(
+                required.providers, required.required
+            )
+        return found
+
     def new_exchange(self, downstream: StreamSink, peer: SpiffeId | None = None) -> StreamHandler:
         exchange = Exchange(self, downstream)
         if self._unfiltered:
             return exchange
         config = self.config
+        table = self.route_table() if self._per_route else None
         return InboundSecurity(
-            exchange, peer, config.authorization, self.scope, config.mtls is not None, self.jwt
+            exchange,
+            peer,
+            config.authorization,
+            self.scope,
+            config.mtls is not None,
+            self.jwt,
+            routes=self if table is not None and table.secured else None,
         )
 
     def exchange_done(self, exchange: Exchange) -> None:

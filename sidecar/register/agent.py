@@ -61,9 +61,18 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 
 class RegistrationAgent:
-    def __init__(self, options: RegistrationOptions, ready: Callable[[], bool]) -> None:
-        """``ready``: whether the sidecar can take inbound calls (its config is in force)."""
+    def __init__(
+        self,
+        options: RegistrationOptions,
+        ready: Callable[[], bool],
+        credentials: Callable[[], grpc.ChannelCredentials] | None = None,
+    ) -> None:
+        """``ready``: whether the sidecar can take inbound calls (its config is in force).
+        ``credentials``: mutual TLS to the registry (the control plane's mTLS port, which binds
+        registration to our identity), asked for again whenever the registry is unreachable, so
+        that a rotated certificate replaces an expired one."""
         self.options = options
+        self._credentials = credentials
         self._ready = ready
         loop = asyncio.get_running_loop()
         self._clock = loop.time
@@ -71,7 +80,7 @@ class RegistrationAgent:
         self._checker = HealthChecker(options.health, self._clock, random.Random())
         self._checker.set_hosts([APP])
         self._probe = make_probe(options.health, options.service)
-        self._channel = grpc.aio.insecure_channel(options.registry)
+        self._channel = self._connect()
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._commands: deque[Command] = deque()
         self._poke = asyncio.Event()
@@ -80,6 +89,16 @@ class RegistrationAgent:
         address = f"[{options.host}]" if ":" in options.host else options.host
         self._id = f"{options.service}/{address}:{options.port}"
         self._task: asyncio.Task[None] | None = None
+
+    def _connect(self) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.options.registry)
+        return grpc.aio.secure_channel(self.options.registry, self._credentials())
+
+    async def _reconnect(self) -> None:
+        old, self._channel = self._channel, self._connect()
+        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        await old.close()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="registration")
@@ -159,6 +178,9 @@ class RegistrationAgent:
                 await self._deregister(command)
         except grpc.aio.AioRpcError as exc:
             self._rejected(command, exc)
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and self._credentials is not None:
+                # Perhaps our certificate expired on this channel: the next try uses the newest.
+                await self._reconnect()
 
     async def _deregister(self, command: Deregister) -> None:
         reply = await self._stub.Deregister(

@@ -68,6 +68,11 @@ class RouteTable:
         self.matches_headers = any(
             route.match.headers for vhost in config.virtual_hosts for route in vhost.routes
         )
+        # Whether any route has its own JWT or authorization: an inbound listener with those
+        # matches the route before its security filter only then.
+        self.secured = any(
+            route.security is not None for vhost in config.virtual_hosts for route in vhost.routes
+        )
 
     def virtual_host(self, authority: str) -> VirtualHost | None:
         try:

@@ -4,11 +4,13 @@ into the ``ListenerJwt`` and ``AuthorizationPolicy`` a static bootstrap gives a 
 The shapes are the ones ``control_plane/xds/authn_xds.py`` writes (and Envoy reads). Whatever
 our model cannot express raises ``ConfigError`` naming the field, so the update is NACKed and
 the listener keeps its last good policy: a filter half understood would let requests through
-that the control plane meant to refuse.
+that the control plane meant to refuse. A route's per-filter configs of the two filters become
+its ``RouteSecurity`` (``translate_route_security``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.listener.v3 import listener_pb2
@@ -18,6 +20,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from google.protobuf import any_pb2
 
 from pilotfish.config.errors import ConfigError
 from pilotfish.config.security import (
@@ -29,6 +32,7 @@ from pilotfish.config.security import (
     JwksSource,
     JwtProvider,
     ListenerJwt,
+    RouteSecurity,
 )
 from sidecar.xds.common import OurMetadata, seconds, type_name, unpack, unsupported
 from sidecar.xds.rbac import HeaderReader, read_rbac
@@ -41,6 +45,7 @@ RBAC_TYPE = rbac_filter_pb2.RBAC.DESCRIPTOR.full_name
 class ListenerSecurity:
     jwt: ListenerJwt | None = None
     authorization: AuthorizationPolicy | None = None
+    jwt_requirements: tuple[tuple[str, ListenerJwt], ...] = ()
 
 
 def reject_http_security(hcm: hcm_pb2.HttpConnectionManager, path: str) -> None:
@@ -59,6 +64,8 @@ def translate_http_security(
 ) -> ListenerSecurity:
     """The listener's JWT and RBAC filters, which must come before any other filter."""
     jwt: ListenerJwt | None = None
+    requirements: tuple[tuple[str, ListenerJwt], ...] = ()
+    has_jwt = False
     payload_key = ""
     deny: tuple[AuthzRule, ...] | None = None
     allow: tuple[AuthzRule, ...] | None = None
@@ -72,12 +79,13 @@ def translate_http_security(
         if seen_other:
             raise ConfigError(f_path, "JWT and RBAC filters must come first")
         if kind == JWT_TYPE:
-            if jwt is not None or deny is not None or allow is not None:
+            if has_jwt or deny is not None or allow is not None:
                 raise ConfigError(f_path, "one jwt_authn filter, before the RBAC filters")
             config = jwt_pb2.JwtAuthentication()
             unpack(f"{f_path}.typed_config", http_filter.typed_config, config)
             ours = OurMetadata(listener.metadata, path, metadata_keys)
-            jwt, payload_key = _jwt(config, f"{f_path}.typed_config", ours)
+            jwt, requirements, payload_key = _jwt(config, f"{f_path}.typed_config", ours)
+            has_jwt = True
             continue
         rbac = rbac_filter_pb2.RBAC()
         unpack(f"{f_path}.typed_config", http_filter.typed_config, rbac)
@@ -95,12 +103,12 @@ def translate_http_security(
             allow = rules
             if not rules:
                 deny = (*(deny or ()), AuthzRule())
-    if jwt is None and OurMetadata(listener.metadata, path, metadata_keys).has("jwt_providers"):
+    if not has_jwt and OurMetadata(listener.metadata, path, metadata_keys).has("jwt_providers"):
         raise ConfigError(f"{path}.http_filters", "jwt_providers metadata, but no jwt_authn filter")
     policy = None
     if deny is not None or allow is not None:
         policy = AuthorizationPolicy(allow=allow or (), deny=deny or ())
-    return ListenerSecurity(jwt, policy)
+    return ListenerSecurity(jwt, policy, requirements)
 
 
 # ---------------------------------------------------------------- jwt_authn
@@ -138,8 +146,10 @@ def _extras(ours: OurMetadata) -> dict[str, _Extra]:
 
 def _jwt(
     config: jwt_pb2.JwtAuthentication, path: str, ours: OurMetadata
-) -> tuple[ListenerJwt, str]:
-    unsupported(config, path, {"providers", "rules"})
+) -> tuple[ListenerJwt | None, tuple[tuple[str, ListenerJwt], ...], str]:
+    """The listener-wide requirement (None without a rule: only routes naming one of the
+    ``requirement_map`` check tokens), the named ones, and the claims' metadata key."""
+    unsupported(config, path, {"providers", "rules", "requirement_map"})
     extras = _extras(ours)
     for name in extras:
         if name not in config.providers:
@@ -155,21 +165,35 @@ def _jwt(
         raise ConfigError(f"{path}.providers", "at least one provider is required")
     if len(payload_keys) > 1:
         raise ConfigError(f"{path}.providers", "all providers must share payload_in_metadata")
-    if len(config.rules) != 1:
-        raise ConfigError(f"{path}.rules", "exactly one rule (for every path) is supported")
-    rule = config.rules[0]
-    r_path = f"{path}.rules[0]"
-    unsupported(rule, r_path, {"match", "requires"})
-    if rule.match.WhichOneof("path_specifier") != "prefix" or rule.match.prefix != "/":
-        raise ConfigError(f"{r_path}.match", "only prefix / (the whole listener) is supported")
-    unsupported(rule.match, f"{r_path}.match", {"prefix"})
-    names, required = _requirement(rule.requires, f"{r_path}.requires")
+    if len(config.rules) > 1:
+        raise ConfigError(f"{path}.rules", "at most one rule (for every path) is supported")
+    wide = None
+    if config.rules:
+        rule = config.rules[0]
+        r_path = f"{path}.rules[0]"
+        unsupported(rule, r_path, {"match", "requires"})
+        if rule.match.WhichOneof("path_specifier") != "prefix" or rule.match.prefix != "/":
+            raise ConfigError(f"{r_path}.match", "only prefix / (the whole listener) is supported")
+        unsupported(rule.match, f"{r_path}.match", {"prefix"})
+        wide = _chosen(rule.requires, f"{r_path}.requires", providers)
+    elif not config.requirement_map:
+        raise ConfigError(f"{path}.rules", "a rule for every path, or a requirement_map")
+    named = tuple(
+        (name, _chosen(config.requirement_map[name], f"{path}.requirement_map[{name}]", providers))
+        for name in sorted(config.requirement_map)
+    )
+    return wide, named, payload_keys.pop()
+
+
+def _chosen(
+    requires: jwt_pb2.JwtRequirement, path: str, providers: dict[str, JwtProvider]
+) -> ListenerJwt:
+    names, required = _requirement(requires, path)
     for i, name in enumerate(names):
         if name not in providers:
-            raise ConfigError(f"{r_path}.requires", f"unknown provider {name!r} (entry {i})")
-    # Only the providers the rule names are ever consulted.
-    chosen = tuple(providers[name] for name in names)
-    return ListenerJwt(chosen, required), payload_keys.pop()
+            raise ConfigError(path, f"unknown provider {name!r} (entry {i})")
+    # Only the providers the requirement names are ever consulted.
+    return ListenerJwt(tuple(providers[name] for name in names), required)
 
 
 def _requirement(req: jwt_pb2.JwtRequirement, path: str) -> tuple[list[str], bool]:
@@ -269,4 +293,63 @@ def _provider(
             forward_claims=tuple(forward),
         ),
         p.payload_in_metadata,
+    )
+
+
+# ---------------------------------------------------------------- per route
+
+JWT_PER_ROUTE_TYPE = jwt_pb2.PerRouteConfig.DESCRIPTOR.full_name
+RBAC_PER_ROUTE_TYPE = rbac_filter_pb2.RBACPerRoute.DESCRIPTOR.full_name
+ROUTE_SECURITY_TYPES = frozenset({JWT_PER_ROUTE_TYPE, RBAC_PER_ROUTE_TYPE})
+
+
+def translate_route_security(
+    configs: Mapping[str, any_pb2.Any], path: str, header: HeaderReader
+) -> RouteSecurity | None:
+    """A route's ``jwt_authn`` ``PerRouteConfig`` and ``RBACPerRoute`` entries: which named
+    requirement of its listener's JWT filter applies (or none), and rules replacing the
+    listener's DENY and ALLOW rules, told apart by their action."""
+    requirement: str | None = None
+    disabled = False
+    deny: tuple[AuthzRule, ...] | None = None
+    allow: tuple[AuthzRule, ...] | None = None
+    found = False
+    for name in sorted(configs):
+        packed, f_path = configs[name], f"{path}[{name}]"
+        kind = type_name(packed)
+        if kind == JWT_PER_ROUTE_TYPE:
+            per_route = jwt_pb2.PerRouteConfig()
+            unpack(f_path, packed, per_route)
+            which = per_route.WhichOneof("requirement_specifier")
+            if which == "disabled" and per_route.disabled:
+                disabled = True
+            elif which == "requirement_name" and per_route.requirement_name:
+                requirement = per_route.requirement_name
+            else:
+                raise ConfigError(f_path, "disabled: true or a requirement_name")
+            found = True
+        elif kind == RBAC_PER_ROUTE_TYPE:
+            rbac = rbac_filter_pb2.RBACPerRoute()
+            unpack(f_path, packed, rbac)
+            r_path = f"{f_path}.rbac"
+            if not rbac.HasField("rbac") or not rbac.rbac.HasField("rules"):
+                raise ConfigError(f"{r_path}.rules", "required (rules replacing the listener's)")
+            unsupported(rbac.rbac, r_path, {"rules"})
+            # The route cannot know its listener's payload key; the claims' names are the same.
+            action, rules = read_rbac(rbac.rbac.rules, f"{r_path}.rules", None, header)
+            if action == rbac_pb2.RBAC.DENY:
+                if deny is not None:
+                    raise ConfigError(f_path, "a second DENY policy for one route")
+                deny = rules
+            else:
+                if allow is not None:
+                    raise ConfigError(f_path, "a second ALLOW policy for one route")
+                if not rules:
+                    raise ConfigError(f"{r_path}.rules.policies", "an ALLOW with no policies")
+                allow = rules
+            found = True
+    if not found:
+        return None
+    return RouteSecurity(
+        jwt_requirement=requirement, jwt_disabled=disabled, deny=deny, allow=allow
     )

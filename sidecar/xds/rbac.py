@@ -32,10 +32,11 @@ def _policy_order(name: str) -> tuple[int, str]:
 
 
 def read_rbac(
-    rules: rbac_pb2.RBAC, path: str, payload_key: str, header: HeaderReader
+    rules: rbac_pb2.RBAC, path: str, payload_key: str | None, header: HeaderReader
 ) -> tuple[int, tuple[AuthzRule, ...]]:
     """The action and one rule per policy, in index order. ``payload_key``: where the listener's
-    jwt_authn filter puts the claims (empty without one, and then no claim may be matched)."""
+    jwt_authn filter puts the claims (empty without one, and then no claim may be matched;
+    None on a route, which takes any)."""
     unsupported(rules, path, {"action", "policies"})
     if rules.action not in (rbac_pb2.RBAC.ALLOW, rbac_pb2.RBAC.DENY):
         raise ConfigError(f"{path}.action", "only ALLOW and DENY")
@@ -111,7 +112,7 @@ def _members(p: rbac_pb2.Principal) -> list[tuple[rbac_pb2.Principal, str]]:
 
 
 def _principal(
-    p: rbac_pb2.Principal, path: str, rule: _Rule, payload_key: str, top: bool
+    p: rbac_pb2.Principal, path: str, rule: _Rule, payload_key: str | None, top: bool
 ) -> None:
     kind = p.WhichOneof("identifier")
     if kind == "any":
@@ -167,17 +168,19 @@ def _name(p: rbac_pb2.Principal, path: str) -> string_pb2.StringMatcher:
     return p.authenticated.principal_name
 
 
-def _claim(p: rbac_pb2.Principal, path: str, payload_key: str) -> tuple[str, tuple[str, ...]]:
+def _claim(
+    p: rbac_pb2.Principal, path: str, payload_key: str | None
+) -> tuple[str, tuple[str, ...]]:
     m = p.metadata
     m_path = f"{path}.metadata"
     if m.filter != JWT_FILTER:
         raise ConfigError(f"{m_path}.filter", f"only {JWT_FILTER} (JWT claims)")
-    if not payload_key:
+    if payload_key == "":
         raise ConfigError(m_path, "matches JWT claims, but the listener has no jwt_authn filter")
     if m.invert:
         raise ConfigError(f"{m_path}.invert", "not supported")
     keys = [segment.key for segment in m.path]
-    if len(keys) < 2 or keys[0] != payload_key:
+    if len(keys) < 2 or keys[0] != (payload_key or keys[0]):
         raise ConfigError(f"{m_path}.path", f"expected [{payload_key}, <claim>, ...]")
     values: list[str] = []
 

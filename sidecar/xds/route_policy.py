@@ -40,7 +40,7 @@ from pilotfish.config.route_policy_yaml import (
     parse_max_concurrent_requests,
     parse_rate_limit,
 )
-from sidecar.xds.authn import JWT_TYPE, RBAC_TYPE
+from sidecar.xds.authn import JWT_TYPE, RBAC_TYPE, ROUTE_SECURITY_TYPES
 from sidecar.xds.common import OurMetadata, percent, seconds, type_name, unpack, unsupported
 
 ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
@@ -203,6 +203,8 @@ def _per_filter(
             bucket = local_rate_limit_pb2.LocalRateLimit()
             unpack(f_path, packed, bucket)
             limit = _local_rate_limit(bucket, f_path)
+        elif type_name(packed) in ROUTE_SECURITY_TYPES:
+            continue  # read by ``sidecar.xds.authn.translate_route_security``
         elif not optional:
             raise ConfigError(f_path, f"unsupported filter config {type_name(packed)!r}")
     return fault, limit

@@ -53,6 +53,7 @@ from sidecar.xds.authn import (
     ListenerSecurity,
     reject_http_security,
     translate_http_security,
+    translate_route_security,
 )
 from sidecar.xds.clusters import (
     eds_service_name as eds_service_name,
@@ -167,6 +168,7 @@ def translate_listener(listener: listener_pb2.Listener) -> TranslatedListener:
         limits=limits,
         jwt=security.jwt,
         authorization=security.authorization,
+        jwt_requirements=security.jwt_requirements,
     )
 
 
@@ -303,6 +305,9 @@ def _route(route: route_components_pb2.Route, path: str, index: int) -> RouteEnt
         response_headers=_mutation(route.response_headers_to_add,
                                    route.response_headers_to_remove, f"{path}.response_headers"),
         policy=translate_route_policy(route, route.route, path),
+        security=translate_route_security(
+            route.typed_per_filter_config, f"{path}.typed_per_filter_config", _header
+        ),
     )
 
 

@@ -123,8 +123,8 @@ def test_filters_in_envoys_shape_before_the_router() -> None:
     hcm = _hcm(_inbound(mesh, "orders"))
     assert [f.name for f in hcm.http_filters] == [
         "envoy.filters.http.jwt_authn",
-        "envoy.filters.http.rbac",
-        "envoy.filters.http.rbac",
+        "envoy.filters.http.rbac.deny",
+        "envoy.filters.http.rbac.allow",
         "envoy.filters.http.router",
     ]
     authn = jwt_pb2.JwtAuthentication()
@@ -164,7 +164,7 @@ def test_filters_in_envoys_shape_before_the_router() -> None:
 
     single = _hcm(_inbound(mesh, "single"))
     assert [f.name for f in single.http_filters][1:] == [
-        "envoy.filters.http.rbac",  # deny rules only: no ALLOW filter, which would refuse all
+        "envoy.filters.http.rbac.deny",  # deny rules only: no ALLOW filter, which would refuse all
         "envoy.filters.http.router",
     ]
     authn = jwt_pb2.JwtAuthentication()

@@ -16,6 +16,7 @@ from control_plane.xds.peer_view import (
     PeerRefused,
     authenticate_peer,
     bind_node,
+    registrable_services,
 )
 from pilotfish.identity import SpiffeId
 from sidecar.security.csr import build_csr, generate_key
@@ -134,3 +135,28 @@ services:
     with pytest.raises(IdentityMismatch, match="runs no service of the mesh"):
         bind_node(node("n", service="cart"), moved, CART)
     assert _view(CART) == "cart"  # and the first mesh still binds as before
+
+
+def test_an_identity_registers_under_its_services_and_their_registry_names() -> None:
+    mesh = parse_mesh_text("""
+services:
+  greeter:
+    namespace: shop
+    discovery: registry
+  greeter-canary:
+    namespace: shop
+    discovery: registry
+    registry: {service: greeter, labels: {version: v2}}
+  pricing:
+    namespace: shop
+    service_account: greeter-canary
+    discovery: mixed
+    registry: {service: prices}
+  ledger:
+    namespace: bank
+    endpoints: [127.0.0.1:4]
+""")
+    canary = SpiffeId("cluster.local", "shop", "greeter-canary")
+    assert registrable_services(canary, mesh) == ["greeter-canary", "greeter", "pricing", "prices"]
+    assert registrable_services(SpiffeId("cluster.local", "shop", "greeter"), mesh) == ["greeter"]
+    assert registrable_services(SpiffeId("cluster.local", "bank", "greeter"), mesh) == []

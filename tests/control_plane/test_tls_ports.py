@@ -2,7 +2,9 @@
 
 The CA port (server-side TLS) issues a first certificate against a bootstrap token; the xDS
 port (mTLS) serves a proxy the view of its certificate's SPIFFE ID, refuses a proxy whose node
-metadata claims another service, and refuses callers without a certificate of the mesh CA.
+metadata claims another service, and refuses callers without a certificate of the mesh CA. It
+also serves the status service, and the registry with every write bound to the caller's
+identity; the sidecar's registration agent registers there over mTLS.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from control_plane.status_cli import run_status
 from control_plane.xds.outbound_xds import PASSTHROUGH_CLUSTER
 from control_plane.xds.types import CLUSTER
 from pilotfish.cli import build_parser
+from pilotfish.config.cluster_policy import HealthCheckConfig, HealthCheckType
 from pilotfish.config.errors import ConfigError
 from pilotfish.gen.pilotfish.ca.v1 import ca_pb2, ca_pb2_grpc
+from pilotfish.gen.pilotfish.registry.v1 import registry_pb2, registry_pb2_grpc
 from pilotfish.gen.pilotfish.status.v1 import status_pb2, status_pb2_grpc
 from pilotfish.identity import SpiffeId
 from sidecar.main import identity_options
+from sidecar.register.agent import RegistrationAgent, RegistrationOptions
 from sidecar.security.agent import start_identity_agent
 from sidecar.security.csr import build_csr, generate_key
 from sidecar.security.workload import CaChannel, CertificateError, GrpcCertificateSource
@@ -424,5 +429,87 @@ def test_the_ca_channel_comes_to_trust_the_bundle_the_ca_sends(tmp_path: Path) -
                 assert (await source.sign(csr, None)).spiffe_id == CHECKOUT.uri
             finally:
                 await channel.close()
+
+    run(test)
+
+
+async def _listed(channel: grpc.aio.Channel) -> list[str]:
+    stub = registry_pb2_grpc.RegistryStub(channel)
+    reply = await stub.List(registry_pb2.ListRequest(), timeout=WAIT)
+    return sorted(i.id for i in reply.instances)
+
+
+def test_registration_on_the_mtls_port_is_bound_to_the_callers_identity(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with control_plane(tmp_path) as plane:
+            assert plane.ca is not None
+            pair = _issue(plane.ca.authority, CHECKOUT)
+
+            def instance(service: str, port: int) -> registry_pb2.RegisterRequest:
+                return registry_pb2.RegisterRequest(
+                    instance=registry_pb2.Instance(service=service, address="127.0.0.1",
+                                                   port=port)
+                )
+
+            async with (
+                _mtls_channel(plane, pair) as channel,
+                grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as plain,
+            ):
+                # The plaintext port binds nothing (development): anyone may register cart.
+                await registry_pb2_grpc.RegistryStub(plain).Register(
+                    instance("cart", 7002), timeout=WAIT
+                )
+                stub = registry_pb2_grpc.RegistryStub(channel)
+                reply = await stub.Register(instance("checkout", 7001), timeout=WAIT)
+                assert reply.id == "checkout/127.0.0.1:7001"
+                await stub.Heartbeat(registry_pb2.HeartbeatRequest(id=reply.id), timeout=WAIT)
+                refusals = [
+                    stub.Register(instance("cart", 7003), timeout=WAIT),
+                    stub.Heartbeat(
+                        registry_pb2.HeartbeatRequest(id="cart/127.0.0.1:7002"), timeout=WAIT
+                    ),
+                    stub.Deregister(
+                        registry_pb2.DeregisterRequest(id="cart/127.0.0.1:7002"), timeout=WAIT
+                    ),
+                ]
+                for refused_call in refusals:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await refused_call
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                    details = refused.value.details() or ""
+                    assert CHECKOUT.uri in details and "'cart'" in details, details
+                    assert "it runs checkout" in details
+                assert await _listed(channel) == ["cart/127.0.0.1:7002", "checkout/127.0.0.1:7001"]
+                # The status service answers on the mTLS port too.
+                status = await status_pb2_grpc.ControlPlaneStatusStub(channel).ListProxies(
+                    status_pb2.ListProxiesRequest(), timeout=WAIT
+                )
+                assert list(status.proxies) == []
+
+                # The sidecar's agent, given its workload credentials, registers over mTLS.
+                # Its "app" is the control plane's own gRPC health service (SERVING).
+                options = RegistrationOptions(
+                    registry=f"localhost:{plane.xds_port}", service="checkout",
+                    host="127.0.0.1", port=7004, app_host="127.0.0.1", app_port=plane.port,
+                    health=HealthCheckConfig(type=HealthCheckType.GRPC, interval=0.1,
+                                             unhealthy_threshold=1, healthy_threshold=1,
+                                             timeout=1.0),
+                )  # fmt: skip
+                key, chain = pair
+                agent = RegistrationAgent(
+                    options, ready=lambda: True,
+                    credentials=lambda: grpc.ssl_channel_credentials(_bundle(plane), key, chain),
+                )
+                agent.start()
+                joined = "checkout/127.0.0.1:7004"
+                try:
+                    for _ in range(100):
+                        if joined in await _listed(plain):
+                            break
+                        await asyncio.sleep(0.05)
+                    assert joined in await _listed(plain)
+                finally:
+                    await agent.leave()
+                assert joined not in await _listed(plain)
 
     run(test)
