@@ -41,9 +41,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
-from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
+from envoy.type.matcher.v3 import metadata_pb2, path_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, empty_pb2
 
+from control_plane.xds.matchers import header_matcher, regex_matcher
 from control_plane.xds.proto_util import duration, pack
 from pilotfish.config.matchers import HeaderMatcher
 from pilotfish.config.security import (
@@ -311,7 +312,7 @@ def _principal(rule: AuthzRule) -> rbac_pb2.Principal:
             _or_ids(
                 [
                     _authenticated(
-                        string_pb2.StringMatcher(safe_regex=_regex(namespace_regex(ns)))
+                        string_pb2.StringMatcher(safe_regex=regex_matcher(namespace_regex(ns)))
                     )
                     for ns in rule.namespaces
                 ]
@@ -326,22 +327,8 @@ def _principal(rule: AuthzRule) -> rbac_pb2.Principal:
     return rbac_pb2.Principal(and_ids=rbac_pb2.Principal.Set(ids=ids))
 
 
-def _regex(pattern: str) -> regex_pb2.RegexMatcher:
-    # No engine: RE2 is the default, and `google_re2` is deprecated since v3.0.
-    return regex_pb2.RegexMatcher(regex=pattern)
-
-
 def _header(h: HeaderMatcher) -> rbac_pb2.Permission:
-    matcher = route_components_pb2.HeaderMatcher(name=h.name, invert_match=h.invert)
-    if h.exact is not None:
-        matcher.string_match.exact = h.exact
-    elif h.prefix is not None:
-        matcher.string_match.prefix = h.prefix
-    elif h.regex is not None:
-        matcher.string_match.safe_regex.CopyFrom(_regex(h.regex.pattern))
-    else:
-        matcher.present_match = h.present if h.present is not None else True
-    return rbac_pb2.Permission(header=matcher)
+    return rbac_pb2.Permission(header=header_matcher(h))
 
 
 def _paths(paths: Sequence[PathPattern]) -> rbac_pb2.Permission:

@@ -39,7 +39,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import regex_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -55,6 +54,7 @@ from control_plane.xds.authn_xds import (
     jwks_clusters,
     route_filter_configs,
 )
+from control_plane.xds.matchers import header_matcher, regex_matcher
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
@@ -398,36 +398,15 @@ def mesh_route(route: MeshRoute, mesh: Mesh | None = None) -> route_components_p
 def _route_match(
     path: PathMatch, headers: tuple[HeaderMatcher, ...]
 ) -> route_components_pb2.RouteMatch:
-    match = route_components_pb2.RouteMatch(headers=[_header_matcher(h) for h in headers])
+    match = route_components_pb2.RouteMatch(headers=[header_matcher(h) for h in headers])
     if path.prefix is not None:
         match.prefix = path.prefix
     elif path.exact is not None:
         match.path = path.exact
     else:
         assert path.regex is not None
-        match.safe_regex.CopyFrom(_regex(path.regex.pattern))
+        match.safe_regex.CopyFrom(regex_matcher(path.regex.pattern))
     return match
-
-
-def _regex(pattern: str) -> regex_pb2.RegexMatcher:
-    # No engine: RE2 is the default, and `google_re2` is deprecated since v3.0. The mesh
-    # parser has already refused what RE2 would not take.
-    return regex_pb2.RegexMatcher(regex=pattern)
-
-
-def _header_matcher(h: HeaderMatcher) -> route_components_pb2.HeaderMatcher:
-    matcher = route_components_pb2.HeaderMatcher(name=h.name, invert_match=h.invert)
-    if h.exact is not None:
-        matcher.string_match.exact = h.exact
-    elif h.prefix is not None:
-        matcher.string_match.prefix = h.prefix
-    elif h.regex is not None:
-        matcher.string_match.safe_regex.CopyFrom(_regex(h.regex.pattern))
-    elif h.present is not None:
-        matcher.present_match = h.present
-    else:
-        matcher.present_match = True
-    return matcher
 
 
 def _protocol_options(service: MeshService) -> dict[str, any_pb2.Any]:
