@@ -44,7 +44,6 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, empty_pb2
 
-from control_plane.xds.matchers import header_matcher, regex_matcher
 from control_plane.xds.proto_util import duration, pack
 from pilotfish.config.matchers import HeaderMatcher
 from pilotfish.config.security import (
@@ -59,6 +58,7 @@ from pilotfish.config.security import (
     SecurityConfig,
     ServiceSecurity,
 )
+from pilotfish.envoy_matchers import header_matcher, regex_matcher
 
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 RBAC_FILTER = "envoy.filters.http.rbac"

@@ -54,7 +54,6 @@ from control_plane.xds.authn_xds import (
     jwks_clusters,
     route_filter_configs,
 )
-from control_plane.xds.matchers import header_matcher, regex_matcher
 from control_plane.xds.policy_blocks import listener_limits_block, load_shedding_block
 from control_plane.xds.proto_util import METADATA_KEY, duration, pack
 from control_plane.xds.security_xds import apply_inbound_mtls, upstream_tls
@@ -63,6 +62,7 @@ from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from pilotfish.config.model import Endpoint, HeaderMatcher, PathMatch
 from pilotfish.config.route_policy import ListenerLimits, LoadSheddingConfig
 from pilotfish.config.security import MeshRouteSecurity, MtlsMode, SecurityConfig, ServiceSecurity
+from pilotfish.envoy_matchers import header_matcher, regex_matcher
 from pilotfish.identity import SpiffeId
 
 INBOUND_PREFIX = "inbound|"

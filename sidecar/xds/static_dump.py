@@ -25,7 +25,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import regex_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -40,6 +39,7 @@ from pilotfish.config.model import (
     RouteEntry,
     VirtualHost,
 )
+from pilotfish.envoy_matchers import header_matcher, regex_matcher
 
 ORIGINAL_DST = "original_dst"  # the cluster name a passthrough to the original destination shows
 _LB = {
@@ -139,33 +139,14 @@ def static_listener(
     return listener
 
 
-def _regex(pattern: str) -> regex_pb2.RegexMatcher:
-    return regex_pb2.RegexMatcher(regex=pattern)
-
-
-def _header(h: HeaderMatcher) -> route_components_pb2.HeaderMatcher:
-    matcher = route_components_pb2.HeaderMatcher(name=h.name, invert_match=h.invert)
-    if h.present is not None:
-        matcher.present_match = h.present
-    elif h.exact is not None:
-        matcher.string_match.exact = h.exact
-    elif h.prefix is not None:
-        matcher.string_match.prefix = h.prefix
-    elif h.regex is not None:
-        matcher.string_match.safe_regex.CopyFrom(_regex(h.regex.pattern))
-    else:
-        matcher.present_match = True
-    return matcher
-
-
 def _match(path: PathMatch, headers: tuple[HeaderMatcher, ...]) -> route_components_pb2.RouteMatch:
-    match = route_components_pb2.RouteMatch(headers=[_header(h) for h in headers])
+    match = route_components_pb2.RouteMatch(headers=[header_matcher(h) for h in headers])
     if path.prefix is not None:
         match.prefix = path.prefix
     elif path.exact is not None:
         match.path = path.exact
     elif path.regex is not None:
-        match.safe_regex.CopyFrom(_regex(path.regex.pattern))
+        match.safe_regex.CopyFrom(regex_matcher(path.regex.pattern))
     return match
 
 

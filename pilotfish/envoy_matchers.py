@@ -1,4 +1,5 @@
-"""Envoy matchers built from the mesh model, shared by routes and authorization policies."""
+"""Envoy matchers built from the mesh model: for the control plane's routes and authorization
+policies, and for the sidecar's config dump."""
 
 from __future__ import annotations
 
