@@ -23,6 +23,7 @@ from sidecar.route.retrying import RetryStage
 
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop, TimerHandle
+    from collections.abc import Callable
 
     from sidecar.observability.tracing import SpanHandle
     from sidecar.route.host import ExchangeHost
@@ -125,14 +126,10 @@ class ExchangeState:
 
         def _per_try_timeout(self, attempt: Attempt, grpc_status: int | None = None) -> None: ...
 
-        def _maybe_retry(self, attempt: Attempt, outcome: Outcome) -> bool:
-            raise NotImplementedError
-
-        def _ours_timed_out(self, attempt: Attempt) -> TimerKind | None:
-            raise NotImplementedError
-
-        def _replayable(self) -> bool:
-            raise NotImplementedError
+        # Attributes rather than stubs: a stub that returns a value would need a body.
+        _maybe_retry: Callable[[Attempt, Outcome], bool]
+        _ours_timed_out: Callable[[Attempt], TimerKind | None]
+        _replayable: Callable[[], bool]
 
         # A try's response, for the relay (what makes the try orchestrator a ``TryOwner``).
         def response_headers(self, attempt: Attempt, headers: Headers, end_stream: bool) -> None:

@@ -30,13 +30,19 @@ def own_functions(cls: type) -> set[str]:
 
 
 def declared_handoffs() -> set[str]:
-    """The methods ``ExchangeState`` declares under ``TYPE_CHECKING`` for the stages to define."""
+    """The methods ``ExchangeState`` declares under ``TYPE_CHECKING`` (as stubs or as callable
+    attributes) for the stages to define."""
     tree = ast.parse(inspect.getsource(state))
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ExchangeState"]
     names: set[str] = set()
     for node in cls.body:
         if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
             names |= {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+            names |= {
+                f.target.id
+                for f in node.body
+                if isinstance(f, ast.AnnAssign) and isinstance(f.target, ast.Name)
+            }
     return names
 
 
