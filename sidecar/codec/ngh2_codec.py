@@ -84,6 +84,7 @@ from sidecar.codec.frames import DEFAULT_WINDOW, Chunk, goaway_frame
 from sidecar.codec.receive import (
     MAX_CONTINUATIONS,
     MAX_FRAMES_PER_TURN,
+    ReadsBehindPending,
     feed,
     thread_receive_buffer,
 )
@@ -156,7 +157,7 @@ class _Stream:
     acked = 0  # bytes the application took: progress, even without a WINDOW_UPDATE
 
 
-class Ngh2Codec:
+class Ngh2Codec(ReadsBehindPending):
     def __init__(
         self,
         *,
@@ -435,18 +436,6 @@ class Ngh2Codec:
         self._reset_charged()
 
     # -- receiving -------------------------------------------------------------------------
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Room for the next read, behind what a previous turn left (``backlogged``)."""
-        pending = self._pending
-        view = self._rbuf.view
-        if not pending:
-            self._filled = 0
-            return view
-        size = len(pending)
-        view[:size] = pending
-        self._filled = size
-        return view[size:]
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
         """Events for the ``nbytes`` just read into the space ``get_buffer`` lent, as objects

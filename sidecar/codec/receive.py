@@ -107,23 +107,13 @@ def feed(reader: BufferedReader, data: bytes | memoryview) -> list[Event]:
     return events
 
 
-class FrameReceiver(abc.ABC):
-    _dead: bool  # a connection error happened: input is ignored from then on
-    _out: list[f.Chunk]
+class ReadsBehindPending:
+    """A codec's reads land in the thread's receive buffer, behind the input it has not parsed
+    yet, so a frame cut by one read is whole in the next (both codecs share this)."""
+
     _rbuf: ReceiveBuffer
     _pending: bytes  # input not parsed yet: the start of a frame (or of the preface)
     _filled: int  # where the read that ``get_buffer`` lent space for starts in the buffer
-    _max_inbound_frame: int
-    _preface_pending: bool
-    _settings_seen: bool
-    _block_sid: int
-    _block_parts: list[bytes]
-    _block_size: int
-    _block_end_stream: bool
-    _block_bad_priority: bool
-    _max_block: int
-    backlogged: bool  # whole frames are left in ``_pending``: call ``buffer_updated(0)`` again
-    max_frames_per_turn: int
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Room for the next read, behind what is left of the previous one."""
@@ -136,6 +126,22 @@ class FrameReceiver(abc.ABC):
         view[:size] = pending
         self._filled = size
         return view[size:]
+
+
+class FrameReceiver(ReadsBehindPending, abc.ABC):
+    _dead: bool  # a connection error happened: input is ignored from then on
+    _out: list[f.Chunk]
+    _max_inbound_frame: int
+    _preface_pending: bool
+    _settings_seen: bool
+    _block_sid: int
+    _block_parts: list[bytes]
+    _block_size: int
+    _block_end_stream: bool
+    _block_bad_priority: bool
+    _max_block: int
+    backlogged: bool  # whole frames are left in ``_pending``: call ``buffer_updated(0)`` again
+    max_frames_per_turn: int
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
         """Events for the ``nbytes`` just read into the space ``get_buffer`` lent.
