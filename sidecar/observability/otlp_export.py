@@ -21,17 +21,19 @@ headers, the certificate files) is checked when the tracer is built.
 
 from __future__ import annotations
 
-import ssl
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from sidecar.observability.tracing_config import HTTP_TRACES_PATH, TracingConfig, split_endpoint
+
+if TYPE_CHECKING:
+    import ssl
 
 # Below this, an export could not even connect; a zero would also make the HTTP exporter fall
 # back to its own reading of the environment.
@@ -125,6 +127,8 @@ def grpc_metadata(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes
 def _tls_context(config: TracingConfig) -> ssl.SSLContext:
     """Verifies the collector with ``certificate`` (else the system's roots), presents
     ``client_certificate`` when configured, and offers h2 over ALPN, as gRPC requires."""
+    import ssl  # a sidecar has it loaded (asyncio); an embedder's tracer need not
+
     if bool(config.client_certificate) != bool(config.client_key):
         raise ValueError("tracing.client_certificate and tracing.client_key go together")
     context = ssl.create_default_context(cafile=config.certificate or None)
