@@ -126,9 +126,9 @@ class _Connection:
         last call without waiting (a GOAWAY, a close, or frames to answer)."""
         if not self.usable:
             return False
-        self.sock.settimeout(0)
         try:
             while self.usable:
+                self.sock.settimeout(0)  # ``flush`` below sets a timeout of its own
                 size = self.sock.recv_into(self.codec.get_buffer())
                 if not size:
                     return False

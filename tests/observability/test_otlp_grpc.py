@@ -6,6 +6,7 @@ refuses for good (retried or not, and the lost spans counted)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,6 +116,28 @@ def test_a_sidecar_exports_over_tls_with_its_client_certificate(
         with running_sidecar(config) as sidecar:
             assert call(sidecar.address, b"tls") == b"tls"
             assert len(receiver.wait_for(2)) == 2
+    finally:
+        receiver.stop()
+
+
+def test_frames_the_collector_sent_to_an_idle_connection_are_answered_and_it_is_kept() -> None:
+    # grpcio's server pings an idle client every 50 ms: a kept connection has frames waiting
+    # (and owes their acknowledgements) when the next batch is due.
+    receiver = OtlpReceiver().start(
+        options=[
+            ("grpc.keepalive_time_ms", 50),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    )
+    try:
+        e = exporter(receiver.endpoint)
+        assert e.export(spans(1)) is SpanExportResult.SUCCESS
+        time.sleep(0.3)  # idle while the pings come
+        assert e.export(spans(1)) is SpanExportResult.SUCCESS
+        assert len(receiver.wait_for(2)) == 2
+        assert inner(e).connections == 1 and len(set(receiver.peers)) == 1
+        e.shutdown()
     finally:
         receiver.stop()
 
