@@ -26,7 +26,13 @@ from opentelemetry.exporter.otlp.proto.common.version import __version__ as otlp
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from sidecar.codec import CodecProtocolError, ConnectionTerminated, DataReceived, H2Codec
+from sidecar.codec import (
+    CodecProtocolError,
+    ConnectionTerminated,
+    DataReceived,
+    H2Codec,
+    RemoteSettingsChanged,
+)
 from sidecar.codec.errors import CANCEL
 from sidecar.codec.events import Event
 from sidecar.flags import GrpcStatus
@@ -73,6 +79,7 @@ class _Connection:
         self.codec.initiate_connection()
         self.calls = 0
         self.usable = True  # no GOAWAY, no error: a next call may use it
+        self.spoke_h2 = False  # the collector's SETTINGS came
 
     @classmethod
     def open(
@@ -119,6 +126,8 @@ class _Connection:
                 codec.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, ConnectionTerminated):
                 self.usable = False
+            elif isinstance(event, RemoteSettingsChanged):
+                self.spoke_h2 = True
         return events
 
     def still_open(self) -> bool:
@@ -177,6 +186,11 @@ class _Connection:
             return CallStatus(GrpcStatus.DEADLINE_EXCEEDED, "the export timeout passed")
         except CodecProtocolError as exc:
             self.usable = False
+            if not self.spoke_h2:  # typically the OTLP/HTTP port given for OTLP/gRPC
+                return CallStatus(
+                    GrpcStatus.UNAVAILABLE,
+                    f"the collector does not speak HTTP/2 on this port ({exc})",
+                )
             return CallStatus(GrpcStatus.INTERNAL, f"HTTP/2 protocol error: {exc}")
         except OSError as exc:
             self.usable = False

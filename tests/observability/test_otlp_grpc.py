@@ -6,6 +6,7 @@ refuses for good (retried or not, and the lost spans counted)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from sidecar.observability.otlp_grpc import GrpcSpanExporter
 from sidecar.observability.tracing import Tracer
 from sidecar.observability.tracing_config import TracingConfig
 from tests.observability.certs import make_pki
-from tests.observability.otlp_receiver import OtlpReceiver, Refusal
+from tests.observability.otlp_receiver import OtlpHttpReceiver, OtlpReceiver, Refusal
 from tests.observability.test_otlp_export import exporter, spans
 from tests.support import GrpcServer, free_port, running_sidecar, simple_config, wait_for
 
@@ -229,6 +230,20 @@ def test_a_permanent_refusal_is_not_retried_and_its_spans_are_counted_lost(
     finally:
         tracer.shutdown()
     assert (tracer.exported_spans, tracer.dropped_spans) == (1, 2)
+
+
+def test_an_http1_port_is_named_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    # The usual mistake: the collector's OTLP/HTTP port given with the gRPC protocol.
+    http_receiver = OtlpHttpReceiver().start()
+    try:
+        e = exporter(http_receiver.endpoint, export_timeout_s=0.5)
+        with caplog.at_level(logging.WARNING, logger="pilotfish.tracing"):
+            assert e.export(spans(1)) is SpanExportResult.FAILURE
+        assert "does not speak HTTP/2 on this port" in caplog.text
+        assert http_receiver.calls == 0
+        e.shutdown()
+    finally:
+        http_receiver.stop()
 
 
 def test_headers_that_cannot_be_sent_are_refused_when_the_tracer_is_built() -> None:
