@@ -71,7 +71,7 @@ def request_headers(
     path: str,
     timeout_s: float,
     compression: str,
-    extra: list[tuple[bytes, bytes]],
+    extra: tuple[tuple[bytes, bytes], ...],
     user_agent: bytes,
 ) -> list[tuple[bytes, bytes]]:
     headers = [
@@ -87,7 +87,7 @@ def request_headers(
     if compression != "none":
         headers.append((b"grpc-encoding", compression.encode()))
     headers.append((b"grpc-accept-encoding", b"identity,deflate,gzip"))
-    return headers + extra
+    return [*headers, *extra]
 
 
 def framed(message: bytes, compression: str) -> bytes:

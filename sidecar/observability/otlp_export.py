@@ -105,11 +105,11 @@ def otlp_exporter(config: TracingConfig) -> SpanExporter:
 class GrpcSettings:
     """What the OTLP/gRPC exporter takes from the config, checked when the tracer is built."""
 
-    metadata: list[tuple[bytes, bytes]]
+    metadata: tuple[tuple[bytes, bytes], ...]
     tls: ssl.SSLContext | None
 
 
-def grpc_metadata(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def grpc_metadata(headers: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], ...]:
     """Configured headers as gRPC metadata (names lowercased, as HTTP/2 requires). Raises
     ``ValueError`` naming ``tracing.headers`` for a name or value that cannot be sent."""
     out: list[tuple[bytes, bytes]] = []
@@ -121,7 +121,7 @@ def grpc_metadata(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes
         if any(byte in raw for byte in b"\r\n\0"):
             raise ValueError(f"tracing.headers: the value of {name!r} holds a line break or NUL")
         out.append((key, raw))
-    return out
+    return tuple(out)
 
 
 def _tls_context(config: TracingConfig) -> ssl.SSLContext:

@@ -216,7 +216,7 @@ class GrpcSpanExporter(SpanExporter):
         port: int,
         authority: str,
         tls: ssl.SSLContext | None,
-        metadata: list[tuple[bytes, bytes]],
+        metadata: tuple[tuple[bytes, bytes], ...],
         compression: str,
         timeout_s: float,
         jitter: Callable[[], float] = random.random,

@@ -67,7 +67,7 @@ class Exchange:
         self.call = UnaryCall(self.client.get_next_available_stream_id())
         headers = request_headers(
             authority="collector:4317", secure=False, path="/svc/Export", timeout_s=2.5,
-            compression="gzip", extra=[(b"x-api-key", b"k")], user_agent=b"test/1",
+            compression="gzip", extra=((b"x-api-key", b"k"),), user_agent=b"test/1",
         )  # fmt: skip
         self.client.send_headers(self.call.stream_id, headers)
         self.client.send_data(self.call.stream_id, framed(MESSAGE, "gzip"), end_stream=True)
