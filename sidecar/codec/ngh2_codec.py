@@ -11,25 +11,27 @@ What it keeps itself, and why:
 - Which halves of each stream are open. ``h2conn`` asks ``streams.get(id)`` right after it
   sends or receives END_STREAM whether the stream is now closed; libnghttp2 only closes a stream
   when it has serialized the frame, and says so in an event of a later call.
-- Output is serialized at once (``data_to_send`` after every call that queues a frame) but
-  for a response's HEADERS without END_STREAM, which leave with what follows, and for small
-  DATA (under ``_SERIALIZE_ALONE``), which leaves with the turn's output (``take_output``):
-  one pass over libnghttp2's queues and one bytes object for all of a turn's small sends.
-  Serializing a request's HEADERS at once makes its stream exist in libnghttp2 (it creates it
-  then). libnghttp2 takes DATA out of the send windows only when it serializes it, so
-  ``local_flow_control_window`` subtracts what is queued (``queued_body_size``) and
-  ``h2conn`` is handed DATA only ever within the window it was told of: backpressure across
-  the proxy works as with our codec. Automatic WINDOW_UPDATEs are off and the receive windows
-  reopen only through ``acknowledge_received_data``, when the other side has taken the bytes.
-  A reset serializes queued DATA first: libnghttp2 would send the RST_STREAM ahead of it and
-  drop it, where ``reset_when_sent`` means the body, then the reset.
+- Output is serialized at once (``data_to_send`` after every call that queues a frame, but
+  for a response's HEADERS without END_STREAM, which leave with what follows): that makes a
+  new stream exist in libnghttp2 (it creates it when its HEADERS are serialized), keeps the
+  windows ``local_flow_control_window`` reports exact, and hands ``h2conn`` DATA only ever
+  within the window it was told of, so backpressure across the proxy works as with our codec:
+  automatic WINDOW_UPDATEs are off and the receive windows reopen only through
+  ``acknowledge_received_data``, when the other side has taken the bytes. Batching a turn's
+  small DATA into one ``data_to_send`` was measured and not kept: an empty call costs about
+  2,200 instructions, a batched send asks libnghttp2 for what it holds unserialized on every
+  window check, and in callgrind counts of real traffic it saved nothing visible (grpc-16
+  580,114 and 584,337 instructions per call batched, 547,088 and 569,557 not). Batching
+  large DATA costs more: ngh2 grows one call's output in a bytearray, and reallocs past an
+  eighth of growth copied each 64 KiB body 0.8 times more (h2-64k: 260,100 instructions of
+  memcpy per request, 209,016 serialized frame by frame).
 - What DATA costs here that it does not cost our codec: copies. libnghttp2's binding copies a
   received payload into a bytes object (as ours does), then on the way out copies each payload
   into its output bytearray and that into the bytes ``data_to_send`` returns; ours writes a
-  payload by ``writelines`` beside its frame header, uncopied. Two more copies of every body
-  byte relayed, which no call of the binding avoids (it has no output by buffers). Callgrind
-  counts a ``rep movsb`` once per byte, so on h2-64k they are most of the instruction gap
-  (``bench/profiles.md``); a CPU moves those bytes at 32 or 64 a cycle.
+  payload by ``writelines`` beside its frame header, uncopied. That is two more copies of every
+  body byte relayed, which no call of the binding avoids (its output is one bytes object).
+  Callgrind counts a ``rep movsb`` once per byte, so on h2-64k they are the whole instruction
+  gap between the codecs (``bench/profiles.md``); a CPU moves those bytes 32 or 64 a cycle.
 - GOAWAY is an event; sending one closes nothing, as in ``H2Codec``. libnghttp2 itself closes
   the streams a received GOAWAY leaves unprocessed (REFUSED_STREAM): the adapter has already
   closed them as refused on the GOAWAY event (the replay), so those closes are dropped here.
@@ -131,12 +133,6 @@ _NONE: frozenset[int] = frozenset()
 _BACKSTOP_RESETS = (10_000, 330)
 _BACKSTOP_GLITCHES = (100_000, 3_300)
 PREFACE_SIZE = 24
-# DATA payloads this large are serialized at once, on their own. ngh2 builds one
-# ``data_to_send``'s output in a bytearray grown frame by frame, and a growth of more than an
-# eighth is a realloc that may copy everything so far: 16 KiB frames batched per turn cost
-# 0.8 more copies of each payload (h2-64k: 260,100 instructions of memcpy per request, 209,016
-# serialized one by one). Small payloads gain from batching: fewer passes and bytes objects.
-_SERIALIZE_ALONE = 1024
 
 # Verdicts on header blocks seen lately, by the block: a client or upstream sends the same
 # block again and again, and ``validate.problem`` is the costliest part of handling one.
@@ -219,7 +215,6 @@ class Ngh2Codec(ReadsBehindPending):
         self.remote_settings = RemoteSettings()
         self.highest_inbound_stream_id = 0
         self._out: list[Chunk] = []
-        self._data_queued = False  # DATA sent since output was last serialized
         # libnghttp2 consumes all input before ``receive_data`` returns (DATA payloads are
         # copied into their events), so reads share the thread's buffer as with our codec.
         self._rbuf = thread_receive_buffer()
@@ -252,7 +247,6 @@ class Ngh2Codec(ReadsBehindPending):
     # -- sending ---------------------------------------------------------------------------
 
     def _serialize(self) -> bytes:
-        self._data_queued = False
         try:
             data = self._conn.data_to_send()
         except ngh2.ConnectionStateError:  # failed: what it had to say is already out
@@ -303,11 +297,6 @@ class Ngh2Codec(ReadsBehindPending):
         except ngh2.NGH2Error:
             raise CodecStreamClosedError(stream_id) from None
         connection = conn.remote_window_size
-        if self._data_queued:
-            # libnghttp2 takes DATA out of the windows when it serializes the frames: what
-            # is queued and not yet serialized is spoken for.
-            window -= conn.queued_body_size(stream_id)
-            connection -= conn.queued_body_size()
         return window if window < connection else connection
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
@@ -359,14 +348,9 @@ class Ngh2Codec(ReadsBehindPending):
         except ngh2.NGH2Error as exc:
             raise CodecStreamClosedError(stream_id) from exc
         self._data_sends += 1
-        if len(data) < _SERIALIZE_ALONE:
-            # Serialized with the rest of the turn's output (``take_output``): one bytes
-            # object and one pass over libnghttp2's queues for all of a turn's small sends.
-            self._data_queued = True
-        else:
-            out = conn.data_to_send()
-            if out:
-                self._out.append(out)
+        out = conn.data_to_send()
+        if out:
+            self._out.append(out)
         if end_stream:
             stream.local_open = False
             if not stream.remote_open:
@@ -379,10 +363,6 @@ class Ngh2Codec(ReadsBehindPending):
         if self._dead:
             return
         self._settled.add(stream_id)
-        if self._data_queued:
-            # DATA queued before the reset leaves before it (libnghttp2 would send the
-            # RST_STREAM first and drop the DATA): a reset after a body ends that body.
-            self._serialize()
         try:  # RST_STREAM is serialized with what is taken next (``take_output``)
             self._conn.reset_stream(stream_id, error_code)
         except ngh2.NGH2Error as exc:  # already closed inside libnghttp2: nothing to send
