@@ -220,6 +220,7 @@ class Ngh2Codec(ReadsBehindPending):
         self._rbuf = thread_receive_buffer()
         self._pending = b""  # whole frames left for a later turn, or a frame header's start
         self._filled = 0
+        self._read_full = False  # the last read filled the receive buffer
         # Bytes before the next frame header: the client's preface, or the rest of a payload.
         self._skip = 0 if client_side else PREFACE_SIZE
         self._walk_free = 9 * max_frames_per_turn  # reads this small need no frame count
@@ -468,10 +469,14 @@ class Ngh2Codec(ReadsBehindPending):
         self.backlogged = False
         if self._dead:
             return
+        end = self._filled + nbytes
+        # A read that filled the buffer is followed at once by another (the event loop reads
+        # on while reads come back full): its last message is not the burst's, so it is not
+        # announced, and what it sends leaves with the turn's writes instead of splitting them.
+        self._read_full = end == len(self._rbuf.data)
         if self.client_side:  # an upstream of ours: its reads go to libnghttp2 whole
             self._receive(self._rbuf.view[:nbytes])
             return
-        end = self._filled + nbytes
         pos = self._skip
         cut = end
         if pos >= end:
@@ -544,10 +549,11 @@ class Ngh2Codec(ReadsBehindPending):
             ):
                 doomed = self._reset_in(incoming)
         last = None
-        for event in reversed(incoming):
-            if type(event) in _MESSAGES:
-                last = event
-                break
+        if not self._read_full:
+            for event in reversed(incoming):
+                if type(event) in _MESSAGES:
+                    last = event
+                    break
         settled = self._settled
         # Branches in the order of how often they are taken; a stream that ends here leaves
         # ``streams`` before its owner hears of it.
