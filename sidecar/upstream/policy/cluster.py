@@ -54,6 +54,10 @@ class ClusterBalancer:
             if outlier_detection is not None
             else None
         )
+        # Read at the end of every request that leaves no sweep scheduled.
+        self.sweeps_periodically = (
+            self.outlier_detector is not None and self.outlier_detector.periodic
+        )
         self.hosts: list[tuple[str, int]] = []
         self._index_of: dict[str, int] = {}
         self.eligible: list[LbHost] = []
@@ -168,11 +172,6 @@ class ClusterBalancer:
 
     def health_changed(self, event: HealthChanged) -> None:
         self._refresh()
-
-    @property
-    def sweeps_periodically(self) -> bool:
-        od = self.outlier_detector
-        return od is not None and od.periodic
 
     @property
     def next_outlier_evaluation_at(self) -> float | None:
