@@ -69,7 +69,8 @@ class TryOrchestrator(ExchangeState):
             )
         if retry is not None and retry.permit is not None:
             attempt.retry_permit, retry.permit = retry.permit, None
-        cluster.request_started(index)
+        if cluster.tracks_requests:
+            cluster.request_started(index)
         per_try = plan.per_try_timeout
         if per_try:
             timers = self.listener.sidecar.timers
