@@ -99,7 +99,7 @@ class TimerWheel:
         tick = math.floor(when / self._tick)
         bucket = self._buckets.get(tick)
         if bucket is None:
-            bucket = self._bucket(when)
+            bucket = self._new_bucket(tick)
         bucket[entry] = None
         return bucket
 
@@ -107,10 +107,14 @@ class TimerWheel:
         tick = math.floor(when / self._tick)
         bucket = self._buckets.get(tick)
         if bucket is None:
-            bucket = self._buckets[tick] = {}
-            heapq.heappush(self._due, tick)
-            if self._armed_tick is None or tick < self._armed_tick:
-                self._arm(tick)
+            bucket = self._new_bucket(tick)
+        return bucket
+
+    def _new_bucket(self, tick: int) -> Bucket:
+        bucket = self._buckets[tick] = {}
+        heapq.heappush(self._due, tick)
+        if self._armed_tick is None or tick < self._armed_tick:
+            self._arm(tick)
         return bucket
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> WheelTimer:
