@@ -129,7 +129,8 @@ class TimerWheel:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The wheel's event loop. Asking asyncio for the running loop costs a ``getpid``
         system call on every call (CPython 3.11 checks for a fork); this is kept."""
-        return self._clock()
+        loop = self._loop
+        return loop if loop is not None else self._clock()  # read by every request
 
     def close(self) -> None:
         if self._handle is not None:
