@@ -423,7 +423,7 @@ def test_client_deadline_is_deadline_exceeded_and_its_budget_goes_upstream() -> 
         reply = call(channel, timeout=0.3)
 
         assert reply.code is grpc.StatusCode.DEADLINE_EXCEEDED  # never UNAVAILABLE
-        assert reply.elapsed < 1.0
+        assert reply.elapsed < 2.0  # not the upstream's 2 s (on a busy machine, not 0.3 s either)
         (seen,) = a.seen()
         # The upstream's grpc measures what is left against its own clock reading and rounds
         # the header it received; a millisecond of slack keeps that from failing the test.
@@ -441,7 +441,7 @@ def test_route_timeout_smaller_than_the_client_deadline_wins() -> None:
         reply = call(channel, timeout=5.0)
 
         assert reply.code is grpc.StatusCode.DEADLINE_EXCEEDED
-        assert 0.2 <= reply.elapsed < 1.0
+        assert 0.2 <= reply.elapsed < 2.0  # the route's 200 ms, not the upstream's 2 s
         (seen,) = a.seen()
         assert seen.budget is not None and seen.budget <= 0.2 + CLOCK_SLACK
         # The upstream was told the same 200 ms: on a loaded machine its own deadline may fire
@@ -465,7 +465,7 @@ def test_per_try_timeout_then_a_fast_second_try_succeeds() -> None:
         reply = call(channel, timeout=5.0)
 
         assert reply.code is OK and reply.body == b"a"
-        assert reply.elapsed < 1.0
+        assert reply.elapsed < 2.0  # the second try did not wait for the first one's 2 s
         first, second = a.seen()
         assert (first.attempt, second.attempt) == (1, 2)
         # Each try is told its own budget: the per-try timeout, not the caller's 5 s.
@@ -604,7 +604,9 @@ def test_max_requests_fails_the_excess_fast_with_uo() -> None:
 
         assert codes(excess) == [UNAVAILABLE] * 3
         assert [r.flags for r in excess] == ["UO"] * 3
-        assert elapsed < 0.5, "the excess was queued, not failed at once"
+        # Queued, they would end at their 5 s deadline (DEADLINE_EXCEEDED, not UO); half of
+        # it is room enough for a busy machine.
+        assert elapsed < 2.5, "the excess was queued, not failed at once"
         assert a.calls == 2
         assert sidecar.stat("cluster.app.upstream_rq_overflow") == 3
 
@@ -645,7 +647,7 @@ def test_max_pending_requests_fails_the_excess_fast_with_uo() -> None:
         excess = call(channel)
 
         assert excess.code is UNAVAILABLE and excess.flags == "UO"
-        assert excess.elapsed < 0.5
+        assert excess.elapsed < 1.0  # before the 1 s connect timeout could have ended it
         (first,) = settle_all(waiting)
         assert first.code is UNAVAILABLE and first.flags == "UF"  # its connect timed out
 
