@@ -16,7 +16,7 @@ RST_STREAM and, if the application knew the stream, yields a ``StreamReset``.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from sidecar.codec import frames as f
@@ -67,7 +67,10 @@ WRITEV_MIN = 4096
 class Budget(Protocol):
     """The peer's allowance of work that carries no request (``sidecar.http.budget``)."""
 
-    def stream_reset(self, streams_completed: int) -> bool: ...
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    def stream_reset(self, streams_completed: int, opened: float | None = None) -> bool: ...
 
     def control_frame(self, data_frames_sent: int, frames: int = 1) -> bool: ...
 
@@ -78,6 +81,7 @@ class Stream:
         "headers_received",
         "inbound",
         "local_open",
+        "opened",
         "processed",
         "recv_window",
         "remaining",
@@ -97,6 +101,7 @@ class Stream:
         self.headers_received = inbound
         self.closed = False
         self.remaining = -1  # body bytes the request's content-length still promises
+        self.opened = 0.0  # when the peer opened it, by the budget's clock (if there is one)
 
 
 class RemoteSettings:
@@ -362,9 +367,9 @@ class H2Codec(FrameReceiver):
         if budget is not None and not budget.control_frame(self._data_sends):
             raise CodecProtocolError("too many control frames", ENHANCE_YOUR_CALM)
 
-    def _reset_charged(self) -> None:
+    def _reset_charged(self, opened: float | None = None) -> None:
         budget = self.budget
-        if budget is not None and not budget.stream_reset(self._streams_completed):
+        if budget is not None and not budget.stream_reset(self._streams_completed, opened):
             raise CodecProtocolError("too many stream resets", ENHANCE_YOUR_CALM)
 
     def _failed(self, exc: CodecProtocolError) -> None:
@@ -439,6 +444,9 @@ class H2Codec(FrameReceiver):
         )
         self.streams[sid] = stream
         self._inbound_open += 1
+        budget = self.budget
+        if budget is not None:
+            stream.opened = budget.clock()
         if end_stream:
             stream.remote_open = False
         events.append(RequestReceived(sid, list(headers), True if end_stream else None))
@@ -503,7 +511,7 @@ class H2Codec(FrameReceiver):
         self.streams_reset += 1
         self._forget(stream)
         events.append(StreamReset(sid, code))
-        self._reset_charged()
+        self._reset_charged(stream.opened if stream.inbound else None)
 
     def _on_window_update(self, sid: int, increment: int, events: list[Event]) -> None:
         if sid == 0:

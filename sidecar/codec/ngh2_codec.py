@@ -175,6 +175,7 @@ class _Stream:
     remote_open = True
     headers_sent = False
     acked = 0  # bytes the application took: progress, even without a WINDOW_UPDATE
+    opened = 0.0  # when the peer opened it, by the budget's clock (with a budget only)
 
 
 class Ngh2Codec(ReadsBehindPending):
@@ -433,9 +434,9 @@ class Ngh2Codec(ReadsBehindPending):
         if budget is not None and not budget.control_frame(self._data_sends, frames):
             self._give_up(CodecProtocolError("too many control frames", ENHANCE_YOUR_CALM))
 
-    def _reset_charged(self) -> None:
+    def _reset_charged(self, opened: float | None = None) -> None:
         budget = self.budget
-        if budget is not None and not budget.stream_reset(self._streams_completed):
+        if budget is not None and not budget.stream_reset(self._streams_completed, opened):
             self._give_up(CodecProtocolError("too many stream resets", ENHANCE_YOUR_CALM))
 
     def _give_up(self, exc: CodecProtocolError) -> None:
@@ -543,6 +544,7 @@ class Ngh2Codec(ReadsBehindPending):
             return
         sink = self.sink
         streams = self.streams
+        budget = self.budget
         doomed: Collection[int] = _NONE
         withheld: set[int] = set()
         if self.screen_resets:
@@ -602,6 +604,8 @@ class Ngh2Codec(ReadsBehindPending):
                     self._refuse(sid)
                     continue
                 stream = streams[sid] = _Stream()
+                if budget is not None:
+                    stream.opened = budget.clock()
                 end_stream = event.end_stream
                 if end_stream:
                     stream.remote_open = False
@@ -641,12 +645,13 @@ class Ngh2Codec(ReadsBehindPending):
                 sink.on_window_updated(event.stream_id, event.increment)
             elif kind is _RESET:
                 sid = event.stream_id
-                if streams.pop(sid, None) is not None:
+                reset = streams.pop(sid, None)
+                if reset is not None:
                     self.streams_reset += 1
                     settled.add(sid)
                     if sid not in withheld:
                         sink.on_stream_reset(sid, event.error_code, True)
-                    self._reset_charged()
+                    self._reset_charged(None if self.client_side else reset.opened)
                 else:
                     self._control_frames(1)  # a reset of a closed stream does nothing
             elif kind is _SETTINGS:

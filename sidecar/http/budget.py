@@ -11,6 +11,12 @@ sends a handful of SETTINGS, PRIORITY and PING frames per connection; a gRPC cli
 few streams a second at most); rapid reset and control-frame floods exhaust it within
 milliseconds, and the connection gets GOAWAY ENHANCE_YOUR_CALM.
 
+A stream the peer resets after it has been open for ``SETTLED_STREAM_S`` is not charged: the
+attack is opening streams and resetting them at once, so the proxy works for nothing; a
+client cancelling calls at their deadline (a hung upstream, a chaos test) waited for each, and
+its resets are bounded by its concurrent streams. Envoy judges resets by the same age
+(``premature_reset_min_stream_lifetime_seconds``, 1 s by default).
+
 Control frames also earn credit from the DATA we send: a client downloading a large body, or
 making many small calls, returns WINDOW_UPDATE frames (and gRPC clients BDP pings) in step
 with the data it receives, and that must never count as a flood however long it runs.
@@ -27,6 +33,8 @@ FLOOD = "flood"
 # Control frames each DATA frame we send earns the client: Envoy allows ten WINDOW_UPDATE
 # frames per DATA frame sent. gRPC clients return two (stream and connection) per response.
 CONTROL_FRAMES_PER_DATA_FRAME = 10
+# A stream open this long before the peer resets it was not reset "rapidly": not charged.
+SETTLED_STREAM_S = 1.0
 
 
 class TokenBucket:
@@ -58,20 +66,25 @@ class TokenBucket:
 class FrameBudget:
     """The budgets of one connection. ``tripped`` names the one that ran out, for stats."""
 
-    __slots__ = ("_completed_seen", "_control", "_data_seen", "_resets", "tripped")
+    __slots__ = ("_completed_seen", "_control", "_data_seen", "_resets", "clock", "tripped")
 
     def __init__(self, limits: ConnectionLimits, clock: Callable[[], float]) -> None:
+        self.clock = clock  # codecs stamp the streams a peer opens with it (``stream_reset``)
         self._resets = TokenBucket(limits.stream_reset_burst, limits.stream_reset_rate, clock)
         self._control = TokenBucket(limits.control_frame_burst, limits.control_frame_rate, clock)
         self._data_seen = 0
         self._completed_seen = 0
         self.tripped: str | None = None
 
-    def stream_reset(self, streams_completed: int) -> bool:
+    def stream_reset(self, streams_completed: int, opened: float | None = None) -> bool:
         """A stream ended in RST_STREAM, sent by the peer or by us because of the peer;
         ``streams_completed`` counts the connection's streams that ended normally so far (each
         earns one reset: a client whose calls mostly complete may cancel the rest at any rate,
-        as Envoy judges resets by their share of a connection's streams)."""
+        as Envoy judges resets by their share of a connection's streams). ``opened``: when
+        the peer opened the stream (by ``clock``), for a reset the peer sent; one open for
+        ``SETTLED_STREAM_S`` costs nothing."""
+        if opened is not None and self.clock() - opened >= SETTLED_STREAM_S:
+            return True
         earned = streams_completed - self._completed_seen
         self._completed_seen = streams_completed
         if self._resets.take(earned):

@@ -50,6 +50,39 @@ def test_rapid_reset_is_a_connection_error_after_the_burst() -> None:
     assert codec.streams == {}
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("age", "trips"), [(1.5, False), (0.5, True)])
+def test_resets_of_streams_open_a_second_are_not_rapid_resets(age: float, trips: bool) -> None:
+    """A client cancelling calls at their deadline, none completed (a hung upstream): 100
+    resets against a burst of 20 are rapid only if the streams were young."""
+    clock = Clock()
+    codec, peer = server(budget=(budget := FrameBudget(
+        ConnectionLimits(stream_reset_burst=20, stream_reset_rate=1.0), clock
+    )))
+    sids = range(1, 200, 2)
+    events = codec.receive_data(b"".join(peer.headers(sid, GET) for sid in sids))
+    assert sum(isinstance(e, RequestReceived) for e in events) == len(sids)
+    clock.now += age
+    resets = b"".join(frame(3, 0, sid, b"\0\0\0\x08") for sid in sids)
+    if trips:
+        with pytest.raises(CodecProtocolError) as info:
+            codec.receive_data(resets)
+        assert info.value.error_code == ENHANCE_YOUR_CALM
+        assert budget.tripped == "rapid_reset"
+    else:
+        events = codec.receive_data(resets)
+        assert sum(isinstance(e, StreamReset) for e in events) == len(sids)
+        assert budget.tripped is None and codec.streams == {}
+        assert goaway_code(codec.data_to_send()) is None
+
+
 def test_streams_we_reset_for_malformed_requests_count_as_resets() -> None:
     codec, peer, budget = budgeted(stream_reset_burst=5)
     bad = [*GET[:3], (b":path", b"no-slash")]

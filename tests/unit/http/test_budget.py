@@ -44,6 +44,18 @@ def test_a_steady_reset_rate_below_the_limit_never_trips() -> None:
     assert budget.tripped is None
 
 
+def test_a_reset_of_a_stream_open_a_second_costs_nothing() -> None:
+    clock = Clock()
+    clock.now = 50.0
+    budget = FrameBudget(ConnectionLimits(stream_reset_burst=10, stream_reset_rate=1.0), clock)
+    assert all(budget.stream_reset(0, opened=49.0) for _ in range(10_000))
+    assert budget.tripped is None
+    young = 0
+    while budget.stream_reset(0, opened=49.5) and young < 10_000:
+        young += 1
+    assert young == 10 and budget.tripped == RAPID_RESET
+
+
 def test_control_frames_are_earned_by_data_sent() -> None:
     """A long download: one WINDOW_UPDATE per DATA frame we send must never trip, whatever
     the rate of the clock; without the data it trips after the burst."""
