@@ -79,19 +79,24 @@ def encode_string(data: bytes) -> bytes:
 _LITERAL_PREFIX = {name: b"\x00" + encode_string(name) for name in PER_REQUEST_NAMES}
 
 
+# The one-byte length of a short string literal, without Huffman coding, by length.
+_SHORT_LENGTH = tuple(bytes((n,)) for n in range(0x7F))
+
+
 def encode_per_request(headers: Headers) -> bytes:
     """Per-request fields as literals that leave the dynamic table alone (their names are in
     neither table: they are never inserted), so they can follow any cached block."""
     out: list[bytes] = []
     for header in headers:
         name, value = header
-        if type(header) is NeverIndexedHeaderTuple or name not in _LITERAL_PREFIX:
+        prefix = _LITERAL_PREFIX.get(name)
+        if prefix is None or type(header) is NeverIndexedHeaderTuple:
             first = b"\x10" if type(header) is NeverIndexedHeaderTuple else b"\x00"
             out.append(first + encode_string(name) + encode_string(value))
         elif len(value) < 0x7F:
-            out.append(_LITERAL_PREFIX[name] + bytes((len(value),)) + value)
+            out += (prefix, _SHORT_LENGTH[len(value)], value)
         else:
-            out.append(_LITERAL_PREFIX[name] + encode_string(value))
+            out.append(prefix + encode_string(value))
     return b"".join(out)
 
 
