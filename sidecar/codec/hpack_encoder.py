@@ -19,6 +19,8 @@ Only the static table's contents come from the ``hpack`` package.
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
+from operator import itemgetter
 
 from hpack.struct import NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
@@ -79,6 +81,7 @@ def encode_string(data: bytes) -> bytes:
 _LITERAL_PREFIX = {name: b"\x00" + encode_string(name) for name in PER_REQUEST_NAMES}
 
 
+_NAME, _VALUE = itemgetter(0), itemgetter(1)
 # The one-byte length of a short string literal, without Huffman coding, by length.
 _SHORT_LENGTH = tuple(bytes((n,)) for n in range(0x7F))
 
@@ -86,6 +89,28 @@ _SHORT_LENGTH = tuple(bytes((n,)) for n in range(0x7F))
 def encode_per_request(headers: Headers) -> bytes:
     """Per-request fields as literals that leave the dynamic table alone (their names are in
     neither table: they are never inserted), so they can follow any cached block."""
+    values = list(map(_VALUE, headers))
+    if (
+        values
+        and max(map(len, values)) < 0x7F
+        and _LITERAL_PREFIX.keys() >= set(map(_NAME, headers))
+        and NeverIndexedHeaderTuple not in map(type, headers)
+    ):
+        # The usual request's (ids, trace context, a deadline: known names, short values):
+        # each field its name's prefix, a length byte and the value, joined without a Python
+        # step per field.
+        parts = zip(
+            map(_LITERAL_PREFIX.__getitem__, map(_NAME, headers)),
+            map(_SHORT_LENGTH.__getitem__, map(len, values)),
+            values,
+            strict=True,
+        )
+        return b"".join(chain.from_iterable(parts))
+    return encode_literals(headers)
+
+
+def encode_literals(headers: Headers) -> bytes:
+    """``encode_per_request`` field by field, for any names and values."""
     out: list[bytes] = []
     for header in headers:
         name, value = header

@@ -104,19 +104,11 @@ class TryOrchestrator(ExchangeState):
             _FIRST_ATTEMPT if retry is None else retry.attempt_header(),
         ]
         now = self.loop.time()
-        deadline = self.deadline
-        if now == self.headers_at and deadline is None:
+        if now == self.headers_at and self.deadline is None:
             # The whole timeout is left: the budget header was made with the plan.
             budget = plan.budget_grpc if self.grpc else plan.budget_http
         else:
-            budget = None
-            if now == self.headers_at and self.grpc:  # a gRPC call's first try, as a rule
-                assert deadline is not None
-                budget = deadline.callers_grpc_timeout(plan.per_try_timeout)
-            if budget is None:
-                budget = upstream_budget_header(
-                    self.expires_at, now, plan.per_try_timeout, self.grpc
-                )
+            budget = upstream_budget_header(self.expires_at, now, plan.per_try_timeout, self.grpc)
         if budget is not None:
             headers.append(budget)
         span = self.attempt.span if self.attempt is not None else None

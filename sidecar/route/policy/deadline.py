@@ -102,10 +102,7 @@ class AttemptTimer:
 class RequestDeadline:
     """The deadline of one downstream request; every time is a reading of the same clock."""
 
-    __slots__ = (
-        "_grpc_expires_at", "_grpc_timeout", "_route_expires_at", "_route_timeout",
-        "grpc_timeout_invalid",
-    )  # fmt: skip
+    __slots__ = ("_grpc_expires_at", "_route_expires_at", "_route_timeout", "grpc_timeout_invalid")
 
     def __init__(
         self, now: float, route_timeout: float | None, grpc_timeout: bytes | str | None = None
@@ -116,16 +113,11 @@ class RequestDeadline:
         self._route_expires_at: float | None = None
         self._grpc_expires_at: float | None = None
         self.grpc_timeout_invalid = False
-        self._grpc_timeout: tuple[float, bytes] | None = None
         if grpc_timeout is not None:
-            raw = grpc_timeout.encode("latin-1") if isinstance(grpc_timeout, str) else grpc_timeout
             try:
-                seconds = parse_grpc_timeout(raw)
+                self._grpc_expires_at = now + parse_grpc_timeout(grpc_timeout)
             except GrpcTimeoutError:
                 self.grpc_timeout_invalid = True
-            else:
-                self._grpc_expires_at = now + seconds
-                self._grpc_timeout = (seconds, raw)
 
     def request_ended(self, now: float) -> None:
         """The downstream request is complete: the route timeout starts now (once)."""
@@ -166,19 +158,6 @@ class RequestDeadline:
         if per_try_timeout and (remaining is None or per_try_timeout < remaining):
             return per_try_timeout
         return remaining
-
-    def callers_grpc_timeout(self, per_try_timeout: float | None) -> tuple[bytes, bytes] | None:
-        """The caller's own ``grpc-timeout`` header, when it is exactly what a try started at
-        the request's headers (no time gone on the loop's clock) may take: it bounds the
-        request, and no per-try timeout is shorter. Passing it on as it came spares a format
-        and any rounding; None: the budget must be worked out (``upstream_budget_header``)."""
-        caller = self._grpc_timeout
-        if caller is None or self._grpc_expires_at != self.expires_at:
-            return None
-        seconds, raw = caller
-        if per_try_timeout and per_try_timeout < seconds:
-            return None
-        return GRPC_TIMEOUT_HEADER, raw
 
     def upstream_header(
         self, now: float, per_try_timeout: float | None, grpc: bool

@@ -181,7 +181,8 @@ def test_trailers_wait_behind_data_that_waits_for_window() -> None:
         sent_before_window = sum(
             len(fr.data) for fr in proxy.frames_to_client() if isinstance(fr, hf.DataFrame)
         )
-        proxy.down.data_received(bytes(hf.WindowUpdateFrame(1, window_increment=10_000).serialize()))
+        window_update = hf.WindowUpdateFrame(1, window_increment=10_000)
+        proxy.down.data_received(bytes(window_update.serialize()))
         await asyncio.sleep(0)
         return proxy, sent_before_window
 

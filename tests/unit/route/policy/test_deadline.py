@@ -134,26 +134,6 @@ def test_upstream_headers_carry_the_budget_of_the_try() -> None:
     assert d.upstream_budget(1.9, 0.25) == pytest.approx(0.1)
 
 
-def test_the_callers_grpc_timeout_is_passed_on_as_it_came_while_it_is_the_whole_budget() -> None:
-    # Nothing has elapsed and the caller's deadline bounds the request: its own header.
-    d = RequestDeadline(0.0, route_timeout=15.0, grpc_timeout=b"100m")
-    assert d.callers_grpc_timeout(None) == (b"grpc-timeout", b"100m")
-    assert d.callers_grpc_timeout(0.1) == (b"grpc-timeout", b"100m")  # no shorter per try
-    assert RequestDeadline(0.0, 15.0, "7S").callers_grpc_timeout(None) == (b"grpc-timeout", b"7S")
-    # Else the budget is worked out: a shorter per-try timeout, or a route timeout that is
-    # already running and earlier, or no valid caller's value at all.
-    assert d.callers_grpc_timeout(0.05) is None
-    short_route = RequestDeadline(0.0, route_timeout=0.05, grpc_timeout=b"100m")
-    short_route.request_ended(0.0)
-    assert short_route.callers_grpc_timeout(None) is None
-    assert RequestDeadline(0.0, 15.0, b"1x").callers_grpc_timeout(None) is None
-    assert RequestDeadline(0.0, 15.0).callers_grpc_timeout(None) is None
-    # A route timeout armed later than the caller's leaves the caller's in force.
-    long_route = RequestDeadline(0.0, route_timeout=15.0, grpc_timeout=b"100m")
-    long_route.request_ended(0.0)
-    assert long_route.callers_grpc_timeout(None) == (b"grpc-timeout", b"100m")
-
-
 def test_expiry_is_deadline_exceeded_not_unavailable() -> None:
     assert DEADLINE_FLAG.http_status == 504
     assert DEADLINE_FLAG.grpc_status is GrpcStatus.DEADLINE_EXCEEDED
