@@ -10,7 +10,8 @@ in one ``write`` (large DATA payloads by ``writelines``, without being copied ag
 read or, for other connections, from a loop callback. One exception, for latency: a stream
 that finishes while the last request or response event of a read is handled is written at once,
 so the bookkeeping that follows (stream and request ends, stats, tracing) runs while the peer
-already has the message.
+already has the message; on another connection, that write cancels the loop callback its
+earlier frames asked for (a proxied unary call leaves none behind).
 """
 
 from __future__ import annotations
