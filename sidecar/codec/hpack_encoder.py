@@ -19,6 +19,8 @@ Only the static table's contents come from the ``hpack`` package.
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
+from operator import itemgetter
 
 from hpack.struct import NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
@@ -79,19 +81,47 @@ def encode_string(data: bytes) -> bytes:
 _LITERAL_PREFIX = {name: b"\x00" + encode_string(name) for name in PER_REQUEST_NAMES}
 
 
+_NAME, _VALUE = itemgetter(0), itemgetter(1)
+# The one-byte length of a short string literal, without Huffman coding, by length.
+_SHORT_LENGTH = tuple(bytes((n,)) for n in range(0x7F))
+
+
 def encode_per_request(headers: Headers) -> bytes:
     """Per-request fields as literals that leave the dynamic table alone (their names are in
     neither table: they are never inserted), so they can follow any cached block."""
+    values = list(map(_VALUE, headers))
+    if (
+        values
+        and max(map(len, values)) < 0x7F
+        and _LITERAL_PREFIX.keys() >= set(map(_NAME, headers))
+        and NeverIndexedHeaderTuple not in map(type, headers)
+    ):
+        # The usual request's (ids, trace context, a deadline: known names, short values):
+        # each field its name's prefix, a length byte and the value, joined without a Python
+        # step per field.
+        parts = zip(
+            map(_LITERAL_PREFIX.__getitem__, map(_NAME, headers)),
+            map(_SHORT_LENGTH.__getitem__, map(len, values)),
+            values,
+            strict=True,
+        )
+        return b"".join(chain.from_iterable(parts))
+    return encode_literals(headers)
+
+
+def encode_literals(headers: Headers) -> bytes:
+    """``encode_per_request`` field by field, for any names and values."""
     out: list[bytes] = []
     for header in headers:
         name, value = header
-        if type(header) is NeverIndexedHeaderTuple or name not in _LITERAL_PREFIX:
+        prefix = _LITERAL_PREFIX.get(name)
+        if prefix is None or type(header) is NeverIndexedHeaderTuple:
             first = b"\x10" if type(header) is NeverIndexedHeaderTuple else b"\x00"
             out.append(first + encode_string(name) + encode_string(value))
         elif len(value) < 0x7F:
-            out.append(_LITERAL_PREFIX[name] + bytes((len(value),)) + value)
+            out += (prefix, _SHORT_LENGTH[len(value)], value)
         else:
-            out.append(_LITERAL_PREFIX[name] + encode_string(value))
+            out.append(prefix + encode_string(value))
     return b"".join(out)
 
 

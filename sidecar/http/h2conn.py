@@ -10,7 +10,8 @@ in one ``write`` (large DATA payloads by ``writelines``, without being copied ag
 read or, for other connections, from a loop callback. One exception, for latency: a stream
 that finishes while the last request or response event of a read is handled is written at once,
 so the bookkeeping that follows (stream and request ends, stats, tracing) runs while the peer
-already has the message.
+already has the message; on another connection, that write cancels the loop callback its
+earlier frames asked for (a proxied unary call leaves none behind).
 """
 
 from __future__ import annotations
@@ -173,8 +174,22 @@ class H2Stream:
     def send_trailers(self, trailers: Headers) -> None:
         if self.closed:
             return
-        self.queue.append([_TRAILERS, trailers, None])
-        self.conn.flush_stream(self)
+        conn = self.conn
+        if self.queue or conn.write_paused:
+            # They follow what is queued (or wait for the socket, as queued DATA does).
+            self.queue.append([_TRAILERS, trailers, None])
+            conn.flush_stream(self)
+            return
+        # Nothing ahead of them and trailers take no window (a gRPC answer's usual end): they
+        # go straight to the codec, without a trip through the queue.
+        try:
+            conn.h2.send_headers(self.stream_id, trailers, end_stream=True)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            log.debug("send_trailers on stream %d failed: %s", self.stream_id, exc)
+            return
+        if not conn._flush_scheduled:
+            conn.mark_dirty()
+        conn.stream_send_ended(self)
 
     def reset(self, code: int) -> None:
         self.conn.reset_stream(self, code)
@@ -290,6 +305,8 @@ class H2Connection(asyncio.BufferedProtocol):
         self.hold_reading_while_write_paused = False
         self._resets_seen = 0  # the codec's ``streams_reset`` when events were last screened
         self._flush_scheduled = False
+        # The loop callback ``mark_dirty`` scheduled, while it has yet to run.
+        self._flush_handle: asyncio.Handle | None = None
         self._blocked: set[H2Stream] = set()  # streams with queued data waiting for window
         self._loop = asyncio.get_event_loop()
         # Event objects (our codec's, the h2 library's), each to its ``on_*_received``.
@@ -466,10 +483,11 @@ class H2Connection(asyncio.BufferedProtocol):
     def mark_dirty(self) -> None:
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+            self._flush_handle = self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._flush_handle = None
         chunks = self._take_output()
         # ``discarding``: our side is shut (write_eof) after a protocol error.
         if chunks and self.transport is not None and not self.closed and not self.discarding:
@@ -479,7 +497,14 @@ class H2Connection(asyncio.BufferedProtocol):
                 self.transport.writelines(chunks)
 
     def _write_out(self) -> None:
-        """Write what is queued now, leaving a scheduled flush (if any) in place."""
+        """Write what is queued now. A flush this connection's own read will make stays in
+        place; one left to a loop callback is cancelled, as this write does its work (frames
+        queued after it schedule another)."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self.flush()
+            return
         scheduled = self._flush_scheduled
         self.flush()
         self._flush_scheduled = scheduled
@@ -510,10 +535,10 @@ class H2Connection(asyncio.BufferedProtocol):
             log.debug("send on stream %d failed: %s", sid, exc)
             stream.release_queue()
             return True
-        if end_stream:
-            self.stream_send_ended(stream)
         if not self._flush_scheduled:
             self.mark_dirty()
+        if end_stream:  # after mark_dirty: an early write here leaves no flush to schedule
+            self.stream_send_ended(stream)
         return True
 
     def flush_stream(self, stream: H2Stream) -> None:
@@ -521,6 +546,9 @@ class H2Connection(asyncio.BufferedProtocol):
         if self.write_paused:
             self._blocked.add(stream)
             return
+        # Before the frames: a stream end among them may write them at once (the read's
+        # last message), and a flush scheduled after that would find nothing to write.
+        self.mark_dirty()
         h2conn = self.h2
         queue = stream.queue
         sid = stream.stream_id
@@ -560,7 +588,6 @@ class H2Connection(asyncio.BufferedProtocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.debug("send on stream %d failed: %s", sid, exc)
             stream.release_queue()
-        self.mark_dirty()
 
     def _flush_blocked(self) -> None:
         blocked, self._blocked = self._blocked, set()

@@ -239,14 +239,16 @@ class Exchange(TryOrchestrator, ResponseRelay, Finisher):
         body = self.body
         if body is None:
             body = self.body = RequestBody(self.downstream)
-        body.keep(data)
-        if end_stream:
-            self._request_complete()
+        # Relayed first: the last frame of a read leaves at once (a unary gRPC request's
+        # message), and what keeps it for a retry and starts the route timeout can follow.
         attempt = self.attempt
         if attempt is not None and attempt.stream is not None and not body.pending:
             attempt.stream.send_data(data, end_stream, body.credit(flow_len))
         else:
             body.pending.append((data, end_stream, flow_len))
+        body.keep(data)
+        if end_stream:
+            self._request_complete()
 
     def on_trailers(self, trailers: Headers) -> None:
         if self.done:
@@ -255,10 +257,10 @@ class Exchange(TryOrchestrator, ResponseRelay, Finisher):
         if body is None:
             body = self.body = RequestBody(self.downstream)
         body.trailers = trailers
-        self._request_complete()
         attempt = self.attempt
         if attempt is not None and attempt.stream is not None and not body.pending:
             attempt.stream.send_trailers(trailers)
+        self._request_complete()
 
     def _request_complete(self) -> None:
         self.request_ended = True

@@ -137,22 +137,32 @@ class ResponseRelay(ExchangeState):
     def response_trailers(self, attempt: Attempt, trailers: Headers) -> None:
         if self.done:
             return
-        grpc_status = header(trailers, b"grpc-status")
-        if grpc_status is not None and grpc_status.isdigit():
-            attempt.grpc_status = self.grpc_status = int(grpc_status)
-            if grpc_status != b"0":
-                attempt.status = _grpc_as_http(int(grpc_status))
-            throttle = self.cluster.resilience.throttle if self.cluster is not None else None
-            if throttle is not None:
-                throttle.record(Outcome(grpc_status=int(grpc_status)).accepted)
-            if grpc_status == b"4" and self._ours_timed_out(attempt) is not None:
-                # Too late to answer ourselves (the headers are out): flag the trailers.
-                self.flags += (ResponseFlag.UPSTREAM_TIMEOUT.code,)
-                trailers = [*trailers, (RESPONSE_FLAGS_HEADER, b"UT")]
+        # gRPC servers put grpc-status first: no scan for it then.
+        name, value = trailers[0] if trailers else (b"", b"")
+        grpc_status = value if name == b"grpc-status" else header(trailers, b"grpc-status")
+        code = _GRPC_CODES.get(grpc_status) if grpc_status is not None else None
+        if code is None and grpc_status is not None and grpc_status.isdigit():
+            code = int(grpc_status)
+        if code is not None:
+            attempt.grpc_status = self.grpc_status = code
+            if code:
+                attempt.status = _GRPC_AS_HTTP.get(code, 200)
+                if code == 4 and self._ours_timed_out(attempt) is not None:
+                    # Too late to answer ourselves (the headers are out): flag the trailers.
+                    self.flags += (ResponseFlag.UPSTREAM_TIMEOUT.code,)
+                    trailers = [*trailers, (RESPONSE_FLAGS_HEADER, b"UT")]
+            cluster = self.cluster
+            if cluster is not None and cluster.resilience.throttle is not None:
+                cluster.resilience.throttle.record(Outcome(grpc_status=code).accepted)
         self.downstream.send_trailers(trailers)
         self._complete()
 
 
+# The grpc-status values of the gRPC codes, as they arrive (one lookup for the usual ones).
+_GRPC_CODES = {b"%d" % n: n for n in range(17)}
+# How a gRPC error counts for outlier detection: as the HTTP status it maps to (else 200).
+_GRPC_AS_HTTP = {14: 503, 4: 504, 8: 429, 12: 501, 13: 500, 2: 500}
+
+
 def _grpc_as_http(grpc_status: int) -> int:
-    """How a gRPC error counts for outlier detection: as the HTTP status it maps to."""
-    return {14: 503, 4: 504, 8: 429, 12: 501, 13: 500, 2: 500}.get(grpc_status, 200)
+    return _GRPC_AS_HTTP.get(grpc_status, 200)

@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.codec.headers import CachingEncoder
-from sidecar.codec.hpack_encoder import PER_REQUEST_NAMES, LeanEncoder, encode_integer
+from sidecar.codec.hpack_encoder import (
+    PER_REQUEST_NAMES,
+    LeanEncoder,
+    encode_integer,
+    encode_literals,
+    encode_per_request,
+)
 
 names = st.one_of(
     st.sampled_from(
@@ -121,6 +127,27 @@ def test_per_request_fields_follow_a_cached_block() -> None:
         assert decoder.decode(caching.encode(steady), raw=True) == steady
     assert list(caching._cache) == [tuple(steady)]
     assert all(block.startswith(caching._cache[tuple(steady)]) for block in blocks)
+
+
+per_request_fields = st.tuples(
+    st.one_of(st.sampled_from(sorted(PER_REQUEST_NAMES)), st.binary(min_size=1, max_size=12)),
+    st.one_of(st.binary(max_size=130), st.sampled_from([b"", b"9999876u", b"x" * 126])),
+    st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(per_request_fields, max_size=8))
+def test_per_request_literals_are_the_same_bytes_whichever_way_they_are_made(
+    block: list[Field],
+) -> None:
+    headers = as_headers(block)
+    encoded = encode_per_request(headers)
+    # The field-by-field encoding is the reference; never-indexed fields keep their flag.
+    assert encoded == encode_literals(headers)
+    decoded = hpack.Decoder().decode(encoded, raw=True)
+    assert decoded == [tuple(h) for h in headers]
+    assert [type(h) is NeverIndexedHeaderTuple for h in decoded] == [never for *_, never in block]
 
 
 @settings(max_examples=300, deadline=None)

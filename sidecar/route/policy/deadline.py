@@ -41,10 +41,16 @@ def parse_grpc_timeout(value: bytes | str) -> float:
     raw = value.encode("latin-1") if isinstance(value, str) else value
     unit = _NANOS.get(raw[-1:])
     digits = raw[:-1]
-    # bytes.isdigit() is ASCII-only: the same test as [0-9]{1,8}, without a regex per call.
-    if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
+    # bytes.isdigit() is ASCII-only and False for b"": with the length, the same test as
+    # [0-9]{1,8}, without a regex per call.
+    if unit is None or len(digits) > 8 or not digits.isdigit():
         raise GrpcTimeoutError(f"invalid grpc-timeout {raw!r}")
     return int(digits) * unit / 1e9
+
+
+# (format, nanoseconds per unit), finest first, past the nanoseconds ``format_grpc_timeout``
+# tries first; a budget of seconds (the usual deadline) takes microseconds, the first of these.
+_COARSER_UNITS = tuple((b"%d" + unit, _NANOS[unit]) for unit in _FINEST_FIRST[1:])
 
 
 def format_grpc_timeout(seconds: float) -> bytes:
@@ -53,11 +59,13 @@ def format_grpc_timeout(seconds: float) -> bytes:
     Rounding up (by under 1e-5 relative: a coarser unit is only used once the finer one needs
     more than 8 digits) keeps a tiny budget from becoming ``0n``, which is already expired.
     """
-    nanos = max(0, round(seconds * 1e9))
-    for unit in _FINEST_FIRST:
-        count = -(-nanos // _NANOS[unit])
+    nanos = round(seconds * 1e9)
+    if nanos <= _MAX_DIGITS_VALUE:
+        return b"%dn" % (nanos if nanos > 0 else 0)
+    for form, per_unit in _COARSER_UNITS:
+        count = -(-nanos // per_unit)
         if count <= _MAX_DIGITS_VALUE:
-            return b"%d%s" % (count, unit)
+            return form % count
     return b"%dH" % _MAX_DIGITS_VALUE
 
 

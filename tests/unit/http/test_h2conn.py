@@ -140,6 +140,61 @@ def test_a_response_ending_a_read_is_written_before_its_bookkeeping() -> None:
 
 
 @not_h2_library
+def test_an_early_write_leaves_no_flush_callback_behind() -> None:
+    flushes: list[int] = []
+
+    async def scenario() -> Proxy:
+        proxy = Proxy([1])
+        down = proxy.down
+        real_flush = down.flush
+
+        def counted_flush() -> None:
+            flushes.append(len(proxy.down_transport.writes))
+            real_flush()
+
+        down.flush = counted_flush  # type: ignore[method-assign]
+        proxy.up.data_received(proxy.response(1))
+        written_by_the_read = len(flushes)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(flushes) == written_by_the_read  # the loop ran no flush of its own
+        return proxy
+
+    proxy = run(scenario)
+    # The response's headers asked for a flush callback; the trailers' early write made it
+    # redundant, and it was cancelled.
+    assert len(flushes) == 1
+    assert len(proxy.down_transport.writes) == 1
+
+
+@not_h2_library
+def test_trailers_wait_behind_data_that_waits_for_window() -> None:
+    body = b"x" * 1000
+
+    async def scenario() -> tuple[Proxy, int]:
+        proxy = Proxy([1])
+        # The client's stream window allows 100 bytes: the rest of the body waits, and the
+        # trailers behind it.
+        proxy.down.data_received(proxy.client.settings(initial_window_size=100))
+        proxy.up.data_received(proxy.response(1, body))
+        await asyncio.sleep(0)
+        sent_before_window = sum(
+            len(fr.data) for fr in proxy.frames_to_client() if isinstance(fr, hf.DataFrame)
+        )
+        window_update = hf.WindowUpdateFrame(1, window_increment=10_000)
+        proxy.down.data_received(bytes(window_update.serialize()))
+        await asyncio.sleep(0)
+        return proxy, sent_before_window
+
+    proxy, sent_before_window = run(scenario)
+    assert sent_before_window == 100
+    frames = [fr for fr in proxy.frames_to_client() if fr.stream_id == 1]
+    assert b"".join(fr.data for fr in frames if isinstance(fr, hf.DataFrame)) == body
+    assert isinstance(frames[-1], hf.HeadersFrame) and "END_STREAM" in frames[-1].flags
+    assert [type(fr) for fr in frames].count(hf.HeadersFrame) == 2  # headers, then trailers
+
+
+@not_h2_library
 def test_responses_finished_by_one_read_still_leave_together() -> None:
     async def scenario() -> Proxy:
         proxy = Proxy([1, 3])
