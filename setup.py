@@ -11,8 +11,10 @@ Everything else is configured in pyproject.toml.
 from __future__ import annotations
 
 import importlib
+import os
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -44,5 +46,57 @@ class BuildWithOtlpDescriptors(build_py):  # type: ignore[misc]
         (target / VERSION).write_text(metadata.version("opentelemetry-proto") + "\n")
 
 
+# PILOTFISH_MYPYC=1: the modules of the request path where the interpreter's cost per request
+# goes (``python -m bench.bytecodes --modules 40``), compiled with mypyc; the .py files are
+# installed beside the extensions, which Python imports first. Without the variable the package
+# is pure Python. The request path's other stages (``sidecar/route/exchange.py`` and the stage
+# classes it combines by multiple inheritance) stay interpreted: mypyc allows that only for
+# traits. See bench/profiles.md for what each part saves.
+MYPYC_MODULES = [
+    "sidecar/codec/ngh2_codec.py",
+    "sidecar/codec/walk.py",
+    "sidecar/codec/validate.py",
+    "sidecar/http/h2conn.py",
+    "sidecar/http/h2guard.py",
+    "sidecar/listen/listener.py",
+    "sidecar/route/attempt.py",
+    "sidecar/route/table.py",
+    "sidecar/route/plan.py",
+    "sidecar/route/policy/deadline.py",
+    "sidecar/upstream/clusters.py",
+    "sidecar/upstream/pool.py",
+    "sidecar/upstream/policy/breaker.py",
+    "sidecar/upstream/policy/outlier.py",
+    "sidecar/upstream/policy/cluster.py",
+    "sidecar/upstream/policy/balancers.py",
+    "sidecar/timer_wheel.py",
+    "sidecar/observability/metrics.py",
+    "sidecar/observability/propagation.py",
+]
+
+
+# What the compiled build needs beside the build system: mypyc (the version the build was
+# tested with; its code generation changes between releases), and what type-checking the
+# compiled modules imports (the runtime dependencies, the ``fast`` extra, the YAML stubs).
+MYPYC_BUILD_REQUIRES = ["mypy==2.4.1", "types-PyYAML"]
+
+
+def mypyc_build() -> dict[str, Any]:
+    if os.environ.get("PILOTFISH_MYPYC") != "1":
+        return {}
+    import tomllib
+
+    project = tomllib.loads(Path(__file__).with_name("pyproject.toml").read_text())["project"]
+    requires = MYPYC_BUILD_REQUIRES + project["dependencies"]
+    requires += project["optional-dependencies"]["fast"]
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        # pip first asks the build backend what to install (``setup_requires``, read from
+        # here), then runs this file again with it installed.
+        return {"setup_requires": requires}
+    return {"setup_requires": requires, "ext_modules": mypycify(MYPYC_MODULES, opt_level="3")}
+
+
 if __name__ == "__main__":  # as the build backend runs it; tests import otlp_descriptor_set
-    setup(cmdclass={"build_py": BuildWithOtlpDescriptors})
+    setup(cmdclass={"build_py": BuildWithOtlpDescriptors}, **mypyc_build())
