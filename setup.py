@@ -47,11 +47,12 @@ class BuildWithOtlpDescriptors(build_py):  # type: ignore[misc]
 
 
 # PILOTFISH_MYPYC=1: the modules of the request path where the interpreter's cost per request
-# goes (``python -m bench.bytecodes --modules 40``), compiled with mypyc; the .py files are
-# installed beside the extensions, which Python imports first. Without the variable the package
-# is pure Python. The request path's other stages (``sidecar/route/exchange.py`` and the stage
-# classes it combines by multiple inheritance) stay interpreted: mypyc allows that only for
-# traits. See bench/profiles.md for what each part saves.
+# goes on the default codec (``python -m bench.bytecodes --modules 40``), compiled with mypyc;
+# the .py files are installed beside the extensions, which Python imports first. Without the
+# variable the package is pure Python. The router's stages (``sidecar/route/exchange.py`` and
+# the stage classes it combines by multiple inheritance) stay interpreted: mypyc allows that
+# only for traits. What it saves, and why our own codec is not listed: "Compiling the request
+# path" in bench/profiles.md.
 MYPYC_MODULES = [
     "sidecar/codec/ngh2_codec.py",
     "sidecar/codec/walk.py",
@@ -75,27 +76,18 @@ MYPYC_MODULES = [
 ]
 
 
-# What the compiled build needs beside the build system: mypyc (the version the build was
-# tested with; its code generation changes between releases), and what type-checking the
-# compiled modules imports (the runtime dependencies, the ``fast`` extra, the YAML stubs).
-MYPYC_BUILD_REQUIRES = ["mypy==2.4.1", "types-PyYAML"]
-
-
 def mypyc_build() -> dict[str, Any]:
     if os.environ.get("PILOTFISH_MYPYC") != "1":
         return {}
-    import tomllib
-
-    project = tomllib.loads(Path(__file__).with_name("pyproject.toml").read_text())["project"]
-    requires = MYPYC_BUILD_REQUIRES + project["dependencies"]
-    requires += project["optional-dependencies"]["fast"]
     try:
         from mypyc.build import mypycify
-    except ImportError:
-        # pip first asks the build backend what to install (``setup_requires``, read from
-        # here), then runs this file again with it installed.
-        return {"setup_requires": requires}
-    return {"setup_requires": requires, "ext_modules": mypycify(MYPYC_MODULES, opt_level="3")}
+    except ImportError as exc:
+        raise SystemExit(
+            "PILOTFISH_MYPYC=1 compiles with mypyc, which type-checks the modules as mypy does: "
+            "build in an environment with the dev extra (./run setup), without isolation: "
+            "PILOTFISH_MYPYC=1 .venv/bin/pip install --no-build-isolation ..."
+        ) from exc
+    return {"ext_modules": mypycify(MYPYC_MODULES, opt_level="3")}
 
 
 if __name__ == "__main__":  # as the build backend runs it; tests import otlp_descriptor_set

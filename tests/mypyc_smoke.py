@@ -1,8 +1,9 @@
-"""The compiled build in use: ``python -m tests.mypyc_smoke`` exits 1 unless every module that
-setup.py compiles with ``PILOTFISH_MYPYC=1`` imports as an extension, not from its source.
+"""The compiled build in use: ``python -P tests/mypyc_smoke.py`` exits 1 unless every module
+that setup.py compiles with ``PILOTFISH_MYPYC=1`` imports as an extension, not from its source
+(``-P``: a checkout's sources in the working directory would shadow an installed build).
 
-CI runs it, then a few proxy tests, with such a build first on the path (``.ci/run``): a test
-run that silently imported the sources would prove nothing about the compiled code.
+Run it before measuring or testing such a build: a run that silently imported the sources
+would prove nothing about the compiled code.
 """
 
 from __future__ import annotations
