@@ -47,15 +47,20 @@ class BuildWithOtlpDescriptors(build_py):  # type: ignore[misc]
 
 
 # PILOTFISH_MYPYC=1: the modules of the request path where the interpreter's cost per request
-# goes on the default codec (``python -m bench.bytecodes --modules 40``), compiled with mypyc;
-# the .py files are installed beside the extensions, which Python imports first. Without the
-# variable the package is pure Python. The router's stages (``sidecar/route/exchange.py`` and
-# the stage classes it combines by multiple inheritance) stay interpreted: mypyc allows that
-# only for traits. What it saves, and why our own codec is not listed: "Compiling the request
-# path" in bench/profiles.md.
+# goes (``python -m bench.bytecodes --modules 40``), both HTTP/2 codecs included, compiled with
+# mypyc; the .py files are installed beside the extensions, which Python imports first. Without
+# the variable the package is pure Python. The router's stages (``sidecar/route/exchange.py``
+# and the stage classes it combines by multiple inheritance) stay interpreted: mypyc allows
+# that only for traits. What it saves: "Compiling the request path" in bench/profiles.md.
 MYPYC_MODULES = [
     "sidecar/codec/ngh2_codec.py",
     "sidecar/codec/walk.py",
+    "sidecar/codec/connection.py",
+    "sidecar/codec/receive.py",
+    "sidecar/codec/headers.py",
+    "sidecar/codec/hpack_encoder.py",
+    "sidecar/codec/frames.py",
+    "sidecar/codec/events.py",
     "sidecar/codec/validate.py",
     "sidecar/http/h2conn.py",
     "sidecar/http/h2guard.py",

@@ -32,6 +32,7 @@ TARGETS: dict[str, Target] = {
     # The request path compiled with mypyc (README.md); in the default run only when
     # its interpreter exists.
     "pilotfish-mypyc": Pilotfish(workers=1, mypyc=True),
+    "pilotfish-mypyc-python-codec": Pilotfish(workers=1, codec="python", mypyc=True),
     "pilotfish2": Pilotfish(workers=2),
     "pilotfish2-all-cpus": Pilotfish(workers=2, all_cpus=True),
     "pilotfish-tcp": PilotfishTcp(),
