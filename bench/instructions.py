@@ -1,6 +1,7 @@
 """Instructions per proxied request, counted by valgrind (callgrind): a figure noise can't move.
 
-    python -m bench.instructions [--requests 3000] [--workload h2-small|grpc-16|...] [--mypyc]
+    python -m bench.instructions [--requests 3000] [--workload h2-small|grpc-16|...]
+                                 [--codec ngh2|python] [--mypyc]
 
 Runs one Pilotfish worker (the benchmark bootstrap) under ``valgrind --tool=callgrind``, warms
 it up with the workload's load generator (h2load, or the gRPC client of ``bench.grpc_echo``),
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.h2load import H2LOAD, h2load_argv, parse_summary
@@ -42,10 +45,56 @@ WARMUP_REQUESTS = 1000
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Instructions per request, and how many of them copied memory (``copying``)."""
+
+    total: float
+    copying: float
+
+
+def copying(callgrind_out: str) -> int:
+    """The instructions spent inside libc's memcpy and memmove (their own, not their callers').
+
+    Valgrind counts a ``rep movsb`` once per byte it moves, so with glibc's ERMS copies a
+    64 KiB copy counts as about 65,500 instructions, where a CPU moves 32 or 64 bytes a cycle:
+    in a body-carrying workload copying can dominate the count while costing little time. This
+    says how much of a count it is. Names in the file are compressed: ``fn=(12) name`` the first
+    time, ``fn=(12)`` after; cost lines follow their ``fn=``, those after ``calls=`` are a call's
+    inclusive cost, not the function's own.
+    """
+    names: dict[str, str] = {}
+    counting = after_call = False
+    total = 0
+    for line in callgrind_out.splitlines():
+        if line.startswith("fn="):
+            ident, _, name = line[3:].partition(" ")
+            if name:
+                names[ident] = name
+            name = names.get(ident, ident)
+            counting = "memcpy" in name or "memmove" in name
+        elif line.startswith("cfn="):
+            ident, _, name = line[4:].partition(" ")
+            if name:
+                names[ident] = name
+        elif line.startswith("calls="):
+            after_call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if after_call:
+                after_call = False
+            elif counting:
+                fields = line.split()
+                if len(fields) > 1:
+                    total += int(fields[1])
+    return total
+
+
 def count(
-    workload: Workload, requests: int, workdir: Path, interpreter: Sequence[str] = (sys.executable,)
-) -> float:
-    """Instructions per request of the sidecar for ``requests`` requests of ``workload``, the
+    workload: Workload, requests: int, workdir: Path, codec: str | None = None,
+    interpreter: Sequence[str] = (sys.executable,),
+) -> Count:
+    """Instructions per request of the sidecar for ``requests`` requests of ``workload``, with
+    the HTTP/2 ``codec`` given (``PILOTFISH_H2_CODEC``; None: the sidecar's default), the
     sidecar run by ``interpreter``."""
     pinning = Pinning(load_cpu=None, proxy_cpu=None)
     upstream = start_upstream(workload.upstream, pinning, workdir)
@@ -57,7 +106,8 @@ def count(
         VALGRIND, "--tool=callgrind", f"--callgrind-out-file={out}",
         *interpreter, "-m", "pilotfish", "sidecar", "--config", str(config),
     ]  # fmt: skip
-    proxy = Spawned("pilotfish (callgrind)", argv, workdir / "pilotfish.log", cwd=REPO)
+    env = None if codec is None else {**os.environ, "PILOTFISH_H2_CODEC": codec}
+    proxy = Spawned("pilotfish (callgrind)", argv, workdir / "pilotfish.log", cwd=REPO, env=env)
     try:
         wait_until_serving(proxy, listen, STARTUP_TIMEOUT_S, ready_port=admin)
         if isinstance(workload, H2loadWorkload):
@@ -68,10 +118,11 @@ def count(
             _grpc(workload, listen, requests, zero=lambda: _control("-z", proxy.pid))
         _control("-d", proxy.pid)
         dumps = sorted(workdir.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
-        match = _TOTALS.search(dumps[-1].read_text(errors="replace"))
+        text = dumps[-1].read_text(errors="replace")
+        match = _TOTALS.search(text)
         if match is None:
             raise RuntimeError(f"no totals in {dumps[-1]}")
-        return int(match.group(1)) / requests
+        return Count(int(match.group(1)) / requests, copying(text) / requests)
     finally:
         proxy.stop()
         upstream.proc.stop()
@@ -117,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000)
     workloads = {w.key: w for w in WORKLOADS}
     parser.add_argument("--workload", choices=sorted(workloads), default="h2-small")
+    parser.add_argument("--codec", choices=("ngh2", "python"), default=None,
+                        help="the sidecar's HTTP/2 codec (default: its own default)")
     parser.add_argument(
         "--mypyc", action="store_true",
         help="count the compiled build (PILOTFISH_MYPYC_PYTHON, default .venv-mypyc/bin/python)",
@@ -136,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
               "nghttp2-server)", file=sys.stderr)  # fmt: skip
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as scratch:
-        per_request = count(workloads[args.workload], args.requests, Path(scratch), interpreter)
+        per_request = count(
+            workloads[args.workload], args.requests, Path(scratch), args.codec, interpreter
+        )
+    codec = f", {args.codec} codec" if args.codec else ""
     build = ", mypyc build" if args.mypyc else ""
-    print(f"{args.workload}{build}: {per_request:,.0f} instructions per request "
-          f"({args.requests} requests, callgrind)")  # fmt: skip
+    print(f"{args.workload}: {per_request.total:,.0f} instructions per request, "
+          f"{per_request.copying:,.0f} of them in memcpy/memmove "
+          f"({args.requests} requests, callgrind{codec}{build})")  # fmt: skip
     return 0
 
 

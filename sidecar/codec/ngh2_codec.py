@@ -17,7 +17,27 @@ What it keeps itself, and why:
   windows ``local_flow_control_window`` reports exact, and hands ``h2conn`` DATA only ever
   within the window it was told of, so backpressure across the proxy works as with our codec:
   automatic WINDOW_UPDATEs are off and the receive windows reopen only through
-  ``acknowledge_received_data``, when the other side has taken the bytes.
+  ``acknowledge_received_data``, when the other side has taken the bytes. Batching a turn's
+  small DATA into one ``data_to_send`` was measured and not kept: an empty call costs about
+  2,200 instructions, a batched send asks libnghttp2 for what it holds unserialized on every
+  window check, and in callgrind counts of real traffic it saved nothing visible (grpc-16
+  580,114 and 584,337 instructions per call batched, 547,088 and 569,557 not). Batching
+  large DATA costs more: ngh2 grows one call's output in a bytearray, and reallocs past an
+  eighth of growth copied each 64 KiB body 0.8 times more (h2-64k: 260,100 instructions of
+  memcpy per request, 209,016 serialized frame by frame).
+- What DATA costs here that it does not cost our codec: copies. libnghttp2's binding copies a
+  received payload into a bytes object (as ours does), then on the way out copies each payload
+  into its output bytearray and that into the bytes ``data_to_send`` returns; ours writes a
+  payload by ``writelines`` beside its frame header, uncopied. That is two more copies of every
+  body byte relayed, which no call of the binding avoids (its output is one bytes object).
+  Callgrind counts a ``rep movsb`` once per byte, so on h2-64k they are the whole instruction
+  gap between the codecs (``bench/profiles.md``); a CPU moves those bytes 32 or 64 a cycle.
+- A read's last request or response event is announced (``on_last_message``: ``h2conn``
+  writes a stream that ends there at once, for latency), but not in a read that filled the
+  receive buffer: another follows at once, and libnghttp2 reports each DATA frame (ours
+  merges a stream's frames of one read), so the last event of a full read often ended a
+  stream and split a burst's writes to that client in two (h2-64k: 0.670 write calls per
+  request, against 0.520 on our codec; 0.516 since).
 - GOAWAY is an event; sending one closes nothing, as in ``H2Codec``. libnghttp2 itself closes
   the streams a received GOAWAY leaves unprocessed (REFUSED_STREAM): the adapter has already
   closed them as refused on the GOAWAY event (the replay), so those closes are dropped here.
@@ -206,6 +226,7 @@ class Ngh2Codec(ReadsBehindPending):
         self._rbuf = thread_receive_buffer()
         self._pending = b""  # whole frames left for a later turn, or a frame header's start
         self._filled = 0
+        self._read_full = False  # the last read filled the receive buffer
         # Bytes before the next frame header: the client's preface, or the rest of a payload.
         self._skip = 0 if client_side else PREFACE_SIZE
         self._walk_free = 9 * max_frames_per_turn  # reads this small need no frame count
@@ -454,10 +475,14 @@ class Ngh2Codec(ReadsBehindPending):
         self.backlogged = False
         if self._dead:
             return
+        end = self._filled + nbytes
+        # A read that filled the buffer is followed at once by another (the event loop reads
+        # on while reads come back full): its last message is not the burst's, so it is not
+        # announced, and what it sends leaves with the turn's writes instead of splitting them.
+        self._read_full = end == len(self._rbuf.data)
         if self.client_side:  # an upstream of ours: its reads go to libnghttp2 whole
             self._receive(self._rbuf.view[:nbytes])
             return
-        end = self._filled + nbytes
         pos = self._skip
         cut = end
         if pos >= end:
@@ -530,12 +555,13 @@ class Ngh2Codec(ReadsBehindPending):
             ):
                 doomed = self._reset_in(incoming)
         last: object = None
-        # Searched as objects: mypyc (PILOTFISH_MYPYC) cannot compile reversed() over list[Any].
-        searched: list[object] = incoming
-        for candidate in reversed(searched):
-            if type(candidate) in _MESSAGES:
-                last = candidate
-                break
+        if not self._read_full:
+            # Searched as objects: mypyc (PILOTFISH_MYPYC) cannot compile reversed(list[Any]).
+            searched: list[object] = incoming
+            for candidate in reversed(searched):
+                if type(candidate) in _MESSAGES:
+                    last = candidate
+                    break
         settled = self._settled
         # Branches in the order of how often they are taken; a stream that ends here leaves
         # ``streams`` before its owner hears of it.

@@ -149,3 +149,22 @@ def test_unattached_the_codec_returns_event_objects() -> None:
     events = codec.receive_data(peer.headers(1, POST) + peer.data(1, b"q", end_stream=True))
     assert [type(e) for e in events] == [RequestReceived, DataReceived]
     assert codec.receive_data(b"") == []
+
+
+def test_a_read_that_fills_the_receive_buffer_announces_no_last_message() -> None:
+    # Another read follows a full one at once: announcing its last message would write that
+    # stream's connection early and split the burst's writes in two.
+    codec = Ngh2Codec(client_side=False, initial_window_size=1 << 20)
+    sink = RecordingSink(codec)
+    codec.sink = sink
+    codec.initiate_connection()
+    codec.increment_flow_control_window(1 << 20)
+    peer = Peer()
+    codec.receive_data(PREFACE + peer.settings() + peer.settings_ack())
+    sink.calls.clear()
+    body = [peer.data(1, b"x" * 16384, end_stream=(i == 19)) for i in range(20)]
+    burst = peer.headers(1, POST) + b"".join(body) + peer.headers(3, REQUEST, end_stream=True)
+    assert len(burst) > len(codec.get_buffer())  # two reads: a full one, then the rest
+    codec.receive_data(burst)
+    assert sink.calls.count(("last",)) == 1
+    assert sink.calls[-2:] == [("last",), ("request", 3, True)]

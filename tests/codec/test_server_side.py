@@ -478,6 +478,39 @@ def test_window_updates_and_blocked_sends() -> None:
     assert codec.local_flow_control_window(1) == 50
 
 
+def test_small_sends_count_against_the_window_before_their_frames_are_taken() -> None:
+    # Small DATA may wait for the turn's output (ngh2 serializes it with the rest); the
+    # window a caller is told must already leave it out, or a proxy would overcommit.
+    codec, peer = server()
+    for sid in (1, 3):
+        codec.receive_data(peer.headers(sid, REQUEST, end_stream=True))
+        codec.send_headers(sid, RESPONSE)
+    codec.send_data(1, b"x" * 100)
+    codec.send_data(1, b"y" * 200)
+    codec.send_data(3, b"z" * 300)
+    assert codec.local_flow_control_window(1) == 65535 - 600  # the connection's is smaller
+    codec.receive_data(bytes(hf.WindowUpdateFrame(0, window_increment=1000).serialize()))
+    assert codec.local_flow_control_window(1) == 65535 - 300
+    assert codec.local_flow_control_window(3) == 65535 - 300
+    sent = {1: b"", 3: b""}  # libnghttp2 may join a stream's sends into one frame
+    for frame in peer.parse(codec.data_to_send()):
+        if isinstance(frame, hf.DataFrame):
+            sent[frame.stream_id] += frame.data
+    assert sent == {1: b"x" * 100 + b"y" * 200, 3: b"z" * 300}
+    assert codec.local_flow_control_window(1) == 65535 - 300
+
+
+def test_a_reset_after_small_sends_leaves_after_their_data() -> None:
+    codec, peer = server()
+    codec.receive_data(peer.headers(1, REQUEST))
+    codec.send_headers(1, RESPONSE)
+    codec.send_data(1, b"the whole answer")
+    codec.reset_stream(1, 0)  # NO_ERROR: the request body is not wanted, the answer stands
+    frames = [fr for fr in peer.parse(codec.data_to_send()) if not isinstance(fr, hf.HeadersFrame)]
+    assert [type(fr) for fr in frames] == [hf.DataFrame, hf.RstStreamFrame]
+    assert frames[0].data == b"the whole answer"
+
+
 def test_initial_window_change_applies_to_open_streams() -> None:
     codec, peer = server()
     codec.receive_data(peer.headers(1, REQUEST, end_stream=True))
