@@ -5,8 +5,9 @@ within the caller's 1 s deadline), shed (flag OM), other failures, and the p99 l
 served calls. The app is a grpcio server in a process of its own, with 4 workers that each
 take 20 ms a call; the caller
 paces 400 calls/s from grpcio futures; the sidecar (threaded, in this process) fronts the app
-with an inbound listener. ``tests/test_protection_e2e.py`` runs the same scenario and asserts
-its counts; latencies are printed here only (they depend on the machine's load).
+with an inbound listener. ``tests/test_protection_e2e.py`` runs the same scenario (with
+slower calls, so fewer of them) and asserts its counts; latencies are printed here only (they
+depend on the machine's load).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ class OverloadResult:
         )
 
 
-def serve_app() -> None:
-    """The app, in a process of its own (``python -m bench.overload --app``): sharing the
-    sidecar's interpreter lock would make its capacity depend on how busy the sidecar is.
+def serve_app(service_time: float = SERVICE_TIME) -> None:
+    """The app, in a process of its own (``python -m bench.overload --app [SECONDS]``): sharing
+    the sidecar's interpreter lock would make its capacity depend on how busy the sidecar is.
     Prints its port, serves until stdin closes."""
 
     def work(request: bytes, context: grpc.ServicerContext) -> bytes:
-        time.sleep(SERVICE_TIME)
+        time.sleep(service_time)
         return b"done"
 
     # grpcio queues calls beyond its workers without bound: the app "accepts" all the load.
@@ -74,9 +75,9 @@ def serve_app() -> None:
 
 
 @contextlib.contextmanager
-def app_process() -> Iterator[int]:
+def app_process(service_time: float = SERVICE_TIME) -> Iterator[int]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.overload", "--app"],
+        [sys.executable, "-m", "bench.overload", "--app", str(service_time)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
@@ -96,11 +97,22 @@ def app_process() -> Iterator[int]:
             process.wait()
 
 
-def run(shedding: bool, seconds: float = 10.0, rate: float = 2 * CAPACITY) -> OverloadResult:
-    """Offer ``rate`` calls/s for ``seconds`` (bounded: at most rate * seconds calls, each with
-    a 1 s deadline) and count what came back."""
-    with app_process() as port:
-        return _offer(port, shedding, seconds, rate)
+def capacity(service_time: float = SERVICE_TIME) -> float:
+    """The app's calls per second with ``service_time`` per call."""
+    return WORKERS / service_time
+
+
+def run(
+    shedding: bool,
+    seconds: float = 10.0,
+    rate: float | None = None,
+    service_time: float = SERVICE_TIME,
+) -> OverloadResult:
+    """Offer ``rate`` calls/s (twice the app's capacity unless given) for ``seconds``
+    (bounded: at most rate * seconds calls, each with a 1 s deadline) and count what came
+    back."""
+    with app_process(service_time) as port:
+        return _offer(port, shedding, seconds, rate or 2 * capacity(service_time))
 
 
 def _offer(port: int, shedding: bool, seconds: float, rate: float) -> OverloadResult:
@@ -160,7 +172,7 @@ def _offer(port: int, shedding: bool, seconds: float, rate: float) -> OverloadRe
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--app"]:
-        serve_app()
+        serve_app(float(argv[1]) if len(argv) > 1 else SERVICE_TIME)
         return 0
     seconds = float(argv[0]) if argv else 10.0
     print(f"app capacity {CAPACITY:.0f} calls/s, offered {2 * CAPACITY:.0f}/s for {seconds:g} s")

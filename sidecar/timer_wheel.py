@@ -99,7 +99,7 @@ class TimerWheel:
         tick = math.floor(when / self._tick)
         bucket = self._buckets.get(tick)
         if bucket is None:
-            bucket = self._bucket(when)
+            bucket = self._new_bucket(tick)
         bucket[entry] = None
         return bucket
 
@@ -107,10 +107,14 @@ class TimerWheel:
         tick = math.floor(when / self._tick)
         bucket = self._buckets.get(tick)
         if bucket is None:
-            bucket = self._buckets[tick] = {}
-            heapq.heappush(self._due, tick)
-            if self._armed_tick is None or tick < self._armed_tick:
-                self._arm(tick)
+            bucket = self._new_bucket(tick)
+        return bucket
+
+    def _new_bucket(self, tick: int) -> Bucket:
+        bucket = self._buckets[tick] = {}
+        heapq.heappush(self._due, tick)
+        if self._armed_tick is None or tick < self._armed_tick:
+            self._arm(tick)
         return bucket
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> WheelTimer:
@@ -125,7 +129,8 @@ class TimerWheel:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The wheel's event loop. Asking asyncio for the running loop costs a ``getpid``
         system call on every call (CPython 3.11 checks for a fork); this is kept."""
-        return self._clock()
+        loop = self._loop
+        return loop if loop is not None else self._clock()  # read by every request
 
     def close(self) -> None:
         if self._handle is not None:

@@ -25,6 +25,10 @@ from sidecar.main import serve
 from sidecar.server import Sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = 60.0
+"""How long a test waits for a ``pilotfish`` process it started to serve. About a second on an
+idle machine; importing grpcio and protobuf has taken over 15 s on a CI machine under full
+load. Only a failing start waits this long."""
 
 
 _handed_out: set[int] = set()
@@ -189,7 +193,7 @@ class SidecarProcess:
         )
         admin = config["admin"]
         self.admin_url = f"http://{admin['address']}:{admin['port']}"
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited: {self.log()}")

@@ -212,12 +212,23 @@ def test_max_downstream_connections_closes_the_connection_past_the_limit() -> No
 # --- shedding on the app's saturation -----------------------------------------------------------
 
 
-def test_an_app_offered_twice_its_capacity_serves_most_of_it_and_every_shed_is_flagged() -> None:
-    # 200 calls/s of capacity (4 workers x 20 ms), 400 offered for 10 s, 1 s deadlines.
-    result = overload.run(shedding=True, seconds=10.0)
+# The benchmark's app serves 200 calls/s (4 workers x 20 ms) and is offered 400/s: with the
+# caller, the sidecar and the app all in Python, that takes most of two cores, and on a machine
+# busy with other work the app then serves fewer calls for want of CPU, not because of what
+# the sidecar sheds. The test's app takes 50 ms a call: the same overload (twice the capacity,
+# the same shedding decisions at 2.5 times the scale) for 40% of the CPU. How much of its
+# capacity the shedding keeps an app serving is asserted without CPU on a fake clock, in
+# tests/unit/route/policy/test_shedding.py.
+SERVICE_TIME = 0.05
 
-    assert result.offered >= 0.9 * 4000  # the caller kept its pace (bounded by count)
-    assert result.served >= 0.8 * overload.CAPACITY * 10
+
+def test_an_app_offered_twice_its_capacity_serves_most_of_it_and_every_shed_is_flagged() -> None:
+    # 80 calls/s of capacity (4 workers x 50 ms), 160 offered for 10 s, 1 s deadlines.
+    capacity = overload.capacity(SERVICE_TIME)
+    result = overload.run(shedding=True, seconds=10.0, service_time=SERVICE_TIME)
+
+    assert result.offered >= 0.9 * 2 * capacity * 10  # the caller kept its pace
+    assert result.served >= 0.8 * capacity * 10
     assert result.shed >= 0.25 * result.offered
     # Every call that was not served was shed, with its status and flag: none timed out.
     assert result.failed == 0 and result.unflagged_failures == 0

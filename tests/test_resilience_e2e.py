@@ -423,7 +423,7 @@ def test_client_deadline_is_deadline_exceeded_and_its_budget_goes_upstream() -> 
         reply = call(channel, timeout=0.3)
 
         assert reply.code is grpc.StatusCode.DEADLINE_EXCEEDED  # never UNAVAILABLE
-        assert reply.elapsed < 1.0
+        assert reply.elapsed < 2.0  # not the upstream's 2 s (on a busy machine, not 0.3 s either)
         (seen,) = a.seen()
         # The upstream's grpc measures what is left against its own clock reading and rounds
         # the header it received; a millisecond of slack keeps that from failing the test.
@@ -441,7 +441,7 @@ def test_route_timeout_smaller_than_the_client_deadline_wins() -> None:
         reply = call(channel, timeout=5.0)
 
         assert reply.code is grpc.StatusCode.DEADLINE_EXCEEDED
-        assert 0.2 <= reply.elapsed < 1.0
+        assert 0.2 <= reply.elapsed < 2.0  # the route's 200 ms, not the upstream's 2 s
         (seen,) = a.seen()
         assert seen.budget is not None and seen.budget <= 0.2 + CLOCK_SLACK
         # The upstream was told the same 200 ms: on a loaded machine its own deadline may fire
@@ -465,7 +465,7 @@ def test_per_try_timeout_then_a_fast_second_try_succeeds() -> None:
         reply = call(channel, timeout=5.0)
 
         assert reply.code is OK and reply.body == b"a"
-        assert reply.elapsed < 1.0
+        assert reply.elapsed < 2.0  # the second try did not wait for the first one's 2 s
         first, second = a.seen()
         assert (first.attempt, second.attempt) == (1, 2)
         # Each try is told its own budget: the per-try timeout, not the caller's 5 s.
@@ -604,7 +604,9 @@ def test_max_requests_fails_the_excess_fast_with_uo() -> None:
 
         assert codes(excess) == [UNAVAILABLE] * 3
         assert [r.flags for r in excess] == ["UO"] * 3
-        assert elapsed < 0.5, "the excess was queued, not failed at once"
+        # Queued, they would end at their 5 s deadline (DEADLINE_EXCEEDED, not UO); half of
+        # it is room enough for a busy machine.
+        assert elapsed < 2.5, "the excess was queued, not failed at once"
         assert a.calls == 2
         assert sidecar.stat("cluster.app.upstream_rq_overflow") == 3
 
@@ -645,7 +647,7 @@ def test_max_pending_requests_fails_the_excess_fast_with_uo() -> None:
         excess = call(channel)
 
         assert excess.code is UNAVAILABLE and excess.flags == "UO"
-        assert excess.elapsed < 0.5
+        assert excess.elapsed < 1.0  # before the 1 s connect timeout could have ended it
         (first,) = settle_all(waiting)
         assert first.code is UNAVAILABLE and first.flags == "UF"  # its connect timed out
 
@@ -804,28 +806,30 @@ def test_weighted_round_robin_honours_weights() -> None:
 
 
 def test_rate_limit_per_caller_buckets() -> None:
-    limit = {"max_tokens": 5, "fill_interval": "1s", "per_caller": {"header": "x-caller"}}
+    limit = {"max_tokens": 5, "fill_interval": "3s", "per_caller": {"header": "x-caller"}}
     with (
         upstreams("a") as (a,),
         proxied(mesh([a.address], route={"rate_limit": limit})) as (sc, channel),
     ):
-        # A caller's bucket starts full at its first request and refills a second later: ten
-        # quick calls see five tokens (asserted quick, so no refill falls inside).
+        # A caller's bucket starts full at its first request and refills 3 s later: ten quick
+        # calls see five tokens. 20 calls take well under a second, but several on a loaded
+        # machine: the interval leaves room, and the check says whether a refill fell inside.
         started = time.monotonic()
         alice = [call(channel, metadata=[("x-caller", "alice")]) for _ in range(10)]
         bob = [call(channel, metadata=[("x-caller", "bob")]) for _ in range(10)]
-        assert time.monotonic() - started < 0.9
+        assert time.monotonic() - started < 2.7
 
         for replies in (alice, bob):
             assert codes(replies) == [OK] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
             for denied in replies[5:]:
                 assert denied.flags == "RL"
                 pushback = int(denied.metadata["grpc-retry-pushback-ms"])
-                assert 0 < pushback <= 1000
+                assert 0 < pushback <= 3000
         assert a.calls == 10
         assert sc.stat("http.ingress.downstream_rq_rate_limited") == 10
 
-        time.sleep(1.0)
+        # Back when the last refusal said to come back, not before.
+        time.sleep(int(alice[-1].metadata["grpc-retry-pushback-ms"]) / 1000)
         assert call(channel, metadata=[("x-caller", "alice")]).code is OK
 
 

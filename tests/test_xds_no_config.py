@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.support import free_port, wait_for
+from tests.support import STARTUP_TIMEOUT, free_port, wait_for
 from tests.test_xds_e2e import ControlPlane, MeshFile, Processes, Sidecar, processes
 
 __all__ = ["processes"]  # the fixture, imported for this module's tests
@@ -32,7 +32,7 @@ def get(sidecar: Sidecar, host: str) -> tuple[int, str, str]:
 def test_before_the_first_config_and_after(processes: Processes, tmp_path: Path) -> None:
     port = free_port()
     sidecar = Sidecar(processes, f"127.0.0.1:{port}", "client-1", "client")
-    assert wait_for(lambda: get(sidecar, "quotes")[0] != 0, 15), sidecar.log()
+    assert wait_for(lambda: get(sidecar, "quotes")[0] != 0, STARTUP_TIMEOUT), sidecar.log()
     status, flags, body = get(sidecar, "quotes")
     assert (status, flags) == (503, "NCY"), body
     assert "no config received yet from the control plane" in body

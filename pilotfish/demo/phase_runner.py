@@ -172,8 +172,20 @@ class PhaseRunner:
         nodes = self.live_nodes()
         callers = [g.sidecar.admin_address for g in self.topology.greeters]
 
+        def eds_before(node: str) -> str:
+            proxy = before.proxies.get(node) if before is not None else None
+            return proxy.acked.get("EDS", "") if proxy is not None else ""
+
+        was = {node: eds_before(node) for node in self.callers_of_quotes}
+
         def settled(state: MeshState) -> bool:
-            dropped = all(
+            # The status is read before the callers' endpoints: a caller can drop the host
+            # between the two reads, so its new EDS ack must show in the status as well.
+            acked = all(
+                node in state.proxies and state.proxies[node].acked.get("EDS", "") != was[node]
+                for node in self.callers_of_quotes
+            )
+            dropped = acked and all(
                 (hosts := upstream_hosts(admin)) is not None
                 and gone.sidecar.inbound_address not in hosts
                 for admin in callers

@@ -149,6 +149,8 @@ class ListenerRuntime:
         if config.jwt_requirements != self.config.jwt_requirements:
             self._jwt_named = {}  # an unchanged map keeps its authenticators and their keys
         self.config = config
+        # Whether connections count their requests against ``max_requests_per_connection``.
+        self.requests_limited = config.listener_limits.max_requests_per_connection is not None
         # "inbound" (to the local app) or "outbound", for metrics: read by every request.
         self.direction = config.direction or (
             "inbound" if config.name.startswith("inbound") else "outbound"
@@ -315,11 +317,12 @@ class H2ServerConnection(H2Connection):
             self.reset_stream(stream, REFUSED_STREAM)
             return
         self.guard.stream_opened()
-        handler = self.listener.new_exchange(stream, self.peer)
+        listener = self.listener
+        handler = listener.new_exchange(stream, self.peer)
         stream.handler = handler
         handler.on_headers(headers, end_stream)
         self.requests += 1
-        if self.listener.request_started_on(self.requests):
+        if listener.requests_limited and listener.request_started_on(self.requests):
             self.start_drain()
 
     def on_request_withdrawn(self, stream_id: int) -> None:

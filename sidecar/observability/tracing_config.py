@@ -104,7 +104,7 @@ class TracingConfig:
     resource: tuple[tuple[str, str], ...] = ()  # extra resource attributes
     headers: tuple[tuple[str, str], ...] = ()  # sent with every export (e.g. an API key)
     compression: str = "none"
-    # CA bundle that verifies the collector (default: grpcio's roots; requests' for HTTP)
+    # CA bundle that verifies the collector (default: the system's roots; requests' for HTTP)
     certificate: str = ""
     client_certificate: str = ""  # with client_key: this sidecar's certificate (mutual TLS)
     client_key: str = ""

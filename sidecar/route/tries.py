@@ -69,12 +69,18 @@ class TryOrchestrator(ExchangeState):
             )
         if retry is not None and retry.permit is not None:
             attempt.retry_permit, retry.permit = retry.permit, None
-        cluster.request_started(index)
+        if cluster.tracks_requests:
+            cluster.request_started(index)
         per_try = plan.per_try_timeout
         if per_try:
             timers = self.listener.sidecar.timers
             attempt.timer = timers.call_later(per_try, self._per_try_timeout, attempt)
             attempt.try_expires_at = self.loop.time() + per_try
+        conn = host.pool.checkout()
+        if conn is not None:
+            # A connection with room now: the try never waits, so holds no pending slot.
+            self.attempt_connected(attempt, conn)  # type: ignore[arg-type]
+            return
         if not resilience.breakers.try_pending():
             attempt.end()  # the breaker counted the overflow
             self.attempt = None

@@ -248,6 +248,10 @@ class UpstreamHost:
 class ClusterRuntime:
     """One cluster: its hosts, and the balancer narrowed by health checks and ejections."""
 
+    # What every request asks of the config and the balancer, decided when they change.
+    needs_context: bool  # the balancer hashes on something of the request
+    tracks_requests: bool  # the balancer wants ``request_started`` (and ends, with latency)
+
     def __init__(self, config: ClusterConfig, stats: StatsStore, metrics: MeshMetrics) -> None:
         self.config = config
         self.scope: Scope = stats.scope(f"cluster.{config.name}")
@@ -258,6 +262,7 @@ class ClusterRuntime:
         # Filled in place: a balancer kept across updates still reads the current hosts.
         self._host_of: dict[str, UpstreamHost] = {}
         self.balancer = self._new_balancer(config)
+        self._balancer_set()
         loop = asyncio.get_event_loop()
         self.resilience = ClusterResilienceRuntime(
             config.resilience, loop.time, random.random, self.scope.counters
@@ -278,6 +283,10 @@ class ClusterRuntime:
             rng=random.Random(),
             connections=self._open_connections,
         )
+
+    def _balancer_set(self) -> None:
+        self.needs_context = self.config.lb_policy.kind in (LbKind.RING_HASH, LbKind.MAGLEV)
+        self.tracks_requests = self.balancer.tracks_requests
 
     def _open_connections(self, key: str) -> int:
         host = self._host_of.get(key)
@@ -358,11 +367,6 @@ class ClusterRuntime:
         self._update_health_gauges()
         self._schedule_outlier_sweep()
 
-    @property
-    def needs_context(self) -> bool:
-        """Whether the balancer hashes on something of the request."""
-        return self.config.lb_policy.kind in (LbKind.RING_HASH, LbKind.MAGLEV)
-
     def choose_host(
         self, exclude: Collection[int], ctx: LbContext = NO_CONTEXT
     ) -> tuple[int, UpstreamHost] | None:
@@ -437,6 +441,7 @@ class ClusterRuntime:
         )
         # Health and ejection state carry over when the policies did not change.
         new.balancer = self.balancer if same_policy else new._new_balancer(config)
+        new._balancer_set()
         new._health_runner = self._health_runner if same_policy else None
         new._outlier_timer = None
         new._ramp_timer = None

@@ -1,7 +1,8 @@
 """Connection pool bookkeeping for one upstream endpoint, without I/O.
 
-The pool decides; its owner does the I/O. ``acquire`` either hands the waiter a connection with
-room for one more stream at once, queues it, or fails it (overflow). When the queue needs more
+The pool decides; its owner does the I/O. ``checkout`` returns a connection with room for one
+more stream, if one has room now. Otherwise ``acquire`` either hands the waiter a connection at
+once, queues it, or fails it (overflow). When the queue needs more
 capacity than the connections being established will bring, the pool asks its ``connect``
 callback for a new connection; the owner reports back through ``connected``/``connect_failed``.
 HTTP/2 connections take many streams each (up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS);
@@ -56,6 +57,17 @@ class ConnectionPool:
     @property
     def total_connections(self) -> int:
         return len(self.connections) + self.connecting
+
+    def checkout(self) -> PooledConnection | None:
+        """A connection with room for one more stream now, unless waiters are ahead (they
+        go first); None: the caller waits in ``acquire``. The common request takes this
+        path, and so never waits, nor holds a pending-request slot."""
+        if self.draining or self.waiters:
+            return None
+        for conn in self.connections:
+            if conn.is_available():
+                return conn
+        return None
 
     def acquire(self, waiter: Waiter) -> None:
         if self.draining:

@@ -1,4 +1,4 @@
-"""One sidecar process per module, in front of an HTTP/2 and an HTTP/1.1 upstream.
+"""One sidecar process for these tests, in front of an HTTP/2 and an HTTP/1.1 upstream.
 
 Limits are the defaults except the timeouts, shortened so that tests of them take seconds.
 """
@@ -85,8 +85,10 @@ class Proxy:
         return Canary(self.address, memory)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def proxy() -> Iterator[Proxy]:
+    # One sidecar for the whole package: every test compares counters before and after, and
+    # measures memory from its own start, so the attacks before it do not count against it.
     h2 = H2Upstream(max_concurrent_streams=1000)
     Paths.seen = []
     server = QuietServer(("127.0.0.1", 0), Paths)

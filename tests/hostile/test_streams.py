@@ -31,10 +31,18 @@ def test_zero_window_streams_are_refused_beyond_the_limit_then_reset(proxy: Prox
     with proxy.canary(memory) as canary:
         assert canary.wait_for_answers(5)
         attackers = [
-            wire.Client(proxy.address, {wire.INITIAL_WINDOW_SIZE: 0}) for _ in range(ATTACKERS)
+            wire.Client(proxy.address, {wire.INITIAL_WINDOW_SIZE: 0}, connect=False)
+            for _ in range(ATTACKERS)
         ]
-        for attacker in attackers:
-            attacker.send(b"".join(attacker.headers(sid, BIG) for sid in range(1, 2 * OPENED, 2)))
+        # Every attack built before any connection: one left idle for the sidecar's
+        # http2_idle_timeout (2 s) while the others' frames are encoded would be closed first.
+        attacks = [
+            b"".join(attacker.headers(sid, BIG) for sid in range(1, 2 * OPENED, 2))
+            for attacker in attackers
+        ]
+        for attacker, attack in zip(attackers, attacks, strict=True):
+            attacker.connect()
+            attacker.send(attack)
         # Open streams are reset between one and two stream idle timeouts (1 s here).
         assert wait_for(
             lambda: (

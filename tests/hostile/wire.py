@@ -57,14 +57,25 @@ def priority(sid: int, depends_on: int = 0, weight: int = 15) -> bytes:
 class Client:
     """One raw connection to the sidecar. ``send`` never reads; ``frames`` reads what came."""
 
-    def __init__(self, address: str, initial: dict[int, int] | None = None) -> None:
-        host, port = address.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=5)
+    def __init__(
+        self, address: str, initial: dict[int, int] | None = None, *, connect: bool = True
+    ) -> None:
+        """``connect=False`` leaves the connecting to ``connect()``, so that an attack can be
+        built with this client's header encoder first: building 100,000 frames on a loaded
+        machine takes longer than the sidecar lets a connection sit idle."""
+        self.address = address
+        self.initial = initial
         self.encoder = hpack.Encoder()
         self._inbox = b""
         self.seen: list[Frame] = []
         self.closed_by_peer = False
-        self.sock.sendall(PREFACE + settings(initial) + frame(SETTINGS, ACK, 0))
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        host, port = self.address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock.sendall(PREFACE + settings(self.initial) + frame(SETTINGS, ACK, 0))
 
     def headers(
         self, sid: int, fields: list[tuple[bytes, bytes]], end_stream: bool = True

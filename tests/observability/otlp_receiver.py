@@ -81,7 +81,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(
         self, request: Any, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
-        refusal = self.receiver.call_arrived(dict(context.invocation_metadata()))
+        refusal = self.receiver.call_arrived(dict(context.invocation_metadata()), context.peer())
         self.receiver.hold()
         if refusal is not None:
             context.set_trailing_metadata(tuple(refusal.trailing_metadata))
@@ -98,6 +98,7 @@ class OtlpReceiver:
         self.requests = 0
         self.calls = 0  # every call, refused ones too
         self.metadata: list[dict[str, Any]] = []  # each call's request headers
+        self.peers: list[str] = []  # each call's client address ("ipv4:127.0.0.1:port")
         self.refusals: list[Refusal] = []  # answers to the next calls, in order
         self.delay_s = 0.0  # how long each call waits before it is answered
         self._released = threading.Event()  # set by stop(): no call waits any longer
@@ -113,24 +114,27 @@ class OtlpReceiver:
         self,
         credentials: grpc.ServerCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        port: int = 0,
     ) -> OtlpReceiver:
+        """``port``: 0 for any free one."""
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
         service = _TraceService(self)
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             service, server
         )
         if credentials is None:
-            self.port = server.add_insecure_port("127.0.0.1:0")
+            self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         else:
-            self.port = server.add_secure_port("127.0.0.1:0", credentials)
+            self.port = server.add_secure_port(f"127.0.0.1:{port}", credentials)
         server.start()
         self._server = server
         return self
 
-    def call_arrived(self, metadata: dict[str, Any]) -> Refusal | None:
+    def call_arrived(self, metadata: dict[str, Any], peer: str = "") -> Refusal | None:
         with self._cond:
             self.calls += 1
             self.metadata.append(metadata)
+            self.peers.append(peer)
             return self.refusals.pop(0) if self.refusals else None
 
     def hold(self) -> None:
@@ -177,6 +181,7 @@ class OtlpHttpReceiver(OtlpReceiver):
         self,
         credentials: grpc.ServerCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        port: int = 0,
         *,
         tls: ssl.SSLContext | None = None,
     ) -> OtlpHttpReceiver:
@@ -221,7 +226,7 @@ class OtlpHttpReceiver(OtlpReceiver):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._http.daemon_threads = True
         if tls is not None:
             self._http.socket = tls.wrap_socket(self._http.socket, server_side=True)

@@ -45,7 +45,7 @@ class ClusterBalancer:
             else make_balancer(policy, rng, clock)
         )
         # Most balancers ignore the request hooks: then no request calls them.
-        self._hooks = getattr(self.balancer, "tracks_requests", True)
+        self.tracks_requests: bool = getattr(self.balancer, "tracks_requests", True)
         self.health_checker = (
             HealthChecker(health_check, clock, rng) if health_check is not None else None
         )
@@ -53,6 +53,10 @@ class ClusterBalancer:
             OutlierDetector(outlier_detection, clock, rng)
             if outlier_detection is not None
             else None
+        )
+        # Read at the end of every request that leaves no sweep scheduled.
+        self.sweeps_periodically = (
+            self.outlier_detector is not None and self.outlier_detector.periodic
         )
         self.hosts: list[tuple[str, int]] = []
         self._index_of: dict[str, int] = {}
@@ -141,7 +145,7 @@ class ClusterBalancer:
         return self.balancer.choose(ctx, exclude)
 
     def request_started(self, key: str) -> None:
-        if not self._hooks:
+        if not self.tracks_requests:
             return
         index = self._index_of.get(key)
         if index is not None:
@@ -155,7 +159,7 @@ class ClusterBalancer:
         flight may have given its index to another host, and the balancer's in-flight counts
         and the outlier detector must both see the host that served it.
         """
-        if self._hooks:
+        if self.tracks_requests:
             index = self._index_of.get(key)
             if index is not None:
                 ok = status is not None and status < 500
@@ -168,11 +172,6 @@ class ClusterBalancer:
 
     def health_changed(self, event: HealthChanged) -> None:
         self._refresh()
-
-    @property
-    def sweeps_periodically(self) -> bool:
-        od = self.outlier_detector
-        return od is not None and od.periodic
 
     @property
     def next_outlier_evaluation_at(self) -> float | None:

@@ -88,6 +88,13 @@ class OutlierDetector:
         self.rng = rng
         self.hosts: dict[str, HostMonitor] = {}
         self.next_evaluation_at = clock() + config.interval
+        # Whether sweeps judge rates (success rate, failure percentage), so must always run;
+        # only then does a success count for anything but ending a run of failures.
+        self.periodic = config.enforcing_success_rate > 0 or config.enforcing_failure_percentage > 0
+        # The hosts that may be in a run of failures (a superset: a success clears a host's
+        # runs, unless it is ejected). A success changes nothing for any other host, and most
+        # responses are successes from such hosts: they cost one set lookup.
+        self.failing: set[str] = set()
 
     def set_hosts(self, keys: Iterable[str]) -> None:
         """Hosts that stay keep their counters and ejection; new ones start in service."""
@@ -96,12 +103,6 @@ class OutlierDetector:
     def is_ejected(self, key: str) -> bool:
         monitor = self.hosts.get(key)
         return monitor is not None and monitor.ejected
-
-    @property
-    def periodic(self) -> bool:
-        """Whether sweeps judge rates (success rate, failure percentage), so must always run."""
-        config = self.config
-        return config.enforcing_success_rate > 0 or config.enforcing_failure_percentage > 0
 
     @property
     def has_state(self) -> bool:
@@ -114,21 +115,19 @@ class OutlierDetector:
 
     def report(self, key: str, status: int | None) -> HostEjected | None:
         """One response (``None``: a local failure such as a refused connection)."""
-        monitor = self.hosts.get(key)
-        if monitor is None:
-            return None
         if status is not None and status < 500:
             # The common case, kept short: an answer ends every run of failures.
-            monitor.successes += 1
-            if not monitor.ejected:
-                monitor.consecutive_5xx = 0
-                monitor.consecutive_gateway_failures = 0
-                monitor.consecutive_local_origin_failures = 0
+            if self.periodic or key in self.failing:
+                self._success(key)
+            return None
+        monitor = self.hosts.get(key)
+        if monitor is None:
             return None
         monitor.failures += 1
         if monitor.ejected:
             # Requests still reach it in panic mode; they must not stack up new ejections.
             return None
+        self.failing.add(key)
         config = self.config
         if config.split_external_local_origin_errors:
             if status is None:
@@ -164,6 +163,19 @@ class OutlierDetector:
                 key, EjectionReason.CONSECUTIVE_5XX, config.enforcing_consecutive_5xx
             )
         return None
+
+    def _success(self, key: str) -> None:
+        monitor = self.hosts.get(key)
+        if monitor is None:
+            self.failing.discard(key)  # a late response from a departed host
+            return
+        if self.periodic:
+            monitor.successes += 1
+        if not monitor.ejected:
+            monitor.consecutive_5xx = 0
+            monitor.consecutive_gateway_failures = 0
+            monitor.consecutive_local_origin_failures = 0
+            self.failing.discard(key)
 
     def evaluate(self) -> list[OutlierEvent]:
         """The interval sweep; call it at ``next_evaluation_at``."""

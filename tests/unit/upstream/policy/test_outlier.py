@@ -85,6 +85,31 @@ def test_clusters_without_outlier_detection_eject_only_unreachable_hosts() -> No
     assert [e.key for e in fail(od, KEYS[3], 5, status=None)] == [KEYS[3]]
 
 
+def test_without_rate_detection_a_success_still_ends_runs_but_not_an_ejected_hosts() -> None:
+    """Successes are recorded only where they change something: a run of failures to end."""
+    clock = FakeClock()
+    od = detector(clock, enforcing_success_rate=0, enforcing_failure_percentage=0)
+    assert not od.periodic
+    assert fail(od, A, 4) == [] and fail(od, A, 4, status=None) == []
+    assert od.report(A, 200) is None  # ends both runs
+    assert fail(od, A, 4) == [] and fail(od, A, 4, status=None) == []
+    assert [e.reason for e in fail(od, A, 1, status=None)] == [
+        EjectionReason.CONSECUTIVE_LOCAL_ORIGIN_FAILURE
+    ]
+    # An ejected host's successes (panic mode) end no run.
+    assert od.report(A, 200) is None
+    assert od.hosts[A].consecutive_local_origin_failures == 5
+    assert od.hosts[A].successes == 0  # no rates are judged: none are counted
+    assert sweep(od, clock) == []  # still ejected
+    clock.now = od.hosts[A].ejected_until or 0.0
+    assert od.evaluate() == [HostUnejected(key=A)]
+    assert fail(od, A, 4) == []
+    assert od.report(A, 200) is None and od.hosts[A].consecutive_5xx == 0
+    assert fail(od, A, 4) == []
+    od.set_hosts(KEYS[1:])  # A departs mid-run: a late success from it is ignored
+    assert od.report(A, 200) is None and A not in od.failing
+
+
 def test_gateway_failures_are_detected_but_not_enforced_by_default() -> None:
     clock = FakeClock()
     od = detector(clock, consecutive_5xx=100)
