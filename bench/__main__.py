@@ -12,13 +12,27 @@ from datetime import UTC, datetime
 from bench.h2load import H2LOAD
 from bench.report import raw_json, render_markdown
 from bench.runner import run_benchmark, stderr_log
-from bench.targets import NGHTTPD, NGHTTPX, REPO, Direct, Nghttpx, Pilotfish, PilotfishTcp, Target
+from bench.targets import (
+    NGHTTPD,
+    NGHTTPX,
+    REPO,
+    Direct,
+    Nghttpx,
+    Pilotfish,
+    PilotfishTcp,
+    Target,
+    mypyc_python,
+)
 from bench.workloads import WORKLOADS, Settings
 
 TARGETS: dict[str, Target] = {
     "direct": Direct(),
     "pilotfish": Pilotfish(workers=1),
     "pilotfish-python-codec": Pilotfish(workers=1, codec="python"),
+    # The request path compiled with mypyc (README.md); in the default run only when
+    # its interpreter exists.
+    "pilotfish-mypyc": Pilotfish(workers=1, mypyc=True),
+    "pilotfish-mypyc-python-codec": Pilotfish(workers=1, codec="python", mypyc=True),
     "pilotfish2": Pilotfish(workers=2),
     "pilotfish2-all-cpus": Pilotfish(workers=2, all_cpus=True),
     "pilotfish-tcp": PilotfishTcp(),
@@ -27,6 +41,11 @@ TARGETS: dict[str, Target] = {
 DEBIAN_PACKAGES = {H2LOAD: "nghttp2-client", NGHTTPD: "nghttp2-server", NGHTTPX: "nghttp2-proxy"}
 
 
+
+
+def _default_targets() -> list[str]:
+    compiled = os.access(mypyc_python(), os.X_OK)
+    return [name for name in TARGETS if compiled or "mypyc" not in name]
 
 
 def _pick(text: str, known: Sequence[str], what: str) -> list[str]:
@@ -49,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smoke run: 1 run of short loads (about 20-40 s)"
     )
     parser.add_argument(
-        "--targets", default=",".join(TARGETS),
+        "--targets", default=",".join(_default_targets()),
         help=f"comma-separated, from {', '.join(TARGETS)} (default: all)",
     )
     parser.add_argument(

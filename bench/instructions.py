@@ -1,7 +1,7 @@
 """Instructions per proxied request, counted by valgrind (callgrind): a figure noise can't move.
 
     python -m bench.instructions [--requests 3000] [--workload h2-small|grpc-16|...]
-                                 [--codec ngh2|python]
+                                 [--codec ngh2|python] [--mypyc]
 
 Runs one Pilotfish worker (the benchmark bootstrap) under ``valgrind --tool=callgrind``, warms
 it up with the workload's load generator (h2load, or the gRPC client of ``bench.grpc_echo``),
@@ -23,13 +23,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.h2load import H2LOAD, h2load_argv, parse_summary
 from bench.procs import Pinning, Spawned, free_port, wait_until_serving
-from bench.targets import REPO, pilotfish_bootstrap, start_upstream
+from bench.targets import (
+    REPO,
+    check_mypyc_python,
+    mypyc_python,
+    pilotfish_bootstrap,
+    start_upstream,
+)
 from bench.workloads import WORKLOADS, GrpcWorkload, H2loadWorkload, Workload, grpc_client_argv
 
 VALGRIND = "/usr/bin/valgrind"
@@ -83,9 +89,13 @@ def copying(callgrind_out: str) -> int:
     return total
 
 
-def count(workload: Workload, requests: int, workdir: Path, codec: str | None = None) -> Count:
+def count(
+    workload: Workload, requests: int, workdir: Path, codec: str | None = None,
+    interpreter: Sequence[str] = (sys.executable,),
+) -> Count:
     """Instructions per request of the sidecar for ``requests`` requests of ``workload``, with
-    the HTTP/2 ``codec`` given (``PILOTFISH_H2_CODEC``; None: the sidecar's default)."""
+    the HTTP/2 ``codec`` given (``PILOTFISH_H2_CODEC``; None: the sidecar's default), the
+    sidecar run by ``interpreter``."""
     pinning = Pinning(load_cpu=None, proxy_cpu=None)
     upstream = start_upstream(workload.upstream, pinning, workdir)
     admin, listen = free_port(), free_port()
@@ -94,7 +104,7 @@ def count(workload: Workload, requests: int, workdir: Path, codec: str | None = 
     out = workdir / "callgrind.out"
     argv = [
         VALGRIND, "--tool=callgrind", f"--callgrind-out-file={out}",
-        sys.executable, "-m", "pilotfish", "sidecar", "--config", str(config),
+        *interpreter, "-m", "pilotfish", "sidecar", "--config", str(config),
     ]  # fmt: skip
     env = None if codec is None else {**os.environ, "PILOTFISH_H2_CODEC": codec}
     proxy = Spawned("pilotfish (callgrind)", argv, workdir / "pilotfish.log", cwd=REPO, env=env)
@@ -160,18 +170,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", choices=sorted(workloads), default="h2-small")
     parser.add_argument("--codec", choices=("ngh2", "python"), default=None,
                         help="the sidecar's HTTP/2 codec (default: its own default)")
+    parser.add_argument(
+        "--mypyc", action="store_true",
+        help="count the compiled build (PILOTFISH_MYPYC_PYTHON, default .venv-mypyc/bin/python)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    interpreter = [sys.executable]
+    if args.mypyc:
+        interpreter = [mypyc_python(), "-P"]
+        try:
+            check_mypyc_python(interpreter[0])
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     missing = [tool for tool in (VALGRIND, CALLGRIND_CONTROL, H2LOAD) if not shutil.which(tool)]
     if missing:
         print(f"missing: {', '.join(missing)} (apt-get install -y valgrind nghttp2-client "
               "nghttp2-server)", file=sys.stderr)  # fmt: skip
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as scratch:
-        per_request = count(workloads[args.workload], args.requests, Path(scratch), args.codec)
+        per_request = count(
+            workloads[args.workload], args.requests, Path(scratch), args.codec, interpreter
+        )
     codec = f", {args.codec} codec" if args.codec else ""
+    build = ", mypyc build" if args.mypyc else ""
     print(f"{args.workload}: {per_request.total:,.0f} instructions per request, "
           f"{per_request.copying:,.0f} of them in memcpy/memmove "
-          f"({args.requests} requests, callgrind{codec})")  # fmt: skip
+          f"({args.requests} requests, callgrind{codec}{build})")  # fmt: skip
     return 0
 
 

@@ -70,6 +70,7 @@ KIB = 1024  # /proc's "kB"
 TARGETS: dict[str, Target] = {
     "pilotfish": Pilotfish(workers=1),
     "pilotfish-python-codec": Pilotfish(workers=1, codec="python"),
+    "pilotfish-mypyc": Pilotfish(workers=1, mypyc=True),  # the compiled build, when asked for
     "nghttpx": Nghttpx(),
 }
 
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bench.memory", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--targets", default=",".join(TARGETS),
+    parser.add_argument("--targets", default="pilotfish,pilotfish-python-codec,nghttpx",
                         help=f"comma-separated, from {', '.join(TARGETS)}")  # fmt: skip
     parser.add_argument("--config", choices=("static", "xds"), default="static")
     parser.add_argument("--runs", type=int, default=1)

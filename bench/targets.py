@@ -6,6 +6,8 @@ the very command that ran with placeholders where runtime-chosen ports were.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,40 @@ LARGE_PATH = "/64k"
 
 def python() -> str:
     return sys.executable
+
+
+# The compiled build (``PILOTFISH_MYPYC=1 pip install``, see README.md): a virtualenv of
+# its own, run with ``-P`` so that the checkout's sources (the working directory) do not
+# shadow the installed extensions.
+MYPYC_PYTHON_ENV = "PILOTFISH_MYPYC_PYTHON"
+MYPYC_PROBE_MODULE = "sidecar.http.h2conn"
+
+
+def mypyc_python() -> str:
+    """The interpreter of the compiled build: ``$PILOTFISH_MYPYC_PYTHON``, or the checkout's
+    ``.venv-mypyc``."""
+    return os.environ.get(MYPYC_PYTHON_ENV) or str(REPO / ".venv-mypyc" / "bin" / "python")
+
+
+def check_mypyc_python(interpreter: str) -> None:
+    """Raises unless ``interpreter`` imports the request path compiled: a measurement of the
+    pure-Python package under the compiled name would be a wrong figure, not a failure."""
+    if not os.access(interpreter, os.X_OK):
+        raise RuntimeError(
+            f"{interpreter}: no such interpreter; build the compiled variant as README.md "
+            f"says (or set {MYPYC_PYTHON_ENV})"
+        )
+    probe = f"import {MYPYC_PROBE_MODULE} as m; print(m.__file__)"
+    done = subprocess.run(
+        [interpreter, "-P", "-c", probe], capture_output=True, text=True, timeout=60,
+        cwd=REPO, check=False,
+    )  # fmt: skip
+    where = done.stdout.strip()
+    if done.returncode != 0 or not where.endswith(".so"):
+        raise RuntimeError(
+            f"{interpreter} does not import {MYPYC_PROBE_MODULE} compiled "
+            f"({where or done.stderr.strip()[-300:]}): install with PILOTFISH_MYPYC=1"
+        )
 
 
 # ---------------------------------------------------------------- upstreams
@@ -145,10 +181,14 @@ class Pilotfish:
     all_cpus: bool = False
     # The HTTP/2 codec (PILOTFISH_H2_CODEC); None: the default, ngh2 when it is installed.
     codec: str | None = None
+    # The compiled build (``mypyc_python()``) instead of this interpreter's package.
+    mypyc: bool = False
 
     @property
     def name(self) -> str:
         name = "pilotfish" if self.workers == 1 else f"pilotfish-{self.workers}w"
+        if self.mypyc:
+            name += "-mypyc"
         if self.codec is not None:
             name += f"-{self.codec}-codec"
         return f"{name}-all-cpus" if self.all_cpus else name
@@ -158,7 +198,8 @@ class Pilotfish:
         return True
 
     def command(self, upstream_port: str, listen_port: str, config_file: str) -> list[str]:
-        argv = [python(), "-m", "pilotfish", "sidecar", "--config", config_file]
+        interpreter = [mypyc_python(), "-P"] if self.mypyc else [python()]
+        argv = [*interpreter, "-m", "pilotfish", "sidecar", "--config", config_file]
         if self.codec is not None:
             argv = ["env", f"PILOTFISH_H2_CODEC={self.codec}", *argv]
         if self.workers != 1:
@@ -167,6 +208,8 @@ class Pilotfish:
 
     def start(self, upstream_port: int, pinning: Pinning, workdir: Path) -> Running:
         where = pinning.all_cpus() if self.all_cpus else pinning.proxy()
+        if self.mypyc:
+            check_mypyc_python(mypyc_python())
         return start_sidecar(self, pilotfish_bootstrap, where, upstream_port, workdir)
 
 

@@ -556,11 +556,13 @@ class Ngh2Codec(ReadsBehindPending):
                 _RESET in kinds or (answer and _CLOSED in kinds and resets_in(answer))
             ):
                 doomed = self._reset_in(incoming)
-        last = None
+        last: object = None
         if not self._read_full:
-            for event in reversed(incoming):
-                if type(event) in _MESSAGES:
-                    last = event
+            # Searched as objects: mypyc (PILOTFISH_MYPYC) cannot compile reversed(list[Any]).
+            searched: list[object] = incoming
+            for candidate in reversed(searched):
+                if type(candidate) in _MESSAGES:
+                    last = candidate
                     break
         settled = self._settled
         # Branches in the order of how often they are taken; a stream that ends here leaves

@@ -23,7 +23,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -74,7 +74,7 @@ def _choose_codec(name: str | None) -> str:
 
 
 H2_CODEC = _choose_codec(os.environ.get("PILOTFISH_H2_CODEC"))
-if TYPE_CHECKING or H2_CODEC == "ngh2":
+if H2_CODEC == "ngh2":  # only then need ngh2 be installed (mypy checks the import anyway)
     from sidecar.codec.ngh2_codec import Ngh2Codec
 
 

@@ -87,6 +87,16 @@ def detect_protocol(head: bytes) -> str | None:
     return "other"
 
 
+class _StreamProgress(Protocol):
+    """What the guard reads of either of our codecs (ours, or the ngh2 adapter). A protocol
+    rather than one codec's class: compiled (PILOTFISH_MYPYC), a cast to a class is checked."""
+
+    @property
+    def header_block_open(self) -> bool: ...
+
+    def progress_mark(self, stream_id: int) -> Hashable: ...
+
+
 class ListenerHost(SidecarServices, Protocol):
     """What a listener needs of the sidecar that runs it (``sidecar.server.Sidecar``): the
     stats, the route tables and clusters, and the end-of-request record."""
@@ -361,7 +371,7 @@ class H2ServerConnection(H2Connection):
         marks: dict[int, Hashable] = {}
         if not self._lean:
             return marks  # only our codecs (ours, ngh2) say how far a stream got
-        progress_mark = cast(codec.H2Codec, self.h2).progress_mark
+        progress_mark = cast(_StreamProgress, self.h2).progress_mark
         for sid in self.streams:
             mark = progress_mark(sid)
             if mark is not None:
@@ -369,7 +379,7 @@ class H2ServerConnection(H2Connection):
         return marks
 
     def header_block_open(self) -> bool:
-        return self._lean and cast(codec.H2Codec, self.h2).header_block_open
+        return self._lean and cast(_StreamProgress, self.h2).header_block_open
 
     def reset_stalled(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)

@@ -10,34 +10,16 @@ so every way a request can end may release it).
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
 
 from pilotfish.config.route_policy import CircuitBreakerConfig, RetryBudgetConfig
 from sidecar.flags import ResponseFlag
-from sidecar.upstream.policy.budget import RETRY_OVERFLOW_COUNTER, RetryBudget
+from sidecar.upstream.policy.budget import RetryBudget
+from sidecar.upstream.policy.resource import Resource as Resource  # re-exported
 
 OVERFLOW_FLAG = ResponseFlag.UPSTREAM_OVERFLOW
 _DEFAULT_LIMITS = CircuitBreakerConfig()
 _DEFAULT_BUDGET = RetryBudgetConfig()
-
-
-class Resource(enum.Enum):
-    """Gauge and counter names of each limited resource, as Envoy names them."""
-
-    CONNECTIONS = (0, "cx_open", "remaining_cx", "upstream_cx_overflow")
-    PENDING = (1, "rq_pending_open", "remaining_pending", "upstream_rq_pending_overflow")
-    # Envoy counts request overflow under the pending counter too.
-    REQUESTS = (2, "rq_open", "remaining_rq", "upstream_rq_pending_overflow")
-    RETRIES = (3, "rq_retry_open", "remaining_retries", RETRY_OVERFLOW_COUNTER)
-
-    def __init__(
-        self, index: int, open_gauge: str, remaining_gauge: str, overflow_counter: str
-    ) -> None:
-        self.index = index  # counts are kept in a list: hashing an enum costs a Python call
-        self.open_gauge = open_gauge
-        self.remaining_gauge = remaining_gauge
-        self.overflow_counter = overflow_counter
 
 
 _PENDING = Resource.PENDING
