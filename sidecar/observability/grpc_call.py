@@ -32,6 +32,7 @@ from sidecar.codec import (
 from sidecar.codec.errors import CANCEL, ENHANCE_YOUR_CALM, REFUSED_STREAM
 from sidecar.codec.events import Event
 from sidecar.flags import GrpcStatus
+from sidecar.route.policy.deadline import format_grpc_timeout
 from sidecar.route.policy.reply import http_to_grpc
 
 # The statuses the OTLP exporter specification calls transient (and the SDK's exporter retries).
@@ -56,12 +57,6 @@ _RESET_STATUS = {
 # An OTLP answer is a few bytes; what a confused peer sends beyond this is not kept.
 MAX_RESPONSE_BYTES = 64 * 1024
 RETRY_INFO = b"google.rpc.retryinfo-bin"
-def grpc_timeout(seconds: float) -> bytes:
-    """``grpc-timeout``: at most 8 digits and a unit, rounded up to the millisecond."""
-    millis = max(1, -int(-seconds * 1000 // 1))
-    if millis <= 99_999_999:
-        return b"%dm" % millis
-    return b"%dS" % min(-(-millis // 1000), 99_999_999)
 
 
 def request_headers(
@@ -81,7 +76,7 @@ def request_headers(
         (b":authority", authority.encode()),
         (b"content-type", b"application/grpc"),
         (b"te", b"trailers"),
-        (b"grpc-timeout", grpc_timeout(timeout_s)),
+        (b"grpc-timeout", format_grpc_timeout(timeout_s)),
         (b"user-agent", user_agent),
     ]
     if compression != "none":
