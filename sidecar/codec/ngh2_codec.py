@@ -544,7 +544,10 @@ class Ngh2Codec(ReadsBehindPending):
             return
         sink = self.sink
         streams = self.streams
+        # When this read's requests were opened, once per read: a reset of one open for a
+        # second is not a rapid reset (``FrameBudget.stream_reset``).
         budget = self.budget
+        now = budget.clock() if budget is not None else 0.0
         doomed: Collection[int] = _NONE
         withheld: set[int] = set()
         if self.screen_resets:
@@ -606,8 +609,7 @@ class Ngh2Codec(ReadsBehindPending):
                     self._refuse(sid)
                     continue
                 stream = streams[sid] = _Stream()
-                if budget is not None:
-                    stream.opened = budget.clock()
+                stream.opened = now
                 end_stream = event.end_stream
                 if end_stream:
                     stream.remote_open = False
